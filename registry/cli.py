@@ -1,0 +1,186 @@
+"""``registry`` command line: serve | check-config | results | token. The only trio.run()."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+import trio
+
+from registry import config as config_mod
+from registry import log as log_mod
+from registry.errors import ConfigError
+
+# sysexits EX_CONFIG: a bad config is not transient, and the systemd unit lists
+# it in RestartPreventExitStatus= so a service manager does not restart-loop.
+EXIT_CONFIG = 78
+EXIT_USAGE = 64
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from registry import results
+
+    parser = _Parser(prog="registry", description="The Callback Connection lab's Registry Server.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    serve = sub.add_parser("serve", help="run the registry daemon")
+    serve.add_argument(
+        "--config", metavar="FILE", help="TOML config file (default: embedded defaults)"
+    )
+    serve.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        action="append",
+        help="registration address, repeatable (default 0.0.0.0:9000 and [::]:9000)",
+    )
+    serve.add_argument(
+        "--admin", metavar="HOST:PORT|off", help="admin HTTP (default 127.0.0.1:9100)"
+    )
+    serve.add_argument("--db", metavar="PATH", help="SQLite results file (default registry.db)")
+    serve.add_argument(
+        "--log-format", choices=log_mod.FORMATS, help="default: console on a TTY, else json"
+    )
+    serve.add_argument("--log-level", choices=log_mod.LEVELS)
+
+    check = sub.add_parser("check-config", help="validate a config file")
+    check.add_argument("file", metavar="FILE")
+
+    res = sub.add_parser("results", help="list recorded registrations")
+    results.add_arguments(res)
+
+    token = sub.add_parser("token", help='print a student\'s token (auth.mode = "token")')
+    token.add_argument("student", metavar="NAME")
+    token.add_argument(
+        "--config", metavar="FILE", help="config holding auth.secret or auth.secret_file"
+    )
+    return parser
+
+
+def load_config(args: argparse.Namespace) -> config_mod.Config:
+    """The config file (or defaults) with command-line overrides applied."""
+    cfg = config_mod.load(args.config) if getattr(args, "config", None) else config_mod.Config()
+    server: dict[str, Any] = {}
+    if getattr(args, "listen", None):
+        server["listen"] = tuple(args.listen)
+    if getattr(args, "admin", None):
+        server["admin"] = args.admin
+    if getattr(args, "db", None):
+        server["db"] = args.db
+    log: dict[str, Any] = {}
+    if getattr(args, "log_format", None):
+        log["format"] = args.log_format
+    if getattr(args, "log_level", None):
+        log["level"] = args.log_level
+    if server or log:
+        cfg = msgspec.structs.replace(
+            cfg,
+            server=msgspec.structs.replace(cfg.server, **server),
+            log=msgspec.structs.replace(cfg.log, **log),
+        )
+        config_mod.validate(cfg)
+    return cfg
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from registry.server import Registry
+    from registry.store import StoreError
+
+    try:
+        cfg = load_config(args)
+    except ConfigError as e:
+        for problem in e.problems:
+            print(f"registry: config: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    log_mod.configure(cfg.log.format, cfg.log.level)
+    _raise_fd_limit()
+    status = 0
+    try:
+        trio.run(Registry(cfg, config_path=args.config).run)
+    # except*: errors from inside nurseries arrive wrapped in exception groups.
+    except* StoreError as group:
+        print(f"registry: results database: {_first(group)}", file=sys.stderr)
+        status = EXIT_CONFIG
+    except* OSError as group:
+        err = _first(group)
+        print(f"registry: {getattr(err, 'strerror', None) or err}", file=sys.stderr)
+        status = 1
+    except* KeyboardInterrupt:  # a second Ctrl-C during the drain
+        status = 130
+    return status
+
+
+def _raise_fd_limit() -> None:
+    """Use the hard RLIMIT_NOFILE: each open registration costs a descriptor."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY:
+            hard = 1 << 20
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
+def _first(group: BaseExceptionGroup) -> BaseException:
+    err: BaseException = group
+    while isinstance(err, BaseExceptionGroup):
+        err = err.exceptions[0]
+    return err
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    try:
+        cfg = config_mod.load(args.file)
+    except ConfigError as e:
+        for problem in e.problems:
+            print(problem)
+        return 2
+    print(config_mod.summary(cfg))
+    return 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    from registry import auth
+
+    try:
+        cfg = config_mod.load(args.config) if args.config else config_mod.Config()
+        secret = config_mod.auth_secret(cfg)
+    except ConfigError as e:
+        for problem in e.problems:
+            print(f"registry: config: {problem}", file=sys.stderr)
+        return 2
+    if not secret:
+        print("registry: no auth.secret or auth.secret_file in the config", file=sys.stderr)
+        return 2
+    print(auth.derive_token(secret, args.student))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console-script entry point."""
+    from registry import results
+
+    args = build_parser().parse_args(argv)
+    commands = {
+        "serve": cmd_serve,
+        "check-config": cmd_check_config,
+        "results": results.run,
+        "token": cmd_token,
+    }
+    raise SystemExit(commands[args.command](args))
+
+
+if __name__ == "__main__":
+    main()

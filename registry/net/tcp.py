@@ -1,0 +1,162 @@
+"""TCP registration edge: read one request under deadlines, reply one line, close.
+
+The handler never raises (an exception escaping a serve_listeners handler
+would take the whole server down): every path ends in one reply, or in a
+closed socket when the client is gone.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+import time
+from collections.abc import Callable
+
+import structlog
+import trio
+
+from registry.config import ProtocolConfig
+from registry.errors import ProtocolError
+from registry.model import Code, Endpoint, Outcome, Protocol, Request
+from registry.protocol.reply import format_reply
+from registry.protocol.sniff import sniff
+from registry.protocol.text import NeedData, TextReceiver
+from registry.service import Service, StoreUnavailable, store_failure_outcome
+
+log = structlog.get_logger(component="tcp")
+_conn_ids = itertools.count(1)
+
+# Builds a receiver for a sniffed protocol; JSON lines plug in here.
+ReceiverFactory = Callable[[Protocol, ProtocolConfig], "TextReceiver"]
+
+
+def default_receiver(protocol: Protocol, cfg: ProtocolConfig) -> TextReceiver:
+    return TextReceiver(cfg.max_request_bytes)
+
+
+def _endpoint(addr: tuple) -> Endpoint:  # type: ignore[type-arg]
+    host = addr[0].split("%", 1)[0]
+    return Endpoint(ipaddress.ip_address(host), int(addr[1]))
+
+
+def peer_endpoint(stream: trio.SocketStream) -> Endpoint:
+    """The observed peer, as an Endpoint (host as the OS reported it)."""
+    return _endpoint(stream.socket.getpeername())
+
+
+def local_endpoint(stream: trio.SocketStream) -> Endpoint:
+    """Our own address on this connection (concrete even behind a wildcard listener)."""
+    return _endpoint(stream.socket.getsockname())
+
+
+async def read_request(
+    stream: trio.abc.ReceiveStream,
+    cfg: ProtocolConfig,
+    make_receiver: ReceiverFactory = default_receiver,
+) -> tuple[Protocol, Request]:
+    """Read one request under the total deadline and the quiet period.
+
+    Raises ProtocolError (read_timeout, too_long, malformed, bad_json...).
+    """
+    deadline = trio.current_time() + cfg.read_deadline
+    receiver = None
+    protocol = Protocol.TEXT
+    while True:
+        if trio.current_time() >= deadline:
+            raise ProtocolError(Code.READ_TIMEOUT, _read_timeout_text(cfg, receiver))
+        wait = deadline - trio.current_time()
+        if receiver is not None and receiver.buffered:
+            wait = min(wait, cfg.quiet_period)
+        data = None
+        with trio.move_on_after(wait):
+            try:
+                data = await stream.receive_some(4096)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = b""
+        if data is None:  # quiet period (or the deadline) passed with no byte
+            if receiver is not None and receiver.buffered and trio.current_time() < deadline:
+                event = receiver.quiet()
+                if not isinstance(event, NeedData):
+                    return protocol, event
+            continue
+        if receiver is None:
+            if not data:
+                raise ProtocolError(
+                    Code.MALFORMED, "the connection closed before any request was sent"
+                )
+            protocol = sniff(data)
+            receiver = make_receiver(protocol, cfg)
+        receiver.receive_data(data)
+        event = receiver.next_event()
+        if not isinstance(event, NeedData):
+            return protocol, event
+
+
+def _read_timeout_text(cfg: ProtocolConfig, receiver: object) -> str:
+    if receiver is None:
+        return f"no request arrived within {cfg.read_deadline:g} s; send HOST:PORT, e.g. 192.168.1.105:15000"
+    return f"the request was not complete within {cfg.read_deadline:g} s"
+
+
+class TcpHandler:
+    """Serve one registration connection; construct once, call per connection."""
+
+    def __init__(
+        self,
+        service: Service,
+        make_receiver: ReceiverFactory = default_receiver,
+        encode: Callable[[Protocol, Outcome], bytes] | None = None,
+    ) -> None:
+        self.service = service
+        self.make_receiver = make_receiver
+        self.encode = encode or (lambda protocol, outcome: format_reply(outcome))
+
+    async def __call__(self, stream: trio.SocketStream) -> None:
+        try:
+            peer = peer_endpoint(stream)
+            local = local_endpoint(stream)
+        except OSError:  # the client is already gone
+            await trio.aclose_forcefully(stream)
+            return
+        conn_id = next(_conn_ids)
+        with structlog.contextvars.bound_contextvars(conn_id=conn_id, peer=str(peer)):
+            try:
+                await self.handle(stream, peer, local)
+            except Exception as e:  # last resort: never let one client take the server down
+                log.exception("handler_crashed", error=repr(e))
+            finally:
+                await trio.aclose_forcefully(stream)
+
+    async def handle(
+        self, stream: trio.abc.HalfCloseableStream, peer: Endpoint, local: Endpoint | None = None
+    ) -> None:
+        """Serve one connection whose peer is known (tests pass memory streams here)."""
+        cfg = self.service.config.protocol
+        received_at = time.time()
+        protocol = Protocol.TEXT
+        try:
+            protocol, request = await read_request(stream, cfg, self.make_receiver)
+            structlog.contextvars.bind_contextvars(protocol=protocol.value)
+            # Shielded: the callback and its record complete even if the client
+            # vanishes or the server starts draining (the grace period bounds it).
+            with trio.CancelScope(shield=True):
+                outcome = await self.service.register(request, peer, protocol, received_at, local)
+        except ProtocolError as e:
+            try:
+                with trio.CancelScope(shield=True):
+                    outcome = await self.service.reject(e, peer, protocol, received_at)
+            except StoreUnavailable:
+                outcome = store_failure_outcome(None)
+        except StoreUnavailable:
+            outcome = store_failure_outcome(None)
+        await self._reply(stream, self.encode(protocol, outcome), cfg.write_timeout)
+
+    async def _reply(
+        self, stream: trio.abc.HalfCloseableStream, data: bytes, timeout: float
+    ) -> None:
+        with trio.move_on_after(timeout):
+            try:
+                await stream.send_all(data)
+                await stream.send_eof()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                log.debug("client_gone_before_reply")

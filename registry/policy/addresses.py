@@ -1,0 +1,345 @@
+"""Address normalisation and classification from explicit range tables.
+
+Pure: stdlib ``ipaddress`` plus ``registry.model``. Every policy check runs on
+the *normalised* address, so an IPv4 address wrapped in an IPv6 form is judged
+as the IPv4 address it reaches.
+
+Why our own tables and not ``ipaddress``'s ``is_global`` / ``is_private``
+(Python 3.11): ``is_global`` is True for ``::ffff:0:a00:1`` (IPv4-translated
+10.0.0.1), ``64:ff9b::a00:1`` (NAT64 of 10.0.0.1) and ``2002:a00:1::`` (6to4
+of 10.0.0.1); ``::ffff:127.0.0.1`` is not ``is_loopback``; 100.64.0.0/10 is
+neither private nor global; and the answers change between Python releases.
+A security decision must not move when the interpreter is upgraded, so the
+ranges live here, each with the reason it is listed.
+
+Embeddings unwrapped by :func:`normalise` (the inner IPv4 is what gets judged):
+
+============================  ======================  ==========================
+form                          prefix                  inner IPv4 taken from
+============================  ======================  ==========================
+IPv4-mapped                   ``::ffff:0:0/96``       low 32 bits
+IPv4-translated (SIIT)        ``::ffff:0:0:0/96``     low 32 bits
+IPv4-compatible (deprecated)  ``::/96`` minus ::, ::1 low 32 bits
+NAT64 well-known              ``64:ff9b::/96``        low 32 bits
+NAT64 local-use               ``64:ff9b:1::/48``      low 32 bits, only when bits
+                                                      48-95 are zero (a /96 inside
+                                                      the /48); any other layout is
+                                                      ambiguous and left RESERVED
+6to4                          ``2002::/16``           bits 16-47
+Teredo                        ``2001::/32``           client: ~low 32 bits; the
+                                                      server (bits 32-63) is also
+                                                      checked by always_denied
+============================  ======================  ==========================
+
+6to4 and Teredo are tunnels: the normalised address is the IPv4 tunnel
+endpoint, which is what the registry would dial (see decide.py).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from enum import StrEnum
+from typing import NamedTuple
+
+from registry.model import IPAddress
+
+IPv4 = ipaddress.IPv4Address
+IPv6 = ipaddress.IPv6Address
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+_MASK32 = 0xFFFFFFFF
+
+
+class AddrClass(StrEnum):
+    """What an address is, for policy and diagnosis."""
+
+    GLOBAL = "global"
+    DOCUMENTATION = "documentation"  # RFC 5737 / 3849 / 9637: allowed, behaves as public
+    PRIVATE = "private"  # RFC 1918, ULA, benchmarking
+    CGNAT = "cgnat"  # RFC 6598 shared space, DS-Lite B4
+    LOOPBACK = "loopback"
+    LINK_LOCAL = "link_local"
+    UNSPECIFIED = "unspecified"
+    BROADCAST = "broadcast"
+    MULTICAST = "multicast"
+    RESERVED = "reserved"
+    METADATA = "metadata"  # cloud instance-metadata services outside link-local
+
+
+#: Classes that are never a callback target, whatever the mode or allow list.
+ALWAYS_DENIED: frozenset[AddrClass] = frozenset(
+    {
+        AddrClass.UNSPECIFIED,
+        AddrClass.BROADCAST,
+        AddrClass.MULTICAST,
+        AddrClass.LINK_LOCAL,
+        AddrClass.RESERVED,
+        AddrClass.METADATA,
+    }
+)
+
+#: Classes that act as "the public internet" for NAT diagnosis.
+PUBLIC: frozenset[AddrClass] = frozenset({AddrClass.GLOBAL, AddrClass.DOCUMENTATION})
+
+
+class Range(NamedTuple):
+    """One row of a range table: the network, its class and why it is listed."""
+
+    network: Network
+    cls: AddrClass
+    note: str
+
+
+_C = AddrClass
+# Longest prefix wins, so a row may carve an exception out of a wider one
+# (255.255.255.255 out of 240/4, 192.0.0.0/29 out of 192.0.0.0/24).
+_V4_ROWS: tuple[tuple[str, AddrClass, str], ...] = (
+    ("0.0.0.0/0", _C.GLOBAL, "public internet"),
+    ("0.0.0.0/8", _C.RESERVED, "'this network', RFC 1122; Linux dials 0.x as the local host"),
+    ("0.0.0.0/32", _C.UNSPECIFIED, "the unspecified address, a bind address"),
+    ("10.0.0.0/8", _C.PRIVATE, "private network, RFC 1918"),
+    ("100.64.0.0/10", _C.CGNAT, "carrier-grade NAT shared space, RFC 6598"),
+    ("100.100.100.200/32", _C.METADATA, "Alibaba Cloud instance metadata"),
+    ("127.0.0.0/8", _C.LOOPBACK, "loopback, RFC 1122"),
+    ("168.63.129.16/32", _C.METADATA, "Azure platform WireServer"),
+    ("169.254.0.0/16", _C.LINK_LOCAL, "link-local, RFC 3927"),
+    ("169.254.169.254/32", _C.LINK_LOCAL, "link-local cloud instance metadata service"),
+    ("172.16.0.0/12", _C.PRIVATE, "private network, RFC 1918"),
+    ("192.0.0.0/24", _C.RESERVED, "IETF protocol assignments, RFC 6890"),
+    ("192.0.0.0/29", _C.CGNAT, "DS-Lite B4/AFTR, RFC 6333"),
+    ("192.0.2.0/24", _C.DOCUMENTATION, "TEST-NET-1 documentation, RFC 5737"),
+    ("192.88.99.0/24", _C.RESERVED, "deprecated 6to4 relay anycast, RFC 7526"),
+    ("192.168.0.0/16", _C.PRIVATE, "private network, RFC 1918"),
+    ("198.18.0.0/15", _C.PRIVATE, "benchmarking, RFC 2544"),
+    ("198.51.100.0/24", _C.DOCUMENTATION, "TEST-NET-2 documentation, RFC 5737"),
+    ("203.0.113.0/24", _C.DOCUMENTATION, "TEST-NET-3 documentation, RFC 5737"),
+    ("224.0.0.0/4", _C.MULTICAST, "multicast, RFC 5771"),
+    ("240.0.0.0/4", _C.RESERVED, "reserved for future use, RFC 1112"),
+    ("255.255.255.255/32", _C.BROADCAST, "limited broadcast, RFC 919"),
+)
+# Outside 2000::/3, fc00::/7, fe80::/10 and ff00::/8 nothing is allocated for
+# unicast, hence the RESERVED default. Embedded forms never reach this table
+# (they are unwrapped first); the embedding prefixes that remain after a failed
+# unwrap (64:ff9b:1::/48 with another layout) land in ::/8, i.e. RESERVED.
+_V6_ROWS: tuple[tuple[str, AddrClass, str], ...] = (
+    ("::/0", _C.RESERVED, "not allocated for unicast (IANA)"),
+    ("::/128", _C.UNSPECIFIED, "the unspecified address, a bind address"),
+    ("::1/128", _C.LOOPBACK, "loopback, RFC 4291"),
+    ("64:ff9b:1::/48", _C.RESERVED, "NAT64 local-use prefix with an ambiguous layout"),
+    ("100::/64", _C.RESERVED, "discard-only, RFC 6666"),
+    ("2000::/3", _C.GLOBAL, "public internet"),
+    ("2001::/23", _C.RESERVED, "IETF protocol assignments, RFC 2928"),
+    ("2001:2::/48", _C.PRIVATE, "benchmarking, RFC 5180"),
+    ("2001:db8::/32", _C.DOCUMENTATION, "documentation, RFC 3849"),
+    ("3fff::/20", _C.DOCUMENTATION, "documentation, RFC 9637"),
+    ("fc00::/7", _C.PRIVATE, "unique local address, RFC 4193"),
+    ("fd00:ec2::254/128", _C.METADATA, "AWS IPv6 instance metadata"),
+    ("fe80::/10", _C.LINK_LOCAL, "link-local, RFC 4291"),
+    ("fec0::/10", _C.RESERVED, "deprecated site-local, RFC 3879"),
+    ("ff00::/8", _C.MULTICAST, "multicast, RFC 4291"),
+)
+
+
+def _table(rows: tuple[tuple[str, AddrClass, str], ...]) -> tuple[Range, ...]:
+    parsed = [Range(ipaddress.ip_network(n), c, why) for n, c, why in rows]
+    return tuple(sorted(parsed, key=lambda r: r.network.prefixlen, reverse=True))
+
+
+_V4_TABLE = _table(_V4_ROWS)
+_V6_TABLE = _table(_V6_ROWS)
+
+
+class Embedding(StrEnum):
+    """The IPv6 forms that carry an IPv4 address."""
+
+    MAPPED = "IPv4-mapped"
+    TRANSLATED = "IPv4-translated"
+    COMPATIBLE = "IPv4-compatible"
+    NAT64 = "NAT64"
+    NAT64_LOCAL = "NAT64 local-use"
+    SIX_TO_FOUR = "6to4"
+    TEREDO = "Teredo"
+
+
+_NET = ipaddress.IPv6Network
+_MAPPED = _NET("::ffff:0:0/96")
+_TRANSLATED = _NET("::ffff:0:0:0/96")
+_COMPATIBLE = _NET("::/96")
+_NAT64 = _NET("64:ff9b::/96")
+_NAT64_LOCAL = _NET("64:ff9b:1::/48")
+_SIX_TO_FOUR = _NET("2002::/16")
+_TEREDO = _NET("2001::/32")
+
+
+class Unwrapped(NamedTuple):
+    """An embedding found in an IPv6 address: its kind and the IPv4 inside.
+
+    ``also`` holds further IPv4 addresses the form carries (the Teredo server),
+    which are checked against denied classes but never dialled.
+    """
+
+    kind: Embedding
+    inner: IPv4
+    also: tuple[IPv4, ...] = ()
+
+
+def strip_zone(addr: IPAddress) -> IPAddress:
+    """The address without an IPv6 zone id (``fe80::1%eth0`` -> ``fe80::1``)."""
+    if isinstance(addr, IPv6) and addr.scope_id is not None:
+        return IPv6(int(addr))
+    return addr
+
+
+def _low32(value: int) -> IPv4:
+    return IPv4(value & _MASK32)
+
+
+def unwrap(addr: IPAddress) -> Unwrapped | None:
+    """The IPv4 embedded in ``addr`` (one level), or None for a plain address."""
+    if not isinstance(addr, IPv6):
+        return None
+    addr = strip_zone(addr)  # type: ignore[assignment]
+    value = int(addr)
+    if addr in _MAPPED:
+        return Unwrapped(Embedding.MAPPED, _low32(value))
+    if addr in _TRANSLATED:
+        return Unwrapped(Embedding.TRANSLATED, _low32(value))
+    if addr in _COMPATIBLE and value > 1:  # :: and ::1 are themselves, not 0.0.0.x
+        return Unwrapped(Embedding.COMPATIBLE, _low32(value))
+    if addr in _NAT64:
+        return Unwrapped(Embedding.NAT64, _low32(value))
+    if addr in _NAT64_LOCAL and (value >> 32) & ((1 << 48) - 1) == 0:
+        return Unwrapped(Embedding.NAT64_LOCAL, _low32(value))
+    if addr in _SIX_TO_FOUR:
+        return Unwrapped(Embedding.SIX_TO_FOUR, _low32(value >> 80))
+    if addr in _TEREDO:
+        server = _low32(value >> 64)
+        return Unwrapped(Embedding.TEREDO, _low32(~value), (server,))
+    return None
+
+
+def normalise(addr: IPAddress) -> IPAddress:
+    """Unwrap every embedding (repeatedly) to the inner IPv4; else the address unchanged.
+
+    A zone id is dropped. Every embedding holds an IPv4, so one round is enough;
+    the bound only guards against a future table that nests.
+    """
+    addr = strip_zone(addr)
+    for _ in range(4):
+        found = unwrap(addr)
+        if found is None:
+            return addr
+        addr = found.inner
+    return addr
+
+
+def inner_addresses(addr: IPAddress) -> tuple[IPAddress, ...]:
+    """Every address ``addr`` stands for: itself (zone dropped) and each IPv4 inside."""
+    out: list[IPAddress] = [strip_zone(addr)]
+    for _ in range(4):
+        found = unwrap(out[-1])
+        if found is None:
+            break
+        out.extend(found.also)
+        out.append(found.inner)
+    return tuple(dict.fromkeys(out))
+
+
+def lookup(addr: IPAddress) -> Range:
+    """The most specific table row for the normalised address."""
+    addr = normalise(addr)
+    table = _V4_TABLE if addr.version == 4 else _V6_TABLE
+    for row in table:
+        if addr in row.network:
+            return row
+    raise AssertionError("unreachable: every table has a /0 row")
+
+
+def classify(addr: IPAddress) -> AddrClass:
+    """The class of the normalised address, from the explicit tables above."""
+    return lookup(addr).cls
+
+
+def always_denied(addr: IPAddress) -> AddrClass | None:
+    """The always-denied class of ``addr`` or of any IPv4 it carries; None if none.
+
+    Loopback is not here: it is allowed for a loopback requester (decide.py).
+    """
+    for form in (normalise(addr), *inner_addresses(addr)[1:]):
+        cls = classify(form)
+        if cls in ALWAYS_DENIED:
+            return cls
+    return None
+
+
+def is_loopback(addr: IPAddress) -> bool:
+    """True for 127/8, ::1 and every embedding of them."""
+    return classify(addr) is AddrClass.LOOPBACK
+
+
+# --- hostnames -------------------------------------------------------------
+
+_LABEL = re.compile(r"^[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?$")
+_NUMERIC = re.compile(r"^(?:0x[0-9a-f]*|[0-9]+)$")
+
+
+def normalise_hostname(name: str) -> str:
+    """Lower-case ``name`` and drop one trailing dot; raise ValueError if it is no hostname.
+
+    Refused: brackets (an IPv6 literal is never a name), empty labels, labels
+    over 63 or names over 253 characters, characters outside letters, digits,
+    ``-`` and ``_`` (IDNs must come as punycode ``xn--``), and names whose last
+    label is numeric: resolvers read ``127.1`` or ``0x7f.1`` as IPv4, the
+    spellings the protocol refuses.
+    """
+    if not isinstance(name, str):
+        raise ValueError("a hostname must be text")
+    if "[" in name or "]" in name:
+        raise ValueError("brackets belong to IPv6 literals, not hostnames")
+    host = name.lower()
+    if host.endswith("."):
+        host = host[:-1]
+    if not host or len(host) > 253:
+        raise ValueError("a hostname has 1 to 253 characters")
+    labels = host.split(".")
+    for label in labels:
+        if not _LABEL.match(label):
+            raise ValueError(
+                f"bad hostname label {ascii_safe(label)!r}: use letters, digits and '-' (1-63 each)"
+            )
+    if _NUMERIC.match(labels[-1]):
+        raise ValueError(f"{ascii_safe(host)!r} looks like an IPv4 address in an unusual spelling")
+    return host
+
+
+def ascii_safe(text: str, limit: int = 64) -> str:
+    """``text`` made ASCII-safe and short, for explanations."""
+    safe = text.encode("ascii", "backslashreplace").decode("ascii")
+    safe = "".join(ch if 32 <= ord(ch) < 127 else "?" for ch in safe)
+    return safe if len(safe) <= limit else safe[: limit - 3] + "..."
+
+
+_DOTTED_TAIL = frozenset(
+    {
+        Embedding.MAPPED,
+        Embedding.TRANSLATED,
+        Embedding.COMPATIBLE,
+        Embedding.NAT64,
+        Embedding.NAT64_LOCAL,
+    }
+)
+
+
+def display(addr: IPAddress) -> str:
+    """The address as a person writes it: zone dropped, IPv6 compressed, and an
+    IPv4 in the low 32 bits shown dotted (``::ffff:127.0.0.1``, RFC 5952 s5), so
+    students recognise the address they wrote."""
+    addr = strip_zone(addr)
+    found = unwrap(addr)
+    if found is None or found.kind not in _DOTTED_TAIL:
+        return addr.compressed
+    high = IPv6(int(addr) & ~_MASK32).compressed
+    if high.endswith("::"):
+        return f"{high}{found.inner}"
+    return f"{high.removesuffix('0:0')}{found.inner}"

@@ -1,0 +1,405 @@
+"""The callback policy: may the registry call the advertised endpoint back?
+
+Pure and total: :func:`decide` and :func:`decide_resolved` return a value for
+every input and never raise (a bug inside fails closed as a Deny).
+
+Order of checks (first failure wins; SPEC "Policy promises"):
+
+1. hostname: a name is ``hostname_not_allowed`` unless ``policy.allow_hostnames``;
+   then the port is checked and :class:`NeedsResolution` asks the edge to resolve
+   once and call :func:`decide_resolved` (no DNS for a request that cannot pass).
+2. format: zone ids (``fe80::1%eth0``) and ports outside 1-65535 are refused.
+3. always-denied classes of the advertised address and of every IPv4 embedded
+   in it (unspecified, broadcast, multicast, link-local, reserved, cloud
+   metadata), then loopback unless the observed peer is loopback too
+   -> ``address_not_allowed`` naming the class.
+4. self_target (rule below), 5. deny_networks (``address_not_allowed``),
+6. port range (``port_not_allowed``), 7. allow_networks (``address_not_allowed``);
+   4-7 run on the address that would be dialled.
+8. source match per mode (``source_mismatch`` with a diagnosis), else Allow.
+
+Modes (``policy.mode``; an unknown value acts as ``strict``, failing closed):
+
+- ``strict``: the advertised host must equal the observed peer after
+  normalisation (``::ffff:203.0.113.5`` equals ``203.0.113.5``).
+- ``nat-observed``: dial the observed peer at the advertised port, like SIP
+  received/rport. Steps 1-3 still judge the advertised host (an impossible
+  address is a mistake to report, not to correct); steps 3-7 also judge the
+  dialled peer. ``Allow.corrected`` is True when the two differed.
+- ``advertised``: a non-matching advertised host is trusted when
+  ``allow_networks`` is set (step 7 has already put it inside). With an empty
+  ``allow_networks`` this mode behaves exactly like ``strict``.
+
+No mode can reach an always-denied class: step 3 runs on whatever is dialled.
+``allow_networks`` is matched against the normalised address only, so
+``::/0`` never admits ``::ffff:10.0.0.1``; ``deny_networks`` and
+``report_only_deny_networks`` match the address as sent *or* any IPv4 inside it.
+
+Self rule (the registry's own sockets, ``own``): a target is ``self_target``
+when its port equals the port of any own endpoint and its host is loopback,
+unspecified, or equal to an own endpoint's explicit host. A wildcard listener
+(``0.0.0.0:9000``) accepts on every local address, which this pure code cannot
+list: the edge should add the accepted connection's local address (sockname)
+at each wildcard port to ``own``.
+
+The dialled address is the normalised one: the IPv4 inside a mapped,
+compatible, translated or NAT64 form; for 6to4 and Teredo, the IPv4 tunnel
+endpoint. The address that was checked is the address that is connected to.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from typing import Any
+
+from registry.config import CIDR, PolicyConfig
+from registry.model import Code, Diagnosis, Endpoint, IPAddress, Request
+from registry.policy.addresses import (
+    AddrClass,
+    always_denied,
+    ascii_safe,
+    classify,
+    display,
+    inner_addresses,
+    is_loopback,
+    lookup,
+    normalise,
+    normalise_hostname,
+    strip_zone,
+    unwrap,
+)
+from registry.policy.diagnosis import diagnose, explain
+
+__all__ = [
+    "MODES",
+    "Allow",
+    "Decision",
+    "Deny",
+    "NeedsResolution",
+    "decide",
+    "decide_resolved",
+    "normalise_hostname",
+]
+
+# config.py validates policy.mode against the same names; a PolicyConfig built in
+# code skips that, so an unknown mode still acts as strict here.
+MODES = ("strict", "nat-observed", "advertised")
+_IP_TYPES = (ipaddress.IPv4Address, ipaddress.IPv6Address)
+
+
+@dataclass(frozen=True)
+class Allow:
+    """Call ``target`` back. ``corrected``: nat-observed replaced the advertised host."""
+
+    target: Endpoint
+    diagnosis: Diagnosis
+    corrected: bool = False
+    report_only: tuple[str, ...] = ()  # "would deny: in 10.0.0.0/8" notes for the log
+
+
+@dataclass(frozen=True)
+class Deny:
+    """Refuse without attempting anything; ``code`` is a DENIED reply code."""
+
+    code: Code
+    explanation: str
+    diagnosis: Diagnosis | None = None
+
+
+@dataclass(frozen=True)
+class NeedsResolution:
+    """The request names a host: resolve ``name`` once, then call :func:`decide_resolved`."""
+
+    name: str
+    port: int
+
+
+Decision = Allow | Deny
+
+
+def decide(
+    request: Request,
+    observed: Endpoint,
+    policy: PolicyConfig,
+    own: frozenset[Endpoint] = frozenset(),
+) -> Decision | NeedsResolution:
+    """Judge one request against the policy; see the module docstring for the order."""
+    try:
+        host = getattr(request, "host", None)
+        if isinstance(host, str):
+            return _hostname(request, observed, policy)
+        peer = _peer(observed)
+        if isinstance(peer, Deny):
+            return peer
+        return _decide_ip(host, getattr(request, "port", None), observed.host, peer, policy, own)
+    except Exception as e:  # totality: a bug here must refuse, never crash the handler
+        return _internal(e)
+
+
+def decide_resolved(
+    request: Request,
+    addresses: list[IPAddress],
+    observed: Endpoint,
+    policy: PolicyConfig,
+    own: frozenset[Endpoint] = frozenset(),
+) -> Decision:
+    """Judge every resolved answer for ``request.host``; return the one address to dial.
+
+    Every answer must pass steps 2-7: one denied answer denies the whole
+    request, so a name cannot smuggle an internal address next to a good one.
+    Among the passing answers the one matching the observed peer is dialled
+    (first in order); with none matching, the mode decides as for an IP
+    (``strict``: source_mismatch). The returned target is the checked address,
+    so there is no second lookup and no rebinding window.
+    """
+    try:
+        name = ascii_safe(str(getattr(request, "host", "")))
+        peer = _peer(observed)
+        if isinstance(peer, Deny):
+            return peer
+        answers = [a for a in dict.fromkeys(addresses) if isinstance(a, _IP_TYPES)]
+        if not answers:
+            return Deny(
+                Code.HOSTNAME_NOT_ALLOWED,
+                f"{name} did not resolve to any address; advertise an IP address instead.",
+                Diagnosis.HOSTNAME,
+            )
+        return _pick(name, answers, request, observed.host, peer, policy, own)
+    except Exception as e:  # totality, as in decide()
+        return _internal(e)
+
+
+def _pick(
+    name: str,
+    answers: list[IPAddress],
+    request: Request,
+    observed_raw: IPAddress,
+    peer: IPAddress,
+    policy: PolicyConfig,
+    own: frozenset[Endpoint],
+) -> Decision:
+    allowed: list[Allow] = []
+    mismatch: Deny | None = None
+    for answer in answers:
+        d = _decide_ip(answer, request.port, observed_raw, peer, policy, own)
+        if isinstance(d, Allow):
+            allowed.append(d)
+        elif d.code is Code.SOURCE_MISMATCH:
+            mismatch = mismatch or d
+        else:
+            why = f"{name} resolved to {display(answer)}: {d.explanation}"
+            return Deny(d.code, why, d.diagnosis)
+    direct = [a for a in allowed if a.diagnosis is Diagnosis.DIRECT]
+    if direct or allowed:
+        return (direct or allowed)[0]
+    assert mismatch is not None
+    return Deny(
+        mismatch.code,
+        f"{name} resolved to no address you connected from. {mismatch.explanation}",
+        mismatch.diagnosis,
+    )
+
+
+# --- steps -------------------------------------------------------------------
+
+
+def _hostname(
+    request: Request, observed: Endpoint, policy: PolicyConfig
+) -> Decision | NeedsResolution:
+    raw = str(request.host)
+    if not policy.allow_hostnames:
+        seen = _seen(observed)
+        return Deny(
+            Code.HOSTNAME_NOT_ALLOWED,
+            f"This registry does not resolve names; you sent {ascii_safe(raw)!r}. "
+            f"Advertise the IP address it can reach you at (it saw you at {seen}).",
+            Diagnosis.HOSTNAME,
+        )
+    try:
+        name = normalise_hostname(raw)
+    except ValueError as e:
+        return Deny(Code.HOSTNAME_NOT_ALLOWED, f"Not a usable hostname: {e}.", Diagnosis.HOSTNAME)
+    port_problem = _check_port(request.port, policy)
+    if port_problem is not None:
+        return port_problem
+    return NeedsResolution(name, request.port)
+
+
+def _peer(observed: Endpoint) -> IPAddress | Deny:
+    host = getattr(observed, "host", None)
+    if not isinstance(host, _IP_TYPES):
+        return Deny(Code.ADDRESS_NOT_ALLOWED, "The registry could not tell your address; refused.")
+    return normalise(host)
+
+
+def _decide_ip(
+    host: Any,
+    port: Any,
+    observed_raw: IPAddress,
+    peer: IPAddress,
+    policy: PolicyConfig,
+    own: frozenset[Endpoint],
+) -> Decision:
+    problem = _check_format(host, port)
+    if problem is not None:
+        return problem
+    target = normalise(host)
+    diag = diagnose(target, peer)
+    problem = _check_class(host, port, peer, diag)
+    if problem is not None:
+        return problem
+    mode = policy.mode if policy.mode in MODES else "strict"
+    dial_raw = strip_zone(observed_raw) if mode == "nat-observed" else host
+    dial = Endpoint(normalise(dial_raw), port)
+    if mode == "nat-observed":
+        # The dialled peer gets step 3 too; no diagnosis text applies to it.
+        problem = _check_class(dial_raw, port, peer, Diagnosis.DIRECT)
+    problem = problem or _check_dial(dial_raw, dial, policy, own, diag)
+    if problem is not None:
+        return problem
+    notes = _report_only(dial_raw, policy.report_only_deny_networks)
+    if target == peer:
+        return Allow(dial, Diagnosis.DIRECT, report_only=notes)
+    if mode == "nat-observed":
+        return Allow(dial, diag, corrected=True, report_only=notes)
+    if mode == "advertised" and policy.allow_networks:
+        return Allow(dial, diag, report_only=notes)
+    why = explain(diag, display(host), display(peer), port)
+    return Deny(Code.SOURCE_MISMATCH, why, diag)
+
+
+def _check_format(host: Any, port: Any) -> Deny | None:
+    """Step 2: an IP address without a zone id, and a port number."""
+    if not isinstance(host, _IP_TYPES):
+        return Deny(Code.ADDRESS_NOT_ALLOWED, "The advertised host is not an IP address.")
+    if isinstance(host, ipaddress.IPv6Address) and host.scope_id is not None:
+        return Deny(
+            Code.ADDRESS_NOT_ALLOWED,
+            f"Zone ids are not accepted ({ascii_safe(str(host))}): advertise a routable address.",
+        )
+    return _check_port_format(port)
+
+
+def _check_port_format(port: Any) -> Deny | None:
+    if isinstance(port, int) and not isinstance(port, bool) and 1 <= port <= 65535:
+        return None
+    return Deny(Code.PORT_NOT_ALLOWED, f"Port {ascii_safe(str(port), 16)} is not a port (1-65535).")
+
+
+def _check_port(port: Any, policy: PolicyConfig) -> Deny | None:
+    bad = _check_port_format(port)
+    if bad is not None:
+        return bad
+    if any(port in r for r in policy.ports):
+        return None
+    ranges = ", ".join(f"{r.low}-{r.high}" for r in policy.ports) or "none"
+    return Deny(
+        Code.PORT_NOT_ALLOWED,
+        f"Port {port} is outside the ports this registry calls ({ranges}); "
+        "run your server on a port in that range.",
+    )
+
+
+def _check_class(addr: IPAddress, port: int, peer: IPAddress, diag: Diagnosis) -> Deny | None:
+    """Step 3: always-denied classes, then loopback for a non-loopback peer."""
+    cls = always_denied(addr)
+    if cls is None and is_loopback(addr) and not is_loopback(peer):
+        cls = AddrClass.LOOPBACK
+    if cls is None:
+        return None
+    if diag in _ADVERTISED_CASES:
+        # The diagnosis line already names the class, what was seen and the fix.
+        why = explain(diag, display(addr), display(peer), port)
+        return Deny(Code.ADDRESS_NOT_ALLOWED, why, diag)
+    return Deny(Code.ADDRESS_NOT_ALLOWED, _class_text(addr, cls), diag)
+
+
+_ADVERTISED_CASES = frozenset(
+    {
+        Diagnosis.LOOPBACK_ADVERTISED,
+        Diagnosis.UNSPECIFIED_ADVERTISED,
+        Diagnosis.LINK_LOCAL_ADVERTISED,
+    }
+)
+
+
+def _class_text(addr: IPAddress, cls: AddrClass) -> str:
+    """``10.0.0.1 is ...`` naming the class and range, showing any embedding unwrapped."""
+    forms = (normalise(addr), *inner_addresses(addr))
+    culprit = next((f for f in forms if classify(f) == cls), forms[0])
+    row = lookup(culprit)
+    found = unwrap(strip_zone(addr))
+    carried = f" (a {found.kind} form carrying {display(culprit)})" if found else ""
+    name = cls.value.replace("_", "-")
+    article = "an" if name[0] in "aeiou" else "a"
+    return (
+        f"{display(addr)}{carried} is {article} {name} address "
+        f"({row.network}: {row.note}); the registry never calls it."
+    )
+
+
+def _check_dial(
+    dial_raw: IPAddress,
+    dial: Endpoint,
+    policy: PolicyConfig,
+    own: frozenset[Endpoint],
+    diag: Diagnosis,
+) -> Deny | None:
+    """Steps 4-7 on the address that would be dialled."""
+    if _is_self(dial, own):
+        return Deny(
+            Code.SELF_TARGET,
+            f"{dial} is one of the registry's own sockets; run your server on another port.",
+            diag,
+        )
+    hit = _first_match(dial_raw, policy.deny_networks)
+    if hit is not None:
+        return Deny(
+            Code.ADDRESS_NOT_ALLOWED, f"{display(dial.host)} is in {hit}, denied here.", diag
+        )
+    bad_port = _check_port(dial.port, policy)
+    if bad_port is not None:
+        return Deny(bad_port.code, bad_port.explanation, diag)
+    allow = policy.allow_networks
+    if allow and not any(dial.host in n for n in allow):
+        nets = ", ".join(str(n) for n in allow[:4]) + (", ..." if len(allow) > 4 else "")
+        why = f"{display(dial.host)} is outside the networks this registry calls ({nets})."
+        return Deny(Code.ADDRESS_NOT_ALLOWED, why, diag)
+    return None
+
+
+def _is_self(dial: Endpoint, own: frozenset[Endpoint]) -> bool:
+    own_ports = {e.port for e in own}
+    if dial.port not in own_ports:
+        return False
+    if classify(dial.host) in (AddrClass.LOOPBACK, AddrClass.UNSPECIFIED):
+        return True
+    explicit = {normalise(e.host) for e in own}
+    return dial.host in explicit
+
+
+def _first_match(addr: IPAddress, networks: tuple[CIDR, ...]) -> CIDR | None:
+    """The first network holding ``addr`` as sent or any address embedded in it."""
+    forms = (*inner_addresses(addr), normalise(addr))
+    for net in networks:
+        if any(f in net for f in forms):
+            return net
+    return None
+
+
+def _report_only(addr: IPAddress, networks: tuple[CIDR, ...]) -> tuple[str, ...]:
+    forms = (*inner_addresses(addr), normalise(addr))
+    return tuple(f"would deny: in {n}" for n in networks if any(f in n for f in forms))
+
+
+def _seen(observed: Endpoint) -> str:
+    host = getattr(observed, "host", None)
+    return display(host) if isinstance(host, _IP_TYPES) else "an unknown address"
+
+
+def _internal(e: Exception) -> Deny:
+    return Deny(
+        Code.ADDRESS_NOT_ALLOWED,
+        f"Refused: the policy could not judge this request ({type(e).__name__}).",
+    )

@@ -1,0 +1,168 @@
+"""NAT and mis-advertisement diagnosis: how the advertised address relates to the peer.
+
+Pure. :func:`diagnose` names the case (SPEC "NAT and mis-advertisement
+cases"); :func:`explain` turns it into one ASCII line (< 400 characters) that
+says what was sent, what the registry saw, and what to do. The lines answer
+the lab's discussion questions, so they are written for students.
+
+Precedence in :func:`diagnose`, first match wins (documented because several
+cases can hold at once, e.g. a loopback address advertised over IPv6 from an
+IPv4 peer):
+
+1. same host after normalisation              -> direct
+2. advertised 0.0.0.0 / ::                    -> unspecified_advertised
+3. advertised loopback (any embedding)        -> loopback_advertised
+4. advertised link-local                      -> link_local_advertised
+5. different IP versions                      -> family_mismatch
+6. either side in 100.64.0.0/10 or 192.0.0.0/29 -> cgnat
+7. advertised a container network, observed a private/loopback address
+   outside that container network             -> container_nat
+8. advertised private, observed public        -> private_behind_nat
+9. anything else (both private, both public, public advertised from a
+   private peer)                              -> different_host
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from registry.model import Diagnosis, IPAddress
+from registry.policy.addresses import PUBLIC, AddrClass, ascii_safe, classify, normalise
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+#: Default address pools of container runtimes: (network, what uses it).
+CONTAINER_NETWORKS: tuple[tuple[Network, str], ...] = (
+    (ipaddress.ip_network("172.17.0.0/16"), "Docker bridge docker0"),
+    *(
+        (ipaddress.ip_network(f"172.{n}.0.0/16"), "Docker user-defined bridge")
+        for n in range(18, 32)
+    ),
+    (ipaddress.ip_network("10.88.0.0/16"), "Podman default network"),
+    (ipaddress.ip_network("10.244.0.0/16"), "Kubernetes pod network"),
+    (ipaddress.ip_network("10.42.0.0/16"), "k3s pod network"),
+)
+
+MAX_EXPLANATION = 399  # SPEC-facing promise: strictly under 400 characters
+
+
+def container_network(addr: IPAddress) -> tuple[Network, str] | None:
+    """The container pool holding ``addr`` (normalised), if any."""
+    addr = normalise(addr)
+    for net, what in CONTAINER_NETWORKS:
+        if addr.version == net.version and addr in net:
+            return net, what
+    return None
+
+
+def diagnose(advertised: IPAddress, observed: IPAddress) -> Diagnosis:
+    """Name the relation between the advertised address and the observed peer."""
+    a, o = normalise(advertised), normalise(observed)
+    if a == o:
+        return Diagnosis.DIRECT
+    ca, co = classify(a), classify(o)
+    by_advertised = {
+        AddrClass.UNSPECIFIED: Diagnosis.UNSPECIFIED_ADVERTISED,
+        AddrClass.LOOPBACK: Diagnosis.LOOPBACK_ADVERTISED,
+        AddrClass.LINK_LOCAL: Diagnosis.LINK_LOCAL_ADVERTISED,
+    }
+    if ca in by_advertised:
+        return by_advertised[ca]
+    if a.version != o.version:
+        return Diagnosis.FAMILY_MISMATCH
+    if AddrClass.CGNAT in (ca, co):
+        return Diagnosis.CGNAT
+    pool = container_network(a)
+    if pool is not None and co in (AddrClass.PRIVATE, AddrClass.LOOPBACK) and o not in pool[0]:
+        return Diagnosis.CONTAINER_NAT
+    if ca is AddrClass.PRIVATE and co in PUBLIC:
+        return Diagnosis.PRIVATE_BEHIND_NAT
+    return Diagnosis.DIFFERENT_HOST
+
+
+def _host(text: str) -> str:
+    """An address for display: ASCII, short, IPv6 in brackets (so ``:port`` reads right)."""
+    text = ascii_safe(text, 48)
+    if ":" in text and not text.startswith("["):
+        return f"[{text}]"
+    return text
+
+
+def _family(text: str) -> str:
+    return "IPv6" if ":" in text else "IPv4"
+
+
+# One template per case; {A} advertised host, {O} observed host, {P} port,
+# {FA}/{FO} the address families. Every template states what was sent, what
+# the registry saw, and the fix.
+_TEMPLATES: dict[Diagnosis, str] = {
+    Diagnosis.DIRECT: (
+        "You sent {A}:{P} and the registry saw your connection come from {O}, the same "
+        "host, so it calls {A}:{P} back directly; nothing to fix."
+    ),
+    Diagnosis.LOOPBACK_ADVERTISED: (
+        "You sent {A}:{P}, but loopback means 'this machine' to the registry, so it would "
+        "call itself, not you; it saw you at {O}. Advertise an address of your machine the "
+        "registry can reach, e.g. {O}:{P} (student client --advertise auto)."
+    ),
+    Diagnosis.UNSPECIFIED_ADVERTISED: (
+        "You sent {A}:{P}, but 0.0.0.0 (or ::) is a bind address meaning 'every interface', "
+        "not a destination; the registry saw you at {O}. Keep binding your server to it, but "
+        "advertise a real address such as {O}:{P}."
+    ),
+    Diagnosis.PRIVATE_BEHIND_NAT: (
+        "You sent the private address {A}:{P}, but the registry saw the public address {O}: "
+        "you are behind a NAT router. Forward port {P} on the router to {A}:{P} and "
+        "advertise {O}:{P}, or run the registry and your server on the same network."
+    ),
+    Diagnosis.CGNAT: (
+        "You sent {A}:{P} and the registry saw {O}; 100.64.0.0/10 (and DS-Lite 192.0.0.0/29) "
+        "is carrier-grade NAT: your ISP shares one public address among many customers, so "
+        "you cannot forward a port to yourself. Use a network with a public or same-LAN "
+        "address, IPv6, or a VPN."
+    ),
+    Diagnosis.CONTAINER_NAT: (
+        "You sent the container address {A}:{P}, but the registry saw the host at {O}: the "
+        "container sits behind the host's NAT. Publish the port (docker/podman run -p "
+        "{P}:{P}, or a Kubernetes NodePort) and advertise the host address {O}:{P}."
+    ),
+    Diagnosis.DIFFERENT_HOST: (
+        "You sent {A}:{P} but the registry saw your connection come from {O}, another "
+        "address; it only calls back the address a request comes from. Run the client on "
+        "the machine that runs your server, or advertise {O}:{P}."
+    ),
+    Diagnosis.LINK_LOCAL_ADVERTISED: (
+        "You sent the link-local address {A}:{P}; link-local addresses (169.254.0.0/16, "
+        "fe80::/10) only work on one network segment, so the registry never calls them; it "
+        "saw you at {O}. Advertise a routable address such as {O}:{P}."
+    ),
+    Diagnosis.FAMILY_MISMATCH: (
+        "You sent the {FA} address {A}:{P} but connected over {FO} from {O}; the registry "
+        "only calls back the address your request came from. Advertise {O}:{P}, or connect "
+        "to the registry over {FA}."
+    ),
+    Diagnosis.HOSTNAME: (
+        "You sent the name {A}:{P} and the registry saw {O}; names are resolved only when "
+        "the registry allows it, and then must resolve to {O}. Advertise the IP address "
+        "{O}:{P} instead."
+    ),
+}
+
+
+def explain(diagnosis: Diagnosis, advertised: str, observed: str, port: int) -> str:
+    """One ASCII line (< 400 chars) for ``diagnosis``: what was sent, what was seen, the fix.
+
+    ``advertised`` and ``observed`` are host texts (IPv6 with or without
+    brackets, or a hostname); they are made ASCII and shortened here, so any
+    input is safe to pass.
+    """
+    template = _TEMPLATES.get(diagnosis, _TEMPLATES[Diagnosis.DIFFERENT_HOST])
+    a, o = str(advertised), str(observed)
+    line = template.format(A=_host(a), O=_host(o), P=_port(port), FA=_family(a), FO=_family(o))
+    if len(line) > MAX_EXPLANATION:
+        line = line[: MAX_EXPLANATION - 3] + "..."
+    return line
+
+
+def _port(port: object) -> str:
+    return str(port) if isinstance(port, int) and not isinstance(port, bool) else "?"

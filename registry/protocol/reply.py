@@ -1,0 +1,200 @@
+"""Reply lines: ``STATUS CODE [key=value ...] free text explanation``.
+
+Every reply is exactly one ASCII line ending in ``\\n``. Field values and the
+explanation may carry text that came from a student (a name, a token, the
+bytes they sent), so everything is sanitised here, in one place, so that no
+input can split the line, add a field, or smuggle terminal control bytes to the
+person reading the reply.
+
+The escaping helpers (``quote_input``, ``safe_value``, ``safe_text``) are also
+used by the request parser and the callback line, so every byte that leaves
+the registry goes through the same rules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from registry.model import Outcome
+
+# Longest explanation sent (after sanitising); the rest is cut with "...".
+EXPLANATION_LIMIT = 400
+# Longest field value: targets, ids and diagnoses are far shorter; this is a backstop.
+VALUE_LIMIT = 200
+# How much of a student's input an error message may quote.
+QUOTE_LIMIT = 60
+
+_ELLIPSIS = "..."
+_NAMED_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\\": "\\\\"}
+
+
+def _escape_char(ch: str) -> str:
+    """Return ``ch`` as printable ASCII: itself if it is, else a repr-style escape."""
+    if ch in _NAMED_ESCAPES:
+        return _NAMED_ESCAPES[ch]
+    code = ord(ch)
+    if 0x20 <= code < 0x7F:
+        return ch
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    if code < 0x10000:
+        return f"\\u{code:04x}"
+    return f"\\U{code:08x}"
+
+
+def _escape_capped(text: str, limit: int, escape: dict[str, str] | None = None) -> str:
+    """Escape ``text`` char by char; if the result exceeds ``limit`` chars, cut it with ``...``.
+
+    The cap applies to the output, not the input, so a string of emoji cannot
+    grow ten-fold through escaping; work stops after ``limit`` output chars.
+    """
+    pieces: list[str] = []
+    used = 0
+    for ch in text:
+        piece = escape[ch] if escape and ch in escape else _escape_char(ch)
+        pieces.append(piece)
+        used += len(piece)
+        if used > limit:
+            break
+    else:
+        return "".join(pieces)
+    kept: list[str] = []
+    used = 0
+    for piece in pieces:
+        if used + len(piece) > limit - len(_ELLIPSIS):
+            break
+        kept.append(piece)
+        used += len(piece)
+    return "".join(kept) + _ELLIPSIS
+
+
+def quote_input(text: str, limit: int = QUOTE_LIMIT) -> str:
+    """Quote a piece of student input for an error message: ``'127.1'``.
+
+    Printable ASCII, single-line, at most ``limit`` characters between the
+    quotes (cut with ``...``); non-printables are escaped like ``repr``.
+    """
+    return "'" + _escape_capped(text, limit, {"'": "\\'"}) + "'"
+
+
+def safe_value(text: str, limit: int = VALUE_LIMIT) -> str:
+    """Make ``text`` usable as the value of a ``key=value`` token.
+
+    Whitespace becomes ``_`` and any other non-printable or non-ASCII char is
+    escaped, so the value is one token of printable ASCII without spaces.
+    """
+    spaced = "".join("_" if ch.isspace() else ch for ch in text)
+    return _escape_capped(spaced, limit)
+
+
+def safe_text(text: str, limit: int = EXPLANATION_LIMIT) -> str:
+    """Make free text safe for the tail of a one-line reply.
+
+    Runs of whitespace (including newlines and CR) collapse to one space,
+    other control and non-ASCII chars are escaped, the result is stripped and
+    capped at ``limit`` characters.
+    """
+    collapsed = " ".join(text.split())
+    # A backslash is printable; leaving it alone keeps quote_input's escapes readable.
+    return _escape_capped(collapsed, limit, {"\\": "\\"})
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedReply:
+    """A reply line taken apart: what a client or a test sees."""
+
+    status: str
+    code: str
+    fields: dict[str, str] = field(default_factory=dict)
+    explanation: str = ""
+
+
+def _fields(outcome: Outcome) -> list[tuple[str, str]]:
+    """The reply's key=value pairs, in the documented order."""
+    pairs: list[tuple[str, str]] = []
+    if outcome.id is not None:
+        pairs.append(("id", outcome.id))
+    if outcome.target is not None:
+        pairs.append(("target", outcome.target))
+    if outcome.observed is not None:
+        pairs.append(("observed", outcome.observed))
+    if outcome.diagnosis is not None:
+        pairs.append(("diagnosis", outcome.diagnosis.value))
+    if outcome.verified is not None:
+        pairs.append(("verified", "yes" if outcome.verified else "no"))
+    if outcome.rtt_ms is not None:
+        pairs.append(("rtt_ms", f"{outcome.rtt_ms:.1f}"))
+    if outcome.retry_after is not None:
+        pairs.append(("retry_after", str(int(outcome.retry_after))))
+    if outcome.corrected:
+        pairs.append(("corrected", "yes"))
+    seen = {key for key, _ in pairs}
+    for key, value in outcome.extra:
+        clean = _safe_key(key)
+        # A duplicate key would make the reply ambiguous; the standard field wins.
+        if clean not in seen:
+            seen.add(clean)
+            pairs.append((clean, value))
+    return pairs
+
+
+def _safe_key(key: str) -> str:
+    """Keys are code-chosen, but keep them to ``[a-z0-9_]`` so a token always parses."""
+    clean = "".join(ch if (ch.isascii() and ch.isalnum()) or ch == "_" else "_" for ch in key)
+    return clean.lower()[:40] or "extra"
+
+
+def _explanation(text: str) -> str:
+    """Sanitise the explanation so it can never be read back as a field."""
+    clean = safe_text(text)
+    if not clean:
+        return "(no explanation)"
+    # parse_reply reads key=value tokens until the first token without "=";
+    # an explanation starting with "verified=yes" must not become a field.
+    if "=" in clean.split(" ", 1)[0]:
+        clean = safe_text("note: " + clean)
+    return clean
+
+
+def format_reply(outcome: Outcome) -> bytes:
+    """Format ``outcome`` as one reply line: ``b"STATUS CODE k=v ... explanation\\n"``.
+
+    Keys appear in this order when set: id, target, observed, diagnosis,
+    verified (yes|no), rtt_ms (one decimal), retry_after (int), corrected=yes,
+    then ``outcome.extra``. The result is printable ASCII with exactly one
+    newline, at the end, whatever text the outcome holds.
+    """
+    parts = [outcome.status.value, outcome.code.value]
+    parts.extend(f"{key}={safe_value(value)}" for key, value in _fields(outcome))
+    parts.append(_explanation(outcome.explanation))
+    return (" ".join(parts) + "\n").encode("ascii")
+
+
+def parse_reply(line: str | bytes) -> ParsedReply:
+    """Take a reply line apart (for tests and tools; tolerant, never raises).
+
+    ``STATUS`` is the first token, ``CODE`` the second unless it is already a
+    ``key=value`` (as in the UDP ``COOKIE cookie=...`` challenge); then
+    ``key=value`` tokens up to the first token without ``=``; the rest is the
+    explanation. A repeated key keeps its first value.
+    """
+    text = line.decode("utf-8", "replace") if isinstance(line, bytes) else line
+    text = text.removesuffix("\n").removesuffix("\r")
+    head = text.split(None, 1)
+    status = head[0] if head else ""
+    rest = head[1] if len(head) > 1 else ""
+    code = ""
+    nxt = rest.split(None, 1)
+    if nxt and "=" not in nxt[0]:
+        code, rest = nxt[0], (nxt[1] if len(nxt) > 1 else "")
+    fields: dict[str, str] = {}
+    while rest:
+        token_rest = rest.split(None, 1)
+        token = token_rest[0]
+        after = token_rest[1] if len(token_rest) > 1 else ""
+        if "=" not in token:
+            break
+        key, _, value = token.partition("=")
+        fields.setdefault(key, value)
+        rest = after
+    return ParsedReply(status=status, code=code, fields=fields, explanation=rest.strip())

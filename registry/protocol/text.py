@@ -1,0 +1,473 @@
+"""The lab's own registration format: ``HOST:PORT[ key=value ...]``, sans-io.
+
+Two layers, like h11: ``parse_line`` turns one complete line into a
+``Request`` (or raises ``ProtocolError`` with the reply code and an
+explanation a student can act on); ``TextReceiver`` frames bytes from a
+stream into that one line (LF, CR LF, EOF, or a quiet period chosen by the
+caller) with a hard size cap.
+
+Address spellings are taken literally. ``127.1``, ``0177.0.0.1``,
+``0x7f.0.0.1`` and ``2130706433`` all mean 127.0.0.1 to *some* resolvers and
+something else (or nothing) to others; a registry that reinterprets them can
+be steered somewhere its policy did not look. So only the canonical four-part
+decimal form is an IPv4 address here, and every other spelling is refused
+with the reason.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+
+from registry.errors import ProtocolError
+from registry.model import Code, IPAddress, Request
+from registry.protocol.reply import quote_input
+
+EXAMPLE = "192.168.1.105:15000"
+EXAMPLE6 = "[2001:db8::1]:15000"
+DEFAULT_MAX_BYTES = 512
+
+_SEP = re.compile(r"[ \t]+")
+# C0 controls except TAB (a separator), DEL, and the C1 range: none belongs in a
+# request, and several would drive the terminal of whoever reads the logs.
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+_DEC_OCTET = re.compile(r"(?:0|[1-9][0-9]{0,2})", re.ASCII)
+_DIGITS = re.compile(r"[0-9]+", re.ASCII)
+_HEX_PART = re.compile(r"0[xX][0-9a-fA-F]*", re.ASCII)
+_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?", re.ASCII)
+_STUDENT = re.compile(r"[A-Za-z0-9._@-]{1,64}", re.ASCII)
+_SECRET = re.compile(r"[\x21-\x7e]{1,128}", re.ASCII)
+_HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH", "CONNECT"})
+_WHITESPACE = b" \t\r"
+
+
+class NeedData:
+    """Sentinel: the request is not complete yet; feed more bytes (or call ``quiet``)."""
+
+    _instance: NeedData | None = None
+
+    def __new__(cls) -> NeedData:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA = NeedData()
+
+
+def _malformed(explanation: str) -> ProtocolError:
+    return ProtocolError(Code.MALFORMED, explanation)
+
+
+# --------------------------------------------------------------------------- line
+
+
+def parse_line(line: str | bytes, *, allow_cookie: bool = False) -> Request:
+    """Parse one registration line into a ``Request``.
+
+    One trailing ``"\\n"`` or ``"\\r\\n"`` is stripped. Raises ``ProtocolError``
+    (``Code.MALFORMED``) for anything that is not ``HOST:PORT[ key=value ...]``;
+    the explanation is one line of printable ASCII that quotes at most a short,
+    escaped piece of the input. ``cookie=`` is accepted only with
+    ``allow_cookie`` (the UDP transport).
+    """
+    if isinstance(line, bytes):
+        if line.endswith(b"\n"):
+            line = line[:-1].removesuffix(b"\r")
+        return _parse_body(line, allow_cookie)
+    if line.endswith("\n"):
+        line = line[:-1].removesuffix("\r")
+    return _parse_text(line, allow_cookie)
+
+
+def _parse_body(body: bytes, allow_cookie: bool) -> Request:
+    """Decode the bytes of one request (terminator already removed) and parse them."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _malformed(
+            f"request is not valid UTF-8 (byte 0x{body[exc.start]:02x} at offset {exc.start}); "
+            f"send plain ASCII text like {EXAMPLE}"
+        ) from None
+    return _parse_text(text, allow_cookie)
+
+
+def _parse_text(text: str, allow_cookie: bool) -> Request:
+    bad = _CONTROL.search(text)
+    if bad is not None:
+        raise _malformed(
+            f"request contains the control character {quote_input(bad.group())} at offset "
+            f"{bad.start()}; send one line of plain text like {EXAMPLE}, ended by LF or CR LF"
+        )
+    stripped = text.strip(" \t")
+    if not stripped:
+        raise _malformed(f"empty request; send one line HOST:PORT, like {EXAMPLE}")
+    tokens = _SEP.split(stripped)
+    _refuse_http(tokens)
+    host, port = _parse_hostport(tokens[0])
+    keys = _parse_keys(tokens[1:], allow_cookie)
+    return Request(host=host, port=port, **keys)  # type: ignore[arg-type]
+
+
+def _refuse_http(tokens: list[str]) -> None:
+    """A browser or curl pointed at the registration port deserves a clear word."""
+    if tokens[0] in _HTTP_METHODS and len(tokens) > 1 and tokens[1].startswith("/"):
+        raise _malformed(
+            f"this looks like an HTTP request ({quote_input(tokens[0] + ' ' + tokens[1], 30)}); "
+            f"the registration port takes one line HOST:PORT, like {EXAMPLE}"
+        )
+
+
+# ----------------------------------------------------------------------- host:port
+
+
+def _parse_hostport(token: str) -> tuple[IPAddress | str, int]:
+    """Split and parse the first token, ``HOST:PORT`` or ``[IPv6]:PORT``."""
+    if token.startswith("["):
+        return _parse_bracketed(token)
+    if "=" in token and ":" not in token:
+        raise _malformed(
+            f"the request must start with HOST:PORT, but it starts with {quote_input(token)}; "
+            f"write for example {EXAMPLE} student=NAME"
+        )
+    if ":" not in token:
+        raise _malformed(f"{quote_input(token)} has no port; write HOST:PORT, like {EXAMPLE}")
+    if token.count(":") > 1:
+        raise _malformed(_explain_colons(token))
+    host_text, _, port_text = token.partition(":")
+    if not host_text:
+        raise _malformed(
+            f"missing host before {quote_input(token)}; write HOST:PORT, like {EXAMPLE}"
+        )
+    if not port_text:
+        raise _malformed(
+            f"missing port after {quote_input(token)}; write HOST:PORT, like {EXAMPLE}"
+        )
+    return _parse_host(host_text), _parse_port(port_text)
+
+
+def _explain_colons(token: str) -> str:
+    """More than one ':' without brackets: usually an IPv6 address written bare."""
+    host, _, _ = token.rpartition(":")
+    if _is_ipv6(token):
+        return (
+            f"{quote_input(token)} looks like an IPv6 address without brackets or port; "
+            f"write [IPv6]:PORT, like {EXAMPLE6}"
+        )
+    if _is_ipv6(host):
+        return (
+            f"IPv6 addresses must be in brackets so the port can be told apart: "
+            f"write {quote_input(token)} as [IPv6]:PORT, like {EXAMPLE6}"
+        )
+    return (
+        f"{quote_input(token)} has more than one ':'; write HOST:PORT, like {EXAMPLE}, "
+        f"with IPv6 in brackets, like {EXAMPLE6}"
+    )
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _parse_bracketed(token: str) -> tuple[IPAddress, int]:
+    """``[IPv6]:PORT``: no zone ids, no IPv4 in brackets."""
+    inner, closed, after = token[1:].partition("]")
+    if not closed:
+        raise _malformed(
+            f"{quote_input(token)} has no closing ']'; write [IPv6]:PORT, like {EXAMPLE6}"
+        )
+    if not after:
+        raise _malformed(f"{quote_input(token)} has no port; write [IPv6]:PORT, like {EXAMPLE6}")
+    if not after.startswith(":"):
+        raise _malformed(
+            f"expected ':' after ']' in {quote_input(token)}; write [IPv6]:PORT, like {EXAMPLE6}"
+        )
+    if not after[1:]:
+        raise _malformed(
+            f"missing port after {quote_input(token)}; write [IPv6]:PORT, like {EXAMPLE6}"
+        )
+    return _parse_ipv6(inner), _parse_port(after[1:])
+
+
+def _parse_ipv6(inner: str) -> ipaddress.IPv6Address:
+    if "%" in inner:
+        zone = inner[inner.index("%") :]
+        raise _malformed(
+            f"the zone id {quote_input(zone, 20)} is not accepted: it names an interface on "
+            "your machine and means nothing to the registry; advertise an address "
+            "without a zone (not link-local fe80::)"
+        )
+    if not inner:
+        raise _malformed(f"empty brackets; write [IPv6]:PORT, like {EXAMPLE6}")
+    if _DIGITS.fullmatch(inner.replace(".", "")) and "." in inner:
+        raise _malformed(
+            f"brackets are for IPv6 only; write IPv4 {quote_input(inner)} without them, "
+            f"like {EXAMPLE}"
+        )
+    try:
+        return ipaddress.IPv6Address(inner)
+    except ValueError:
+        raise _malformed(
+            f"{quote_input('[' + inner + ']')} is not a valid IPv6 address; "
+            f"write [IPv6]:PORT, like {EXAMPLE6}"
+        ) from None
+
+
+def _parse_port(text: str) -> int:
+    """Decimal 1-65535, no sign, no leading zero, no exponent."""
+    if not _DIGITS.fullmatch(text):
+        what = "has a sign" if text[:1] in "+-" else "is not a decimal number"
+        raise _malformed(f"port {quote_input(text, 20)} {what}; write a number from 1 to 65535")
+    if len(text) > 1 and text.startswith("0"):
+        raise _malformed(
+            f"port {quote_input(text, 20)} has a leading zero; write it as "
+            f"{text.lstrip('0') or '0'} (ports are decimal, 1-65535)"
+        )
+    if len(text) > 5 or int(text) > 65535:
+        raise _malformed(f"port {quote_input(text, 20)} is out of range; ports go from 1 to 65535")
+    if text == "0":
+        raise _malformed(
+            "port 0 means 'any port' and cannot be called back; advertise the port your "
+            "server listens on (1-65535; the lab uses 15000)"
+        )
+    return int(text)
+
+
+# --------------------------------------------------------------------------- hosts
+
+
+def _parse_host(text: str) -> IPAddress | str:
+    """Canonical dotted-decimal IPv4, or a hostname (lower-cased, one trailing dot dropped)."""
+    parts = text.split(".")
+    if len(parts) == 4 and all(_DEC_OCTET.fullmatch(p) and int(p) <= 255 for p in parts):
+        return ipaddress.IPv4Address(text)
+    name = text[:-1] if text.endswith(".") else text
+    last = name.rsplit(".", 1)[-1]
+    # The WHATWG URL rule: a host whose last label is a number is an IPv4 attempt,
+    # never a name ("1.2.3.0x4" is a valid-looking label set but means 1.2.3.4).
+    if _DIGITS.fullmatch(last) or _HEX_PART.fullmatch(last):
+        raise _malformed(_explain_ipv4(text))
+    problem = _hostname_problem(name)
+    if problem:
+        raise _malformed(
+            f"{quote_input(text)} is neither an IPv4 address nor a valid hostname ({problem}); "
+            f"write HOST:PORT, like {EXAMPLE}"
+        )
+    return name.lower()
+
+
+def _hostname_problem(name: str) -> str | None:
+    """Why ``name`` is not an RFC 1123 hostname, or None if it is one."""
+    if len(name) > 253:
+        return "longer than 253 characters"
+    labels = name.split(".")
+    for label in labels:
+        if not label:
+            return "empty part between dots"
+        if len(label) > 63:
+            return "a part is longer than 63 characters"
+        if not _LABEL.fullmatch(label):
+            return "only letters, digits and inner hyphens are allowed"
+    if not any(ch.isalpha() for ch in labels[-1]):
+        return "the last part must contain a letter"
+    return None
+
+
+def _explain_ipv4(text: str) -> str:
+    """Say why a numeric-looking host is not accepted, and what some resolver would make of it."""
+    shown = quote_input(text)
+    fix = f"write all four parts in decimal, like {EXAMPLE}"
+    parts = text.split(".")
+    if text.endswith(".") and len(parts) > 1 and all(parts[:-1]):
+        return f"{shown} ends with a dot; write the address without it, like {EXAMPLE}"
+    if not all(parts):
+        return f"{shown} has an empty part between dots; {fix}"
+    if not all(_DIGITS.fullmatch(p) or _HEX_PART.fullmatch(p) for p in parts):
+        return (
+            f"{shown} is neither an IPv4 address nor a hostname (the last part of a "
+            f"hostname must contain a letter); {fix}"
+        )
+    meant = _inet_aton(parts)
+    reads = f"some resolvers read it as {meant}" if meant else "some resolvers accept it"
+    hexed = next((p for p in parts if _HEX_PART.fullmatch(p)), None)
+    if hexed is not None:
+        return f"{shown} uses hexadecimal ({quote_input(hexed, 12)}) and {reads}; {fix}"
+    zeroed = next((p for p in parts if len(p) > 1 and p.startswith("0")), None)
+    if zeroed is not None:
+        if meant:
+            how = f"as octal (making it {meant}) and others as decimal"
+        else:
+            how = "as octal, others as decimal, and some refuse them"
+        return (
+            f"{shown} has a leading zero in {quote_input(zeroed, 12)}; some systems read such "
+            f"parts {how}; write each part in decimal without leading zeros, like {EXAMPLE}"
+        )
+    if len(parts) == 1:
+        return f"{shown} is an IPv4 address written as one integer and {reads}; {fix}"
+    if len(parts) < 4:
+        expand = f"expand to {meant}" if meant else "expand in different ways"
+        return f"{shown} is a short IPv4 form that some resolvers {expand}; {fix}"
+    if len(parts) > 4:
+        return f"{shown} has {len(parts)} parts, an IPv4 address has four; {fix}"
+    return f"{shown} has a part above 255; each of the four parts is 0-255, like {EXAMPLE}"
+
+
+def _inet_aton(parts: list[str]) -> ipaddress.IPv4Address | None:
+    """What BSD ``inet_aton`` would make of numeric ``parts`` (for explanations only)."""
+    if len(parts) > 4:
+        return None
+    values: list[int] = []
+    for part in parts:
+        if len(part) > 12:  # far beyond 32 bits in any base; skip the big-int work
+            return None
+        if _HEX_PART.fullmatch(part):
+            values.append(int(part[2:] or "0", 16))
+        elif len(part) > 1 and part.startswith("0"):
+            if not re.fullmatch(r"0[0-7]+", part):
+                return None
+            values.append(int(part, 8))
+        else:
+            values.append(int(part))
+    *head, last = values
+    if any(v > 255 for v in head) or last >= 1 << (8 * (4 - len(head))):
+        return None
+    number = last
+    for i, v in enumerate(head):
+        number |= v << (8 * (3 - i))
+    return ipaddress.IPv4Address(number)
+
+
+# ---------------------------------------------------------------------------- keys
+
+
+def _parse_keys(tokens: list[str], allow_cookie: bool) -> dict[str, object]:
+    """Parse the ``key=value`` tokens after HOST:PORT into Request keyword arguments."""
+    known = (
+        ("student", "token", "verify", "cookie") if allow_cookie else ("student", "token", "verify")
+    )
+    found: dict[str, object] = {}
+    for token in tokens:
+        key, eq, value = token.partition("=")
+        if not eq:
+            raise _malformed(
+                f"{quote_input(token)} is not key=value; after HOST:PORT only "
+                f"{', '.join(k + '=' for k in known)} are accepted"
+            )
+        if key not in known:
+            udp = " (cookie= is only for UDP)" if key == "cookie" else ""
+            raise _malformed(
+                f"unknown key {quote_input(key, 30)}{udp}; accepted keys: {', '.join(known)}"
+            )
+        if key in found:
+            raise _malformed(f"key {quote_input(key)} given twice; give each key once")
+        if not value:
+            raise _malformed(f"{key}= needs a value")
+        found[key] = _parse_value(key, value)
+    return found
+
+
+def _parse_value(key: str, value: str) -> object:
+    if key == "student":
+        if not _STUDENT.fullmatch(value):
+            raise _malformed(
+                f"student name {quote_input(value, 30)} is not accepted; use 1-64 letters, "
+                "digits and . _ @ -"
+            )
+        return value
+    if key == "verify":
+        if value not in ("yes", "no"):
+            raise _malformed(f"verify={quote_input(value, 20)} must be verify=yes or verify=no")
+        return value == "yes"
+    # token and cookie are secrets: never echo them back, not even in part.
+    if not _SECRET.fullmatch(value):
+        raise _malformed(f"{key} must be 1-128 printable ASCII characters without spaces")
+    return value
+
+
+# ------------------------------------------------------------------------- framing
+
+
+class TextReceiver:
+    """Frame one text request from a byte stream (h11-style, one request per connection).
+
+    Feed bytes with ``receive_data`` (``b""`` = EOF or half-close) and ask
+    ``next_event`` for the result. The request ends at the first LF (CR LF
+    accepted; later bytes are ignored), at EOF, or when the caller's quiet
+    period passes (``quiet``). More than ``max_bytes`` before the LF is
+    ``TOO_LONG`` at once, and no more than ``max_bytes`` are ever held.
+
+    Once complete, the result is fixed: ``next_event`` returns the same
+    ``Request`` (or raises an equal ``ProtocolError``) on every call.
+    """
+
+    def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES, *, allow_cookie: bool = False) -> None:
+        if max_bytes < 1:
+            raise ValueError("max_bytes must be at least 1")
+        self._max = max_bytes
+        self._allow_cookie = allow_cookie
+        self._buf = bytearray()
+        self._result: Request | ProtocolError | None = None
+
+    @property
+    def buffered(self) -> int:
+        """How many request bytes are held (terminator excluded)."""
+        return len(self._buf)
+
+    def receive_data(self, data: bytes) -> None:
+        """Add bytes from the peer; ``b""`` means the peer closed or half-closed."""
+        if self._result is not None:
+            return  # one request per connection: anything after it is ignored
+        if not data:
+            self._finish(lf=False)
+            return
+        cut = data.find(b"\n")
+        chunk = data if cut < 0 else data[:cut]
+        room = self._max - len(self._buf)
+        if len(chunk) > room:
+            self._buf += chunk[:room]
+            self._result = ProtocolError(
+                Code.TOO_LONG,
+                f"request longer than {self._max} bytes; send one short line "
+                f"HOST:PORT[ key=value ...], like {EXAMPLE}",
+            )
+            return
+        self._buf += chunk
+        if cut >= 0:
+            self._finish(lf=True)
+
+    def next_event(self) -> Request | NeedData:
+        """The parsed request, ``NEED_DATA`` if it is not complete; raises ``ProtocolError``."""
+        result = self._result
+        if result is None:
+            return NEED_DATA
+        if isinstance(result, ProtocolError):
+            raise ProtocolError(result.code, result.explanation)
+        return result
+
+    def quiet(self) -> Request | NeedData:
+        """The quiet period passed with no new byte: take what is buffered as the request.
+
+        Only whitespace (or nothing) buffered is not a request yet: ``NEED_DATA``,
+        and the caller keeps waiting until its total deadline.
+        """
+        if self._result is None and self._buf.strip(_WHITESPACE):
+            self._finish(lf=False)
+        return self.next_event()
+
+    def _finish(self, *, lf: bool) -> None:
+        body = bytes(self._buf)
+        if lf:
+            body = body.removesuffix(b"\r")
+        try:
+            if not body.strip(_WHITESPACE):
+                raise _malformed(f"empty request; send one line HOST:PORT, like {EXAMPLE}")
+            self._result = _parse_body(body, self._allow_cookie)
+        except ProtocolError as exc:
+            self._result = exc

@@ -1,0 +1,345 @@
+"""``registry results``: every recorded registration, or a per-student summary.
+
+Reads the database read-only (``file:...?mode=ro``), so grading during a class
+never blocks or changes the running daemon.
+
+Output formats:
+
+- ``table``: aligned columns for a terminal, long cells cut with ``…``,
+  control characters in student text shown escaped (a name cannot move the
+  cursor or recolour the terminal), then a count line.
+- ``csv``: header ``id,received_at,protocol,student,peer,target,status,code,
+  diagnosis,rtt_ms,verified,advertised,explanation,duration_ms,corrected``;
+  times in ISO 8601 UTC; ``verified``/``corrected`` as yes/no (empty when
+  unknown). CSV formula injection guard: any text cell starting with
+  ``= + - @`` (or tab/CR) gets a leading ``'`` so a spreadsheet shows a
+  student's ``=HYPERLINK(...)`` as text instead of running it. Only text a
+  student can influence can start that way; numbers are written by us.
+- ``json``: a list of objects with the same keys, raw (unguarded) text,
+  ``verified`` true/false/null.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import re
+import sqlite3
+import sys
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from registry.store import Record, Store, StoreError, StudentSummary
+
+FORMATS = ("table", "csv", "json")
+EXIT_USAGE = 64  # sysexits EX_USAGE, as in registry.cli
+EXIT_NO_DB = 2
+
+CSV_COLUMNS: tuple[str, ...] = (
+    "id", "received_at", "protocol", "student", "peer", "target", "status", "code",
+    "diagnosis", "rtt_ms", "verified", "advertised", "explanation", "duration_ms", "corrected",
+)  # fmt: skip
+SUMMARY_COLUMNS: tuple[str, ...] = (
+    "student", "attempts", "successes", "best_status", "best_code",
+    "first_success_at", "last_attempt_at", "verified_ever",
+)  # fmt: skip
+
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_RELATIVE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*$", re.IGNORECASE)
+_UNIT_SECONDS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+_SINCE_HELP = (
+    "an ISO 8601 date or time (2026-11-25, 2026-11-25T10:00, 2026-11-25T10:00Z, "
+    "2026-11-25T10:00+01:00; without a zone it is local time) or an age such as 30m, 2h, 7d"
+)
+
+
+# --- parsing ------------------------------------------------------------------
+
+
+def parse_since(text: str, now: float) -> float:
+    """``--since`` value -> epoch seconds: an ISO 8601 date/time (naive = local
+    time) or a duration ago (``90s``, ``30m``, ``2h``, ``7d``, ``1w``)."""
+    m = _RELATIVE.match(text)
+    if m:
+        return now - float(m.group(1)) * _UNIT_SECONDS[m.group(2).lower()]
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(f"expected {_SINCE_HELP}; got {text!r}") from None
+    return when.timestamp()  # a naive datetime is taken as local time
+
+
+# --- cell formatting --------------------------------------------------------------
+
+
+def iso_utc(ts: float) -> str:
+    """Epoch seconds -> ``2026-11-25T10:00:00.123Z``."""
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _number(x: float | None) -> str:
+    return "" if x is None else f"{x:.3f}".rstrip("0").rstrip(".")
+
+
+def _yes_no(x: bool | None) -> str:
+    return "" if x is None else ("yes" if x else "no")
+
+
+def csv_safe(text: str) -> str:
+    """Neutralise spreadsheet formulas: a leading ``'`` before ``= + - @`` (and tab/CR)."""
+    return "'" + text if text.startswith(_FORMULA_START) else text
+
+
+def _printable(text: str) -> str:
+    """Escape control characters (ANSI escapes, newlines) for a terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
+def _record_cells(r: Record) -> dict[str, str]:
+    """Every column as display text (no guard, no truncation)."""
+    return {
+        "id": r.id,
+        "received_at": iso_utc(r.received_at),
+        "protocol": r.protocol,
+        "student": r.student or "",
+        "peer": r.peer,
+        "target": r.target or "",
+        "status": r.status,
+        "code": r.code,
+        "diagnosis": r.diagnosis or "",
+        "rtt_ms": _number(r.rtt_ms),
+        "verified": _yes_no(r.verified),
+        "advertised": r.advertised or "",
+        "explanation": r.explanation,
+        "duration_ms": _number(r.duration_ms),
+        "corrected": _yes_no(r.corrected),
+    }
+
+
+def _record_json(r: Record) -> dict[str, Any]:
+    return {
+        "id": r.id,
+        "received_at": iso_utc(r.received_at),
+        "protocol": r.protocol,
+        "student": r.student,
+        "peer": r.peer,
+        "target": r.target,
+        "status": r.status,
+        "code": r.code,
+        "diagnosis": r.diagnosis,
+        "rtt_ms": None if r.rtt_ms is None else round(r.rtt_ms, 3),
+        "verified": r.verified,
+        "advertised": r.advertised,
+        "explanation": r.explanation,
+        "duration_ms": None if r.duration_ms is None else round(r.duration_ms, 3),
+        "corrected": r.corrected,
+    }
+
+
+def _summary_cells(s: StudentSummary) -> dict[str, str]:
+    return {
+        "student": s.student or "",
+        "attempts": str(s.attempts),
+        "successes": str(s.successes),
+        "best_status": s.best_status,
+        "best_code": s.best_code,
+        "first_success_at": "" if s.first_success_at is None else iso_utc(s.first_success_at),
+        "last_attempt_at": iso_utc(s.last_attempt_at),
+        "verified_ever": _yes_no(s.verified_ever),
+    }
+
+
+def _summary_json(s: StudentSummary) -> dict[str, Any]:
+    return {
+        "student": s.student,
+        "attempts": s.attempts,
+        "successes": s.successes,
+        "best_status": s.best_status,
+        "best_code": s.best_code,
+        "first_success_at": None if s.first_success_at is None else iso_utc(s.first_success_at),
+        "last_attempt_at": iso_utc(s.last_attempt_at),
+        "verified_ever": s.verified_ever,
+    }
+
+
+# --- the three formats -------------------------------------------------------------
+
+
+def _csv(rows: Sequence[dict[str, str]], columns: Sequence[str]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow(csv_safe(row[c]) for c in columns)
+    return buf.getvalue()
+
+
+def _json(items: list[dict[str, Any]]) -> str:
+    return json.dumps(items, indent=2, ensure_ascii=False) + "\n"
+
+
+# (column, header, max width, right-aligned); widths fit an IPv6 endpoint.
+_TABLE = (
+    ("received_at", "received (UTC)", 19, False),
+    ("id", "id", 12, False),
+    ("student", "student", 20, False),
+    ("peer", "peer", 47, False),
+    ("target", "target", 47, False),
+    ("status", "status", 6, False),
+    ("code", "code", 20, False),
+    ("diagnosis", "diagnosis", 22, False),
+    ("rtt_ms", "rtt_ms", 9, True),
+    ("verified", "verified", 8, False),
+)
+_SUMMARY_TABLE = (
+    ("student", "student", 30, False),
+    ("attempts", "attempts", 8, True),
+    ("successes", "successes", 9, True),
+    ("best_status", "best", 6, False),
+    ("best_code", "code", 20, False),
+    ("first_success_at", "first success (UTC)", 19, False),
+    ("last_attempt_at", "last attempt (UTC)", 19, False),
+    ("verified_ever", "verified", 8, False),
+)
+
+
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _table(
+    rows: Sequence[dict[str, str]], spec: Sequence[tuple[str, str, int, bool]], noun: str
+) -> str:
+    cells = [[_cut(_printable(row[key]), limit) for key, _, limit, _ in spec] for row in rows]
+    headers = [header for _, header, _, _ in spec]
+    widths = [max([len(h)] + [len(line[i]) for line in cells]) for i, h in enumerate(headers)]
+    right = [r for *_, r in spec]
+
+    def line(values: Sequence[str]) -> str:
+        parts = (
+            v.rjust(w) if r else v.ljust(w) for v, w, r in zip(values, widths, right, strict=True)
+        )
+        return "  ".join(parts).rstrip()
+
+    out = [line(headers), line(["-" * w for w in widths])]
+    out += [line(c) for c in cells]
+    out.append(f"{len(rows)} {noun}{'' if len(rows) == 1 else 's'}")
+    return "\n".join(out) + "\n"
+
+
+def _table_time(cells: dict[str, str], *keys: str) -> dict[str, str]:
+    """``2026-11-25T10:00:00.123Z`` -> ``2026-11-25 10:00:00`` (the header says UTC)."""
+    return {**cells, **{k: cells[k][:19].replace("T", " ") for k in keys}}
+
+
+def render(records: list[Record], fmt: str) -> str:
+    """Records as ``table``, ``csv`` or ``json`` text (see the module docstring)."""
+    if fmt == "json":
+        return _json([_record_json(r) for r in records])
+    rows = [_record_cells(r) for r in records]
+    if fmt == "csv":
+        return _csv(rows, CSV_COLUMNS)
+    if fmt == "table":
+        return _table([_table_time(c, "received_at") for c in rows], _TABLE, "registration")
+    raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+
+
+def render_summary(summaries: list[StudentSummary], fmt: str) -> str:
+    """Per-student summaries as ``table``, ``csv`` or ``json`` text."""
+    if fmt == "json":
+        return _json([_summary_json(s) for s in summaries])
+    rows = [_summary_cells(s) for s in summaries]
+    if fmt == "csv":
+        return _csv(rows, SUMMARY_COLUMNS)
+    if fmt == "table":
+        rows = [
+            _table_time(
+                {**c, "student": c["student"] or "(no name)"}, "first_success_at", "last_attempt_at"
+            )
+            for c in rows
+        ]
+        return _table(rows, _SUMMARY_TABLE, "student")
+    raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+
+
+# --- the command ---------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``registry results`` options."""
+    parser.add_argument(
+        "--db",
+        metavar="PATH",
+        default="registry.db",
+        help="SQLite results file (default registry.db)",
+    )
+    parser.add_argument(
+        "--format", choices=FORMATS, default="table", help="output format (default table)"
+    )
+    parser.add_argument(
+        "--since", metavar="WHEN", help=f"only registrations since WHEN: {_SINCE_HELP}"
+    )
+    parser.add_argument("--student", metavar="NAME", help="only this student (exact name)")
+    parser.add_argument(
+        "--summary",
+        action="store_true",
+        help="one line per student: attempts, successes, best outcome, first success",
+    )
+    parser.epilog = (
+        "CSV cells that start with = + - @ get a leading ' so spreadsheets do not run "
+        "student-supplied formulas. The database is opened read-only."
+    )
+
+
+def _fail(message: str, status: int) -> int:
+    print(f"registry results: {message}", file=sys.stderr)
+    return status
+
+
+def run(args: argparse.Namespace, *, clock: Callable[[], float] = time.time) -> int:
+    """Print the registrations (or ``--summary``); 0, 2 (no/bad db) or 64 (bad --since)."""
+    since: float | None = None
+    if args.since is not None:
+        try:
+            since = parse_since(args.since, clock())
+        except ValueError as e:
+            return _fail(f"--since: {e}", EXIT_USAGE)
+    if not os.path.isfile(args.db):
+        return _fail(
+            f"no results database at {args.db!r}; pass --db PATH, or start "
+            "`registry serve` in that directory first",
+            EXIT_NO_DB,
+        )
+    try:
+        store = Store.open_readonly(args.db)
+        try:
+            if args.summary:
+                text = render_summary(store.summary(since=since, student=args.student), args.format)
+            else:
+                text = render(store.query(since=since, student=args.student), args.format)
+        finally:
+            store.close()
+    except (StoreError, sqlite3.Error) as e:
+        return _fail(str(e), EXIT_NO_DB)
+    return _write(text)
+
+
+def _write(text: str) -> int:
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        # A student's name must not crash the listing on a non-UTF-8 terminal.
+        sys.stdout.reconfigure(errors="backslashreplace")
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # `registry results | head`: stop quietly; point stdout at devnull so the
+        # interpreter's final flush does not complain (Python docs' SIGPIPE note).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0

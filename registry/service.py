@@ -1,0 +1,316 @@
+"""The registration service: policy -> limits -> callback -> record -> outcome.
+
+Everything with side effects arrives injected (``Connector``, ``Recorder``,
+``Resolver`` and the clocks), so the same code runs under ``autojump_clock``
+with a recording connector in unit tests and with real sockets in the daemon.
+Every path returns an ``Outcome`` that has been recorded before it is
+returned: the edge replies only with what the store already holds (SPEC
+promise 6).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol as TypingProtocol
+
+import structlog
+import trio
+
+from registry import auth
+from registry import config as config_mod
+from registry.config import Config
+from registry.conncaps import CallbackSlots
+from registry.errors import ProtocolError
+from registry.model import Code, Endpoint, IPAddress, Outcome, Protocol, Request, Status
+from registry.policy.decide import Allow, Deny, NeedsResolution, decide, decide_resolved
+from registry.protocol.callback import make_nonce
+from registry.ratelimit import Busy, RateLimiter
+from registry.store import Record
+
+log = structlog.get_logger(component="service")
+
+
+@dataclass(frozen=True, slots=True)
+class CallResult:
+    """What the connector saw: ``code`` is CONNECTED or one FAILED code."""
+
+    code: Code
+    detail: str
+    rtt_ms: float | None = None
+    verified: bool = False
+
+
+class Connector(TypingProtocol):
+    async def call(
+        self, target: Endpoint, reg_id: str, nonce: str, *, wait_echo: bool
+    ) -> CallResult: ...
+
+
+class Recorder(TypingProtocol):
+    async def record(self, record: Record) -> None: ...
+
+
+class Resolver(TypingProtocol):
+    async def resolve(self, name: str, port: int) -> list[IPAddress]: ...
+
+
+class StoreUnavailable(Exception):
+    """The outcome could not be recorded; the edge must not claim success."""
+
+
+_FAILED_EXPLANATION = {
+    Code.CONNECTION_REFUSED: "the callback reached {target} but nothing was listening on port {port} "
+    "(connection refused): start your server first, on the same port you advertised",
+    Code.TIMEOUT: "the callback to {target} got no answer in time: a firewall may be dropping "
+    "incoming connections, or the address is not this machine's",
+    Code.UNREACHABLE: "the registry has no route to {target}: the address is not reachable "
+    "from the registry's network",
+    Code.RESET: "{target} accepted and then reset the callback connection",
+    Code.NOT_VERIFIED: "{target} accepted the callback but did not echo the nonce, and "
+    "verification was required: your server must write back a line containing nonce=...",
+}
+
+
+class Service:
+    """Turns one parsed request (or one protocol error) into one recorded Outcome."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        connector: Connector,
+        recorder: Recorder,
+        resolver: Resolver | None = None,
+        own: frozenset[Endpoint] = frozenset(),
+        clock: Callable[[], float] = trio.current_time,
+        wallclock: Callable[[], float] = time.time,
+        random_bytes: Callable[[int], bytes] = os.urandom,
+    ) -> None:
+        self.connector = connector
+        self.recorder = recorder
+        self.resolver = resolver
+        self.own = own
+        self.clock = clock
+        self.wallclock = wallclock
+        self.random_bytes = random_bytes
+        self.limiter = RateLimiter(config.ratelimit)
+        self.slots = CallbackSlots(
+            config.limits.max_callbacks_in_flight, config.limits.max_callback_queue
+        )
+        self.dialing = trio.CapacityLimiter(config.limits.max_callbacks_in_flight)
+        self.config = config
+        self.secret = config_mod.auth_secret(config)
+        self.outcomes: dict[Status, int] = dict.fromkeys(Status, 0)
+        # Called with every recorded Record (metrics, the dashboard's live feed).
+        # Observers must be quick and must not raise: they run on the request path.
+        self.observers: list[Callable[[Record], None]] = []
+
+    def reconfigure(self, config: Config) -> None:
+        """Swap in a new config (SIGHUP): one attribute assignment per part, no await between."""
+        self.limiter.reconfigure(config.ratelimit)
+        self.slots.reconfigure(
+            config.limits.max_callbacks_in_flight, config.limits.max_callback_queue
+        )
+        self.dialing.total_tokens = config.limits.max_callbacks_in_flight
+        self.secret = config_mod.auth_secret(config)
+        self.config = config
+
+    def new_id(self) -> str:
+        return self.random_bytes(6).hex()
+
+    async def register(
+        self,
+        request: Request,
+        peer: Endpoint,
+        protocol: Protocol,
+        received_at: float,
+        local: Endpoint | None = None,
+    ) -> Outcome:
+        """Run one registration to its recorded outcome. Never raises but StoreUnavailable.
+
+        ``local`` is the registry's own address on this connection: behind a
+        wildcard listener it is the only way to know which concrete address
+        of ours a request could point back at (self_target).
+        """
+        started = self.clock()
+        reg_id = self.new_id()
+        own = self.own if local is None else self.own | {local}
+        outcome = await self._decide_and_call(request, peer, reg_id, own)
+        outcome = outcome.with_(
+            id=reg_id,
+            advertised=request.advertised,
+            observed=str(peer),
+            student=request.student,
+        )
+        return await self._finish(outcome, peer, protocol, received_at, started)
+
+    async def reject(
+        self, error: ProtocolError, peer: Endpoint, protocol: Protocol, received_at: float
+    ) -> Outcome:
+        """Record and return the ERROR outcome of a request that could not be parsed."""
+        started = self.clock()
+        busy = self.limiter.check(peer.host, None, self.clock())
+        if isinstance(busy, Busy):
+            outcome = _busy(busy)
+        else:
+            outcome = Outcome(code=error.code, explanation=error.explanation)
+        outcome = outcome.with_(id=self.new_id(), observed=str(peer))
+        return await self._finish(outcome, peer, protocol, received_at, started)
+
+    async def _decide_and_call(
+        self, request: Request, peer: Endpoint, reg_id: str, own: frozenset[Endpoint]
+    ) -> Outcome:
+        denied = auth.authorize(request, self.config.auth, self.secret)
+        decision = denied if denied is not None else await self._decide(request, peer, own)
+        target = decision.target if isinstance(decision, Allow) else None
+        busy = self.limiter.check(peer.host, target, self.clock())
+        if isinstance(busy, Busy):
+            return _busy(busy)
+        if isinstance(decision, Deny):
+            return Outcome(
+                code=decision.code,
+                explanation=decision.explanation,
+                diagnosis=decision.diagnosis,
+                target=request.advertised,
+            )
+        for note in decision.report_only:
+            log.warning("policy_report_only", note=note, target=str(decision.target))
+        return await self._callback(request, decision, reg_id)
+
+    async def _decide(
+        self, request: Request, peer: Endpoint, own: frozenset[Endpoint]
+    ) -> Allow | Deny:
+        policy = self.config.policy
+        decision = decide(request, peer, policy, own)
+        if not isinstance(decision, NeedsResolution):
+            return decision
+        if self.resolver is None:
+            return Deny(Code.HOSTNAME_NOT_ALLOWED, "this registry does not resolve hostnames")
+        try:
+            with trio.fail_after(policy.resolve_timeout):
+                addresses = await self.resolver.resolve(decision.name, decision.port)
+        except (OSError, trio.TooSlowError) as e:
+            return Deny(
+                Code.HOSTNAME_NOT_ALLOWED,
+                f"could not resolve {decision.name!r} ({type(e).__name__}); advertise an IP address",
+            )
+        return decide_resolved(request, addresses, peer, policy, own)
+
+    async def _callback(self, request: Request, allow: Allow, reg_id: str) -> Outcome:
+        target = allow.target
+        if not self.slots.admit():
+            return Outcome(
+                code=Code.OVERLOADED,
+                retry_after=5,
+                explanation="too many callbacks are queued right now; try again in a few seconds",
+                target=str(target),
+                diagnosis=allow.diagnosis,
+            )
+        required = request.verify is True or (
+            request.verify is None and self.config.callback.require_verification
+        )
+        nonce = make_nonce(self.random_bytes(8))
+        try:
+            async with self.dialing:
+                result = await self.connector.call(
+                    target, reg_id, nonce, wait_echo=request.verify is not False
+                )
+        finally:
+            self.slots.done()
+        common = {
+            "target": str(target),
+            "diagnosis": allow.diagnosis,
+            "corrected": allow.corrected,
+            "rtt_ms": result.rtt_ms,
+        }
+        if result.code is not Code.CONNECTED:
+            text = _FAILED_EXPLANATION.get(result.code, "{target}: callback failed")
+            return Outcome(
+                code=result.code,
+                explanation=text.format(target=target, port=target.port) + f" ({result.detail})",
+                **common,  # type: ignore[arg-type]
+            )
+        if required and not result.verified:
+            return Outcome(
+                code=Code.NOT_VERIFIED,
+                verified=False,
+                explanation=_FAILED_EXPLANATION[Code.NOT_VERIFIED].format(target=target),
+                **common,  # type: ignore[arg-type]
+            )
+        corrected = (
+            f" (you advertised {request.advertised}; the registry called the address it saw)"
+            if allow.corrected
+            else ""
+        )
+        how = "and your server echoed the nonce" if result.verified else "(no nonce echo)"
+        return Outcome(
+            code=Code.CONNECTED,
+            verified=result.verified,
+            explanation=f"the registry connected to {target} {how}{corrected}",
+            **common,  # type: ignore[arg-type]
+        )
+
+    async def _finish(
+        self,
+        outcome: Outcome,
+        peer: Endpoint,
+        protocol: Protocol,
+        received_at: float,
+        started: float,
+    ) -> Outcome:
+        duration_ms = (self.clock() - started) * 1000.0
+        record = Record.from_outcome(
+            outcome,
+            protocol=protocol,
+            peer=str(peer),
+            received_at=received_at,
+            duration_ms=duration_ms,
+        )
+        try:
+            await self.recorder.record(record)
+        except Exception as e:  # the edge turns this into BUSY: never claim an unrecorded result
+            log.error("record_failed", id=outcome.id, error=repr(e))
+            raise StoreUnavailable(str(e)) from e
+        self.outcomes[outcome.status] += 1
+        for observer in self.observers:
+            try:
+                observer(record)
+            except Exception as e:  # an observer bug must not fail a registration
+                log.error("observer_failed", observer=repr(observer), error=repr(e))
+        log.info(
+            "registration",
+            id=outcome.id,
+            status=outcome.status.value,
+            code=outcome.code.value,
+            student=outcome.student,
+            advertised=outcome.advertised,
+            target=outcome.target,
+            diagnosis=outcome.diagnosis.value if outcome.diagnosis else None,
+            rtt_ms=outcome.rtt_ms,
+            verified=outcome.verified,
+            corrected=outcome.corrected or None,
+            duration_ms=round(duration_ms, 2),
+        )
+        return outcome
+
+
+def _busy(busy: Busy) -> Outcome:
+    return Outcome(
+        code=Code.RATE_LIMITED,
+        retry_after=busy.retry_after,
+        explanation=f"too many registrations ({busy.scope} limit); "
+        f"wait {busy.retry_after} s before trying again",
+    )
+
+
+def store_failure_outcome(reg_id: str | None) -> Outcome:
+    """What a client hears when its outcome could not be recorded."""
+    return Outcome(
+        code=Code.OVERLOADED,
+        id=reg_id,
+        retry_after=10,
+        explanation="the registry could not record this registration; try again shortly",
+    )

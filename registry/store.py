@@ -1,0 +1,604 @@
+"""SQLite results store: one row per registration, committed before its reply.
+
+``Store`` is the synchronous core: one ``sqlite3`` connection, WAL journal,
+``synchronous=FULL`` (an acknowledged reply survives SIGKILL and power loss),
+a ``busy_timeout``, and a schema upgraded through ``PRAGMA user_version``.
+
+``AsyncStore`` is the trio face the daemon uses. Threading choice: the
+connection is opened with ``check_same_thread=False`` and every call on it
+goes through ``trio.to_thread.run_sync(..., limiter=CapacityLimiter(1))``, so
+sqlite work may hop between trio's cached worker threads but never runs on
+two of them at once, and never on the event loop. Writes are group-committed:
+one writer task drains a memory channel and writes everything queued in one
+transaction, then wakes every waiter; ``record()`` returns only after its
+row has committed (SPEC promise 6).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import secrets
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import astuple, dataclass, fields
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+import structlog
+import trio
+
+from registry.errors import RegistryError
+from registry.model import Outcome, Protocol
+
+log = structlog.get_logger(component="store")
+
+T = TypeVar("T")
+
+BUSY_TIMEOUT_MS = 5000
+
+# Best first: the grading summary ranks a student's attempts by these.
+STATUS_RANK: dict[str, int] = {"OK": 0, "FAILED": 1, "DENIED": 2, "BUSY": 3, "ERROR": 4}
+
+
+class StoreError(RegistryError):
+    """The results database cannot be opened, understood or written."""
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One registration and its outcome, exactly as stored (one row)."""
+
+    id: str
+    received_at: float  # unix epoch seconds
+    protocol: str
+    student: str | None
+    peer: str
+    advertised: str | None
+    target: str | None
+    status: str
+    code: str
+    diagnosis: str | None
+    rtt_ms: float | None
+    verified: bool | None
+    explanation: str
+    duration_ms: float | None
+    corrected: bool
+
+    @classmethod
+    def from_outcome(
+        cls,
+        outcome: Outcome,
+        *,
+        protocol: Protocol,
+        peer: str,
+        received_at: float,
+        duration_ms: float | None,
+    ) -> Record:
+        """The row for one outcome. An outcome without an id gets a fresh one:
+        recording must not fail (and cost the client its reply) over a missing id."""
+        return cls(
+            id=outcome.id or secrets.token_hex(6),
+            received_at=received_at,
+            protocol=protocol.value,
+            student=outcome.student,
+            peer=peer,
+            advertised=outcome.advertised,
+            target=outcome.target,
+            status=outcome.status.value,
+            code=outcome.code.value,
+            diagnosis=outcome.diagnosis.value if outcome.diagnosis is not None else None,
+            rtt_ms=outcome.rtt_ms,
+            verified=outcome.verified,
+            explanation=outcome.explanation,
+            duration_ms=duration_ms,
+            corrected=outcome.corrected,
+        )
+
+
+COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(Record))
+
+
+@dataclass(frozen=True, slots=True)
+class StudentSummary:
+    """One student's standing for grading. ``best_code`` is the code of the most
+    recent attempt that reached ``best_status``."""
+
+    student: str | None  # None: registrations sent without student=NAME
+    attempts: int
+    successes: int
+    best_status: str
+    best_code: str
+    first_success_at: float | None
+    last_attempt_at: float
+    verified_ever: bool
+
+
+# --- schema -----------------------------------------------------------------
+# Each migration takes the schema from version i to i+1 inside one transaction.
+# Adding migration 2 is writing one function and appending it to MIGRATIONS.
+
+
+def _m1_registrations(db: sqlite3.Connection) -> None:
+    db.execute(
+        """CREATE TABLE registrations (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            id TEXT UNIQUE NOT NULL,
+            received_at REAL NOT NULL,
+            protocol TEXT NOT NULL,
+            student TEXT,
+            peer TEXT NOT NULL,
+            advertised TEXT,
+            target TEXT,
+            status TEXT NOT NULL,
+            code TEXT NOT NULL,
+            diagnosis TEXT,
+            rtt_ms REAL,
+            verified INTEGER NULL,
+            explanation TEXT NOT NULL,
+            duration_ms REAL,
+            corrected INTEGER NOT NULL DEFAULT 0
+        )"""
+    )
+    db.execute("CREATE INDEX registrations_received_at ON registrations (received_at)")
+    db.execute("CREATE INDEX registrations_student ON registrations (student, received_at)")
+
+
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_m1_registrations,)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def _user_version(db: sqlite3.Connection) -> int:
+    return int(db.execute("PRAGMA user_version").fetchone()[0])
+
+
+def _newer_error(path: str, version: int) -> StoreError:
+    return StoreError(
+        f"{path}: results database has schema version {version}, but this registry "
+        f"understands only up to {SCHEMA_VERSION}; it was written by a newer version. "
+        "Upgrade callback-lab, or use another --db file"
+    )
+
+
+def _create_private(path: str) -> None:
+    """Create the file 0600 before sqlite does (0644): it holds students' names and addresses."""
+    if path == ":memory:" or path.startswith("file:"):
+        return
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise StoreError(f"{path}: cannot create results database: {e.strerror}") from e
+
+
+# --- rows <-> records -------------------------------------------------------
+
+_SELECT = f"SELECT {', '.join(COLUMNS)} FROM registrations"
+_INSERT = (
+    f"INSERT INTO registrations ({', '.join(COLUMNS)}) VALUES ({', '.join('?' for _ in COLUMNS)})"
+)
+
+
+def _to_row(record: Record) -> tuple[Any, ...]:
+    row = list(astuple(record))
+    verified = COLUMNS.index("verified")
+    row[verified] = None if record.verified is None else int(record.verified)
+    row[COLUMNS.index("corrected")] = int(record.corrected)
+    return tuple(row)
+
+
+def _from_row(row: Sequence[Any]) -> Record:
+    values = dict(zip(COLUMNS, row, strict=True))
+    values["verified"] = None if values["verified"] is None else bool(values["verified"])
+    values["corrected"] = bool(values["corrected"])
+    return Record(**values)
+
+
+def _where(since: float | None, student: str | None) -> tuple[str, list[Any]]:
+    clauses: list[str] = []
+    params: list[Any] = []
+    if since is not None:
+        clauses.append("received_at >= ?")
+        params.append(since)
+    if student is not None:
+        clauses.append("student = ?")
+        params.append(student)
+    return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
+
+
+_RANK_SQL = (
+    "CASE status "
+    + " ".join(f"WHEN '{name}' THEN {rank}" for name, rank in STATUS_RANK.items())
+    + f" ELSE {len(STATUS_RANK)} END"
+)
+_RANK_NAME = {rank: name for name, rank in STATUS_RANK.items()}
+
+# f: the filtered rows with their rank; b: each student's best row (best rank,
+# then the most recent). NULL students form one group ("IS" matches NULLs).
+_SUMMARY_SQL = """
+WITH f AS (
+    SELECT student, status, code, received_at, verified, seq, {rank} AS rank
+    FROM registrations{where}
+), b AS (
+    SELECT student, code, rank, ROW_NUMBER() OVER (
+        PARTITION BY student ORDER BY rank, received_at DESC, seq DESC) AS n
+    FROM f
+)
+SELECT f.student, COUNT(*), SUM(f.status = 'OK'), b.rank, b.code,
+       MIN(CASE WHEN f.status = 'OK' THEN f.received_at END), MAX(f.received_at),
+       MAX(COALESCE(f.verified, 0))
+FROM f JOIN b ON b.student IS f.student AND b.n = 1
+GROUP BY f.student
+ORDER BY f.student IS NULL, f.student COLLATE NOCASE, f.student
+"""
+
+
+class Store:
+    """Synchronous store over one connection. Use from one thread at a time."""
+
+    def __init__(self, db: sqlite3.Connection, path: str, *, readonly: bool) -> None:
+        self._db = db
+        self.path = path
+        self.readonly = readonly
+
+    @classmethod
+    def open(cls, path: str) -> Store:
+        """Open (creating if needed) and migrate the database at ``path`` for writing."""
+        _create_private(path)
+        try:
+            db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as e:
+            raise StoreError(f"{path}: cannot open results database: {e}") from e
+        store = cls(db, path, readonly=False)
+        try:
+            db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            db.execute("PRAGMA journal_mode = WAL")
+            db.execute("PRAGMA synchronous = FULL")
+            store._migrate()
+        except sqlite3.DatabaseError as e:
+            db.close()
+            raise StoreError(f"{path}: not a usable results database: {e}") from e
+        except BaseException:
+            db.close()
+            raise
+        return store
+
+    @classmethod
+    def open_readonly(cls, path: str) -> Store:
+        """Open an existing database read-only (``mode=ro``): never migrates or writes.
+
+        When the daemon is not running (no ``-wal``/``-shm`` beside the file) the
+        file is also opened ``immutable``, so a grader running as another user
+        (root, say) leaves behind no ``-shm`` file the daemon could not write.
+        """
+        uri = Path(path).absolute().as_uri() + "?mode=ro"
+        if not (os.path.exists(path + "-wal") or os.path.exists(path + "-shm")):
+            uri += "&immutable=1"
+        try:
+            db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+            db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            version = _user_version(db)
+        except sqlite3.Error as e:
+            raise StoreError(f"{path}: cannot read results database: {e}") from e
+        if version != SCHEMA_VERSION:
+            db.close()
+            if version > SCHEMA_VERSION:
+                raise _newer_error(path, version)
+            raise StoreError(
+                f"{path}: not a registry results database at schema version {SCHEMA_VERSION} "
+                f"(found {version}); `registry serve --db {path}` creates or upgrades it"
+            )
+        return cls(db, path, readonly=True)
+
+    def _migrate(self) -> None:
+        version = _user_version(self._db)
+        if version > SCHEMA_VERSION:
+            raise _newer_error(self.path, version)
+        if version == SCHEMA_VERSION:
+            return
+        # IMMEDIATE: two processes starting together must not both migrate.
+        with self._transaction():
+            version = _user_version(self._db)
+            if version > SCHEMA_VERSION:
+                raise _newer_error(self.path, version)
+            for step in MIGRATIONS[version:]:
+                step(self._db)
+            # user_version lives in the header page, so it commits with the schema.
+            self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        log.info("store_migrated", path=self.path, from_version=version, to_version=SCHEMA_VERSION)
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            self._db.execute("COMMIT")
+        except BaseException:
+            # A failed COMMIT may or may not have ended the transaction already.
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise
+
+    @property
+    def schema_version(self) -> int:
+        return _user_version(self._db)
+
+    @property
+    def journal_mode(self) -> str:
+        return str(self._db.execute("PRAGMA journal_mode").fetchone()[0])
+
+    def record_many(self, records: Sequence[Record]) -> None:
+        """Insert every record in one transaction, committed (fsynced) before returning."""
+        if not records:
+            return
+        with self._transaction():
+            self._db.executemany(_INSERT, [_to_row(r) for r in records])
+
+    def record(self, record: Record) -> None:
+        """Insert one record, committed before returning."""
+        self.record_many([record])
+
+    def query(
+        self,
+        *,
+        since: float | None = None,
+        student: str | None = None,
+        limit: int | None = None,
+    ) -> list[Record]:
+        """Records received at or after ``since`` (exact ``student`` match), oldest first.
+
+        With ``limit``, the newest ``limit`` matching records (still oldest first):
+        what a dashboard showing the latest registrations wants.
+        """
+        where, params = _where(since, student)
+        if limit is None:
+            sql = f"{_SELECT}{where} ORDER BY received_at, seq"
+        else:
+            cols = ", ".join(COLUMNS)
+            sql = (
+                f"SELECT {cols} FROM (SELECT seq, {cols} FROM registrations{where} "
+                "ORDER BY received_at DESC, seq DESC LIMIT ?) ORDER BY received_at, seq"
+            )
+            params.append(max(0, limit))
+        return [_from_row(row) for row in self._db.execute(sql, params)]
+
+    def summary(
+        self, *, since: float | None = None, student: str | None = None
+    ) -> list[StudentSummary]:
+        """Per student (anonymous last): attempts, successes, best outcome, first success."""
+        where, params = _where(since, student)
+        rows = self._db.execute(_SUMMARY_SQL.format(rank=_RANK_SQL, where=where), params)
+        return [
+            StudentSummary(
+                student=name,
+                attempts=attempts,
+                successes=successes or 0,
+                best_status=_RANK_NAME.get(rank, "?"),
+                best_code=code,
+                first_success_at=first_ok,
+                last_attempt_at=last,
+                verified_ever=bool(verified),
+            )
+            for name, attempts, successes, rank, code, first_ok, last, verified in rows
+        ]
+
+    def purge_older_than(self, cutoff: float) -> int:
+        """Delete records received before ``cutoff`` (epoch seconds); return how many."""
+        with self._transaction():
+            cursor = self._db.execute("DELETE FROM registrations WHERE received_at < ?", (cutoff,))
+        return cursor.rowcount
+
+    def count(self) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM registrations").fetchone()[0])
+
+    def close(self) -> None:
+        self._db.close()
+
+
+# --- trio wrapper -------------------------------------------------------------
+
+
+class _Waiter:
+    __slots__ = ("done", "error")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.error: BaseException | None = None
+
+
+class AsyncStore:
+    """The store for trio code: sqlite runs in worker threads, one call at a time.
+
+    ``async with AsyncStore(path) as store:`` opens (and migrates) the file in a
+    worker thread and runs the writer task, and the purge task when
+    ``retention`` (seconds) is positive, in a nursery it owns. Leaving the block
+    writes whatever is still queued, then closes the connection.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        retention: float = 0.0,
+        purge_interval: float | None = None,
+        wallclock: Callable[[], float] = time.time,
+        max_batch: int = 512,
+        max_queue: int = 4096,
+    ) -> None:
+        self.path = path
+        self.retention = retention
+        # Often enough that the table never holds much more than `retention`,
+        # rarely enough that the DELETE is no load: between a minute and an hour.
+        self.purge_interval = purge_interval or min(3600.0, max(60.0, retention / 10))
+        self.wallclock = wallclock
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.batches = 0  # write transactions attempted by the writer (group-commit evidence)
+        self.purges = 0  # retention purges completed
+        self._limiter = trio.CapacityLimiter(1)
+        self._store: Store | None = None
+        self._send: trio.MemorySendChannel[tuple[Record, _Waiter]] | None = None
+        self._cm: Any = None
+
+    @property
+    def limiter(self) -> trio.CapacityLimiter:
+        """The CapacityLimiter(1) every sqlite call passes; holding it pauses the store."""
+        return self._limiter
+
+    async def __aenter__(self) -> AsyncStore:
+        self._cm = self._lifetime()
+        return await self._cm.__aenter__()  # type: ignore[no-any-return]
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        return await self._cm.__aexit__(exc_type, exc, tb)  # type: ignore[no-any-return]
+
+    @asynccontextmanager
+    async def _lifetime(self) -> AsyncIterator[AsyncStore]:
+        self._store = await trio.to_thread.run_sync(Store.open, self.path, limiter=self._limiter)
+        try:
+            if self.retention > 0:
+                await self._purge_once()
+            send, receive = trio.open_memory_channel[tuple[Record, _Waiter]](self.max_queue)
+            self._send = send
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._writer, receive)
+                purging = trio.CancelScope()
+                if self.retention > 0:
+                    await nursery.start(self._purge_loop, purging)
+                try:
+                    yield self
+                finally:
+                    send.close()  # the writer drains what is queued, then ends
+                    purging.cancel()
+        finally:
+            store, self._store = self._store, None
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(store.close, limiter=self._limiter)
+
+    async def _call(self, fn: Callable[..., T], /, **kwargs: Any) -> T:
+        if self._store is None:
+            raise StoreError("the results store is not open")
+        return await trio.to_thread.run_sync(
+            functools.partial(fn, **kwargs) if kwargs else fn, limiter=self._limiter
+        )
+
+    async def _writer(self, receive: trio.MemoryReceiveChannel[tuple[Record, _Waiter]]) -> None:
+        async with receive:
+            async for first in receive:
+                batch = [first]
+                while len(batch) < self.max_batch:
+                    try:
+                        batch.append(receive.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                await self._commit(batch)
+
+    async def _commit(self, batch: list[tuple[Record, _Waiter]]) -> None:
+        assert self._store is not None
+        error: BaseException | None = StoreError("the results store shut down before writing")
+        try:
+            await self._call(self._store.record_many, records=[r for r, _ in batch])
+            error = None
+        except Exception as e:
+            error = e
+            log.error("store_write_failed", records=len(batch), error=repr(e))
+        finally:
+            # Always wake the waiters, even when cancelled: none may wait forever.
+            self.batches += 1
+            for _, waiter in batch:
+                waiter.error = error
+                waiter.done.set()
+
+    async def record(self, record: Record) -> None:
+        """Queue ``record``; return once its transaction has committed.
+
+        Raises StoreError (its ``__cause__`` the sqlite error) if the batch it
+        was written in failed, or if the store is closed.
+        """
+        if self._send is None:
+            raise StoreError("the results store is not open")
+        waiter = _Waiter()
+        try:
+            await self._send.send((record, waiter))
+        except (trio.ClosedResourceError, trio.BrokenResourceError) as e:
+            raise StoreError("the results store is closed") from e
+        await waiter.done.wait()
+        if waiter.error is not None:
+            raise StoreError(f"could not record {record.id}: {waiter.error}") from waiter.error
+
+    async def query(
+        self,
+        *,
+        since: float | None = None,
+        student: str | None = None,
+        limit: int | None = None,
+    ) -> list[Record]:
+        """``Store.query`` in the worker thread."""
+        return await self._call(self._require().query, since=since, student=student, limit=limit)
+
+    async def summary(
+        self, *, since: float | None = None, student: str | None = None
+    ) -> list[StudentSummary]:
+        """``Store.summary`` in the worker thread."""
+        return await self._call(self._require().summary, since=since, student=student)
+
+    async def purge_older_than(self, cutoff: float) -> int:
+        """``Store.purge_older_than`` in the worker thread."""
+        return await self._call(self._require().purge_older_than, cutoff=cutoff)
+
+    async def count(self) -> int:
+        return await self._call(self._require().count)
+
+    def _require(self) -> Store:
+        if self._store is None:
+            raise StoreError("the results store is not open")
+        return self._store
+
+    async def _purge_once(self) -> None:
+        cutoff = self.wallclock() - self.retention
+        try:
+            deleted = await self.purge_older_than(cutoff)
+        except (sqlite3.Error, StoreError) as e:  # retention is housekeeping: never fatal
+            log.error("store_purge_failed", error=repr(e))
+            return
+        self.purges += 1
+        if deleted:
+            log.info("store_purged", deleted=deleted, retention_s=self.retention)
+
+    async def _purge_loop(
+        self,
+        scope: trio.CancelScope,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        with scope:
+            # The first deadline is fixed before __aenter__ returns, so the schedule
+            # does not depend on when this task first gets to run.
+            deadline = trio.current_time() + self.purge_interval
+            task_status.started()
+            while True:
+                await trio.sleep_until(deadline)
+                await self._purge_once()
+                deadline = trio.current_time() + self.purge_interval
+
+
+__all__ = [
+    "COLUMNS",
+    "MIGRATIONS",
+    "SCHEMA_VERSION",
+    "STATUS_RANK",
+    "AsyncStore",
+    "Record",
+    "Store",
+    "StoreError",
+    "StudentSummary",
+]

@@ -1,0 +1,163 @@
+"""Shared test helpers: the real executables, free ports, required tools.
+
+Rules for every test module (as trio-websocket's tests state theirs): traffic
+goes to loopback only (127.0.0.1 / ::1) or to namespaces the test creates;
+ports come from the kernel (port 0) or from free_port(); every I/O wait is
+bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+IN_CI = os.environ.get("CI") == "true"
+
+
+def require_tool(name: str) -> str:
+    """Path of a system tool; skip locally when missing, but fail in CI (which installs it)."""
+    path = shutil.which(name)
+    if path:
+        return path
+    if IN_CI:
+        pytest.fail(f"{name} is required in CI (.ci/run installs it)")
+    pytest.skip(f"{name} not installed (.ci/run installs it)")
+
+
+def exe(name: str) -> str:
+    """A console script of this project, from the running interpreter's environment."""
+    path = BIN / name
+    assert path.exists(), f"{path} missing: install the project (python3 run.py pytest does)"
+    return str(path)
+
+
+def free_port(family: int = socket.AF_INET, host: str = "127.0.0.1") -> int:
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RegistryProcess:
+    proc: subprocess.Popen[str]
+    db: Path
+    tcp: list[str]
+    logs: list[dict] = field(default_factory=list)
+    raw: list[str] = field(default_factory=list)
+
+    @property
+    def port(self) -> int:
+        return int(self.tcp[0].rsplit(":", 1)[1])
+
+    def events(self, name: str) -> list[dict]:
+        return [e for e in list(self.logs) if e.get("event") == name]
+
+    def wait_event(self, name: str, timeout: float = 10.0, count: int = 1) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = self.events(name)
+            if len(found) >= count:
+                return found
+            time.sleep(0.02)
+        raise AssertionError(
+            f"no {count}x {name!r} event within {timeout}s; log tail: {self.raw[-10:]}"
+        )
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout=timeout)
+
+
+def _drain(proc: subprocess.Popen[str], reg: RegistryProcess, ready: threading.Event) -> None:
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        reg.raw.append(line.rstrip("\n"))
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        reg.logs.append(event)
+        if event.get("event") == "listening":
+            reg.tcp[:] = event["tcp"]
+            ready.set()
+    ready.set()
+
+
+@contextmanager
+def run_registry(
+    tmp_path: Path,
+    *args: str,
+    listen: tuple[str, ...] = ("127.0.0.1:0",),
+    config: str | None = None,
+    timeout: float = 15.0,
+    cwd: Path | None = None,
+) -> Iterator[RegistryProcess]:
+    """Start the real ``registry serve`` executable; stop it (by PID) afterwards."""
+    db = tmp_path / "registry.db"
+    cmd = [exe("registry"), "serve", "--db", str(db), "--log-format", "json", "--admin", "off"]
+    for spec in listen:
+        cmd += ["--listen", spec]
+    if config is not None:
+        cfg = tmp_path / "registry.toml"
+        cfg.write_text(config)
+        cmd += ["--config", str(cfg)]
+    cmd += list(args)
+    proc = subprocess.Popen(
+        cmd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=cwd or tmp_path,
+    )
+    reg = RegistryProcess(proc, db, [])
+    ready = threading.Event()
+    threading.Thread(target=_drain, args=(proc, reg, ready), daemon=True).start()
+    try:
+        if not ready.wait(timeout) or not reg.tcp:
+            raise AssertionError(f"registry did not start: rc={proc.poll()} log={reg.raw[-20:]}")
+        yield reg
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+
+
+def send_line(
+    host: str, port: int, data: bytes, *, timeout: float = 10.0, shut: bool = False
+) -> str:
+    """Blocking client for end-to-end tests: send bytes, read the one reply line."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect((host, port))
+        s.sendall(data)
+        if shut:
+            s.shutdown(socket.SHUT_WR)
+        chunks = []
+        while True:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return b"".join(chunks).decode()

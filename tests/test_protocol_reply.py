@@ -1,0 +1,263 @@
+"""Reply lines: exact formatting, field order, sanitising, and the tolerant parser.
+
+The property that matters most: whatever text an Outcome holds (a student's
+name, bytes they sent, a newline in an error), the reply is exactly one line
+of printable ASCII whose status, code and id read back unchanged.
+"""
+
+from __future__ import annotations
+
+import string
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from registry.model import Code, Diagnosis, Outcome, Status
+from registry.protocol.reply import (
+    ParsedReply,
+    format_reply,
+    parse_reply,
+    quote_input,
+    safe_text,
+    safe_value,
+)
+
+EXACT: list[tuple[Outcome, bytes]] = [
+    (
+        Outcome(
+            Code.CONNECTED,
+            "your server answered",
+            id="r42",
+            target="192.168.1.105:15000",
+            verified=True,
+            rtt_ms=3.14159,
+        ),
+        b"OK connected id=r42 target=192.168.1.105:15000 verified=yes rtt_ms=3.1 "
+        b"your server answered\n",
+    ),
+    (
+        Outcome(Code.RATE_LIMITED, "slow down", retry_after=30),
+        b"BUSY rate_limited retry_after=30 slow down\n",
+    ),
+    (
+        Outcome(
+            Code.SOURCE_MISMATCH,
+            "you advertised a private address",
+            id="r1",
+            target="192.168.1.5:15000",
+            observed="203.0.113.7",
+            diagnosis=Diagnosis.PRIVATE_BEHIND_NAT,
+        ),
+        b"DENIED source_mismatch id=r1 target=192.168.1.5:15000 observed=203.0.113.7 "
+        b"diagnosis=private_behind_nat you advertised a private address\n",
+    ),
+    (
+        Outcome(Code.MALFORMED, "'127.1' is a short IPv4 form"),
+        b"ERROR malformed '127.1' is a short IPv4 form\n",
+    ),
+    (
+        Outcome(Code.NOT_VERIFIED, "no echo", verified=False, rtt_ms=0.0),
+        b"FAILED not_verified verified=no rtt_ms=0.0 no echo\n",
+    ),
+    (
+        Outcome(Code.CONNECTED, "ok", target="[::1]:80", corrected=True, extra=(("mode", "nat"),)),
+        b"OK connected target=[::1]:80 corrected=yes mode=nat ok\n",
+    ),
+    (Outcome(Code.TIMEOUT, ""), b"FAILED timeout (no explanation)\n"),
+]
+
+
+@pytest.mark.parametrize(("outcome", "line"), EXACT)
+def test_exact_lines(outcome: Outcome, line: bytes) -> None:
+    assert format_reply(outcome) == line
+
+
+def test_field_order_with_everything() -> None:
+    outcome = Outcome(
+        Code.CONNECTED,
+        "done",
+        id="i",
+        target="t",
+        observed="o",
+        diagnosis=Diagnosis.DIRECT,
+        verified=True,
+        rtt_ms=1.25,
+        retry_after=5,
+        corrected=True,
+        extra=(("zeta", "1"), ("alpha", "2")),
+    )
+    parsed = parse_reply(format_reply(outcome))
+    assert list(parsed.fields) == [
+        "id",
+        "target",
+        "observed",
+        "diagnosis",
+        "verified",
+        "rtt_ms",
+        "retry_after",
+        "corrected",
+        "zeta",
+        "alpha",
+    ]
+
+
+SANITISED: list[tuple[Outcome, str, str]] = [
+    (
+        Outcome(Code.CONNECTED, "x", target="1.2.3.4:80 verified=yes"),
+        "target",
+        "1.2.3.4:80_verified=yes",
+    ),
+    (Outcome(Code.CONNECTED, "x", id="a\nOK connected"), "id", "a_OK_connected"),
+    (Outcome(Code.CONNECTED, "x", id="a\x1b[31m"), "id", "a\\x1b[31m"),
+    (Outcome(Code.CONNECTED, "x", id="\u00e9\u00e8"), "id", "\\xe9\\xe8"),
+    (Outcome(Code.CONNECTED, "x", extra=(("who", "bob smith"),)), "who", "bob_smith"),
+    (Outcome(Code.CONNECTED, "x", extra=(("bad key!", "v"),)), "bad_key_", "v"),
+]
+
+
+@pytest.mark.parametrize(("outcome", "key", "value"), SANITISED)
+def test_values_cannot_split_the_line(outcome: Outcome, key: str, value: str) -> None:
+    line = format_reply(outcome)
+    assert line.count(b"\n") == 1 and line.endswith(b"\n")
+    assert parse_reply(line).fields[key] == value
+
+
+def test_extra_cannot_override_standard_fields() -> None:
+    outcome = Outcome(Code.NOT_VERIFIED, "x", verified=False, extra=(("verified", "yes"),))
+    assert parse_reply(format_reply(outcome)).fields["verified"] == "no"
+    assert format_reply(outcome).count(b"verified=") == 1
+
+
+@pytest.mark.parametrize(
+    ("explanation", "shown"),
+    [
+        ("line one\nline two", "line one line two"),
+        ("a\r\nOK connected id=forged", "a OK connected id=forged"),
+        ("  padded\t\ttabs  ", "padded tabs"),
+        ("bell\x07 and esc\x1b", "bell\\x07 and esc\\x1b"),
+        ("caf\u00e9 \U0001f600", "caf\\xe9 \\U0001f600"),
+        ("verified=yes really", "note: verified=yes really"),
+        ("back\\slash", "back\\slash"),
+    ],
+)
+def test_explanation_is_sanitised(explanation: str, shown: str) -> None:
+    line = format_reply(Outcome(Code.CONNECTED, explanation, id="r1"))
+    parsed = parse_reply(line)
+    assert parsed.explanation == shown
+    assert parsed.fields == {"id": "r1"}
+
+
+def test_explanation_is_capped() -> None:
+    line = format_reply(Outcome(Code.MALFORMED, "w" * 5000))
+    parsed = parse_reply(line)
+    assert len(parsed.explanation) == 400
+    assert parsed.explanation.endswith("...")
+
+
+def test_escaping_cannot_grow_past_the_cap() -> None:
+    line = format_reply(Outcome(Code.MALFORMED, "\U0001f600" * 5000, id="\U0001f600" * 5000))
+    assert len(line) < 700
+
+
+PARSED: list[tuple[str | bytes, ParsedReply]] = [
+    (
+        b"OK connected id=1 verified=yes fine\n",
+        ParsedReply("OK", "connected", {"id": "1", "verified": "yes"}, "fine"),
+    ),
+    ("ERROR malformed\r\n", ParsedReply("ERROR", "malformed", {}, "")),
+    (
+        "BUSY  rate_limited   retry_after=3   wait  a bit",
+        ParsedReply("BUSY", "rate_limited", {"retry_after": "3"}, "wait  a bit"),
+    ),
+    (
+        "COOKIE cookie=abc send it again",
+        ParsedReply("COOKIE", "", {"cookie": "abc"}, "send it again"),
+    ),
+    ("OK connected a=1 text b=2", ParsedReply("OK", "connected", {"a": "1"}, "text b=2")),
+    ("OK connected a=1 a=2 x", ParsedReply("OK", "connected", {"a": "1"}, "x")),
+    ("", ParsedReply("", "", {}, "")),
+    ("OK", ParsedReply("OK", "", {}, "")),
+    (b"OK \xff k=v", ParsedReply("OK", "\ufffd", {"k": "v"}, "")),
+]
+
+
+@pytest.mark.parametrize(("line", "expected"), PARSED)
+def test_parse_reply(line: str | bytes, expected: ParsedReply) -> None:
+    assert parse_reply(line) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "limit", "quoted"),
+    [
+        ("127.1", 60, "'127.1'"),
+        ("it's", 60, "'it\\'s'"),
+        ("a\x00b\n", 60, "'a\\x00b\\n'"),
+        ("abcdefghij", 10, "'abcdefghij'"),
+        ("abcdefghijk", 10, "'abcdefg...'"),
+        ("\u00e9\u00e9\u00e9", 8, "'\\xe9...'"),
+    ],
+)
+def test_quote_input(text: str, limit: int, quoted: str) -> None:
+    assert quote_input(text, limit) == quoted
+
+
+def test_safe_helpers() -> None:
+    assert safe_value("a b\tc\nd") == "a_b_c_d"
+    assert safe_value("x" * 500) == "x" * 197 + "..."
+    assert safe_text(" a \n\n b ") == "a b"
+    assert safe_text("") == ""
+
+
+# ---------------------------------------------------------------- properties
+
+ANY_TEXT = st.text(st.characters(codec=None), max_size=600)
+SAFE_ID = st.text(string.ascii_letters + string.digits + "-_", min_size=1, max_size=40)
+
+
+@st.composite
+def outcomes(draw: st.DrawFn) -> Outcome:
+    return Outcome(
+        code=draw(st.sampled_from(Code)),
+        explanation=draw(ANY_TEXT),
+        id=draw(st.none() | ANY_TEXT),
+        target=draw(st.none() | ANY_TEXT),
+        observed=draw(st.none() | ANY_TEXT),
+        diagnosis=draw(st.none() | st.sampled_from(Diagnosis)),
+        rtt_ms=draw(st.none() | st.floats(allow_nan=True, allow_infinity=True)),
+        verified=draw(st.none() | st.booleans()),
+        retry_after=draw(st.none() | st.integers(0, 10**6)),
+        corrected=draw(st.booleans()),
+        student=draw(st.none() | ANY_TEXT),
+        extra=tuple(draw(st.lists(st.tuples(ANY_TEXT, ANY_TEXT), max_size=3))),
+    )
+
+
+@settings(max_examples=500)
+@given(outcomes())
+def test_reply_is_always_one_safe_line(outcome: Outcome) -> None:
+    line = format_reply(outcome)
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    body = line[:-1].decode("ascii")
+    assert body.isprintable()
+    parsed = parse_reply(line)
+    assert parsed.status == outcome.status.value
+    assert Status(parsed.status) == outcome.code.status
+    assert parsed.code == outcome.code.value
+    if outcome.id is not None:
+        assert parsed.fields["id"] == safe_value(outcome.id)
+    else:
+        assert "id" not in parsed.fields
+    assert parsed.explanation == safe_text(parsed.explanation)
+
+
+@given(SAFE_ID, ANY_TEXT)
+def test_plain_ids_read_back_exactly(reg_id: str, explanation: str) -> None:
+    parsed = parse_reply(format_reply(Outcome(Code.CONNECTED, explanation, id=reg_id)))
+    assert parsed.fields == {"id": reg_id}
+    assert parsed.explanation
+
+
+@given(st.binary(max_size=300) | ANY_TEXT)
+def test_parse_reply_never_raises(line: bytes | str) -> None:
+    parse_reply(line)

@@ -1,0 +1,489 @@
+"""registry.ratelimit: exact-time token buckets, aggregation, atomicity, bounded memory."""
+
+from __future__ import annotations
+
+import copy
+from ipaddress import IPv4Address, IPv6Address, IPv6Network, ip_address
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from registry.config import Rate, RateLimitConfig
+from registry.errors import ConfigError
+from registry.model import Endpoint
+from registry.ratelimit import (
+    ALLOWED,
+    Allowed,
+    Busy,
+    RateLimiter,
+    TokenBucketTable,
+    source_key,
+)
+
+PER_MIN = 60.0
+HUGE = Rate(1_000_000, 1.0)  # effectively unlimited, to isolate one scope
+
+
+def cfg(
+    per_source: Rate = HUGE,
+    per_target: Rate = HUGE,
+    per_target_port: Rate = HUGE,
+    global_: Rate = HUGE,
+    ipv6_prefix: int = 64,
+    max_entries: int = 100_000,
+) -> RateLimitConfig:
+    return RateLimitConfig(
+        per_source=per_source,
+        per_target=per_target,
+        per_target_port=per_target_port,
+        global_=global_,
+        ipv6_prefix=ipv6_prefix,
+        max_entries=max_entries,
+    )
+
+
+def ip(text: str) -> IPv4Address | IPv6Address:
+    return ip_address(text)
+
+
+def ep(text: str, port: int = 15000) -> Endpoint:
+    return Endpoint(ip_address(text), port)
+
+
+S1, S2, S3 = ip("192.0.2.1"), ip("192.0.2.2"), ip("192.0.2.3")
+
+
+# --- exact times -------------------------------------------------------------
+
+# (now, expected) for one key of a 10/minute table: the interval is exactly 6 s.
+TEN_PER_MINUTE = [
+    *[(0.0, 0.0)] * 10,
+    (0.0, 6.0),  # 11th at t=0: one interval to wait
+    (3.0, 3.0),
+    (5.999, pytest.approx(0.001)),
+    (6.0, 0.0),  # exactly one token back
+    (6.0, 6.0),
+    (12.0, 0.0),
+    (72.0, 0.0),  # idle a full minute: bucket full again (10 tokens)...
+    *[(72.0, 0.0)] * 9,
+    (72.0, 6.0),  # ...and never more than 10
+]
+
+
+def test_table_exact_times_ten_per_minute() -> None:
+    table = TokenBucketTable(Rate(10, PER_MIN), max_entries=10)
+    got = [(now, table.take("k", now)) for now, _ in TEN_PER_MINUTE]
+    assert got == TEN_PER_MINUTE
+
+
+def test_limiter_ten_per_minute_exact() -> None:
+    lim = RateLimiter(cfg(per_source=Rate(10, PER_MIN)))
+    assert [lim.check_source(S1, 0.0) for _ in range(10)] == [ALLOWED] * 10
+    assert lim.check_source(S1, 0.0) == Busy(retry_after=6, scope="source")
+    assert lim.check_source(S1, 5.999) == Busy(retry_after=1, scope="source")
+    assert lim.check_source(S1, 6.0) == ALLOWED
+    assert lim.check_source(S1, 6.0) == Busy(retry_after=6, scope="source")
+    assert lim.check_source(S2, 6.0) == ALLOWED  # other sources are independent
+
+
+def test_hundred_per_second_has_no_float_drift() -> None:
+    # Summing 0.01 a hundred times overshoots 1.0; the 100th token must still pass.
+    table = TokenBucketTable(Rate(100, 1.0), max_entries=1)
+    assert [table.take(0, 0.0) for _ in range(100)] == [0.0] * 100
+    assert table.take(0, 0.0) == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize(
+    ("rate", "burst", "now", "retry_after"),
+    [
+        (Rate(1, 3600.0), 1, 0.0, 3600),
+        (Rate(1, PER_MIN), 1, 30.2, 30),  # 29.8 s -> 30 (ceil)
+        (Rate(1, PER_MIN), 1, 59.5, 1),  # 0.5 s -> 1
+        (Rate(2, 1.0), 2, 0.0, 1),  # 0.5 s -> 1
+        (Rate(2, 1.0), 2, 0.4999, 1),  # 0.0001 s -> 1, never 0
+        (Rate(3, PER_MIN), 3, 0.0, 20),  # exactly 20 s stays 20
+    ],
+)
+def test_retry_after_is_ceil_and_at_least_one(
+    rate: Rate, burst: int, now: float, retry_after: int
+) -> None:
+    lim = RateLimiter(cfg(per_source=rate))
+    for _ in range(burst):
+        assert lim.check_source(S1, 0.0) == ALLOWED
+    assert lim.check_source(S1, now) == Busy(retry_after, "source")
+
+
+def test_zero_count_refuses_everything() -> None:
+    lim = RateLimiter(cfg(per_source=Rate(0, PER_MIN)))
+    assert lim.check_source(S1, 0.0) == Busy(60, "source")
+    assert lim.check_source(S1, 1e6) == Busy(60, "source")
+    assert lim.entries == 0
+
+
+# --- keys: IPv6 aggregation, v4-mapped ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("addr", "prefix", "key"),
+    [
+        ("192.0.2.7", 64, IPv4Address("192.0.2.7")),
+        ("::ffff:192.0.2.7", 64, IPv4Address("192.0.2.7")),
+        ("2001:db8:1:2:aaaa::1", 64, IPv6Network("2001:db8:1:2::/64")),
+        ("2001:db8:1:2:aaaa::1", 48, IPv6Network("2001:db8:1::/48")),
+        ("2001:db8:1:2:aaaa::1", 128, IPv6Network("2001:db8:1:2:aaaa::1/128")),
+        ("2001:db8:1:2:aaaa::1", 0, IPv6Network("::/0")),
+    ],
+)
+def test_source_key(addr: str, prefix: int, key: object) -> None:
+    assert source_key(ip(addr), prefix) == key
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "prefix", "shared"),
+    [
+        ("2001:db8:0:1::1", "2001:db8:0:1:ffff:ffff:ffff:ffff", 64, True),
+        ("2001:db8:0:1::1", "2001:db8:0:2::1", 64, False),
+        ("2001:db8:0:1::1", "2001:db8:0:2::1", 48, True),
+        ("2001:db8:0:1::1", "2001:db8:0:1::2", 128, False),
+        ("2001:db8:0:1::1", "2001:db9:0:1::1", 48, False),
+        ("::ffff:192.0.2.9", "192.0.2.9", 64, True),  # v4-mapped is the v4 host
+        ("192.0.2.9", "192.0.2.10", 64, False),  # no aggregation for IPv4
+        ("::c000:209", "192.0.2.9", 128, False),  # same low 32 bits, other family
+        ("::", "0.0.0.0", 0, False),  # both pack to 0-ish: families never collide
+    ],
+)
+def test_sources_share_a_bucket(a: str, b: str, prefix: int, shared: bool) -> None:
+    lim = RateLimiter(cfg(per_source=Rate(1, PER_MIN), ipv6_prefix=prefix))
+    assert lim.check_source(ip(a), 0.0) == ALLOWED
+    expected = Busy(60, "source") if shared else ALLOWED
+    assert lim.check_source(ip(b), 0.0) == expected
+
+
+def test_target_v4_mapped_is_the_v4_target() -> None:
+    lim = RateLimiter(cfg(per_target=Rate(1, PER_MIN)))
+    assert lim.check(S1, ep("198.51.100.5"), 0.0) == ALLOWED
+    assert lim.check(S2, ep("::ffff:198.51.100.5", 16000), 0.0) == Busy(60, "target")
+
+
+@pytest.mark.parametrize("prefix", [-1, 129])
+def test_bad_prefix_is_a_config_error(prefix: int) -> None:
+    with pytest.raises(ConfigError, match="ratelimit.ipv6_prefix"):
+        RateLimiter(cfg(ipv6_prefix=prefix))
+
+
+def test_bad_max_entries_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="ratelimit.max_entries"):
+        RateLimiter(cfg(max_entries=0))
+
+
+# --- scopes and atomicity ----------------------------------------------------
+
+
+def test_target_refusal_does_not_consume_source() -> None:
+    lim = RateLimiter(cfg(per_source=Rate(3, PER_MIN), per_target=Rate(1, PER_MIN)))
+    assert lim.check(S1, ep("198.51.100.1"), 0.0) == ALLOWED
+    for _ in range(20):
+        assert lim.check(S1, ep("198.51.100.1"), 0.0) == Busy(60, "target")
+    # Source still has exactly its 2 remaining tokens.
+    assert lim.check(S1, ep("198.51.100.2"), 0.0) == ALLOWED
+    assert lim.check(S1, ep("198.51.100.3"), 0.0) == ALLOWED
+    assert lim.check(S1, ep("198.51.100.4"), 0.0) == Busy(20, "source")
+
+
+def test_source_refusal_does_not_consume_target() -> None:
+    lim = RateLimiter(cfg(per_source=Rate(1, PER_MIN), per_target=Rate(2, PER_MIN)))
+    t = ep("198.51.100.1")
+    assert lim.check(S1, t, 0.0) == ALLOWED
+    for _ in range(20):
+        assert lim.check(S1, t, 0.0) == Busy(60, "source")
+    assert lim.check(S2, t, 0.0) == ALLOWED  # target's second token was never taken
+    assert lim.check(S3, t, 0.0) == Busy(30, "target")
+
+
+def test_target_port_scope() -> None:
+    lim = RateLimiter(cfg(per_target=Rate(5, PER_MIN), per_target_port=Rate(1, PER_MIN)))
+    assert lim.check(S1, ep("198.51.100.1", 15000), 0.0) == ALLOWED
+    assert lim.check(S1, ep("198.51.100.1", 15000), 0.0) == Busy(60, "target_port")
+    assert lim.check(S1, ep("198.51.100.1", 15001), 0.0) == ALLOWED
+    assert lim.check(S1, ep("198.51.100.2", 15000), 0.0) == ALLOWED
+
+
+def test_global_refusal_does_not_consume_source() -> None:
+    lim = RateLimiter(cfg(per_source=Rate(1, PER_MIN), global_=Rate(2, 1.0)))
+    assert lim.check_source(S1, 0.0) == ALLOWED
+    assert lim.check_source(S2, 0.0) == ALLOWED
+    assert lim.check_source(S3, 0.0) == Busy(1, "global")
+    assert lim.check_source(S3, 0.5) == ALLOWED  # S3's source bucket was untouched
+
+
+def test_busy_names_the_longest_wait() -> None:
+    lim = RateLimiter(cfg(per_source=Rate(1, PER_MIN), global_=Rate(1, 1.0)))
+    assert lim.check_source(S1, 0.0) == ALLOWED
+    assert lim.check_source(S1, 0.0) == Busy(60, "source")  # global waits only 1 s
+    assert lim.check_source(S2, 0.0) == Busy(1, "global")
+
+
+def test_no_target_checks_source_and_global_only() -> None:
+    lim = RateLimiter(cfg())
+    assert lim.check(S1, None, 0.0) == ALLOWED
+    assert lim.table_sizes() == {"source": 1, "target": 0, "target_port": 0, "global": 1}
+    assert lim.check(S1, ep("198.51.100.1"), 0.0) == ALLOWED
+    assert lim.entries == 4
+
+
+def test_refused_requests_store_nothing_new() -> None:
+    lim = RateLimiter(cfg(global_=Rate(1, 1.0)))
+    assert lim.check(S1, ep("198.51.100.1"), 0.0) == ALLOWED
+    for i in range(100):
+        assert isinstance(lim.check(ip(f"10.0.0.{i}"), ep(f"10.1.0.{i}"), 0.0), Busy)
+    assert lim.entries == 4
+
+
+# --- bounded memory ----------------------------------------------------------
+
+
+def test_spray_of_distinct_ipv4_sources_stays_bounded() -> None:
+    lim = RateLimiter(cfg(per_source=Rate(30, PER_MIN), max_entries=1000))
+    table = lim._source
+    base = int(IPv4Address("10.0.0.0"))
+    for i in range(200_000):
+        assert lim.check_source(IPv4Address(base + i), i * 1e-6) == ALLOWED
+        assert len(table) <= 1000
+    assert len(table) == 1000
+
+
+def test_spray_of_ipv6_64s_stays_bounded() -> None:
+    lim = RateLimiter(cfg(per_source=Rate(30, PER_MIN), max_entries=500))
+    base = int(IPv6Address("2001:db8::"))
+    for i in range(20_000):
+        addr = IPv6Address(base + (i << 64))  # a new /64 each time
+        assert lim.check(addr, Endpoint(addr, 15000), i * 1e-6) == ALLOWED
+        assert lim.entries <= 3 * 500 + 1
+    assert lim.table_sizes() == {"source": 500, "target": 500, "target_port": 500, "global": 1}
+
+
+def test_idle_entries_expire() -> None:
+    lim = RateLimiter(cfg(per_source=Rate(30, PER_MIN)))  # interval 2 s
+    for i in range(100):
+        lim.check_source(IPv4Address(i + 1), 0.0)
+    assert lim.expire(1.9) == 1  # only the global bucket (1M/s) has refilled
+    assert lim.table_sizes()["source"] == 100
+    assert lim.expire(2.0) == 100  # one interval later the source buckets are full again
+    assert lim.entries == 0
+
+
+def test_full_entries_are_evicted_before_recent_ones() -> None:
+    table = TokenBucketTable(Rate(2, 1.0), max_entries=2)  # interval 0.5 s
+    assert table.take("b", 0.0) == table.take("b", 0.0) == 0.0  # b: empty until t=1.0
+    assert table.take("a", 0.0) == 0.0  # a: full again at t=0.5; most recently used
+    assert table.take("c", 0.6) == 0.0  # LRU is b (not full): a full sweep drops a instead
+    assert "a" not in table and "b" in table and "c" in table
+    assert table.take("b", 0.6) == 0.0
+    assert table.take("b", 0.6) == pytest.approx(0.4)  # b kept its state
+
+
+def test_lru_eviction_and_refusals_keep_a_key_recent() -> None:
+    table = TokenBucketTable(Rate(1, PER_MIN), max_entries=2)
+    assert table.take("a", 0.0) == 0.0
+    assert table.take("b", 0.0) == 0.0
+    assert table.take("a", 1.0) == 59.0  # refused, but marked recently used
+    assert table.take("c", 1.0) == 0.0  # evicts b, the least recently used
+    assert "a" in table and "b" not in table
+    assert table.take("a", 1.0) == 59.0
+    assert table.take("b", 1.0) == 0.0  # forgotten: a full bucket again (the trade-off)
+
+
+# --- reconfigure -------------------------------------------------------------
+
+
+def _drain(lim: RateLimiter, source: IPv4Address | IPv6Address, n: int, now: float) -> None:
+    for _ in range(n):
+        assert lim.check_source(source, now) == ALLOWED
+
+
+def test_reconfigure_faster_rate_keeps_used_tokens() -> None:
+    lim = RateLimiter(cfg(per_source=Rate(10, PER_MIN)))
+    _drain(lim, S1, 10, 0.0)
+    lim.reconfigure(cfg(per_source=Rate(20, PER_MIN)))
+    _drain(lim, S1, 10, 0.0)  # 10 used of the new 20
+    assert lim.check_source(S1, 0.0) == Busy(3, "source")
+
+
+def test_reconfigure_slower_rate_caps_debt_at_an_empty_bucket() -> None:
+    lim = RateLimiter(cfg(per_source=Rate(10, PER_MIN)))
+    _drain(lim, S1, 10, 0.0)
+    lim.reconfigure(cfg(per_source=Rate(2, PER_MIN)))
+    assert lim.check_source(S1, 0.0) == Busy(30, "source")
+    assert lim.check_source(S1, 30.0) == ALLOWED
+    assert lim.check_source(S1, 30.0) == Busy(30, "source")
+
+
+def test_reconfigure_global_rate_and_untouched_tables() -> None:
+    lim = RateLimiter(cfg(per_source=Rate(1, PER_MIN), global_=Rate(1, 1.0)))
+    assert lim.check_source(S1, 0.0) == ALLOWED
+    lim.reconfigure(cfg(per_source=Rate(1, PER_MIN), global_=Rate(2, 3600.0)))
+    assert lim.check_source(S1, 0.0) == Busy(60, "source")  # same rate: state kept
+    assert lim.check_source(S2, 0.0) == ALLOWED  # 1 used of the new 2/hour, 1 left
+    assert lim.check_source(S3, 0.0) == Busy(1800, "global")
+
+
+def test_reconfigure_prefix_resets_sources() -> None:
+    a, b = ip("2001:db8:0:1::1"), ip("2001:db8:0:2::1")
+    lim = RateLimiter(cfg(per_source=Rate(1, PER_MIN), ipv6_prefix=64))
+    assert lim.check_source(a, 0.0) == ALLOWED
+    lim.reconfigure(cfg(per_source=Rate(1, PER_MIN), ipv6_prefix=48))
+    assert lim.check_source(a, 0.0) == ALLOWED  # new identities: a fresh table
+    assert lim.check_source(b, 0.0) == Busy(60, "source")  # same /48 now
+
+
+def test_reconfigure_shrinks_tables() -> None:
+    lim = RateLimiter(cfg(per_source=Rate(5, PER_MIN), max_entries=100))
+    for i in range(100):
+        lim.check_source(IPv4Address(i + 1), 0.0)
+    lim.reconfigure(cfg(per_source=Rate(5, PER_MIN), max_entries=10))
+    assert lim.table_sizes()["source"] == 10
+
+
+def test_reconfigure_rejects_bad_config_and_keeps_state() -> None:
+    lim = RateLimiter(cfg(per_source=Rate(1, PER_MIN)))
+    assert lim.check_source(S1, 0.0) == ALLOWED
+    with pytest.raises(ConfigError):
+        lim.reconfigure(cfg(ipv6_prefix=200))
+    assert lim.check_source(S1, 0.0) == Busy(60, "source")
+    assert lim.config.ipv6_prefix == 64
+
+
+# --- properties --------------------------------------------------------------
+
+rates = st.builds(Rate, st.integers(1, 5), st.sampled_from([1.0, 2.0, 60.0]))
+events = st.lists(
+    st.tuples(st.integers(0, 4), st.integers(0, 3000).map(lambda ms: ms / 1000)),
+    min_size=1,
+    max_size=150,
+)
+
+
+@given(rate=rates, evs=events)
+def test_bucket_invariant(rate: Rate, evs: list[tuple[int, float]]) -> None:
+    """In any window [t_i, t_j], a key gets at most count + (t_j - t_i) * rate tokens."""
+    table = TokenBucketTable(rate, max_entries=5)  # 5 keys: no eviction, exact invariant
+    now = 0.0
+    granted: dict[int, list[float]] = {}
+    for key, dt in evs:
+        now += dt
+        if table.take(key, now) == 0.0:
+            granted.setdefault(key, []).append(now)
+    for times in granted.values():
+        for i, start in enumerate(times):
+            for j in range(i, len(times)):
+                window = times[j] - start
+                assert j - i + 1 <= rate.count + window * rate.per_second + 1e-6
+
+
+@given(
+    rate=rates,
+    max_entries=st.integers(1, 4),
+    evs=st.lists(
+        st.tuples(st.integers(0, 20), st.integers(0, 500).map(lambda ms: ms / 1000)),
+        max_size=200,
+    ),
+)
+def test_table_never_exceeds_cap(
+    rate: Rate, max_entries: int, evs: list[tuple[int, float]]
+) -> None:
+    table = TokenBucketTable(rate, max_entries)
+    now = 0.0
+    for key, dt in evs:
+        now += dt
+        wait = table.take(key, now)
+        assert wait >= 0.0
+        assert len(table) <= max_entries
+
+
+addrs = st.sampled_from(["192.0.2.1", "192.0.2.2", "2001:db8:0:1::1", "2001:db8:0:1::2"])
+
+
+@given(
+    per_source=rates,
+    per_target=rates,
+    per_target_port=rates,
+    global_=rates,
+    reqs=st.lists(
+        st.tuples(
+            addrs,
+            st.none() | st.tuples(addrs, st.sampled_from([15000, 15001])),
+            st.integers(0, 2000).map(lambda ms: ms / 1000),
+        ),
+        min_size=1,
+        max_size=60,
+    ),
+)
+def test_retry_after_is_honest(
+    per_source: Rate,
+    per_target: Rate,
+    per_target_port: Rate,
+    global_: Rate,
+    reqs: list[tuple[str, tuple[str, int] | None, float]],
+) -> None:
+    """A Busy request repeated exactly retry_after seconds later (nothing in between) passes."""
+    lim = RateLimiter(cfg(per_source, per_target, per_target_port, global_))
+    now = 0.0
+    for src, tgt, dt in reqs:
+        now += dt
+        source = ip(src)
+        target = None if tgt is None else ep(tgt[0], tgt[1])
+        result = lim.check(source, target, now)
+        if isinstance(result, Busy):
+            assert result.retry_after >= 1
+            later = copy.deepcopy(lim)
+            assert later.check(source, target, now + result.retry_after) == ALLOWED
+        else:
+            assert isinstance(result, Allowed)
+
+
+def test_ipaddress_objects_are_not_kept_as_keys() -> None:
+    # Keys are packed ints: compact, and no reference to caller objects survives.
+    lim = RateLimiter(cfg())
+    lim.check(S1, ep("198.51.100.1"), 0.0)
+    for table in lim._tables():
+        assert all(type(k) is int for k in table._tats)
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "shared"),
+    [
+        (ep("::1", 15000), ep("0.0.0.1", 15000), False),  # same low bits, other family
+        (ep("::ffff:0.0.0.1", 15000), ep("0.0.0.1", 15000), True),  # v4-mapped: same host
+        (ep("2001:db8::1", 15000), ep("2001:db8::1", 15001), False),
+        (ep("2001:db8::1", 15000), ep("2001:db8::1", 15000), True),
+    ],
+)
+def test_target_port_keys(a: Endpoint, b: Endpoint, shared: bool) -> None:
+    lim = RateLimiter(cfg(per_target_port=Rate(1, PER_MIN)))
+    assert lim.check(S1, a, 0.0) == ALLOWED
+    assert lim.check(S1, b, 0.0) == (Busy(60, "target_port") if shared else ALLOWED)
+
+
+@given(
+    rate=rates,
+    max_entries=st.integers(1, 7),  # below 8 the full sweep runs on every eviction
+    evs=st.lists(
+        st.tuples(st.integers(0, 12), st.integers(0, 1500).map(lambda ms: ms / 1000)),
+        max_size=120,
+    ),
+)
+def test_full_buckets_are_evicted_first(
+    rate: Rate, max_entries: int, evs: list[tuple[int, float]]
+) -> None:
+    """A bucket that is not full is only forgotten when no full one was left to drop."""
+    table = TokenBucketTable(rate, max_entries)
+    now = 0.0
+    for key, dt in evs:
+        now += dt
+        before = dict(table._tats)  # white-box: key -> time at which the bucket is full
+        if table.take(key, now) > 0.0:
+            continue
+        lost = [k for k in before if k not in table]
+        if any(before[k] > now for k in lost):
+            assert all(tat > now for tat in before.values())

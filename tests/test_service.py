@@ -1,0 +1,191 @@
+"""Service: policy -> limits -> callback -> record, under the virtual clock.
+
+No sockets: the connector records dials, so addresses outside loopback appear
+here only as values.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+import msgspec
+import pytest
+import trio
+
+from registry import config as config_mod
+from registry.errors import ProtocolError
+from registry.model import Code, Diagnosis, Endpoint, Protocol, Request, Status
+from registry.service import CallResult, Service, StoreUnavailable
+from tests.fakes import ListRecorder, ScriptedConnector
+
+LOCAL = Endpoint(ipaddress.ip_address("127.0.0.1"), 40000)
+LAN = Endpoint(ipaddress.ip_address("192.0.2.10"), 40000)  # documentation range: never dialled here
+
+
+def make(
+    cfg_text: str = "", **connector: object
+) -> tuple[Service, ScriptedConnector, ListRecorder]:
+    cfg = config_mod.loads(cfg_text)
+    conn = ScriptedConnector(**connector)  # type: ignore[arg-type]
+    rec = ListRecorder()
+    counter = iter(range(1, 10_000))
+    service = Service(
+        cfg,
+        connector=conn,
+        recorder=rec,
+        random_bytes=lambda n: next(counter).to_bytes(n, "big"),
+        wallclock=lambda: 1_700_000_000.0,
+    )
+    return service, conn, rec
+
+
+def req(host: str, port: int = 15000, **kw: object) -> Request:
+    return Request(ipaddress.ip_address(host), port, **kw)  # type: ignore[arg-type]
+
+
+async def test_ok_registration_dials_the_canonical_address_and_records_once() -> None:
+    service, conn, rec = make()
+    outcome = await service.register(req("127.0.0.1", student="alice"), LOCAL, Protocol.TEXT, 1.0)
+    assert outcome.status is Status.OK and outcome.code is Code.CONNECTED
+    assert outcome.verified is True and outcome.diagnosis is Diagnosis.DIRECT
+    assert [str(d.target) for d in conn.dials] == ["127.0.0.1:15000"]
+    assert conn.dials[0].reg_id == outcome.id and conn.dials[0].wait_echo is True
+    assert [(r.id, r.status, r.student) for r in rec.records] == [(outcome.id, "OK", "alice")]
+
+
+async def test_source_mismatch_is_denied_without_dialling() -> None:
+    service, conn, rec = make()
+    outcome = await service.register(req("192.0.2.99"), LAN, Protocol.TEXT, 1.0)
+    assert outcome.code is Code.SOURCE_MISMATCH and outcome.status is Status.DENIED
+    assert outcome.diagnosis is not None
+    assert conn.dials == [] and [r.code for r in rec.records] == ["source_mismatch"]
+
+
+async def test_port_outside_range_is_denied() -> None:
+    service, conn, _ = make('[policy]\nports = ["10000-20000"]')
+    outcome = await service.register(req("127.0.0.1", 9999), LOCAL, Protocol.TEXT, 1.0)
+    assert outcome.code is Code.PORT_NOT_ALLOWED and conn.dials == []
+
+
+@pytest.mark.parametrize(
+    ("verify", "required_by_policy", "echoed", "code", "wait_echo"),
+    [
+        (None, False, True, Code.CONNECTED, True),
+        (None, False, False, Code.CONNECTED, True),
+        (True, False, False, Code.NOT_VERIFIED, True),
+        (True, False, True, Code.CONNECTED, True),
+        (None, True, False, Code.NOT_VERIFIED, True),
+        (False, True, False, Code.CONNECTED, False),
+    ],
+)
+async def test_verification_modes(
+    verify: bool | None, required_by_policy: bool, echoed: bool, code: Code, wait_echo: bool
+) -> None:
+    text = "[callback]\nrequire_verification = true" if required_by_policy else ""
+    service, conn, _ = make(text, result=CallResult(Code.CONNECTED, "ok", 2.0, echoed))
+    outcome = await service.register(req("127.0.0.1", verify=verify), LOCAL, Protocol.TEXT, 1.0)
+    assert outcome.code is code
+    assert conn.dials[0].wait_echo is wait_echo
+
+
+@pytest.mark.parametrize(
+    "code", [Code.CONNECTION_REFUSED, Code.TIMEOUT, Code.UNREACHABLE, Code.RESET]
+)
+async def test_failed_callbacks_are_explained(code: Code) -> None:
+    service, _, rec = make(result=CallResult(code, "detail-x"))
+    outcome = await service.register(req("127.0.0.1"), LOCAL, Protocol.TEXT, 1.0)
+    assert outcome.status is Status.FAILED and outcome.code is code
+    assert "127.0.0.1:15000" in outcome.explanation and "detail-x" in outcome.explanation
+    assert rec.records[0].code == code.value
+
+
+async def test_rate_limit_answers_busy_with_honest_retry_after(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    service, conn, rec = make('[ratelimit]\nper_source = "2/minute"')
+    codes = [
+        (await service.register(req("127.0.0.1"), LOCAL, Protocol.TEXT, 0.0)).code for _ in range(3)
+    ]
+    assert codes == [Code.CONNECTED, Code.CONNECTED, Code.RATE_LIMITED]
+    busy = rec.records[-1]
+    assert busy.status == "BUSY" and len(conn.dials) == 2
+    last = await service.register(req("127.0.0.1"), LOCAL, Protocol.TEXT, 0.0)
+    assert last.retry_after == 30
+    await trio.sleep(30)
+    assert (
+        await service.register(req("127.0.0.1"), LOCAL, Protocol.TEXT, 0.0)
+    ).code is Code.CONNECTED
+
+
+async def test_protocol_errors_are_recorded_as_error_outcomes() -> None:
+    service, conn, rec = make()
+    outcome = await service.reject(ProtocolError(Code.MALFORMED, "bad"), LOCAL, Protocol.TEXT, 1.0)
+    assert outcome.status is Status.ERROR and outcome.id
+    assert [(r.code, r.peer) for r in rec.records] == [("malformed", "127.0.0.1:40000")]
+    assert conn.dials == []
+
+
+async def test_store_failure_is_never_reported_as_success() -> None:
+    service, _, rec = make()
+    rec.fail = True
+    with pytest.raises(StoreUnavailable):
+        await service.register(req("127.0.0.1"), LOCAL, Protocol.TEXT, 1.0)
+
+
+async def test_callbacks_in_flight_are_capped(autojump_clock: trio.testing.MockClock) -> None:
+    cfg = '[limits]\nmax_callbacks_in_flight = 2\nmax_callback_queue = 1\n[ratelimit]\nper_source = "100/second"\nper_target = "100/second"\nper_target_port = "100/second"'
+    service, conn, _ = make(cfg, delay=10.0)
+    results: list[tuple[float, Code]] = []
+
+    async def one(port: int) -> None:
+        outcome = await service.register(req("127.0.0.1", port), LOCAL, Protocol.TEXT, 0.0)
+        results.append((trio.current_time(), outcome.code))
+
+    async with trio.open_nursery() as nursery:
+        for port in range(15000, 15004):
+            nursery.start_soon(one, port)
+    # Two dial at once, one waits its turn (10 s later), the fourth is turned away at once.
+    assert sorted(results) == [
+        (0.0, Code.OVERLOADED),
+        (10.0, Code.CONNECTED),
+        (10.0, Code.CONNECTED),
+        (20.0, Code.CONNECTED),
+    ]
+
+
+async def test_token_auth_denies_without_a_valid_token() -> None:
+    from registry import auth
+
+    text = '[auth]\nmode = "token"\nsecret = "s3cret"'
+    service, conn, _ = make(text)
+    good = auth.derive_token(b"s3cret", "alice")
+    denied = await service.register(
+        req("127.0.0.1", student="alice", token="nope"), LOCAL, Protocol.TEXT, 0
+    )
+    missing = await service.register(req("127.0.0.1"), LOCAL, Protocol.TEXT, 0)
+    ok = await service.register(
+        req("127.0.0.1", student="alice", token=good), LOCAL, Protocol.TEXT, 0
+    )
+    assert [denied.code, missing.code, ok.code] == [
+        Code.UNAUTHORIZED,
+        Code.UNAUTHORIZED,
+        Code.CONNECTED,
+    ]
+    assert len(conn.dials) == 1
+
+
+async def test_reconfigure_applies_new_limits(autojump_clock: trio.testing.MockClock) -> None:
+    service, _, _ = make('[ratelimit]\nper_source = "1/hour"')
+    assert (
+        await service.register(req("127.0.0.1"), LOCAL, Protocol.TEXT, 0)
+    ).code is Code.CONNECTED
+    assert (
+        await service.register(req("127.0.0.1"), LOCAL, Protocol.TEXT, 0)
+    ).code is Code.RATE_LIMITED
+    new = config_mod.loads('[ratelimit]\nper_source = "100/second"')
+    service.reconfigure(new)
+    await trio.sleep(1)
+    assert (
+        await service.register(req("127.0.0.1"), LOCAL, Protocol.TEXT, 0)
+    ).code is Code.CONNECTED
+    assert service.config is new and msgspec.structs.asdict(service.config.ratelimit)

@@ -1,0 +1,426 @@
+"""The SQLite store against real database files in tmp_path (no mocks).
+
+Rules: every database lives in tmp_path; "committed" is always checked through
+a second, independent sqlite3 connection; no sleeps (the retention loop runs
+on trio's MockClock).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import stat
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from registry.model import Code, Diagnosis, Outcome, Protocol
+from registry.store import (
+    SCHEMA_VERSION,
+    AsyncStore,
+    Record,
+    Store,
+    StoreError,
+    StudentSummary,
+)
+
+T0 = 1_800_000_000.0  # a fixed epoch second: tests never read the real clock
+
+
+def rec(n: int | str, **changes: object) -> Record:
+    base = Record(
+        id=f"r{n}",
+        received_at=T0 + (n if isinstance(n, int) else 0),
+        protocol="text",
+        student="alice",
+        peer="127.0.0.1:40000",
+        advertised="127.0.0.1:15000",
+        target="127.0.0.1:15000",
+        status="OK",
+        code="connected",
+        diagnosis="direct",
+        rtt_ms=1.25,
+        verified=True,
+        explanation="the registry connected",
+        duration_ms=3.5,
+        corrected=False,
+    )
+    return replace(base, **changes)  # type: ignore[arg-type]
+
+
+def committed_ids(path: Path) -> set[str]:
+    """What another process would see: a fresh, independent connection."""
+    with sqlite3.connect(path) as other:
+        return {row[0] for row in other.execute("SELECT id FROM registrations")}
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "registry.db"
+
+
+# --- schema and migrations ------------------------------------------------------
+
+
+def test_open_creates_schema_wal_and_private_file(db: Path) -> None:
+    store = Store.open(str(db))
+    try:
+        assert store.schema_version == SCHEMA_VERSION == 1
+        assert store.journal_mode == "wal"
+        # synchronous is per connection, so it can only be read on this one: 2 = FULL.
+        assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 2
+        assert store.count() == 0
+    finally:
+        store.close()
+    with sqlite3.connect(db) as other:
+        names = {r[0] for r in other.execute("SELECT name FROM sqlite_master")}
+    assert {"registrations", "registrations_received_at", "registrations_student"} <= names
+    assert stat.S_IMODE(db.stat().st_mode) == 0o600
+
+
+def test_reopen_keeps_data_and_does_not_migrate_again(db: Path) -> None:
+    store = Store.open(str(db))
+    store.record(rec(1))
+    store.close()
+    again = Store.open(str(db))
+    try:
+        assert again.schema_version == SCHEMA_VERSION
+        assert again.query() == [rec(1)]
+    finally:
+        again.close()
+
+
+@pytest.mark.parametrize("opener", [Store.open, Store.open_readonly], ids=["rw", "ro"])
+def test_database_from_a_newer_version_is_a_clear_error(db: Path, opener: object) -> None:
+    with sqlite3.connect(db) as other:
+        other.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 5}")
+    with pytest.raises(StoreError, match="newer version"):
+        opener(str(db))  # type: ignore[operator]
+    with sqlite3.connect(db) as other:  # and it was left alone
+        assert other.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION + 5
+
+
+def test_a_file_that_is_not_sqlite_is_a_clear_error(db: Path) -> None:
+    db.write_bytes(b"this is a text file, not a database\n" * 50)
+    with pytest.raises(StoreError, match="not a usable results database"):
+        Store.open(str(db))
+
+
+def test_readonly_refuses_a_database_without_our_schema(db: Path) -> None:
+    sqlite3.connect(db).close()
+    with pytest.raises(StoreError, match="registry serve"):
+        Store.open_readonly(str(db))
+
+
+# --- writing ---------------------------------------------------------------------
+
+
+def test_every_field_round_trips(db: Path) -> None:
+    rows = [
+        rec(1),
+        rec(
+            2,
+            student=None,
+            advertised=None,
+            target=None,
+            diagnosis=None,
+            rtt_ms=None,
+            verified=None,
+            duration_ms=None,
+            status="ERROR",
+            code="malformed",
+        ),  # fmt: skip
+        rec(3, verified=False, corrected=True, student='Zoë, "the" tester\n'),
+    ]
+    store = Store.open(str(db))
+    try:
+        store.record_many(rows)
+        assert store.query() == rows
+        assert committed_ids(db) == {"r1", "r2", "r3"}
+    finally:
+        store.close()
+
+
+def test_record_many_is_atomic(db: Path) -> None:
+    store = Store.open(str(db))
+    try:
+        store.record(rec(1))
+        with pytest.raises(sqlite3.IntegrityError):
+            store.record_many([rec(2), rec(3), rec(1)])  # r1 exists: the whole batch fails
+        assert committed_ids(db) == {"r1"}
+        store.record_many([rec(2), rec(3)])  # and the store is still usable
+        assert committed_ids(db) == {"r1", "r2", "r3"}
+    finally:
+        store.close()
+
+
+def test_a_recorded_row_survives_sigkill_right_after_record_returns(db: Path) -> None:
+    code = (
+        "import os, signal, sys\n"
+        "from registry.store import Store\n"
+        "from tests.test_store import rec\n"
+        "s = Store.open(sys.argv[1]); s.record(rec(7))\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-c", code, str(db)], cwd=root, timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    assert committed_ids(db) == {"r7"}
+
+
+def test_from_outcome_maps_every_field() -> None:
+    outcome = Outcome(
+        code=Code.SOURCE_MISMATCH,
+        explanation="you advertised another address",
+        id="abc123",
+        target="10.0.0.5:15000",
+        advertised="10.0.0.5:15000",
+        observed="127.0.0.1:40000",
+        diagnosis=Diagnosis.PRIVATE_BEHIND_NAT,
+        student="bob",
+        corrected=True,
+    )
+    r = Record.from_outcome(
+        outcome, protocol=Protocol.JSON, peer="127.0.0.1:40000", received_at=T0, duration_ms=2.0
+    )
+    assert r == Record(
+        id="abc123", received_at=T0, protocol="json", student="bob", peer="127.0.0.1:40000",
+        advertised="10.0.0.5:15000", target="10.0.0.5:15000", status="DENIED",
+        code="source_mismatch", diagnosis="private_behind_nat", rtt_ms=None, verified=None,
+        explanation="you advertised another address", duration_ms=2.0, corrected=True,
+    )  # fmt: skip
+    anonymous = Record.from_outcome(
+        outcome.with_(id=None), protocol=Protocol.TEXT, peer="p", received_at=T0, duration_ms=None
+    )
+    assert len(anonymous.id) == 12  # a missing id never makes recording fail
+
+
+# --- reading -----------------------------------------------------------------------
+
+
+QUERIES = [
+    ({}, ["r1", "r2", "r3", "r4", "r5"]),
+    ({"since": T0 + 3}, ["r3", "r4", "r5"]),  # inclusive
+    ({"student": "bob"}, ["r2", "r4"]),
+    ({"student": "Bob"}, []),  # exact match
+    ({"since": T0 + 3, "student": "bob"}, ["r4"]),
+    ({"limit": 2}, ["r4", "r5"]),  # the newest two, oldest first
+    ({"limit": 0}, []),
+    ({"student": "alice", "limit": 1}, ["r5"]),
+]
+
+
+@pytest.mark.parametrize(("filters", "expected"), QUERIES)
+def test_query_filters_and_orders_oldest_first(
+    db: Path, filters: dict[str, object], expected: list[str]
+) -> None:
+    store = Store.open(str(db))
+    try:
+        # Written out of order: the result follows received_at, not insertion.
+        store.record_many([rec(5), rec(1), rec(2, student="bob"), rec(4, student="bob"), rec(3)])
+        assert [r.id for r in store.query(**filters)] == expected  # type: ignore[arg-type]
+    finally:
+        store.close()
+
+
+def _attempt(n: int, student: str | None, status: str, code: str, **kw: object) -> Record:
+    return rec(n, student=student, status=status, code=code, **kw)
+
+
+SUMMARY_ROWS = [
+    # ann: DENIED, then OK unverified, then FAILED again -> best OK, first success at +2
+    _attempt(1, "ann", "DENIED", "source_mismatch"),
+    _attempt(2, "ann", "OK", "connected", verified=False),
+    _attempt(3, "ann", "FAILED", "timeout"),
+    # ben: ERROR < BUSY < DENIED < FAILED: best FAILED, the most recent FAILED code
+    _attempt(4, "ben", "ERROR", "malformed", verified=None),
+    _attempt(5, "ben", "FAILED", "connection_refused", verified=None),
+    _attempt(6, "ben", "BUSY", "rate_limited", verified=None),
+    _attempt(7, "ben", "FAILED", "timeout", verified=None),
+    _attempt(8, "ben", "DENIED", "port_not_allowed", verified=None),
+    # cat: only BUSY and ERROR -> BUSY
+    _attempt(9, "cat", "ERROR", "too_long", verified=None),
+    _attempt(10, "cat", "BUSY", "overloaded", verified=None),
+    # no name: listed last
+    _attempt(11, None, "OK", "connected", verified=True),
+    _attempt(12, "ann", "OK", "connected", verified=True),
+]
+
+
+def test_summary_ranks_best_outcome_per_student(db: Path) -> None:
+    store = Store.open(str(db))
+    try:
+        store.record_many(SUMMARY_ROWS)
+        assert store.summary() == [
+            StudentSummary("ann", 4, 2, "OK", "connected", T0 + 2, T0 + 12, True),
+            StudentSummary("ben", 5, 0, "FAILED", "timeout", None, T0 + 8, False),
+            StudentSummary("cat", 2, 0, "BUSY", "overloaded", None, T0 + 10, False),
+            StudentSummary(None, 1, 1, "OK", "connected", T0 + 11, T0 + 11, True),
+        ]
+        # Filters apply before ranking: since +3, ann has one OK (verified) and one FAILED.
+        assert store.summary(since=T0 + 3, student="ann") == [
+            StudentSummary("ann", 2, 1, "OK", "connected", T0 + 12, T0 + 12, True)
+        ]
+    finally:
+        store.close()
+
+
+def test_purge_deletes_only_older_records(db: Path) -> None:
+    store = Store.open(str(db))
+    try:
+        store.record_many([rec(1), rec(2), rec(3)])
+        assert store.purge_older_than(T0 + 2) == 1
+        assert committed_ids(db) == {"r2", "r3"}
+        assert store.purge_older_than(T0) == 0
+    finally:
+        store.close()
+
+
+def test_readonly_sees_live_data_and_cannot_write(db: Path) -> None:
+    writer = Store.open(str(db))
+    try:
+        writer.record(rec(1))
+        reader = Store.open_readonly(str(db))
+        try:
+            writer.record(rec(2))  # committed after the reader opened: still visible
+            assert [r.id for r in reader.query()] == ["r1", "r2"]
+            with pytest.raises(sqlite3.OperationalError, match="readonly"):
+                reader.record(rec(3))
+        finally:
+            reader.close()
+    finally:
+        writer.close()
+
+
+def test_readonly_on_a_stopped_daemons_file_changes_nothing(db: Path) -> None:
+    writer = Store.open(str(db))
+    writer.record(rec(1))
+    writer.close()  # last connection: WAL checkpointed, -wal and -shm removed
+    before = (sorted(os.listdir(db.parent)), db.read_bytes())
+    reader = Store.open_readonly(str(db))
+    assert [r.id for r in reader.query()] == ["r1"]
+    reader.close()
+    assert (sorted(os.listdir(db.parent)), db.read_bytes()) == before
+
+
+# --- AsyncStore ---------------------------------------------------------------------
+
+
+async def test_concurrent_records_are_committed_when_record_returns(db: Path) -> None:
+    other = sqlite3.connect(db)  # opened first: the store must cope with another reader
+    not_yet_visible: list[str] = []
+
+    async def one(store: AsyncStore, n: int) -> None:
+        await store.record(rec(n))
+        row = other.execute("SELECT 1 FROM registrations WHERE id = ?", (f"r{n}",)).fetchone()
+        if row is None:
+            not_yet_visible.append(f"r{n}")
+
+    try:
+        async with AsyncStore(str(db)) as store:
+            async with trio.open_nursery() as nursery:
+                for n in range(200):
+                    nursery.start_soon(one, store, n)
+            assert not_yet_visible == []
+            assert 1 <= store.batches < 200  # group commit: far fewer transactions than records
+            assert await store.count() == 200
+    finally:
+        other.close()
+    assert committed_ids(db) == {f"r{n}" for n in range(200)}
+
+
+async def test_group_commit_writes_everything_queued_in_one_transaction(db: Path) -> None:
+    async with AsyncStore(str(db)) as store:
+        async with trio.open_nursery() as nursery:
+            async with store.limiter:  # the writer cannot reach sqlite: records pile up
+                for n in range(50):
+                    nursery.start_soon(store.record, rec(n))
+                await trio.testing.wait_all_tasks_blocked()
+                assert store.batches == 0 and committed_ids(db) == set()
+        # At most one record was taken before the pile-up; the rest went in one batch.
+        assert store.batches in (1, 2)
+        assert len(committed_ids(db)) == 50
+
+
+async def test_a_failed_batch_fails_every_waiter_and_the_store_recovers(db: Path) -> None:
+    results: dict[str, BaseException | None] = {}
+
+    async def one(store: AsyncStore, record: Record) -> None:
+        try:
+            await store.record(record)
+            results[record.id] = None
+        except StoreError as e:
+            results[record.id] = e
+
+    async with AsyncStore(str(db)) as store:
+        await store.record(rec("dup"))
+        async with trio.open_nursery() as nursery:
+            async with store.limiter:
+                nursery.start_soon(one, store, rec("first"))
+                await trio.testing.wait_all_tasks_blocked()  # the writer holds [first]
+                nursery.start_soon(one, store, rec("dup", received_at=T0 + 99))
+                for n in range(5):
+                    nursery.start_soon(one, store, rec(n))
+                await trio.testing.wait_all_tasks_blocked()  # these queue behind it
+        assert results.pop("rfirst") is None
+        assert sorted(results) == ["r0", "r1", "r2", "r3", "r4", "rdup"]
+        for error in results.values():
+            assert isinstance(error, StoreError)
+            assert isinstance(error.__cause__, sqlite3.IntegrityError)
+        assert store.batches == 3  # dup, [first], [dup r0..r4]
+        await store.record(rec("after"))  # the store keeps working
+    assert committed_ids(db) == {"rdup", "rfirst", "rafter"}
+
+
+async def test_closed_store_refuses_records_and_queries_pass_through(db: Path) -> None:
+    async with AsyncStore(str(db)) as store:
+        await store.record(rec(1, student="bob"))
+        await store.record(rec(2))
+        assert [r.id for r in await store.query(student="bob")] == ["r1"]
+        assert [s.student for s in await store.summary()] == ["alice", "bob"]
+        assert await store.purge_older_than(T0 + 2) == 1
+    with pytest.raises(StoreError, match="closed|not open"):
+        await store.record(rec(3))
+    assert committed_ids(db) == {"r2"}
+
+
+async def test_newer_database_fails_async_open_cleanly(db: Path) -> None:
+    with sqlite3.connect(db) as other:
+        other.execute("PRAGMA user_version = 999")
+    with pytest.raises(StoreError, match="newer version"):
+        async with AsyncStore(str(db)):
+            pytest.fail("must not open")  # pragma: no cover
+
+
+async def test_retention_purges_at_start_and_then_periodically(
+    db: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    seed = Store.open(str(db))
+    seed.record_many([rec("old", received_at=T0 - 7200), rec("new", received_at=T0 - 60)])
+    seed.close()
+    now = [T0]
+    store = AsyncStore(str(db), retention=3600, purge_interval=600, wallclock=lambda: now[0])
+    async with store:
+        assert committed_ids(db) == {"rnew"} and store.purges == 1
+        now[0] = T0 + 3600  # rnew is now 3660 s old
+        mock_clock.jump(599)
+        await trio.testing.wait_all_tasks_blocked()
+        assert await store.count() == 1 and store.purges == 1  # not yet due
+        mock_clock.jump(1)
+        await trio.testing.wait_all_tasks_blocked()  # the purge task is now in its thread
+        assert await store.count() == 0  # queued behind it on the CapacityLimiter(1)
+        assert store.purges == 2
+
+
+async def test_no_retention_means_no_purge(db: Path, mock_clock: trio.testing.MockClock) -> None:
+    async with AsyncStore(str(db), wallclock=lambda: T0 + 10**9) as store:
+        await store.record(rec(1))
+        mock_clock.jump(10**7)
+        await trio.testing.wait_all_tasks_blocked()
+        assert await store.count() == 1 and store.purges == 0
