@@ -97,6 +97,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     try:
         cfg = load_config(args)
+        config_mod.auth_secret(cfg)  # an unreadable auth.secret_file is a config error too
     except ConfigError as e:
         for problem in e.problems:
             print(f"registry: config: {problem}", file=sys.stderr)
@@ -105,7 +106,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _raise_fd_limit()
     status = 0
     try:
-        trio.run(Registry(cfg, config_path=args.config).run)
+        trio.run(Registry(cfg, config_path=args.config, loader=lambda: load_config(args)).run)
     # except*: errors from inside nurseries arrive wrapped in exception groups.
     except* StoreError as group:
         print(f"registry: results database: {_first(group)}", file=sys.stderr)

@@ -240,6 +240,13 @@ class StoreConfig(_Section):
     retention: Duration = Duration(0.0)  # 0: keep forever
 
 
+class UdpConfig(_Section):
+    """UDP registrations (enabled by ``server.udp``): stateless cookies, datagram cap."""
+
+    cookie_window: Duration = Duration(30.0)  # a cookie lives 1-2 windows; secret rotates each
+    max_datagram_bytes: int = 512  # larger request datagrams: ERROR too_long
+
+
 class Config(_Section):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
@@ -250,6 +257,7 @@ class Config(_Section):
     ratelimit: RateLimitConfig = msgspec.field(default_factory=RateLimitConfig)
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     store: StoreConfig = msgspec.field(default_factory=StoreConfig)
+    udp: UdpConfig = msgspec.field(default_factory=UdpConfig)
 
 
 DEFAULT = Config()
@@ -267,20 +275,42 @@ def _problem(err: msgspec.ValidationError, prefix: str = "") -> str:
     return f"{key}: {message}" if key else message
 
 
-def _section_problems(name: str, value: Any) -> list[str]:
-    """Every problem in one section: msgspec stops at the first, so retry key by key."""
+def _section_problems(name: str, value: Any) -> tuple[list[str], dict[str, Any] | None]:
+    """Every type problem in one section, and the section with the bad keys left out.
+
+    msgspec stops at the first problem, so each key (and each list item) is
+    retried on its own; the cleaned section lets the semantic checks run too.
+    """
     typ = _SECTIONS.get(name)
     if typ is None:
-        return [f"{name}: unknown section (expected one of {', '.join(_SECTIONS)})"]
+        return [f"{name}: unknown section (expected one of {', '.join(_SECTIONS)})"], None
     if not isinstance(value, dict):
-        return [f"{name}: expected a [{name}] table, got {type(value).__name__}"]
-    problems = []
+        return [f"{name}: expected a [{name}] table, got {type(value).__name__}"], None
+    problems: list[str] = []
+    clean: dict[str, Any] = {}
     for key, item in value.items():
+        found = _key_problems(typ, name, key, item)
+        problems += found
+        if not found:
+            clean[key] = item
+    return problems, clean
+
+
+def _key_problems(typ: type, section: str, key: str, item: Any) -> list[str]:
+    try:
+        msgspec.convert({key: item}, typ, dec_hook=_dec_hook)
+        return []
+    except msgspec.ValidationError as e:
+        first = _problem(e, section)
+    if not isinstance(item, list) or len(item) < 2:
+        return [first]
+    problems = []
+    for i, element in enumerate(item):
         try:
-            msgspec.convert({key: item}, typ, dec_hook=_dec_hook)
+            msgspec.convert({key: [element]}, typ, dec_hook=_dec_hook)
         except msgspec.ValidationError as e:
-            problems.append(_problem(e, name))
-    return problems
+            problems.append(_problem(e, section).replace(f"{key}[0]", f"{key}[{i}]", 1))
+    return problems or [first]
 
 
 def _semantic_problems(cfg: Config) -> list[str]:
@@ -345,6 +375,12 @@ def _semantic_problems(cfg: Config) -> list[str]:
     for key in ("max_connections", "max_connections_per_source", "max_callbacks_in_flight"):
         need(getattr(cfg.limits, key) >= 1, f"limits.{key}", "expected >= 1")
     need(cfg.limits.max_callback_queue >= 0, "limits.max_callback_queue", "expected >= 0")
+    need(cfg.udp.cookie_window > 0, "udp.cookie_window", "expected a duration > 0")
+    need(
+        64 <= cfg.udp.max_datagram_bytes <= 65507,
+        "udp.max_datagram_bytes",
+        f"expected 64-65507, got {cfg.udp.max_datagram_bytes}",
+    )
     for key in ("per_source", "per_target", "per_target_port", "global_"):
         rate = getattr(cfg.ratelimit, key)
         need(rate.count >= 1, f"ratelimit.{key.rstrip('_')}", 'expected N >= 1 in "N/unit"')
@@ -381,7 +417,17 @@ def from_dict(data: dict[str, Any]) -> Config:
     try:
         cfg = msgspec.convert(data, Config, dec_hook=_dec_hook)
     except msgspec.ValidationError as e:
-        problems = [p for name, value in data.items() for p in _section_problems(name, value)]
+        problems: list[str] = []
+        clean: dict[str, Any] = {}
+        for name, value in data.items():
+            found, section = _section_problems(name, value)
+            problems += found
+            if section is not None:
+                clean[name] = section
+        try:  # what is left still gets the semantic checks, so one run lists everything
+            problems += _semantic_problems(msgspec.convert(clean, Config, dec_hook=_dec_hook))
+        except msgspec.ValidationError:
+            pass
         raise ConfigError(problems or [_problem(e)]) from None
     return validate(cfg)
 

@@ -262,11 +262,15 @@ class RateLimiter:
     def config(self) -> RateLimitConfig:
         return self._cfg
 
-    def check(self, source: IPAddress, target: Endpoint | None, now: float) -> Allowed | Busy:
+    def check(
+        self, source: IPAddress, target: Endpoint | None, now: float, *, take: bool = True
+    ) -> Allowed | Busy:
         """Take a token from every applicable bucket, or from none.
 
         ``target`` None (a bad request, a hostname) checks source and global only.
         Busy carries the largest wait, rounded up to whole seconds, at least 1.
+        ``take=False`` only looks: the service asks before expensive work (a DNS
+        lookup) whose request will be charged by a real check afterwards.
         """
         checks: list[tuple[TokenBucketTable, int, Scope]] = [
             (self._source, _pack(source, self._drop), "source")
@@ -283,6 +287,8 @@ class RateLimiter:
                 worst, scope = wait, name
         if worst > 0.0:
             return Busy(max(1, math.ceil(worst - _EPS)), scope)
+        if not take:
+            return ALLOWED
         for table, key, _ in checks:
             table._commit(key, now)  # same `now`, each key checked above: a token is there
         return ALLOWED

@@ -123,7 +123,7 @@ def _record_cells(r: Record) -> dict[str, str]:
     }
 
 
-def _record_json(r: Record) -> dict[str, Any]:
+def record_json(r: Record) -> dict[str, Any]:
     return {
         "id": r.id,
         "received_at": iso_utc(r.received_at),
@@ -156,7 +156,7 @@ def _summary_cells(s: StudentSummary) -> dict[str, str]:
     }
 
 
-def _summary_json(s: StudentSummary) -> dict[str, Any]:
+def summary_json(s: StudentSummary) -> dict[str, Any]:
     return {
         "student": s.student,
         "attempts": s.attempts,
@@ -242,7 +242,7 @@ def _table_time(cells: dict[str, str], *keys: str) -> dict[str, str]:
 def render(records: list[Record], fmt: str) -> str:
     """Records as ``table``, ``csv`` or ``json`` text (see the module docstring)."""
     if fmt == "json":
-        return _json([_record_json(r) for r in records])
+        return _json([record_json(r) for r in records])
     rows = [_record_cells(r) for r in records]
     if fmt == "csv":
         return _csv(rows, CSV_COLUMNS)
@@ -254,7 +254,7 @@ def render(records: list[Record], fmt: str) -> str:
 def render_summary(summaries: list[StudentSummary], fmt: str) -> str:
     """Per-student summaries as ``table``, ``csv`` or ``json`` text."""
     if fmt == "json":
-        return _json([_summary_json(s) for s in summaries])
+        return _json([summary_json(s) for s in summaries])
     rows = [_summary_cells(s) for s in summaries]
     if fmt == "csv":
         return _csv(rows, SUMMARY_COLUMNS)

@@ -10,20 +10,29 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import os
 import signal
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
+import msgspec
 import structlog
 import trio
 
 from registry import config as config_mod
+from registry import log as log_mod
 from registry.config import Config
 from registry.conncaps import ConnectionCaps
 from registry.errors import ConfigError
 from registry.model import Code, Endpoint, Outcome
+from registry.net.admin import AdminServer
+from registry.net.admin import open_listeners as open_admin_listeners
 from registry.net.connector import TcpConnector
+from registry.net.resolver import TrioResolver
 from registry.net.tcp import TcpHandler, peer_endpoint
+from registry.net.udp import open_udp_sockets, serve_udp, udp_endpoint
+from registry.protocol.cookies import CookieJar
 from registry.protocol.reply import format_reply
 from registry.ratelimit import source_key
 from registry.sdnotify import Notifier
@@ -56,6 +65,7 @@ class Runtime:
     caps: ConnectionCaps
     store: AsyncStore
     tcp: list[Endpoint] = field(default_factory=list)
+    udp: list[Endpoint] = field(default_factory=list)
     admin: Endpoint | None = None
     started_at: float = 0.0
     draining: bool = False
@@ -73,9 +83,13 @@ class Registry:
         config_path: str | None = None,
         connector: Connector | None = None,
         handle_signals: bool = True,
+        loader: Callable[[], Config] | None = None,
     ) -> None:
         self.cfg = cfg
         self.config_path = config_path
+        # How SIGHUP re-reads the config: the CLI passes one that re-applies its
+        # command-line overrides (--listen, --db...), which the file alone lacks.
+        self.loader = loader or (lambda: config_mod.load(config_path or ""))
         self.connector = connector or TcpConnector(cfg.callback)
         self.handle_signals = handle_signals
         self.notifier = Notifier()
@@ -90,24 +104,52 @@ class Registry:
         cfg = self.cfg
         listeners = await self._open_listeners()
         own = frozenset(_sockname(lst) for lst in listeners)
-        async with AsyncStore(cfg.server.db, retention=cfg.store.retention) as store:
-            service = Service(cfg, connector=self.connector, recorder=store, own=own)
+        admin_listeners = await self._open_admin(listeners)
+        admin_own = frozenset(_sockname(lst) for lst in admin_listeners)
+        udp_socks = await self._open_udp(listeners, admin_listeners)
+        async with (
+            AsyncStore(cfg.server.db, retention=cfg.store.retention) as store,
+            self._signal_receiver() as signals,
+        ):
+            # Always wired: the policy refuses names while allow_hostnames is off, so a
+            # SIGHUP that turns names on (or off) takes effect without a restart.
+            service = Service(
+                cfg,
+                connector=self.connector,
+                recorder=store,
+                resolver=TrioResolver(),
+                own=own | admin_own,  # the admin port is ours too: never a callback target
+            )
             handler = TcpHandler(service)
             runtime = Runtime(cfg, service, self.caps, store, tcp=sorted(own, key=str))
             runtime.started_at = trio.current_time()
+            runtime.udp = [udp_endpoint(sock) for sock in udp_socks]
             async with trio.open_nursery() as handlers:
                 async with trio.open_nursery() as front:
                     runtime.shutdown = front.cancel_scope.cancel
                     runtime.reload = lambda: self._reload(runtime)
                     for listener in listeners:
                         front.start_soon(self._accept_loop, listener, handler, handlers)
-                    if self.handle_signals:
-                        front.start_soon(self._signals, runtime)
+                    # One cookie jar for every UDP socket: a client may reach either family.
+                    cookies = CookieJar(
+                        os.urandom(32), cfg.udp.cookie_window, now=trio.current_time()
+                    )
+                    for sock in udp_socks:
+                        front.start_soon(self._serve_udp, sock, service, cookies, handlers)
+                    if admin_listeners:
+                        # In `front`: the admin endpoint closes when the drain starts
+                        # (its event streams would otherwise hold the drain open).
+                        runtime.admin = min(admin_own, key=str)
+                        await front.start(AdminServer(runtime).serve, admin_listeners)
+                    if signals is not None:
+                        front.start_soon(self._signals, runtime, signals)
                     if self.notifier.watchdog_interval:
                         front.start_soon(self._watchdog, self.notifier.watchdog_interval)
                     log.info(
                         "listening",
                         tcp=[str(e) for e in runtime.tcp],
+                        udp=[str(e) for e in runtime.udp],
+                        admin=str(runtime.admin) if runtime.admin else "off",
                         db=cfg.server.db,
                         policy=cfg.policy.mode,
                     )
@@ -117,11 +159,53 @@ class Registry:
                 self.notifier.stopping()
                 for listener in listeners:
                     await trio.aclose_forcefully(listener)
-                log.info("draining", grace_s=cfg.server.grace_period, in_flight=self.caps.total)
-                handlers.cancel_scope.deadline = trio.current_time() + cfg.server.grace_period
+                grace = self.cfg.server.grace_period  # self.cfg: a SIGHUP may have changed it
+                log.info("draining", grace_s=grace, in_flight=self.caps.total)
+                handlers.cancel_scope.deadline = trio.current_time() + grace
             if handlers.cancel_scope.cancelled_caught:
-                log.warning("grace_period_expired", grace_s=cfg.server.grace_period)
+                log.warning("grace_period_expired", grace_s=grace)
+            for sock in udp_socks:  # only now: in-flight UDP registrations reply on them
+                sock.close()
         log.info("stopped", outcomes={k.value: v for k, v in service.outcomes.items()})
+
+    async def _open_admin(self, listeners: list[trio.SocketListener]) -> list[trio.SocketListener]:
+        """The admin endpoint's listener(s) (none when server.admin is "off")."""
+        if self.cfg.server.admin == "off":
+            return []
+        host, port = parse_hostport(self.cfg.server.admin)
+        try:
+            return await open_admin_listeners(host, port)
+        except OSError:
+            for lst in listeners:
+                await trio.aclose_forcefully(lst)
+            raise
+
+    async def _open_udp(
+        self, listeners: list[trio.SocketListener], others: list[trio.SocketListener]
+    ) -> list[trio.socket.SocketType]:
+        """UDP sockets on each registration listener's address and actual port (server.udp)."""
+        if not self.cfg.server.udp:
+            return []
+        try:
+            # Kernel-chosen ports (tests): the same UDP port may be someone else's.
+            ephemeral = all(parse_hostport(spec)[1] == 0 for spec in self.cfg.server.listen)
+            return await open_udp_sockets(
+                (_sockname(lst) for lst in listeners), skip_in_use=ephemeral
+            )
+        except OSError:
+            for lst in [*listeners, *others]:
+                await trio.aclose_forcefully(lst)
+            raise
+
+    async def _serve_udp(
+        self,
+        sock: trio.socket.SocketType,
+        service: Service,
+        cookies: CookieJar,
+        handlers: trio.Nursery,
+    ) -> None:
+        # self.cfg, read per datagram: a SIGHUP's new limits and timeouts apply to UDP too.
+        await serve_udp(sock, service, cookies, lambda: self.cfg, handlers=handlers, caps=self.caps)
 
     async def _watchdog(self, interval: float) -> None:
         while True:
@@ -190,15 +274,29 @@ class Registry:
         finally:
             self.admission.release_on_behalf_of(token)
 
-    async def _signals(self, runtime: Runtime) -> None:
+    @asynccontextmanager
+    async def _signal_receiver(self) -> AsyncIterator[AsyncIterator[int] | None]:
+        """Catch SIGINT/SIGTERM/SIGHUP from before READY=1 until the drain has ended.
+
+        Installed before the listeners are announced, so a signal sent the moment
+        we report ready is queued for ``_signals`` instead of taking the default
+        (fatal) action; still installed during the drain, so a second SIGTERM or
+        a SIGHUP then is ignored rather than killing in-flight callbacks.
+        """
+        if not self.handle_signals:
+            yield None
+            return
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
-            async for signum in signals:
-                if signum == signal.SIGHUP:
-                    runtime.reload()
-                else:
-                    log.info("signal", signal=signal.Signals(signum).name)
-                    runtime.shutdown()
-                    return
+            yield signals
+
+    async def _signals(self, runtime: Runtime, signals: AsyncIterator[int]) -> None:
+        async for signum in signals:
+            if signum == signal.SIGHUP:
+                runtime.reload()
+            else:
+                log.info("signal", signal=signal.Signals(signum).name)
+                runtime.shutdown()
+                return
 
     def _reload(self, runtime: Runtime) -> None:
         if not self.config_path:
@@ -206,16 +304,23 @@ class Registry:
             return
         self.notifier.reloading()
         try:
-            new = config_mod.load(self.config_path)
+            new = self.loader()
             config_mod.auth_secret(new)  # an unreadable secret_file is a bad config too
         except ConfigError as e:
             log.error("reload_failed", path=self.config_path, problems=e.problems)
             self.notifier.ready("reload failed; old config kept")
             return
-        unchanged = ("listen", "db", "admin")
+        unchanged = ("listen", "udp", "backlog", "db", "admin")  # bound at start
         moved = [k for k in unchanged if getattr(new.server, k) != getattr(self.cfg.server, k)]
         if moved:
             log.warning("reload_needs_restart", keys=[f"server.{k}" for k in moved])
+            # Keep what is really in force, so runtime.config never claims otherwise.
+            kept = {k: getattr(self.cfg.server, k) for k in moved}
+            new = msgspec.structs.replace(new, server=msgspec.structs.replace(new.server, **kept))
+        if new.log != self.cfg.log:
+            log_mod.configure(new.log.format, new.log.level)
+        if isinstance(self.connector, TcpConnector):
+            self.connector.config = new.callback  # timeouts and greeting apply to new callbacks
         self.cfg = new
         runtime.config = new
         runtime.service.reconfigure(new)
@@ -234,6 +339,13 @@ async def _refuse(stream: trio.SocketStream, timeout: float) -> None:
     with trio.move_on_after(timeout):
         try:
             await stream.send_all(format_reply(outcome))
+            await stream.send_eof()
+            # Closing with the client's request unread makes the kernel send RST,
+            # which can destroy the reply in flight: read (bounded) until EOF.
+            with trio.move_on_after(min(timeout, 1.0)):
+                for _ in range(16):
+                    if not await stream.receive_some(4096):
+                        break
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
     await trio.aclose_forcefully(stream)

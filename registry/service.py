@@ -24,7 +24,7 @@ from registry import config as config_mod
 from registry.config import Config
 from registry.conncaps import CallbackSlots
 from registry.errors import ProtocolError
-from registry.model import Code, Endpoint, IPAddress, Outcome, Protocol, Request, Status
+from registry.model import Code, Diagnosis, Endpoint, IPAddress, Outcome, Protocol, Request, Status
 from registry.policy.decide import Allow, Deny, NeedsResolution, decide, decide_resolved
 from registry.protocol.callback import make_nonce
 from registry.ratelimit import Busy, RateLimiter
@@ -128,17 +128,21 @@ class Service:
         protocol: Protocol,
         received_at: float,
         local: Endpoint | None = None,
+        connector: Connector | None = None,
     ) -> Outcome:
         """Run one registration to its recorded outcome. Never raises but StoreUnavailable.
 
         ``local`` is the registry's own address on this connection: behind a
         wildcard listener it is the only way to know which concrete address
-        of ours a request could point back at (self_target).
+        of ours a request could point back at (self_target). ``connector``
+        overrides the default dialler (UDP registrations are called back over UDP).
         """
         started = self.clock()
         reg_id = self.new_id()
         own = self.own if local is None else self.own | {local}
-        outcome = await self._decide_and_call(request, peer, reg_id, own)
+        outcome = await self._decide_and_call(
+            request, peer, reg_id, own, connector or self.connector
+        )
         outcome = outcome.with_(
             id=reg_id,
             advertised=request.advertised,
@@ -161,10 +165,17 @@ class Service:
         return await self._finish(outcome, peer, protocol, received_at, started)
 
     async def _decide_and_call(
-        self, request: Request, peer: Endpoint, reg_id: str, own: frozenset[Endpoint]
+        self,
+        request: Request,
+        peer: Endpoint,
+        reg_id: str,
+        own: frozenset[Endpoint],
+        connector: Connector,
     ) -> Outcome:
         denied = auth.authorize(request, self.config.auth, self.secret)
         decision = denied if denied is not None else await self._decide(request, peer, own)
+        if isinstance(decision, Busy):
+            return _busy(decision)
         target = decision.target if isinstance(decision, Allow) else None
         busy = self.limiter.check(peer.host, target, self.clock())
         if isinstance(busy, Busy):
@@ -178,7 +189,7 @@ class Service:
             )
         for note in decision.report_only:
             log.warning("policy_report_only", note=note, target=str(decision.target))
-        return await self._callback(request, decision, reg_id)
+        return await self._callback(request, decision, reg_id, connector)
 
     async def _decide(
         self, request: Request, peer: Endpoint, own: frozenset[Endpoint]
@@ -187,8 +198,17 @@ class Service:
         decision = decide(request, peer, policy, own)
         if not isinstance(decision, NeedsResolution):
             return decision
+        # A source that is already limited must not make us send DNS queries:
+        # look (without taking) before resolving; the real check follows.
+        busy = self.limiter.check(peer.host, None, self.clock(), take=False)
+        if isinstance(busy, Busy):
+            return busy
         if self.resolver is None:
-            return Deny(Code.HOSTNAME_NOT_ALLOWED, "this registry does not resolve hostnames")
+            return Deny(
+                Code.HOSTNAME_NOT_ALLOWED,
+                "this registry does not resolve hostnames",
+                Diagnosis.HOSTNAME,
+            )
         try:
             with trio.fail_after(policy.resolve_timeout):
                 addresses = await self.resolver.resolve(decision.name, decision.port)
@@ -196,10 +216,13 @@ class Service:
             return Deny(
                 Code.HOSTNAME_NOT_ALLOWED,
                 f"could not resolve {decision.name!r} ({type(e).__name__}); advertise an IP address",
+                Diagnosis.HOSTNAME,
             )
         return decide_resolved(request, addresses, peer, policy, own)
 
-    async def _callback(self, request: Request, allow: Allow, reg_id: str) -> Outcome:
+    async def _callback(
+        self, request: Request, allow: Allow, reg_id: str, connector: Connector
+    ) -> Outcome:
         target = allow.target
         if not self.slots.admit():
             return Outcome(
@@ -215,7 +238,7 @@ class Service:
         nonce = make_nonce(self.random_bytes(8))
         try:
             async with self.dialing:
-                result = await self.connector.call(
+                result = await connector.call(
                     target, reg_id, nonce, wait_echo=request.verify is not False
                 )
         finally:
@@ -228,6 +251,13 @@ class Service:
         }
         if result.code is not Code.CONNECTED:
             text = _FAILED_EXPLANATION.get(result.code, "{target}: callback failed")
+            if allow.corrected:
+                # nat-observed: we dialled the router, so the likely fix is a port forward.
+                text = (
+                    f"you advertised {request.advertised}; the registry called the address it "
+                    "saw, {target}, which is probably your NAT router: forward port {port} on "
+                    "the router to your server. Detail: " + text
+                )
             return Outcome(
                 code=result.code,
                 explanation=text.format(target=target, port=target.port) + f" ({result.detail})",

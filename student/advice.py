@@ -120,7 +120,7 @@ ADVICE: dict[str, tuple[str, ...]] = {
 DIAGNOSIS_ADVICE: dict[str, tuple[str, ...]] = {
     "loopback_advertised": (
         "{host} is a loopback address: it means 'this machine' to whoever dials it, so the "
-        "registry would call itself — advertise {observed} instead",
+        "registry would call itself — advertise {observed_target} instead",
     ),
     "unspecified_advertised": (
         "0.0.0.0 is a bind address ('all interfaces'), not a destination — advertise the "
@@ -130,7 +130,7 @@ DIAGNOSIS_ADVICE: dict[str, tuple[str, ...]] = {
         "you are behind a NAT router: {host} is a private address, and the registry sees you "
         "as {observed}",
         "to be reached from outside, the router must forward port {port} to {host}:{port} "
-        "(port forwarding) and you advertise {observed}; or join the registry's network",
+        "(port forwarding) and you advertise {observed_target}; or join the registry's network",
     ),
     "cgnat": (
         "your provider uses carrier-grade NAT (100.64.0.0/10): no port forwarding you can set "
@@ -143,7 +143,7 @@ DIAGNOSIS_ADVICE: dict[str, tuple[str, ...]] = {
     ),
     "different_host": (
         "{host} is not the machine your request came from ({observed}): run `student client` "
-        "on the same machine as `student server`, or advertise {observed}",
+        "on the same machine as `student server`, or advertise {observed_target}",
     ),
     "link_local_advertised": (
         "{host} is link-local (169.254.0.0/16 or fe80::/10), valid on one network segment "
@@ -151,7 +151,7 @@ DIAGNOSIS_ADVICE: dict[str, tuple[str, ...]] = {
     ),
     "family_mismatch": (
         "you advertised an address of one IP family but reached the registry over the other "
-        "(it saw {observed}): advertise {observed}, or connect to the registry over the same family",
+        "(it saw {observed}): advertise {observed_target}, or connect to the registry over the same family",
     ),
 }
 
@@ -190,8 +190,23 @@ class AdviceContext:
         if self.timeout is not None:
             values["timeout"] = f"{self.timeout:g}"
         values["target"] = values["target"] or _endpoint(self.host, self.port)
+        if self.observed:
+            # The registry reports observed=HOST:PORT with the client's ephemeral
+            # port; advice names the host, and the student's server port with it.
+            host = _host_only(self.observed)
+            values["observed"] = host
+            values["observed_target"] = _endpoint(host, self.port)
+        else:
+            values["observed_target"] = "the address the registry saw"
         values["code"] = code or "(none)"
         return values
+
+
+def _host_only(endpoint: str) -> str:
+    if endpoint.startswith("[") and "]" in endpoint:
+        return endpoint[1 : endpoint.index("]")]
+    host, sep, port = endpoint.rpartition(":")
+    return host if sep and port.isdigit() and ":" not in host else endpoint
 
 
 def _endpoint(host: str, port: int) -> str:
@@ -201,7 +216,9 @@ def _endpoint(host: str, port: int) -> str:
 def advice_for(code: str | None, diagnosis: str | None, ctx: AdviceContext) -> list[str]:
     """The lines of advice for a failure ``code`` (and ``diagnosis``, for source_mismatch)."""
     templates: tuple[str, ...] = ADVICE.get(code or "", GENERIC_ADVICE)
-    if code == "source_mismatch" and diagnosis in DIAGNOSIS_ADVICE:
+    # A refused address with a named NAT case (0.0.0.0, loopback, link-local...)
+    # is best explained by that case, whichever DENIED code carried it.
+    if code in ("source_mismatch", "address_not_allowed") and diagnosis in DIAGNOSIS_ADVICE:
         templates = DIAGNOSIS_ADVICE[diagnosis]
     values = ctx.values(code)
     return [template.format_map(values) for template in templates]

@@ -22,6 +22,7 @@ from student.netio import os_error_text, read_line
 from student.wire import (
     EXIT_UNREACHABLE,
     EXIT_USAGE,
+    UDP_MIN_BYTES,
     RegistrationRequest,
     Reply,
     ReplyError,
@@ -32,6 +33,8 @@ from student.wire import (
     display_ip,
     format_endpoint,
     format_sockaddr,
+    pad_datagram,
+    pad_of,
     parse_json_reply,
     parse_reply,
     printable,
@@ -172,12 +175,14 @@ async def _register_tcp(opts: ClientOptions, reg: Registration, events: ClientEv
         events.connected(reg.local, remote, udp=False)
         reg.request = build_request(opts, _local_host(stream.socket.getsockname()))
         reg.sent = build_json_request(reg.request) if opts.json else build_text_request(reg.request)
+        # Noted before the send: send_all yields, and the callback it triggers can
+        # reach our own server (and the timeline) before this task runs again.
+        events.sent(reg.request.advertised, reg.sent)
         try:
             await stream.send_all(reg.sent.encode() + b"\n")
         except trio.BrokenResourceError as exc:
             reg.fail("registry_unreachable", f"the registry closed the connection: {exc}")
             return
-        events.sent(reg.request.advertised, reg.sent)
         line = await read_line(stream, limit=REPLY_LIMIT)
     _take_reply(reg, line.data, as_json=opts.json)
 
@@ -189,23 +194,32 @@ async def _recv_within(sock: trio.socket.SocketType, seconds: float) -> bytes | 
 
 
 async def _udp_exchange(sock: trio.socket.SocketType, req: RegistrationRequest) -> bytes | None:
-    """Request, cookie challenge, request with cookie, final reply; ``None`` if all lost."""
+    """Request, cookie challenge, request with cookie, final reply; ``None`` if all lost.
+
+    A registry never answers with more bytes than it received, so the request
+    is padded to what the challenge's ``pad=N`` asks for (``COOKIE pad=N``
+    alone means: too short to carry a cookie, send it again padded).
+    """
     cookie: str | None = None
+    pad = UDP_MIN_BYTES
     waits = list(CHALLENGE_WAITS)
     while waits:
-        await sock.send(build_text_request(req, cookie=cookie).encode())
+        await sock.send(pad_datagram(build_text_request(req, cookie=cookie), pad))
         data = await _recv_within(sock, waits.pop(0))
         if data is None:
             continue  # lost either way: send again after the backoff
         try:
-            challenge = cookie_of(parse_reply(data))
+            reply = parse_reply(data)
         except ReplyError:
             return data  # let the caller report it as a bad reply
-        if challenge is None:
+        challenge, asked = cookie_of(reply), pad_of(reply)
+        if challenge is None and asked is None:
             return data
-        if cookie is None:
-            waits = list(FINAL_WAITS)
-        cookie = challenge  # the first, or a fresher one if the window turned
+        pad = max(pad, asked or 0)
+        if challenge is not None:
+            if cookie is None:
+                waits = list(FINAL_WAITS)
+            cookie = challenge  # the first, or a fresher one if the window turned
     return None
 
 

@@ -9,7 +9,7 @@ What lives here:
 - the registration request: text (``HOST:PORT key=value...``) and JSON lines;
 - the registry's reply: text (``STATUS CODE key=value ... explanation``) and
   JSON, both parsed into one ``Reply`` value;
-- the UDP cookie challenge (``COOKIE cookie=VALUE ...``);
+- the UDP cookie challenge (``COOKIE cookie=VALUE pad=N ...``) and request padding;
 - the callback line (``CALLBACK id=ID nonce=NONCE greeting``) and its echo;
 - ``LineAssembler``: a capped line buffer in the h11 style;
 - the exit-status table shared by ``student client`` and ``student lab``.
@@ -349,6 +349,28 @@ def _json_field_text(value: object) -> str | None:
 def cookie_of(reply: Reply) -> str | None:
     """The cookie of a UDP ``COOKIE cookie=VALUE ...`` challenge, else ``None``."""
     return reply.get("cookie") if reply.status == "COOKIE" else None
+
+
+# UDP replies are never larger than the request that caused them (no
+# amplification), so a client pads its request with spaces: to at least
+# UDP_MIN_BYTES always (room for the registry's shortest challenge,
+# ``COOKIE pad=N``), and to the ``pad=N`` a challenge asks for, up to UDP_MAX_PAD.
+UDP_MIN_BYTES = 16
+UDP_MAX_PAD = 1200
+
+
+def pad_of(reply: Reply) -> int | None:
+    """The ``pad=N`` a UDP ``COOKIE`` challenge asks for (capped at UDP_MAX_PAD), else ``None``."""
+    value = reply.get("pad") if reply.status == "COOKIE" else None
+    if value is None or not value.isdigit() or not value.isascii():
+        return None
+    return min(int(value[:6]), UDP_MAX_PAD)
+
+
+def pad_datagram(line: str, size: int) -> bytes:
+    """``line`` encoded and padded with trailing spaces to ``size`` bytes (never cut)."""
+    data = line.encode()
+    return data + b" " * max(size - len(data), 0)
 
 
 # --- the callback ----------------------------------------------------------------

@@ -58,6 +58,7 @@ class RegistryProcess:
     db: Path
     tcp: list[str]
     logs: list[dict] = field(default_factory=list)
+    admin: str | None = None  # "127.0.0.1:PORT" of the admin endpoint, when started with one
     raw: list[str] = field(default_factory=list)
 
     @property
@@ -95,6 +96,7 @@ def _drain(proc: subprocess.Popen[str], reg: RegistryProcess, ready: threading.E
         reg.logs.append(event)
         if event.get("event") == "listening":
             reg.tcp[:] = event["tcp"]
+            reg.admin = event.get("admin") if event.get("admin") != "off" else None
             ready.set()
     ready.set()
 
@@ -107,10 +109,11 @@ def run_registry(
     config: str | None = None,
     timeout: float = 15.0,
     cwd: Path | None = None,
+    admin: str = "off",
 ) -> Iterator[RegistryProcess]:
     """Start the real ``registry serve`` executable; stop it (by PID) afterwards."""
     db = tmp_path / "registry.db"
-    cmd = [exe("registry"), "serve", "--db", str(db), "--log-format", "json", "--admin", "off"]
+    cmd = [exe("registry"), "serve", "--db", str(db), "--log-format", "json", "--admin", admin]
     for spec in listen:
         cmd += ["--listen", spec]
     if config is not None:

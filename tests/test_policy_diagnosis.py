@@ -128,3 +128,14 @@ def test_explain_is_safe_for_any_text(diag: Diagnosis, adv: str, obs: str, port:
     line = explain(diag, adv, obs, port)
     assert line.isascii() and len(line) < 400
     assert all(32 <= ord(ch) < 127 for ch in line)
+
+
+def test_double_nat_advice_never_forwards_the_router_to_a_container() -> None:
+    from registry.model import Diagnosis
+    from registry.policy.diagnosis import explain
+
+    text = explain(Diagnosis.PRIVATE_BEHIND_NAT, "172.17.0.2", "203.0.113.7", 15000)
+    assert "to 172.17.0.2" not in text and "docker run -p 15000:15000" in text
+    assert "advertise 203.0.113.7:15000" in text
+    plain = explain(Diagnosis.PRIVATE_BEHIND_NAT, "192.168.1.5", "203.0.113.7", 15000)
+    assert "Forward port 15000 on the router to 192.168.1.5:15000" in plain

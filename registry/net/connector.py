@@ -33,11 +33,17 @@ _ERRNO_CODES: dict[int, Code] = {
     errno.ECONNRESET: Code.RESET,
     errno.EPIPE: Code.RESET,
     errno.ECONNABORTED: Code.RESET,
+    # The registry's own resources, not the target's fault: BUSY, try again later.
+    errno.EMFILE: Code.OVERLOADED,
+    errno.ENFILE: Code.OVERLOADED,
+    errno.ENOBUFS: Code.OVERLOADED,
+    errno.ENOMEM: Code.OVERLOADED,
 }
 
 
 def map_os_error(e: OSError) -> Code:
-    """The FAILED code for a socket error (unknown errors count as unreachable)."""
+    """The reply code for a socket error: a FAILED code, or OVERLOADED when the
+    registry itself is out of descriptors or memory (unknown errors: unreachable)."""
     return _ERRNO_CODES.get(e.errno or 0, Code.UNREACHABLE)
 
 
@@ -52,10 +58,10 @@ class TcpConnector:
     ) -> CallResult:
         cfg = self.config
         family = socket.AF_INET6 if target.host.version == 6 else socket.AF_INET
-        sock = trio.socket.socket(family, socket.SOCK_STREAM)
         started = trio.current_time()
         try:
-            with sock:
+            # Inside the try: out of descriptors (EMFILE) is an outcome, not a crash.
+            with trio.socket.socket(family, socket.SOCK_STREAM) as sock:
                 try:
                     with trio.fail_after(cfg.connect_timeout):
                         await sock.connect((target.host.compressed, target.port))

@@ -18,6 +18,7 @@ import trio
 from registry.config import ProtocolConfig
 from registry.errors import ProtocolError
 from registry.model import Code, Endpoint, Outcome, Protocol, Request
+from registry.protocol.jsonl import JsonReceiver, format_json_reply
 from registry.protocol.reply import format_reply
 from registry.protocol.sniff import sniff
 from registry.protocol.text import NeedData, TextReceiver
@@ -26,17 +27,29 @@ from registry.service import Service, StoreUnavailable, store_failure_outcome
 log = structlog.get_logger(component="tcp")
 _conn_ids = itertools.count(1)
 
-# Builds a receiver for a sniffed protocol; JSON lines plug in here.
-ReceiverFactory = Callable[[Protocol, ProtocolConfig], "TextReceiver"]
+# Builds a receiver for a sniffed protocol (same interface: receive_data/next_event/quiet/buffered).
+ReceiverFactory = Callable[[Protocol, ProtocolConfig], "TextReceiver | JsonReceiver"]
 
 
-def default_receiver(protocol: Protocol, cfg: ProtocolConfig) -> TextReceiver:
+def default_receiver(protocol: Protocol, cfg: ProtocolConfig) -> TextReceiver | JsonReceiver:
+    if protocol is Protocol.JSON:
+        return JsonReceiver(cfg.max_request_bytes)
     return TextReceiver(cfg.max_request_bytes)
 
 
+def default_encode(protocol: Protocol, outcome: Outcome) -> bytes:
+    """A JSON client gets a JSON reply (its errors too); everyone else the text line."""
+    if protocol is Protocol.JSON:
+        return format_json_reply(outcome)
+    return format_reply(outcome)
+
+
 def _endpoint(addr: tuple) -> Endpoint:  # type: ignore[type-arg]
-    host = addr[0].split("%", 1)[0]
-    return Endpoint(ipaddress.ip_address(host), int(addr[1]))
+    host = ipaddress.ip_address(addr[0].split("%", 1)[0])
+    # A dual-stack socket reports IPv4 peers as ::ffff:a.b.c.d: that is the IPv4 peer itself.
+    if isinstance(host, ipaddress.IPv6Address) and host.ipv4_mapped is not None:
+        host = host.ipv4_mapped
+    return Endpoint(host, int(addr[1]))
 
 
 def peer_endpoint(stream: trio.SocketStream) -> Endpoint:
@@ -109,7 +122,7 @@ class TcpHandler:
     ) -> None:
         self.service = service
         self.make_receiver = make_receiver
-        self.encode = encode or (lambda protocol, outcome: format_reply(outcome))
+        self.encode = encode or default_encode
 
     async def __call__(self, stream: trio.SocketStream) -> None:
         try:
@@ -134,14 +147,21 @@ class TcpHandler:
         cfg = self.service.config.protocol
         received_at = time.time()
         protocol = Protocol.TEXT
+        sniffed: list[Protocol] = []
+
+        def make_receiver(p: Protocol, c: ProtocolConfig) -> TextReceiver | JsonReceiver:
+            sniffed.append(p)  # so a request that fails to parse is answered in its protocol
+            return self.make_receiver(p, c)
+
         try:
-            protocol, request = await read_request(stream, cfg, self.make_receiver)
+            protocol, request = await read_request(stream, cfg, make_receiver)
             structlog.contextvars.bind_contextvars(protocol=protocol.value)
             # Shielded: the callback and its record complete even if the client
             # vanishes or the server starts draining (the grace period bounds it).
             with trio.CancelScope(shield=True):
                 outcome = await self.service.register(request, peer, protocol, received_at, local)
         except ProtocolError as e:
+            protocol = sniffed[0] if sniffed else protocol
             try:
                 with trio.CancelScope(shield=True):
                     outcome = await self.service.reject(e, peer, protocol, received_at)

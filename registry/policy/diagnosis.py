@@ -158,10 +158,29 @@ def explain(diagnosis: Diagnosis, advertised: str, observed: str, port: int) -> 
     """
     template = _TEMPLATES.get(diagnosis, _TEMPLATES[Diagnosis.DIFFERENT_HOST])
     a, o = str(advertised), str(observed)
+    if diagnosis is Diagnosis.PRIVATE_BEHIND_NAT and _in_container_pool(a):
+        # Double NAT: the router cannot reach a container bridge address, so
+        # "forward the router to A" would be advice nobody can follow.
+        template = _DOUBLE_NAT
     line = template.format(A=_host(a), O=_host(o), P=_port(port), FA=_family(a), FO=_family(o))
     if len(line) > MAX_EXPLANATION:
         line = line[: MAX_EXPLANATION - 3] + "..."
     return line
+
+
+_DOUBLE_NAT = (
+    "You sent {A}:{P}, a container bridge address, and the registry saw the public "
+    "address {O}: your server is in a container behind its host, behind a NAT router. "
+    "Publish the port on the host (docker run -p {P}:{P}), forward port {P} on the router "
+    "to the host's LAN address, and advertise {O}:{P}."
+)
+
+
+def _in_container_pool(text: str) -> bool:
+    try:
+        return container_network(ipaddress.ip_address(text.strip("[]"))) is not None
+    except ValueError:
+        return False
 
 
 def _port(port: object) -> str:

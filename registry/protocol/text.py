@@ -146,7 +146,7 @@ def _parse_hostport(token: str) -> tuple[IPAddress | str, int]:
         raise _malformed(
             f"missing port after {quote_input(token)}; write HOST:PORT, like {EXAMPLE}"
         )
-    return _parse_host(host_text), _parse_port(port_text)
+    return parse_host(host_text), _parse_port(port_text)
 
 
 def _explain_colons(token: str) -> str:
@@ -193,10 +193,10 @@ def _parse_bracketed(token: str) -> tuple[IPAddress, int]:
         raise _malformed(
             f"missing port after {quote_input(token)}; write [IPv6]:PORT, like {EXAMPLE6}"
         )
-    return _parse_ipv6(inner), _parse_port(after[1:])
+    return parse_ipv6(inner), _parse_port(after[1:])
 
 
-def _parse_ipv6(inner: str) -> ipaddress.IPv6Address:
+def parse_ipv6(inner: str) -> ipaddress.IPv6Address:
     if "%" in inner:
         zone = inner[inner.index("%") :]
         raise _malformed(
@@ -243,7 +243,7 @@ def _parse_port(text: str) -> int:
 # --------------------------------------------------------------------------- hosts
 
 
-def _parse_host(text: str) -> IPAddress | str:
+def parse_host(text: str) -> IPAddress | str:
     """Canonical dotted-decimal IPv4, or a hostname (lower-cased, one trailing dot dropped)."""
     parts = text.split(".")
     if len(parts) == 4 and all(_DEC_OCTET.fullmatch(p) and int(p) <= 255 for p in parts):

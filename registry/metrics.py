@@ -1,0 +1,149 @@
+"""Prometheus metrics for the admin endpoint's ``/metrics``.
+
+Everything lives in this module's own ``CollectorRegistry`` (never the
+process-global ``REGISTRY``): two registries in one process (tests run
+several) must not collide, and nothing a library registers globally leaks
+into the registry's exposition.
+
+Two kinds of metric:
+
+- event metrics, fed by ``Metrics.observe`` (appended to ``Service.observers``,
+  so it runs once per recorded registration): the ``registrations_total``
+  counter and the callback-RTT and registration-duration histograms;
+- state metrics, read at scrape time by ``_StateCollector`` from zero-argument
+  probes (open connections, callbacks in flight, rate-limiter entries,
+  draining, the info labels), so they can never go stale.
+
+Names carry the ``registry_`` prefix (Prometheus naming practice: one
+application prefix); times are in seconds, the Prometheus base unit.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
+from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector
+
+from registry.store import Record
+
+# A loopback callback takes well under a millisecond; one across a campus
+# network tens of ms; connect_timeout defaults to 3 s.
+RTT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+# A registration lasts as long as its callback (connect + verify timeouts).
+DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+def package_version() -> str:
+    """The installed callback-lab version ("unknown" when run from a bare checkout)."""
+    try:
+        return importlib.metadata.version("callback-lab")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class Probes:
+    """Zero-argument readers of live state, called at every scrape."""
+
+    open_connections: Callable[[], int] = lambda: 0
+    callbacks_in_flight: Callable[[], int] = lambda: 0
+    callbacks_waiting: Callable[[], int] = lambda: 0
+    limiter_entries: Callable[[], int] = lambda: 0
+    event_clients: Callable[[], int] = lambda: 0
+    draining: Callable[[], bool] = lambda: False
+    policy_mode: Callable[[], str] = lambda: ""
+
+
+class _StateCollector(Collector):
+    """Gauges and the info metric, computed from the probes at scrape time."""
+
+    def __init__(self, probes: Probes, version: str) -> None:
+        self.probes = probes
+        self.version = version
+
+    def collect(self) -> Iterator[Metric]:
+        p = self.probes
+        gauges = (
+            ("registry_open_connections", "Registration connections open now", p.open_connections),
+            (
+                "registry_callbacks_in_flight",
+                "Callbacks dialling or waiting for the nonce echo now",
+                p.callbacks_in_flight,
+            ),
+            (
+                "registry_callbacks_waiting",
+                "Admitted callbacks queued for a dialling slot",
+                p.callbacks_waiting,
+            ),
+            (
+                "registry_ratelimit_entries",
+                "Keys held across the rate limiter's tables",
+                p.limiter_entries,
+            ),
+            ("registry_event_clients", "Admin /api/events streams open now", p.event_clients),
+            ("registry_draining", "1 while the registry drains for shutdown", p.draining),
+        )
+        for name, doc, probe in gauges:
+            yield GaugeMetricFamily(name, doc, value=float(probe()))
+        yield InfoMetricFamily(
+            "registry",
+            "Version and policy mode of this registry",
+            value={"version": self.version, "policy_mode": p.policy_mode()},
+        )
+
+
+class Metrics:
+    """The registry's metrics in their own CollectorRegistry.
+
+    ``metrics.observe`` is a ``Service.observers`` callback; ``render()`` is the
+    ``/metrics`` body (Prometheus text format 0.0.4).
+    """
+
+    def __init__(
+        self, probes: Probes | None = None, *, version: str | None = None, process: bool = True
+    ) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.registrations = Counter(
+            "registry_registrations",
+            "Recorded registrations by outcome",
+            ("status", "code", "protocol"),
+            registry=self.registry,
+        )
+        self.callback_rtt = Histogram(
+            "registry_callback_rtt_seconds",
+            "Time to connect back to the student's server (successful TCP connects)",
+            buckets=RTT_BUCKETS,
+            registry=self.registry,
+        )
+        self.duration = Histogram(
+            "registry_registration_duration_seconds",
+            "Time from request parsed to outcome recorded",
+            buckets=DURATION_BUCKETS,
+            registry=self.registry,
+        )
+        self.registry.register(_StateCollector(probes or Probes(), version or package_version()))
+        if process:
+            # process_* (fds, memory, cpu): cheap, and the fd count is what EMFILE watches.
+            ProcessCollector(registry=self.registry)
+
+    def observe(self, record: Record) -> None:
+        """Count one recorded registration (a Service observer: quick, never raises)."""
+        self.registrations.labels(record.status, record.code, record.protocol).inc()
+        if record.rtt_ms is not None:
+            self.callback_rtt.observe(record.rtt_ms / 1000.0)
+        if record.duration_ms is not None:
+            self.duration.observe(record.duration_ms / 1000.0)
+
+    def render(self, accept: str = "") -> tuple[bytes, str]:
+        """(body, content type) for a scrape: Prometheus text, or OpenMetrics when the
+        scraper's ``Accept`` header asks for it (prometheus_client's negotiation)."""
+        encoder, content_type = choose_encoder(accept)
+        return encoder(self.registry), content_type
+
+
+__all__ = ["Metrics", "Probes", "package_version"]

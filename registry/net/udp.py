@@ -1,0 +1,413 @@
+"""UDP registration edge: text datagrams, stateless cookies, no amplification.
+
+One socket per TCP listener address, same port number. For each datagram:
+
+1. larger than ``udp.max_datagram_bytes``: ``ERROR too_long``;
+2. not a valid text request (``HOST:PORT[ key=value ...]``, ``cookie=`` allowed):
+   ``ERROR malformed`` with the parser's explanation;
+3. no cookie, or not one this registry issued to this source address and port
+   in the current or previous window: the challenge
+   ``COOKIE cookie=VALUE pad=N ...``, nothing else;
+4. a valid cookie: a registration like any other (policy, rate limits,
+   callback slots, record), run in its own task; its outcome comes back as
+   one reply datagram.
+
+Steps 1-3 keep no state and touch neither the store nor the rate limiter:
+their source address is unproven, and charging a forged address's budget
+(or filling the results with its name) would hand an attacker a weapon.
+Only a request that returned a cookie, and so really comes from its source,
+is recorded and counted; it holds one of the source's connection slots while
+its callback runs (``limits.max_connections_per_source``), and a retransmitted
+copy of a request still in progress is ignored.
+
+**No amplification.** No datagram the registry sends in reply is larger
+than the datagram that caused it (``fit_reply``): a long reply keeps its
+status, code and as many whole fields and words as fit, marked `` ...``. So
+that a client can get whole replies, the challenge says ``pad=N``: send the
+request again padded with spaces to N bytes (``udp.max_datagram_bytes``).
+When the challenge itself does not fit, the reply is the bare
+``COOKIE pad=N`` (14 bytes for N=512) asking for a padded retry; a request
+shorter than that gets no reply at all (the shortest possible request,
+``1.2.3.4:1024``, is 12 bytes; ``student client`` pads to 16 at least).
+
+The callback is a UDP datagram ``CALLBACK id=ID nonce=NONCE greeting`` from a
+fresh socket connected to the target; the echo must come back from the
+target's address and port within ``callback.verify_timeout``.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+import socket
+import time
+from collections.abc import Callable, Iterable
+
+import structlog
+import trio
+
+from registry.config import CallbackConfig, Config
+from registry.conncaps import ConnectionCaps
+from registry.errors import ProtocolError
+from registry.model import Code, Endpoint, Outcome, Protocol, Request
+from registry.net.connector import map_os_error
+from registry.protocol.callback import callback_line
+from registry.protocol.cookies import CookieJar
+from registry.protocol.reply import format_reply
+from registry.protocol.text import parse_line
+from registry.ratelimit import source_key
+from registry.service import (
+    CallResult,
+    Connector,
+    Service,
+    StoreUnavailable,
+    store_failure_outcome,
+)
+
+log = structlog.get_logger(component="udp")
+
+TRUNCATED = b" ..."
+# Without an echo to wait for (verify=no), wait this long for an ICMP "port
+# unreachable" so that a target with nothing listening still reads as refused.
+REFUSAL_GRACE = 0.25
+SECRET_BYTES = 32
+
+
+# ----------------------------------------------------------------- datagram shapes
+
+
+def fit_reply(line: bytes, limit: int) -> bytes | None:
+    """``line`` cut to at most ``limit`` bytes, or None when not even its head fits.
+
+    The head is the first two words (``STATUS CODE``, or ``COOKIE cookie=V``);
+    after it, whole words are kept while they fit with the `` ...`` that marks
+    a cut. The trailing LF goes first (a datagram needs no terminator), so the
+    content is kept as long as possible. Never longer than ``limit``.
+    """
+    body = line.rstrip(b"\r\n")
+    if len(body) <= limit:
+        return body + b"\n" if len(body) < limit else body
+    words = body.split(b" ")
+    out = b" ".join(words[:2])
+    if len(out) > limit:
+        return None
+    for word in words[2:]:
+        if len(out) + 1 + len(word) + len(TRUNCATED) > limit:
+            break
+        out += b" " + word
+    for tail in (TRUNCATED + b"\n", TRUNCATED, b"\n", b""):
+        if len(out) + len(tail) <= limit:
+            return out + tail
+    return out  # pragma: no cover (the empty tail always fits)
+
+
+def challenge_reply(cookie: str, pad: int, limit: int) -> bytes | None:
+    """The cookie challenge fitted to ``limit`` bytes, always with its ``pad=N``.
+
+    Longest first: with the explanation, then bare ``COOKIE cookie=V pad=N``;
+    when even that does not fit, ``COOKIE pad=N`` (retry padded, then you get
+    a cookie); None when nothing fits.
+    """
+    compact = f"COOKIE cookie={cookie} pad={pad}"
+    full = (
+        f"{compact} send the same request again with cookie={cookie} added, "
+        f"padded with spaces to {pad} bytes so that the whole reply fits"
+    )
+    for line in (full, compact):
+        out = fit_reply(line.encode("ascii"), limit)
+        if out is not None and out.startswith(compact.encode("ascii")):
+            return out
+    return fit_reply(f"COOKIE pad={pad}".encode("ascii"), limit)
+
+
+def error_reply(error: ProtocolError, limit: int) -> bytes | None:
+    """An ERROR line for a datagram that is not a request (nothing recorded: the source is unproven)."""
+    return fit_reply(format_reply(Outcome(code=error.code, explanation=error.explanation)), limit)
+
+
+def _endpoint(addr: tuple) -> Endpoint:  # type: ignore[type-arg]
+    """The peer as an Endpoint; ``::ffff:a.b.c.d`` from a dual-stack socket is the IPv4 peer.
+
+    Replies still go to the raw ``addr`` the socket reported.
+    """
+    host = ipaddress.ip_address(addr[0].split("%", 1)[0])
+    if isinstance(host, ipaddress.IPv6Address) and host.ipv4_mapped is not None:
+        host = host.ipv4_mapped
+    return Endpoint(host, int(addr[1]))
+
+
+# ------------------------------------------------------------------------- sockets
+
+
+async def open_udp_sockets(
+    endpoints: Iterable[Endpoint], *, skip_in_use: bool = False
+) -> list[trio.socket.SocketType]:
+    """One bound UDP socket per endpoint (IPv6 ones V6ONLY, as the TCP listeners are).
+
+    Raises OSError naming the address; sockets already opened are closed first.
+    ``skip_in_use``: an address whose UDP port is taken is skipped with a
+    warning instead (for kernel-chosen TCP ports, where the same UDP port may
+    belong to someone else by chance).
+    """
+    socks: list[trio.socket.SocketType] = []
+    try:
+        for ep in endpoints:
+            family = socket.AF_INET6 if ep.host.version == 6 else socket.AF_INET
+            sock = trio.socket.socket(family, socket.SOCK_DGRAM)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                await sock.bind((ep.host.compressed, ep.port))
+            except OSError as e:
+                sock.close()
+                if skip_in_use and e.errno == errno.EADDRINUSE:
+                    log.warning("udp_skipped", address=str(ep), error=e.strerror)
+                    continue
+                raise OSError(e.errno, f"cannot listen on udp {ep}: {e.strerror}") from e
+            socks.append(sock)
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
+
+
+def udp_endpoint(sock: trio.socket.SocketType) -> Endpoint:
+    """The address a UDP socket is bound to."""
+    return _endpoint(sock.getsockname())
+
+
+# ----------------------------------------------------------------------- connector
+
+
+class UdpConnector:
+    """The UDP callback: one datagram to the target, then wait for its echo.
+
+    ``config`` is called per callback, so a reload's timeouts apply at once.
+    Results: the echo -> CONNECTED verified; another datagram from the target
+    -> CONNECTED unverified (something answers there); an ICMP refusal ->
+    connection_refused; silence -> timeout (UDP cannot tell a silent server
+    from no server), except with ``wait_echo`` False, where a sent datagram
+    that drew no refusal within ``REFUSAL_GRACE`` counts as CONNECTED
+    unverified.
+    """
+
+    def __init__(self, config: Callable[[], CallbackConfig]) -> None:
+        self.config = config
+
+    async def call(
+        self, target: Endpoint, reg_id: str, nonce: str, *, wait_echo: bool
+    ) -> CallResult:
+        cfg = self.config()
+        family = socket.AF_INET6 if target.host.version == 6 else socket.AF_INET
+        sock = trio.socket.socket(family, socket.SOCK_DGRAM)
+        started = trio.current_time()
+        try:
+            with sock:
+                # connect(): the kernel then delivers only the target's datagrams,
+                # and reports its ICMP errors to us.
+                await sock.connect((target.host.compressed, target.port))
+                await sock.send(callback_line(reg_id, nonce, cfg.greeting))
+                wait = cfg.verify_timeout if wait_echo else min(REFUSAL_GRACE, cfg.verify_timeout)
+                answered, verified = await self._await_echo(sock, nonce, wait, cfg)
+        except OSError as e:
+            return CallResult(map_os_error(e), _describe(e))
+        rtt_ms = (answered - started) * 1000.0 if answered is not None else None
+        if verified:
+            return CallResult(Code.CONNECTED, "the echo datagram arrived", rtt_ms, True)
+        if answered is not None:
+            return CallResult(Code.CONNECTED, "the target answered without the nonce", rtt_ms)
+        if wait_echo:
+            return CallResult(
+                Code.TIMEOUT, f"no datagram came back within {cfg.verify_timeout:g} s"
+            )
+        return CallResult(Code.CONNECTED, "datagram sent; no echo awaited (verify=no)")
+
+    async def _await_echo(
+        self, sock: trio.socket.SocketType, nonce: str, wait: float, cfg: CallbackConfig
+    ) -> tuple[float | None, bool]:
+        """(time of the first datagram back or None, whether one held ``nonce=NONCE``)."""
+        needle = f"nonce={nonce}".encode("ascii")
+        first: float | None = None
+        budget = cfg.max_response_bytes
+        with trio.move_on_after(wait):
+            while budget > 0:
+                data = await sock.recv(2048)
+                if first is None:
+                    first = trio.current_time()
+                if needle in data:
+                    return first, True
+                budget -= max(len(data), 1)  # empty datagrams count too: bounded work
+        return first, False
+
+
+def _describe(e: OSError) -> str:
+    if not e.errno:
+        return str(e)
+    return f"{errno.errorcode.get(e.errno, 'error')}: {os.strerror(e.errno)}"
+
+
+# ---------------------------------------------------------------------------- edge
+
+
+class UdpEdge:
+    """The per-socket datagram handler; ``serve_udp`` runs its loop."""
+
+    def __init__(
+        self,
+        sock: trio.socket.SocketType,
+        service: Service,
+        cookies: CookieJar,
+        cfg_getter: Callable[[], Config],
+        *,
+        connector: Connector | None = None,
+        caps: ConnectionCaps | None = None,
+        random_bytes: Callable[[int], bytes] = os.urandom,
+    ) -> None:
+        self.sock = sock
+        self.service = service
+        self.cookies = cookies
+        self.cfg = cfg_getter
+        self.connector = connector or UdpConnector(lambda: cfg_getter().callback)
+        self.caps = caps
+        self.random_bytes = random_bytes
+        bound = udp_endpoint(sock)
+        # Behind a wildcard the concrete local address is unknown (no IP_PKTINFO):
+        # the policy's own-sockets rule then relies on the port alone.
+        self.local = None if bound.host.is_unspecified else bound
+        self.in_flight: set[tuple[Endpoint, bytes]] = set()
+        self.sent_bytes = 0
+        self.received_bytes = 0
+
+    def _refresh_cookies(self, now: float) -> None:
+        """Rotate the secret once per window (idempotent: sockets share the jar)."""
+        window = self.cfg().udp.cookie_window
+        if window != self.cookies.window:
+            self.cookies.window = float(window)  # a reload: cookies issued so far expire
+        if self.cookies.rotation_due(now):
+            self.cookies.rotate(self.random_bytes(SECRET_BYTES), now)
+
+    async def send(self, reply: bytes | None, request_size: int, addr: tuple) -> None:  # type: ignore[type-arg]
+        """Send ``reply`` if it is no larger than its request (it always is: fit_reply)."""
+        if reply is None:
+            return
+        if len(reply) > request_size:  # the no-amplification rule, enforced at the last step
+            log.error("udp_reply_too_large", size=len(reply), request_size=request_size)
+            return
+        try:
+            await self.sock.sendto(reply, addr)
+            self.sent_bytes += len(reply)
+        except OSError as e:
+            log.debug("udp_send_failed", error=e.strerror)
+
+    async def datagram(self, data: bytes, addr: tuple, nursery: trio.Nursery) -> None:  # type: ignore[type-arg]
+        """Handle one datagram: answer statelessly, or start a registration task."""
+        self.received_bytes += len(data)
+        cfg = self.cfg()
+        size = len(data)
+        if size > cfg.udp.max_datagram_bytes:
+            error = ProtocolError(
+                Code.TOO_LONG,
+                f"datagram longer than {cfg.udp.max_datagram_bytes} bytes; send one short "
+                "line HOST:PORT[ key=value ...]",
+            )
+            await self.send(error_reply(error, size), size, addr)
+            return
+        peer = _endpoint(addr)
+        try:
+            request = parse_line(data, allow_cookie=True)
+        except ProtocolError as e:
+            await self.send(error_reply(e, size), size, addr)
+            return
+        now = trio.current_time()
+        self._refresh_cookies(now)
+        if not self.cookies.check(request.cookie, peer, now):
+            cookie = self.cookies.issue(peer, now)
+            await self.send(challenge_reply(cookie, cfg.udp.max_datagram_bytes, size), size, addr)
+            return
+        key = (peer, data)
+        if key in self.in_flight:
+            return  # a retransmission: the first copy's reply answers it
+        slot = source_key(peer.host, cfg.ratelimit.ipv6_prefix)
+        if self.caps is not None and self.caps.acquire(slot) is not None:
+            busy = Outcome(
+                code=Code.OVERLOADED,
+                retry_after=5,
+                explanation="too many registrations in progress from your address; retry shortly",
+            )
+            await self.send(fit_reply(format_reply(busy), size), size, addr)
+            return
+        self.in_flight.add(key)
+        nursery.start_soon(self._register, request, peer, addr, key, slot)
+
+    async def _register(
+        self,
+        request: Request,
+        peer: Endpoint,
+        addr: tuple,  # type: ignore[type-arg]
+        key: tuple[Endpoint, bytes],
+        slot: object,
+    ) -> None:
+        received_at = time.time()
+        try:
+            with structlog.contextvars.bound_contextvars(peer=str(peer), protocol="udp"):
+                try:
+                    # Shielded as on TCP: once its callback started, a registration is
+                    # recorded even if the server starts draining.
+                    with trio.CancelScope(shield=True):
+                        outcome = await self.service.register(
+                            request,
+                            peer,
+                            Protocol.UDP,
+                            received_at,
+                            self.local,
+                            connector=self.connector,
+                        )
+                except StoreUnavailable:
+                    outcome = store_failure_outcome(None)
+        finally:
+            self.in_flight.discard(key)
+            if self.caps is not None:
+                self.caps.release(slot)  # type: ignore[arg-type]
+        await self.send(fit_reply(format_reply(outcome), len(key[1])), len(key[1]), addr)
+
+
+async def serve_udp(
+    sock: trio.socket.SocketType,
+    service: Service,
+    cookies: CookieJar,
+    cfg_getter: Callable[[], Config],
+    *,
+    handlers: trio.Nursery | None = None,
+    caps: ConnectionCaps | None = None,
+    connector: Connector | None = None,
+    task_status: trio.TaskStatus[UdpEdge] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve registrations on a bound UDP socket until cancelled; never raises for a client.
+
+    Registrations run in ``handlers`` (the server's handler nursery, so the
+    drain's grace period covers them) or in a nursery of this task. The
+    socket is not closed here: in-flight registrations still reply on it
+    after the receive loop stops.
+    """
+    edge = UdpEdge(sock, service, cookies, cfg_getter, connector=connector, caps=caps)
+    async with trio.open_nursery() as own:
+        nursery = handlers if handlers is not None else own
+        task_status.started(edge)
+        while True:
+            try:
+                data, addr = await sock.recvfrom(edge.cfg().udp.max_datagram_bytes + 1)
+            except trio.ClosedResourceError:
+                return  # the server closed the socket: nothing more will arrive
+            except OSError as e:
+                if e.errno in (errno.EBADF, errno.ENOTSOCK):
+                    return
+                # e.g. a queued ICMP error on some platforms: not fatal
+                log.debug("udp_recv_error", error=e.strerror)
+                await trio.lowlevel.checkpoint()
+                continue
+            try:
+                await edge.datagram(data, addr, nursery)
+            except Exception as e:  # last resort: one bad datagram must not stop the loop
+                log.exception("udp_datagram_crashed", error=repr(e))

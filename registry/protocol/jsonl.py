@@ -1,0 +1,414 @@
+"""JSON lines on the registration port: one request object, one reply object, sans-io.
+
+The request (SPEC)::
+
+    {"host": "192.168.1.105", "port": 15000, "student": "alice", "token": "t", "verify": true}
+
+Strict, because a lenient JSON reader is where ambiguity creeps in:
+
+- exactly one JSON object, UTF-8, at most ``max_bytes`` bytes, nested at most
+  ``MAX_DEPTH`` deep (counted on the raw bytes *before* ``json.loads``, so a
+  deeply nested bomb never reaches the recursive parser);
+- no duplicate keys (``{"port": 1, "port": 15000}`` means different things to
+  different parsers), no ``NaN``/``Infinity`` (not JSON), no trailing data;
+- ``host`` (string) and ``port`` (integer, and ``true`` is not an integer)
+  are required; ``student``, ``token`` (strings) and ``verify`` (boolean) are
+  optional, and ``null`` for an optional field means the field is absent;
+  any other field is an error that names it;
+- ``host`` follows the text parser's rules: canonical dotted-decimal IPv4,
+  IPv6 with or without brackets (no zone id), or an RFC 1123 hostname; other
+  IPv4 spellings are refused, never reinterpreted.
+
+Every problem with the object is ``ERROR bad_json``, and the explanation
+starts by naming the field (``"port": ...``); an oversized request is
+``too_long``. ``JsonReceiver`` frames the object from a byte stream with the
+interface of ``text.TextReceiver``; ``format_json_reply`` writes the reply.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any
+
+from registry.errors import ProtocolError
+from registry.model import Code, IPAddress, Outcome, Request
+from registry.protocol.reply import quote_input, safe_text, safe_value
+
+# The text parser's host rules, reused so the two protocols cannot drift apart.
+# They are module-private there; see the report asking for public names.
+from registry.protocol.text import NEED_DATA, NeedData, parse_host, parse_ipv6
+
+DEFAULT_MAX_BYTES = 512
+# A request is a flat object (depth 1). A little room above that lets a nested
+# value be reported as the wrong type of a named field rather than as nesting.
+MAX_DEPTH = 4
+EXAMPLE = '{"host": "192.168.1.105", "port": 15000, "student": "alice"}'
+
+REQUIRED = ("host", "port")
+OPTIONAL = ("student", "token", "verify")
+FIELDS = REQUIRED + OPTIONAL
+REPLY_KEYS = (
+    "status",
+    "code",
+    "id",
+    "target",
+    "observed",
+    "diagnosis",
+    "rtt_ms",
+    "verified",
+    "retry_after",
+    "explanation",
+)
+
+_WHITESPACE = b" \t\r\n"
+_STUDENT = re.compile(r"[A-Za-z0-9._@-]{1,64}", re.ASCII)
+_SECRET = re.compile(r"[\x21-\x7e]{1,128}", re.ASCII)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _bad(explanation: str) -> ProtocolError:
+    return ProtocolError(Code.BAD_JSON, explanation)
+
+
+def _field_error(name: str, problem: str) -> ProtocolError:
+    """``"port": problem``: the field named first, as JSON writes it (escaped, capped)."""
+    shown = name if len(name) <= 30 else name[:27] + "..."
+    return _bad(f"{json.dumps(shown, ensure_ascii=True)}: {problem}")
+
+
+class _Duplicate(Exception):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+class _Constant(Exception):
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
+# ------------------------------------------------------------------------ scanning
+
+
+def scan_depth(body: bytes, limit: int = MAX_DEPTH) -> tuple[int, bool]:
+    """``(deepest nesting seen, brackets balanced)`` of raw JSON bytes, without parsing.
+
+    Brackets inside strings (with backslash escapes) do not count. The scan
+    stops as soon as the depth exceeds ``limit``: the caller refuses the
+    request without handing it to the recursive parser. ``balanced`` is True
+    when at least one bracket opened and every one has closed.
+    """
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in body:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # closing quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x7B, 0x5B):  # { [
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if deepest > limit:
+                    return deepest, False
+        elif byte in (0x7D, 0x5D) and depth > 0:  # } ]
+            depth -= 1
+    return deepest, deepest > 0 and depth == 0 and not in_string
+
+
+# ------------------------------------------------------------------------- parsing
+
+
+def parse_json(body: bytes | str, *, max_depth: int = MAX_DEPTH) -> Request:
+    """Parse one JSON request object (no terminator) into a ``Request``.
+
+    Raises ``ProtocolError(Code.BAD_JSON)`` whose explanation names the
+    offending field, or describes why the bytes are not one JSON object.
+    """
+    if isinstance(body, bytes):
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise _bad(
+                f"request is not valid UTF-8 (byte 0x{body[exc.start]:02x} at offset "
+                f"{exc.start}); send one JSON object like {EXAMPLE}"
+            ) from None
+        raw = body
+    else:
+        text, raw = body, body.encode("utf-8", "surrogatepass")
+    deepest, _ = scan_depth(raw, max_depth)
+    if deepest > max_depth:
+        raise _bad(
+            f"nesting too deep (more than {max_depth} levels); a request is one flat object "
+            f"like {EXAMPLE}"
+        )
+    obj = _loads(text)
+    if not isinstance(obj, dict):
+        raise _bad(
+            f"the request is {_type_name(obj)}, not an object; send one object like {EXAMPLE}"
+        )
+    return _request(obj)
+
+
+def _loads(text: str) -> Any:
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+    except _Duplicate as dup:
+        raise _field_error(dup.key, "given twice; give each field once") from None
+    except _Constant as const:
+        raise _bad(
+            f"{const.name} is not a JSON value (JSON has no NaN or Infinity); "
+            f"send one object like {EXAMPLE}"
+        ) from None
+    except json.JSONDecodeError as exc:
+        raise _bad(
+            f"not valid JSON: {exc.msg} at offset {exc.pos}; send one object like {EXAMPLE}"
+        ) from None
+    except RecursionError:  # unreachable behind scan_depth, kept as a backstop
+        raise _bad("nesting too deep") from None
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise _Duplicate(key)
+        obj[key] = value
+    return obj
+
+
+def _no_constant(name: str) -> Any:
+    raise _Constant(name)
+
+
+def _type_name(value: object) -> str:
+    """What a JSON value is, with its article: "an integer", "a string", "null"."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number with a fraction or exponent"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+def _request(obj: dict[str, Any]) -> Request:
+    """Check the fields of the parsed object, in a fixed order so errors are stable."""
+    unknown = [key for key in obj if key not in FIELDS]
+    if unknown:
+        hint = " (cookies are for the UDP text protocol)" if unknown[0] == "cookie" else ""
+        raise _field_error(unknown[0], f"unknown field{hint}; accepted fields: {', '.join(FIELDS)}")
+    for key in REQUIRED:
+        if key not in obj:
+            raise _field_error(key, f"missing; a request needs host and port, like {EXAMPLE}")
+    host = _host(obj["host"])
+    port = _port(obj["port"])
+    options: dict[str, Any] = {}
+    for key in OPTIONAL:
+        value = obj.get(key)
+        if value is not None:  # null means absent
+            options[key] = _option(key, value)
+    return Request(host=host, port=port, **options)
+
+
+def _host(value: Any) -> IPAddress | str:
+    if not isinstance(value, str):
+        raise _field_error("host", f"expected a string, got {_type_name(value)}")
+    bad = _CONTROL.search(value)
+    if bad is not None:
+        raise _field_error("host", f"contains the control character {quote_input(bad.group())}")
+    if not value:
+        raise _field_error("host", 'empty; write an address like "192.168.1.105"')
+    if value != value.strip():
+        raise _field_error("host", f"{quote_input(value)} has surrounding spaces; remove them")
+    try:
+        if value.startswith("["):
+            if not value.endswith("]"):
+                raise _field_error(
+                    "host", f"{quote_input(value)} has no closing ']'; brackets are optional here"
+                )
+            return parse_ipv6(value[1:-1])
+        if ":" in value:
+            return parse_ipv6(value)
+        return parse_host(value)
+    except ProtocolError as exc:
+        if exc.code is Code.BAD_JSON:
+            raise
+        raise _field_error("host", _json_words(exc.explanation)) from None
+
+
+def _json_words(explanation: str) -> str:
+    """The text parser's advice, with its HOST:PORT examples put the JSON way."""
+    return (
+        explanation.replace("write HOST:PORT, like 192.168.1.105:15000", 'like "192.168.1.105"')
+        .replace("write [IPv6]:PORT, like [2001:db8::1]:15000", 'like "2001:db8::1"')
+        .replace("like 192.168.1.105:15000", 'like "192.168.1.105"')
+    )
+
+
+def _port(value: Any) -> int:
+    # bool is a subclass of int in Python, and true == 1: refuse it by name.
+    if isinstance(value, bool) or not isinstance(value, int):
+        extra = ""
+        if isinstance(value, float) and value.is_integer() and 0 < value <= 65535:
+            extra = f"; write {int(value)} without a fraction or exponent"
+        elif isinstance(value, str):
+            extra = "; write the number without quotes"
+        raise _field_error("port", f"expected an integer 1-65535, got {_type_name(value)}{extra}")
+    if not 1 <= value <= 65535:
+        shown = str(value) if abs(value) < 10**12 else "a huge number"
+        raise _field_error("port", f"{shown} is out of range; ports go from 1 to 65535")
+    return value
+
+
+def _option(key: str, value: Any) -> object:
+    if key == "verify":
+        if not isinstance(value, bool):
+            raise _field_error(key, f"expected true or false, got {_type_name(value)}")
+        return value
+    if not isinstance(value, str):
+        raise _field_error(key, f"expected a string, got {_type_name(value)}")
+    if key == "student":
+        if not _STUDENT.fullmatch(value):
+            raise _field_error(
+                key,
+                f"{quote_input(value, 30)} is not accepted; use 1-64 letters, digits and . _ @ -",
+            )
+        return value
+    # token: a secret, never echoed back, not even in part.
+    if not _SECRET.fullmatch(value):
+        raise _field_error(key, "must be 1-128 printable ASCII characters without spaces")
+    return value
+
+
+# ------------------------------------------------------------------------- framing
+
+
+class JsonReceiver:
+    """Frame one JSON request from a byte stream (same interface as ``TextReceiver``).
+
+    Whitespace before the object is skipped. The object ends at the first LF
+    (later bytes are ignored), at EOF, or when the caller's quiet period
+    passes *and* the brackets seen so far are balanced: an object cut in the
+    middle by a slow client keeps waiting (until the caller's total deadline)
+    instead of being parsed half-way. More than ``max_bytes`` before the LF
+    is ``TOO_LONG`` at once, and no more than ``max_bytes`` are ever held.
+    """
+
+    def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES, *, max_depth: int = MAX_DEPTH) -> None:
+        if max_bytes < 1:
+            raise ValueError("max_bytes must be at least 1")
+        self._max = max_bytes
+        self._max_depth = max_depth
+        self._seen = 0  # every byte before the terminator, leading whitespace included
+        self._buf = bytearray()
+        self._result: Request | ProtocolError | None = None
+
+    @property
+    def buffered(self) -> int:
+        """How many request bytes are held (leading whitespace and terminator excluded)."""
+        return len(self._buf)
+
+    def receive_data(self, data: bytes) -> None:
+        """Add bytes from the peer; ``b""`` means the peer closed or half-closed."""
+        if self._result is not None:
+            return  # one request per connection
+        if not data:
+            self._finish()
+            return
+        if not self._buf:
+            skipped = len(data) - len(data.lstrip(_WHITESPACE))
+            self._seen += skipped
+            data = data[skipped:]
+            if not data:
+                self._check_size(0)
+                return
+        cut = data.find(b"\n")
+        chunk = data if cut < 0 else data[:cut]
+        if not self._check_size(len(chunk)):
+            return
+        self._buf += chunk
+        self._seen += len(chunk)
+        if cut >= 0:
+            self._finish()
+
+    def _check_size(self, incoming: int) -> bool:
+        if self._seen + incoming <= self._max:
+            return True
+        self._result = ProtocolError(
+            Code.TOO_LONG,
+            f"request longer than {self._max} bytes; send one short JSON object on one line, "
+            f"like {EXAMPLE}",
+        )
+        return False
+
+    def next_event(self) -> Request | NeedData:
+        """The parsed request, ``NEED_DATA`` if incomplete; raises ``ProtocolError``."""
+        result = self._result
+        if result is None:
+            return NEED_DATA
+        if isinstance(result, ProtocolError):
+            raise ProtocolError(result.code, result.explanation)
+        return result
+
+    def quiet(self) -> Request | NeedData:
+        """The quiet period passed: take the object if it looks complete, else keep waiting."""
+        if self._result is None and self._buf:
+            deepest, balanced = scan_depth(bytes(self._buf), self._max_depth)
+            if balanced or deepest > self._max_depth:
+                self._finish()
+        return self.next_event()
+
+    def _finish(self) -> None:
+        body = bytes(self._buf).removesuffix(b"\r")
+        try:
+            if not body.strip(_WHITESPACE):
+                raise _bad(f"empty request; send one JSON object like {EXAMPLE}")
+            self._result = parse_json(body, max_depth=self._max_depth)
+        except ProtocolError as exc:
+            self._result = exc
+
+
+# --------------------------------------------------------------------------- reply
+
+
+def reply_object(outcome: Outcome) -> dict[str, Any]:
+    """The reply as a dict with every key of ``REPLY_KEYS`` (``None`` when absent)."""
+    rtt = outcome.rtt_ms
+    return {
+        "status": outcome.status.value,
+        "code": outcome.code.value,
+        "id": _value(outcome.id),
+        "target": _value(outcome.target),
+        "observed": _value(outcome.observed),
+        "diagnosis": outcome.diagnosis.value if outcome.diagnosis is not None else None,
+        "rtt_ms": round(rtt, 1) if rtt is not None and math.isfinite(rtt) else None,
+        "verified": outcome.verified,
+        "retry_after": int(outcome.retry_after) if outcome.retry_after is not None else None,
+        "explanation": safe_text(outcome.explanation) or None,
+    }
+
+
+def _value(text: str | None) -> str | None:
+    return safe_value(text) if text is not None else None
+
+
+def format_json_reply(outcome: Outcome) -> bytes:
+    """One JSON object and ``\\n``: printable ASCII (``ensure_ascii``), keys in ``REPLY_KEYS`` order."""
+    return (json.dumps(reply_object(outcome), ensure_ascii=True, allow_nan=False) + "\n").encode(
+        "ascii"
+    )

@@ -1,0 +1,293 @@
+"""Configuration: the documented example equals the defaults, the shipped
+profiles are valid, and every kind of mistake is reported naming its key,
+both by ``config.loads`` and by the real ``registry check-config``."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import tomllib
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from registry import config as config_mod
+from registry.config import Config
+from registry.errors import ConfigError
+from tests.support import ROOT, exe
+
+CONFIG_DIR = ROOT / "config"
+EXAMPLE = CONFIG_DIR / "registry.example.toml"
+PROFILES = ("lab.toml", "internet.toml", "nat-demo.toml")
+
+
+def _keys(cfg_type: type = Config) -> list[tuple[str, str, str]]:
+    """(section, TOML key, attribute) for every field of every section."""
+    out = []
+    for section in msgspec.structs.fields(cfg_type):
+        for f in msgspec.structs.fields(section.type):
+            out.append((section.encode_name, f.encode_name, f.name))
+    return out
+
+
+def _ids(keys: list[tuple[str, str, str]]) -> list[str]:
+    return [f"{s}.{k}" for s, k, _ in keys]
+
+
+KEYS = _keys()
+
+
+def check_config(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [exe("registry"), "check-config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+# --- the example documents every key, with its default ------------------------
+
+
+@pytest.mark.parametrize(("section", "key", "attr"), KEYS, ids=_ids(KEYS))
+def test_example_value_equals_default(section: str, key: str, attr: str) -> None:
+    loaded = config_mod.load(str(EXAMPLE))
+    default = Config()
+    assert getattr(getattr(loaded, section), attr) == getattr(getattr(default, section), attr)
+
+
+def test_example_loads_to_exactly_the_defaults() -> None:
+    assert config_mod.load(str(EXAMPLE)) == Config()
+
+
+@pytest.mark.parametrize(("section", "key", "attr"), KEYS, ids=_ids(KEYS))
+def test_every_key_is_written_and_commented_in_the_example(
+    section: str, key: str, attr: str
+) -> None:
+    """Drift guard: a key added to config.py must be added (with a comment) here."""
+    data = tomllib.loads(EXAMPLE.read_text())
+    assert key in data.get(section, {}), f"[{section}] {key} missing from {EXAMPLE.name}"
+    lines = EXAMPLE.read_text().splitlines()
+    start = lines.index(f"[{section}]")
+    at = next(
+        i for i in range(start + 1, len(lines)) if re.match(rf"{re.escape(key)}\s*=", lines[i])
+    )
+    assert lines[at - 1].startswith("#"), f"[{section}] {key}: no comment line right above it"
+
+
+def test_example_has_no_section_config_lacks() -> None:
+    data = tomllib.loads(EXAMPLE.read_text())
+    assert set(data) == {s for s, _, _ in KEYS}
+
+
+# --- shipped profiles ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", [*PROFILES, "registry.example.toml"])
+def test_shipped_profile_passes_check_config(name: str) -> None:
+    result = check_config(CONFIG_DIR / name)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.startswith("config OK\n")
+    assert "listen" in result.stdout and "ratelimit" in result.stdout
+
+
+def test_empty_file_is_the_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "empty.toml"
+    path.write_text("")
+    assert config_mod.load(str(path)) == Config()
+    result = check_config(path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.startswith("config OK\n")
+    assert "0.0.0.0:9000" in result.stdout
+
+
+def test_profiles_say_what_they_promise() -> None:
+    lab = config_mod.load(str(CONFIG_DIR / "lab.toml"))
+    internet = config_mod.load(str(CONFIG_DIR / "internet.toml"))
+    nat = config_mod.load(str(CONFIG_DIR / "nat-demo.toml"))
+    default = Config()
+    assert [(p.low, p.high) for p in lab.policy.ports] == [(10000, 20000)]
+    assert lab.policy.mode == "strict"
+    # a class behind one NAT address: room for 300 students a minute from one source
+    assert lab.ratelimit.per_source.per_second * 60 >= 300
+    assert lab.limits.max_connections_per_source >= 300
+    assert internet.policy.mode == "strict" and internet.auth.mode == "token"
+    assert internet.ratelimit.per_source.per_second < default.ratelimit.per_source.per_second
+    assert internet.limits.max_connections_per_source < default.limits.max_connections_per_source
+    assert nat.policy.mode == "nat-observed"
+    for cfg in (lab, internet, nat):
+        assert cfg.server.admin.startswith("127.0.0.1:"), "admin must stay on loopback"
+
+
+# --- every mistake names its key -----------------------------------------------
+
+# (id, TOML text, the problem lines expected: each a regex matched at a line's start)
+BAD = [
+    ("toml-syntax", "[server\nlisten = []\n", [r"TOML syntax: .*line 1"]),
+    ("toml-duplicate", "[server]\ndb = 'a'\ndb = 'b'\n", [r"TOML syntax: .*"]),
+    ("type-int", '[limits]\nmax_connections = "many"\n', [r"limits\.max_connections: .*int"]),
+    ("type-bool", '[server]\nudp = "yes"\n', [r"server\.udp: .*bool"]),
+    ("type-array", '[server]\nlisten = "0.0.0.0:9000"\n', [r"server\.listen: .*array"]),
+    ("type-table", "server = 3\n", [r"server: expected a \[server\] table"]),
+    ("unknown-key", "[policy]\nbogus = 1\n", [r"policy\.bogus: unknown key"]),
+    ("unknown-section", "[nope]\nx = 1\n", [r"nope: unknown section"]),
+    ("top-level-key", "grace_period = '5s'\n", [r"grace_period: unknown section"]),
+    (
+        "cidr-host-bits",
+        '[policy]\nallow_networks = ["10.0.0.1/8"]\n',
+        [r"policy\.allow_networks\[0\]: expected a CIDR .*host bits"],
+    ),
+    (
+        "cidr-garbage",
+        '[policy]\ndeny_networks = ["10.0.0.0/8", "lan"]\n',
+        [r"policy\.deny_networks\[1\]: expected a CIDR"],
+    ),
+    (
+        "cidr-not-string",
+        "[policy]\nreport_only_deny_networks = [10]\n",
+        [r"policy\.report_only_deny_networks\[0\]: expected a CIDR"],
+    ),
+    # the SPEC's own example, to the letter
+    (
+        "rate-word",
+        '[ratelimit]\nper_source = "ten"\n',
+        [r'ratelimit\.per_source: expected "N/unit", got "ten"$'],
+    ),
+    (
+        "rate-unit",
+        '[ratelimit]\nper_target = "10/fortnight"\n',
+        [r'ratelimit\.per_target: expected "N/unit", got "10/fortnight"'],
+    ),
+    ("rate-number", "[ratelimit]\nglobal = 5\n", [r'ratelimit\.global: expected "N/unit"']),
+    (
+        "rate-zero",
+        '[ratelimit]\nper_source = "0/second"\n',
+        [r"ratelimit\.per_source: expected N >= 1"],
+    ),
+    (
+        "duration-word",
+        '[server]\ngrace_period = "soon"\n',
+        [r'server\.grace_period: expected a duration like "250ms"'],
+    ),
+    (
+        "duration-unit",
+        '[callback]\nconnect_timeout = "3 parsecs"\n',
+        [r"callback\.connect_timeout: expected a duration"],
+    ),
+    (
+        "duration-negative",
+        "[protocol]\nread_deadline = -1\n",
+        [r"protocol\.read_deadline: expected a non-negative duration"],
+    ),
+    (
+        "duration-bool",
+        "[protocol]\nquiet_period = true\n",
+        [r"protocol\.quiet_period: expected a duration"],
+    ),
+    (
+        "duration-zero",
+        '[callback]\nconnect_timeout = "0s"\n',
+        [r"callback\.connect_timeout: expected a duration > 0"],
+    ),
+    (
+        "ports-reversed",
+        '[policy]\nports = ["20000-10000"]\n',
+        [r"policy\.ports\[0\]: expected ports within 1-65535 with low <= high"],
+    ),
+    (
+        "ports-too-high",
+        "[policy]\nports = [70000]\n",
+        [r"policy\.ports\[0\]: expected ports within"],
+    ),
+    ("ports-zero", '[policy]\nports = ["0-100"]\n', [r"policy\.ports\[0\]: expected ports within"]),
+    ("ports-word", '[policy]\nports = ["web"]\n', [r"policy\.ports\[0\]: expected a port range"]),
+    ("ports-empty", "[policy]\nports = []\n", [r"policy\.ports: expected at least one"]),
+    (
+        "listen-hostname",
+        '[server]\nlisten = ["localhost:9000"]\n',
+        [r"server\.listen\[0\]: expected an IP address"],
+    ),
+    (
+        "listen-no-port",
+        '[server]\nlisten = ["0.0.0.0:9000", "1.2.3.4"]\n',
+        [r"server\.listen\[1\]: expected HOST:PORT"],
+    ),
+    (
+        "listen-port-range",
+        '[server]\nlisten = ["[::1]:99999"]\n',
+        [r"server\.listen\[0\]: expected HOST:PORT"],
+    ),
+    ("listen-empty", "[server]\nlisten = []\n", [r"server\.listen: expected at least one"]),
+    ("admin-word", '[server]\nadmin = "nope"\n', [r'server\.admin: .*\(or "off"\)']),
+    ("mode", '[policy]\nmode = "lenient"\n', [r'policy\.mode: expected one of "strict"']),
+    ("auth-no-secret", '[auth]\nmode = "token"\n', [r"auth\.secret: .*needs auth\.secret"]),
+    (
+        "several",
+        '[ratelimit]\nper_source = "ten"\nglobal = 5\n[policy]\nbogus = 1\n[nope]\n',
+        [
+            r"ratelimit\.per_source: ",
+            r"ratelimit\.global: ",
+            r"policy\.bogus: unknown key",
+            r"nope: unknown section",
+        ],
+    ),
+    (
+        "several-semantic",
+        '[server]\nlisten = ["x:1"]\nadmin = "y"\nbacklog = 0\n',
+        [r"server\.listen\[0\]: ", r"server\.admin: ", r"server\.backlog: "],
+    ),
+]
+
+
+def _assert_problems(lines: list[str], expected: list[str]) -> None:
+    assert len(lines) == len(expected), lines
+    for pattern in expected:
+        assert any(re.match(pattern, line) for line in lines), (pattern, lines)
+
+
+@pytest.mark.parametrize(("text", "expected"), [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_loads_names_the_key(text: str, expected: list[str]) -> None:
+    with pytest.raises(ConfigError) as caught:
+        config_mod.loads(text)
+    _assert_problems(caught.value.problems, expected)
+
+
+@pytest.mark.parametrize(("text", "expected"), [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_check_config_exits_2_one_line_per_problem(
+    tmp_path: Path, text: str, expected: list[str]
+) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    result = check_config(path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    _assert_problems(result.stdout.splitlines(), expected)
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [(None, r".*missing\.toml: cannot read"), (b"\xff\xfe[server]\n", r".*: not UTF-8 text")],
+    ids=["missing", "not-utf8"],
+)
+def test_check_config_unreadable_file(tmp_path: Path, content: bytes | None, expected: str) -> None:
+    path = tmp_path / "missing.toml"
+    if content is not None:
+        path.write_bytes(content)
+    result = check_config(path)
+    assert result.returncode == 2
+    _assert_problems(result.stdout.splitlines(), [expected])
+
+
+def test_type_and_semantic_problems_are_reported_together() -> None:
+    with pytest.raises(ConfigError) as caught:
+        config_mod.loads('[server]\nlisten = ["localhost:9000"]\ngrace_period = "soon"\n')
+    _assert_problems(caught.value.problems, [r"server\.grace_period: ", r"server\.listen\[0\]: "])
+
+
+def test_every_bad_item_of_a_list_is_reported() -> None:
+    with pytest.raises(ConfigError) as caught:
+        config_mod.loads('[policy]\nallow_networks = ["10.0.0.0/8", "nope", "10.0.0.1/8"]\n')
+    _assert_problems(
+        caught.value.problems,
+        [r"policy\.allow_networks\[1\]: ", r"policy\.allow_networks\[2\]: "],
+    )
