@@ -12,9 +12,10 @@ import errno
 import ipaddress
 import os
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 
 import msgspec
 import structlog
@@ -26,6 +27,7 @@ from registry.config import Config
 from registry.conncaps import ConnectionCaps
 from registry.errors import ConfigError
 from registry.model import Code, Endpoint, Outcome
+from registry.net.accept import accept_loop
 from registry.net.admin import AdminServer
 from registry.net.admin import open_listeners as open_admin_listeners
 from registry.net.connector import TcpConnector
@@ -42,7 +44,6 @@ from registry.store import AsyncStore
 log = structlog.get_logger(component="server")
 
 # accept() errors that mean "out of some resource": back off instead of spinning.
-_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 
 
 def parse_hostport(text: str) -> tuple[str, int]:
@@ -129,7 +130,15 @@ class Registry:
                     runtime.shutdown = front.cancel_scope.cancel
                     runtime.reload = lambda: self._reload(runtime)
                     for listener in listeners:
-                        front.start_soon(self._accept_loop, listener, handler, handlers)
+                        front.start_soon(
+                            partial(
+                                accept_loop,
+                                listener,
+                                self.admission,
+                                partial(_spawn, handlers, self._guarded, handler),
+                                name="tcp",
+                            )
+                        )
                     # One cookie jar for every UDP socket: a client may reach either family.
                     cookies = CookieJar(
                         os.urandom(32), cfg.udp.cookie_window, now=trio.current_time()
@@ -235,28 +244,6 @@ class Registry:
                 raise OSError(e.errno, f"cannot listen on {spec}: {e.strerror}") from e
         return listeners
 
-    async def _accept_loop(
-        self, listener: trio.SocketListener, handler: TcpHandler, handlers: trio.Nursery
-    ) -> None:
-        while True:
-            # Take the connection slot BEFORE accept(): beyond the cap, clients
-            # wait in the kernel backlog and cost us no file descriptor.
-            token = object()
-            await self.admission.acquire_on_behalf_of(token)
-            try:
-                stream = await listener.accept()
-            except OSError as e:
-                self.admission.release_on_behalf_of(token)
-                if e.errno in _CAPACITY_ERRNOS:
-                    log.error("accept_capacity", error=e.strerror)
-                    await trio.sleep(0.1)
-                    continue
-                raise
-            except BaseException:
-                self.admission.release_on_behalf_of(token)
-                raise
-            handlers.start_soon(self._guarded, stream, handler, token)
-
     async def _guarded(self, stream: trio.SocketStream, handler: TcpHandler, token: object) -> None:
         try:
             try:
@@ -349,6 +336,16 @@ async def _refuse(stream: trio.SocketStream, timeout: float) -> None:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
     await trio.aclose_forcefully(stream)
+
+
+def _spawn(
+    nursery: trio.Nursery,
+    guarded: Callable[[trio.SocketStream, TcpHandler, object], Awaitable[None]],
+    handler: TcpHandler,
+    stream: trio.SocketStream,
+    token: object,
+) -> None:
+    nursery.start_soon(guarded, stream, handler, token)
 
 
 def _sockname(listener: trio.SocketListener) -> Endpoint:

@@ -37,7 +37,6 @@ students' data. Use an IP address, ``localhost``, or set a token.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import hmac
 import ipaddress
@@ -47,6 +46,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlencode, urlsplit
@@ -57,6 +57,7 @@ import trio
 
 from registry import dashboard
 from registry.metrics import Metrics, Probes, package_version
+from registry.net.accept import accept_loop
 
 # The JSON shapes of `registry results --format json`, reused so the API and the CLI agree.
 from registry.results import parse_since, record_json, summary_json
@@ -69,7 +70,6 @@ log = structlog.get_logger(component="admin")
 
 COOKIE = "registry_admin"
 # accept() errors meaning "out of some resource": back off, do not spin.
-_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 _JSON = "application/json; charset=utf-8"
 _TEXT = "text/plain; charset=utf-8"
 _HTML = "text/html; charset=utf-8"
@@ -336,29 +336,21 @@ class AdminServer:
         try:
             async with trio.open_nursery() as nursery:
                 for listener in listeners:
-                    nursery.start_soon(self._accept_loop, listener, nursery)
+                    nursery.start_soon(
+                        partial(
+                            accept_loop,
+                            listener,
+                            self.admission,
+                            lambda stream, token: nursery.start_soon(
+                                self._connection, stream, token
+                            ),
+                            name="admin",
+                        )
+                    )
                 task_status.started()
         finally:
             for listener in listeners:
                 await trio.aclose_forcefully(listener)
-
-    async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
-        while True:
-            token = object()
-            await self.admission.acquire_on_behalf_of(token)
-            try:
-                stream = await listener.accept()
-            except OSError as e:
-                self.admission.release_on_behalf_of(token)
-                if e.errno in _CAPACITY_ERRNOS:
-                    log.error("admin_accept_capacity", error=e.strerror)
-                    await trio.sleep(0.1)
-                    continue
-                raise
-            except BaseException:
-                self.admission.release_on_behalf_of(token)
-                raise
-            nursery.start_soon(self._connection, stream, token)
 
     async def _connection(self, stream: trio.SocketStream, token: object) -> None:
         try:
