@@ -230,7 +230,7 @@ class RateLimitConfig(_Section):
 
 
 class LimitsConfig(_Section):
-    max_connections: int = 4096
+    max_connections: int = 8192
     max_connections_per_source: int = 32
     max_callbacks_in_flight: int = 256
     max_callback_queue: int = 1024
@@ -366,6 +366,12 @@ def _semantic_problems(cfg: Config) -> list[str]:
         f"expected 32-65536, got {cfg.protocol.max_request_bytes}",
     )
     need(cfg.protocol.read_deadline > 0, "protocol.read_deadline", "expected a duration > 0")
+    need(cfg.protocol.write_timeout > 0, "protocol.write_timeout", "expected a duration > 0")
+    need(
+        0 < cfg.protocol.quiet_period < cfg.protocol.read_deadline,
+        "protocol.quiet_period",
+        "expected a duration > 0 and shorter than protocol.read_deadline",
+    )
     need(cfg.callback.connect_timeout > 0, "callback.connect_timeout", "expected a duration > 0")
     need(cfg.callback.max_response_bytes >= 64, "callback.max_response_bytes", "expected >= 64")
     need(bool(cfg.policy.ports), "policy.ports", "expected at least one port range")

@@ -263,7 +263,13 @@ class RateLimiter:
         return self._cfg
 
     def check(
-        self, source: IPAddress, target: Endpoint | None, now: float, *, take: bool = True
+        self,
+        source: IPAddress,
+        target: Endpoint | None,
+        now: float,
+        *,
+        take: bool = True,
+        include_global: bool = True,
     ) -> Allowed | Busy:
         """Take a token from every applicable bucket, or from none.
 
@@ -271,6 +277,9 @@ class RateLimiter:
         Busy carries the largest wait, rounded up to whole seconds, at least 1.
         ``take=False`` only looks: the service asks before expensive work (a DNS
         lookup) whose request will be charged by a real check afterwards.
+        ``include_global=False`` leaves the global bucket alone: it guards
+        callbacks, and bad requests (which cause none) must not be able to
+        drain it and lock every honest student out.
         """
         checks: list[tuple[TokenBucketTable, int, Scope]] = [
             (self._source, _pack(source, self._drop), "source")
@@ -279,7 +288,8 @@ class RateLimiter:
             host = _pack(target.host)
             checks.append((self._target, host, "target"))
             checks.append((self._target_port, _with_port(host, target.port), "target_port"))
-        checks.append((self._global, 0, "global"))
+        if include_global:
+            checks.append((self._global, 0, "global"))
         worst, scope = 0.0, ""
         for table, key, name in checks:
             wait = table.wait(key, now)

@@ -156,7 +156,7 @@ class Service:
     ) -> Outcome:
         """Record and return the ERROR outcome of a request that could not be parsed."""
         started = self.clock()
-        busy = self.limiter.check(peer.host, None, self.clock())
+        busy = self.limiter.check(peer.host, None, self.clock(), include_global=False)
         if isinstance(busy, Busy):
             outcome = _busy(busy)
         else:
@@ -249,6 +249,14 @@ class Service:
             "corrected": allow.corrected,
             "rtt_ms": result.rtt_ms,
         }
+        if result.code is Code.OVERLOADED:  # we ran out of sockets, not the student's fault
+            return Outcome(
+                code=Code.OVERLOADED,
+                retry_after=10,
+                explanation="the registry is out of sockets for callbacks right now "
+                f"({result.detail}); try again in a few seconds",
+                **common,  # type: ignore[arg-type]
+            )
         if result.code is not Code.CONNECTED:
             text = _FAILED_EXPLANATION.get(result.code, "{target}: callback failed")
             if allow.corrected:

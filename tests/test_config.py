@@ -291,3 +291,17 @@ def test_every_bad_item_of_a_list_is_reported() -> None:
         caught.value.problems,
         [r"policy\.allow_networks\[1\]: ", r"policy\.allow_networks\[2\]: "],
     )
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ('[protocol]\nwrite_timeout = "0s"\n', r"protocol\.write_timeout: "),
+        ("[protocol]\nquiet_period = 0\n", r"protocol\.quiet_period: "),
+        ('[protocol]\nquiet_period = "6s"\nread_deadline = "5s"\n', r"protocol\.quiet_period: "),
+    ],
+)
+def test_deadlines_that_would_drop_every_reply_are_refused(text: str, key: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        config_mod.loads(text)
+    _assert_problems(caught.value.problems, [key])

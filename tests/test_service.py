@@ -189,3 +189,20 @@ async def test_reconfigure_applies_new_limits(autojump_clock: trio.testing.MockC
         await service.register(req("127.0.0.1"), LOCAL, Protocol.TEXT, 0)
     ).code is Code.CONNECTED
     assert service.config is new and msgspec.structs.asdict(service.config.ratelimit)
+
+
+async def test_registry_out_of_sockets_is_busy_not_a_student_failure() -> None:
+    service, _, rec = make(result=CallResult(Code.OVERLOADED, "EMFILE: Too many open files"))
+    outcome = await service.register(req("127.0.0.1"), LOCAL, Protocol.TEXT, 1.0)
+    assert outcome.status is Status.BUSY and outcome.retry_after == 10
+    assert "out of sockets" in outcome.explanation and rec.records[0].status == "BUSY"
+
+
+async def test_bad_requests_do_not_drain_the_global_bucket(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    service, _, _ = make('[ratelimit]\nglobal = "2/hour"\nper_source = "100/second"')
+    for _ in range(5):
+        await service.reject(ProtocolError(Code.MALFORMED, "bad"), LOCAL, Protocol.TEXT, 0.0)
+    ok = await service.register(req("127.0.0.1"), LOCAL, Protocol.TEXT, 0.0)
+    assert ok.code is Code.CONNECTED

@@ -1,0 +1,604 @@
+"""The registry under attack, on real loopback sockets (127.0.0.0/8 only).
+
+Most tests run the real ``registry serve`` executable (tests/support.py) so the
+registry's own descriptors, memory and CPU can be read from /proc; the source
+spray runs an in-process ``Registry`` to read its limiter tables. Attackers
+and honest students bind their sockets to distinct 127.x.y.z addresses
+(Linux treats all of 127/8 as local), so one test machine plays many hosts.
+Every wait is bounded; the registry is stopped by PID.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+import resource
+import socket
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+
+import pytest
+import trio
+
+from registry import config as config_mod
+from registry.model import Code, Endpoint
+from registry.net.connector import TcpConnector
+from registry.server import Registry, Runtime
+from tests.support import IN_CI, run_registry
+
+pytestmark = pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs Linux /proc")
+
+HONEST = "127.0.0.5"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _raise_nofile() -> Iterator[None]:
+    """Thousands of client sockets live in this process: use the hard descriptor limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else 65536
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, want), hard))
+    if want < 5000:
+        message = f"RLIMIT_NOFILE hard limit {hard} is too low for the attack tests"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    yield
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+# --- looking at the registry process ----------------------------------------
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def poll_until(condition: Callable[[], bool], timeout: float, *, must: bool = True) -> None:
+    """Wait for ``condition()``: it reads state of another process (or another thread), so poll."""
+    with trio.move_on_after(timeout) as scope:
+        while not condition():  # noqa: ASYNC110 (nothing to wait on: /proc, log lines)
+            await trio.sleep(0.02)
+    if must and scope.cancelled_caught:
+        raise AssertionError(f"condition not met within {timeout} s")
+
+
+async def settle(pid: int, predicate: Callable[[int], bool], timeout: float) -> int:
+    """Poll the registry's descriptor count until ``predicate(count)``; return the count."""
+    await poll_until(lambda: predicate(fd_count(pid)), timeout, must=False)
+    return fd_count(pid)
+
+
+# --- clients -------------------------------------------------------------------
+
+
+def source(n: int, net: int = 10) -> str:
+    """The n-th attacker address, 127.<net>.x.y (never 127.0.0.x, the honest range)."""
+    return f"127.{net}.{n // 250}.{n % 250 + 1}"
+
+
+async def connect_from(src: str, port: int, host: str = "127.0.0.1") -> trio.SocketStream:
+    sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        await sock.bind((src, 0))
+        await sock.connect((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)
+
+
+async def read_all(stream: trio.abc.ReceiveStream, limit: int = 1 << 16) -> bytes:
+    data = b""
+    try:
+        while len(data) < limit and (chunk := await stream.receive_some(4096)):
+            data += chunk
+    except trio.BrokenResourceError:  # reset by the registry
+        pass
+    return data
+
+
+async def register(port: int, src: str, line: str, *, timeout: float = 15.0) -> tuple[str, float]:
+    """Send one request line from ``src``; return (reply line, seconds it took)."""
+    started = trio.current_time()
+    with trio.fail_after(timeout):
+        stream = await connect_from(src, port)
+        async with stream:
+            await stream.send_all(line.encode() + b"\n")
+            reply = await read_all(stream)
+    return reply.decode(), trio.current_time() - started
+
+
+async def honest_cycle(port: int, src: str = HONEST, *, timeout: float = 15.0) -> tuple[str, float]:
+    """A student: a server on ``src`` that echoes the callback, and a registration for it."""
+    listeners = await trio.open_tcp_listeners(0, host=src)
+    target_port = listeners[0].socket.getsockname()[1]
+    if target_port == port:  # the registry's own port on a loopback address: self_target
+        listeners = [*listeners, *await trio.open_tcp_listeners(0, host=src)]
+        listeners.reverse()
+        target_port = listeners[0].socket.getsockname()[1]
+
+    async def serve_one() -> None:
+        stream = await listeners[0].accept()
+        async with stream:
+            line = b""
+            with trio.move_on_after(timeout):
+                while b"\n" not in line and (chunk := await stream.receive_some(4096)):
+                    line += chunk
+                await stream.send_all(line)  # the callback line carries nonce=...: echo it
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve_one)
+            result = await register(port, src, f"{src}:{target_port}", timeout=timeout)
+            nursery.cancel_scope.cancel()
+    finally:
+        for listener in listeners:
+            await listener.aclose()
+    return result
+
+
+class Stalled:
+    """Attack connections that send ``first`` (maybe nothing) and then never another byte."""
+
+    def __init__(self) -> None:
+        self.opened = 0
+        self.replies: list[tuple[float, bytes]] = []  # (seconds until closed, what came)
+        self.failed: list[str] = []
+
+    async def one(
+        self, src: str, port: int, first: bytes, started: float, limit: trio.CapacityLimiter
+    ) -> None:
+        try:
+            async with limit:  # bounds connects in progress, not connections held
+                stream = await connect_from(src, port)
+        except OSError as e:
+            self.failed.append(errno.errorcode.get(e.errno or 0, str(e)))
+            return
+        self.opened += 1
+        async with stream:
+            if first:
+                await stream.send_all(first)
+            data = await read_all(stream)
+        self.replies.append((trio.current_time() - started, data))
+
+    def codes(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for _, data in self.replies:
+            key = " ".join(data.decode("ascii", "replace").split()[:2]) or "<closed>"
+            counts[key] = counts.get(key, 0) + 1
+        return counts
+
+
+async def open_stalled(
+    nursery: trio.Nursery, stalled: Stalled, port: int, plan: list[tuple[str, bytes]]
+) -> None:
+    """Open every (source, first bytes) connection of ``plan``, 64 connects at a time."""
+    started = trio.current_time()
+    limit = trio.CapacityLimiter(64)
+    goal = stalled.opened + len(stalled.failed) + len(plan)
+
+    for src, first in plan:
+        nursery.start_soon(stalled.one, src, port, first, started, limit)
+    await poll_until(lambda: stalled.opened + len(stalled.failed) >= goal, 20)
+
+
+def verdict(reply: str) -> str:
+    """``"OK connected verified=yes"``: status, code and the verified field of a reply line."""
+    words = reply.split()
+    return " ".join(words[:2] + [w for w in words if w.startswith("verified=")][:1])
+
+
+def reply_field(reply: str, key: str) -> str | None:
+    """The value of ``key=`` in a reply line."""
+    return next((w.split("=", 1)[1] for w in reply.split() if w.startswith(f"{key}=")), None)
+
+
+def config(**sections: dict[str, object]) -> str:
+    """TOML text for run_registry (values written as TOML literals)."""
+    out = []
+    for name, keys in sections.items():
+        out.append(f"[{name}]")
+        for key, value in keys.items():
+            out.append(f"{key} = {value!r}".replace("'", '"'))
+    return "\n".join(out) + "\n"
+
+
+OPEN_RATES = {
+    "per_source": "10000/second",
+    "per_target": "10000/second",
+    "per_target_port": "10000/second",
+    "global": "10000/second",
+}
+
+
+# --- stalled connections ---------------------------------------------------------
+
+
+async def test_2000_stalled_connections_and_an_honest_registration(tmp_path: Path) -> None:
+    # 2,000 stalls from 100 sources (20 each, under the per-source cap of 32):
+    # 1,000 send nothing, 500 send one byte of a request ("1": the quiet period
+    # frames and refuses it), 500 send one blank byte (never a request: only the
+    # read deadline ends it). The registry holds them all, and still serves an
+    # honest student at once.
+    # The global rate is opened wide: 2,000 refused requests would otherwise drain
+    # the global bucket (see test_protocol_errors_do_not_drain_the_global_bucket).
+    read_deadline = 3.0
+    cfg = config(protocol={"read_deadline": "3s"}, ratelimit={"global": "10000/second"})
+    with run_registry(tmp_path, config=cfg) as reg:
+        pid = reg.proc.pid
+        base_fds = fd_count(pid)
+        plan = [
+            (source(i % 100), b"" if i < 1000 else b"1" if i < 1500 else b" ") for i in range(2000)
+        ]
+        stalled = Stalled()
+        async with trio.open_nursery() as nursery:
+            await open_stalled(nursery, stalled, reg.port, plan)
+            assert stalled.failed == []
+            held = await settle(pid, lambda n: n >= base_fds + 1400, 5)
+            reply, took = await honest_cycle(reg.port)
+            assert verdict(reply) == "OK connected verified=yes", reply
+            assert took < 1.5, f"honest registration took {took:.2f} s under attack"
+            rss = rss_mb(pid)
+            await poll_until(lambda: len(stalled.replies) == len(plan), read_deadline + 10)
+        assert held >= base_fds + 1400, "the stalls were not held: the attack did not happen"
+        assert rss < 120, f"registry RSS {rss:.0f} MB with {held - base_fds} connections"
+        cut = sorted(t for t, _ in stalled.replies)
+        assert cut[-1] < read_deadline + 3, f"a stall was held {cut[-1]:.1f} s"
+        codes = stalled.codes()
+        assert codes.get("ERROR malformed", 0) == 500, codes  # the "1" bytes
+        quiet = [t for t, d in stalled.replies if d.startswith(b"ERROR malformed")]
+        assert max(quiet) < read_deadline, "a one-byte request was not framed by the quiet period"
+        # every descriptor comes back: no slot leaked; no handler crashed
+        assert await settle(pid, lambda n: n <= base_fds + 2, 5) <= base_fds + 2
+        assert not reg.events("handler_crashed")
+
+
+async def test_stalls_from_one_source_are_refused_past_the_per_source_cap(
+    tmp_path: Path,
+) -> None:
+    cfg = config(protocol={"read_deadline": "2s"}, limits={"max_connections_per_source": 16})
+    with run_registry(tmp_path, config=cfg) as reg:
+        stalled = Stalled()
+        async with trio.open_nursery() as nursery:
+            await open_stalled(nursery, stalled, reg.port, [("127.0.0.9", b"")] * 300)
+            await poll_until(lambda: len(stalled.replies) >= 300 - 16, 15)
+            # the refused ones were answered at once, the 16 admitted are still held
+            assert len(stalled.replies) == 300 - 16
+            fast = [t for t, d in stalled.replies if d.startswith(b"BUSY overloaded ")]
+            assert len(fast) == 300 - 16 and max(fast) < 1.5
+            reply, _ = await honest_cycle(reg.port)  # another source is not affected
+            assert reply.startswith("OK connected"), reply
+            await poll_until(lambda: len(stalled.replies) == 300, 10)
+        assert stalled.codes().get("ERROR read_timeout") == 16, stalled.codes()
+
+
+async def test_connection_cap_is_taken_before_accept(tmp_path: Path) -> None:
+    # max_connections 40: the 41st client and later wait in the kernel's listen
+    # backlog and cost the registry no descriptor until a slot is free.
+    cap, read_deadline = 40, 2.0
+    cfg = config(
+        protocol={"read_deadline": "2s"}, limits={"max_connections": cap}, ratelimit=OPEN_RATES
+    )
+    with run_registry(tmp_path, config=cfg) as reg:
+        pid = reg.proc.pid
+        base_fds = fd_count(pid)
+        stalled = Stalled()
+        async with trio.open_nursery() as nursery:
+            await open_stalled(nursery, stalled, reg.port, [(source(i), b"") for i in range(cap)])
+            await settle(pid, lambda n: n >= base_fds + cap, 5)
+            honest = trio.Event()
+            result: list[tuple[str, float]] = []
+
+            async def student() -> None:
+                result.append(await honest_cycle(reg.port))
+                honest.set()
+
+            nursery.start_soon(student)
+            await trio.sleep(0.2)  # the honest client is first in the backlog
+            more = [(source(i), b"") for i in range(cap, 3 * cap)]
+            opened_at = trio.current_time()
+            await open_stalled(nursery, stalled, reg.port, more)
+            # The kernel completed every handshake although nothing accepted them:
+            # they wait in the listen backlog (a small backlog would drop SYNs here).
+            assert trio.current_time() - opened_at < 2.0
+            await trio.sleep(0.3)
+            during = fd_count(pid)
+            with trio.fail_after(read_deadline + 5):
+                await honest.wait()
+            nursery.cancel_scope.cancel()
+        assert during <= base_fds + cap + 2, f"{during - base_fds} descriptors for a cap of {cap}"
+        reply, took = result[0]
+        assert reply.startswith("OK connected"), reply
+        # served when the first stalls were cut at the read deadline, not before
+        assert read_deadline - 0.5 < took < read_deadline + 2.5, took
+
+
+async def test_emfile_backs_off_without_spinning(tmp_path: Path) -> None:
+    # A registry limited to few descriptors: accept() fails with EMFILE while
+    # clients wait. It must sleep between attempts (about 10 a second), not spin.
+    cfg = config(protocol={"read_deadline": "30s"}, ratelimit=OPEN_RATES)
+    limit = 64
+
+    with run_registry(tmp_path, config=cfg) as reg:
+        pid = reg.proc.pid
+        # Lowered from outside once the registry runs (as `prlimit --nofile` does):
+        # the CLI raises its own soft limit to the hard one at start.
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (limit, limit))
+        stalled = Stalled()
+        async with trio.open_nursery() as nursery:
+            await open_stalled(nursery, stalled, reg.port, [(source(i), b"") for i in range(120)])
+            await poll_until(lambda: bool(reg.events("accept_capacity")), 10)
+            assert fd_count(pid) >= limit - 1  # really out of descriptors
+            cpu0, logged0 = cpu_seconds(pid), len(reg.events("accept_capacity"))
+            await trio.sleep(2.0)
+            cpu, logged = cpu_seconds(pid) - cpu0, len(reg.events("accept_capacity")) - logged0
+            nursery.cancel_scope.cancel()  # the stalls close: descriptors come back
+        assert cpu < 0.5, f"registry used {cpu:.2f} s of CPU in 2 s while out of descriptors"
+        assert 5 <= logged <= 40, f"{logged} accept retries in 2 s (expected ~20: one per 100 ms)"
+        with trio.fail_after(20):
+            while True:  # the backlog drains (each stall found closed), then service resumes
+                reply, _ = await honest_cycle(reg.port)
+                if not reply.startswith("BUSY"):
+                    break
+                await trio.sleep(0.2)
+        assert reply.startswith("OK connected"), reply
+        assert not reg.events("handler_crashed")
+
+
+async def test_protocol_errors_do_not_drain_the_global_bucket(tmp_path: Path) -> None:
+    # Default rates: 30/minute per source, 100/second global. 50 sources send 30
+    # malformed requests each (exactly their per-source budget), 64 at a time:
+    # far more than 100 a second. Honest students register meanwhile.
+    with run_registry(tmp_path) as reg:
+        junk_replies: list[str] = []
+        honest: list[str] = []
+        limit = trio.CapacityLimiter(64)
+
+        async def junk(i: int) -> None:
+            async with limit:
+                reply, _ = await register(reg.port, source(i % 50, net=30), "not-a-request")
+            junk_replies.append(verdict(reply))
+
+        async def students() -> None:
+            await trio.sleep(0.2)
+            for _ in range(3):
+                honest.append((await honest_cycle(reg.port))[0])
+
+        async with trio.open_nursery() as nursery:
+            for i in range(1500):
+                nursery.start_soon(junk, i)
+            nursery.start_soon(students)
+        assert junk_replies.count("ERROR malformed") >= 100, junk_replies
+    assert [verdict(r) for r in honest] == ["OK connected verified=yes"] * 3, honest
+
+
+# --- hostile callback targets ----------------------------------------------------
+
+
+async def test_tarpit_target_holds_a_callback_slot_only_until_the_timeouts(
+    tmp_path: Path,
+) -> None:
+    # One callback slot, no queue: while the tarpit holds it, the next request is
+    # BUSY overloaded; once the verify timeout ends the call, the slot is free.
+    cfg = config(
+        callback={"connect_timeout": "1s", "verify_timeout": "1s"},
+        limits={"max_callbacks_in_flight": 1, "max_callback_queue": 0},
+        ratelimit=OPEN_RATES,
+    )
+    with run_registry(tmp_path, config=cfg) as reg, _tarpit("127.0.0.7") as tarpit:
+        async with trio.open_nursery() as nursery:
+            result: list[tuple[str, float]] = []
+
+            async def victim() -> None:
+                result.append(await register(reg.port, "127.0.0.7", f"127.0.0.7:{tarpit}"))
+
+            nursery.start_soon(victim)
+            await trio.sleep(0.3)
+            busy, _ = await honest_cycle(reg.port)
+        reply, took = result[0]
+        assert verdict(busy) == "BUSY overloaded" and reply_field(busy, "retry_after"), busy
+        assert verdict(reply) == "OK connected verified=no", reply
+        assert 0.9 < took < 1.0 + 1.0 + 0.5, took  # verify timeout; never past connect + verify
+        after, _ = await honest_cycle(reg.port)
+        assert verdict(after) == "OK connected verified=yes", after  # the slot came back
+
+
+async def test_unanswered_connect_is_cut_at_the_connect_timeout(tmp_path: Path) -> None:
+    cfg = config(callback={"connect_timeout": "1s", "verify_timeout": "1s"}, ratelimit=OPEN_RATES)
+    with run_registry(tmp_path, config=cfg) as reg, _blackhole("127.0.0.8") as port:
+        reply, took = await register(reg.port, "127.0.0.8", f"127.0.0.8:{port}")
+    assert reply.startswith("FAILED timeout "), reply
+    assert 0.9 < took < 1.8, took
+
+
+async def test_flooding_target_is_cut_off_and_memory_stays_flat(tmp_path: Path) -> None:
+    cfg = config(callback={"verify_timeout": "3s"}, ratelimit=OPEN_RATES)
+    with run_registry(tmp_path, config=cfg) as reg:
+        pid = reg.proc.pid
+        await honest_cycle(reg.port)  # warm up
+        before = rss_mb(pid)
+        offered = 0
+        for i in range(10):
+            src = f"127.0.1.{i + 1}"
+            async with _flooder(src, 8 << 20) as (port, sent):
+                reply, took = await register(reg.port, src, f"{src}:{port}")
+            offered += 8 << 20
+            assert verdict(reply) == "OK connected verified=no", reply
+            assert took < 1.5, f"flood not cut at the byte cap: {took:.2f} s"
+            assert sent[0] < 8 << 20, "the registry read the whole flood"
+        growth = rss_mb(pid) - before
+    assert growth < 16, f"registry RSS grew {growth:.1f} MB over {offered >> 20} MB of floods"
+
+
+@contextmanager
+def _tarpit(host: str) -> Iterator[int]:
+    """A target that lets the kernel accept and then never reads nor writes."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        s.listen(16)
+        yield s.getsockname()[1]
+
+
+@contextmanager
+def _blackhole(host: str) -> Iterator[int]:
+    """A target whose SYNs go unanswered: a listen queue of one, already full."""
+    with socket.socket() as s, socket.socket() as filler:
+        s.bind((host, 0))
+        s.listen(0)
+        port = s.getsockname()[1]
+        filler.connect((host, port))  # occupies the only place in the queue
+        yield port
+
+
+@asynccontextmanager
+async def _flooder(host: str, size: int) -> AsyncIterator[tuple[int, list[int]]]:
+    """A target that accepts one callback and sends ``size`` bytes as fast as it can."""
+    listeners = await trio.open_tcp_listeners(0, host=host)
+    sent = [0]
+
+    async def flood() -> None:
+        stream = await listeners[0].accept()
+        chunk = b"z" * 65536
+        try:
+            while sent[0] < size:
+                await stream.send_all(chunk)
+                sent[0] += len(chunk)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        await trio.aclose_forcefully(stream)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(flood)
+        yield listeners[0].socket.getsockname()[1], sent
+        nursery.cancel_scope.cancel()
+    for listener in listeners:
+        await listener.aclose()
+
+
+# --- registration floods and source sprays -----------------------------------------
+
+
+async def test_rapid_registrations_from_one_source_get_busy_rate_limited(
+    tmp_path: Path,
+) -> None:
+    cfg = config(ratelimit={**OPEN_RATES, "per_source": "5/minute"})
+    closed = _closed_port("127.0.0.6")
+    with run_registry(tmp_path, config=cfg) as reg:
+        replies = [
+            (await register(reg.port, "127.0.0.6", f"127.0.0.6:{closed}"))[0] for _ in range(8)
+        ]
+        other, _ = await honest_cycle(reg.port)
+    assert all(r.startswith("FAILED connection_refused ") for r in replies[:5]), replies
+    for r in replies[5:]:
+        assert verdict(r) == "BUSY rate_limited", r
+        assert reply_field(r, "retry_after") in ("11", "12"), r  # a token every 60 s / 5
+    assert other.startswith("OK connected"), other  # other sources are not affected
+
+
+def _closed_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+async def test_source_spray_keeps_limiter_state_under_its_cap(tmp_path: Path) -> None:
+    # 1,500 distinct sources, each registering once (its own closed port), every
+    # rate generous so each request really stores a bucket: the worst case for
+    # memory. Every table stays at max_entries; the connection caps keep nothing.
+    cap = 200
+    cfg = config_mod.from_dict(
+        {
+            "server": {
+                "listen": ["127.0.0.1:0"],
+                "admin": "off",  # never a fixed port in a test
+                "db": str(tmp_path / "spray.db"),
+            },
+            "ratelimit": {**OPEN_RATES, "per_source": "5/hour", "max_entries": cap},
+        }
+    )
+    async with trio.open_nursery() as nursery:
+        runtime: Runtime = await nursery.start(
+            Registry(cfg, handle_signals=False).run  # type: ignore[arg-type]
+        )
+        port = runtime.tcp[0].port
+        limiter = runtime.service.limiter
+        peak = dict.fromkeys(limiter.table_sizes(), 0)
+        codes: dict[str, int] = {}
+        limit = trio.CapacityLimiter(32)
+
+        async def one(n: int) -> None:
+            src = source(n, net=20)
+            async with limit:
+                reply, _ = await register(port, src, f"{src}:1024")
+            code = " ".join(reply.split()[:2])
+            codes[code] = codes.get(code, 0) + 1
+            for scope, size in limiter.table_sizes().items():
+                peak[scope] = max(peak[scope], size)
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as spray:
+                for n in range(1500):
+                    spray.start_soon(one, n)
+        assert runtime.caps.total == 0 and runtime.caps.sources == 0
+        runtime.shutdown()
+    assert sum(codes.values()) == 1500 and codes.get("FAILED connection_refused") == 1500, codes
+    assert peak["source"] == cap and peak["target"] == cap and peak["target_port"] == cap, peak
+    assert peak["global"] == 1
+
+
+# --- the connector on real sockets, real clock -----------------------------------
+
+
+async def test_connector_deadlines_on_real_sockets() -> None:
+    cfg = config_mod.from_dict(
+        {"callback": {"connect_timeout": "300ms", "verify_timeout": "300ms"}}
+    ).callback
+    connector = TcpConnector(cfg)
+
+    def at(host: str, port: int) -> Endpoint:
+        return Endpoint(ipaddress.ip_address(host), port)
+
+    with _blackhole("127.0.0.11") as hole, _tarpit("127.0.0.12") as pit:
+        t0 = trio.current_time()
+        timeout = await connector.call(at("127.0.0.11", hole), "a", "n1", wait_echo=True)
+        t1 = trio.current_time()
+        silent = await connector.call(at("127.0.0.12", pit), "b", "n2", wait_echo=True)
+        t2 = trio.current_time()
+        refused = await connector.call(
+            at("127.0.0.13", _closed_port("127.0.0.13")), "c", "n3", wait_echo=True
+        )
+        t3 = trio.current_time()
+    assert timeout.code is Code.TIMEOUT and 0.28 < t1 - t0 < 0.8
+    assert (silent.code, silent.verified) == (Code.CONNECTED, False) and 0.28 < t2 - t1 < 0.8
+    assert refused.code is Code.CONNECTION_REFUSED and t3 - t2 < 0.2
+
+
+async def test_connector_out_of_descriptors_is_an_outcome_not_a_crash() -> None:
+    # Under descriptor exhaustion the accept loop grabs every freed descriptor, so
+    # the callback's socket() is where EMFILE strikes: it must become a recorded
+    # BUSY outcome, never an exception that drops the registration.
+    connector = TcpConnector(config_mod.DEFAULT.callback)
+    target = Endpoint(ipaddress.ip_address("127.0.0.14"), _closed_port("127.0.0.14"))
+    probe = os.open("/dev/null", os.O_RDONLY)  # the lowest free descriptor number
+    os.close(probe)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (probe, hard))
+    try:
+        result = await connector.call(target, "e", "n4", wait_echo=True)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert result.code is Code.OVERLOADED and "EMFILE" in result.detail, result
