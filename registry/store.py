@@ -23,7 +23,7 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import astuple, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -184,7 +184,9 @@ _INSERT = (
 
 
 def _to_row(record: Record) -> tuple[Any, ...]:
-    row = list(astuple(record))
+    # getattr, not dataclasses.astuple: astuple deep-copies every field, and this
+    # runs once per registration (holding the GIL the event loop needs).
+    row = [getattr(record, name) for name in COLUMNS]
     verified = COLUMNS.index("verified")
     row[verified] = None if record.verified is None else int(record.verified)
     row[COLUMNS.index("corrected")] = int(record.corrected)

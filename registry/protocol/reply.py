@@ -42,6 +42,11 @@ def _escape_char(ch: str) -> str:
     return f"\\U{code:08x}"
 
 
+def _plain(text: str) -> bool:
+    """True if every char of ``text`` is printable ASCII (0x20-0x7E), which escapes to itself."""
+    return text.isascii() and text.isprintable()
+
+
 def _escape_capped(text: str, limit: int, escape: dict[str, str] | None = None) -> str:
     """Escape ``text`` char by char; if the result exceeds ``limit`` chars, cut it with ``...``.
 
@@ -83,6 +88,8 @@ def safe_value(text: str, limit: int = VALUE_LIMIT) -> str:
     Whitespace becomes ``_`` and any other non-printable or non-ASCII char is
     escaped, so the value is one token of printable ASCII without spaces.
     """
+    if len(text) <= limit and _plain(text) and " " not in text and "\\" not in text:
+        return text  # the common case (ids, addresses, codes): nothing to escape
     spaced = "".join("_" if ch.isspace() else ch for ch in text)
     return _escape_capped(spaced, limit)
 
@@ -95,6 +102,8 @@ def safe_text(text: str, limit: int = EXPLANATION_LIMIT) -> str:
     capped at ``limit`` characters.
     """
     collapsed = " ".join(text.split())
+    if len(collapsed) <= limit and _plain(collapsed):
+        return collapsed  # printable ASCII already (backslashes stay as they are)
     # A backslash is printable; leaving it alone keeps quote_input's escapes readable.
     return _escape_capped(collapsed, limit, {"\\": "\\"})
 
