@@ -177,7 +177,11 @@ class Service:
         if isinstance(decision, Busy):
             return _busy(decision)
         target = decision.target if isinstance(decision, Allow) else None
-        busy = self.limiter.check(peer.host, target, self.clock())
+        # The global bucket bounds callbacks; a refused request makes none, so it
+        # pays only its source's token and cannot starve honest students.
+        busy = self.limiter.check(
+            peer.host, target, self.clock(), include_global=target is not None
+        )
         if isinstance(busy, Busy):
             return _busy(busy)
         if isinstance(decision, Deny):

@@ -206,3 +206,16 @@ async def test_bad_requests_do_not_drain_the_global_bucket(
         await service.reject(ProtocolError(Code.MALFORMED, "bad"), LOCAL, Protocol.TEXT, 0.0)
     ok = await service.register(req("127.0.0.1"), LOCAL, Protocol.TEXT, 0.0)
     assert ok.code is Code.CONNECTED
+
+
+async def test_denied_requests_do_not_drain_the_global_bucket(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    service, conn, _ = make('[ratelimit]\nglobal = "1/hour"\nper_source = "100/second"')
+    for _ in range(5):
+        denied = await service.register(req("192.0.2.99"), LAN, Protocol.TEXT, 0.0)
+        assert denied.code is Code.SOURCE_MISMATCH
+    ok = await service.register(req("127.0.0.1"), LOCAL, Protocol.TEXT, 0.0)
+    assert ok.code is Code.CONNECTED and len(conn.dials) == 1
+    again = await service.register(req("127.0.0.1", 15001), LOCAL, Protocol.TEXT, 0.0)
+    assert again.code is Code.RATE_LIMITED  # the global bucket still bounds callbacks
