@@ -38,7 +38,7 @@ from registry.protocol.reply import quote_input, safe_text, safe_value
 
 # The text parser's host rules, reused so the two protocols cannot drift apart.
 # They are module-private there; see the report asking for public names.
-from registry.protocol.text import NEED_DATA, NeedData, parse_host, parse_ipv6
+from registry.protocol.text import NeedData, OneRequestReceiver, parse_host, parse_ipv6
 
 DEFAULT_MAX_BYTES = 512
 # A request is a flat object (depth 1). A little room above that lets a nested
@@ -298,7 +298,7 @@ def _option(key: str, value: Any) -> object:
 # ------------------------------------------------------------------------- framing
 
 
-class JsonReceiver:
+class JsonReceiver(OneRequestReceiver):
     """Frame one JSON request from a byte stream (same interface as ``TextReceiver``).
 
     Whitespace before the object is skipped. The object ends at the first LF
@@ -310,18 +310,9 @@ class JsonReceiver:
     """
 
     def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES, *, max_depth: int = MAX_DEPTH) -> None:
-        if max_bytes < 1:
-            raise ValueError("max_bytes must be at least 1")
-        self._max = max_bytes
+        super().__init__(max_bytes)  # ``buffered`` excludes leading whitespace here too
         self._max_depth = max_depth
         self._seen = 0  # every byte before the terminator, leading whitespace included
-        self._buf = bytearray()
-        self._result: Request | ProtocolError | None = None
-
-    @property
-    def buffered(self) -> int:
-        """How many request bytes are held (leading whitespace and terminator excluded)."""
-        return len(self._buf)
 
     def receive_data(self, data: bytes) -> None:
         """Add bytes from the peer; ``b""`` means the peer closed or half-closed."""
@@ -355,15 +346,6 @@ class JsonReceiver:
             f"like {EXAMPLE}",
         )
         return False
-
-    def next_event(self) -> Request | NeedData:
-        """The parsed request, ``NEED_DATA`` if incomplete; raises ``ProtocolError``."""
-        result = self._result
-        if result is None:
-            return NEED_DATA
-        if isinstance(result, ProtocolError):
-            raise ProtocolError(result.code, result.explanation)
-        return result
 
     def quiet(self) -> Request | NeedData:
         """The quiet period passed: take the object if it looks complete, else keep waiting."""

@@ -394,7 +394,37 @@ def _parse_value(key: str, value: str) -> object:
 # ------------------------------------------------------------------------- framing
 
 
-class TextReceiver:
+class OneRequestReceiver:
+    """What every registration receiver shares: one request per connection.
+
+    Subclasses fill ``_buf`` and set ``_result`` once; after that the result
+    is fixed: ``next_event`` returns the same ``Request`` (or raises an equal
+    ``ProtocolError``) on every call.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        if max_bytes < 1:
+            raise ValueError("max_bytes must be at least 1")
+        self._max = max_bytes
+        self._buf = bytearray()
+        self._result: Request | ProtocolError | None = None
+
+    @property
+    def buffered(self) -> int:
+        """How many request bytes are held (terminator excluded)."""
+        return len(self._buf)
+
+    def next_event(self) -> Request | NeedData:
+        """The parsed request, ``NEED_DATA`` if it is not complete; raises ``ProtocolError``."""
+        result = self._result
+        if result is None:
+            return NEED_DATA
+        if isinstance(result, ProtocolError):
+            raise ProtocolError(result.code, result.explanation)
+        return result
+
+
+class TextReceiver(OneRequestReceiver):
     """Frame one text request from a byte stream (h11-style, one request per connection).
 
     Feed bytes with ``receive_data`` (``b""`` = EOF or half-close) and ask
@@ -408,17 +438,8 @@ class TextReceiver:
     """
 
     def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES, *, allow_cookie: bool = False) -> None:
-        if max_bytes < 1:
-            raise ValueError("max_bytes must be at least 1")
-        self._max = max_bytes
+        super().__init__(max_bytes)
         self._allow_cookie = allow_cookie
-        self._buf = bytearray()
-        self._result: Request | ProtocolError | None = None
-
-    @property
-    def buffered(self) -> int:
-        """How many request bytes are held (terminator excluded)."""
-        return len(self._buf)
 
     def receive_data(self, data: bytes) -> None:
         """Add bytes from the peer; ``b""`` means the peer closed or half-closed."""
@@ -441,15 +462,6 @@ class TextReceiver:
         self._buf += chunk
         if cut >= 0:
             self._finish(lf=True)
-
-    def next_event(self) -> Request | NeedData:
-        """The parsed request, ``NEED_DATA`` if it is not complete; raises ``ProtocolError``."""
-        result = self._result
-        if result is None:
-            return NEED_DATA
-        if isinstance(result, ProtocolError):
-            raise ProtocolError(result.code, result.explanation)
-        return result
 
     def quiet(self) -> Request | NeedData:
         """The quiet period passed with no new byte: take what is buffered as the request.
