@@ -110,10 +110,25 @@ def run_registry(
     timeout: float = 15.0,
     cwd: Path | None = None,
     admin: str = "off",
+    prefix: tuple[str, ...] = (),
 ) -> Iterator[RegistryProcess]:
-    """Start the real ``registry serve`` executable; stop it (by PID) afterwards."""
+    """Start the real ``registry serve`` executable; stop it (by PID) afterwards.
+
+    ``prefix`` runs it through another command, e.g. ``("ip", "netns", "exec", NS)``
+    to start it inside a namespace the test created.
+    """
     db = tmp_path / "registry.db"
-    cmd = [exe("registry"), "serve", "--db", str(db), "--log-format", "json", "--admin", admin]
+    cmd = [
+        *prefix,
+        exe("registry"),
+        "serve",
+        "--db",
+        str(db),
+        "--log-format",
+        "json",
+        "--admin",
+        admin,
+    ]
     for spec in listen:
         cmd += ["--listen", spec]
     if config is not None:

@@ -15,7 +15,6 @@ import json
 import os
 import re
 import select
-import signal
 import socket
 import sqlite3
 import subprocess
@@ -39,7 +38,7 @@ from registry.net.udp import UdpConnector, challenge_reply, fit_reply, serve_udp
 from registry.protocol.cookies import CookieJar
 from registry.service import Service
 from tests.fakes import ListRecorder
-from tests.support import IN_CI, RegistryProcess, _drain, exe, require_tool, run_registry
+from tests.support import IN_CI, RegistryProcess, exe, require_tool, run_registry
 
 GENEROUS = """
 [ratelimit]
@@ -475,29 +474,6 @@ def _netns() -> Iterator[str]:
         subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=10)
 
 
-@contextmanager
-def _registry_in(ns: str, tmp_path: Path) -> Iterator[RegistryProcess]:
-    db = tmp_path / "netns.db"
-    cmd = ["ip", "netns", "exec", ns, exe("registry"), "serve", "--db", str(db),
-           "--log-format", "json", "--admin", "off", "--listen", "198.51.100.1:0"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=tmp_path)  # fmt: skip
-    reg = RegistryProcess(proc, db, [])
-    ready = threading.Event()
-    threading.Thread(target=_drain, args=(proc, reg, ready), daemon=True).start()
-    try:
-        assert ready.wait(15) and reg.tcp, f"registry did not start: {reg.raw[-20:]}"
-        yield reg
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
-
-
 @pytest.mark.netns
 def test_forged_source_in_a_namespace_gets_no_callback(tmp_path: Path) -> None:
     if os.geteuid() != 0:
@@ -505,7 +481,12 @@ def test_forged_source_in_a_namespace_gets_no_callback(tmp_path: Path) -> None:
             pytest.fail("the netns tests must run as root in CI")
         pytest.skip("needs root to create a network namespace")
     require_tool("ip")
-    with _netns() as ns, _registry_in(ns, tmp_path) as reg:
+    with (
+        _netns() as ns,
+        run_registry(
+            tmp_path, listen=("198.51.100.1:0",), prefix=("ip", "netns", "exec", ns)
+        ) as reg,
+    ):
         assert _udp_endpoints(reg) == ["198.51.100.1:" + str(reg.port)]
         done = subprocess.run(
             ["ip", "netns", "exec", ns, sys.executable, "-c", NETNS_CLIENT, str(reg.port)],
