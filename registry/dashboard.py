@@ -221,7 +221,11 @@ class Page:
 
 def status_counts(records: Iterable[Record]) -> dict[str, int]:
     """Records per status (every known status present, zero when absent) plus ``total``."""
-    counted = Counter(r.status for r in records)
+    return complete_counts(Counter(r.status for r in records))
+
+
+def complete_counts(counted: Mapping[str, int]) -> dict[str, int]:
+    """Every known status (zero when absent) plus ``total``, from per-status counts."""
     counts = {s: counted.get(s, 0) for s in STATUSES}
     counts["total"] = sum(counted.values())
     return counts

@@ -397,6 +397,14 @@ class Store:
     def count(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM registrations").fetchone()[0])
 
+    def count_by_status(
+        self, *, since: float | None = None, student: str | None = None
+    ) -> dict[str, int]:
+        """Rows per status, counted by SQLite (a dashboard view must not load every row)."""
+        where, params = _where(since, student)
+        sql = f"SELECT status, COUNT(*) FROM registrations{where} GROUP BY status"
+        return {status: int(n) for status, n in self._db.execute(sql, params)}
+
     def close(self) -> None:
         self._db.close()
 
@@ -559,6 +567,12 @@ class AsyncStore:
 
     async def count(self) -> int:
         return await self._call(self._require().count)
+
+    async def count_by_status(
+        self, *, since: float | None = None, student: str | None = None
+    ) -> dict[str, int]:
+        """``Store.count_by_status`` in the worker thread."""
+        return await self._call(self._require().count_by_status, since=since, student=student)
 
     def _require(self) -> Store:
         if self._store is None:

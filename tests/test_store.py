@@ -424,3 +424,22 @@ async def test_no_retention_means_no_purge(db: Path, mock_clock: trio.testing.Mo
         mock_clock.jump(10**7)
         await trio.testing.wait_all_tasks_blocked()
         assert await store.count() == 1 and store.purges == 0
+
+
+def test_count_by_status_matches_the_rows_and_filters(tmp_path: Path) -> None:
+    store = Store.open(str(tmp_path / "r.db"))
+    try:
+        store.record_many(
+            [
+                rec(1),
+                rec(2, status="DENIED", code="source_mismatch"),
+                rec(3, status="DENIED", code="port_not_allowed", student="bob"),
+                rec(4, status="ERROR", code="malformed", student=None),
+            ]
+        )
+        assert store.count_by_status() == {"OK": 1, "DENIED": 2, "ERROR": 1}
+        assert store.count_by_status(student="bob") == {"DENIED": 1}
+        assert store.count_by_status(since=T0 + 3) == {"DENIED": 1, "ERROR": 1}
+        assert store.count_by_status(student="nobody") == {}
+    finally:
+        store.close()

@@ -490,7 +490,9 @@ class AdminServer:
         records = await store.query(since=f.since, student=f.student, limit=f.limit)
         summaries = await store.summary(since=f.since, student=f.student)
         # Counts need every matching row; fine for a class's worth of registrations.
-        counts = dashboard.status_counts(await store.query(since=f.since, student=f.student))
+        counts = dashboard.complete_counts(
+            await store.count_by_status(since=f.since, student=f.student)
+        )
         page = dashboard.Page(
             records=records,
             summaries=summaries,
@@ -515,7 +517,9 @@ class AdminServer:
         f = self._filters(req)
         store = self.runtime.store
         summaries = await store.summary(since=f.since, student=f.student)
-        counts = dashboard.status_counts(await store.query(since=f.since, student=f.student))
+        counts = dashboard.complete_counts(
+            await store.count_by_status(since=f.since, student=f.student)
+        )
         return _json_response({"counts": counts, "students": [summary_json(s) for s in summaries]})
 
     async def _metrics(self, req: HttpRequest) -> Response:
