@@ -256,6 +256,9 @@ class HonestResult:
     ok: int = 0
     latencies: list[float] = field(default_factory=list)
     failures: dict[str, int] = field(default_factory=dict)
+    # (seconds into the measured window when the cycle started, latency): the slow
+    # ones show whether a tail is spread out or one burst (an expiry wave, say).
+    timeline: list[tuple[float, float]] = field(default_factory=list)
 
 
 async def run_honest(port: int, count: int, rate: float, first: int) -> HonestResult:
@@ -268,6 +271,7 @@ async def run_honest(port: int, count: int, rate: float, first: int) -> HonestRe
         if ok:
             result.ok += 1
             result.latencies.append(took)
+            result.timeline.append((n / rate, took))
         else:
             result.failures[summary] = result.failures.get(summary, 0) + 1
 
@@ -430,6 +434,7 @@ class Row:
     failures: dict[str, int]
     attack: dict[str, object]
     ratio: float = math.nan
+    slowest: list[tuple[float, float]] = field(default_factory=list)  # (start s, ms)
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -485,6 +490,10 @@ async def measure(
         foreign_cpu=foreign_cpu,
         failures=result.failures,
         attack=attack,
+        slowest=[
+            (round(at, 2), round(took * 1000, 1))
+            for at, took in sorted(result.timeline, key=lambda t: -t[1])[:15]
+        ],
     )
 
 

@@ -234,6 +234,8 @@ class LimitsConfig(_Section):
     max_connections_per_source: int = 32
     max_callbacks_in_flight: int = 256
     max_callback_queue: int = 1024
+    refusal_delay: Duration = Duration(0.5)  # a refused connection is answered this late
+    max_refusals_held: int = 2048  # refused connections waiting for their answer
 
 
 class StoreConfig(_Section):
@@ -381,6 +383,12 @@ def _semantic_problems(cfg: Config) -> list[str]:
     for key in ("max_connections", "max_connections_per_source", "max_callbacks_in_flight"):
         need(getattr(cfg.limits, key) >= 1, f"limits.{key}", "expected >= 1")
     need(cfg.limits.max_callback_queue >= 0, "limits.max_callback_queue", "expected >= 0")
+    need(cfg.limits.max_refusals_held >= 0, "limits.max_refusals_held", "expected >= 0")
+    need(
+        0 <= cfg.limits.refusal_delay <= 10,
+        "limits.refusal_delay",
+        "expected a duration from 0 to 10s",
+    )
     need(cfg.udp.cookie_window > 0, "udp.cookie_window", "expected a duration > 0")
     need(
         64 <= cfg.udp.max_datagram_bytes <= 65507,

@@ -12,7 +12,8 @@ Two kinds of metric:
   counter and the callback-RTT and registration-duration histograms;
 - state metrics, read at scrape time by ``_StateCollector`` from zero-argument
   probes (open connections, callbacks in flight, rate-limiter entries,
-  draining, the info labels), so they can never go stale.
+  draining, the info labels, and the door's refusal counters, which live in
+  ``RefusalTally`` because refusals are not records), so they can never go stale.
 
 Names carry the ``registry_`` prefix (Prometheus naming practice: one
 application prefix); times are in seconds, the Prometheus base unit.
@@ -25,7 +26,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
-from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
@@ -54,6 +55,7 @@ class Probes:
     callbacks_in_flight: Callable[[], int] = lambda: 0
     callbacks_waiting: Callable[[], int] = lambda: 0
     limiter_entries: Callable[[], int] = lambda: 0
+    door_refusals: Callable[[], dict[str, int]] = dict
     event_clients: Callable[[], int] = lambda: 0
     draining: Callable[[], bool] = lambda: False
     policy_mode: Callable[[], str] = lambda: ""
@@ -90,6 +92,14 @@ class _StateCollector(Collector):
         )
         for name, doc, probe in gauges:
             yield GaugeMetricFamily(name, doc, value=float(probe()))
+        refusals = CounterMetricFamily(
+            "registry_door_refusals",
+            "Connections refused on arrival, before any request was read (not registrations)",
+            labels=("reason",),
+        )
+        for reason, count in sorted(p.door_refusals().items()):
+            refusals.add_metric((reason,), float(count))
+        yield refusals
         yield InfoMetricFamily(
             "registry",
             "Version and policy mode of this registry",

@@ -270,6 +270,7 @@ class RateLimiter:
         *,
         take: bool = True,
         include_global: bool = True,
+        include_source: bool = True,
     ) -> Allowed | Busy:
         """Take a token from every applicable bucket, or from none.
 
@@ -280,10 +281,12 @@ class RateLimiter:
         ``include_global=False`` leaves the global bucket alone: it guards
         callbacks, and bad requests (which cause none) must not be able to
         drain it and lock every honest student out.
+        ``include_source=False``: the source already paid for this request
+        (the TCP door takes its token when the connection arrives).
         """
-        checks: list[tuple[TokenBucketTable, int, Scope]] = [
-            (self._source, _pack(source, self._drop), "source")
-        ]
+        checks: list[tuple[TokenBucketTable, int, Scope]] = []
+        if include_source:
+            checks.append((self._source, _pack(source, self._drop), "source"))
         if target is not None:
             host = _pack(target.host)
             checks.append((self._target, host, "target"))
@@ -302,6 +305,15 @@ class RateLimiter:
         for table, key, _ in checks:
             table._commit(key, now)  # same `now`, each key checked above: a token is there
         return ALLOWED
+
+    def penalize(self, source: IPAddress, now: float) -> bool:
+        """Take one more token from ``source`` if it has one (never into debt); True if taken.
+
+        For a connection that ended in a protocol error (junk, a stall): it
+        paid its token at the door and pays a second one here, so a source
+        sending junk runs out twice as fast as one sending registrations.
+        """
+        return self._source.take(_pack(source, self._drop), now) == 0.0
 
     def check_source(self, source: IPAddress, now: float) -> Allowed | Busy:
         """The per-source and global limits alone (before the target is known)."""

@@ -12,7 +12,8 @@ import errno
 import ipaddress
 import os
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable
+import socket
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -25,25 +26,27 @@ from registry import config as config_mod
 from registry import log as log_mod
 from registry.config import Config
 from registry.conncaps import ConnectionCaps
+from registry.door import Door, RefusalTally, Refused
 from registry.errors import ConfigError
-from registry.model import Code, Endpoint, Outcome
+from registry.model import Endpoint
 from registry.net.accept import accept_loop
 from registry.net.admin import AdminServer
 from registry.net.admin import open_listeners as open_admin_listeners
 from registry.net.connector import TcpConnector
+from registry.net.doorway import Doorway
 from registry.net.resolver import TrioResolver
-from registry.net.tcp import TcpHandler, peer_endpoint
+from registry.net.tcp import TcpHandler, endpoint_of, expire_silent
 from registry.net.udp import open_udp_sockets, serve_udp, udp_endpoint
+from registry.net.waiting import Waiting, WaitingRoom
 from registry.protocol.cookies import CookieJar
-from registry.protocol.reply import format_reply
-from registry.ratelimit import source_key
 from registry.sdnotify import Notifier
 from registry.service import Connector, Service
 from registry.store import AsyncStore
 
 log = structlog.get_logger(component="server")
 
-# accept() errors that mean "out of some resource": back off instead of spinning.
+# Door refusals are summed up in one log line per window, never one per connection.
+REFUSAL_LOG_INTERVAL_S = 10.0
 
 
 def parse_hostport(text: str) -> tuple[str, int]:
@@ -65,6 +68,7 @@ class Runtime:
     service: Service
     caps: ConnectionCaps
     store: AsyncStore
+    tally: RefusalTally = field(default_factory=RefusalTally)
     tcp: list[Endpoint] = field(default_factory=list)
     udp: list[Endpoint] = field(default_factory=list)
     admin: Endpoint | None = None
@@ -98,6 +102,9 @@ class Registry:
         self.caps = ConnectionCaps(
             cfg.limits.max_connections, cfg.limits.max_connections_per_source
         )
+        self.tally = RefusalTally()
+        self.room: WaitingRoom | None = None
+        self.doorway = Doorway(cfg.limits.refusal_delay, cfg.limits.max_refusals_held)
 
     async def run(
         self, *, task_status: trio.TaskStatus[Runtime] = trio.TASK_STATUS_IGNORED
@@ -122,23 +129,34 @@ class Registry:
                 own=own | admin_own,  # the admin port is ours too: never a callback target
             )
             handler = TcpHandler(service)
-            runtime = Runtime(cfg, service, self.caps, store, tcp=sorted(own, key=str))
+            runtime = Runtime(cfg, service, self.caps, store, self.tally, tcp=sorted(own, key=str))
             runtime.started_at = trio.current_time()
             runtime.udp = [udp_endpoint(sock) for sock in udp_socks]
             async with trio.open_nursery() as handlers:
                 async with trio.open_nursery() as front:
                     runtime.shutdown = front.cancel_scope.cancel
                     runtime.reload = lambda: self._reload(runtime)
+                    self.door = Door(self.caps, service.limiter)
+                    if WaitingRoom.supported():
+                        self.room = WaitingRoom(lambda: self.cfg.protocol.read_deadline)
+                        handlers.start_soon(
+                            self.room.run,
+                            partial(self._ready, handlers, handler),
+                            partial(self._expire, service),
+                            self._drop,
+                        )
                     for listener in listeners:
                         front.start_soon(
                             partial(
                                 accept_loop,
                                 listener,
                                 self.admission,
-                                partial(_spawn, handlers, self._guarded, handler),
+                                partial(self._at_door, handlers, handler),
                                 name="tcp",
                             )
                         )
+                    front.start_soon(self._report_refusals)
+                    front.start_soon(self.doorway.run)
                     # One cookie jar for every UDP socket: a client may reach either family.
                     cookies = CookieJar(
                         os.urandom(32), cfg.udp.cookie_window, now=trio.current_time()
@@ -165,6 +183,9 @@ class Registry:
                     self.notifier.ready(f"listening on {', '.join(map(str, runtime.tcp))}")
                     task_status.started(runtime)
                 runtime.draining = True
+                if self.room is not None:
+                    self.room.close()  # it drains like the handlers, under the grace period
+                self._log_refusals()  # the last window, before "draining" and "stopped"
                 self.notifier.stopping()
                 for listener in listeners:
                     await trio.aclose_forcefully(listener)
@@ -244,22 +265,74 @@ class Registry:
                 raise OSError(e.errno, f"cannot listen on {spec}: {e.strerror}") from e
         return listeners
 
-    async def _guarded(self, stream: trio.SocketStream, handler: TcpHandler, token: object) -> None:
+    def _at_door(
+        self,
+        handlers: trio.Nursery,
+        handler: TcpHandler,
+        conn: socket.socket,
+        addr: object,
+        token: object,
+    ) -> None:
+        """Every accepted registration connection, synchronously: refuse it here or start its task."""
         try:
-            try:
-                key = source_key(peer_endpoint(stream).host, self.cfg.ratelimit.ipv6_prefix)
-            except OSError:
-                await trio.aclose_forcefully(stream)
-                return
-            if self.caps.acquire(key) is not None:
-                await _refuse(stream, self.cfg.protocol.write_timeout)
-                return
-            try:
-                await handler(stream)
-            finally:
-                self.caps.release(key)
-        finally:
+            peer = endpoint_of(addr)  # type: ignore[arg-type]
+        except (ValueError, TypeError, IndexError):  # no usable peer address: nothing to serve
+            conn.close()
             self.admission.release_on_behalf_of(token)
+            return
+        decision = self.door.arrive(peer.host, trio.current_time())
+        if isinstance(decision, Refused):
+            self.admission.release_on_behalf_of(token)
+            self.tally.add(str(peer.host), decision.reason)
+            self.doorway.refuse(conn, decision.outcome, trio.current_time())
+            return
+        waiting = Waiting(conn, peer, decision.key, token, trio.current_time())
+        if self.room is not None:
+            self.room.add(waiting)  # its task starts with its first byte
+        else:
+            self._ready(handlers, handler, waiting)
+
+    def _ready(self, handlers: trio.Nursery, handler: TcpHandler, w: Waiting) -> None:
+        stream = trio.SocketStream(trio.socket.from_stdlib_socket(w.conn))
+        handlers.start_soon(self._serve, handler, stream, w)
+
+    async def _serve(self, handler: TcpHandler, stream: trio.SocketStream, w: Waiting) -> None:
+        try:
+            await handler(
+                stream, w.peer, source_paid=True, arrived=w.arrived, received_at=w.received_at
+            )
+        finally:
+            self._leave(w)
+
+    async def _expire(self, service: Service, batch: list[Waiting]) -> None:
+        """Connections that sent nothing in time: recorded together, then answered."""
+        replies = await expire_silent(service, [(w.peer, w.received_at) for w in batch])
+        for w, reply in zip(batch, replies, strict=True):
+            try:  # one line into an empty send buffer: a non-blocking send takes it whole
+                w.conn.send(reply, socket.MSG_DONTWAIT)
+            except OSError:
+                pass
+            w.conn.close()
+            self._leave(w)
+
+    def _drop(self, w: Waiting) -> None:
+        w.conn.close()
+        self._leave(w)
+
+    def _leave(self, w: Waiting) -> None:
+        self.door.leave(w.key)
+        self.admission.release_on_behalf_of(w.token)
+
+    async def _report_refusals(self) -> None:
+        """One log line per interval for everything the door refused (never one per connection)."""
+        while True:
+            await trio.sleep(REFUSAL_LOG_INTERVAL_S)
+            self._log_refusals()
+
+    def _log_refusals(self) -> None:
+        summary = self.tally.flush()
+        if summary is not None:
+            log.warning("door_refusals", **summary)
 
     @asynccontextmanager
     async def _signal_receiver(self) -> AsyncIterator[AsyncIterator[int] | None]:
@@ -313,39 +386,9 @@ class Registry:
         runtime.service.reconfigure(new)
         self.admission.total_tokens = new.limits.max_connections
         self.caps.reconfigure(new.limits.max_connections, new.limits.max_connections_per_source)
+        self.doorway.reconfigure(new.limits.refusal_delay, new.limits.max_refusals_held)
         log.info("reloaded", path=self.config_path)
         self.notifier.ready("config reloaded")
-
-
-async def _refuse(stream: trio.SocketStream, timeout: float) -> None:
-    outcome = Outcome(
-        code=Code.OVERLOADED,
-        retry_after=5,
-        explanation="too many open connections from your address; close some and retry",
-    )
-    with trio.move_on_after(timeout):
-        try:
-            await stream.send_all(format_reply(outcome))
-            await stream.send_eof()
-            # Closing with the client's request unread makes the kernel send RST,
-            # which can destroy the reply in flight: read (bounded) until EOF.
-            with trio.move_on_after(min(timeout, 1.0)):
-                for _ in range(16):
-                    if not await stream.receive_some(4096):
-                        break
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-    await trio.aclose_forcefully(stream)
-
-
-def _spawn(
-    nursery: trio.Nursery,
-    guarded: Callable[[trio.SocketStream, TcpHandler, object], Awaitable[None]],
-    handler: TcpHandler,
-    stream: trio.SocketStream,
-    token: object,
-) -> None:
-    nursery.start_soon(guarded, stream, handler, token)
 
 
 def _sockname(listener: trio.SocketListener) -> Endpoint:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol as TypingProtocol
 
@@ -51,6 +51,8 @@ class Connector(TypingProtocol):
 
 class Recorder(TypingProtocol):
     async def record(self, record: Record) -> None: ...
+
+    async def record_many(self, records: Sequence[Record]) -> None: ...
 
 
 class Resolver(TypingProtocol):
@@ -129,6 +131,8 @@ class Service:
         received_at: float,
         local: Endpoint | None = None,
         connector: Connector | None = None,
+        *,
+        source_paid: bool = False,
     ) -> Outcome:
         """Run one registration to its recorded outcome. Never raises but StoreUnavailable.
 
@@ -136,12 +140,15 @@ class Service:
         wildcard listener it is the only way to know which concrete address
         of ours a request could point back at (self_target). ``connector``
         overrides the default dialler (UDP registrations are called back over UDP).
+        ``source_paid``: the connection already took its source's rate-limit
+        token at the door (registry/door.py), so only the target and global
+        buckets are checked here.
         """
         started = self.clock()
         reg_id = self.new_id()
         own = self.own if local is None else self.own | {local}
         outcome = await self._decide_and_call(
-            request, peer, reg_id, own, connector or self.connector
+            request, peer, reg_id, own, connector or self.connector, source_paid
         )
         outcome = outcome.with_(
             id=reg_id,
@@ -152,11 +159,26 @@ class Service:
         return await self._finish(outcome, peer, protocol, received_at, started)
 
     async def reject(
-        self, error: ProtocolError, peer: Endpoint, protocol: Protocol, received_at: float
+        self,
+        error: ProtocolError,
+        peer: Endpoint,
+        protocol: Protocol,
+        received_at: float,
+        *,
+        source_paid: bool = False,
     ) -> Outcome:
-        """Record and return the ERROR outcome of a request that could not be parsed."""
+        """Record and return the ERROR outcome of a request that could not be parsed.
+
+        A bad request costs its source a token like any other; one whose source
+        already paid at the door (``source_paid``) costs it a second one, if
+        there is one left (``RateLimiter.penalize``).
+        """
         started = self.clock()
-        busy = self.limiter.check(peer.host, None, self.clock(), include_global=False)
+        if source_paid:  # it paid at the door; junk pays a second token (penalize)
+            self.limiter.penalize(peer.host, started)
+            busy = None
+        else:
+            busy = self.limiter.check(peer.host, None, started, include_global=False)
         if isinstance(busy, Busy):
             outcome = _busy(busy)
         else:
@@ -171,16 +193,23 @@ class Service:
         reg_id: str,
         own: frozenset[Endpoint],
         connector: Connector,
+        source_paid: bool,
     ) -> Outcome:
         denied = auth.authorize(request, self.config.auth, self.secret)
-        decision = denied if denied is not None else await self._decide(request, peer, own)
+        decision = (
+            denied if denied is not None else await self._decide(request, peer, own, source_paid)
+        )
         if isinstance(decision, Busy):
             return _busy(decision)
         target = decision.target if isinstance(decision, Allow) else None
         # The global bucket bounds callbacks; a refused request makes none, so it
         # pays only its source's token and cannot starve honest students.
         busy = self.limiter.check(
-            peer.host, target, self.clock(), include_global=target is not None
+            peer.host,
+            target,
+            self.clock(),
+            include_global=target is not None,
+            include_source=not source_paid,
         )
         if isinstance(busy, Busy):
             return _busy(busy)
@@ -196,17 +225,19 @@ class Service:
         return await self._callback(request, decision, reg_id, connector)
 
     async def _decide(
-        self, request: Request, peer: Endpoint, own: frozenset[Endpoint]
-    ) -> Allow | Deny:
+        self, request: Request, peer: Endpoint, own: frozenset[Endpoint], source_paid: bool
+    ) -> Allow | Deny | Busy:
         policy = self.config.policy
         decision = decide(request, peer, policy, own)
         if not isinstance(decision, NeedsResolution):
             return decision
         # A source that is already limited must not make us send DNS queries:
-        # look (without taking) before resolving; the real check follows.
-        busy = self.limiter.check(peer.host, None, self.clock(), take=False)
-        if isinstance(busy, Busy):
-            return busy
+        # look (without taking) before resolving; the real check follows. (A
+        # source that paid at the door was admitted there, under this same limit.)
+        if not source_paid:
+            busy = self.limiter.check(peer.host, None, self.clock(), take=False)
+            if isinstance(busy, Busy):
+                return busy
         if self.resolver is None:
             return Deny(
                 Code.HOSTNAME_NOT_ALLOWED,
@@ -304,18 +335,47 @@ class Service:
         started: float,
     ) -> Outcome:
         duration_ms = (self.clock() - started) * 1000.0
-        record = Record.from_outcome(
-            outcome,
-            protocol=protocol,
-            peer=str(peer),
-            received_at=received_at,
-            duration_ms=duration_ms,
-        )
+        await self._commit([(outcome, _record(outcome, peer, protocol, received_at, duration_ms))])
+        return outcome
+
+    async def expire_many(
+        self, waited: Sequence[tuple[Endpoint, float]], error: ProtocolError
+    ) -> list[Outcome]:
+        """Record the same ERROR outcome for many connections at once; raises StoreUnavailable.
+
+        For connections that sent nothing before ``protocol.read_deadline``
+        (``waited``: their peers and arrival wall times): a wave of stalled
+        connections expires together, and one store batch with no task per
+        connection keeps that wave short. Each still gets its own id, row and
+        ``registration`` log line, recorded before any reply is sent. Each
+        source paid its token at the door; like every protocol error, a stall
+        costs it a second one (``RateLimiter.penalize``).
+        """
+        started = self.clock()
+        done = []
+        for peer, received_at in waited:
+            self.limiter.penalize(peer.host, started)
+            outcome = Outcome(code=error.code, explanation=error.explanation).with_(
+                id=self.new_id(), observed=str(peer)
+            )
+            done.append((outcome, _record(outcome, peer, Protocol.TEXT, received_at, 0.0)))
+        await self._commit(done)
+        return [outcome for outcome, _ in done]
+
+    async def _commit(self, done: list[tuple[Outcome, Record]]) -> None:
+        """Record every outcome (one store batch), then count, observe and log each."""
         try:
-            await self.recorder.record(record)
+            await self.recorder.record_many([record for _, record in done])
         except Exception as e:  # the edge turns this into BUSY: never claim an unrecorded result
-            log.error("record_failed", id=outcome.id, error=repr(e))
+            log.error("record_failed", ids=[o.id for o, _ in done], error=repr(e))
             raise StoreUnavailable(str(e)) from e
+        for n, (outcome, record) in enumerate(done, 1):
+            self._recorded(outcome, record)
+            if n % 16 == 0:  # a log line each: let other tasks run between a few
+                await trio.lowlevel.checkpoint()
+
+    def _recorded(self, outcome: Outcome, record: Record) -> None:
+        """After the commit: counters, observers and the one canonical log line."""
         self.outcomes[outcome.status] += 1
         for observer in self.observers:
             try:
@@ -334,9 +394,16 @@ class Service:
             rtt_ms=outcome.rtt_ms,
             verified=outcome.verified,
             corrected=outcome.corrected or None,
-            duration_ms=round(duration_ms, 2),
+            duration_ms=round(record.duration_ms or 0.0, 2),
         )
-        return outcome
+
+
+def _record(
+    outcome: Outcome, peer: Endpoint, protocol: Protocol, received_at: float, duration_ms: float
+) -> Record:
+    return Record.from_outcome(
+        outcome, protocol=protocol, peer=str(peer), received_at=received_at, duration_ms=duration_ms
+    )
 
 
 def _busy(busy: Busy) -> Outcome:

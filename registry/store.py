@@ -534,16 +534,28 @@ class AsyncStore:
         Raises StoreError (its ``__cause__`` the sqlite error) if the batch it
         was written in failed, or if the store is closed.
         """
+        await self.record_many((record,))
+
+    async def record_many(self, records: Sequence[Record]) -> None:
+        """Queue every record; return once all of them have committed (one await).
+
+        The writer groups them into as few transactions as ``max_batch``
+        allows. Raises StoreError for the first record that failed.
+        """
         if self._send is None:
             raise StoreError("the results store is not open")
-        waiter = _Waiter()
+        waiters = []
         try:
-            await self._send.send((record, waiter))
+            for record in records:
+                waiter = _Waiter()
+                await self._send.send((record, waiter))
+                waiters.append((record, waiter))
         except (trio.ClosedResourceError, trio.BrokenResourceError) as e:
             raise StoreError("the results store is closed") from e
-        await waiter.done.wait()
-        if waiter.error is not None:
-            raise StoreError(f"could not record {record.id}: {waiter.error}") from waiter.error
+        for record, waiter in waiters:
+            await waiter.done.wait()
+            if waiter.error is not None:
+                raise StoreError(f"could not record {record.id}: {waiter.error}") from waiter.error
 
     async def query(
         self,

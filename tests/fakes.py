@@ -8,6 +8,7 @@ SQLite store).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import trio
@@ -49,7 +50,10 @@ class ListRecorder:
     fail: bool = False
 
     async def record(self, record: Record) -> None:
+        await self.record_many((record,))
+
+    async def record_many(self, records: Sequence[Record]) -> None:
         await trio.lowlevel.checkpoint()
         if self.fail:
             raise OSError("disk full")
-        self.records.append(record)
+        self.records.extend(records)

@@ -1,8 +1,8 @@
 """Every deadline and limit of the registration path, at exact virtual times.
 
 Memory streams (never sockets) under ``autojump_clock``: the read deadline and
-the quiet period, the reply write timeout (for the TCP handler and for the
-edge's own refusal), the callback's send and verify deadlines and its cap on
+the quiet period, the reply write timeout of the TCP handler (a refusal at the door
+writes once without blocking and waits for nothing: tests/test_door.py), the callback's send and verify deadlines and its cap on
 bytes read from a target, the callback queue and every rate-limit scope. Each
 table row names the config it runs under and the virtual second at which the
 registry must let go. Connector *connect* timeouts need a real socket: they
@@ -24,7 +24,6 @@ from registry.model import Code, Endpoint
 from registry.net.connector import TcpConnector
 from registry.net.tcp import TcpHandler
 from registry.protocol.callback import callback_line
-from registry.server import _refuse
 from registry.service import CallResult, Service
 from tests.fakes import ListRecorder, ScriptedConnector
 
@@ -170,18 +169,6 @@ async def test_write_timeout_cuts_a_client_that_never_reads(
         assert trio.current_time() == pytest.approx(ends)  # 1 s callback + the write timeout
         nursery.cancel_scope.cancel()
     assert [r.code for r in handler.recorder.records] == ["connected"]
-
-
-@pytest.mark.parametrize(("write_timeout", "ends"), [("5s", 5.0), ("250ms", 0.25)])
-async def test_refusal_write_timeout(
-    autojump_clock: trio.testing.MockClock, write_timeout: str, ends: float
-) -> None:
-    # The per-source connection cap answers BUSY overloaded without reading; a
-    # client that never reads cannot hold that refusal open either.
-    cfg = _cfg(protocol={"write_timeout": write_timeout})
-    _client, server = trio.testing.lockstep_stream_pair()
-    await _refuse(server, cfg.protocol.write_timeout)  # type: ignore[arg-type]
-    assert trio.current_time() == pytest.approx(ends)
 
 
 # --- the callback: send, verify, bytes read ----------------------------------

@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import threading
 import time
@@ -463,9 +464,10 @@ def test_rate_limited_is_busy_exit_4_and_sigterm_exits_0(tmp_path: Path) -> None
         second = student("client", "--registry", f"127.0.0.1:{reg.port}", "--port", str(port))
         assert second.returncode == 4, second.stdout
         out = lines(second.stdout)
+        # Refused at the door, before the request was read: no id, no row (docs/limits.md).
         m = re.fullmatch(
-            rf"BUSY rate_limited id={ID} observed={SRC} retry_after=(\d+) too many "
-            r"registrations \(source limit\); wait (\d+) s before trying again",
+            r"BUSY rate_limited retry_after=(\d+) too many connections from your address "
+            r"\(source limit\); wait (\d+) s before trying again",
             out[1],
         )
         assert m, out
@@ -476,6 +478,14 @@ def test_rate_limited_is_busy_exit_4_and_sigterm_exits_0(tmp_path: Path) -> None
         ]
         assert reg.stop() == 0  # SIGTERM: drain and exit 0
         assert reg.events("stopped")
+        # ... counted in aggregate instead: one summary line, and one row for the first only
+        [summary] = reg.events("door_refusals")
+        assert summary["refused"] == 1 and summary["by_reason"] == {"rate_limited": 1}
+        assert summary["top"] == [["127.0.0.1", "rate_limited", 1]]
+        with sqlite3.connect(reg.db) as db:
+            assert db.execute("SELECT status, code FROM registrations").fetchall() == [
+                ("FAILED", "connection_refused")
+            ]
 
 
 # ---------------------------------------------------------------- exit 64 and 1

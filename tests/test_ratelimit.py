@@ -487,3 +487,25 @@ def test_full_buckets_are_evicted_first(
         lost = [k for k in before if k not in table]
         if any(before[k] > now for k in lost):
             assert all(tat > now for tat in before.values())
+
+
+def test_penalize_takes_a_spare_token_and_never_goes_into_debt() -> None:
+    limiter = RateLimiter(RateLimitConfig(per_source=Rate(3, 60.0)))
+    src = ip_address("10.0.0.1")
+    assert isinstance(limiter.check(src, None, 0.0, include_global=False), Allowed)
+    assert limiter.penalize(src, 0.0) and limiter.penalize(src, 0.0)  # tokens 2 and 3
+    assert not limiter.penalize(src, 0.0)  # none left: no debt
+    busy = limiter.check(src, None, 0.0, include_global=False)
+    assert isinstance(busy, Busy) and busy.retry_after == 20  # one token back in 20 s, not later
+    assert isinstance(limiter.check(src, None, 20.0, include_global=False), Allowed)
+    # only the source's own bucket: the target and global buckets are untouched
+    assert limiter.table_sizes()["target"] == 0 and limiter.table_sizes()["global"] == 0
+
+
+def test_check_without_the_source_leaves_its_bucket_alone() -> None:
+    limiter = RateLimiter(RateLimitConfig(per_source=Rate(1, 60.0)))
+    src = ip_address("10.0.0.1")
+    target = Endpoint(src, 15000)
+    for _ in range(5):  # the door charged the source already: only target buckets here
+        assert isinstance(limiter.check(src, target, 0.0, include_source=False), Allowed)
+    assert isinstance(limiter.check(src, None, 0.0, include_global=False), Allowed)

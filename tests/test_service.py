@@ -15,6 +15,7 @@ import trio
 from registry import config as config_mod
 from registry.errors import ProtocolError
 from registry.model import Code, Diagnosis, Endpoint, Protocol, Request, Status
+from registry.ratelimit import Allowed, Busy
 from registry.service import CallResult, Service, StoreUnavailable
 from tests.fakes import ListRecorder, ScriptedConnector
 
@@ -219,3 +220,60 @@ async def test_denied_requests_do_not_drain_the_global_bucket(
     assert ok.code is Code.CONNECTED and len(conn.dials) == 1
     again = await service.register(req("127.0.0.1", 15001), LOCAL, Protocol.TEXT, 0.0)
     assert again.code is Code.RATE_LIMITED  # the global bucket still bounds callbacks
+
+
+# --- source_paid (the TCP door took the source's token) and expiries -------------
+
+
+async def test_source_paid_requests_skip_the_source_bucket() -> None:
+    service, conn, rec = make('[ratelimit]\nper_source = "1/hour"\n')
+    for port in (15000, 15001, 15002):  # the door admitted each: no second source charge
+        outcome = await service.register(
+            req("127.0.0.1", port), LOCAL, Protocol.TEXT, 1.0, source_paid=True
+        )
+        assert outcome.code is Code.CONNECTED, outcome
+    # without source_paid the same source is limited at once by its own bucket
+    first = await service.register(req("127.0.0.1", 15003), LOCAL, Protocol.TEXT, 1.0)
+    second = await service.register(req("127.0.0.1", 15004), LOCAL, Protocol.TEXT, 1.0)
+    assert first.code is Code.CONNECTED and second.code is Code.RATE_LIMITED
+
+
+async def test_a_paid_protocol_error_costs_a_second_token() -> None:
+    service, _, rec = make('[ratelimit]\nper_source = "3/hour"\n')
+    error = ProtocolError(Code.MALFORMED, "bad")
+    limiter, now = service.limiter, service.clock()
+    assert isinstance(limiter.check(LOCAL.host, None, now, include_global=False), Allowed)  # (1)
+    outcome = await service.reject(error, LOCAL, Protocol.TEXT, 1.0, source_paid=True)  # (2)
+    assert outcome.code is Code.MALFORMED  # never BUSY: it paid at the door
+    assert isinstance(limiter.check(LOCAL.host, None, now, include_global=False), Allowed)  # (3)
+    assert isinstance(limiter.check(LOCAL.host, None, now, include_global=False), Busy)
+    assert [r.code for r in rec.records] == ["malformed"]
+
+
+async def test_expire_many_records_each_connection_before_returning() -> None:
+    service, conn, rec = make('[ratelimit]\nper_source = "2/hour"\n')
+    peers = [Endpoint(ipaddress.ip_address("127.0.0.9"), 40000 + n) for n in range(3)]
+    seen: list[str] = []
+    service.observers.append(lambda r: seen.append(r.id))
+    error = ProtocolError(Code.READ_TIMEOUT, "no request arrived")
+    outcomes = await service.expire_many(
+        [(p, 1_700_000_000.0 + n) for n, p in enumerate(peers)], error
+    )
+    assert [o.code for o in outcomes] == [Code.READ_TIMEOUT] * 3
+    assert len({o.id for o in outcomes}) == 3  # one id, row and log line each
+    assert [(r.id, r.code, r.peer, r.received_at) for r in rec.records] == [
+        (o.id, "read_timeout", str(p), 1_700_000_000.0 + n)
+        for n, (o, p) in enumerate(zip(outcomes, peers, strict=True))
+    ]
+    assert seen == [o.id for o in outcomes]
+    assert service.outcomes[Status.ERROR] == 3 and conn.dials == []
+    # each stall cost its source a second token (two were left of "2/hour")
+    assert not service.limiter.penalize(peers[0].host, service.clock())
+
+
+async def test_expire_many_store_failure_raises() -> None:
+    service, _, rec = make()
+    rec.fail = True
+    with pytest.raises(StoreUnavailable):
+        await service.expire_many([(LOCAL, 1.0)], ProtocolError(Code.READ_TIMEOUT, "x"))
+    assert service.outcomes[Status.ERROR] == 0

@@ -443,3 +443,19 @@ def test_count_by_status_matches_the_rows_and_filters(tmp_path: Path) -> None:
         assert store.count_by_status(student="nobody") == {}
     finally:
         store.close()
+
+
+async def test_record_many_returns_once_all_are_committed_in_few_transactions(db: Path) -> None:
+    async with AsyncStore(str(db)) as store:
+        await store.record_many([rec(n) for n in range(100)])
+        # every row is durable when record_many returns: another connection sees them
+        assert committed_ids(db) == {f"r{n}" for n in range(100)}
+        assert store.batches <= 2  # the writer may take the first one alone
+        await store.record_many([])
+        assert await store.count() == 100
+
+
+async def test_record_many_on_a_closed_store_is_a_store_error(db: Path) -> None:
+    store = AsyncStore(str(db))
+    with pytest.raises(StoreError):
+        await store.record_many([rec(1)])

@@ -57,7 +57,7 @@ import trio
 
 from registry import dashboard
 from registry.metrics import Metrics, Probes, package_version
-from registry.net.accept import accept_loop
+from registry.net.accept import accept_loop, spawn_stream
 
 # The JSON shapes of `registry results --format json`, reused so the API and the CLI agree.
 from registry.results import parse_since, record_json, summary_json
@@ -321,6 +321,7 @@ class AdminServer:
             callbacks_in_flight=lambda: rt.service.slots.in_flight,
             callbacks_waiting=lambda: rt.service.slots.waiting,
             limiter_entries=lambda: rt.service.limiter.entries,
+            door_refusals=lambda: rt.tally.totals,
             event_clients=lambda: self.hub.clients,
             draining=lambda: rt.draining,
             policy_mode=lambda: rt.config.policy.mode,
@@ -341,9 +342,7 @@ class AdminServer:
                             accept_loop,
                             listener,
                             self.admission,
-                            lambda stream, token: nursery.start_soon(
-                                self._connection, stream, token
-                            ),
+                            spawn_stream(nursery, self._connection),
                             name="admin",
                         )
                     )

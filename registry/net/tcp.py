@@ -11,7 +11,7 @@ import functools
 import ipaddress
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import structlog
 import trio
@@ -56,30 +56,34 @@ def _host(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     return host
 
 
-def _endpoint(addr: tuple) -> Endpoint:  # type: ignore[type-arg]
+def endpoint_of(addr: tuple) -> Endpoint:  # type: ignore[type-arg]
+    """A socket address as accept()/getpeername() return it, as an Endpoint."""
     return Endpoint(_host(addr[0]), int(addr[1]))
 
 
 def peer_endpoint(stream: trio.SocketStream) -> Endpoint:
     """The observed peer, as an Endpoint (host as the OS reported it)."""
-    return _endpoint(stream.socket.getpeername())
+    return endpoint_of(stream.socket.getpeername())
 
 
 def local_endpoint(stream: trio.SocketStream) -> Endpoint:
     """Our own address on this connection (concrete even behind a wildcard listener)."""
-    return _endpoint(stream.socket.getsockname())
+    return endpoint_of(stream.socket.getsockname())
 
 
 async def read_request(
     stream: trio.abc.ReceiveStream,
     cfg: ProtocolConfig,
     make_receiver: ReceiverFactory = default_receiver,
+    arrived: float | None = None,
 ) -> tuple[Protocol, Request]:
     """Read one request under the total deadline and the quiet period.
 
+    The deadline counts from ``arrived`` (the connection's accept time: it may
+    have spent a while in the waiting room), or from now.
     Raises ProtocolError (read_timeout, too_long, malformed, bad_json...).
     """
-    deadline = trio.current_time() + cfg.read_deadline
+    deadline = (trio.current_time() if arrived is None else arrived) + cfg.read_deadline
     receiver = None
     protocol = Protocol.TEXT
     while True:
@@ -113,6 +117,22 @@ async def read_request(
             return protocol, event
 
 
+async def expire_silent(service: Service, waited: Sequence[tuple[Endpoint, float]]) -> list[bytes]:
+    """The replies for connections that sent nothing within the read deadline.
+
+    ``waited``: (peer, arrival wall time) each. Every outcome is recorded (one
+    store batch) before its reply exists; if the store fails, each gets the
+    store-failure BUSY instead.
+    """
+    error = ProtocolError(Code.READ_TIMEOUT, _read_timeout_text(service.config.protocol, None))
+    try:
+        with trio.CancelScope(shield=True):  # like handle(): the records complete
+            outcomes = await service.expire_many(waited, error)
+    except StoreUnavailable:
+        return [format_reply(store_failure_outcome(None))] * len(waited)
+    return [format_reply(outcome) for outcome in outcomes]
+
+
 def _read_timeout_text(cfg: ProtocolConfig, receiver: object) -> str:
     if receiver is None:
         return f"no request arrived within {cfg.read_deadline:g} s; send HOST:PORT, e.g. 192.168.1.105:15000"
@@ -132,19 +152,38 @@ class TcpHandler:
         self.make_receiver = make_receiver
         self.encode = encode or default_encode
 
-    async def __call__(self, stream: trio.SocketStream) -> None:
+    async def __call__(
+        self,
+        stream: trio.SocketStream,
+        peer: Endpoint | None = None,
+        *,
+        source_paid: bool = False,
+        arrived: float | None = None,
+        received_at: float | None = None,
+    ) -> None:
+        """Serve one accepted connection. ``peer``: as accept() reported it (saves a
+        getpeername); ``source_paid``: the door already took the source's token;
+        ``arrived`` / ``received_at``: when it was accepted (trio / wall clock),
+        if that was before now."""
         try:
-            peer = peer_endpoint(stream)
+            peer = peer or peer_endpoint(stream)
             local = local_endpoint(stream)
         except OSError:  # the client is already gone
-            await trio.aclose_forcefully(stream)
+            stream.socket.close()
             return
         conn_id = next(_conn_ids)
         # bind/reset by hand: the same as bound_contextvars() without a generator
         # context manager per connection (measurable at thousands a second).
         tokens = structlog.contextvars.bind_contextvars(conn_id=conn_id, peer=str(peer))
         try:
-            await self.handle(stream, peer, local)
+            await self.handle(
+                stream,
+                peer,
+                local,
+                source_paid=source_paid,
+                arrived=arrived,
+                received_at=received_at,
+            )
         except Exception as e:  # last resort: never let one client take the server down
             log.exception("handler_crashed", error=repr(e))
         finally:
@@ -154,11 +193,18 @@ class TcpHandler:
             structlog.contextvars.reset_contextvars(**tokens)
 
     async def handle(
-        self, stream: trio.abc.HalfCloseableStream, peer: Endpoint, local: Endpoint | None = None
+        self,
+        stream: trio.abc.HalfCloseableStream,
+        peer: Endpoint,
+        local: Endpoint | None = None,
+        *,
+        source_paid: bool = False,
+        arrived: float | None = None,
+        received_at: float | None = None,
     ) -> None:
         """Serve one connection whose peer is known (tests pass memory streams here)."""
         cfg = self.service.config.protocol
-        received_at = time.time()
+        received_at = time.time() if received_at is None else received_at
         protocol = Protocol.TEXT
         sniffed: list[Protocol] = []
 
@@ -167,17 +213,21 @@ class TcpHandler:
             return self.make_receiver(p, c)
 
         try:
-            protocol, request = await read_request(stream, cfg, make_receiver)
+            protocol, request = await read_request(stream, cfg, make_receiver, arrived)
             structlog.contextvars.bind_contextvars(protocol=protocol.value)
             # Shielded: the callback and its record complete even if the client
             # vanishes or the server starts draining (the grace period bounds it).
             with trio.CancelScope(shield=True):
-                outcome = await self.service.register(request, peer, protocol, received_at, local)
+                outcome = await self.service.register(
+                    request, peer, protocol, received_at, local, source_paid=source_paid
+                )
         except ProtocolError as e:
             protocol = sniffed[0] if sniffed else protocol
             try:
                 with trio.CancelScope(shield=True):
-                    outcome = await self.service.reject(e, peer, protocol, received_at)
+                    outcome = await self.service.reject(
+                        e, peer, protocol, received_at, source_paid=source_paid
+                    )
             except StoreUnavailable:
                 outcome = store_failure_outcome(None)
         except StoreUnavailable:

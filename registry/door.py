@@ -1,0 +1,131 @@
+"""The front door: admit or refuse a TCP connection by its source address alone.
+
+Pure and synchronous (``now`` is passed in). The edge asks ``Door.arrive`` the
+moment ``accept()`` returns, before it starts a task or reads a byte:
+
+- a source over its connection cap (``limits.max_connections_per_source``)
+  is refused ``BUSY overloaded``;
+- otherwise the connection takes the source's rate-limit token *here*
+  (``ratelimit.per_source`` counts connections from a source, so a source
+  that sends junk, or nothing at all, pays for it like an honest one), and a
+  source with no token left is refused ``BUSY rate_limited retry_after=S``.
+
+Why at the door: a refused connection then costs one accept, one
+non-blocking write and one close, and no task, timer, parse, SQLite row or
+log line. Under a flood or a wave of stalled connections, the full price
+(~1 ms of CPU each) was what queued honest students behind the attacker
+(docs/benchmarks.md). A door refusal is not a registration: no request was
+read, so nothing is recorded for it; ``RefusalTally`` counts refusals in
+aggregate for the log and the metrics instead (docs/limits.md).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Hashable
+from dataclasses import dataclass
+
+from registry.conncaps import ConnectionCaps
+from registry.model import Code, IPAddress, Outcome
+from registry.ratelimit import Busy, RateLimiter, source_key
+
+RATE_LIMITED = "rate_limited"  # the source's per_source bucket is empty
+PER_SOURCE = "per_source"  # the source holds max_connections_per_source connections
+TOTAL = "total"  # max_connections are open (normally enforced before accept())
+REASONS = (RATE_LIMITED, PER_SOURCE, TOTAL)
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    """Come in. ``key`` holds a connection slot: give it back with ``Door.leave(key)``."""
+
+    key: Hashable
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """Not now: answer ``outcome`` and close. Nothing is held."""
+
+    reason: str
+    outcome: Outcome
+
+
+class Door:
+    """Connection caps and the per-source rate limit, applied on arrival."""
+
+    def __init__(self, caps: ConnectionCaps, limiter: RateLimiter) -> None:
+        self.caps = caps
+        self.limiter = limiter  # the Service's own limiter: one per-source bucket per source
+
+    def arrive(self, source: IPAddress, now: float) -> Admitted | Refused:
+        key = source_key(source, self.limiter.config.ipv6_prefix)
+        reason = self.caps.acquire(key)
+        if reason is not None:  # checked first: a refused connection costs no token
+            return Refused(
+                PER_SOURCE if reason == "per_source" else TOTAL,
+                Outcome(
+                    code=Code.OVERLOADED,
+                    retry_after=5,
+                    explanation="too many open connections from your address; close some and retry"
+                    if reason == "per_source"
+                    else "the registry has too many open connections; try again in a few seconds",
+                ),
+            )
+        busy = self.limiter.check(source, None, now, include_global=False)
+        if isinstance(busy, Busy):
+            self.caps.release(key)
+            return Refused(
+                RATE_LIMITED,
+                Outcome(
+                    code=Code.RATE_LIMITED,
+                    retry_after=busy.retry_after,
+                    explanation="too many connections from your address (source limit); "
+                    f"wait {busy.retry_after} s before trying again",
+                ),
+            )
+        return Admitted(key)
+
+    def leave(self, key: Hashable) -> None:
+        self.caps.release(key)
+
+
+class RefusalTally:
+    """Door refusals counted in aggregate: totals for metrics, a window for the log.
+
+    ``totals`` only grows (a Prometheus counter per reason). The window counts
+    per source between two ``flush()`` calls and holds at most ``max_sources``
+    keys, so a spray from a million addresses costs a bounded dict: sources
+    beyond the cap are still counted, as ``untracked``.
+    """
+
+    def __init__(self, max_sources: int = 1000) -> None:
+        self.max_sources = max_sources
+        self.totals: dict[str, int] = dict.fromkeys(REASONS, 0)
+        self._window: Counter[tuple[str, str]] = Counter()
+        self._reasons: Counter[str] = Counter()
+        self._others = 0
+
+    def add(self, source: str, reason: str) -> None:
+        self.totals[reason] += 1
+        self._reasons[reason] += 1
+        key = (source, reason)
+        if key in self._window or len(self._window) < self.max_sources:
+            self._window[key] += 1
+        else:
+            self._others += 1
+
+    def flush(self, top: int = 10) -> dict[str, object] | None:
+        """The window's summary (None when nothing was refused), and a fresh window."""
+        if not self._reasons:
+            return None
+        summary: dict[str, object] = {
+            "refused": sum(self._reasons.values()),
+            "by_reason": dict(self._reasons),
+            "sources": len({source for source, _ in self._window}),
+            "top": [[s, r, n] for (s, r), n in self._window.most_common(top)],
+            "untracked": self._others,  # refusals from sources past max_sources
+        }
+        self._window = Counter()
+        self._reasons = Counter()
+        self._others = 0
+        return summary
