@@ -362,7 +362,9 @@ class JsonReceiver(OneRequestReceiver):
                 raise _bad(f"empty request; send one JSON object like {EXAMPLE}")
             self._result = parse_json(body, max_depth=self._max_depth)
         except ProtocolError as exc:
-            self._result = exc
+            # Without its traceback: kept, it would tie this receiver and the parser's
+            # frames into a reference cycle that only the garbage collector frees.
+            self._result = exc.with_traceback(None)
 
 
 # --------------------------------------------------------------------------- reply

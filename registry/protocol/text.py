@@ -482,4 +482,6 @@ class TextReceiver(OneRequestReceiver):
                 raise _malformed(f"empty request; send one line HOST:PORT, like {EXAMPLE}")
             self._result = _parse_body(body, self._allow_cookie)
         except ProtocolError as exc:
-            self._result = exc
+            # Without its traceback: kept, it would tie this receiver and the parser's
+            # frames into a reference cycle that only the garbage collector frees.
+            self._result = exc.with_traceback(None)
