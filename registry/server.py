@@ -27,15 +27,15 @@ from registry import log as log_mod
 from registry.config import Config
 from registry.conncaps import ConnectionCaps
 from registry.door import Door, RefusalTally, Refused
-from registry.errors import ConfigError
-from registry.model import Endpoint
+from registry.errors import ConfigError, ProtocolError
+from registry.model import Endpoint, Protocol, Request
 from registry.net.accept import accept_loop
 from registry.net.admin import AdminServer
 from registry.net.admin import open_listeners as open_admin_listeners
 from registry.net.connector import TcpConnector
-from registry.net.doorway import Doorway
+from registry.net.doorway import Doorway, send_and_close
 from registry.net.resolver import TrioResolver
-from registry.net.tcp import TcpHandler, endpoint_of, expire_silent
+from registry.net.tcp import TcpHandler, endpoint_of, reject_unread
 from registry.net.udp import open_udp_sockets, serve_udp, udp_endpoint
 from registry.net.waiting import Waiting, WaitingRoom
 from registry.protocol.cookies import CookieJar
@@ -138,11 +138,13 @@ class Registry:
                     runtime.reload = lambda: self._reload(runtime)
                     self.door = Door(self.caps, service.limiter)
                     if WaitingRoom.supported():
-                        self.room = WaitingRoom(lambda: self.cfg.protocol.read_deadline)
+                        self.room = WaitingRoom(lambda: self.cfg.protocol)
                         handlers.start_soon(
                             self.room.run,
-                            partial(self._ready, handlers, handler),
-                            partial(self._expire, service),
+                            lambda w, protocol, request: self._start(
+                                handlers, handler, w, (protocol, request)
+                            ),
+                            partial(self._reject, service),
                             self._drop,
                         )
                     for listener in listeners:
@@ -288,31 +290,47 @@ class Registry:
             return
         waiting = Waiting(conn, peer, decision.key, token, trio.current_time())
         if self.room is not None:
-            self.room.add(waiting)  # its task starts with its first byte
+            self.room.add(waiting)  # its task starts once its request is complete
         else:
-            self._ready(handlers, handler, waiting)
+            self._start(handlers, handler, waiting, None)
 
-    def _ready(self, handlers: trio.Nursery, handler: TcpHandler, w: Waiting) -> None:
+    def _start(
+        self,
+        handlers: trio.Nursery,
+        handler: TcpHandler,
+        w: Waiting,
+        request: tuple[Protocol, Request] | None,
+    ) -> None:
         stream = trio.SocketStream(trio.socket.from_stdlib_socket(w.conn))
-        handlers.start_soon(self._serve, handler, stream, w)
+        handlers.start_soon(self._serve, handler, stream, w, request)
 
-    async def _serve(self, handler: TcpHandler, stream: trio.SocketStream, w: Waiting) -> None:
+    async def _serve(
+        self,
+        handler: TcpHandler,
+        stream: trio.SocketStream,
+        w: Waiting,
+        request: tuple[Protocol, Request] | None,
+    ) -> None:
         try:
             await handler(
-                stream, w.peer, source_paid=True, arrived=w.arrived, received_at=w.received_at
+                stream,
+                w.peer,
+                source_paid=True,
+                arrived=w.arrived,
+                received_at=w.received_at,
+                request=request,
+                conn_id=w.conn_id,
             )
         finally:
             self._leave(w)
 
-    async def _expire(self, service: Service, batch: list[Waiting]) -> None:
-        """Connections that sent nothing in time: recorded together, then answered."""
-        replies = await expire_silent(service, [(w.peer, w.received_at) for w in batch])
-        for w, reply in zip(batch, replies, strict=True):
-            try:  # one line into an empty send buffer: a non-blocking send takes it whole
-                w.conn.send(reply, socket.MSG_DONTWAIT)
-            except OSError:
-                pass
-            w.conn.close()
+    async def _reject(self, service: Service, batch: list[tuple[Waiting, ProtocolError]]) -> None:
+        """Requests the waiting room refused: recorded together, then answered."""
+        replies = await reject_unread(
+            service, [(error, w.peer, w.protocol, w.received_at) for w, error in batch]
+        )
+        for (w, _), reply in zip(batch, replies, strict=True):
+            send_and_close(w.conn, reply)
             self._leave(w)
 
     def _drop(self, w: Waiting) -> None:

@@ -338,27 +338,28 @@ class Service:
         await self._commit([(outcome, _record(outcome, peer, protocol, received_at, duration_ms))])
         return outcome
 
-    async def expire_many(
-        self, waited: Sequence[tuple[Endpoint, float]], error: ProtocolError
+    async def reject_many(
+        self, rejected: Sequence[tuple[ProtocolError, Endpoint, Protocol, float]]
     ) -> list[Outcome]:
-        """Record the same ERROR outcome for many connections at once; raises StoreUnavailable.
+        """``reject`` for many connections at once (each: error, peer, protocol,
+        arrival wall time); raises StoreUnavailable.
 
-        For connections that sent nothing before ``protocol.read_deadline``
-        (``waited``: their peers and arrival wall times): a wave of stalled
-        connections expires together, and one store batch with no task per
-        connection keeps that wave short. Each still gets its own id, row and
+        For the waiting room (registry/net/waiting.py), which reads requests
+        without a task per connection: junk and stalls arrive together (a wave
+        of stalled connections reaches its read deadline at once), and one
+        store batch keeps that wave short. Each still gets its own id, row and
         ``registration`` log line, recorded before any reply is sent. Each
-        source paid its token at the door; like every protocol error, a stall
-        costs it a second one (``RateLimiter.penalize``).
+        source paid its token at the door; a protocol error costs it a second
+        one (``RateLimiter.penalize``).
         """
         started = self.clock()
         done = []
-        for peer, received_at in waited:
+        for error, peer, protocol, received_at in rejected:
             self.limiter.penalize(peer.host, started)
             outcome = Outcome(code=error.code, explanation=error.explanation).with_(
                 id=self.new_id(), observed=str(peer)
             )
-            done.append((outcome, _record(outcome, peer, Protocol.TEXT, received_at, 0.0)))
+            done.append((outcome, _record(outcome, peer, protocol, received_at, 0.0)))
         await self._commit(done)
         return [outcome for outcome, _ in done]
 
@@ -369,8 +370,15 @@ class Service:
         except Exception as e:  # the edge turns this into BUSY: never claim an unrecorded result
             log.error("record_failed", ids=[o.id for o, _ in done], error=repr(e))
             raise StoreUnavailable(str(e)) from e
+        if len(done) == 1:  # the usual case: the caller's log context names the peer
+            self._recorded(*done[0])
+            return
         for n, (outcome, record) in enumerate(done, 1):
+            tokens = structlog.contextvars.bind_contextvars(
+                peer=record.peer, protocol=record.protocol
+            )
             self._recorded(outcome, record)
+            structlog.contextvars.reset_contextvars(**tokens)
             if n % 16 == 0:  # a log line each: let other tasks run between a few
                 await trio.lowlevel.checkpoint()
 

@@ -250,30 +250,40 @@ async def test_a_paid_protocol_error_costs_a_second_token() -> None:
     assert [r.code for r in rec.records] == ["malformed"]
 
 
-async def test_expire_many_records_each_connection_before_returning() -> None:
+async def test_reject_many_records_each_connection_before_returning() -> None:
     service, conn, rec = make('[ratelimit]\nper_source = "2/hour"\n')
     peers = [Endpoint(ipaddress.ip_address("127.0.0.9"), 40000 + n) for n in range(3)]
     seen: list[str] = []
     service.observers.append(lambda r: seen.append(r.id))
-    error = ProtocolError(Code.READ_TIMEOUT, "no request arrived")
-    outcomes = await service.expire_many(
-        [(p, 1_700_000_000.0 + n) for n, p in enumerate(peers)], error
+    errors = [
+        ProtocolError(Code.READ_TIMEOUT, "no request arrived"),
+        ProtocolError(Code.MALFORMED, "bad"),
+        ProtocolError(Code.BAD_JSON, "not json"),
+    ]
+    protocols = [Protocol.TEXT, Protocol.TEXT, Protocol.JSON]
+    outcomes = await service.reject_many(
+        [
+            (e, p, pr, 1_700_000_000.0 + n)
+            for n, (e, p, pr) in enumerate(zip(errors, peers, protocols, strict=True))
+        ]
     )
-    assert [o.code for o in outcomes] == [Code.READ_TIMEOUT] * 3
+    assert [o.code for o in outcomes] == [Code.READ_TIMEOUT, Code.MALFORMED, Code.BAD_JSON]
     assert len({o.id for o in outcomes}) == 3  # one id, row and log line each
-    assert [(r.id, r.code, r.peer, r.received_at) for r in rec.records] == [
-        (o.id, "read_timeout", str(p), 1_700_000_000.0 + n)
-        for n, (o, p) in enumerate(zip(outcomes, peers, strict=True))
+    assert [(r.id, r.code, r.peer, r.protocol, r.received_at) for r in rec.records] == [
+        (o.id, o.code.value, str(p), pr.value, 1_700_000_000.0 + n)
+        for n, (o, p, pr) in enumerate(zip(outcomes, peers, protocols, strict=True))
     ]
     assert seen == [o.id for o in outcomes]
     assert service.outcomes[Status.ERROR] == 3 and conn.dials == []
-    # each stall cost its source a second token (two were left of "2/hour")
+    # each one cost its source a second token (two were left of "2/hour")
     assert not service.limiter.penalize(peers[0].host, service.clock())
 
 
-async def test_expire_many_store_failure_raises() -> None:
+async def test_reject_many_store_failure_raises() -> None:
     service, _, rec = make()
     rec.fail = True
     with pytest.raises(StoreUnavailable):
-        await service.expire_many([(LOCAL, 1.0)], ProtocolError(Code.READ_TIMEOUT, "x"))
+        await service.reject_many(
+            [(ProtocolError(Code.READ_TIMEOUT, "x"), LOCAL, Protocol.TEXT, 1.0)]
+        )
     assert service.outcomes[Status.ERROR] == 0

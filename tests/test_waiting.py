@@ -1,8 +1,10 @@
-"""The waiting room (registry/net/waiting.py): no task per connection until its first byte.
+"""The waiting room (registry/net/waiting.py): requests read with no task per connection.
 
 Real sockets (socketpairs: epoll treats them like TCP), virtual time
-(``autojump_clock``): every expiry at its exact deadline, arrivals dispatched
-between the chunks of a wave, descriptor reuse, drain and cancellation.
+(``autojump_clock``). The table plays a client's bytes on a schedule and
+asserts what the room decides and at which virtual second, under the same
+rules as ``tcp.read_request`` (tests/test_deadlines.py checks those on
+memory streams); then waves, descriptor reuse, drain and cancellation.
 """
 
 from __future__ import annotations
@@ -16,47 +18,51 @@ import trio
 import trio.lowlevel
 import trio.testing
 
-from registry.model import Endpoint
-from registry.net.waiting import EXPIRE_CHUNK, Waiting, WaitingRoom
+from registry import config as config_mod
+from registry.errors import ProtocolError
+from registry.model import Endpoint, Protocol, Request
+from registry.net.waiting import REJECT_CHUNK, Waiting, WaitingRoom
 
 pytestmark = pytest.mark.skipif(not WaitingRoom.supported(), reason="needs select.epoll")
 
 PEER = Endpoint(ipaddress.ip_address("127.0.0.1"), 40000)
+CFG = config_mod.from_dict({"protocol": {"read_deadline": "5s", "quiet_period": "250ms"}}).protocol
 
 
 class Room:
     """A WaitingRoom and a log of what left it, how and when (virtual seconds)."""
 
-    def __init__(self, read_deadline: float = 5.0) -> None:
-        self.room = WaitingRoom(lambda: read_deadline)
-        self.log: list[tuple[str, float, list[str]]] = []
+    def __init__(self) -> None:
+        self.room = WaitingRoom(lambda: CFG)
+        self.log: list[tuple[str, float, str, str]] = []  # (how, when, who, what)
         self.names: dict[int, str] = {}
-        self.on_expire = lambda batch: None
+        self.on_reject = lambda batch: None
 
     def add(self, name: str, conn: socket.socket) -> None:
         self.names[id(conn)] = name
         self.room.add(Waiting(conn, PEER, name, object(), trio.current_time()))
 
-    def _names(self, ws: list[Waiting]) -> list[str]:
-        return [self.names[id(w.conn)] for w in ws]
-
-    def ready(self, w: Waiting) -> None:
-        self.log.append(("ready", trio.current_time(), self._names([w])))
+    def ready(self, w: Waiting, protocol: Protocol, request: Request) -> None:
+        what = f"{protocol.value} {request.advertised}"
+        self.log.append(("ready", trio.current_time(), self.names[id(w.conn)], what))
         w.conn.close()
 
-    async def expire(self, batch: list[Waiting]) -> None:
-        self.log.append(("expire", trio.current_time(), self._names(batch)))
-        self.on_expire(batch)
-        for w in batch:
+    async def reject(self, batch: list[tuple[Waiting, ProtocolError]]) -> None:
+        for w, error in batch:
+            self.log.append(
+                ("reject", trio.current_time(), self.names[id(w.conn)], error.code.value)
+            )
+        self.on_reject(batch)
+        for w, _ in batch:
             w.conn.close()
         await trio.lowlevel.checkpoint()
 
     def drop(self, w: Waiting) -> None:
-        self.log.append(("drop", trio.current_time(), self._names([w])))
+        self.log.append(("drop", trio.current_time(), self.names[id(w.conn)], ""))
         w.conn.close()
 
     async def run(self) -> None:
-        await self.room.run(self.ready, self.expire, self.drop)
+        await self.room.run(self.ready, self.reject, self.drop)
 
 
 @pytest.fixture
@@ -75,41 +81,92 @@ def pair(pairs: list[tuple[socket.socket, socket.socket]]) -> tuple[socket.socke
     return p
 
 
-async def test_first_byte_dispatches_and_silence_expires_at_the_deadline(
-    autojump_clock: trio.testing.MockClock, pairs: list
+# (client schedule: (delay, bytes or "EOF")...) -> (how, virtual second, what)
+CASES = {
+    "line at once": ([(0, b"127.0.0.1:15000\n")], ("ready", 0.0, "text 127.0.0.1:15000")),
+    "CR LF": ([(0, b"127.0.0.1:15000\r\n")], ("ready", 0.0, "text 127.0.0.1:15000")),
+    "line in pieces": (
+        [(0, b"127.0"), (0.1, b".0.1:1"), (0.1, b"5000\n")],
+        ("ready", 0.2, "text 127.0.0.1:15000"),
+    ),
+    # the lab's C++ client: no newline, it waits for the reply
+    "quiet period frames it": ([(0, b"127.0.0.1:15000")], ("ready", 0.25, "text 127.0.0.1:15000")),
+    "a byte restarts the quiet period": (
+        [(0, b"127.0.0.1:1"), (0.2, b"5000")],
+        ("ready", 0.45, "text 127.0.0.1:15000"),
+    ),
+    "EOF frames it": (
+        [(0, b"127.0.0.1:15000"), (0.1, "EOF")],
+        ("ready", 0.1, "text 127.0.0.1:15000"),
+    ),
+    "json": (
+        [(0, b'{"host": "127.0.0.1", "port": 15000}\n')],
+        ("ready", 0.0, "json 127.0.0.1:15000"),
+    ),
+    "one junk byte": ([(0, b"1")], ("reject", 0.25, "malformed")),
+    "junk line": ([(0, b"hello\n")], ("reject", 0.0, "malformed")),
+    "bad json": ([(0, b"{nope}\n")], ("reject", 0.0, "bad_json")),
+    "too long": ([(0, b"1" * 600)], ("reject", 0.0, "too_long")),
+    "closed before a byte": ([(0, "EOF")], ("reject", 0.0, "malformed")),
+    "silence": ([], ("reject", 5.0, "read_timeout")),
+    # its quiet period would end exactly at the deadline: the deadline wins, as in read_request
+    "a tie goes to the deadline": ([(4.75, b"127.0.0.1:15000")], ("reject", 5.0, "read_timeout")),
+    # whitespace is not a request: the quiet period does not frame it
+    "whitespace drip": ([(0.2 * i, b" ") for i in range(1, 40)], ("reject", 5.0, "read_timeout")),
+    "one byte a second is cut at the total deadline": (
+        [(0, b"1")] + [(0.2, b"2")] * 30,
+        ("reject", 5.0, "read_timeout"),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", CASES)
+async def test_the_room_reads_like_read_request(
+    autojump_clock: trio.testing.MockClock, pairs: list, name: str
 ) -> None:
-    r = Room(read_deadline=5.0)
-    a, a_client = pair(pairs)
-    b, _ = pair(pairs)
-    c, c_client = pair(pairs)
-    a_client.send(b"1")
-    r.add("a", a)
-    r.add("b", b)
+    schedule, expected = CASES[name]
+    r = Room()
+    conn, client = pair(pairs)
+    r.add("c", conn)
+
+    async def play() -> None:
+        for delay, data in schedule:
+            await trio.sleep(delay)
+            if r.log:
+                return  # decided already: the client would see its reply
+            if data == "EOF":
+                client.shutdown(socket.SHUT_WR)
+            else:
+                client.send(data)
+            await trio.lowlevel.checkpoint()
+
     async with trio.open_nursery() as nursery:
         nursery.start_soon(r.run)
-        await trio.sleep(2.0)
-        r.add("c", c)  # joins an idle room: its deadline (t=7) must still be kept
-        await trio.sleep(1.0)
-        c_client.close()  # EOF counts as "ready": the handler reports it
-        await trio.sleep(10.0)
-        d, _ = pair(pairs)
-        r.add("d", d)
-        await trio.sleep(5.0)
+        nursery.start_soon(play)
+        await trio.sleep(20)
         r.room.close()
-    assert r.log == [
-        ("ready", 0.0, ["a"]),
-        ("ready", 3.0, ["c"]),
-        ("expire", 5.0, ["b"]),
-        ("expire", 18.0, ["d"]),  # added at 13
-    ]
+    assert [(how, when, what) for how, when, _, what in r.log] == [expected]
     assert len(r.room) == 0
 
 
-async def test_a_wave_expires_in_chunks_and_arrivals_do_not_wait_for_it(
+async def test_an_idle_room_keeps_a_new_connections_deadline(
     autojump_clock: trio.testing.MockClock, pairs: list
 ) -> None:
-    r = Room(read_deadline=5.0)
-    n = 2 * EXPIRE_CHUNK + 5
+    r = Room()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(r.run)
+        await trio.sleep(13.0)  # the room waits with nothing in it
+        r.add("d", pair(pairs)[0])
+        await trio.sleep(10.0)
+        r.room.close()
+    assert r.log == [("reject", 18.0, "d", "read_timeout")]
+
+
+async def test_a_wave_is_rejected_in_chunks_and_requests_do_not_wait_for_it(
+    autojump_clock: trio.testing.MockClock, pairs: list
+) -> None:
+    r = Room()
+    n = 2 * REJECT_CHUNK + 5
     for i in range(n):
         r.add(f"s{i}", pair(pairs)[0])
     late, late_client = pair(pairs)
@@ -117,33 +174,28 @@ async def test_a_wave_expires_in_chunks_and_arrivals_do_not_wait_for_it(
         nursery.start_soon(r.run)
         await trio.sleep(1.0)
         r.add("late", late)  # its deadline is t=6: it is still waiting during the wave
-        sent = []
 
-        def on_expire(batch: list[Waiting]) -> None:
-            if not sent:  # while the first chunk is being recorded, "late" sends its request
+        def on_reject(batch: list) -> None:
+            if len(r.log) == REJECT_CHUNK:  # the first chunk is being recorded: a request arrives
                 late_client.send(b"127.0.0.1:15000\n")
-                sent.append(True)
 
-        r.on_expire = on_expire
+        r.on_reject = on_reject
         await trio.sleep(10.0)
         r.room.close()
-    kinds = [(kind, t, len(names)) for kind, t, names in r.log]
-    assert kinds == [
-        ("expire", 5.0, EXPIRE_CHUNK),
-        ("ready", 5.0, 1),  # dispatched between two chunks, not after the whole wave
-        ("expire", 5.0, EXPIRE_CHUNK),
-        ("expire", 5.0, 5),
-    ]
-    expired = [name for kind, _, names in r.log if kind == "expire" for name in names]
-    assert expired == [f"s{i}" for i in range(n)]  # oldest first, each exactly once
+    hows = [how for how, *_ in r.log]
+    # dispatched between two chunks, not after the whole wave
+    assert hows == ["reject"] * REJECT_CHUNK + ["ready"] + ["reject"] * (n - REJECT_CHUNK)
+    assert {when for _, when, _, _ in r.log} == {5.0}
+    rejected = [who for how, _, who, _ in r.log if how == "reject"]
+    assert rejected == [f"s{i}" for i in range(n)]  # oldest first, each exactly once
 
 
 async def test_a_reused_descriptor_is_not_expired_on_its_predecessors_deadline(
     autojump_clock: trio.testing.MockClock, pairs: list
 ) -> None:
-    r = Room(read_deadline=5.0)
+    r = Room()
     a, a_client = pair(pairs)
-    a_client.send(b"x")
+    a_client.send(b"127.0.0.1:15000\n")
     r.add("a", a)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(r.run)
@@ -152,28 +204,31 @@ async def test_a_reused_descriptor_is_not_expired_on_its_predecessors_deadline(
         r.add("b", b)
         await trio.sleep(10.0)
         r.room.close()
-    assert r.log == [("ready", 0.0, ["a"]), ("expire", 6.0, ["b"])]
+    assert [(how, when, who) for how, when, who, _ in r.log] == [
+        ("ready", 0.0, "a"),
+        ("reject", 6.0, "b"),
+    ]
 
 
 async def test_drain_waits_for_the_room_to_empty_and_cancel_drops_the_rest(
     autojump_clock: trio.testing.MockClock, pairs: list
 ) -> None:
-    r = Room(read_deadline=5.0)
+    r = Room()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(r.run)
         await trio.sleep(1.0)
         r.room.close()  # empty: run() returns at once
     assert trio.current_time() == 1.0 and r.log == []
 
-    r = Room(read_deadline=5.0)
+    r = Room()
     r.add("a", pair(pairs)[0])  # at t=1
     with trio.move_on_after(2.0):  # the grace period ends before a's deadline
         r.room.close()
         await r.run()
-    assert r.log == [("drop", 3.0, ["a"])]
+    assert r.log == [("drop", 3.0, "a", "")]
 
-    r = Room(read_deadline=5.0)
+    r = Room()
     r.add("b", pair(pairs)[0])  # at t=3
     r.room.close()
-    await r.run()  # closed but not empty: b is expired normally at its deadline, then it returns
-    assert r.log == [("expire", 8.0, ["b"])]
+    await r.run()  # closed but not empty: b is refused at its deadline, then it returns
+    assert r.log == [("reject", 8.0, "b", "read_timeout")]

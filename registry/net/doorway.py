@@ -98,16 +98,33 @@ class Doorway:
 
 
 def _answer(conn: socket.socket, outcome: Outcome) -> None:
-    """Read what the client sent, write the one line, close. Never raises."""
-    first = b""
+    """Answer in the client's protocol (sniffed from what it sent) and close."""
     try:
-        while len(first) < READ_LIMIT and (chunk := conn.recv(4096, socket.MSG_DONTWAIT)):
-            first += chunk
-    except OSError:  # BlockingIOError: nothing (more) sent; or the peer reset
-        pass
+        first = conn.recv(4096, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except OSError:  # BlockingIOError: nothing sent; or the peer reset already
+        first = b""
+    send_and_close(conn, _reply(sniff(first) if first else Protocol.TEXT, outcome))
+
+
+def send_and_close(conn: socket.socket, line: bytes) -> None:
+    """Write one reply line, FIN, read what the client sent, close. Never raises.
+
+    For sockets with no task: the line always fits a fresh socket's empty send
+    buffer, so one non-blocking send takes it whole. FIN goes out before the
+    close so that a client's late bytes, which make the kernel answer RST,
+    arrive after our reply and EOF (Linux clients then still read both), and
+    whatever the client sent is read first so close() itself sends FIN, not RST.
+    """
     try:
-        conn.send(_reply(sniff(first) if first else Protocol.TEXT, outcome), socket.MSG_DONTWAIT)
+        conn.send(line, socket.MSG_DONTWAIT)
+        conn.shutdown(socket.SHUT_WR)
     except OSError:  # the client is gone: nobody to tell
+        pass
+    got = 0
+    try:
+        while got < READ_LIMIT and (chunk := conn.recv(4096, socket.MSG_DONTWAIT)):
+            got += len(chunk)
+    except OSError:  # BlockingIOError: nothing (more) sent; or reset
         pass
     conn.close()
 

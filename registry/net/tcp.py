@@ -28,6 +28,12 @@ from registry.service import Service, StoreUnavailable, store_failure_outcome
 log = structlog.get_logger(component="tcp")
 _conn_ids = itertools.count(1)
 
+
+def next_conn_id() -> int:
+    """The ``conn_id`` every log line of one connection carries."""
+    return next(_conn_ids)
+
+
 # Builds a receiver for a sniffed protocol (same interface: receive_data/next_event/quiet/buffered).
 ReceiverFactory = Callable[[Protocol, ProtocolConfig], "TextReceiver | JsonReceiver"]
 
@@ -88,7 +94,7 @@ async def read_request(
     protocol = Protocol.TEXT
     while True:
         if trio.current_time() >= deadline:
-            raise ProtocolError(Code.READ_TIMEOUT, _read_timeout_text(cfg, receiver))
+            raise read_timeout_error(cfg, receiver is not None)
         wait = deadline - trio.current_time()
         if receiver is not None and receiver.buffered:
             wait = min(wait, cfg.quiet_period)
@@ -106,9 +112,7 @@ async def read_request(
             continue
         if receiver is None:
             if not data:
-                raise ProtocolError(
-                    Code.MALFORMED, "the connection closed before any request was sent"
-                )
+                raise closed_early_error()
             protocol = sniff(data)
             receiver = make_receiver(protocol, cfg)
         receiver.receive_data(data)
@@ -117,20 +121,32 @@ async def read_request(
             return protocol, event
 
 
-async def expire_silent(service: Service, waited: Sequence[tuple[Endpoint, float]]) -> list[bytes]:
-    """The replies for connections that sent nothing within the read deadline.
+async def reject_unread(
+    service: Service, rejected: Sequence[tuple[ProtocolError, Endpoint, Protocol, float]]
+) -> list[bytes]:
+    """The replies for requests the waiting room refused (error, peer, protocol, arrival).
 
-    ``waited``: (peer, arrival wall time) each. Every outcome is recorded (one
-    store batch) before its reply exists; if the store fails, each gets the
-    store-failure BUSY instead.
+    Every outcome is recorded (one store batch) before its reply exists; if
+    the store fails, each gets the store-failure BUSY instead.
     """
-    error = ProtocolError(Code.READ_TIMEOUT, _read_timeout_text(service.config.protocol, None))
     try:
         with trio.CancelScope(shield=True):  # like handle(): the records complete
-            outcomes = await service.expire_many(waited, error)
+            outcomes = await service.reject_many(rejected)
     except StoreUnavailable:
-        return [format_reply(store_failure_outcome(None))] * len(waited)
-    return [format_reply(outcome) for outcome in outcomes]
+        outcomes = [store_failure_outcome(None)] * len(rejected)
+    return [
+        default_encode(protocol, outcome)
+        for (_, _, protocol, _), outcome in zip(rejected, outcomes, strict=True)
+    ]
+
+
+def read_timeout_error(cfg: ProtocolConfig, started: bool) -> ProtocolError:
+    """The READ_TIMEOUT error: ``started`` when some of the request had arrived."""
+    return ProtocolError(Code.READ_TIMEOUT, _read_timeout_text(cfg, True if started else None))
+
+
+def closed_early_error() -> ProtocolError:
+    return ProtocolError(Code.MALFORMED, "the connection closed before any request was sent")
 
 
 def _read_timeout_text(cfg: ProtocolConfig, receiver: object) -> str:
@@ -160,18 +176,20 @@ class TcpHandler:
         source_paid: bool = False,
         arrived: float | None = None,
         received_at: float | None = None,
+        request: tuple[Protocol, Request] | None = None,
+        conn_id: int | None = None,
     ) -> None:
         """Serve one accepted connection. ``peer``: as accept() reported it (saves a
         getpeername); ``source_paid``: the door already took the source's token;
         ``arrived`` / ``received_at``: when it was accepted (trio / wall clock),
-        if that was before now."""
+        if that was before now; ``request``: already read (the waiting room)."""
         try:
             peer = peer or peer_endpoint(stream)
             local = local_endpoint(stream)
         except OSError:  # the client is already gone
             stream.socket.close()
             return
-        conn_id = next(_conn_ids)
+        conn_id = conn_id or next_conn_id()
         # bind/reset by hand: the same as bound_contextvars() without a generator
         # context manager per connection (measurable at thousands a second).
         tokens = structlog.contextvars.bind_contextvars(conn_id=conn_id, peer=str(peer))
@@ -183,6 +201,7 @@ class TcpHandler:
                 source_paid=source_paid,
                 arrived=arrived,
                 received_at=received_at,
+                request=request,
             )
         except Exception as e:  # last resort: never let one client take the server down
             log.exception("handler_crashed", error=repr(e))
@@ -201,6 +220,7 @@ class TcpHandler:
         source_paid: bool = False,
         arrived: float | None = None,
         received_at: float | None = None,
+        request: tuple[Protocol, Request] | None = None,
     ) -> None:
         """Serve one connection whose peer is known (tests pass memory streams here)."""
         cfg = self.service.config.protocol
@@ -213,13 +233,15 @@ class TcpHandler:
             return self.make_receiver(p, c)
 
         try:
-            protocol, request = await read_request(stream, cfg, make_receiver, arrived)
+            if request is None:
+                request = await read_request(stream, cfg, make_receiver, arrived)
+            protocol, parsed = request
             structlog.contextvars.bind_contextvars(protocol=protocol.value)
             # Shielded: the callback and its record complete even if the client
             # vanishes or the server starts draining (the grace period bounds it).
             with trio.CancelScope(shield=True):
                 outcome = await self.service.register(
-                    request, peer, protocol, received_at, local, source_paid=source_paid
+                    parsed, peer, protocol, received_at, local, source_paid=source_paid
                 )
         except ProtocolError as e:
             protocol = sniffed[0] if sniffed else protocol

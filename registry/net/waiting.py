@@ -1,22 +1,27 @@
-"""The waiting room: admitted connections that have not sent a byte yet.
+"""The waiting room: admitted connections whose request has not arrived yet.
 
 A connection the door admits does not get a task straight away. It waits
-here, in one epoll set owned by one task, until its first byte (or EOF)
-arrives; only then does it get a task and a handler, whose read deadline
-still counts from the moment it was accepted. Connections that send nothing
-until ``protocol.read_deadline`` are expired here, together, in one store
-batch: each still gets its own ``ERROR read_timeout`` row, log line and
-reply, in that order (SPEC promise 6), but no task, stream, cancel scope or
-timer of its own.
+here, in one epoll set owned by one task, which reads what arrives
+(non-blocking), frames it with the same sans-io receivers and under the same
+rules as ``tcp.read_request`` (LF, EOF, the quiet period, the size cap, the
+total read deadline counted from ``accept()``), and only then decides:
 
-Why: a stalled connection used to cost a task, a timer and, at the
-deadline, a full pass through the handler (~1 ms of CPU). Stalls that
-connect together expire together, and a wave of a thousand expiries kept
-the event loop busy long enough to delay every honest student behind it
-(docs/benchmarks.md). Here 5,000 stalls cost 5,000 epoll registrations and
-5,000 small objects, and their expiry is processed ``EXPIRE_CHUNK`` at a
-time; between two chunks, connections that did send are dispatched, so
-honest work interleaves with the wave.
+- a complete request leaves through ``ready``: it gets its task and the TCP
+  handler, which registers it and replies;
+- a protocol error (malformed, too long, bad JSON, closed before a byte,
+  nothing in time) leaves through ``reject``, together with every other one
+  due at the same moment: their outcomes are recorded in one store batch, in
+  chunks of ``REJECT_CHUNK``, each with its own id, row and log line before
+  its reply (SPEC promise 6), and with no task, stream, cancel scope or timer
+  of its own.
+
+Why: junk and stalls used to cost a task, timers and a full pass through the
+handler each (~1 ms of CPU). A thousand stalls that connect together expire
+together, and a thousand one-byte requests are framed together by the quiet
+period; such a wave kept the event loop busy long enough to delay every
+honest student behind it (docs/benchmarks.md). Between two chunks of a wave
+the room reads the connections that did send, so a student's request does not
+wait for the wave to be recorded.
 
 Linux only (``select.epoll``); elsewhere ``WaitingRoom.supported()`` is
 false and the server gives every connection its task at once, as before.
@@ -24,6 +29,8 @@ false and the server gives every connection its task at once, as before.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import math
 import select
 import socket
@@ -32,15 +39,25 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 
-import structlog
 import trio
 
-from registry.model import Endpoint
+from registry.config import ProtocolConfig
+from registry.errors import ProtocolError
+from registry.model import Endpoint, Protocol, Request
+from registry.net.tcp import (
+    ReceiverFactory,
+    closed_early_error,
+    default_receiver,
+    next_conn_id,
+    read_timeout_error,
+)
+from registry.protocol.jsonl import JsonReceiver
+from registry.protocol.sniff import sniff
+from registry.protocol.text import NeedData, TextReceiver
 
-log = structlog.get_logger(component="waiting")
-
-EXPIRE_CHUNK = 64  # expiries recorded in one store batch, then answered
+REJECT_CHUNK = 64  # refused requests recorded in one store batch, then answered
 _EVENTS = select.EPOLLIN | select.EPOLLRDHUP if hasattr(select, "epoll") else 0
+_seq = itertools.count()
 
 
 @dataclass(slots=True, eq=False)
@@ -53,26 +70,42 @@ class Waiting:
     token: object
     arrived: float  # trio clock
     received_at: float = field(default_factory=time.time)  # wall clock, for the record
+    conn_id: int = field(default_factory=next_conn_id)
+    receiver: TextReceiver | JsonReceiver | None = None
+    protocol: Protocol = Protocol.TEXT
+    quiet_at: float = math.inf  # when the quiet period frames what is buffered
+    deadline: float = math.inf  # the total read deadline (set by WaitingRoom.add)
+
+
+Ready = Callable[[Waiting, Protocol, Request], None]
+Reject = Callable[[list[tuple[Waiting, ProtocolError]]], Awaitable[None]]
 
 
 class WaitingRoom:
-    """Connections waiting for their first byte; each leaves through ``ready`` or ``expire``.
+    """Connections whose request is still on its way; each leaves exactly once.
 
-    ``ready(w)`` (synchronous) takes over a connection that has data or EOF;
-    ``expire(batch)`` takes over connections whose read deadline has passed;
-    ``drop(w)`` (synchronous) gets whatever is still waiting when ``run`` is
-    cancelled. Each owns the socket and its slot from then on.
+    ``ready(w, protocol, request)`` (synchronous) takes over a connection
+    whose request is complete; ``reject(batch)`` takes over connections that
+    failed (each with its ProtocolError); ``drop(w)`` (synchronous) gets
+    whatever is still waiting when ``run`` is cancelled. Each owns the socket
+    and its slot from then on.
     """
 
     @staticmethod
     def supported() -> bool:
         return hasattr(select, "epoll")
 
-    def __init__(self, read_deadline: Callable[[], float]) -> None:
-        self.read_deadline = read_deadline  # read per connection: SIGHUP may change it
+    def __init__(
+        self,
+        config: Callable[[], ProtocolConfig],
+        make_receiver: ReceiverFactory = default_receiver,
+    ) -> None:
+        self.config = config  # read per connection: SIGHUP may change the deadlines
+        self.make_receiver = make_receiver
         self._epoll = select.epoll()
         self._by_fd: dict[int, Waiting] = {}
-        self._queue: deque[tuple[float, Waiting]] = deque()  # by deadline
+        self._deadlines: deque[tuple[float, Waiting]] = deque()  # arrival order = deadline order
+        self._quiet: list[tuple[float, int, Waiting]] = []  # heap; stale entries skipped
         self._closing = False
         self._wait = trio.CancelScope()  # run()'s current wait: add/close move its deadline
 
@@ -83,65 +116,129 @@ class WaitingRoom:
         fd = w.conn.fileno()
         self._epoll.register(fd, _EVENTS)
         self._by_fd[fd] = w
-        deadline = w.arrived + self.read_deadline()
-        self._queue.append((deadline, w))
-        self._wait.deadline = min(self._wait.deadline, deadline)
+        w.deadline = w.arrived + self.config().read_deadline
+        self._deadlines.append((w.deadline, w))
+        self._wait.deadline = min(self._wait.deadline, w.deadline)
 
     def close(self) -> None:
         """Drain: no new arrivals; ``run`` returns once the room is empty."""
         self._closing = True
         self._wait.cancel()
 
-    async def run(
-        self,
-        ready: Callable[[Waiting], None],
-        expire: Callable[[list[Waiting]], Awaitable[None]],
-        drop: Callable[[Waiting], None],
-    ) -> None:
+    async def run(self, ready: Ready, reject: Reject, drop: Callable[[Waiting], None]) -> None:
         """Until closed and empty, or cancelled (the grace period is over)."""
         try:
             while self._by_fd or not self._closing:
                 with trio.CancelScope(deadline=self._next_deadline()) as self._wait:
                     await trio.lowlevel.wait_readable(self._epoll.fileno())
-                self._dispatch(ready)
-                due = self._take_due(trio.current_time())
-                while due:
-                    chunk, due = due[:EXPIRE_CHUNK], due[EXPIRE_CHUNK:]
-                    await expire(chunk)
-                    # Between chunks of a wave, connections that did send get their task
-                    # at once: nobody waits for the whole wave to be recorded.
-                    self._dispatch(ready)
+                failed = self._read(ready)
+                failed += self._due(ready, trio.current_time())
+                while failed:
+                    chunk, failed = failed[:REJECT_CHUNK], failed[REJECT_CHUNK:]
+                    await reject(chunk)
+                    # Between two chunks of a wave, the connections that did send are
+                    # read: a student's request does not wait for the wave's records.
+                    failed += self._read(ready)
         finally:
             for w in self._by_fd.values():
                 drop(w)
             self._by_fd.clear()
-            self._queue.clear()
+            self._deadlines.clear()
+            self._quiet.clear()
             self._epoll.close()
 
-    def _dispatch(self, ready: Callable[[Waiting], None]) -> None:
+    # --- reading ---------------------------------------------------------------------
+
+    def _read(self, ready: Ready) -> list[tuple[Waiting, ProtocolError]]:
+        """Read every connection with something to read; hand over what is decided."""
+        failed = []
+        now = trio.current_time()
         for fd, _ in self._epoll.poll(0, 256):
-            w = self._by_fd.pop(fd, None)
-            if w is not None:
-                self._epoll.unregister(fd)
-                ready(w)
+            w = self._by_fd.get(fd)
+            if w is None:
+                continue
+            try:
+                result = self._feed(w, now)
+            except ProtocolError as e:
+                self._leave(w)
+                failed.append((w, e))
+                continue
+            if result is not None:
+                self._leave(w)
+                ready(w, w.protocol, result)
+        return failed
+
+    def _feed(self, w: Waiting, now: float) -> Request | None:
+        """One non-blocking read into ``w``'s receiver: the request, None for "not
+        yet", or ProtocolError (as read_request decides it)."""
+        try:
+            data = w.conn.recv(4096, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return None
+        except OSError:  # reset by the peer: it has closed
+            data = b""
+        if w.receiver is None:
+            if not data:
+                raise closed_early_error()
+            w.protocol = sniff(data)
+            w.receiver = self.make_receiver(w.protocol, self.config())
+        w.receiver.receive_data(data)
+        event = w.receiver.next_event()
+        if isinstance(event, NeedData):
+            if w.receiver.buffered:  # a new byte restarts the quiet period
+                w.quiet_at = now + self.config().quiet_period
+                heapq.heappush(self._quiet, (w.quiet_at, next(_seq), w))
+            return None
+        return event
+
+    # --- deadlines -------------------------------------------------------------------
+
+    def _due(self, ready: Ready, now: float) -> list[tuple[Waiting, ProtocolError]]:
+        """Quiet periods that ended (framing what is buffered) and read deadlines passed."""
+        failed = []
+        while self._quiet and self._quiet[0][0] <= now:
+            at, _, w = heapq.heappop(self._quiet)
+            if not self._waiting(w) or at != w.quiet_at or w.receiver is None:
+                continue  # gone, or a later byte moved its quiet period
+            if at >= w.deadline:
+                continue  # as in read_request: the total deadline wins a tie
+            w.quiet_at = math.inf
+            try:
+                event = w.receiver.quiet()
+            except ProtocolError as e:
+                self._leave(w)
+                failed.append((w, e))
+                continue
+            if not isinstance(event, NeedData):
+                self._leave(w)
+                ready(w, w.protocol, event)
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, w = self._deadlines.popleft()
+            if self._waiting(w):
+                self._leave(w)
+                failed.append((w, read_timeout_error(self.config(), w.receiver is not None)))
+        return failed
 
     def _next_deadline(self) -> float:
-        while self._queue and not self._still_waiting(self._queue[0][1]):
-            self._queue.popleft()  # left through ready() already
-        if self._closing:
-            return -math.inf if not self._by_fd else self._queue[0][0]
-        return self._queue[0][0] if self._queue else math.inf
+        while self._deadlines and not self._waiting(self._deadlines[0][1]):
+            self._deadlines.popleft()  # left already
+        while self._quiet and (
+            not self._waiting(self._quiet[0][2]) or self._quiet[0][0] != self._quiet[0][2].quiet_at
+        ):
+            heapq.heappop(self._quiet)
+        soonest = min(
+            self._deadlines[0][0] if self._deadlines else math.inf,
+            self._quiet[0][0] if self._quiet else math.inf,
+        )
+        if self._closing and not self._by_fd:
+            return -math.inf
+        return soonest
 
-    def _still_waiting(self, w: Waiting) -> bool:
+    def _waiting(self, w: Waiting) -> bool:
         return self._by_fd.get(w.conn.fileno()) is w
 
-    def _take_due(self, now: float) -> list[Waiting]:
-        due = []
-        while self._queue and self._queue[0][0] <= now:
-            _, w = self._queue.popleft()
-            if self._still_waiting(w):
-                fd = w.conn.fileno()
-                del self._by_fd[fd]
-                self._epoll.unregister(fd)
-                due.append(w)
-        return due
+    def _leave(self, w: Waiting) -> None:
+        fd = w.conn.fileno()
+        del self._by_fd[fd]
+        self._epoll.unregister(fd)
+        w.quiet_at = math.inf
