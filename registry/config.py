@@ -234,8 +234,9 @@ class LimitsConfig(_Section):
     max_connections_per_source: int = 32
     max_callbacks_in_flight: int = 256
     max_callback_queue: int = 1024
-    refusal_delay: Duration = Duration(0.5)  # a refused connection is answered this late
-    max_refusals_held: int = 2048  # refused connections waiting for their answer
+    refusal_delay: Duration = Duration(0.5)  # a source's first refusal is answered this late
+    max_refusal_delay: Duration = Duration(5.0)  # ... doubling per repeat, up to this
+    max_refusals_held: int = 8192  # refused connections waiting for their answer
 
 
 class StoreConfig(_Section):
@@ -385,9 +386,9 @@ def _semantic_problems(cfg: Config) -> list[str]:
     need(cfg.limits.max_callback_queue >= 0, "limits.max_callback_queue", "expected >= 0")
     need(cfg.limits.max_refusals_held >= 0, "limits.max_refusals_held", "expected >= 0")
     need(
-        0 <= cfg.limits.refusal_delay <= 10,
-        "limits.refusal_delay",
-        "expected a duration from 0 to 10s",
+        cfg.limits.refusal_delay <= cfg.limits.max_refusal_delay <= 60,
+        "limits.max_refusal_delay",
+        "expected a duration from limits.refusal_delay to 60s",
     )
     need(cfg.udp.cookie_window > 0, "udp.cookie_window", "expected a duration > 0")
     need(

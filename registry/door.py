@@ -105,14 +105,17 @@ class RefusalTally:
         self._reasons: Counter[str] = Counter()
         self._others = 0
 
-    def add(self, source: str, reason: str) -> None:
+    def add(self, source: str, reason: str) -> int:
+        """Count one refusal; return how many ``source`` has had for ``reason`` in this
+        window (1 for a source past ``max_sources``: untracked sources are new ones)."""
         self.totals[reason] += 1
         self._reasons[reason] += 1
         key = (source, reason)
         if key in self._window or len(self._window) < self.max_sources:
             self._window[key] += 1
-        else:
-            self._others += 1
+            return self._window[key]
+        self._others += 1
+        return 1
 
     def flush(self, top: int = 10) -> dict[str, object] | None:
         """The window's summary (None when nothing was refused), and a fresh window."""

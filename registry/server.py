@@ -104,7 +104,9 @@ class Registry:
         )
         self.tally = RefusalTally()
         self.room: WaitingRoom | None = None
-        self.doorway = Doorway(cfg.limits.refusal_delay, cfg.limits.max_refusals_held)
+        self.doorway = Doorway(
+            cfg.limits.refusal_delay, cfg.limits.max_refusal_delay, cfg.limits.max_refusals_held
+        )
 
     async def run(
         self, *, task_status: trio.TaskStatus[Runtime] = trio.TASK_STATUS_IGNORED
@@ -285,8 +287,9 @@ class Registry:
         decision = self.door.arrive(peer.host, trio.current_time())
         if isinstance(decision, Refused):
             self.admission.release_on_behalf_of(token)
-            self.tally.add(str(peer.host), decision.reason)
-            self.doorway.refuse(conn, decision.outcome, trio.current_time())
+            repeat = self.tally.add(str(peer.host), decision.reason)
+            delay = self.doorway.delay_for(repeat)  # a source refused again waits longer
+            self.doorway.refuse(conn, decision.outcome, trio.current_time(), delay)
             return
         waiting = Waiting(conn, peer, decision.key, token, trio.current_time())
         if self.room is not None:
@@ -404,7 +407,9 @@ class Registry:
         runtime.service.reconfigure(new)
         self.admission.total_tokens = new.limits.max_connections
         self.caps.reconfigure(new.limits.max_connections, new.limits.max_connections_per_source)
-        self.doorway.reconfigure(new.limits.refusal_delay, new.limits.max_refusals_held)
+        self.doorway.reconfigure(
+            new.limits.refusal_delay, new.limits.max_refusal_delay, new.limits.max_refusals_held
+        )
         log.info("reloaded", path=self.config_path)
         self.notifier.ready("config reloaded")
 

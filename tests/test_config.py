@@ -305,3 +305,23 @@ def test_deadlines_that_would_drop_every_reply_are_refused(text: str, key: str) 
     with pytest.raises(ConfigError) as caught:
         config_mod.loads(text)
     _assert_problems(caught.value.problems, [key])
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ('[limits]\nrefusal_delay = "6s"\n', r"limits\.max_refusal_delay: "),  # above the 5s cap
+        ('[limits]\nmax_refusal_delay = "2m"\n', r"limits\.max_refusal_delay: "),
+        ("[limits]\nmax_refusals_held = -1\n", r"limits\.max_refusals_held: "),
+        ('[limits]\nrefusal_delay = "-1s"\n', r"limits\.refusal_delay: "),
+    ],
+)
+def test_refusal_delays_are_checked(text: str, key: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        config_mod.loads(text)
+    _assert_problems(caught.value.problems, [key])
+
+
+def test_refusals_can_be_answered_at_once() -> None:
+    cfg = config_mod.loads("[limits]\nrefusal_delay = 0\nmax_refusal_delay = 0\n")
+    assert (cfg.limits.refusal_delay, cfg.limits.max_refusal_delay) == (0.0, 0.0)

@@ -23,7 +23,7 @@ from registry import config as config_mod
 from registry.conncaps import ConnectionCaps
 from registry.door import PER_SOURCE, RATE_LIMITED, TOTAL, Admitted, Door, RefusalTally, Refused
 from registry.model import Code, Outcome
-from registry.net.doorway import Doorway
+from registry.net.doorway import REAP_CHUNK, Doorway
 from registry.ratelimit import RateLimiter, source_key
 from registry.server import Registry, Runtime
 
@@ -129,9 +129,8 @@ def test_door_uses_the_limiters_source_key() -> None:
 def test_tally_counts_a_window_and_keeps_totals() -> None:
     tally = RefusalTally()
     assert tally.flush() is None  # nothing refused: nothing to log
-    for _ in range(3):
-        tally.add("10.0.0.1", RATE_LIMITED)
-    tally.add("10.0.0.2", PER_SOURCE)
+    assert [tally.add("10.0.0.1", RATE_LIMITED) for _ in range(3)] == [1, 2, 3]  # repeats
+    assert tally.add("10.0.0.2", PER_SOURCE) == 1
     assert tally.flush() == {
         "refused": 4,
         "by_reason": {RATE_LIMITED: 3, PER_SOURCE: 1},
@@ -140,19 +139,21 @@ def test_tally_counts_a_window_and_keeps_totals() -> None:
         "untracked": 0,
     }
     assert tally.flush() is None  # a fresh window
+    assert tally.add("10.0.0.1", RATE_LIMITED) == 1  # repeats count per window
     tally.add("10.0.0.3", TOTAL)
-    assert tally.totals == {RATE_LIMITED: 3, PER_SOURCE: 1, TOTAL: 1}  # totals only grow
+    assert tally.totals == {RATE_LIMITED: 4, PER_SOURCE: 1, TOTAL: 1}  # totals only grow
 
 
 def test_tally_window_is_bounded_under_a_spray() -> None:
     tally = RefusalTally(max_sources=50)
     for n in range(10_000):
         tally.add(f"10.1.{n // 250}.{n % 250}", RATE_LIMITED)
-    tally.add("10.1.0.0", RATE_LIMITED)  # a tracked source still counts as itself
+    assert tally.add("10.1.0.0", RATE_LIMITED) == 2  # a tracked source still counts as itself
+    assert tally.add("10.1.39.249", RATE_LIMITED) == 1  # an untracked one: as if new
     summary = tally.flush(top=3)
     assert summary is not None
-    assert summary["refused"] == 10_001 and summary["by_reason"] == {RATE_LIMITED: 10_001}
-    assert summary["sources"] == 50 and summary["untracked"] == 10_000 - 50
+    assert summary["refused"] == 10_002 and summary["by_reason"] == {RATE_LIMITED: 10_002}
+    assert summary["sources"] == 50 and summary["untracked"] == 10_000 - 50 + 1
     assert summary["top"][0] == ["10.1.0.0", RATE_LIMITED, 2]
     assert len(tally._window) == 0
 
@@ -241,6 +242,51 @@ async def test_doorway_zero_delay_or_shutdown_answers_at_once(delay: float) -> N
     assert (body["status"], body["code"], body["retry_after"]) == ("BUSY", "rate_limited", 7)
 
 
+def test_doorway_delay_doubles_per_repeat_up_to_the_cap() -> None:
+    doorway = Doorway(delay=0.5, max_delay=5.0)
+    assert [doorway.delay_for(k) for k in range(1, 7)] == [0.5, 1.0, 2.0, 4.0, 5.0, 5.0]
+    assert doorway.delay_for(10_000) == 5.0  # no overflow
+    assert Doorway(delay=0, max_delay=5.0).delay_for(3) == 0.0  # 0: answer at once
+
+
+async def test_doorway_answers_each_at_its_own_time(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    doorway = Doorway(delay=0.5, max_delay=5.0)
+    answered: dict[str, float] = {}
+    async with (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0] as listener:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(doorway.run)
+            first, first_conn = await _pair(listener)
+            second, second_conn = await _pair(listener)
+            doorway.refuse(first_conn, BUSY, trio.current_time(), 4.0)  # a repeat offender
+            doorway.refuse(second_conn, BUSY, trio.current_time(), 0.5)  # due sooner: run wakes
+
+            async def read(name: str, client: trio.socket.SocketType) -> None:
+                with client:
+                    assert await _read_to_eof(client) == LINE
+                answered[name] = trio.current_time()
+
+            async with trio.open_nursery() as readers:
+                readers.start_soon(read, "first", first)
+                readers.start_soon(read, "second", second)
+            nursery.cancel_scope.cancel()
+    assert answered == {"second": pytest.approx(0.5), "first": pytest.approx(4.0)}
+
+
+async def test_doorway_answers_a_crowd_a_chunk_at_a_time() -> None:
+    doorway = Doorway(delay=60)
+    async with (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0] as listener:
+        pairs = [await _pair(listener) for _ in range(REAP_CHUNK + 5)]
+        for _, conn in pairs:
+            doorway.refuse(conn, BUSY, 0.0)
+        assert doorway.reap(100.0) == REAP_CHUNK  # no more in one go
+        assert doorway.reap(100.0) == 5 and doorway.held == 0
+        for client, _ in pairs:
+            with client:
+                assert await _read_to_eof(client) == LINE
+
+
 async def test_doorway_holds_at_most_max_held() -> None:
     doorway = Doorway(delay=60, max_held=3)
     async with (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0] as listener:
@@ -249,7 +295,7 @@ async def test_doorway_holds_at_most_max_held() -> None:
             doorway.refuse(conn, BUSY, trio.current_time())
         assert doorway.held == 3
         assert [conn.fileno() == -1 for _, conn in pairs] == [True, True, False, False, False]
-        doorway.reconfigure(60, 1)  # SIGHUP to a smaller bound applies at once
+        doorway.reconfigure(60, 60, 1)  # SIGHUP to a smaller bound applies at once
         assert doorway.held == 1
         doorway.answer_all()
         assert doorway.held == 0 and all(conn.fileno() == -1 for _, conn in pairs)

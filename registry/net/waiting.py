@@ -56,6 +56,7 @@ from registry.protocol.sniff import sniff
 from registry.protocol.text import NeedData, TextReceiver
 
 REJECT_CHUNK = 64  # refused requests recorded in one store batch, then answered
+BATCH = 64  # connections read, or deadlines handled, between two checkpoints
 _EVENTS = select.EPOLLIN | select.EPOLLRDHUP if hasattr(select, "epoll") else 0
 _seq = itertools.count()
 
@@ -153,7 +154,7 @@ class WaitingRoom:
         """Read every connection with something to read; hand over what is decided."""
         failed = []
         now = trio.current_time()
-        for fd, _ in self._epoll.poll(0, 256):
+        for fd, _ in self._epoll.poll(0, BATCH):
             w = self._by_fd.get(fd)
             if w is None:
                 continue
@@ -195,8 +196,10 @@ class WaitingRoom:
 
     def _due(self, ready: Ready, now: float) -> list[tuple[Waiting, ProtocolError]]:
         """Quiet periods that ended (framing what is buffered) and read deadlines passed."""
-        failed = []
-        while self._quiet and self._quiet[0][0] <= now:
+        failed: list[tuple[Waiting, ProtocolError]] = []
+        budget = BATCH  # the rest is due already: run() comes straight back for it
+        while budget and self._quiet and self._quiet[0][0] <= now:
+            budget -= 1
             at, _, w = heapq.heappop(self._quiet)
             if not self._waiting(w) or at != w.quiet_at or w.receiver is None:
                 continue  # gone, or a later byte moved its quiet period
@@ -212,7 +215,8 @@ class WaitingRoom:
             if not isinstance(event, NeedData):
                 self._leave(w)
                 ready(w, w.protocol, event)
-        while self._deadlines and self._deadlines[0][0] <= now:
+        while budget and self._deadlines and self._deadlines[0][0] <= now:
+            budget -= 1
             _, w = self._deadlines.popleft()
             if self._waiting(w):
                 self._leave(w)
