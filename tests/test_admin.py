@@ -278,6 +278,20 @@ async def test_metrics_parse_and_counters_move(tmp_path: Path) -> None:
     assert info and dict(info[0][1])["policy_mode"] == "strict" and dict(info[0][1])["version"]
 
 
+async def test_metrics_count_door_refusals_by_reason(tmp_path: Path) -> None:
+    async with admin_server(tmp_path) as admin:
+        before = samples((await admin.get("/metrics"))[2].decode())
+        admin.runtime.tally.add("203.0.113.9", "rate_limited")
+        admin.runtime.tally.add("203.0.113.9", "rate_limited")
+        admin.runtime.tally.add("203.0.113.8", "per_source")
+        after = samples((await admin.get("/metrics"))[2].decode())
+    key = "registry_door_refusals_total"
+    assert before[(key, (("reason", "rate_limited"),))] == 0
+    assert after[(key, (("reason", "rate_limited"),))] == 2
+    assert after[(key, (("reason", "per_source"),))] == 1
+    assert after[(key, (("reason", "total"),))] == 0
+
+
 def test_metrics_use_their_own_registry() -> None:
     first, second = Metrics(process=False), Metrics(process=False)  # no duplicate-name clash
     first.observe(stored(1, status="OK", code="connected", rtt_ms=2.0))

@@ -270,7 +270,12 @@ async def test_2000_stalled_connections_and_an_honest_registration(tmp_path: Pat
 async def test_stalls_from_one_source_are_refused_past_the_per_source_cap(
     tmp_path: Path,
 ) -> None:
-    cfg = config(protocol={"read_deadline": "2s"}, limits={"max_connections_per_source": 16})
+    # refusal_delay 0: this test is about the cap; the hold of a refusal has its own
+    # test below (and tests/test_door.py)
+    cfg = config(
+        protocol={"read_deadline": "2s"},
+        limits={"max_connections_per_source": 16, "refusal_delay": "0s", "max_refusal_delay": "0s"},
+    )
     with run_registry(tmp_path, config=cfg) as reg:
         stalled = Stalled()
         async with trio.open_nursery() as nursery:
@@ -284,6 +289,37 @@ async def test_stalls_from_one_source_are_refused_past_the_per_source_cap(
             assert reply.startswith("OK connected"), reply
             await poll_until(lambda: len(stalled.replies) == 300, 10)
         assert stalled.codes().get("ERROR read_timeout") == 16, stalled.codes()
+
+
+async def test_a_source_refused_again_and_again_is_held_longer_up_to_the_cap(
+    tmp_path: Path,
+) -> None:
+    # cap 4 per source; refusals held 0.25 s, doubling per repeat, at most 1 s
+    cfg = config(
+        protocol={"read_deadline": "5s"},
+        limits={
+            "max_connections_per_source": 4,
+            "refusal_delay": "250ms",
+            "max_refusal_delay": "1s",
+        },
+    )
+    with run_registry(tmp_path, config=cfg) as reg:
+        stalled = Stalled()
+        async with trio.open_nursery() as nursery:
+            await open_stalled(nursery, stalled, reg.port, [("127.0.0.9", b"")] * 40)
+            await poll_until(lambda: len(stalled.replies) >= 36, 10)
+            await trio.sleep(0.5)
+            # only the refusals are answered; the 4 admitted are still waiting for a byte
+            assert len(stalled.replies) == 36
+            times = sorted(t for t, d in stalled.replies if d.startswith(b"BUSY overloaded "))
+            assert len(times) == 36
+            assert times[0] < 0.7  # the first refusal: 0.25 s
+            assert 0.9 < times[-1] < 2.5  # the later ones: held the cap, 1 s, not more
+            nursery.cancel_scope.cancel()
+        assert reg.stop() == 0
+        [summary] = reg.events("door_refusals")  # one line for the window, at the latest at stop
+    assert summary["refused"] == 36 and summary["by_reason"] == {"per_source": 36}
+    assert summary["top"] == [["127.0.0.9", "per_source", 36]]
 
 
 async def test_connection_cap_is_taken_before_accept(tmp_path: Path) -> None:
