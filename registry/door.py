@@ -25,6 +25,7 @@ from collections import Counter
 from collections.abc import Hashable
 from dataclasses import dataclass
 
+from registry.conncaps import PER_SOURCE as CAP_PER_SOURCE
 from registry.conncaps import ConnectionCaps
 from registry.model import Code, IPAddress, Outcome
 from registry.ratelimit import Busy, RateLimiter, source_key
@@ -62,12 +63,12 @@ class Door:
         reason = self.caps.acquire(key)
         if reason is not None:  # checked first: a refused connection costs no token
             return Refused(
-                PER_SOURCE if reason == "per_source" else TOTAL,
+                PER_SOURCE if reason == CAP_PER_SOURCE else TOTAL,
                 Outcome(
                     code=Code.OVERLOADED,
                     retry_after=5,
                     explanation="too many open connections from your address; close some and retry"
-                    if reason == "per_source"
+                    if reason == CAP_PER_SOURCE
                     else "the registry has too many open connections; try again in a few seconds",
                 ),
             )
