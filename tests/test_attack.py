@@ -552,9 +552,10 @@ def _closed_port(host: str) -> int:
 
 
 async def test_source_spray_keeps_limiter_state_under_its_cap(tmp_path: Path) -> None:
-    # 1,500 distinct sources, each registering once (its own closed port), every
-    # rate generous so each request really stores a bucket: the worst case for
-    # memory. Every table stays at max_entries; the connection caps keep nothing.
+    # 1,500 distinct sources, each registering once (its own closed port), each
+    # under every limit, and each leaving a bucket that is not full again for an
+    # hour: the worst case for memory. Every table stays at max_entries; the
+    # connection caps keep nothing.
     cap = 200
     cfg = config_mod.from_dict(
         {
@@ -563,7 +564,16 @@ async def test_source_spray_keeps_limiter_state_under_its_cap(tmp_path: Path) ->
                 "admin": "off",  # never a fixed port in a test
                 "db": str(tmp_path / "spray.db"),
             },
-            "ratelimit": {**OPEN_RATES, "per_source": "5/hour", "max_entries": cap},
+            # 5/hour for every keyed scope: a bucket stays non-full (and so in its
+            # table) for the whole test; at 1000/second a target's bucket is full
+            # again 1 ms later and may be dropped before the next sample
+            "ratelimit": {
+                **OPEN_RATES,
+                "per_source": "5/hour",
+                "per_target": "5/hour",
+                "per_target_port": "5/hour",
+                "max_entries": cap,
+            },
         }
     )
     async with trio.open_nursery() as nursery:
