@@ -142,15 +142,15 @@ async def reject_unread(
 
 def read_timeout_error(cfg: ProtocolConfig, started: bool) -> ProtocolError:
     """The READ_TIMEOUT error: ``started`` when some of the request had arrived."""
-    return ProtocolError(Code.READ_TIMEOUT, _read_timeout_text(cfg, True if started else None))
+    return ProtocolError(Code.READ_TIMEOUT, _read_timeout_text(cfg, started))
 
 
 def closed_early_error() -> ProtocolError:
     return ProtocolError(Code.MALFORMED, "the connection closed before any request was sent")
 
 
-def _read_timeout_text(cfg: ProtocolConfig, receiver: object) -> str:
-    if receiver is None:
+def _read_timeout_text(cfg: ProtocolConfig, started: bool) -> str:
+    if not started:
         return f"no request arrived within {cfg.read_deadline:g} s; send HOST:PORT, e.g. 192.168.1.105:15000"
     return f"the request was not complete within {cfg.read_deadline:g} s"
 
