@@ -330,7 +330,8 @@ class Registry:
     async def _reject(self, service: Service, batch: list[tuple[Waiting, ProtocolError]]) -> None:
         """Requests the waiting room refused: recorded together, then answered."""
         replies = await reject_unread(
-            service, [(error, w.peer, w.protocol, w.received_at) for w, error in batch]
+            service,
+            [(error, w.peer, w.protocol, w.received_at, w.conn_id) for w, error in batch],
         )
         for (w, _), reply in zip(batch, replies, strict=True):
             send_and_close(w.conn, reply)

@@ -335,14 +335,15 @@ class Service:
         started: float,
     ) -> Outcome:
         duration_ms = (self.clock() - started) * 1000.0
-        await self._commit([(outcome, _record(outcome, peer, protocol, received_at, duration_ms))])
+        record = _record(outcome, peer, protocol, received_at, duration_ms)
+        await self._commit([(outcome, record, None)])
         return outcome
 
     async def reject_many(
-        self, rejected: Sequence[tuple[ProtocolError, Endpoint, Protocol, float]]
+        self, rejected: Sequence[tuple[ProtocolError, Endpoint, Protocol, float, int]]
     ) -> list[Outcome]:
         """``reject`` for many connections at once (each: error, peer, protocol,
-        arrival wall time); raises StoreUnavailable.
+        arrival wall time, conn_id for the log line); raises StoreUnavailable.
 
         For the waiting room (registry/net/waiting.py), which reads requests
         without a task per connection: junk and stalls arrive together (a wave
@@ -354,28 +355,33 @@ class Service:
         """
         started = self.clock()
         done = []
-        for error, peer, protocol, received_at in rejected:
+        for error, peer, protocol, received_at, conn_id in rejected:
             self.limiter.penalize(peer.host, started)
             outcome = Outcome(code=error.code, explanation=error.explanation).with_(
                 id=self.new_id(), observed=str(peer)
             )
-            done.append((outcome, _record(outcome, peer, protocol, received_at, 0.0)))
+            record = _record(outcome, peer, protocol, received_at, 0.0)
+            done.append((outcome, record, conn_id))
         await self._commit(done)
-        return [outcome for outcome, _ in done]
+        return [outcome for outcome, _, _ in done]
 
-    async def _commit(self, done: list[tuple[Outcome, Record]]) -> None:
-        """Record every outcome (one store batch), then count, observe and log each."""
+    async def _commit(self, done: list[tuple[Outcome, Record, int | None]]) -> None:
+        """Record every outcome (one store batch), then count, observe and log each.
+
+        ``int``: the connection's conn_id, bound (with peer and protocol) for its
+        log line; None: the caller's log context already names the connection.
+        """
         try:
-            await self.recorder.record_many([record for _, record in done])
+            await self.recorder.record_many([record for _, record, _ in done])
         except Exception as e:  # the edge turns this into BUSY: never claim an unrecorded result
-            log.error("record_failed", ids=[o.id for o, _ in done], error=repr(e))
+            log.error("record_failed", ids=[o.id for o, _, _ in done], error=repr(e))
             raise StoreUnavailable(str(e)) from e
-        if len(done) == 1:  # the usual case: the caller's log context names the peer
-            self._recorded(*done[0])
-            return
-        for n, (outcome, record) in enumerate(done, 1):
+        for n, (outcome, record, conn_id) in enumerate(done, 1):
+            if conn_id is None:
+                self._recorded(outcome, record)
+                continue
             tokens = structlog.contextvars.bind_contextvars(
-                peer=record.peer, protocol=record.protocol
+                conn_id=conn_id, peer=record.peer, protocol=record.protocol
             )
             self._recorded(outcome, record)
             structlog.contextvars.reset_contextvars(**tokens)

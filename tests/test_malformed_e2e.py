@@ -305,6 +305,9 @@ def test_malformed_then_a_good_registration(
         assert elapsed < 0.9, elapsed  # answered at once (or after the 250 ms quiet period)
     event = logged(registry, m.group(1))  # recorded, like every request
     assert (event["status"], event["code"], event["target"]) == ("ERROR", case.code, None)
+    # the canonical line names its connection, even when no task ever served it
+    assert isinstance(event["conn_id"], int) and event["peer"].startswith("127.0.0.1:")
+    assert event["protocol"] in ("text", "json")
 
     good = send_line("127.0.0.1", registry.port, f"127.0.0.1:{server_port}\n".encode())
     assert re.fullmatch(ok_line(server_port, verified=True) + "\n", good), good

@@ -10,6 +10,7 @@ import ipaddress
 
 import msgspec
 import pytest
+import structlog
 import trio
 
 from registry import config as config_mod
@@ -255,6 +256,9 @@ async def test_reject_many_records_each_connection_before_returning() -> None:
     peers = [Endpoint(ipaddress.ip_address("127.0.0.9"), 40000 + n) for n in range(3)]
     seen: list[str] = []
     service.observers.append(lambda r: seen.append(r.id))
+    # each log line is made inside its own connection's context
+    contexts: list[dict] = []
+    service.observers.append(lambda r: contexts.append(structlog.contextvars.get_contextvars()))
     errors = [
         ProtocolError(Code.READ_TIMEOUT, "no request arrived"),
         ProtocolError(Code.MALFORMED, "bad"),
@@ -263,7 +267,7 @@ async def test_reject_many_records_each_connection_before_returning() -> None:
     protocols = [Protocol.TEXT, Protocol.TEXT, Protocol.JSON]
     outcomes = await service.reject_many(
         [
-            (e, p, pr, 1_700_000_000.0 + n)
+            (e, p, pr, 1_700_000_000.0 + n, 70 + n)
             for n, (e, p, pr) in enumerate(zip(errors, peers, protocols, strict=True))
         ]
     )
@@ -274,6 +278,11 @@ async def test_reject_many_records_each_connection_before_returning() -> None:
         for n, (o, p, pr) in enumerate(zip(outcomes, peers, protocols, strict=True))
     ]
     assert seen == [o.id for o in outcomes]
+    assert contexts == [
+        {"conn_id": 70 + n, "peer": str(p), "protocol": pr.value}
+        for n, (p, pr) in enumerate(zip(peers, protocols, strict=True))
+    ]
+    assert structlog.contextvars.get_contextvars() == {}  # and reset after each
     assert service.outcomes[Status.ERROR] == 3 and conn.dials == []
     # each one cost its source a second token (two were left of "2/hour")
     assert not service.limiter.penalize(peers[0].host, service.clock())
@@ -284,6 +293,6 @@ async def test_reject_many_store_failure_raises() -> None:
     rec.fail = True
     with pytest.raises(StoreUnavailable):
         await service.reject_many(
-            [(ProtocolError(Code.READ_TIMEOUT, "x"), LOCAL, Protocol.TEXT, 1.0)]
+            [(ProtocolError(Code.READ_TIMEOUT, "x"), LOCAL, Protocol.TEXT, 1.0, 1)]
         )
     assert service.outcomes[Status.ERROR] == 0

@@ -122,9 +122,10 @@ async def read_request(
 
 
 async def reject_unread(
-    service: Service, rejected: Sequence[tuple[ProtocolError, Endpoint, Protocol, float]]
+    service: Service, rejected: Sequence[tuple[ProtocolError, Endpoint, Protocol, float, int]]
 ) -> list[bytes]:
-    """The replies for requests the waiting room refused (error, peer, protocol, arrival).
+    """The replies for requests the waiting room refused (error, peer, protocol,
+    arrival, conn_id).
 
     Every outcome is recorded (one store batch) before its reply exists; if
     the store fails, each gets the store-failure BUSY instead.
@@ -136,7 +137,7 @@ async def reject_unread(
         outcomes = [store_failure_outcome(None)] * len(rejected)
     return [
         default_encode(protocol, outcome)
-        for (_, _, protocol, _), outcome in zip(rejected, outcomes, strict=True)
+        for (_, _, protocol, _, _), outcome in zip(rejected, outcomes, strict=True)
     ]
 
 

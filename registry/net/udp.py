@@ -38,7 +38,6 @@ target's address and port within ``callback.verify_timeout``.
 from __future__ import annotations
 
 import errno
-import ipaddress
 import os
 import socket
 import time
@@ -52,6 +51,7 @@ from registry.conncaps import ConnectionCaps
 from registry.errors import ProtocolError
 from registry.model import Code, Endpoint, Outcome, Protocol, Request
 from registry.net.connector import map_os_error
+from registry.net.tcp import endpoint_of
 from registry.protocol.callback import callback_line
 from registry.protocol.cookies import CookieJar
 from registry.protocol.reply import format_reply
@@ -126,17 +126,6 @@ def error_reply(error: ProtocolError, limit: int) -> bytes | None:
     return fit_reply(format_reply(Outcome(code=error.code, explanation=error.explanation)), limit)
 
 
-def _endpoint(addr: tuple) -> Endpoint:  # type: ignore[type-arg]
-    """The peer as an Endpoint; ``::ffff:a.b.c.d`` from a dual-stack socket is the IPv4 peer.
-
-    Replies still go to the raw ``addr`` the socket reported.
-    """
-    host = ipaddress.ip_address(addr[0].split("%", 1)[0])
-    if isinstance(host, ipaddress.IPv6Address) and host.ipv4_mapped is not None:
-        host = host.ipv4_mapped
-    return Endpoint(host, int(addr[1]))
-
-
 # ------------------------------------------------------------------------- sockets
 
 
@@ -175,7 +164,7 @@ async def open_udp_sockets(
 
 def udp_endpoint(sock: trio.socket.SocketType) -> Endpoint:
     """The address a UDP socket is bound to."""
-    return _endpoint(sock.getsockname())
+    return endpoint_of(sock.getsockname())
 
 
 # ----------------------------------------------------------------------- connector
@@ -314,7 +303,7 @@ class UdpEdge:
             )
             await self.send(error_reply(error, size), size, addr)
             return
-        peer = _endpoint(addr)
+        peer = endpoint_of(addr)  # ::ffff:a.b.c.d is the IPv4 peer; replies go to raw addr
         try:
             request = parse_line(data, allow_cookie=True)
         except ProtocolError as e:
