@@ -17,6 +17,8 @@ its steady state, then runs honest student cycles at a fixed rate and records:
 - honest success: the reply is ``OK connected`` with ``verified=yes``;
 - p50 / p99 / p99.9 latency of the successful cycles (connect to reply);
 - the server's peak RSS (VmRSS of its process, sampled every 250 ms);
+- the server's open descriptors during the window (median of 1 s samples):
+  how many attacking connections it actually holds (a ban holds none);
 - p99 under attack / p99 without attack, for the same server;
 - CPU during the measured window, in % of one core: the server's, and
   "other" (everything on the machine that is neither the server, the
@@ -38,6 +40,11 @@ Scenarios (attack sources are 127.2.x.y / 127.3.x.y / 127.4.x.y; honest ones 127
   the server cuts one, it reconnects 1 s later.
 - ``stall1-N``: the same, each sending one byte (``1``) first. The registry
   frames it after the quiet period and refuses it; the attacker reconnects.
+  Concentrated on N/25 sources, these attackers are refused again and again
+  and banned (``limits.ban_after``): the kernel then drops their SYNs.
+- ``wide0-N`` / ``wide1-N``: the same stalls from N sources, one connection
+  each: no source is ever over its limits, so nothing is refused or banned
+  and the registry holds all N stalls, and records each one it cuts.
 - ``flood``: one source, 64 registrations in flight back to back.
 - ``spray``: a new source address per registration, 400 a second; the RSS
   growth over the spray is reported (memory must stay flat).
@@ -115,6 +122,14 @@ def process_jiffies(pid: int) -> int:
     except OSError:
         return 0
     return int(fields[11]) + int(fields[12])
+
+
+def fd_count(pid: int) -> int:
+    """Open descriptors of a process (0 once it is gone)."""
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return 0
 
 
 def busy_jiffies() -> int:
@@ -305,6 +320,8 @@ class AttackStats:
 async def stall_forever(
     port: int, src: str, first: bytes, stats: AttackStats, limit: trio.CapacityLimiter
 ) -> None:
+    # No connect timeout, like a naive client: a banned source's connect waits
+    # out the kernel's SYN retries (about two minutes), longer than a scenario.
     while True:
         try:
             async with limit:
@@ -350,7 +367,7 @@ async def attacker(args: argparse.Namespace) -> AttackStats:
                 first = b"1" if args.first_byte else b""
                 limit = trio.CapacityLimiter(128)  # connects in progress (the ramp-up)
                 for i in range(args.n):
-                    src = addr(STALL_NET, i // SOURCES_PER_STALL_GROUP)
+                    src = addr(STALL_NET, i // args.per_source)
                     nursery.start_soon(stall_forever, args.port, src, first, stats, limit)
             elif args.mode == "flood":
 
@@ -382,10 +399,10 @@ def attacker_main(args: argparse.Namespace) -> None:
 
 
 def start_attacker(
-    mode: str, port: int, n: int, first_byte: bool, duration: float
+    mode: str, port: int, n: int, first_byte: bool, duration: float, per_source: int
 ) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, __file__, "--role", "attacker", "--mode", mode, "--port", str(port)]
-    cmd += ["--n", str(n), "--duration", str(duration)]
+    cmd += ["--n", str(n), "--duration", str(duration), "--per-source", str(per_source)]
     if first_byte:
         cmd.append("--first-byte")
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
@@ -415,6 +432,7 @@ class Scenario:
     n: int = 0
     first_byte: bool = False
     warmup: float = 2.0
+    per_source: int = SOURCES_PER_STALL_GROUP  # stalls: connections per attacking address
 
 
 @dataclass
@@ -436,6 +454,7 @@ class Row:
     ratio: float = math.nan
     slowest: list[tuple[float, float]] = field(default_factory=list)  # (start s, ms)
     p99_runs: list[float] = field(default_factory=list)  # every repetition's p99 (--repeat)
+    fds_median: float = math.nan  # the server's open descriptors in the window
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -451,25 +470,43 @@ async def measure(
 ) -> Row:
     duration = scenario.warmup + honest / rate + CYCLE_TIMEOUT + 10
     proc = (
-        start_attacker(scenario.mode, server.port, scenario.n, scenario.first_byte, duration)
+        start_attacker(
+            scenario.mode,
+            server.port,
+            scenario.n,
+            scenario.first_byte,
+            duration,
+            scenario.per_source,
+        )
         if scenario.mode
         else None
     )
     samples: list[float] = []
+    fds: list[int] = []
+    measuring = False
 
     async def sample_rss() -> None:
         while True:
             samples.append(server.rss_mb())
             await trio.sleep(0.25)
 
+    async def sample_fds() -> None:
+        while True:
+            await trio.sleep(1.0)
+            if measuring:  # listing 5,000 entries: in a thread, off the clock's loop
+                fds.append(await trio.to_thread.run_sync(fd_count, server.proc.pid))
+
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(sample_rss)
+            nursery.start_soon(sample_fds)
             await trio.sleep(scenario.warmup)
             rss_start = server.rss_mb()
             cpu = CpuWindow([server.proc.pid, *([proc.pid] if proc else []), os.getpid()])
             cpu.begin()
+            measuring = True
             result = await run_honest(server.port, honest, rate, first_addr)
+            measuring = False
             server_cpu, foreign_cpu = cpu.end()
             rss_end = server.rss_mb()
             nursery.cancel_scope.cancel()
@@ -491,6 +528,7 @@ async def measure(
         foreign_cpu=foreign_cpu,
         failures=result.failures,
         attack=attack,
+        fds_median=percentile(sorted(fds), 50),
         slowest=[
             (round(at, 2), round(took * 1000, 1))
             for at, took in sorted(result.timeline, key=lambda t: -t[1])[:15]
@@ -505,6 +543,9 @@ def scenarios(quick: bool) -> list[Scenario]:
         # 7 s: the first stalls are cut at the 5 s read deadline and come back 1 s later
         out.append(Scenario(f"stall0-{n}", "stall", n, False, warmup=7.0))
         out.append(Scenario(f"stall1-{n}", "stall", n, True, warmup=4.0))
+    if not quick:  # the same stalls, one per address: nobody is refused or banned
+        out.append(Scenario("wide0-5000", "stall", 5000, False, warmup=7.0, per_source=1))
+        out.append(Scenario("wide1-5000", "stall", 5000, True, warmup=4.0, per_source=1))
     out.append(Scenario("flood", "flood", warmup=3.0))
     out.append(Scenario("spray", "spray", warmup=3.0))
     return out
@@ -521,8 +562,9 @@ def raise_nofile() -> None:
 def table(rows: list[Row]) -> str:
     head = (
         "| server | scenario | honest cycles | success | p50 ms | p99 ms | p99.9 ms "
-        "| p99 / p99 no attack | p99 of each run | peak RSS MB | server CPU | other CPU | failures |\n"
-        "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---|"
+        "| p99 / p99 no attack | p99 of each run | peak RSS MB | server fds | server CPU "
+        "| other CPU | failures |\n"
+        "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---|"
     )
     lines = [head]
     for r in rows:
@@ -531,7 +573,8 @@ def table(rows: list[Row]) -> str:
             f"| {r.server} | {r.scenario} | {r.cycles} | {r.success * 100:.2f} % "
             f"| {r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.p999_ms:.1f} | {r.ratio:.2f} "
             f"| {' / '.join(f'{p:.1f}' for p in r.p99_runs) or '-'} "
-            f"| {r.rss_peak_mb:.0f} | {r.server_cpu:.0f} % | {r.foreign_cpu:.0f} % | {fails} |"
+            f"| {r.rss_peak_mb:.0f} | {r.fds_median:.0f} | {r.server_cpu:.0f} % "
+            f"| {r.foreign_cpu:.0f} % | {fails} |"
         )
     return "\n".join(lines)
 
@@ -612,6 +655,7 @@ def main() -> None:
     parser.add_argument("--port", type=int)
     parser.add_argument("--n", type=int, default=0)
     parser.add_argument("--first-byte", action="store_true")
+    parser.add_argument("--per-source", type=int, default=SOURCES_PER_STALL_GROUP)
     parser.add_argument("--duration", type=float, default=60.0)
     args = parser.parse_args()
     if args.role == "attacker":

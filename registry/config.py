@@ -237,6 +237,9 @@ class LimitsConfig(_Section):
     refusal_delay: Duration = Duration(0.5)  # a source's first refusal is answered this late
     max_refusal_delay: Duration = Duration(5.0)  # ... doubling per repeat, up to this
     max_refusals_held: int = 8192  # refused connections waiting for their answer
+    ban_after: int = 20  # refusals of one source within 10 s that ban it; 0: never ban
+    ban_duration: Duration = Duration(60.0)  # how long the kernel drops a banned source's SYNs
+    max_bans: int = 1000  # sources banned at once
 
 
 class StoreConfig(_Section):
@@ -385,6 +388,13 @@ def _semantic_problems(cfg: Config) -> list[str]:
         need(getattr(cfg.limits, key) >= 1, f"limits.{key}", "expected >= 1")
     need(cfg.limits.max_callback_queue >= 0, "limits.max_callback_queue", "expected >= 0")
     need(cfg.limits.max_refusals_held >= 0, "limits.max_refusals_held", "expected >= 0")
+    need(cfg.limits.ban_after >= 0, "limits.ban_after", "expected >= 0 (0: never ban)")
+    need(
+        0 < cfg.limits.ban_duration <= 86400,
+        "limits.ban_duration",
+        "expected a duration > 0 and at most 24h",
+    )
+    need(1 <= cfg.limits.max_bans <= 100_000, "limits.max_bans", "expected 1-100000")
     need(
         cfg.limits.refusal_delay <= cfg.limits.max_refusal_delay <= 60,
         "limits.max_refusal_delay",
@@ -498,5 +508,8 @@ def summary(cfg: Config) -> str:
         f" global={rl.global_.count}/{rl.global_.period:g}s",
         f"  limits      connections={lim.max_connections} per_source={lim.max_connections_per_source}"
         f" callbacks={lim.max_callbacks_in_flight}+{lim.max_callback_queue} queued",
+        f"  bans        after {lim.ban_after} refusals in 10s, for {lim.ban_duration:g}s"
+        if lim.ban_after
+        else "  bans        off",
     ]
     return "\n".join(lines)

@@ -45,10 +45,14 @@ class Admitted:
 
 @dataclass(frozen=True, slots=True)
 class Refused:
-    """Not now: answer ``outcome`` and close. Nothing is held."""
+    """Not now: answer ``outcome`` and close. Nothing is held.
+
+    ``key`` is the source's identity (its IPv4 address or IPv6 /prefix), the
+    one its refusals are counted and banned under (registry/bans.py)."""
 
     reason: str
     outcome: Outcome
+    key: Hashable
 
 
 class Door:
@@ -71,6 +75,7 @@ class Door:
                     if reason == CAP_PER_SOURCE
                     else "the registry has too many open connections; try again in a few seconds",
                 ),
+                key,
             )
         busy = self.limiter.check(source, None, now, include_global=False)
         if isinstance(busy, Busy):
@@ -83,6 +88,7 @@ class Door:
                     explanation="too many connections from your address (source limit); "
                     f"wait {busy.retry_after} s before trying again",
                 ),
+                key,
             )
         return Admitted(key)
 

@@ -12,8 +12,9 @@ Two kinds of metric:
   counter and the callback-RTT and registration-duration histograms;
 - state metrics, read at scrape time by ``_StateCollector`` from zero-argument
   probes (open connections, callbacks in flight, rate-limiter entries,
-  draining, the info labels, and the door's refusal counters, which live in
-  ``RefusalTally`` because refusals are not records), so they can never go stale.
+  draining, the info labels, the bans, and the door's refusal counters, which
+  live in ``RefusalTally`` because refusals are not records), so they can
+  never go stale.
 
 Names carry the ``registry_`` prefix (Prometheus naming practice: one
 application prefix); times are in seconds, the Prometheus base unit.
@@ -56,6 +57,8 @@ class Probes:
     callbacks_waiting: Callable[[], int] = lambda: 0
     limiter_entries: Callable[[], int] = lambda: 0
     door_refusals: Callable[[], dict[str, int]] = dict
+    bans_active: Callable[[], int] = lambda: 0
+    bans_total: Callable[[], int] = lambda: 0
     event_clients: Callable[[], int] = lambda: 0
     draining: Callable[[], bool] = lambda: False
     policy_mode: Callable[[], str] = lambda: ""
@@ -87,6 +90,7 @@ class _StateCollector(Collector):
                 "Keys held across the rate limiter's tables",
                 p.limiter_entries,
             ),
+            ("registry_banned_sources", "Sources banned now (SYNs dropped)", p.bans_active),
             ("registry_event_clients", "Admin /api/events streams open now", p.event_clients),
             ("registry_draining", "1 while the registry drains for shutdown", p.draining),
         )
@@ -100,6 +104,11 @@ class _StateCollector(Collector):
         for reason, count in sorted(p.door_refusals().items()):
             refusals.add_metric((reason,), float(count))
         yield refusals
+        yield CounterMetricFamily(
+            "registry_bans",
+            "Sources banned for being refused limits.ban_after times within 10 s",
+            value=float(p.bans_total()),
+        )
         yield InfoMetricFamily(
             "registry",
             "Version and policy mode of this registry",

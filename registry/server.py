@@ -24,14 +24,16 @@ import trio
 
 from registry import config as config_mod
 from registry import log as log_mod
+from registry.bans import BanList
 from registry.config import Config
 from registry.conncaps import ConnectionCaps
-from registry.door import Door, RefusalTally, Refused
+from registry.door import TOTAL, Door, RefusalTally, Refused
 from registry.errors import ConfigError, ProtocolError
 from registry.model import Endpoint, Protocol, Request
 from registry.net.accept import accept_loop
 from registry.net.admin import AdminServer
 from registry.net.admin import open_listeners as open_admin_listeners
+from registry.net.banfilter import BanFilter
 from registry.net.connector import TcpConnector
 from registry.net.doorway import Doorway, send_and_close
 from registry.net.resolver import TrioResolver
@@ -69,6 +71,8 @@ class Runtime:
     caps: ConnectionCaps
     store: AsyncStore
     tally: RefusalTally = field(default_factory=RefusalTally)
+    bans: BanList = field(default_factory=lambda: BanList(0, 60.0, 1))
+    ban_filter: BanFilter | None = None
     tcp: list[Endpoint] = field(default_factory=list)
     udp: list[Endpoint] = field(default_factory=list)
     admin: Endpoint | None = None
@@ -103,6 +107,8 @@ class Registry:
             cfg.limits.max_connections, cfg.limits.max_connections_per_source
         )
         self.tally = RefusalTally()
+        self.bans = BanList(cfg.limits.ban_after, cfg.limits.ban_duration, cfg.limits.max_bans)
+        self.ban_filter = BanFilter([], self.bans)  # its sockets are set when they exist
         self.room: WaitingRoom | None = None
         self.doorway = Doorway(
             cfg.limits.refusal_delay, cfg.limits.max_refusal_delay, cfg.limits.max_refusals_held
@@ -131,7 +137,9 @@ class Registry:
                 own=own | admin_own,  # the admin port is ours too: never a callback target
             )
             handler = TcpHandler(service)
-            runtime = Runtime(cfg, service, self.caps, store, self.tally, tcp=sorted(own, key=str))
+            runtime = Runtime(
+                cfg, service, self.caps, store, self.tally, self.bans, tcp=sorted(own, key=str)
+            )
             runtime.started_at = trio.current_time()
             runtime.udp = [udp_endpoint(sock) for sock in udp_socks]
             async with trio.open_nursery() as handlers:
@@ -161,6 +169,9 @@ class Registry:
                         )
                     front.start_soon(self._report_refusals)
                     front.start_soon(self.doorway.run)
+                    self.ban_filter.socks = [listener.socket for listener in listeners]
+                    runtime.ban_filter = self.ban_filter
+                    front.start_soon(self.ban_filter.run)
                     # One cookie jar for every UDP socket: a client may reach either family.
                     cookies = CookieJar(
                         os.urandom(32), cfg.udp.cookie_window, now=trio.current_time()
@@ -284,18 +295,34 @@ class Registry:
             conn.close()
             self.admission.release_on_behalf_of(token)
             return
-        decision = self.door.arrive(peer.host, trio.current_time())
+        now = trio.current_time()
+        decision = self.door.arrive(peer.host, now)
         if isinstance(decision, Refused):
             self.admission.release_on_behalf_of(token)
-            repeat = self.tally.add(str(peer.host), decision.reason)
+            repeat = self.tally.add(str(decision.key), decision.reason)
             delay = self.doorway.delay_for(repeat)  # a source refused again waits longer
-            self.doorway.refuse(conn, decision.outcome, trio.current_time(), delay)
+            self.doorway.refuse(conn, decision.outcome, now, delay)
+            if decision.reason != TOTAL:  # a full registry is nobody's fault
+                self._consider_ban(decision, repeat, now)
             return
         waiting = Waiting(conn, peer, decision.key, token, trio.current_time())
         if self.room is not None:
             self.room.add(waiting)  # its task starts once its request is complete
         else:
             self._start(handlers, handler, waiting, None)
+
+    def _consider_ban(self, decision: Refused, repeat: int, now: float) -> None:
+        ban = self.bans.consider(decision.key, repeat, now)  # type: ignore[arg-type]
+        if ban is not None:
+            log.warning(
+                "source_banned",
+                source=str(ban.key),
+                reason=decision.reason,
+                refusals=repeat,
+                seconds=self.bans.duration,
+                banned=len(self.bans),
+            )
+            self.ban_filter.poke()
 
     def _start(
         self,
@@ -411,6 +438,12 @@ class Registry:
         self.doorway.reconfigure(
             new.limits.refusal_delay, new.limits.max_refusal_delay, new.limits.max_refusals_held
         )
+        lifted = self.bans.reconfigure(
+            new.limits.ban_after, new.limits.ban_duration, new.limits.max_bans
+        )
+        if lifted:
+            log.info("bans_lifted", count=len(lifted), reason="reload", banned=len(self.bans))
+            self.ban_filter.poke()
         log.info("reloaded", path=self.config_path)
         self.notifier.ready("config reloaded")
 

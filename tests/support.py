@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import trio
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -179,3 +180,29 @@ def send_line(
                 break
             chunks.append(chunk)
         return b"".join(chunks).decode()
+
+
+async def exchange_from(
+    port: int, src: str, data: bytes, *, connect_timeout: float | None = None
+) -> bytes | None:
+    """Connect to 127.0.0.1:``port`` from ``src``, send ``data``, half-close, read to EOF.
+
+    None when the connect does not complete within ``connect_timeout`` (a SYN
+    dropped by a ban); without one, a connect that fails raises.
+    """
+    sock = trio.socket.socket()
+    try:
+        await sock.bind((src, 0))
+        with trio.move_on_after(connect_timeout if connect_timeout is not None else float("inf")):
+            await sock.connect(("127.0.0.1", port))
+            if data:
+                await sock.send(data)
+            sock.shutdown(socket.SHUT_WR)
+            reply = b""
+            with trio.fail_after(10):
+                while chunk := await sock.recv(4096):
+                    reply += chunk
+            return reply
+        return None
+    finally:
+        sock.close()

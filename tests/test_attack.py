@@ -270,11 +270,16 @@ async def test_2000_stalled_connections_and_an_honest_registration(tmp_path: Pat
 async def test_stalls_from_one_source_are_refused_past_the_per_source_cap(
     tmp_path: Path,
 ) -> None:
-    # refusal_delay 0: this test is about the cap; the hold of a refusal has its own
-    # test below (and tests/test_door.py)
+    # refusal_delay 0 and no ban: this test is about the cap; the hold of a refusal
+    # and the ban have their own tests (below, tests/test_door.py, tests/test_bans.py)
     cfg = config(
         protocol={"read_deadline": "2s"},
-        limits={"max_connections_per_source": 16, "refusal_delay": "0s", "max_refusal_delay": "0s"},
+        limits={
+            "max_connections_per_source": 16,
+            "refusal_delay": "0s",
+            "max_refusal_delay": "0s",
+            "ban_after": 0,
+        },
     )
     with run_registry(tmp_path, config=cfg) as reg:
         stalled = Stalled()
@@ -294,13 +299,15 @@ async def test_stalls_from_one_source_are_refused_past_the_per_source_cap(
 async def test_a_source_refused_again_and_again_is_held_longer_up_to_the_cap(
     tmp_path: Path,
 ) -> None:
-    # cap 4 per source; refusals held 0.25 s, doubling per repeat, at most 1 s
+    # cap 4 per source; refusals held 0.25 s, doubling per repeat, at most 1 s (no
+    # ban: 36 refusals would ban the source at the 20th, tests/test_bans.py)
     cfg = config(
         protocol={"read_deadline": "5s"},
         limits={
             "max_connections_per_source": 4,
             "refusal_delay": "250ms",
             "max_refusal_delay": "1s",
+            "ban_after": 0,
         },
     )
     with run_registry(tmp_path, config=cfg) as reg:

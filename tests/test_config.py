@@ -90,6 +90,9 @@ def test_shipped_profile_passes_check_config(name: str) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.startswith("config OK\n")
     assert "listen" in result.stdout and "ratelimit" in result.stdout
+    bans = next(line for line in result.stdout.splitlines() if line.startswith("  bans "))
+    ban_after = config_mod.load(str(CONFIG_DIR / name)).limits.ban_after
+    assert bans.endswith(" off") if ban_after == 0 else f"after {ban_after} refusals" in bans
 
 
 def test_empty_file_is_the_defaults(tmp_path: Path) -> None:
@@ -304,12 +307,25 @@ def test_every_bad_item_of_a_list_is_reported() -> None:
         ('[limits]\nmax_refusal_delay = "2m"\n', r"limits\.max_refusal_delay: "),
         ("[limits]\nmax_refusals_held = -1\n", r"limits\.max_refusals_held: "),
         ('[limits]\nrefusal_delay = "-1s"\n', r"limits\.refusal_delay: "),
+        # bans: never negative, a ban between 0 and a day, a list of 1-100000
+        ("[limits]\nban_after = -1\n", r"limits\.ban_after: "),
+        ('[limits]\nban_duration = "0s"\n', r"limits\.ban_duration: "),
+        ('[limits]\nban_duration = "2d"\n', r"limits\.ban_duration: "),
+        ('[limits]\nban_after = "ten"\n', r"limits\.ban_after: "),
+        ("[limits]\nmax_bans = 0\n", r"limits\.max_bans: "),
+        ("[limits]\nmax_bans = 100001\n", r"limits\.max_bans: "),
     ],
 )
 def test_durations_out_of_range_are_refused(text: str, key: str) -> None:
     with pytest.raises(ConfigError) as caught:
         config_mod.loads(text)
     _assert_problems(caught.value.problems, [key])
+
+
+def test_bans_can_be_turned_off_and_default_on() -> None:
+    assert config_mod.loads("[limits]\nban_after = 0\n").limits.ban_after == 0
+    default = config_mod.loads("").limits
+    assert (default.ban_after, default.ban_duration, default.max_bans) == (20, 60.0, 1000)
 
 
 def test_refusals_can_be_answered_at_once() -> None:

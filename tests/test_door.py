@@ -26,6 +26,7 @@ from registry.model import Code, Outcome
 from registry.net.doorway import REAP_CHUNK, Doorway
 from registry.ratelimit import RateLimiter, source_key
 from registry.server import Registry, Runtime
+from tests.support import exchange_from
 
 OPEN = {"per_target": "1000/second", "per_target_port": "1000/second", "global": "1000/second"}
 
@@ -319,20 +320,9 @@ async def test_doorway_to_a_client_that_is_gone() -> None:
 
 
 async def _line(port: int, src: str, data: bytes) -> bytes:
-    sock = trio.socket.socket()
-    try:
-        await sock.bind((src, 0))
-        await sock.connect(("127.0.0.1", port))
-        if data:
-            await sock.send(data)
-        sock.shutdown(socket.SHUT_WR)
-        reply = b""
-        with trio.fail_after(10):
-            while chunk := await sock.recv(4096):
-                reply += chunk
-        return reply
-    finally:
-        sock.close()
+    reply = await exchange_from(port, src, data)
+    assert reply is not None
+    return reply
 
 
 async def test_junk_pays_at_the_door_and_refusals_leave_no_row(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ PURE = [
     *sorted((ROOT / "registry/policy").glob("*.py")),
     ROOT / "registry/ratelimit.py",
     ROOT / "registry/door.py",
+    ROOT / "registry/bans.py",
     ROOT / "registry/conncaps.py",
     ROOT / "registry/config.py",
     ROOT / "registry/auth.py",

@@ -40,3 +40,11 @@ def test_address_not_allowed_uses_the_diagnosis_advice() -> None:
     specific = advice_for("address_not_allowed", "unspecified_advertised", ctx)
     assert specific != generic
     assert "0.0.0.0" in " ".join(specific) or "bind" in " ".join(specific)
+
+
+def test_a_registry_timeout_mentions_a_possible_ban() -> None:
+    # A banned address's connects time out (the registry's kernel filter drops its
+    # SYNs): the student is told why that may be and what to do.
+    ctx = AdviceContext(host="192.0.2.5", port=15000, registry="127.0.0.1:9000", timeout=10)
+    text = " ".join(advice_for("registry_timeout", None, ctx))
+    assert "within 10 s" in text and "banned your address" in text and "wait" in text

@@ -309,6 +309,7 @@ class AdminServer:
             "/": self._dashboard,
             "/api/registrations": self._registrations,
             "/api/summary": self._summary,
+            "/api/bans": self._bans,
             "/metrics": self._metrics,
             "/healthz": self._healthz,
             "/readyz": self._readyz,
@@ -322,6 +323,8 @@ class AdminServer:
             callbacks_waiting=lambda: rt.service.slots.waiting,
             limiter_entries=lambda: rt.service.limiter.entries,
             door_refusals=lambda: rt.tally.totals,
+            bans_active=lambda: len(rt.bans),
+            bans_total=lambda: rt.bans.total,
             event_clients=lambda: self.hub.clients,
             draining=lambda: rt.draining,
             policy_mode=lambda: rt.config.policy.mode,
@@ -520,6 +523,29 @@ class AdminServer:
             await store.count_by_status(since=f.since, student=f.student)
         )
         return _json_response({"counts": counts, "students": [summary_json(s) for s in summaries]})
+
+    async def _bans(self, req: HttpRequest) -> Response:
+        """Sources banned now (registry/bans.py), oldest first, with the time left."""
+        bans, now = self.runtime.bans, trio.current_time()
+        ban_filter = self.runtime.ban_filter
+        return _json_response(
+            {
+                "banned": len(bans),
+                "kernel_filtered": ban_filter.filtered if ban_filter is not None else 0,
+                "total": bans.total,
+                "skipped_list_full": bans.skipped,
+                "ban_after": bans.after,
+                "bans": [
+                    {
+                        "source": str(ban.key),
+                        "refusals": ban.refusals,
+                        "banned_for_s": round(now - ban.since, 1),
+                        "seconds_left": round(max(0.0, ban.until - now), 1),
+                    }
+                    for ban in bans.active()
+                ],
+            }
+        )
 
     async def _metrics(self, req: HttpRequest) -> Response:
         body, content_type = self.metrics.render(req.headers.get("accept", ""))

@@ -1,0 +1,206 @@
+"""Bans: sources that keep coming back after refusals, dropped by the kernel a while.
+
+Pure (``now`` is passed in). The door refuses a source over its limits and
+the doorway answers it late (registry/net/doorway.py); that still costs an
+``accept()``, a descriptor and an answer per attempt. A source refused
+``after`` times within one refusal window (``RefusalTally``, 10 s) is not a
+student retrying by hand (the doubling hold lets a serial client be refused
+about four times in 10 s): it is a loop with many connections in parallel.
+``BanList`` bans it for ``duration`` seconds, and ``drop_program`` compiles
+the bans into a classic BPF socket filter that the edge attaches to the
+registration listeners (registry/net/banfilter.py): the kernel then drops
+the source's SYNs before they become connections, so a banned source costs
+the registry nothing at all. Its connect attempts time out.
+
+The filter is per socket (``SO_ATTACH_FILTER``): it needs no privilege, touches
+no host firewall, and goes away with the registry.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from dataclasses import dataclass
+
+Key = ipaddress.IPv4Address | ipaddress.IPv6Network  # ratelimit.source_key's identities
+
+
+@dataclass(frozen=True, slots=True)
+class Ban:
+    key: Key
+    since: float
+    until: float
+    refusals: int  # the refusals in the window that triggered it
+
+
+class BanList:
+    """Banned sources, bounded, each until its own expiry.
+
+    Full (``max_entries``), a new ban is not made (``skipped`` counts them):
+    evicting a live ban would let its source back in just as it is most
+    active, and the filter would churn. The door's hold and rate limits still
+    apply to a source that could not be banned.
+    """
+
+    def __init__(self, after: int, duration: float, max_entries: int) -> None:
+        self.after, self.duration, self.max_entries = after, duration, max_entries
+        self._bans: dict[Key, Ban] = {}
+        self.total = 0  # bans made since start (a Prometheus counter)
+        self.skipped = 0  # bans not made because the list was full
+        self.version = 0  # bumped on every change: the edge re-attaches the filter
+
+    def __len__(self) -> int:
+        return len(self._bans)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._bans
+
+    def consider(self, key: Key, repeat: int, now: float) -> Ban | None:
+        """A refusal of ``key``, its ``repeat``-th in the window: the new ban, or None."""
+        if self.after <= 0 or repeat < self.after or key in self._bans:
+            return None
+        if len(self._bans) >= self.max_entries:
+            self.skipped += 1
+            return None
+        ban = Ban(key, now, now + self.duration, repeat)
+        self._bans[key] = ban
+        self.total += 1
+        self.version += 1
+        return ban
+
+    def expire(self, now: float) -> list[Ban]:
+        """Lift the bans whose time is up; return them."""
+        over = [ban for ban in self._bans.values() if ban.until <= now]
+        for ban in over:
+            del self._bans[ban.key]
+        if over:
+            self.version += 1
+        return over
+
+    def next_expiry(self) -> float:
+        return min((ban.until for ban in self._bans.values()), default=float("inf"))
+
+    def active(self) -> list[Ban]:
+        """The bans in the order they were made (oldest first)."""
+        return list(self._bans.values())
+
+    def reconfigure(self, after: int, duration: float, max_entries: int) -> list[Ban]:
+        """SIGHUP. ``after`` 0 lifts every ban; a smaller cap lifts the newest beyond
+        it. Live bans keep their expiry. Returns the bans lifted."""
+        self.after, self.duration, self.max_entries = after, duration, max_entries
+        bans = self.active()
+        keep = bans[: max_entries if after > 0 else 0]
+        lifted = bans[len(keep) :]
+        if lifted:
+            self._bans = {ban.key: ban for ban in keep}
+            self.version += 1
+        return lifted
+
+
+# --- the classic BPF program (linux/filter.h) ------------------------------------
+#
+# A socket filter on a TCP listener runs on every packet delivered to it (SYNs,
+# and handshake ACKs); accepted sockets inherit it. It returns 0 to drop and
+# ACCEPT to keep the packet whole. Offsets are from the network header
+# (SKF_NET_OFF), where the source address is, whatever the transport.
+
+BPF_MAXINSNS = 4096
+SKF_NET_OFF = -0x100000
+ACCEPT = 0xFFFFFFFF  # "keep this many bytes": all of them
+DROP = 0
+
+LD_W_ABS, LD_B_ABS, LD_MEM, ST = 0x20, 0x30, 0x60, 0x02
+AND_K, JEQ_K, JA, RET_K = 0x54, 0x15, 0x05, 0x06
+
+Insn = tuple[int, int, int, int]  # code, jt, jf, k
+
+
+def _net(offset: int) -> int:
+    return (SKF_NET_OFF + offset) & 0xFFFFFFFF
+
+
+def entry_cost(key: Key) -> int:
+    """Instructions one ban takes in the program."""
+    if isinstance(key, ipaddress.IPv4Address):
+        return 2  # jeq, ret
+    return len(_v6_entry(key))
+
+
+def drop_program(keys: list[Key], max_insns: int = BPF_MAXINSNS) -> tuple[list[Insn], int]:
+    """A filter that drops packets from ``keys``: (program, how many keys it holds).
+
+    Keys are taken in order until the program would exceed ``max_insns``; the
+    rest are left out (the caller reports them). Conditional jumps in classic
+    BPF reach at most 255 instructions ahead, so every entry carries its own
+    ``ret 0`` and the two families' sections are reached by ``ja``.
+    """
+    v4 = [k for k in keys if isinstance(k, ipaddress.IPv4Address)]
+    v6 = [k for k in keys if isinstance(k, ipaddress.IPv6Network)]
+    head = 7  # the version dispatch below
+    tails = 1 + 1 + 9  # v4: ld + ret; v6: 4 x (ld, st) + ret
+    budget = max_insns - head - tails
+    taken: list[Key] = []
+    for key in keys:  # in the caller's order, across both families
+        cost = entry_cost(key)
+        if cost > budget:
+            break
+        budget -= cost
+        taken.append(key)
+    held = set(taken)
+    v4 = [k for k in v4 if k in held]
+    v6 = [k for k in v6 if k in held]
+
+    v4_body: list[Insn] = [(LD_W_ABS, 0, 0, _net(12))]  # IPv4 source address
+    for key in v4:
+        v4_body += [(JEQ_K, 0, 1, int(key)), (RET_K, 0, 0, DROP)]
+    v4_body.append((RET_K, 0, 0, ACCEPT))
+
+    v6_body: list[Insn] = []
+    if v6:  # the source address (offset 8) into scratch words M[0..3]
+        for i in range(4):
+            v6_body += [(LD_W_ABS, 0, 0, _net(8 + 4 * i)), (ST, 0, 0, i)]
+    for key in v6:
+        v6_body += _v6_entry(key)
+    v6_body.append((RET_K, 0, 0, ACCEPT))
+
+    program: list[Insn] = [
+        (LD_B_ABS, 0, 0, _net(0)),  # version and IHL / traffic class
+        (AND_K, 0, 0, 0xF0),
+        (JEQ_K, 0, 1, 0x40),
+        (JA, 0, 0, 3),  # -> v4_body (at 7)
+        (JEQ_K, 0, 1, 0x60),
+        (JA, 0, 0, 1 + len(v4_body)),  # -> v6_body
+        (RET_K, 0, 0, ACCEPT),  # neither (cannot happen on an IP socket)
+    ]
+    return program + v4_body + v6_body, len(taken)
+
+
+def _v6_entry(key: ipaddress.IPv6Network) -> list[Insn]:
+    """Compare the scratch words with ``key``; a full match drops, any mismatch skips on."""
+    value, bits = int(key.network_address), key.prefixlen
+    tests: list[list[Insn]] = []
+    for i in range(4):
+        covered = min(32, max(0, bits - 32 * i))
+        if not covered:
+            break
+        mask = (0xFFFFFFFF << (32 - covered)) & 0xFFFFFFFF
+        word = (value >> (96 - 32 * i)) & mask
+        test: list[Insn] = [(LD_MEM, 0, 0, i)]
+        if covered < 32:
+            test.append((AND_K, 0, 0, mask))
+        test.append((JEQ_K, 0, 0, word))  # jf patched below
+        tests.append(test)
+    out: list[Insn] = []
+    remaining = sum(len(t) for t in tests) + 1  # the tests and the final ret
+    for test in tests:
+        remaining -= len(test)
+        code, jt, _, k = test[-1]
+        test[-1] = (code, jt, remaining, k)  # mismatch: past this entry's ret
+        out += test
+    out.append((RET_K, 0, 0, DROP))
+    return out
+
+
+def pack(program: list[Insn]) -> bytes:
+    """``struct sock_filter[]`` in native byte order."""
+    return b"".join(struct.pack("=HBBI", *insn) for insn in program)

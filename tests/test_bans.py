@@ -1,0 +1,455 @@
+"""Bans: the pure list and its BPF program, the kernel filter on real loopback
+sockets, and the whole path in a registry (registry/bans.py,
+registry/net/banfilter.py).
+
+The program is checked two ways: by a small classic-BPF interpreter here,
+instruction by instruction over hand-built IPv4 and IPv6 headers (every
+family, prefix and budget case), and by the kernel itself on loopback: a
+banned source's SYN is dropped (its connect times out), another source
+connects, and the largest program the budget allows still lets accepted
+sockets be created. Only 127.0.0.0/8 and ::1 are used.
+"""
+
+from __future__ import annotations
+
+import http.client
+import ipaddress
+import json
+import socket
+import struct
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from registry import config as config_mod
+from registry.bans import (
+    ACCEPT,
+    AND_K,
+    BPF_MAXINSNS,
+    DROP,
+    JA,
+    JEQ_K,
+    LD_B_ABS,
+    LD_MEM,
+    LD_W_ABS,
+    RET_K,
+    SKF_NET_OFF,
+    ST,
+    BanList,
+    Insn,
+    drop_program,
+    entry_cost,
+    pack,
+)
+from registry.net.banfilter import BanFilter, attach, detach, insn_budget
+from registry.server import Registry, Runtime
+from tests.support import exchange_from
+
+linux = pytest.mark.skipif(sys.platform != "linux", reason="SO_ATTACH_FILTER is Linux")
+
+
+def v4(text: str) -> ipaddress.IPv4Address:
+    return ipaddress.IPv4Address(text)
+
+
+def v6(text: str) -> ipaddress.IPv6Network:
+    return ipaddress.IPv6Network(text)
+
+
+# --- the list ----------------------------------------------------------------------
+
+
+def test_a_source_is_banned_at_its_after_th_refusal_once() -> None:
+    bans = BanList(after=3, duration=60.0, max_entries=10)
+    key = v4("127.2.0.1")
+    assert bans.consider(key, 1, 10.0) is None
+    assert bans.consider(key, 2, 10.5) is None
+    ban = bans.consider(key, 3, 11.0)
+    assert ban is not None and (ban.since, ban.until, ban.refusals) == (11.0, 71.0, 3)
+    assert bans.consider(key, 4, 11.5) is None  # already banned: one ban, not two
+    assert key in bans and len(bans) == 1 and bans.total == 1 and bans.version == 1
+
+
+def test_after_zero_never_bans() -> None:
+    bans = BanList(after=0, duration=60.0, max_entries=10)
+    assert bans.consider(v4("127.2.0.1"), 10_000, 0.0) is None
+    assert len(bans) == 0 and bans.version == 0
+
+
+def test_bans_expire_at_their_exact_time() -> None:
+    bans = BanList(after=1, duration=60.0, max_entries=10)
+    bans.consider(v4("127.2.0.1"), 1, 0.0)
+    bans.consider(v4("127.2.0.2"), 1, 5.0)
+    assert bans.next_expiry() == 60.0
+    assert bans.expire(59.999) == [] and bans.version == 2
+    assert [str(b.key) for b in bans.expire(60.0)] == ["127.2.0.1"] and bans.version == 3
+    assert bans.next_expiry() == 65.0
+    assert [str(b.key) for b in bans.expire(100.0)] == ["127.2.0.2"]
+    assert bans.next_expiry() == float("inf") and len(bans) == 0
+
+
+def test_a_full_list_makes_no_new_ban_and_counts_it() -> None:
+    bans = BanList(after=1, duration=60.0, max_entries=2)
+    for n in range(5):
+        bans.consider(v4(f"127.2.0.{n + 1}"), 1, float(n))
+    assert [str(b.key) for b in bans.active()] == ["127.2.0.1", "127.2.0.2"]
+    assert bans.skipped == 3 and bans.total == 2
+    bans.expire(60.0)  # one slot frees: the next offender is banned
+    assert bans.consider(v4("127.2.0.9"), 1, 61.0) is not None
+
+
+def test_reconfigure_lifts_all_when_off_and_the_newest_past_a_smaller_cap() -> None:
+    bans = BanList(after=1, duration=60.0, max_entries=10)
+    for n in range(4):
+        bans.consider(v4(f"127.2.0.{n + 1}"), 1, float(n))
+    lifted = bans.reconfigure(after=1, duration=30.0, max_entries=3)
+    assert [str(b.key) for b in lifted] == ["127.2.0.4"]
+    assert [b.until for b in bans.active()] == [60.0, 61.0, 62.0]  # live bans keep their time
+    assert bans.consider(v4("127.2.0.8"), 1, 10.0) is None  # full at the new cap
+    assert len(bans.reconfigure(after=0, duration=30.0, max_entries=3)) == 3
+    assert len(bans) == 0
+
+
+# --- the program, run by a classic-BPF interpreter ------------------------------------
+
+
+def run_bpf(program: list[Insn], net_header: bytes) -> int:
+    """Execute ``program`` on a packet whose network header is ``net_header``."""
+    a, mem, pc = 0, [0] * 16, 0
+    for _ in range(len(program) + 1):  # no loops in classic BPF: each insn at most once
+        code, jt, jf, k = program[pc]
+        pc += 1
+        if code in (LD_W_ABS, LD_B_ABS):
+            offset = k - (SKF_NET_OFF & 0xFFFFFFFF)
+            assert 0 <= offset < 0x100000, f"only network-header loads expected, got k={k:#x}"
+            size = 4 if code == LD_W_ABS else 1
+            if offset + size > len(net_header):
+                return 0  # the kernel drops a packet a load runs past
+            a = int.from_bytes(net_header[offset : offset + size], "big")
+        elif code == LD_MEM:
+            a = mem[k]
+        elif code == ST:
+            mem[k] = a
+        elif code == AND_K:
+            a &= k
+        elif code == JEQ_K:
+            pc += jt if a == k else jf
+        elif code == JA:
+            pc += k
+        elif code == RET_K:
+            return k
+        else:
+            raise AssertionError(f"unexpected opcode {code:#x}")
+    raise AssertionError("ran off the program")
+
+
+def ipv4_header(src: str) -> bytes:
+    return (
+        bytes([0x45, 0, 0, 40]) + bytes(8) + socket.inet_aton(src) + socket.inet_aton("127.0.0.1")
+    )
+
+
+def ipv6_header(src: str) -> bytes:
+    return (
+        bytes([0x60, 0, 0, 0, 0, 20, 6, 64])
+        + ipaddress.IPv6Address(src).packed
+        + ipaddress.IPv6Address("::1").packed
+    )
+
+
+def header_from(key: Any) -> bytes:
+    """A packet from ``key`` (an address in it, for a network)."""
+    if isinstance(key, ipaddress.IPv4Address):
+        return ipv4_header(str(key))
+    return ipv6_header(str(key.network_address + 1))
+
+
+BANNED: list[Any] = [
+    v4("127.2.0.1"),
+    v4("10.1.2.3"),
+    v6("2001:db8:1:2::/64"),
+    v6("2001:db8:aa00::/40"),  # a partial word: 8 bits of the second
+    v6("::1/128"),
+]
+
+PACKETS = [
+    ("v4 banned", ipv4_header("127.2.0.1"), DROP),
+    ("v4 banned, second entry", ipv4_header("10.1.2.3"), DROP),
+    ("v4 neighbour", ipv4_header("127.2.0.2"), ACCEPT),
+    ("v4 same low bytes, other net", ipv4_header("128.2.0.1"), ACCEPT),
+    ("v6 in a banned /64", ipv6_header("2001:db8:1:2:dead:beef::9"), DROP),
+    ("v6 next /64", ipv6_header("2001:db8:1:3::9"), ACCEPT),
+    ("v6 in the /40", ipv6_header("2001:db8:aaff:ffff::1"), DROP),
+    ("v6 just past the /40", ipv6_header("2001:db8:ab00::1"), ACCEPT),
+    ("v6 /128 exact", ipv6_header("::1"), DROP),
+    ("v6 /128 neighbour", ipv6_header("::2"), ACCEPT),
+    ("v6 whose words hold a banned v4", ipv6_header("::7f02:1"), ACCEPT),
+    ("not IP", bytes([0x10]) + bytes(39), ACCEPT),
+    ("v4 truncated header", bytes([0x45]) + bytes(10), DROP),
+]
+
+
+@pytest.mark.parametrize(("name", "header", "want"), PACKETS, ids=[p[0] for p in PACKETS])
+def test_program_drops_exactly_the_banned(name: str, header: bytes, want: int) -> None:
+    program, held = drop_program(BANNED)
+    assert held == len(BANNED)
+    assert run_bpf(program, header) == want
+
+
+def test_program_with_no_bans_accepts_everything() -> None:
+    program, held = drop_program([])
+    assert held == 0
+    for header in (ipv4_header("127.2.0.1"), ipv6_header("::1")):
+        assert run_bpf(program, header) == ACCEPT
+
+
+def test_a_zero_prefix_bans_all_of_ipv6_and_no_ipv4() -> None:
+    program, _ = drop_program([v6("::/0")])
+    assert run_bpf(program, ipv6_header("2001:db8::1")) == DROP
+    assert run_bpf(program, ipv4_header("127.2.0.1")) == ACCEPT
+
+
+def test_program_is_well_formed_at_the_instruction_limit() -> None:
+    # Jumps in classic BPF are forward only and 8-bit for conditionals: every
+    # target must land inside the program, and the program must end in ret.
+    keys: list[Any] = [v4(f"127.2.{n // 250}.{n % 250 + 1}") for n in range(1500)]
+    keys += [v6(f"2001:db8:{n:x}::/64") for n in range(400)]
+    program, held = drop_program(keys, BPF_MAXINSNS)
+    assert len(program) <= BPF_MAXINSNS
+    assert 0 < held < len(keys)  # the budget stopped it, in order
+    assert sum(entry_cost(k) for k in keys[:held]) + 18 <= BPF_MAXINSNS
+    for pc, (code, jt, jf, k) in enumerate(program):
+        if code == JEQ_K:
+            assert jt <= 255 and jf <= 255
+            assert pc + 1 + max(jt, jf) < len(program)
+        if code == JA:
+            assert pc + 1 + k < len(program)
+    assert program[-1][0] == RET_K
+    # the last key held is still dropped, the first one left out is not
+    assert run_bpf(program, header_from(keys[held - 1])) == DROP
+    assert run_bpf(program, header_from(keys[held])) == ACCEPT
+
+
+def test_pack_is_struct_sock_filter() -> None:
+    assert pack([(RET_K, 1, 2, 0x01020304)]) == struct.pack("=HBBI", 6, 1, 2, 0x01020304)
+    assert len(pack([(RET_K, 0, 0, 0)] * 3)) == 24
+
+
+def test_insn_budget_follows_optmem(tmp_path: Path) -> None:
+    f = tmp_path / "optmem_max"
+    f.write_text("20480\n")
+    assert insn_budget(f) == 640
+    f.write_text("131072\n")
+    assert insn_budget(f) == 4096
+    f.write_text("1048576\n")
+    assert insn_budget(f) == BPF_MAXINSNS
+    assert insn_budget(tmp_path / "missing") == 640
+
+
+# --- the kernel, on loopback -----------------------------------------------------------
+
+
+@contextmanager
+def listener(host: str = "127.0.0.1") -> Iterator[socket.socket]:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as lst:
+        lst.bind((host, 0))
+        lst.listen(64)
+        yield lst
+
+
+def reaches(lst: socket.socket, src: str, timeout: float = 0.4) -> bool:
+    """Does a connection from ``src`` get through, data and all?"""
+    family = lst.family
+    with socket.socket(family, socket.SOCK_STREAM) as c:
+        c.bind((src, 0))
+        c.settimeout(timeout)
+        try:
+            c.connect(lst.getsockname()[:2])
+        except TimeoutError:
+            return False
+        c.sendall(b"ping")
+        lst.settimeout(2)
+        conn, _ = lst.accept()
+        with conn:
+            conn.settimeout(2)
+            return conn.recv(4) == b"ping"
+
+
+def kernel_attach(lst: socket.socket, keys: list[Any], budget: int = BPF_MAXINSNS) -> int:
+    program, held = drop_program(keys, budget)
+    attach(lst, pack(program), len(program))
+    return held
+
+
+@linux
+def test_kernel_drops_a_banned_sources_syn_and_no_other() -> None:
+    with listener() as lst:
+        kernel_attach(lst, [v4("127.2.0.1"), v4("127.2.0.3")])
+        assert not reaches(lst, "127.2.0.1")
+        assert reaches(lst, "127.2.0.2")
+        assert not reaches(lst, "127.2.0.3")
+        detach(lst)
+        assert reaches(lst, "127.2.0.1")
+        detach(lst)  # detaching twice is fine
+
+
+@linux
+def test_kernel_ipv6_prefix_ban() -> None:
+    try:
+        ctx = listener("::1")
+        lst = ctx.__enter__()
+    except OSError:
+        pytest.skip("no IPv6 loopback")
+    try:
+        kernel_attach(lst, [v6("2001:db8::/64")])
+        assert reaches(lst, "::1")  # another /64
+        kernel_attach(lst, [v6("2001:db8::/64"), v6("::/64")])  # ::1's own /64
+        assert not reaches(lst, "::1")
+    finally:
+        ctx.__exit__(None, None, None)
+
+
+@linux
+def test_kernel_accepts_the_largest_program_the_budget_allows() -> None:
+    # Accepted sockets inherit the filter and are charged its size: at the budget
+    # the charge must still succeed, or every new connection would be dropped.
+    keys: list[Any] = [v4(f"127.3.{n // 250}.{n % 250 + 1}") for n in range(5000)]
+    with listener() as lst:
+        held = kernel_attach(lst, keys, insn_budget())
+        assert held > 100
+        for _ in range(3):
+            assert reaches(lst, "127.2.0.2")
+        assert not reaches(lst, str(keys[held - 1]))
+
+
+class RecordingSock:
+    """Records what BanFilter asks of a socket (which programs, when)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[float, int, bytes | int]] = []
+
+    def setsockopt(self, level: int, optname: int, value: bytes | int, /) -> None:
+        self.calls.append((trio.current_time(), optname, value))
+
+
+async def test_ban_filter_applies_coalesces_and_lifts_on_time(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    bans = BanList(after=1, duration=60.0, max_entries=10)
+    sock = RecordingSock()
+    bf = BanFilter([sock], bans, budget=BPF_MAXINSNS)
+    bf.available = True
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(bf.run)
+        await trio.sleep(1)
+        assert sock.calls == []  # nothing banned: nothing attached
+        for n, at in enumerate((1.0, 1.02, 1.05)):  # a burst of bans
+            await trio.sleep(at - trio.current_time())
+            bans.consider(v4(f"127.2.0.{n + 1}"), 1, trio.current_time())
+            bf.poke()
+        await trio.sleep(1.5 - trio.current_time())
+        bans.consider(v4("127.2.0.9"), 1, trio.current_time())
+        bf.poke()
+        await trio.sleep(100)
+        nursery.cancel_scope.cancel()
+    attach_opt, detach_opt = 26, 27
+    times = [(round(t, 3), opt) for t, opt, _ in sock.calls]
+    # t=1: the first ban is attached at once; the two that follow within
+    # REFRESH_S are attached together at 1.1; t=1.5: the fourth. Lifts: at 61.0
+    # the first (three left), at 61.1 the two that fell due meanwhile, at 61.5
+    # the last: no ban left, the filter is detached.
+    assert times == [
+        (1.0, attach_opt),
+        (1.1, attach_opt),
+        (1.5, attach_opt),
+        (61.0, attach_opt),
+        (61.1, attach_opt),
+        (61.5, detach_opt),
+    ], times
+    assert bf.filtered == 0 and len(bans) == 0
+
+
+# --- the whole path ------------------------------------------------------------------
+
+
+async def _exchange(port: int, src: str, data: bytes) -> bytes | None:
+    return await exchange_from(port, src, data, connect_timeout=0.5)
+
+
+def _get(port: int, path: str) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+@linux
+async def test_a_source_refused_in_a_loop_is_banned_in_the_kernel_then_let_back(
+    tmp_path: Path,
+) -> None:
+    # per_source 1/hour, refusals answered after 50 ms, ban at the 3rd refusal for 1.5 s:
+    # 127.2.0.9's first connection is served (ERROR malformed), the next three are
+    # refused BUSY rate_limited, and from then on its SYNs are dropped, while
+    # 127.2.0.10 is still answered. After 1.5 s the ban is lifted.
+    cfg = config_mod.from_dict(
+        {
+            "server": {
+                "listen": ["127.0.0.1:0"],
+                "admin": "127.0.0.1:0",
+                "db": str(tmp_path / "bans.db"),
+            },
+            "ratelimit": {"per_source": "1/hour"},
+            "limits": {
+                "refusal_delay": "50ms",  # a hold: the request is read before the answer
+                "max_refusal_delay": "50ms",
+                "ban_after": 3,
+                "ban_duration": "1500ms",
+            },
+        }
+    )
+    async with trio.open_nursery() as nursery:
+        runtime: Runtime = await nursery.start(
+            Registry(cfg, handle_signals=False).run  # type: ignore[arg-type]
+        )
+        port = runtime.tcp[0].port
+        assert runtime.admin is not None
+        admin = runtime.admin.port
+        first = await _exchange(port, "127.2.0.9", b"hello\n")
+        refused = [await _exchange(port, "127.2.0.9", b"hello\n") for _ in range(3)]
+        banned_at = trio.current_time()
+        await trio.sleep(0.05)  # the filter task attaches on its next turn
+        dropped = await _exchange(port, "127.2.0.9", b"hello\n")
+        other = await _exchange(port, "127.2.0.10", b"hello\n")
+        status, body = await trio.to_thread.run_sync(_get, admin, "/api/bans")
+        _, metrics = await trio.to_thread.run_sync(_get, admin, "/metrics")
+        assert runtime.tally.totals["rate_limited"] == 3  # the dropped SYN never arrived
+        await trio.sleep(max(0.0, banned_at + 1.7 - trio.current_time()))
+        lifted = len(runtime.bans)
+        back = await _exchange(port, "127.2.0.9", b"hello\n")
+        # let back, but refused again within the same refusal window: banned again
+        again = [str(ban.key) for ban in runtime.bans.active()]
+        runtime.shutdown()
+    assert first is not None and first.startswith(b"ERROR malformed "), first
+    assert all(r is not None and r.startswith(b"BUSY rate_limited ") for r in refused), refused
+    assert dropped is None, dropped
+    assert other is not None and other.startswith(b"ERROR malformed "), other
+    assert back is not None and back.startswith(b"BUSY rate_limited "), back
+    assert lifted == 0 and again == ["127.2.0.9"]
+    assert status == 200
+    doc = json.loads(body)
+    assert doc["banned"] == 1 and doc["kernel_filtered"] == 1 and doc["total"] == 1
+    [ban] = doc["bans"]
+    assert ban["source"] == "127.2.0.9" and ban["refusals"] == 3
+    assert 0 < ban["seconds_left"] <= 1.5
+    assert b"registry_banned_sources 1.0" in metrics
+    assert b"registry_bans_total 1.0" in metrics
