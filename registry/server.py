@@ -305,7 +305,7 @@ class Registry:
             if decision.reason != TOTAL:  # a full registry is nobody's fault
                 self._consider_ban(decision, repeat, now)
             return
-        waiting = Waiting(conn, peer, decision.key, token, trio.current_time())
+        waiting = Waiting(conn, peer, decision.key, token, now)
         if self.room is not None:
             self.room.add(waiting)  # its task starts once its request is complete
         else:
@@ -321,6 +321,7 @@ class Registry:
                 refusals=repeat,
                 seconds=self.bans.duration,
                 banned=len(self.bans),
+                kernel_filter=self.ban_filter.available,  # False: listed, not dropped
             )
             self.ban_filter.poke()
 

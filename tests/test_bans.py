@@ -453,3 +453,41 @@ async def test_a_source_refused_in_a_loop_is_banned_in_the_kernel_then_let_back(
     assert 0 < ban["seconds_left"] <= 1.5
     assert b"registry_banned_sources 1.0" in metrics
     assert b"registry_bans_total 1.0" in metrics
+
+
+@linux
+async def test_a_reload_with_ban_after_zero_lifts_every_ban(tmp_path: Path) -> None:
+    # docs/limits.md: "to lift every ban at once, set ban_after = 0 and send SIGHUP"
+    path = tmp_path / "registry.toml"
+    text = f"""
+[server]
+listen = ["127.0.0.1:0"]
+admin = "off"
+db = "{tmp_path / "reload.db"}"
+[ratelimit]
+per_source = "1/hour"
+[limits]
+refusal_delay = "50ms"
+max_refusal_delay = "50ms"
+ban_after = 2
+"""
+    path.write_text(text)
+    cfg = config_mod.load(str(path))
+    async with trio.open_nursery() as nursery:
+        runtime: Runtime = await nursery.start(
+            Registry(cfg, config_path=str(path), handle_signals=False).run  # type: ignore[arg-type]
+        )
+        port = runtime.tcp[0].port
+        for _ in range(3):  # served once, then refused twice: banned
+            await _exchange(port, "127.2.0.9", b"hello\n")
+        await trio.sleep(0.05)
+        banned = await _exchange(port, "127.2.0.9", b"hello\n")
+        path.write_text(text.replace("ban_after = 2", "ban_after = 0"))
+        runtime.reload()
+        await trio.sleep(0.05)  # the filter task detaches on its next turn
+        after = await _exchange(port, "127.2.0.9", b"hello\n")
+        left = len(runtime.bans)
+        runtime.shutdown()
+    assert banned is None
+    assert after is not None and after.startswith(b"BUSY rate_limited "), after
+    assert left == 0
