@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ipaddress
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 Key = ipaddress.IPv4Address | ipaddress.IPv6Network  # ratelimit.source_key's identities
@@ -42,8 +43,15 @@ class BanList:
     apply to a source that could not be banned.
     """
 
-    def __init__(self, after: int, duration: float, max_entries: int) -> None:
+    def __init__(
+        self,
+        after: int,
+        duration: float,
+        max_entries: int,
+        exempt: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network] = (),
+    ) -> None:
         self.after, self.duration, self.max_entries = after, duration, max_entries
+        self.exempt = tuple(exempt)  # never banned: a campus NAT, the instructor's own hosts
         self._bans: dict[Key, Ban] = {}
         self.total = 0  # bans made since start (a Prometheus counter)
         self.skipped = 0  # bans not made because the list was full
@@ -57,7 +65,7 @@ class BanList:
 
     def consider(self, key: Key, repeat: int, now: float) -> Ban | None:
         """A refusal of ``key``, its ``repeat``-th in the window: the new ban, or None."""
-        if self.after <= 0 or repeat < self.after or key in self._bans:
+        if self.after <= 0 or repeat < self.after or key in self._bans or self.is_exempt(key):
             return None
         if len(self._bans) >= self.max_entries:
             self.skipped += 1
@@ -67,6 +75,19 @@ class BanList:
         self.total += 1
         self.version += 1
         return ban
+
+    def is_exempt(self, key: Key) -> bool:
+        """Is ``key`` (an address, or an IPv6 source network) inside an exempt network?
+        A source network counts when it overlaps one: part of it is exempt."""
+        for net in self.exempt:
+            if net.version != key.version:
+                continue
+            if isinstance(key, ipaddress.IPv4Address):
+                if key in net:
+                    return True
+            elif key.overlaps(net):  # type: ignore[arg-type]
+                return True
+        return False
 
     def expire(self, now: float) -> list[Ban]:
         """Lift the bans whose time is up; return them."""
@@ -84,13 +105,23 @@ class BanList:
         """The bans in the order they were made (oldest first)."""
         return list(self._bans.values())
 
-    def reconfigure(self, after: int, duration: float, max_entries: int) -> list[Ban]:
-        """SIGHUP. ``after`` 0 lifts every ban; a smaller cap lifts the newest beyond
-        it. Live bans keep their expiry. Returns the bans lifted."""
+    def reconfigure(
+        self,
+        after: int,
+        duration: float,
+        max_entries: int,
+        exempt: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network] = (),
+    ) -> list[Ban]:
+        """SIGHUP. ``after`` 0 lifts every ban; a newly exempt source is lifted; a
+        smaller cap lifts the newest beyond it. Live bans keep their expiry.
+        Returns the bans lifted."""
         self.after, self.duration, self.max_entries = after, duration, max_entries
+        self.exempt = tuple(exempt)
         bans = self.active()
-        keep = bans[: max_entries if after > 0 else 0]
-        lifted = bans[len(keep) :]
+        keep = [ban for ban in bans if not self.is_exempt(ban.key)][
+            : max_entries if after > 0 else 0
+        ]
+        lifted = [ban for ban in bans if ban not in keep]
         if lifted:
             self._bans = {ban.key: ban for ban in keep}
             self.version += 1

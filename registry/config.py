@@ -240,6 +240,7 @@ class LimitsConfig(_Section):
     ban_after: int = 20  # refusals of one source within 10 s that ban it; 0: never ban
     ban_duration: Duration = Duration(60.0)  # how long the kernel drops a banned source's SYNs
     max_bans: int = 1000  # sources banned at once
+    ban_exempt_networks: tuple[CIDR, ...] = ()  # never banned (a class's shared NAT address)
 
 
 class StoreConfig(_Section):

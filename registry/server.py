@@ -107,7 +107,7 @@ class Registry:
             cfg.limits.max_connections, cfg.limits.max_connections_per_source
         )
         self.tally = RefusalTally()
-        self.bans = BanList(cfg.limits.ban_after, cfg.limits.ban_duration, cfg.limits.max_bans)
+        self.bans = BanList(*_ban_settings(cfg))
         self.ban_filter = BanFilter([], self.bans)  # its sockets are set when they exist
         self.room: WaitingRoom | None = None
         self.doorway = Doorway(
@@ -439,14 +439,20 @@ class Registry:
         self.doorway.reconfigure(
             new.limits.refusal_delay, new.limits.max_refusal_delay, new.limits.max_refusals_held
         )
-        lifted = self.bans.reconfigure(
-            new.limits.ban_after, new.limits.ban_duration, new.limits.max_bans
-        )
+        lifted = self.bans.reconfigure(*_ban_settings(new))
         if lifted:
             log.info("bans_lifted", count=len(lifted), reason="reload", banned=len(self.bans))
             self.ban_filter.poke()
         log.info("reloaded", path=self.config_path)
         self.notifier.ready("config reloaded")
+
+
+def _ban_settings(
+    cfg: Config,
+) -> tuple[int, float, int, list[ipaddress.IPv4Network | ipaddress.IPv6Network]]:
+    lim = cfg.limits
+    exempt = [cidr.network for cidr in lim.ban_exempt_networks]
+    return lim.ban_after, lim.ban_duration, lim.max_bans, exempt
 
 
 def _sockname(listener: trio.SocketListener) -> Endpoint:

@@ -116,6 +116,19 @@ def test_reconfigure_lifts_all_when_off_and_the_newest_past_a_smaller_cap() -> N
     assert len(bans) == 0
 
 
+def test_exempt_networks_are_never_banned_and_a_reload_lifts_newly_exempt() -> None:
+    campus = [ipaddress.ip_network("203.0.113.0/24"), ipaddress.ip_network("2001:db8:7::/48")]
+    bans = BanList(after=1, duration=60.0, max_entries=10, exempt=campus)
+    assert bans.consider(v4("203.0.113.9"), 100, 0.0) is None  # inside the /24
+    assert bans.consider(v6("2001:db8:7:1::/64"), 100, 0.0) is None  # a /64 of the /48
+    assert bans.consider(v6("2001:db8::/32"), 100, 0.0) is None  # overlaps it: partly exempt
+    assert bans.consider(v4("203.0.114.9"), 1, 0.0) is not None  # next door: banned
+    assert bans.consider(v6("2001:db8:8::/64"), 1, 0.0) is not None
+    lifted = bans.reconfigure(1, 60.0, 10, exempt=[ipaddress.ip_network("203.0.114.0/24")])
+    assert [str(b.key) for b in lifted] == ["203.0.114.9"]
+    assert [str(b.key) for b in bans.active()] == ["2001:db8:8::/64"]
+
+
 # --- the program, run by a classic-BPF interpreter ------------------------------------
 
 
@@ -491,3 +504,32 @@ ban_after = 2
     assert banned is None
     assert after is not None and after.startswith(b"BUSY rate_limited "), after
     assert left == 0
+
+
+@linux
+async def test_an_exempt_source_is_refused_but_never_banned(tmp_path: Path) -> None:
+    cfg = config_mod.from_dict(
+        {
+            "server": {"listen": ["127.0.0.1:0"], "admin": "off", "db": str(tmp_path / "x.db")},
+            "ratelimit": {"per_source": "1/hour"},
+            "limits": {
+                "refusal_delay": "50ms",
+                "max_refusal_delay": "50ms",
+                "ban_after": 2,
+                "ban_exempt_networks": ["127.2.0.0/16"],
+            },
+        }
+    )
+    async with trio.open_nursery() as nursery:
+        runtime: Runtime = await nursery.start(
+            Registry(cfg, handle_signals=False).run  # type: ignore[arg-type]
+        )
+        port = runtime.tcp[0].port
+        replies = [await _exchange(port, "127.2.0.9", b"hello\n") for _ in range(6)]
+        other = [await _exchange(port, "127.3.0.9", b"hello\n") for _ in range(4)]
+        banned = [str(ban.key) for ban in runtime.bans.active()]
+        runtime.shutdown()
+    assert all(r is not None for r in replies), replies  # never dropped
+    assert [r.split()[0] for r in replies if r] == [b"ERROR"] + [b"BUSY"] * 5
+    assert other[-1] is None  # the same behaviour outside the exempt network: banned
+    assert banned == ["127.3.0.9"]
