@@ -1,6 +1,6 @@
 """Attack benchmark: honest registrations while the registry is under attack.
 
-Run (about 7 minutes; --quick about 2):
+Run (about 10 minutes for both servers; --quick about 2):
 
     .venv/bin/python bench/bench_attack.py [--quick] [--json results.json]
 
