@@ -8,6 +8,7 @@ bounded.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import shutil
@@ -206,3 +207,14 @@ async def exchange_from(
         return None
     finally:
         sock.close()
+
+
+def http_get(port: int, path: str) -> tuple[int, bytes]:
+    """GET http://127.0.0.1:``port````path`` with the stdlib client: (status, body)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import json
 import os
 import resource
 import socket
@@ -26,7 +27,7 @@ from registry import config as config_mod
 from registry.model import Code, Endpoint
 from registry.net.connector import TcpConnector
 from registry.server import Registry, Runtime
-from tests.support import IN_CI, run_registry
+from tests.support import IN_CI, exchange_from, http_get, run_registry
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs Linux /proc")
 
@@ -533,6 +534,43 @@ async def _flooder(host: str, size: int) -> AsyncIterator[tuple[int, list[int]]]
 
 
 # --- registration floods and source sprays -----------------------------------------
+
+
+async def test_the_real_registry_bans_a_looping_source_in_the_kernel_and_lets_it_back(
+    tmp_path: Path,
+) -> None:
+    # The executable end to end: a source over its budget is refused 5 times and
+    # banned (a source_banned line, /api/bans); its next connect gets no SYN-ACK
+    # while an honest student is served; 2 s later the ban is lifted (bans_lifted).
+    cfg = config(
+        ratelimit={"per_source": "1/hour"},
+        limits={
+            "refusal_delay": "50ms",
+            "max_refusal_delay": "50ms",
+            "ban_after": 5,
+            "ban_duration": "2s",
+        },
+    )
+    with run_registry(tmp_path, config=cfg, admin="127.0.0.1:0") as reg:
+        replies = [await exchange_from(reg.port, "127.2.0.9", b"hello\n") for _ in range(6)]
+        [banned] = await trio.to_thread.run_sync(reg.wait_event, "source_banned")
+        await trio.sleep(0.1)  # the filter is attached on the ban task's next turn
+        dropped = await exchange_from(reg.port, "127.2.0.9", b"hello\n", connect_timeout=0.5)
+        honest, _ = await honest_cycle(reg.port)
+        assert reg.admin is not None
+        status, body = await trio.to_thread.run_sync(
+            http_get, int(reg.admin.rsplit(":", 1)[1]), "/api/bans"
+        )
+        await trio.to_thread.run_sync(reg.wait_event, "bans_lifted")
+        back = await exchange_from(reg.port, "127.2.0.9", b"hello\n", connect_timeout=2)
+        assert reg.stop() == 0
+    assert [r.split()[0] for r in replies if r] == [b"ERROR"] + [b"BUSY"] * 5, replies
+    assert banned["source"] == "127.2.0.9" and banned["refusals"] == 5
+    assert banned["kernel_filter"] is True and banned["seconds"] == 2.0
+    assert dropped is None
+    assert verdict(honest) == "OK connected verified=yes", honest
+    assert status == 200 and json.loads(body)["bans"][0]["source"] == "127.2.0.9"
+    assert back is not None and back.startswith(b"BUSY rate_limited "), back
 
 
 async def test_rapid_registrations_from_one_source_get_busy_rate_limited(

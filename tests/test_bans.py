@@ -12,7 +12,6 @@ sockets be created. Only 127.0.0.0/8 and ::1 are used.
 
 from __future__ import annotations
 
-import http.client
 import ipaddress
 import json
 import socket
@@ -49,7 +48,7 @@ from registry.bans import (
 )
 from registry.net.banfilter import BanFilter, attach, detach, insn_budget
 from registry.server import Registry, Runtime
-from tests.support import exchange_from
+from tests.support import exchange_from, http_get
 
 linux = pytest.mark.skipif(sys.platform != "linux", reason="SO_ATTACH_FILTER is Linux")
 
@@ -396,16 +395,6 @@ async def _exchange(port: int, src: str, data: bytes) -> bytes | None:
     return await exchange_from(port, src, data, connect_timeout=0.5)
 
 
-def _get(port: int, path: str) -> tuple[int, bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-    try:
-        conn.request("GET", path)
-        resp = conn.getresponse()
-        return resp.status, resp.read()
-    finally:
-        conn.close()
-
-
 @linux
 async def test_a_source_refused_in_a_loop_is_banned_in_the_kernel_then_let_back(
     tmp_path: Path,
@@ -443,8 +432,8 @@ async def test_a_source_refused_in_a_loop_is_banned_in_the_kernel_then_let_back(
         await trio.sleep(0.05)  # the filter task attaches on its next turn
         dropped = await _exchange(port, "127.2.0.9", b"hello\n")
         other = await _exchange(port, "127.2.0.10", b"hello\n")
-        status, body = await trio.to_thread.run_sync(_get, admin, "/api/bans")
-        _, metrics = await trio.to_thread.run_sync(_get, admin, "/metrics")
+        status, body = await trio.to_thread.run_sync(http_get, admin, "/api/bans")
+        _, metrics = await trio.to_thread.run_sync(http_get, admin, "/metrics")
         assert runtime.tally.totals["rate_limited"] == 3  # the dropped SYN never arrived
         await trio.sleep(max(0.0, banned_at + 1.7 - trio.current_time()))
         lifted = len(runtime.bans)
