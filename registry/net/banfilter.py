@@ -112,10 +112,11 @@ class BanFilter:
             return
         keys = [ban.key for ban in self.bans.active()]
         program, held = drop_program(keys, self.budget)
+        packed = pack(program)
         try:
             for sock in self.socks:
                 if keys:
-                    attach(sock, pack(program), len(program))
+                    attach(sock, packed, len(program))
                 else:
                     detach(sock)
         except OSError as e:
