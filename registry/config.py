@@ -227,6 +227,11 @@ class RateLimitConfig(_Section):
     global_: Rate = msgspec.field(default=Rate(100, 1.0), name="global")
     ipv6_prefix: int = 64
     max_entries: int = 100_000
+    # Protocol errors (junk, stalls) the registry records before it is "under
+    # pressure"; beyond it each further error fines its source error_fine tokens,
+    # into debt (at most one period's worth). error_fine 0: never fine.
+    errors_global: Rate = Rate(200, 1.0)
+    error_fine: int = 30
 
 
 class LimitsConfig(_Section):
@@ -407,7 +412,8 @@ def _semantic_problems(cfg: Config) -> list[str]:
         "udp.max_datagram_bytes",
         f"expected 64-65507, got {cfg.udp.max_datagram_bytes}",
     )
-    for key in ("per_source", "per_target", "per_target_port", "global_"):
+    need(cfg.ratelimit.error_fine >= 0, "ratelimit.error_fine", "expected >= 0 (0: never fine)")
+    for key in ("per_source", "per_target", "per_target_port", "global_", "errors_global"):
         rate = getattr(cfg.ratelimit, key)
         need(rate.count >= 1, f"ratelimit.{key.rstrip('_')}", 'expected N >= 1 in "N/unit"')
     return problems

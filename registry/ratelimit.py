@@ -161,6 +161,23 @@ class TokenBucketTable:
         self._commit(key, now)
         return 0.0
 
+    def fine(self, key: Hashable, now: float, tokens: int) -> None:
+        """Take ``tokens`` from ``key``, into debt if need be, but never more than one
+        full period beyond an empty bucket (the wait stays under two periods)."""
+        if self._count <= 0:
+            return  # refuses everything already
+        if now > self._clock:
+            self._clock = now
+        tats = self._tats
+        tat = tats.get(key)
+        if tat is None and len(tats) >= self._max:
+            self._make_room(now)
+        base = now if tat is None or tat < now else tat
+        tat = tats[key] = min(base + tokens * self._interval, now + 2 * self._period)
+        tats.move_to_end(key)
+        if tat < self._soonest:
+            self._soonest = tat
+
     def _commit(self, key: Hashable, now: float) -> None:
         """Take the token that ``wait(key, now)`` just found; the caller checked it is there."""
         if now > self._clock:
@@ -257,6 +274,7 @@ class RateLimiter:
         self._target = TokenBucketTable(cfg.per_target, cfg.max_entries)
         self._target_port = TokenBucketTable(cfg.per_target_port, cfg.max_entries)
         self._global = TokenBucketTable(cfg.global_, 1)
+        self._errors = TokenBucketTable(cfg.errors_global, 1)  # pressure: errors recorded
 
     @property
     def config(self) -> RateLimitConfig:
@@ -307,13 +325,23 @@ class RateLimiter:
         return ALLOWED
 
     def penalize(self, source: IPAddress, now: float) -> bool:
-        """Take one more token from ``source`` if it has one (never into debt); True if taken.
+        """The price of a protocol error (junk, a stall) from ``source``; True if it paid.
 
-        For a connection that ended in a protocol error (junk, a stall): it
-        paid its token at the door and pays a second one here, so a source
-        sending junk runs out twice as fast as one sending registrations.
+        It paid its token at the door. Normally it pays one more here, if it has
+        one (never into debt), so a source sending junk runs out twice as fast
+        as one sending registrations. Under pressure, when the registry has
+        recorded more than ``errors_global`` errors (5,000 addresses each
+        inside its own budget can still send thousands a second), the source is
+        fined ``error_fine`` tokens, into debt: its next connections are
+        refused at the door, cheaply, for up to a period. Honest students send
+        valid requests and never pay it; one who sends a malformed line during
+        an attack waits about a minute (told by ``retry_after``).
         """
-        return self._source.take(_pack(source, self._drop), now) == 0.0
+        key = _pack(source, self._drop)
+        if self._errors.take(0, now) == 0.0 or self._cfg.error_fine <= 0:
+            return self._source.take(key, now) == 0.0
+        self._source.fine(key, now, self._cfg.error_fine)
+        return True
 
     def check_source(self, source: IPAddress, now: float) -> Allowed | Busy:
         """The per-source and global limits alone (before the target is known)."""
@@ -334,6 +362,7 @@ class RateLimiter:
         self._target.reconfigure(cfg.per_target, cfg.max_entries)
         self._target_port.reconfigure(cfg.per_target_port, cfg.max_entries)
         self._global.reconfigure(cfg.global_, 1)
+        self._errors.reconfigure(cfg.errors_global, 1)
         self._cfg = cfg
 
     def expire(self, now: float) -> int:

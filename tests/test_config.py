@@ -313,6 +313,8 @@ def test_every_bad_item_of_a_list_is_reported() -> None:
         ('[limits]\nban_duration = "2d"\n', r"limits\.ban_duration: "),
         ('[limits]\nban_after = "ten"\n', r"limits\.ban_after: "),
         ("[limits]\nmax_bans = 0\n", r"limits\.max_bans: "),
+        ("[ratelimit]\nerror_fine = -1\n", r"ratelimit\.error_fine: "),
+        ('[ratelimit]\nerrors_global = "0/second"\n', r"ratelimit\.errors_global: "),
         ('[limits]\nban_exempt_networks = ["203.0.113.0/33"]\n', r"limits\.ban_exempt_networks"),
         ("[limits]\nmax_bans = 100001\n", r"limits\.max_bans: "),
     ],

@@ -360,3 +360,37 @@ async def test_junk_pays_at_the_door_and_refusals_leave_no_row(tmp_path: Path) -
         ("127.0.0.7", "malformed"),
         ("127.0.0.8", "malformed"),
     ]
+
+
+async def test_under_pressure_junk_locks_its_source_out_for_about_a_minute(tmp_path: Path) -> None:
+    # errors_global 1/hour: the registry is "under pressure" from the second protocol
+    # error on. 127.0.0.7's first junk pays the usual second token; its second is
+    # fined 30 tokens (capped at a period of debt), so its next connection is
+    # refused at the door with an honest retry_after of about a minute, while
+    # another source is still served.
+    cfg = config_mod.from_dict(
+        {
+            "server": {"listen": ["127.0.0.1:0"], "admin": "off", "db": str(tmp_path / "p.db")},
+            "ratelimit": {
+                **OPEN,
+                "per_source": "10/minute",
+                "errors_global": "1/hour",
+                "error_fine": 30,
+            },
+            "limits": {"ban_after": 0},
+        }
+    )
+    async with trio.open_nursery() as nursery:
+        runtime: Runtime = await nursery.start(
+            Registry(cfg, handle_signals=False).run  # type: ignore[arg-type]
+        )
+        port = runtime.tcp[0].port
+        junk = [await _line(port, "127.0.0.7", b"hello\n") for _ in range(2)]
+        refused = await _line(port, "127.0.0.7", b"127.0.0.7:15000\n")
+        other = await _line(port, "127.0.0.8", b"nonsense\n")
+        runtime.shutdown()
+    assert [r.split()[:2] for r in junk] == [[b"ERROR", b"malformed"]] * 2, junk
+    assert refused.startswith(b"BUSY rate_limited retry_after="), refused
+    retry_after = int(refused.split()[2].split(b"=")[1])
+    assert 60 <= retry_after <= 66, refused  # about a minute, not the usual 6 s
+    assert other.startswith(b"ERROR malformed "), other

@@ -502,6 +502,56 @@ def test_penalize_takes_a_spare_token_and_never_goes_into_debt() -> None:
     assert limiter.table_sizes()["target"] == 0 and limiter.table_sizes()["global"] == 0
 
 
+def test_under_pressure_a_protocol_error_fines_its_source_into_debt() -> None:
+    # per_source 10/minute (a token every 6 s); the registry "under pressure" after
+    # 2 errors an hour; then each error fines its source 30 tokens, into debt, but
+    # never past one full period beyond an empty bucket.
+    limiter = RateLimiter(
+        RateLimitConfig(per_source=Rate(10, 60.0), errors_global=Rate(2, 3600.0), error_fine=30)
+    )
+    a, b = ip_address("10.0.0.1"), ip_address("10.0.0.2")
+    assert isinstance(limiter.check(a, None, 0.0, include_global=False), Allowed)  # door
+    assert limiter.penalize(a, 0.0)  # error 1: the usual second token (2 used)
+    assert limiter.penalize(b, 0.0)  # error 2: still usual
+    assert isinstance(limiter.check(a, None, 0.0, include_global=False), Allowed)  # 3 used
+    assert limiter.penalize(a, 0.0)  # error 3: pressure: fined, into debt
+    busy = limiter.check(a, None, 0.0, include_global=False)
+    # 3 used (tat 18 s) + 30 fined = tat 198 s, capped at now + 2 periods = 120 s:
+    # the next token at 120 + 6 - 60 = 66 s
+    assert isinstance(busy, Busy) and busy.retry_after == 66 and busy.scope == "source"
+    assert isinstance(limiter.check(a, None, 65.9, include_global=False), Busy)
+    assert isinstance(limiter.check(a, None, 66.0, include_global=False), Allowed)
+    # b, fined once under pressure from a full bucket: 30 tokens (capped), 66 s as well
+    assert limiter.penalize(b, 0.0)
+    assert limiter.check(b, None, 0.0, include_global=False) == Busy(66, "source")
+
+
+def test_error_fine_zero_keeps_the_usual_price_under_pressure() -> None:
+    limiter = RateLimiter(
+        RateLimitConfig(per_source=Rate(3, 60.0), errors_global=Rate(1, 3600.0), error_fine=0)
+    )
+    src = ip_address("10.0.0.1")
+    assert limiter.penalize(src, 0.0) and limiter.penalize(src, 0.0)  # pressure from the 2nd
+    assert limiter.penalize(src, 0.0)  # the third token, still no debt
+    assert not limiter.penalize(src, 0.0)
+    assert limiter.check(src, None, 0.0, include_global=False) == Busy(20, "source")
+
+
+def test_the_pressure_bucket_refills_and_follows_a_reload() -> None:
+    limiter = RateLimiter(
+        RateLimitConfig(per_source=Rate(100, 60.0), errors_global=Rate(1, 10.0), error_fine=50)
+    )
+    src = ip_address("10.0.0.1")
+    limiter.penalize(src, 0.0)  # the pressure budget's one token
+    limiter.penalize(src, 10.0)  # refilled 10 s later: usual price again
+    assert isinstance(limiter.check(src, None, 10.0, include_global=False), Allowed)
+    limiter.reconfigure(
+        RateLimitConfig(per_source=Rate(100, 60.0), errors_global=Rate(1, 10.0), error_fine=0)
+    )
+    limiter.penalize(src, 10.0)  # budget empty, but fines are off now
+    assert isinstance(limiter.check(src, None, 10.0, include_global=False), Allowed)
+
+
 def test_check_without_the_source_leaves_its_bucket_alone() -> None:
     limiter = RateLimiter(RateLimitConfig(per_source=Rate(1, 60.0)))
     src = ip_address("10.0.0.1")
