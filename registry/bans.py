@@ -23,7 +23,7 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-Key = ipaddress.IPv4Address | ipaddress.IPv6Network  # ratelimit.source_key's identities
+from registry.ratelimit import SourceKey as Key  # the door's identity of a source
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,7 +121,8 @@ class BanList:
         keep = [ban for ban in bans if not self.is_exempt(ban.key)][
             : max_entries if after > 0 else 0
         ]
-        lifted = [ban for ban in bans if ban not in keep]
+        kept = {ban.key for ban in keep}
+        lifted = [ban for ban in bans if ban.key not in kept]
         if lifted:
             self._bans = {ban.key: ban for ban in keep}
             self.version += 1

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from registry.conncaps import PER_SOURCE as CAP_PER_SOURCE
 from registry.conncaps import ConnectionCaps
 from registry.model import Code, IPAddress, Outcome
-from registry.ratelimit import Busy, RateLimiter, source_key
+from registry.ratelimit import Busy, RateLimiter, SourceKey, source_key
 
 RATE_LIMITED = "rate_limited"  # the source's per_source bucket is empty
 PER_SOURCE = "per_source"  # the source holds max_connections_per_source connections
@@ -52,7 +52,7 @@ class Refused:
 
     reason: str
     outcome: Outcome
-    key: Hashable
+    key: SourceKey
 
 
 class Door:

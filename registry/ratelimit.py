@@ -68,7 +68,10 @@ def _unmap(addr: IPAddress) -> IPAddress:
     return addr
 
 
-def source_key(addr: IPAddress, ipv6_prefix: int) -> ipaddress.IPv4Address | ipaddress.IPv6Network:
+SourceKey = ipaddress.IPv4Address | ipaddress.IPv6Network  # what one "source" is
+
+
+def source_key(addr: IPAddress, ipv6_prefix: int) -> SourceKey:
     """The identity a source is limited under: the IPv4 address, or its IPv6 /prefix network."""
     addr = _unmap(addr)
     if addr.version == 4:

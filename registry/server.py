@@ -312,7 +312,7 @@ class Registry:
             self._start(handlers, handler, waiting, None)
 
     def _consider_ban(self, decision: Refused, repeat: int, now: float) -> None:
-        ban = self.bans.consider(decision.key, repeat, now)  # type: ignore[arg-type]
+        ban = self.bans.consider(decision.key, repeat, now)
         if ban is not None:
             log.warning(
                 "source_banned",
@@ -441,7 +441,7 @@ class Registry:
         )
         lifted = self.bans.reconfigure(*_ban_settings(new))
         if lifted:
-            log.info("bans_lifted", count=len(lifted), reason="reload", banned=len(self.bans))
+            self.ban_filter.report_lifted(lifted, reason="reload")
             self.ban_filter.poke()
         log.info("reloaded", path=self.config_path)
         self.notifier.ready("config reloaded")

@@ -12,6 +12,7 @@ sockets be created. Only 127.0.0.0/8 and ::1 are used.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import json
 import socket
@@ -23,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
+import structlog.testing
 import trio
 import trio.testing
 
@@ -386,6 +389,57 @@ async def test_ban_filter_applies_coalesces_and_lifts_on_time(
         (61.5, detach_opt),
     ], times
     assert bf.filtered == 0 and len(bans) == 0
+
+
+class AcceptingSock:
+    """Counts the filters attached or detached; the kernel is not involved."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def setsockopt(self, level: int, optname: int, value: bytes | int, /) -> None:
+        self.calls += 1
+
+
+class RefusingSock:
+    """A socket whose kernel refuses every filter (ENOMEM: optmem exhausted)."""
+
+    def setsockopt(self, level: int, optname: int, value: bytes | int, /) -> None:
+        raise OSError(errno.ENOMEM, "Cannot allocate memory")
+
+
+def test_a_kernel_that_refuses_the_filter_is_reported_and_the_bans_stand() -> None:
+    bans = BanList(after=1, duration=60.0, max_entries=10)
+    bans.consider(v4("127.2.0.1"), 1, 0.0)
+    bf = BanFilter([RefusingSock()], bans, budget=BPF_MAXINSNS)
+    bf.available = True
+    with structlog.testing.capture_logs() as logs:
+        bf.apply()
+        bans.consider(v4("127.2.0.2"), 1, 0.0)
+        bf.apply()  # not tried again: one error line, not one per change
+    assert [e["event"] for e in logs] == ["ban_filter_failed"]
+    assert logs[0]["error"] == "Cannot allocate memory" and logs[0]["bans"] == 1
+    assert not bf.available and bf.filtered == 0 and len(bans) == 2
+
+
+def test_bans_past_the_budget_are_listed_and_reported_once() -> None:
+    bans = BanList(after=1, duration=60.0, max_entries=100)
+    sock = AcceptingSock()
+    bf = BanFilter([sock], bans, budget=18 + 2 * 3)  # the dispatch and tails, and 3 IPv4 bans
+    bf.available = True
+    with structlog.testing.capture_logs() as logs:
+        for n in range(5):
+            bans.consider(v4(f"127.2.0.{n + 1}"), 1, 0.0)
+            bf.apply()
+        lifted = bans.expire(60.0)  # all gone: the filter fits again...
+        bf.apply()
+        for n in range(4):  # ...until it is full once more: reported again
+            bans.consider(v4(f"127.3.0.{n + 1}"), 1, 61.0)
+            bf.apply()
+    assert len(lifted) == 5 and bf.filtered == 3 and len(bans) == 4
+    assert [e["event"] for e in logs] == ["bans_not_filtered"] * 2
+    assert (logs[0]["bans"], logs[0]["filtered"]) == (4, 3)
+    assert sock.calls == 5 + 1 + 4  # attached on every change, detached once
 
 
 # --- the whole path ------------------------------------------------------------------

@@ -77,6 +77,7 @@ class BanFilter:
         self.budget = insn_budget() if budget is None else budget
         self.available = sys.platform == "linux"  # False after the kernel refused a filter
         self.filtered = 0  # bans in the attached program
+        self._truncated = False  # some bans did not fit the program last time
         self._applied = 0  # the BanList version the sockets carry (0: no filter, no bans)
         self._wait = trio.CancelScope()
 
@@ -96,14 +97,19 @@ class BanFilter:
 
     def lift(self, now: float) -> list[Ban]:
         lifted = self.bans.expire(now)
+        self.report_lifted(lifted, reason="expired")
+        return lifted
+
+    def report_lifted(self, lifted: list[Ban], *, reason: str) -> None:
+        """One ``bans_lifted`` line for bans that ended together (expired, or a reload)."""
         if lifted:
             log.info(
                 "bans_lifted",
+                reason=reason,
                 count=len(lifted),
                 sources=[str(ban.key) for ban in lifted[:LOGGED_SOURCES]],
                 banned=len(self.bans),
             )
-        return lifted
 
     def apply(self) -> None:
         """Attach the program for the current bans (detach when there are none)."""
@@ -124,6 +130,8 @@ class BanFilter:
             self.filtered = 0
             log.error("ban_filter_failed", error=e.strerror or str(e), bans=len(keys))
             return
-        if held < len(keys) and held != self.filtered:
+        truncated = held < len(keys)
+        if truncated and not self._truncated:  # once per spell of a full filter
             log.warning("bans_not_filtered", bans=len(keys), filtered=held, budget=self.budget)
+        self._truncated = truncated
         self.filtered = held
