@@ -611,6 +611,8 @@ async def bench(args: argparse.Namespace) -> list[Row]:
             for scenario in scenarios(args.quick):
                 if args.only and scenario.name not in args.only.split(","):
                     continue
+                if args.warmup is not None and scenario.mode is not None:
+                    scenario.warmup = args.warmup
                 runs = []
                 for _ in range(args.repeat):
                     server = start_server(
@@ -656,6 +658,12 @@ def main() -> None:
         "--registry-pythonpath",
         type=Path,
         help="import the registry from this checkout instead (A/B runs of a patch)",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        help="seconds of attack before the measured window, for every attack scenario "
+        "(default: each scenario's own, 2-7 s); a later window shows a later phase",
     )
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
     # the attacker role (started by the benchmark itself)

@@ -182,6 +182,10 @@ class ServerConfig(_Section):
     db: str = "registry.db"
     grace_period: Duration = Duration(10.0)
     backlog: int = 4096
+    # TCP_DEFER_ACCEPT (Linux): a connection that sends nothing stays in the kernel
+    # this long (rounded up to 1, 3, 7, 15, 31, 63 or 127 s) before accept() sees it,
+    # so silent stalls cost no descriptor and no work. 0: off.
+    defer_accept: Duration = Duration(30.0)
 
 
 class LogConfig(_Section):
@@ -371,6 +375,11 @@ def _semantic_problems(cfg: Config) -> list[str]:
         1 <= cfg.server.backlog <= 65535,
         "server.backlog",
         f"expected 1-65535, got {cfg.server.backlog}",
+    )
+    need(
+        cfg.server.defer_accept <= 120,
+        "server.defer_accept",
+        "expected a duration from 0 (off) to 120s",
     )
     need(
         32 <= cfg.protocol.max_request_bytes <= 65536,

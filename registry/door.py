@@ -105,7 +105,11 @@ class RefusalTally:
     beyond the cap are still counted, as ``untracked``.
     """
 
-    def __init__(self, max_sources: int = 1000) -> None:
+    def __init__(self, max_sources: int = 10_000) -> None:
+        # Repeats drive the doubling hold and bans, so an attack from thousands of
+        # addresses must be tracked too (with 1,000, 4,000 of 5,000 attacking
+        # addresses stayed "new": always the shortest hold, never banned).
+        # ~150 bytes an entry: ~1.5 MB at the cap.
         self.max_sources = max_sources
         self.totals: dict[str, int] = dict.fromkeys(REASONS, 0)
         self._window: Counter[tuple[str, str]] = Counter()

@@ -30,7 +30,7 @@ from registry.conncaps import ConnectionCaps
 from registry.door import TOTAL, Door, RefusalTally, Refused
 from registry.errors import ConfigError, ProtocolError
 from registry.model import Endpoint, Protocol, Request
-from registry.net.accept import accept_loop
+from registry.net.accept import accept_loop, defer_accept
 from registry.net.admin import AdminServer
 from registry.net.admin import open_listeners as open_admin_listeners
 from registry.net.banfilter import BanFilter
@@ -110,6 +110,7 @@ class Registry:
         self.bans = BanList(*_ban_settings(cfg))
         self.ban_filter = BanFilter([], self.bans)  # its sockets are set when they exist
         self.room: WaitingRoom | None = None
+        self.defer_accept_s: int | None = None  # set when the listeners are opened
         self.doorway = Doorway(
             cfg.limits.refusal_delay, cfg.limits.max_refusal_delay, cfg.limits.max_refusals_held
         )
@@ -194,6 +195,8 @@ class Registry:
                         admin=str(runtime.admin) if runtime.admin else "off",
                         db=cfg.server.db,
                         policy=cfg.policy.mode,
+                        # what the kernel does (None: no TCP_DEFER_ACCEPT on this system)
+                        defer_accept_s=self.defer_accept_s,
                     )
                     self.notifier.ready(f"listening on {', '.join(map(str, runtime.tcp))}")
                     task_status.started(runtime)
@@ -263,9 +266,12 @@ class Registry:
         for spec in self.cfg.server.listen:
             host, port = parse_hostport(spec)
             try:
-                listeners += await trio.open_tcp_listeners(
+                opened = await trio.open_tcp_listeners(
                     port, host=host, backlog=self.cfg.server.backlog
                 )
+                listeners += opened
+                for lst in opened:
+                    self.defer_accept_s = defer_accept(lst.socket, self.cfg.server.defer_accept)
             except OSError as e:
                 # The embedded defaults include [::]; a host without IPv6 still serves IPv4.
                 if (
@@ -420,7 +426,7 @@ class Registry:
             log.error("reload_failed", path=self.config_path, problems=e.problems)
             self.notifier.ready("reload failed; old config kept")
             return
-        unchanged = ("listen", "udp", "backlog", "db", "admin")  # bound at start
+        unchanged = ("listen", "udp", "backlog", "defer_accept", "db", "admin")  # bound at start
         moved = [k for k in unchanged if getattr(new.server, k) != getattr(self.cfg.server, k)]
         if moved:
             log.warning("reload_needs_restart", keys=[f"server.{k}" for k in moved])

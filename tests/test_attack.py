@@ -226,6 +226,11 @@ OPEN_RATES = {
 }
 
 
+# Tests that hold slots with connections that send nothing: those must reach the
+# registry at once, not wait in the kernel (server.defer_accept, tested below).
+HELD_BY_US = {"defer_accept": 0}
+
+
 # --- stalled connections ---------------------------------------------------------
 
 
@@ -243,6 +248,7 @@ async def test_2000_stalled_connections_and_an_honest_registration(tmp_path: Pat
     # own tests in tests/test_ratelimit.py and tests/test_door.py).
     read_deadline = 3.0
     cfg = config(
+        server=HELD_BY_US,
         protocol={"read_deadline": "3s"},
         ratelimit={"global": "10000/second", "error_fine": 0},
     )
@@ -275,12 +281,54 @@ async def test_2000_stalled_connections_and_an_honest_registration(tmp_path: Pat
         assert not reg.events("handler_crashed")
 
 
+async def test_silent_stalls_wait_in_the_kernel_then_get_the_read_deadline(
+    tmp_path: Path,
+) -> None:
+    # server.defer_accept: 1,000 connections that send nothing cost the registry
+    # no descriptor while the kernel defers them (2 s asked, 3 s by the kernel's
+    # schedule), an honest student is served meanwhile, and once the kernel hands
+    # them over each gets the read deadline from then: cut, answered, recorded.
+    read_deadline, kernel_wait = 2.0, 3.0
+    cfg = config(
+        server={"defer_accept": "2s"},
+        protocol={"read_deadline": "2s"},
+        ratelimit={"global": "10000/second", "error_fine": 0},
+    )
+    with run_registry(tmp_path, config=cfg) as reg:
+        assert reg.wait_event("listening")[0]["defer_accept_s"] == kernel_wait
+        pid = reg.proc.pid
+        base_fds = fd_count(pid)
+        stalled = Stalled()
+        async with trio.open_nursery() as nursery:
+            started = trio.current_time()
+            await open_stalled(
+                nursery, stalled, reg.port, [(source(i % 40), b"") for i in range(1000)]
+            )
+            assert stalled.failed == [] and stalled.opened == 1000
+            reply, took = await honest_cycle(reg.port)
+            assert verdict(reply) == "OK connected verified=yes", reply
+            assert took < 1.5, f"honest registration took {took:.2f} s"
+            waited = trio.current_time() - started
+            assert waited < kernel_wait - 0.5, "too slow to see the deferral"
+            assert fd_count(pid) <= base_fds + 2, "the registry holds silent connections"
+            held = await settle(pid, lambda n: n >= base_fds + 900, kernel_wait + 2)
+            await poll_until(lambda: len(stalled.replies) == 1000, kernel_wait + read_deadline + 10)
+        assert held >= base_fds + 900, "the kernel never handed the stalls over"
+        cut = sorted(t for t, _ in stalled.replies)
+        assert cut[0] >= kernel_wait + read_deadline - 0.5, f"a stall was cut at {cut[0]:.1f} s"
+        assert cut[-1] < kernel_wait + read_deadline + 3, f"a stall was held {cut[-1]:.1f} s"
+        assert stalled.codes() == {"ERROR read_timeout": 1000}
+        assert len(reg.wait_event("registration", count=1001)) == 1001  # each one recorded
+        assert await settle(pid, lambda n: n <= base_fds + 2, 5) <= base_fds + 2
+
+
 async def test_stalls_from_one_source_are_refused_past_the_per_source_cap(
     tmp_path: Path,
 ) -> None:
     # refusal_delay 0 and no ban: this test is about the cap; the hold of a refusal
     # and the ban have their own tests (below, tests/test_door.py, tests/test_bans.py)
     cfg = config(
+        server=HELD_BY_US,
         protocol={"read_deadline": "2s"},
         limits={
             "max_connections_per_source": 16,
@@ -310,6 +358,7 @@ async def test_a_source_refused_again_and_again_is_held_longer_up_to_the_cap(
     # cap 4 per source; refusals held 0.25 s, doubling per repeat, at most 1 s (no
     # ban: 36 refusals would ban the source at the 20th, tests/test_bans.py)
     cfg = config(
+        server=HELD_BY_US,
         protocol={"read_deadline": "5s"},
         limits={
             "max_connections_per_source": 4,
@@ -342,7 +391,10 @@ async def test_connection_cap_is_taken_before_accept(tmp_path: Path) -> None:
     # backlog and cost the registry no descriptor until a slot is free.
     cap, read_deadline = 40, 2.0
     cfg = config(
-        protocol={"read_deadline": "2s"}, limits={"max_connections": cap}, ratelimit=OPEN_RATES
+        server=HELD_BY_US,
+        protocol={"read_deadline": "2s"},
+        limits={"max_connections": cap},
+        ratelimit=OPEN_RATES,
     )
     with run_registry(tmp_path, config=cfg) as reg:
         pid = reg.proc.pid
@@ -381,7 +433,7 @@ async def test_connection_cap_is_taken_before_accept(tmp_path: Path) -> None:
 async def test_emfile_backs_off_without_spinning(tmp_path: Path) -> None:
     # A registry limited to few descriptors: accept() fails with EMFILE while
     # clients wait. It must sleep between attempts (about 10 a second), not spin.
-    cfg = config(protocol={"read_deadline": "30s"}, ratelimit=OPEN_RATES)
+    cfg = config(server=HELD_BY_US, protocol={"read_deadline": "30s"}, ratelimit=OPEN_RATES)
     limit = 64
 
     with run_registry(tmp_path, config=cfg) as reg:

@@ -317,6 +317,10 @@ def test_every_bad_item_of_a_list_is_reported() -> None:
         ('[ratelimit]\nerrors_global = "0/second"\n', r"ratelimit\.errors_global: "),
         ('[limits]\nban_exempt_networks = ["203.0.113.0/33"]\n', r"limits\.ban_exempt_networks"),
         ("[limits]\nmax_bans = 100001\n", r"limits\.max_bans: "),
+        # TCP_DEFER_ACCEPT: the kernel's schedule ends at 127 s; never negative
+        ('[server]\ndefer_accept = "121s"\n', r"server\.defer_accept: "),
+        ('[server]\ndefer_accept = "-1s"\n', r"server\.defer_accept: "),
+        ("[server]\ndefer_accept = true\n", r"server\.defer_accept: "),
     ],
 )
 def test_durations_out_of_range_are_refused(text: str, key: str) -> None:
@@ -329,6 +333,12 @@ def test_bans_can_be_turned_off_and_default_on() -> None:
     assert config_mod.loads("[limits]\nban_after = 0\n").limits.ban_after == 0
     default = config_mod.loads("").limits
     assert (default.ban_after, default.ban_duration, default.max_bans) == (20, 60.0, 1000)
+
+
+def test_defer_accept_defaults_on_and_can_be_turned_off() -> None:
+    assert config_mod.loads("").server.defer_accept == 30.0
+    assert config_mod.loads("[server]\ndefer_accept = 0\n").server.defer_accept == 0.0
+    assert config_mod.loads('[server]\ndefer_accept = "2m"\n').server.defer_accept == 120.0
 
 
 def test_refusals_can_be_answered_at_once() -> None:

@@ -159,6 +159,18 @@ def test_tally_window_is_bounded_under_a_spray() -> None:
     assert len(tally._window) == 0
 
 
+def test_tally_tracks_the_repeats_of_an_attack_from_5000_addresses() -> None:
+    # The doubling hold and the bans read these repeats: an address past the cap
+    # would always count as new (the shortest hold, never banned).
+    tally = RefusalTally()
+    sources = [f"10.2.{n // 250}.{n % 250}" for n in range(5000)]
+    for _ in range(3):
+        repeats = [tally.add(s, RATE_LIMITED) for s in sources]
+    assert set(repeats) == {3}
+    summary = tally.flush()
+    assert summary is not None and summary["sources"] == 5000 and summary["untracked"] == 0
+
+
 # --- Doorway: refused connections on real sockets -----------------------------------
 
 BUSY = Outcome(code=Code.RATE_LIMITED, retry_after=7, explanation="slow down")

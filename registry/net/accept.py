@@ -18,8 +18,10 @@ one round can keep other tasks waiting (~16 refusals, well under 1 ms).
 from __future__ import annotations
 
 import errno
+import math
 import socket
 from collections.abc import Callable
+from typing import Protocol
 
 import structlog
 import trio
@@ -39,6 +41,7 @@ IGNORABLE_ERRNOS = frozenset(
 )  # fmt: skip
 BACKOFF_S = 0.1
 BATCH = 16
+TCP_DEFER_ACCEPT = getattr(socket, "TCP_DEFER_ACCEPT", None)  # Linux only
 
 # on_accept(conn, peer address as accept() gave it, slot token): runs synchronously
 # and owns both the (blocking-mode, stdlib) socket and the slot from then on.
@@ -88,6 +91,29 @@ async def accept_loop(
                 await trio.lowlevel.checkpoint()  # a full batch: let everyone else run first
     finally:
         raw.detach()
+
+
+class _SockOpts(Protocol):
+    def setsockopt(self, level: int, optname: int, value: int, /) -> None: ...
+    def getsockopt(self, level: int, optname: int, /) -> int: ...
+
+
+def defer_accept(sock: _SockOpts, seconds: float) -> int | None:
+    """Keep connections that have sent nothing in the kernel for ``seconds``.
+
+    With ``TCP_DEFER_ACCEPT`` the kernel completes the handshake but hands the
+    connection to accept() only when its first bytes arrive, or, for one that
+    stays silent, after about ``seconds`` (rounded up to its SYN-ACK retransmit
+    schedule: 1, 3, 7, 15, 31, 63, 127 s). A silent stall then costs a small
+    kernel entry and no descriptor, task or timer of ours, and a client that
+    reconnects whenever it is cut comes back that much less often. Returns the
+    seconds the kernel will wait (0: off), or None where the option does not
+    exist (a client that sends at once is never delayed either way).
+    """
+    if TCP_DEFER_ACCEPT is None:
+        return None
+    sock.setsockopt(socket.IPPROTO_TCP, TCP_DEFER_ACCEPT, math.ceil(seconds))
+    return sock.getsockopt(socket.IPPROTO_TCP, TCP_DEFER_ACCEPT)
 
 
 def spawn_stream(
