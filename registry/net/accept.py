@@ -12,7 +12,8 @@ with the peer address accept() returned, and only then does the loop yield.
 Under a flood this is most of the cost of a connection refused at the door
 (registry/door.py): one scheduler round and one trio socket object per
 connection cost more than the refusal itself. ``BATCH`` also bounds how long
-one round can keep other tasks waiting (~16 refusals, well under 1 ms).
+one step can keep other tasks waiting: ~8 connections, ~0.5 ms (see
+docs/architecture.md, "short steps").
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ IGNORABLE_ERRNOS = frozenset(
     if hasattr(errno, name)
 )  # fmt: skip
 BACKOFF_S = 0.1
-BATCH = 16
+BATCH = 8  # ~55 us each under attack (accept, door, hold or admit): ~0.5 ms a step
 TCP_DEFER_ACCEPT = getattr(socket, "TCP_DEFER_ACCEPT", None)  # Linux only
 
 # on_accept(conn, peer address as accept() gave it, slot token): runs synchronously

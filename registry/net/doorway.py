@@ -44,7 +44,7 @@ from registry.net.tcp import default_encode
 from registry.protocol.sniff import sniff
 
 READ_LIMIT = 65536  # bytes read from a refused client before answering anyway
-REAP_CHUNK = 32  # refusals answered between two checkpoints (~50 us each)
+REAP_CHUNK = 8  # refusals answered between two checkpoints (~35 us each: ~0.3 ms)
 
 
 class Doorway:
