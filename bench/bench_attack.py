@@ -23,7 +23,9 @@ its steady state, then runs honest student cycles at a fixed rate and records:
 - CPU during the measured window, in % of one core: the server's, and
   "other" (everything on the machine that is neither the server, the
   attacker nor this process): a busy neighbour makes every latency worse,
-  so read the latency columns with that one.
+  so read the latency columns with that one; and "stolen", the time the
+  hypervisor gave this virtual machine's CPUs to others (steal in
+  /proc/stat), which slows everything here and is no process's CPU.
 
 An honest cycle is what a student does: listen on its own address, register
 ``ADDR:PORT`` from that address, echo the callback line, read the reply. Each
@@ -135,10 +137,14 @@ def fd_count(pid: int) -> int:
         return 0
 
 
-def busy_jiffies() -> int:
-    """Ticks all CPUs spent busy (not idle, not iowait) since boot."""
+def busy_jiffies() -> tuple[int, int]:
+    """(ticks all CPUs spent busy, not idle nor iowait nor stolen; ticks stolen) since boot.
+
+    Steal is time the hypervisor gave our virtual CPUs to someone else: it
+    delays every latency here without showing up as any process's CPU."""
     values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return sum(values) - values[3] - values[4]
+    steal = values[7] if len(values) > 7 else 0
+    return sum(values[:8]) - values[3] - values[4] - steal, steal
 
 
 @dataclass
@@ -148,18 +154,25 @@ class CpuWindow:
     pids: list[int]  # the server first, then the attacker and this process
     start: float = 0.0
     busy: int = 0
+    steal: int = 0
     per_pid: dict[int, int] = field(default_factory=dict)
 
     def begin(self) -> None:
-        self.start, self.busy = time.monotonic(), busy_jiffies()
+        self.start = time.monotonic()
+        self.busy, self.steal = busy_jiffies()
         self.per_pid = {pid: process_jiffies(pid) for pid in self.pids}
 
-    def end(self) -> tuple[float, float]:
-        """(server CPU %, foreign CPU %), in percent of one core over the window."""
+    def end(self) -> tuple[float, float, float]:
+        """(server CPU %, foreign CPU %, stolen %), in percent of one core over the window."""
         ticks = (time.monotonic() - self.start) * os.sysconf("SC_CLK_TCK")
         used = {pid: process_jiffies(pid) - j for pid, j in self.per_pid.items()}
-        foreign = (busy_jiffies() - self.busy) - sum(used.values())
-        return used[self.pids[0]] / ticks * 100, max(0.0, foreign / ticks * 100)
+        busy, steal = busy_jiffies()
+        foreign = (busy - self.busy) - sum(used.values())
+        return (
+            used[self.pids[0]] / ticks * 100,
+            max(0.0, foreign / ticks * 100),
+            (steal - self.steal) / ticks * 100,
+        )
 
 
 def free_port() -> int:
@@ -464,6 +477,7 @@ class Row:
     slowest: list[tuple[float, float]] = field(default_factory=list)  # (start s, ms)
     p99_runs: list[float] = field(default_factory=list)  # every repetition's p99 (--repeat)
     fds_median: float = math.nan  # the server's open descriptors in the window
+    steal: float = math.nan  # CPU the hypervisor took from this machine in the window
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -516,7 +530,7 @@ async def measure(
             measuring = True
             result = await run_honest(server.port, honest, rate, first_addr)
             measuring = False
-            server_cpu, foreign_cpu = cpu.end()
+            server_cpu, foreign_cpu, steal = cpu.end()
             rss_end = server.rss_mb()
             nursery.cancel_scope.cancel()
     finally:
@@ -535,6 +549,7 @@ async def measure(
         rss_end_mb=rss_end,
         server_cpu=server_cpu,
         foreign_cpu=foreign_cpu,
+        steal=steal,
         failures=result.failures,
         attack=attack,
         fds_median=percentile(sorted(fds), 50),
@@ -572,8 +587,8 @@ def table(rows: list[Row]) -> str:
     head = (
         "| server | scenario | honest cycles | success | p50 ms | p99 ms | p99.9 ms "
         "| p99 / p99 no attack | p99 of each run | peak RSS MB | server fds | server CPU "
-        "| other CPU | failures |\n"
-        "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---|"
+        "| other CPU | stolen | failures |\n"
+        "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|"
     )
     lines = [head]
     for r in rows:
@@ -583,7 +598,7 @@ def table(rows: list[Row]) -> str:
             f"| {r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.p999_ms:.1f} | {r.ratio:.2f} "
             f"| {' / '.join(f'{p:.1f}' for p in r.p99_runs) or '-'} "
             f"| {r.rss_peak_mb:.0f} | {r.fds_median:.0f} | {r.server_cpu:.0f} % "
-            f"| {r.foreign_cpu:.0f} % | {fails} |"
+            f"| {r.foreign_cpu:.0f} % | {r.steal:.0f} % | {fails} |"
         )
     return "\n".join(lines)
 
