@@ -4,6 +4,11 @@ Run (about 10 minutes for both servers; --quick about 2):
 
     .venv/bin/python bench/bench_attack.py [--quick] [--json results.json]
 
+Host drift: ``--paired`` runs the same honest cycles unloaded on the same
+server just before each attack run and reports each run's p99 over its own
+reference (steal and neighbours change the unloaded p99 by 2-3x within an
+hour on a shared virtual machine).
+
 A/B a patch: copy the patched ``registry/`` package to DIR and add
 ``--registry-pythonpath DIR --servers registry`` (``--only NAME,...`` picks
 scenarios; ``--registry-config FILE`` runs a profile instead of the defaults).
@@ -478,6 +483,8 @@ class Row:
     p99_runs: list[float] = field(default_factory=list)  # every repetition's p99 (--repeat)
     fds_median: float = math.nan  # the server's open descriptors in the window
     steal: float = math.nan  # CPU the hypervisor took from this machine in the window
+    reference_ms: float = math.nan  # --paired: p99 of this run's own unloaded cycles
+    ratio_runs: list[float] = field(default_factory=list)  # --paired: each run's ratio
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -489,8 +496,19 @@ def percentile(sorted_values: list[float], q: float) -> float:
 
 
 async def measure(
-    server: Server, scenario: Scenario, honest: int, rate: float, first_addr: int
+    server: Server,
+    scenario: Scenario,
+    honest: int,
+    rate: float,
+    first_addr: int,
+    paired: bool = False,
 ) -> Row:
+    reference_ms = math.nan
+    if paired and scenario.mode:
+        # The same cycles on the same fresh server just before the attack starts:
+        # this run's own reference, taken minutes closer than the "none" row.
+        ref = await run_honest(server.port, honest, rate, first_addr + honest)
+        reference_ms = percentile(sorted(ref.latencies), 99) * 1000
     duration = scenario.warmup + honest / rate + CYCLE_TIMEOUT + 10
     proc = (
         start_attacker(
@@ -550,6 +568,7 @@ async def measure(
         server_cpu=server_cpu,
         foreign_cpu=foreign_cpu,
         steal=steal,
+        reference_ms=reference_ms,
         failures=result.failures,
         attack=attack,
         fds_median=percentile(sorted(fds), 50),
@@ -596,7 +615,9 @@ def table(rows: list[Row]) -> str:
         lines.append(
             f"| {r.server} | {r.scenario} | {r.cycles} | {r.success * 100:.2f} % "
             f"| {r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.p999_ms:.1f} | {r.ratio:.2f} "
-            f"| {' / '.join(f'{p:.1f}' for p in r.p99_runs) or '-'} "
+            f"| {' / '.join(f'{p:.1f}' for p in r.p99_runs) or '-'}"
+            f"{' (ref ' + format(r.reference_ms, '.1f') + ')' if r.reference_ms == r.reference_ms else ''} "
+            f"{'(ratios ' + ' / '.join(map(str, r.ratio_runs)) + ')' if r.ratio_runs else ''} "
             f"| {r.rss_peak_mb:.0f} | {r.fds_median:.0f} | {r.server_cpu:.0f} % "
             f"| {r.foreign_cpu:.0f} % | {r.steal:.0f} % | {fails} |"
         )
@@ -634,10 +655,14 @@ async def bench(args: argparse.Namespace) -> list[Row]:
                         kind, Path(tmp), args.registry_config, args.registry_pythonpath
                     )
                     try:
-                        runs.append(await measure(server, scenario, honest, args.rate, first_addr))
+                        runs.append(
+                            await measure(
+                                server, scenario, honest, args.rate, first_addr, args.paired
+                            )
+                        )
                     finally:
                         server.stop()
-                    first_addr += honest
+                    first_addr += 2 * honest
                     await trio.sleep(1.0)
                 # The run with the median p99 stands for the scenario (all its columns
                 # from one run); the others' p99s are kept: one host hiccup of a few
@@ -648,6 +673,11 @@ async def bench(args: argparse.Namespace) -> list[Row]:
                 if scenario.mode is None:
                     reference = row.p99_ms
                 row.ratio = row.p99_ms / reference if reference else math.nan
+                if args.paired and scenario.mode is not None:
+                    # Each run against its own reference; the row: the median ratio.
+                    ratios = sorted(r.p99_ms / r.reference_ms for r in runs)
+                    row.ratio_runs = [round(x, 2) for x in ratios]
+                    row.ratio = ratios[len(ratios) // 2]
                 rows.append(row)
                 print(table([row]).splitlines()[-1], file=sys.stderr, flush=True)
     return rows
@@ -673,6 +703,13 @@ def main() -> None:
         "--registry-pythonpath",
         type=Path,
         help="import the registry from this checkout instead (A/B runs of a patch)",
+    )
+    parser.add_argument(
+        "--paired",
+        action="store_true",
+        help="before each attack run, the same honest cycles unloaded on the same server: "
+        "the ratio is each run's p99 over its own reference (the median over --repeat), "
+        "fair when the host's speed drifts between scenarios",
     )
     parser.add_argument(
         "--warmup",

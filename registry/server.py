@@ -272,6 +272,10 @@ class Registry:
                 listeners += opened
                 for lst in opened:
                     self.defer_accept_s = defer_accept(lst.socket, self.cfg.server.defer_accept)
+                if self.defer_accept_s is None and self.cfg.server.defer_accept > 0:
+                    log.warning(  # silent connections are then held by the registry itself
+                        "defer_accept_unavailable", address=spec, asked=self.cfg.server.defer_accept
+                    )
             except OSError as e:
                 # The embedded defaults include [::]; a host without IPv6 still serves IPv4.
                 if (

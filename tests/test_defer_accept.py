@@ -15,10 +15,16 @@ import termios
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
+import structlog
+import trio
 
+from registry import config as config_mod
+from registry import server as server_mod
 from registry.net.accept import TCP_DEFER_ACCEPT, defer_accept
+from registry.server import Registry
 
 pytestmark = pytest.mark.skipif(TCP_DEFER_ACCEPT is None, reason="no TCP_DEFER_ACCEPT here")
 
@@ -77,6 +83,20 @@ def test_a_silent_connection_waits_in_the_kernel_and_one_that_sends_does_not() -
             assert 2.5 < took < 6, f"the silent connection was accepted after {took:.1f} s"
 
 
+class _Refusing:
+    """A socket whose network stack knows the option's number but refuses it."""
+
+    def setsockopt(self, level: int, optname: int, value: int, /) -> None:
+        raise OSError(92, "Protocol not available")
+
+    def getsockopt(self, level: int, optname: int, /) -> int:
+        raise AssertionError("not reached")
+
+
+def test_a_stack_that_refuses_the_option_is_served_without_it() -> None:
+    assert defer_accept(_Refusing(), 30) is None
+
+
 def test_off_means_accepted_at_once() -> None:
     with listener() as sock:
         assert defer_accept(sock, 0) == 0
@@ -84,3 +104,31 @@ def test_off_means_accepted_at_once() -> None:
         with socket.create_connection(sock.getsockname()):
             conn, _ = sock.accept()
             conn.close()
+
+
+async def test_without_the_option_the_registry_warns_and_serves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A stack that refuses TCP_DEFER_ACCEPT: the registry says so once per listener
+    # and holds silent connections itself (the read deadline cuts this one).
+    monkeypatch.setattr(server_mod, "defer_accept", lambda sock, seconds: None)
+    cfg = config_mod.from_dict(
+        {
+            "server": {"listen": ["127.0.0.1:0"], "admin": "off", "db": str(tmp_path / "r.db")},
+            "protocol": {"read_deadline": "1s"},
+        }
+    )
+    with structlog.testing.capture_logs() as logs:
+        async with trio.open_nursery() as nursery:
+            runtime = await nursery.start(Registry(cfg, handle_signals=False).run)
+            with trio.fail_after(10):
+                stream = await trio.open_tcp_stream("127.0.0.1", runtime.tcp[0].port)
+                async with stream:
+                    silent = b""  # sends nothing; reads until the registry closes
+                    while chunk := await stream.receive_some(4096):
+                        silent += chunk
+            runtime.shutdown()
+    warned = [e for e in logs if e["event"] == "defer_accept_unavailable"]
+    assert [(e["address"], e["asked"]) for e in warned] == [("127.0.0.1:0", 30.0)]
+    assert [e["defer_accept_s"] for e in logs if e["event"] == "listening"] == [None]
+    assert silent.startswith(b"ERROR read_timeout "), silent

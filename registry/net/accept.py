@@ -109,12 +109,16 @@ def defer_accept(sock: _SockOpts, seconds: float) -> int | None:
     kernel entry and no descriptor, task or timer of ours, and a client that
     reconnects whenever it is cut comes back that much less often. Returns the
     seconds the kernel will wait (0: off), or None where the option does not
-    exist (a client that sends at once is never delayed either way).
+    exist or is refused (a client that sends at once is never delayed either
+    way; without it the registry holds silent connections itself, as before).
     """
     if TCP_DEFER_ACCEPT is None:
         return None
-    sock.setsockopt(socket.IPPROTO_TCP, TCP_DEFER_ACCEPT, math.ceil(seconds))
-    return sock.getsockopt(socket.IPPROTO_TCP, TCP_DEFER_ACCEPT)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_DEFER_ACCEPT, math.ceil(seconds))
+        return sock.getsockopt(socket.IPPROTO_TCP, TCP_DEFER_ACCEPT)
+    except OSError:  # an emulated or restricted network stack: serve without it
+        return None
 
 
 def spawn_stream(
