@@ -50,8 +50,14 @@ Scenarios (attack sources are 127.2.x.y / 127.3.x.y / 127.4.x.y; honest ones 127
   Concentrated on N/25 sources, these attackers are refused again and again
   and banned (``limits.ban_after``): the kernel then drops their SYNs.
 - ``wide0-N`` / ``wide1-N``: the same stalls from N sources, one connection
-  each: no source is ever over its limits, so nothing is refused or banned
-  and the registry holds all N stalls, and records each one it cuts.
+  each: no source is ever over its connection cap. The registry holds all N
+  stalls and records each one it cuts; under pressure each such error fines
+  its source (``ratelimit.error_fine``), whose next connections are refused
+  with a long ``retry_after``, and a source that comes back three times anyway
+  is banned for that wait (``limits.ban_after_ignored``).
+
+A connect that gets no SYN-ACK (a banned source) is given up after
+``CONNECT_TIMEOUT`` (3 s) and tried again a second later.
 - ``flood``: one source, 64 registrations in flight back to back.
 - ``spray``: a new source address per registration, 400 a second on average
   (Poisson arrivals, seeded); the RSS growth over the spray is reported
@@ -87,6 +93,7 @@ HONEST_NET = 1
 STALL_NET, FLOOD_NET, SPRAY_NET = 2, 3, 4
 SOURCES_PER_STALL_GROUP = 25  # connections per attacker source (default cap is 32)
 RECONNECT_DELAY = 1.0
+CONNECT_TIMEOUT = 3.0  # an attacker's connect with no SYN-ACK (banned): given up, tried again
 SPRAY_RATE, SPRAY_SEED = 400.0, 4
 CYCLE_TIMEOUT = 15.0
 
@@ -341,14 +348,21 @@ class AttackStats:
 async def stall_forever(
     port: int, src: str, first: bytes, stats: AttackStats, limit: trio.CapacityLimiter
 ) -> None:
-    # No connect timeout, like a naive client: a banned source's connect waits
-    # out the kernel's SYN retries (about two minutes), longer than a scenario.
+    # A connect that gets no SYN-ACK (a banned source) is given up after
+    # CONNECT_TIMEOUT and tried again, as a determined attacker would: waiting
+    # out the kernel's SYN retries (two minutes) would also hold one of the
+    # ramp-up's slots and starve the attacker's other sources.
     while True:
+        stream: trio.SocketStream | None = None
         try:
             async with limit:
-                stream = await connect_from(src, port)
+                with trio.move_on_after(CONNECT_TIMEOUT) as timer:
+                    stream = await connect_from(src, port)
+            if timer.cancelled_caught:
+                stats.errors["connect timeout"] = stats.errors.get("connect timeout", 0) + 1
         except OSError as e:
             stats.error(e)
+        if stream is None:
             await trio.sleep(RECONNECT_DELAY)
             continue
         stats.connects += 1

@@ -247,8 +247,11 @@ class LimitsConfig(_Section):
     max_refusal_delay: Duration = Duration(5.0)  # ... doubling per repeat, up to this
     max_refusals_held: int = 8192  # refused connections waiting for their answer
     ban_after: int = 20  # refusals of one source within 10 s that ban it; 0: never ban
+    # refusals within 10 s of a source told to wait longer than max_refusal_delay
+    # (in debt after a fine) that ban it for that wait; 0: this rule off
+    ban_after_ignored: int = 3
     ban_duration: Duration = Duration(60.0)  # how long the kernel drops a banned source's SYNs
-    max_bans: int = 1000  # sources banned at once
+    max_bans: int = 10000  # sources banned at once
     ban_exempt_networks: tuple[CIDR, ...] = ()  # never banned (a class's shared NAT address)
 
 
@@ -405,6 +408,11 @@ def _semantic_problems(cfg: Config) -> list[str]:
     need(cfg.limits.max_refusals_held >= 0, "limits.max_refusals_held", "expected >= 0")
     need(cfg.limits.ban_after >= 0, "limits.ban_after", "expected >= 0 (0: never ban)")
     need(
+        cfg.limits.ban_after_ignored >= 0,
+        "limits.ban_after_ignored",
+        "expected >= 0 (0: this rule off)",
+    )
+    need(
         0 < cfg.limits.ban_duration <= 86400,
         "limits.ban_duration",
         "expected a duration > 0 and at most 24h",
@@ -525,6 +533,11 @@ def summary(cfg: Config) -> str:
         f"  limits      connections={lim.max_connections} per_source={lim.max_connections_per_source}"
         f" callbacks={lim.max_callbacks_in_flight}+{lim.max_callback_queue} queued",
         f"  bans        after {lim.ban_after} refusals in 10s, for {lim.ban_duration:g}s"
+        + (
+            f"; after {lim.ban_after_ignored} ignored waits, for the wait"
+            if lim.ban_after_ignored
+            else ""
+        )
         if lim.ban_after
         else "  bans        off",
     ]

@@ -548,7 +548,10 @@ class AsyncStore:
         try:
             for record in records:
                 waiter = _Waiter()
-                await self._send.send((record, waiter))
+                try:  # no checkpoint between records: the writer finds them all queued
+                    self._send.send_nowait((record, waiter))
+                except trio.WouldBlock:  # the queue is full: wait for room
+                    await self._send.send((record, waiter))
                 waiters.append((record, waiter))
         except (trio.ClosedResourceError, trio.BrokenResourceError) as e:
             raise StoreError("the results store is closed") from e

@@ -49,6 +49,8 @@ from registry.bans import (
     entry_cost,
     pack,
 )
+from registry.door import RATE_LIMITED, Refused
+from registry.model import Code, Outcome
 from registry.net.banfilter import BanFilter, attach, detach, insn_budget
 from registry.server import Registry, Runtime
 from tests.support import exchange_from, http_get
@@ -82,6 +84,49 @@ def test_after_zero_never_bans() -> None:
     bans = BanList(after=0, duration=60.0, max_entries=10)
     assert bans.consider(v4("127.2.0.1"), 10_000, 0.0) is None
     assert len(bans) == 0 and bans.version == 0
+
+
+# (repeat, wait told): a source told to wait longer than long_wait (5 s) and back
+# a third time within the window is banned for that wait (at most duration 60 s)
+IGNORED = [
+    ("first long refusal", 1, 40.0, None),
+    ("second long refusal", 2, 40.0, None),
+    ("third: banned for the wait", 3, 40.0, 40.0),
+    ("a wait past duration: capped", 3, 3600.0, 60.0),
+    ("a short wait is a person's rate limit", 3, 2.0, None),
+    ("exactly long_wait is still a hold", 3, 5.0, None),
+    ("no wait (per_source cap)", 3, 0.0, None),
+    ("at ban_after the usual ban, whatever the wait", 20, 2.0, 60.0),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "repeat", "wait", "want"), IGNORED, ids=[case[0] for case in IGNORED]
+)
+def test_a_source_ignoring_a_long_wait_is_banned_for_it(
+    name: str, repeat: int, wait: float, want: float | None
+) -> None:
+    bans = BanList(after=20, duration=60.0, max_entries=10, ignored_after=3, long_wait=5.0)
+    ban = bans.consider(v4("127.2.0.1"), repeat, 100.0, wait)
+    assert (None if ban is None else ban.until - ban.since) == want
+
+
+def test_the_ignored_wait_rule_is_off_at_zero_and_with_bans_off() -> None:
+    rule_off = BanList(after=20, duration=60.0, max_entries=10, ignored_after=0, long_wait=5.0)
+    assert rule_off.consider(v4("127.2.0.1"), 19, 0.0, 3600.0) is None
+    bans_off = BanList(after=0, duration=60.0, max_entries=10, ignored_after=3, long_wait=5.0)
+    assert bans_off.consider(v4("127.2.0.1"), 19, 0.0, 3600.0) is None
+    exempt = BanList(
+        after=20,
+        duration=60.0,
+        max_entries=10,
+        exempt=[ipaddress.ip_network("127.2.0.0/16")],
+        ignored_after=3,
+        long_wait=5.0,
+    )
+    assert exempt.consider(v4("127.2.0.1"), 3, 0.0, 3600.0) is None
+    lifted = rule_off.reconfigure(20, 60.0, 10, ignored_after=3, long_wait=5.0)
+    assert lifted == [] and rule_off.consider(v4("127.2.0.1"), 3, 0.0, 3600.0) is not None
 
 
 def test_bans_expire_at_their_exact_time() -> None:
@@ -315,20 +360,27 @@ def test_kernel_drops_a_banned_sources_syn_and_no_other() -> None:
         detach(lst)  # detaching twice is fine
 
 
-@linux
-def test_kernel_ipv6_prefix_ban() -> None:
+@contextmanager
+def ipv6_listener() -> Iterator[socket.socket]:
+    """A listener on ::1; the test is skipped where there is no IPv6 loopback."""
     try:
         ctx = listener("::1")
         lst = ctx.__enter__()
     except OSError:
         pytest.skip("no IPv6 loopback")
     try:
+        yield lst
+    finally:
+        ctx.__exit__(None, None, None)
+
+
+@linux
+def test_kernel_ipv6_prefix_ban() -> None:
+    with ipv6_listener() as lst:
         kernel_attach(lst, [v6("2001:db8::/64")])
         assert reaches(lst, "::1")  # another /64
         kernel_attach(lst, [v6("2001:db8::/64"), v6("::/64")])  # ::1's own /64
         assert not reaches(lst, "::1")
-    finally:
-        ctx.__exit__(None, None, None)
 
 
 @linux
@@ -549,20 +601,21 @@ ban_after = 2
     assert left == 0
 
 
-@linux
-async def test_an_exempt_source_is_refused_but_never_banned(tmp_path: Path) -> None:
-    cfg = config_mod.from_dict(
+def looping_config(tmp_path: Path, **limits: object) -> config_mod.Config:
+    """A registry on loopback where every connection after a source's first is
+    refused (per_source 1/hour, a wait of ~3600 s), answered after 50 ms."""
+    return config_mod.from_dict(
         {
-            "server": {"listen": ["127.0.0.1:0"], "admin": "off", "db": str(tmp_path / "x.db")},
+            "server": {"listen": ["127.0.0.1:0"], "admin": "off", "db": str(tmp_path / "l.db")},
             "ratelimit": {"per_source": "1/hour"},
-            "limits": {
-                "refusal_delay": "50ms",
-                "max_refusal_delay": "50ms",
-                "ban_after": 2,
-                "ban_exempt_networks": ["127.2.0.0/16"],
-            },
+            "limits": {"refusal_delay": "50ms", "max_refusal_delay": "50ms", **limits},
         }
     )
+
+
+@linux
+async def test_an_exempt_source_is_refused_but_never_banned(tmp_path: Path) -> None:
+    cfg = looping_config(tmp_path, ban_after=2, ban_exempt_networks=["127.2.0.0/16"])
     async with trio.open_nursery() as nursery:
         runtime: Runtime = await nursery.start(
             Registry(cfg, handle_signals=False).run  # type: ignore[arg-type]
@@ -576,3 +629,55 @@ async def test_an_exempt_source_is_refused_but_never_banned(tmp_path: Path) -> N
     assert [r.split()[0] for r in replies if r] == [b"ERROR"] + [b"BUSY"] * 5
     assert other[-1] is None  # the same behaviour outside the exempt network: banned
     assert banned == ["127.3.0.9"]
+
+
+@linux
+@pytest.mark.parametrize("ignored_after", [3, 0])
+async def test_a_serial_source_ignoring_its_retry_after_is_banned_for_that_wait(
+    tmp_path: Path, ignored_after: int
+) -> None:
+    # One connection at a time, never over ban_after (20): per_source 1/hour tells
+    # it to wait ~3600 s, longer than any hold (max_refusal_delay 50 ms). Its third
+    # refusal bans it for min(3600 s, ban_duration 1.5 s); with the rule off
+    # (ban_after_ignored = 0) it is refused, never banned.
+    cfg = looping_config(
+        tmp_path, ban_after=20, ban_after_ignored=ignored_after, ban_duration="1500ms"
+    )
+    async with trio.open_nursery() as nursery:
+        runtime: Runtime = await nursery.start(
+            Registry(cfg, handle_signals=False).run  # type: ignore[arg-type]
+        )
+        port = runtime.tcp[0].port
+        replies = [await _exchange(port, "127.2.0.9", b"hello\n") for _ in range(4)]
+        bans = runtime.bans.active()
+        await trio.sleep(0.15)  # the filter task applies the ban on its next turn
+        dropped = await _exchange(port, "127.2.0.9", b"hello\n")
+        runtime.shutdown()
+    assert replies[0] is not None and replies[0].startswith(b"ERROR malformed ")
+    assert all(r is not None and r.startswith(b"BUSY rate_limited ") for r in replies[1:])
+    wait = int(replies[1].split(b"retry_after=")[1].split()[0])  # type: ignore[union-attr]
+    assert wait > 3000  # what it was told, and ignored
+    if ignored_after:
+        [ban] = bans
+        assert (str(ban.key), ban.refusals, ban.until - ban.since) == ("127.2.0.9", 3, 1.5)
+        assert dropped is None  # its SYN dropped: the connect timed out
+    else:
+        assert bans == [] and dropped is not None and dropped.startswith(b"BUSY rate_limited ")
+
+
+def test_a_wave_of_bans_is_logged_as_ten_lines_and_one_sum(tmp_path: Path) -> None:
+    cfg = config_mod.from_dict({"server": {"db": str(tmp_path / "b.db")}})
+    registry = Registry(cfg, handle_signals=False)
+    long_wait = Outcome(code=Code.RATE_LIMITED, retry_after=50, explanation="wait")
+    with structlog.testing.capture_logs() as logs:
+        for n in range(15):
+            key = v4(f"127.2.0.{n + 1}")
+            registry._consider_ban(Refused(RATE_LIMITED, long_wait, key), 3, 0.0)
+        registry._log_refusals()
+        registry._consider_ban(Refused(RATE_LIMITED, long_wait, v4("127.2.1.1")), 3, 1.0)
+        registry._log_refusals()  # a new interval: its first ban has its own line again
+    events = [e["event"] for e in logs]
+    assert events == ["source_banned"] * 10 + ["bans_made", "source_banned"], events
+    made = logs[10]
+    assert (made["unlogged"], made["total"], made["banned"]) == (5, 15, 15)
+    assert logs[0]["seconds"] == 50 and len(registry.bans) == 16

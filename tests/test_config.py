@@ -309,6 +309,7 @@ def test_every_bad_item_of_a_list_is_reported() -> None:
         ('[limits]\nrefusal_delay = "-1s"\n', r"limits\.refusal_delay: "),
         # bans: never negative, a ban between 0 and a day, a list of 1-100000
         ("[limits]\nban_after = -1\n", r"limits\.ban_after: "),
+        ("[limits]\nban_after_ignored = -1\n", r"limits\.ban_after_ignored: "),
         ('[limits]\nban_duration = "0s"\n', r"limits\.ban_duration: "),
         ('[limits]\nban_duration = "2d"\n', r"limits\.ban_duration: "),
         ('[limits]\nban_after = "ten"\n', r"limits\.ban_after: "),
@@ -332,7 +333,9 @@ def test_durations_out_of_range_are_refused(text: str, key: str) -> None:
 def test_bans_can_be_turned_off_and_default_on() -> None:
     assert config_mod.loads("[limits]\nban_after = 0\n").limits.ban_after == 0
     default = config_mod.loads("").limits
-    assert (default.ban_after, default.ban_duration, default.max_bans) == (20, 60.0, 1000)
+    assert (default.ban_after, default.ban_duration, default.max_bans) == (20, 60.0, 10000)
+    assert default.ban_after_ignored == 3
+    assert config_mod.loads("[limits]\nban_after_ignored = 0\n").limits.ban_after_ignored == 0
 
 
 def test_defer_accept_defaults_on_and_can_be_turned_off() -> None:

@@ -1,18 +1,24 @@
 """The edge of the ban list: keep the listeners' kernel filter in step with it.
 
-``registry/bans.py`` decides who is banned and compiles the classic BPF
-program; this module attaches it to the registration listeners
-(``SO_ATTACH_FILTER``, Linux, no privilege needed) whenever the list changes,
-lifts bans when they expire, and detaches the filter when none is left (no
-cost per packet then). One task; changes are coalesced so a burst of bans
-re-attaches the filter at most every ``REFRESH_S``.
+``registry/bans.py`` decides who is banned; this module puts the bans in the
+kernel, lifts them when they expire, and reports what did not fit. One task;
+changes are coalesced so a burst of bans is applied at most every
+``REFRESH_S``. Two ways, chosen when the listeners exist (``bind``):
 
-Budget: every socket ``accept()`` returns inherits the listener's filter and
-is charged its size against ``net.core.optmem_max``; if the charge fails the
-kernel drops the new connection. So the program is kept to ``optmem_max / 32``
-bytes' worth of instructions (4,096 with today's 128 KB default, 640 with the
-old 20 KB one), whatever ``limits.max_bans`` says; bans beyond it stay in the
-list (and in ``/api/bans``) without a kernel rule, and are logged.
+- **eBPF** (``registry/net/ebpf.py``), where the kernel lets us load a program
+  (root or ``CAP_BPF``): one constant program on the listeners, the bans in
+  a kernel map, one ``bpf()`` call per ban or lift, up to ``limits.max_bans``
+  sources. A wave of changes is applied ``EBPF_STEP`` at a time between
+  checkpoints (short steps, docs/architecture.md).
+- **classic** (``SO_ATTACH_FILTER``, no privilege needed): the whole list
+  compiled into one program and re-attached on every change, detached when
+  no ban is left. Budget: every socket ``accept()`` returns inherits the
+  listener's filter and is charged its size against ``net.core.optmem_max``;
+  if the charge fails the kernel drops the new connection. So the program is
+  kept to ``optmem_max / 32`` bytes' worth of instructions (4,096 with
+  today's 128 KB default, 640 with the old 20 KB one): about 2,000 IPv4
+  bans. Bans beyond it stay in the list (and in ``/api/bans``) without a
+  kernel rule, and are logged.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import errno
 import socket
 import struct
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -30,6 +36,8 @@ import structlog
 import trio
 
 from registry.bans import BPF_MAXINSNS, Ban, BanList, drop_program, pack
+from registry.net.ebpf import EbpfBans
+from registry.ratelimit import SourceKey
 
 log = structlog.get_logger(component="bans")
 
@@ -38,6 +46,8 @@ SO_DETACH_FILTER = getattr(socket, "SO_DETACH_FILTER", 27)
 REFRESH_S = 0.1  # the filter is rebuilt at most this often
 OPTMEM_MAX = Path("/proc/sys/net/core/optmem_max")
 LOGGED_SOURCES = 10  # sources named in one bans_lifted line
+EBPF_STEP = 64  # map changes between two checkpoints (~15 us each)
+CLASSIC, EBPF = "classic", "ebpf"
 
 
 class _Sock(Protocol):
@@ -76,24 +86,57 @@ class BanFilter:
         self.bans = bans
         self.budget = insn_budget() if budget is None else budget
         self.available = sys.platform == "linux"  # False after the kernel refused a filter
-        self.filtered = 0  # bans in the attached program
-        self._truncated = False  # some bans did not fit the program last time
+        self.kind = CLASSIC  # EBPF once bind() has attached the eBPF program
+        self.filtered = 0  # bans the kernel drops
+        self._truncated = False  # some bans did not fit the filter last time
         self._applied = 0  # the BanList version the sockets carry (0: no filter, no bans)
+        self._ebpf: EbpfBans | None = None
+        self._in_map: set[SourceKey] = set()  # the eBPF map's keys
         self._wait = trio.CancelScope()
+
+    def bind(self, socks: Sequence[_Sock], *, ebpf: bool = True) -> str:
+        """The listeners, before any ban: the eBPF program goes on them when the
+        kernel lets us (``ebpf``), else the classic filter will. Returns the kind."""
+        self.socks = list(socks)
+        if not (ebpf and self.available and self.socks):
+            return self.kind
+        try:
+            program = EbpfBans.create()
+        except OSError as e:
+            log.info("ban_filter", kind=CLASSIC, ebpf_refused=e.strerror or str(e))
+            return self.kind
+        try:
+            for sock in self.socks:
+                program.attach(sock)
+        except OSError as e:
+            for sock in self.socks:
+                detach(sock)
+            program.close()
+            log.info("ban_filter", kind=CLASSIC, ebpf_refused=e.strerror or str(e))
+            return self.kind
+        self._ebpf, self.kind = program, EBPF
+        return self.kind
 
     def poke(self) -> None:
         """The list changed: apply it soon (called synchronously by the door)."""
         self._wait.cancel()
 
     async def run(self) -> None:
-        while True:
-            self.lift(trio.current_time())
-            if self.bans.version != self._applied:
-                self.apply()
-                await trio.sleep(REFRESH_S)  # coalesce: a wave of bans is one re-attach
-                continue
-            with trio.CancelScope(deadline=self.bans.next_expiry()) as self._wait:
-                await trio.sleep_forever()
+        try:
+            while True:
+                self.lift(trio.current_time())
+                if self.bans.version != self._applied:
+                    if self._ebpf is not None:
+                        await self._apply_ebpf()
+                    else:
+                        self.apply()
+                    await trio.sleep(REFRESH_S)  # coalesce: a wave of bans is one pass
+                    continue
+                with trio.CancelScope(deadline=self.bans.next_expiry()) as self._wait:
+                    await trio.sleep_forever()
+        finally:
+            if self._ebpf is not None:  # the listeners keep the program until they close
+                self._ebpf.close()
 
     def lift(self, now: float) -> list[Ban]:
         lifted = self.bans.expire(now)
@@ -112,7 +155,11 @@ class BanFilter:
             )
 
     def apply(self) -> None:
-        """Attach the program for the current bans (detach when there are none)."""
+        """Put the current bans in the kernel, at once."""
+        if self._ebpf is not None:
+            for _ in self._ebpf_changes():
+                pass
+            return
         self._applied = self.bans.version
         if not self.available:
             return
@@ -130,8 +177,62 @@ class BanFilter:
             self.filtered = 0
             log.error("ban_filter_failed", error=e.strerror or str(e), bans=len(keys))
             return
-        truncated = held < len(keys)
-        if truncated and not self._truncated:  # once per spell of a full filter
-            log.warning("bans_not_filtered", bans=len(keys), filtered=held, budget=self.budget)
-        self._truncated = truncated
+        self._report_fit(len(keys), held)
         self.filtered = held
+
+    async def _apply_ebpf(self) -> None:
+        for n, _ in enumerate(self._ebpf_changes(), 1):
+            if n % EBPF_STEP == 0:
+                await trio.lowlevel.checkpoint()
+
+    def _ebpf_changes(self) -> Iterator[None]:
+        """Bring the map in step with the list, one change per item yielded. Bans
+        made or lifted meanwhile are picked up by the next pass (the version moved)."""
+        assert self._ebpf is not None
+        self._applied = self.bans.version
+        if not self.available:
+            return
+        wanted = [ban.key for ban in self.bans.active()]  # oldest first: they go in first
+        keep = set(wanted)
+        full = False
+        for key in [k for k in self._in_map if k not in keep]:
+            try:
+                self._ebpf.remove(key)
+            except OSError as e:
+                self._ebpf_failed(e)
+                return
+            self._in_map.discard(key)
+            yield None
+        for key in wanted:
+            if key in self._in_map or full:
+                continue
+            try:
+                self._ebpf.add(key)
+            except OSError as e:
+                if e.errno not in (errno.E2BIG, errno.ENOMEM, errno.ENOSPC):
+                    self._ebpf_failed(e)
+                    return
+                full = True  # the map is full: the rest stay listed only
+                continue
+            self._in_map.add(key)
+            yield None
+        self.filtered = len(self._in_map)
+        self._report_fit(len(wanted), self.filtered)
+
+    def _ebpf_failed(self, e: OSError) -> None:
+        self.available = False  # the bans still stand; only the kernel's help is gone
+        self.filtered = 0
+        for sock in self.socks:  # a map we can no longer change must not drop anyone
+            try:
+                detach(sock)
+            except OSError:
+                pass
+        log.error("ban_filter_failed", error=e.strerror or str(e), bans=len(self.bans))
+
+    def _report_fit(self, bans: int, held: int) -> None:
+        truncated = held < bans
+        if truncated and not self._truncated:  # once per spell of a full filter
+            log.warning(
+                "bans_not_filtered", bans=bans, filtered=held, budget=self.budget, kind=self.kind
+            )
+        self._truncated = truncated
