@@ -541,6 +541,7 @@ async def test_a_source_refused_in_a_loop_is_banned_in_the_kernel_then_let_back(
         status, body = await trio.to_thread.run_sync(http_get, admin, "/api/bans")
         _, metrics = await trio.to_thread.run_sync(http_get, admin, "/metrics")
         assert runtime.tally.totals["rate_limited"] == 3  # the dropped SYN never arrived
+        kind = runtime.ban_filter.kind if runtime.ban_filter is not None else None
         await trio.sleep(max(0.0, banned_at + 1.7 - trio.current_time()))
         lifted = len(runtime.bans)
         back = await _exchange(port, "127.2.0.9", b"hello\n")
@@ -556,6 +557,7 @@ async def test_a_source_refused_in_a_loop_is_banned_in_the_kernel_then_let_back(
     assert status == 200
     doc = json.loads(body)
     assert doc["banned"] == 1 and doc["kernel_filtered"] == 1 and doc["total"] == 1
+    assert doc["kernel_filter"] == kind and kind in ("ebpf", "classic")
     [ban] = doc["bans"]
     assert ban["source"] == "127.2.0.9" and ban["refusals"] == 3
     assert 0 < ban["seconds_left"] <= 1.5

@@ -132,3 +132,37 @@ async def test_without_the_option_the_registry_warns_and_serves(
     assert [(e["address"], e["asked"]) for e in warned] == [("127.0.0.1:0", 30.0)]
     assert [e["defer_accept_s"] for e in logs if e["event"] == "listening"] == [None]
     assert silent.startswith(b"ERROR read_timeout "), silent
+
+
+async def test_a_reload_cannot_change_the_option_and_says_restart(tmp_path: Path) -> None:
+    # TCP_DEFER_ACCEPT is set on the listeners at start: a SIGHUP that changes it
+    # is reported (reload_needs_restart), the listener keeps the kernel's old
+    # value, and runtime.config goes on showing what is really in force. The
+    # rest of the file applies (here, a ban rule).
+    path = tmp_path / "registry.toml"
+    server = f'listen = ["127.0.0.1:0"]\nadmin = "off"\ndb = "{tmp_path / "r.db"}"'
+    text = f'[server]\n{server}\ndefer_accept = "3s"\n[limits]\nban_after_ignored = 3\n'
+    path.write_text(text)
+    cfg = config_mod.load(str(path))
+    registry = Registry(cfg, config_path=str(path), handle_signals=False)
+    with structlog.testing.capture_logs() as logs:
+        async with trio.open_nursery() as nursery:
+            runtime = await nursery.start(registry.run)
+            sock = runtime_listener(registry)
+            before = sock.getsockopt(socket.IPPROTO_TCP, TCP_DEFER_ACCEPT)
+            path.write_text(text.replace('"3s"', '"7s"').replace("= 3\n", "= 5\n"))
+            runtime.reload()
+            after = sock.getsockopt(socket.IPPROTO_TCP, TCP_DEFER_ACCEPT)
+            in_force = runtime.config.server.defer_accept
+            ignored_after = runtime.bans.ignored_after
+            runtime.shutdown()
+    [warning] = [e for e in logs if e["event"] == "reload_needs_restart"]
+    assert warning["keys"] == ["server.defer_accept"]
+    assert before == after == 3  # the kernel's own figure for "3s", unchanged
+    assert in_force == 3.0 and ignored_after == 5
+
+
+def runtime_listener(registry: Registry) -> socket.socket:
+    """The registration listener's socket (the ban filter was bound to it)."""
+    [sock] = registry.ban_filter.socks
+    return sock  # type: ignore[return-value]

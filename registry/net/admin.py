@@ -532,6 +532,8 @@ class AdminServer:
             {
                 "banned": len(bans),
                 "kernel_filtered": ban_filter.filtered if ban_filter is not None else 0,
+                # "ebpf" (a kernel map, up to max_bans) or "classic" (~2,000 bans)
+                "kernel_filter": ban_filter.kind if ban_filter is not None else None,
                 "total": bans.total,
                 "skipped_list_full": bans.skipped,
                 "ban_after": bans.after,
