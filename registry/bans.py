@@ -63,10 +63,12 @@ class BanList:
         *,
         ignored_after: int = 0,
         long_wait: float = math.inf,
+        spread: float = 0.0,
     ) -> None:
         self.after, self.duration, self.max_entries = after, duration, max_entries
         self.exempt = tuple(exempt)  # never banned: a campus NAT, the instructor's own hosts
         self.ignored_after, self.long_wait = ignored_after, long_wait
+        self.spread = spread  # a ban lasts up to this fraction longer (spread_share)
         self._bans: dict[Key, Ban] = {}
         self.total = 0  # bans made since start (a Prometheus counter)
         self.skipped = 0  # bans not made because the list was full
@@ -90,6 +92,7 @@ class BanList:
             self.skipped += 1
             return None
         duration = self.duration if repeat >= self.after else min(wait, self.duration)
+        duration *= 1 + self.spread * spread_share(key)
         ban = Ban(key, now, now + duration, repeat)
         self._bans[key] = ban
         self.total += 1
@@ -134,13 +137,14 @@ class BanList:
         *,
         ignored_after: int = 0,
         long_wait: float = math.inf,
+        spread: float = 0.0,
     ) -> list[Ban]:
         """SIGHUP. ``after`` 0 lifts every ban; a newly exempt source is lifted; a
         smaller cap lifts the newest beyond it. Live bans keep their expiry.
         Returns the bans lifted."""
         self.after, self.duration, self.max_entries = after, duration, max_entries
         self.exempt = tuple(exempt)
-        self.ignored_after, self.long_wait = ignored_after, long_wait
+        self.ignored_after, self.long_wait, self.spread = ignored_after, long_wait, spread
         bans = self.active()
         keep = [ban for ban in bans if not self.is_exempt(ban.key)][
             : max_entries if after > 0 else 0
@@ -151,6 +155,21 @@ class BanList:
             self._bans = {ban.key: ban for ban in keep}
             self.version += 1
         return lifted
+
+
+def spread_share(key: Key) -> float:
+    """A fixed number in [0, 1) for ``key``, even over neighbouring addresses.
+
+    Why: sources banned in one wave (an attack's onset) would all be let back
+    in one wave, and come back together. Each ban lasts ``1 + spread x share``
+    times its duration instead: fixed per source (a test or an operator can
+    predict it), spread evenly (Fibonacci hashing of the address bits)."""
+    if isinstance(key, ipaddress.IPv4Address):
+        bits = int(key)
+    else:  # the network's own bits (a /64's low half is all zero), folded to 64
+        bits = int(key.network_address) >> (128 - key.prefixlen)
+        bits ^= bits >> 64
+    return ((bits * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF) / 2.0**64
 
 
 # --- the classic BPF program (linux/filter.h) ------------------------------------

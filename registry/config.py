@@ -251,6 +251,9 @@ class LimitsConfig(_Section):
     # (in debt after a fine) that ban it for that wait; 0: this rule off
     ban_after_ignored: int = 3
     ban_duration: Duration = Duration(60.0)  # how long the kernel drops a banned source's SYNs
+    # each ban lasts up to this fraction longer, fixed per source, so that sources
+    # banned together are not let back together (0: exactly ban_duration)
+    ban_spread: float = 0.5
     max_bans: int = 10000  # sources banned at once
     ban_exempt_networks: tuple[CIDR, ...] = ()  # never banned (a class's shared NAT address)
 
@@ -418,6 +421,7 @@ def _semantic_problems(cfg: Config) -> list[str]:
         "expected a duration > 0 and at most 24h",
     )
     need(1 <= cfg.limits.max_bans <= 100_000, "limits.max_bans", "expected 1-100000")
+    need(0 <= cfg.limits.ban_spread <= 1, "limits.ban_spread", "expected 0-1")
     need(
         cfg.limits.refusal_delay <= cfg.limits.max_refusal_delay <= 60,
         "limits.max_refusal_delay",

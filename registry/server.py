@@ -488,6 +488,7 @@ def _ban_settings(cfg: Config) -> dict[str, Any]:
         "exempt": [cidr.network for cidr in lim.ban_exempt_networks],
         "ignored_after": lim.ban_after_ignored,
         "long_wait": lim.max_refusal_delay,  # longer than any hold: the source is in debt
+        "spread": lim.ban_spread,
     }
 
 

@@ -621,6 +621,7 @@ async def test_the_real_registry_bans_a_looping_source_in_the_kernel_and_lets_it
             "ban_after": 5,
             "ban_after_ignored": 0,  # the parallel-loop rule alone (1/hour is a long wait)
             "ban_duration": "2s",
+            "ban_spread": 0,  # exactly 2 s
         },
     )
     with run_registry(tmp_path, config=cfg, admin="127.0.0.1:0") as reg:

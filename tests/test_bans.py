@@ -48,6 +48,7 @@ from registry.bans import (
     drop_program,
     entry_cost,
     pack,
+    spread_share,
 )
 from registry.door import RATE_LIMITED, Refused
 from registry.model import Code, Outcome
@@ -127,6 +128,29 @@ def test_the_ignored_wait_rule_is_off_at_zero_and_with_bans_off() -> None:
     assert exempt.consider(v4("127.2.0.1"), 3, 0.0, 3600.0) is None
     lifted = rule_off.reconfigure(20, 60.0, 10, ignored_after=3, long_wait=5.0)
     assert lifted == [] and rule_off.consider(v4("127.2.0.1"), 3, 0.0, 3600.0) is not None
+
+
+def test_a_ban_lasts_up_to_spread_longer_fixed_per_source() -> None:
+    bans = BanList(after=1, duration=60.0, max_entries=10_000, spread=0.5)
+    keys = [v4(f"127.2.{n // 250}.{n % 250 + 1}") for n in range(1000)]
+    lengths = []
+    for key in keys:
+        ban = bans.consider(key, 1, 100.0)
+        assert ban is not None
+        assert ban.until == 100.0 + 60.0 * (1 + 0.5 * spread_share(key))  # predictable
+        lengths.append(ban.until - ban.since)
+    assert 60.0 <= min(lengths) and max(lengths) < 90.0
+    # a wave of 1,000 bans made together ends over 30 s, not at once: each
+    # 3 s tenth of the spread lifts 70-130 of them
+    tenths = [0] * 10
+    for length in lengths:
+        tenths[int((length - 60.0) / 3.0)] += 1
+    assert all(70 <= n <= 130 for n in tenths), tenths
+    v6_tenths = [0] * 10  # IPv6 sources: their /64s, whose low half is all zero
+    for n in range(1000):
+        v6_tenths[int(spread_share(v6(f"2001:db8:0:{n:x}::/64")) * 10)] += 1
+    assert all(70 <= n <= 130 for n in v6_tenths), v6_tenths
+    assert BanList(1, 60.0, 10).consider(keys[0], 1, 0.0).until == 60.0  # type: ignore[union-attr]
 
 
 def test_bans_expire_at_their_exact_time() -> None:
@@ -522,6 +546,7 @@ async def test_a_source_refused_in_a_loop_is_banned_in_the_kernel_then_let_back(
                 "max_refusal_delay": "50ms",
                 "ban_after": 3,
                 "ban_duration": "1500ms",
+                "ban_spread": 0,  # exactly 1.5 s
             },
         }
     )
@@ -643,7 +668,11 @@ async def test_a_serial_source_ignoring_its_retry_after_is_banned_for_that_wait(
     # refusal bans it for min(3600 s, ban_duration 1.5 s); with the rule off
     # (ban_after_ignored = 0) it is refused, never banned.
     cfg = looping_config(
-        tmp_path, ban_after=20, ban_after_ignored=ignored_after, ban_duration="1500ms"
+        tmp_path,
+        ban_after=20,
+        ban_after_ignored=ignored_after,
+        ban_duration="1500ms",
+        ban_spread=0,
     )
     async with trio.open_nursery() as nursery:
         runtime: Runtime = await nursery.start(
@@ -668,7 +697,9 @@ async def test_a_serial_source_ignoring_its_retry_after_is_banned_for_that_wait(
 
 
 def test_a_wave_of_bans_is_logged_as_ten_lines_and_one_sum(tmp_path: Path) -> None:
-    cfg = config_mod.from_dict({"server": {"db": str(tmp_path / "b.db")}})
+    cfg = config_mod.from_dict(
+        {"server": {"db": str(tmp_path / "b.db")}, "limits": {"ban_spread": 0}}
+    )
     registry = Registry(cfg, handle_signals=False)
     long_wait = Outcome(code=Code.RATE_LIMITED, retry_after=50, explanation="wait")
     with structlog.testing.capture_logs() as logs:

@@ -310,6 +310,8 @@ def test_every_bad_item_of_a_list_is_reported() -> None:
         # bans: never negative, a ban between 0 and a day, a list of 1-100000
         ("[limits]\nban_after = -1\n", r"limits\.ban_after: "),
         ("[limits]\nban_after_ignored = -1\n", r"limits\.ban_after_ignored: "),
+        ("[limits]\nban_spread = 1.5\n", r"limits\.ban_spread: "),
+        ("[limits]\nban_spread = -0.1\n", r"limits\.ban_spread: "),
         ('[limits]\nban_duration = "0s"\n', r"limits\.ban_duration: "),
         ('[limits]\nban_duration = "2d"\n', r"limits\.ban_duration: "),
         ('[limits]\nban_after = "ten"\n', r"limits\.ban_after: "),
@@ -334,7 +336,8 @@ def test_bans_can_be_turned_off_and_default_on() -> None:
     assert config_mod.loads("[limits]\nban_after = 0\n").limits.ban_after == 0
     default = config_mod.loads("").limits
     assert (default.ban_after, default.ban_duration, default.max_bans) == (20, 60.0, 10000)
-    assert default.ban_after_ignored == 3
+    assert default.ban_after_ignored == 3 and default.ban_spread == 0.5
+    assert config_mod.loads("[limits]\nban_spread = 0\n").limits.ban_spread == 0.0
     assert config_mod.loads("[limits]\nban_after_ignored = 0\n").limits.ban_after_ignored == 0
 
 
