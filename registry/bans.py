@@ -22,8 +22,9 @@ to wait (at most ``duration``). Measured (docs/benchmarks.md): 5,000 one-byte
 stalls from 5,000 addresses, each reconnecting serially, were otherwise
 refused ~700 times a second for as long as the attack lasted.
 
-The filter is per socket (``SO_ATTACH_FILTER``): it needs no privilege, touches
-no host firewall, and goes away with the registry.
+The filter is the listeners' own (an eBPF map where the kernel lets us load
+one, else ``SO_ATTACH_FILTER``, which needs no privilege): it touches no host
+firewall and goes away with the registry.
 """
 
 from __future__ import annotations
