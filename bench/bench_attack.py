@@ -56,12 +56,13 @@ Scenarios (attack sources are 127.2.x.y / 127.3.x.y / 127.4.x.y; honest ones 127
   with a long ``retry_after``, and a source that comes back three times anyway
   is banned for that wait (``limits.ban_after_ignored``).
 
-A connect that gets no SYN-ACK (a banned source) is given up after
-``CONNECT_TIMEOUT`` (3 s) and tried again a second later.
 - ``flood``: one source, 64 registrations in flight back to back.
 - ``spray``: a new source address per registration, 400 a second on average
   (Poisson arrivals, seeded); the RSS growth over the spray is reported
   (memory must stay flat).
+
+An attacker's connect that gets no SYN-ACK (a banned source) is given up
+after ``CONNECT_TIMEOUT`` (3 s) and tried again a second later.
 
 Everything is on loopback; each process started here is stopped by its PID;
 every phase has a time bound. Needs Linux (/proc) and a descriptor limit of

@@ -714,3 +714,28 @@ def test_a_wave_of_bans_is_logged_as_ten_lines_and_one_sum(tmp_path: Path) -> No
     made = logs[10]
     assert (made["unlogged"], made["total"], made["banned"]) == (5, 15, 15)
     assert logs[0]["seconds"] == 50 and len(registry.bans) == 16
+
+
+def test_a_filter_refused_on_one_listener_is_taken_off_the_others() -> None:
+    # Attached to the first listener, refused by the second: the first must not keep
+    # a program whose bans would never be lifted again.
+    bans = BanList(after=1, duration=60.0, max_entries=10)
+    bans.consider(v4("127.2.0.1"), 1, 0.0)
+    first = OptionsSock()
+    bf = BanFilter([first, RefusingSock()], bans, budget=BPF_MAXINSNS)
+    bf.available = True
+    with structlog.testing.capture_logs() as logs:
+        bf.apply()
+    assert [e["event"] for e in logs] == ["ban_filter_failed"]
+    assert first.options == [26, 27]  # attached, then detached
+    assert not bf.available and bf.filtered == 0
+
+
+class OptionsSock:
+    """Records the socket options set on it."""
+
+    def __init__(self) -> None:
+        self.options: list[int] = []
+
+    def setsockopt(self, level: int, optname: int, value: bytes | int, /) -> None:
+        self.options.append(optname)

@@ -86,13 +86,17 @@ class BanFilter:
         self.bans = bans
         self.budget = insn_budget() if budget is None else budget
         self.available = sys.platform == "linux"  # False after the kernel refused a filter
-        self.kind = CLASSIC  # EBPF once bind() has attached the eBPF program
         self.filtered = 0  # bans the kernel drops
         self._truncated = False  # some bans did not fit the filter last time
         self._applied = 0  # the BanList version the sockets carry (0: no filter, no bans)
         self._ebpf: EbpfBans | None = None
         self._in_map: set[SourceKey] = set()  # the eBPF map's keys
         self._wait = trio.CancelScope()
+
+    @property
+    def kind(self) -> str:
+        """EBPF once bind() has attached the eBPF program, else CLASSIC."""
+        return EBPF if self._ebpf is not None else CLASSIC
 
     def bind(self, socks: Sequence[_Sock], *, ebpf: bool = True) -> str:
         """The listeners, before any ban: the eBPF program goes on them when the
@@ -114,7 +118,7 @@ class BanFilter:
             program.close()
             log.info("ban_filter", kind=CLASSIC, ebpf_refused=e.strerror or str(e))
             return self.kind
-        self._ebpf, self.kind = program, EBPF
+        self._ebpf = program
         return self.kind
 
     def poke(self) -> None:
@@ -173,9 +177,7 @@ class BanFilter:
                 else:
                     detach(sock)
         except OSError as e:
-            self.available = False  # the bans still stand; only the kernel's help is gone
-            self.filtered = 0
-            log.error("ban_filter_failed", error=e.strerror or str(e), bans=len(keys))
+            self._failed(e)
             return
         self._report_fit(len(keys), held)
         self.filtered = held
@@ -199,7 +201,7 @@ class BanFilter:
             try:
                 self._ebpf.remove(key)
             except OSError as e:
-                self._ebpf_failed(e)
+                self._failed(e)
                 return
             self._in_map.discard(key)
             yield None
@@ -210,7 +212,7 @@ class BanFilter:
                 self._ebpf.add(key)
             except OSError as e:
                 if e.errno not in (errno.E2BIG, errno.ENOMEM, errno.ENOSPC):
-                    self._ebpf_failed(e)
+                    self._failed(e)
                     return
                 full = True  # the map is full: the rest stay listed only
                 continue
@@ -219,10 +221,14 @@ class BanFilter:
         self.filtered = len(self._in_map)
         self._report_fit(len(wanted), self.filtered)
 
-    def _ebpf_failed(self, e: OSError) -> None:
-        self.available = False  # the bans still stand; only the kernel's help is gone
+    def _failed(self, e: OSError) -> None:
+        """The kernel refused a change (either filter): stop using it. The bans still
+        stand; only the kernel's help is gone."""
+        self.available = False
         self.filtered = 0
-        for sock in self.socks:  # a map we can no longer change must not drop anyone
+        # A filter we can no longer change must not drop anyone: the classic one may
+        # have been attached to the first listener with bans that will never lift.
+        for sock in self.socks:
             try:
                 detach(sock)
             except OSError:

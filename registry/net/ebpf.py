@@ -29,12 +29,12 @@ import os
 import platform
 import socket
 import struct
+import sys
 from typing import Protocol
 
 from registry.ratelimit import SourceKey as Key
 
 SO_ATTACH_BPF = getattr(socket, "SO_ATTACH_BPF", 50)  # the Linux value
-SO_DETACH_BPF = getattr(socket, "SO_DETACH_BPF", 27)  # same as SO_DETACH_FILTER
 MAX_ENTRIES = 100_000  # the most limits.max_bans allows; LPM tries allocate per entry
 
 _SYS_BPF = {"x86_64": 321, "aarch64": 280, "armv7l": 386, "riscv64": 280, "ppc64le": 361}
@@ -137,7 +137,7 @@ def lpm_key(key: Key) -> bytes:
 
 def _syscall_number() -> int:
     number = _SYS_BPF.get(platform.machine())
-    if number is None or not hasattr(os, "sched_getaffinity"):  # not Linux, or unknown
+    if number is None or sys.platform != "linux":
         raise OSError(errno.ENOSYS, f"no bpf() on {platform.system()} {platform.machine()}")
     return number
 
