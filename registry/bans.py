@@ -187,6 +187,30 @@ DROP = 0
 
 LD_W_ABS, LD_B_ABS, LD_MEM, ST = 0x20, 0x30, 0x60, 0x02
 AND_K, JEQ_K, JA, RET_K = 0x54, 0x15, 0x05, 0x06
+LD_W_LEN, TAX, RSH_K, LSH_K, JEQ_X = 0x80, 0x07, 0x74, 0x64, 0x1D
+
+# The TCP flags a handshake segment may carry that matter here: FIN, SYN, RST, ACK.
+TCP_FLAGS_MASK, TCP_ACK = 0x17, 0x10
+
+# Drop a bare ACK: only the ACK flag and no payload. Positive offsets are from
+# the TCP header (where the packet's data starts when a TCP socket's filter runs)
+# and ``len`` is the TCP header and payload. On a listener a bare ACK is the
+# client's last handshake step: dropped, the kernel never makes the connection,
+# and the client's first bytes (or its FIN) make it instead, in one step. A
+# client that sends nothing stays a half-open entry in the kernel until the
+# kernel's SYN-ACK retries run out (about a minute), and costs us nothing.
+SILENT_DROP: list[tuple[int, int, int, int]] = [
+    (LD_B_ABS, 0, 0, 13),  # the flags
+    (AND_K, 0, 0, TCP_FLAGS_MASK),
+    (JEQ_K, 0, 7, TCP_ACK),  # anything but a lone ACK: on to the bans
+    (LD_B_ABS, 0, 0, 12),  # the data offset, in 32-bit words, in the high nibble
+    (RSH_K, 0, 0, 4),
+    (LSH_K, 0, 0, 2),
+    (TAX, 0, 0, 0),  # X = the TCP header's length
+    (LD_W_LEN, 0, 0, 0),  # A = header and payload
+    (JEQ_X, 0, 1, 0),  # no payload: drop; else on to the bans
+    (RET_K, 0, 0, 0),
+]
 
 Insn = tuple[int, int, int, int]  # code, jt, jf, k
 
@@ -202,8 +226,11 @@ def entry_cost(key: Key) -> int:
     return len(_v6_entry(key))
 
 
-def drop_program(keys: list[Key], max_insns: int = BPF_MAXINSNS) -> tuple[list[Insn], int]:
-    """A filter that drops packets from ``keys``: (program, how many keys it holds).
+def drop_program(
+    keys: list[Key], max_insns: int = BPF_MAXINSNS, *, drop_silent: bool = False
+) -> tuple[list[Insn], int]:
+    """A filter that drops packets from ``keys``: (program, how many keys it holds),
+    and, with ``drop_silent``, every bare ACK (``SILENT_DROP``) first.
 
     Keys are taken in order until the program would exceed ``max_insns``; the
     rest are left out (the caller reports them). Conditional jumps in classic
@@ -212,7 +239,8 @@ def drop_program(keys: list[Key], max_insns: int = BPF_MAXINSNS) -> tuple[list[I
     """
     v4 = [k for k in keys if isinstance(k, ipaddress.IPv4Address)]
     v6 = [k for k in keys if isinstance(k, ipaddress.IPv6Network)]
-    head = 7  # the version dispatch below
+    prefix = SILENT_DROP if drop_silent else []
+    head = len(prefix) + 7  # the version dispatch below
     tails = 1 + 1 + 9  # v4: ld + ret; v6: 4 x (ld, st) + ret
     budget = max_insns - head - tails
     taken: list[Key] = []
@@ -239,7 +267,7 @@ def drop_program(keys: list[Key], max_insns: int = BPF_MAXINSNS) -> tuple[list[I
         v6_body += _v6_entry(key)
     v6_body.append((RET_K, 0, 0, ACCEPT))
 
-    program: list[Insn] = [
+    program: list[Insn] = prefix + [
         (LD_B_ABS, 0, 0, _net(0)),  # version and IHL / traffic class
         (AND_K, 0, 0, 0xF0),
         (JEQ_K, 0, 1, 0x40),

@@ -255,6 +255,11 @@ class LimitsConfig(_Section):
     # banned together are not let back together (0: exactly ban_duration)
     ban_spread: float = 0.5
     max_bans: int = 10000  # sources banned at once
+    # connections that send nothing before their read deadline, within 10 s, that
+    # make the kernel drop every bare handshake ACK for silent_drop_duration: a
+    # connection is then made only by its first bytes (0: never)
+    silent_drop_after: int = 50
+    silent_drop_duration: Duration = Duration(60.0)
     ban_exempt_networks: tuple[CIDR, ...] = ()  # never banned (a class's shared NAT address)
 
 
@@ -422,6 +427,12 @@ def _semantic_problems(cfg: Config) -> list[str]:
     )
     need(1 <= cfg.limits.max_bans <= 100_000, "limits.max_bans", "expected 1-100000")
     need(0 <= cfg.limits.ban_spread <= 1, "limits.ban_spread", "expected 0-1")
+    need(cfg.limits.silent_drop_after >= 0, "limits.silent_drop_after", "expected >= 0 (0: never)")
+    need(
+        0 < cfg.limits.silent_drop_duration <= 86400,
+        "limits.silent_drop_duration",
+        "expected a duration > 0 and at most 24h",
+    )
     need(
         cfg.limits.refusal_delay <= cfg.limits.max_refusal_delay <= 60,
         "limits.max_refusal_delay",
@@ -544,5 +555,9 @@ def summary(cfg: Config) -> str:
         )
         if lim.ban_after
         else "  bans        off",
+        f"  silent      after {lim.silent_drop_after} in 10s, the kernel keeps them"
+        f" for {lim.silent_drop_duration:g}s"
+        if lim.silent_drop_after
+        else "  silent      never dropped",
     ]
     return "\n".join(lines)

@@ -5,6 +5,11 @@ moment ``accept()`` returns, before it starts a task or reads a byte:
 
 - a source over its connection cap (``limits.max_connections_per_source``)
   is refused ``BUSY overloaded``;
+- a connection the kernel kept back for its whole ``TCP_DEFER_ACCEPT`` wait
+  without receiving a byte (``Door.silent``, when that wait is at least the
+  read deadline) is refused ``ERROR read_timeout`` at once: its deadline has
+  passed already, and so the kernel's hand-over of a crowd of silent stalls
+  costs a refusal each, not a slot, a row and a log line each;
 - otherwise the connection takes the source's rate-limit token *here*
   (``ratelimit.per_source`` counts connections from a source, so a source
   that sends junk, or nothing at all, pays for it like an honest one), and a
@@ -33,7 +38,10 @@ from registry.ratelimit import Busy, RateLimiter, SourceKey, source_key
 RATE_LIMITED = "rate_limited"  # the source's per_source bucket is empty
 PER_SOURCE = "per_source"  # the source holds max_connections_per_source connections
 TOTAL = "total"  # max_connections are open (normally enforced before accept())
-REASONS = (RATE_LIMITED, PER_SOURCE, TOTAL)
+# the kernel held it for its whole TCP_DEFER_ACCEPT wait, longer than the read
+# deadline, and not one byte came: it is already a read timeout
+SILENT = "silent"
+REASONS = (RATE_LIMITED, PER_SOURCE, TOTAL, SILENT)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +99,20 @@ class Door:
                 key,
             )
         return Admitted(key)
+
+    def silent(self, source: IPAddress, waited: float) -> Refused:
+        """A connection that sent nothing while the kernel held it ``waited`` seconds
+        (at least the read deadline): refused ``ERROR read_timeout`` without a slot,
+        a token or a row, like any refusal at the door."""
+        return Refused(
+            SILENT,
+            Outcome(
+                code=Code.READ_TIMEOUT,
+                explanation=f"no request arrived within {waited:g} s of connecting; "
+                "send HOST:PORT, e.g. 192.168.1.105:15000",
+            ),
+            source_key(source, self.limiter.config.ipv6_prefix),
+        )
 
     def leave(self, key: Hashable) -> None:
         self.caps.release(key)

@@ -59,6 +59,7 @@ class Probes:
     door_refusals: Callable[[], dict[str, int]] = dict
     bans_active: Callable[[], int] = lambda: 0
     bans_total: Callable[[], int] = lambda: 0
+    silent_drop: Callable[[], bool] = lambda: False
     event_clients: Callable[[], int] = lambda: 0
     draining: Callable[[], bool] = lambda: False
     policy_mode: Callable[[], str] = lambda: ""
@@ -91,6 +92,11 @@ class _StateCollector(Collector):
                 p.limiter_entries,
             ),
             ("registry_banned_sources", "Sources banned now (SYNs dropped)", p.bans_active),
+            (
+                "registry_silent_drop",
+                "1 while the kernel drops silent handshakes (limits.silent_drop_after)",
+                p.silent_drop,
+            ),
             ("registry_event_clients", "Admin /api/events streams open now", p.event_clients),
             ("registry_draining", "1 while the registry drains for shutdown", p.draining),
         )

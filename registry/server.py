@@ -28,13 +28,13 @@ from registry import log as log_mod
 from registry.bans import BanList
 from registry.config import Config
 from registry.conncaps import ConnectionCaps
-from registry.door import RATE_LIMITED, TOTAL, Door, RefusalTally, Refused
+from registry.door import RATE_LIMITED, SILENT, TOTAL, Admitted, Door, RefusalTally, Refused
 from registry.errors import ConfigError, ProtocolError
-from registry.model import Endpoint, Protocol, Request
-from registry.net.accept import accept_loop, defer_accept
+from registry.model import Code, Endpoint, Protocol, Request
+from registry.net.accept import accept_loop, defer_accept, held_silent
 from registry.net.admin import AdminServer
 from registry.net.admin import open_listeners as open_admin_listeners
-from registry.net.banfilter import BanFilter
+from registry.net.banfilter import BanFilter, detach_inherited
 from registry.net.connector import TcpConnector
 from registry.net.doorway import Doorway, send_and_close
 from registry.net.resolver import TrioResolver
@@ -44,6 +44,7 @@ from registry.net.waiting import Waiting, WaitingRoom
 from registry.protocol.cookies import CookieJar
 from registry.sdnotify import Notifier
 from registry.service import Connector, Service
+from registry.silence import SilentGuard
 from registry.store import AsyncStore
 
 log = structlog.get_logger(component="server")
@@ -114,7 +115,9 @@ class Registry:
         self.tally = RefusalTally()
         self.bans = BanList(**_ban_settings(cfg))
         self._bans_in_interval = 0  # bans made since the last door_refusals line
-        self.ban_filter = BanFilter([], self.bans)  # its sockets are set when they exist
+        self.silent = SilentGuard(cfg.limits.silent_drop_after, cfg.limits.silent_drop_duration)
+        # its sockets are set when they exist
+        self.ban_filter = BanFilter([], self.bans, silent=self.silent)
         self.room: WaitingRoom | None = None
         self.defer_accept_s: int | None = None  # set when the listeners are opened
         self.doorway = Doorway(
@@ -312,21 +315,35 @@ class Registry:
             conn.close()
             self.admission.release_on_behalf_of(token)
             return
+        detach_inherited(conn)  # the listener's filter is for handshakes only
         now = trio.current_time()
-        decision = self.door.arrive(peer.host, now)
+        held = self.defer_accept_s if self.defer_accept_s and held_silent(conn) else 0
+        if held and held >= self.cfg.protocol.read_deadline:
+            decision: Admitted | Refused = self.door.silent(peer.host, held)
+            self._note_silent(now, 1)
+        else:
+            decision = self.door.arrive(peer.host, now)
         if isinstance(decision, Refused):
             self.admission.release_on_behalf_of(token)
             repeat = self.tally.add(str(decision.key), decision.reason)
-            delay = self.doorway.delay_for(repeat)  # a source refused again waits longer
+            # A source refused again waits longer; a silent one has waited out the kernel
+            # already, and its next connection waits there again: answered at once.
+            delay = 0.0 if decision.reason == SILENT else self.doorway.delay_for(repeat)
             self.doorway.refuse(conn, decision.outcome, now, delay)
             if decision.reason != TOTAL:  # a full registry is nobody's fault
                 self._consider_ban(decision, repeat, now)
             return
-        waiting = Waiting(conn, peer, decision.key, token, now)
+        # The kernel's wait counts in the read deadline: it is the time since connect.
+        waiting = Waiting(conn, peer, decision.key, token, now - held)
         if self.room is not None:
             self.room.add(waiting)  # its task starts once its request is complete
         else:
             self._start(handlers, handler, waiting, None)
+
+    def _note_silent(self, now: float, n: int) -> None:
+        """``n`` connections sent nothing before their read deadline (registry/silence.py)."""
+        if self.silent.note(now, n):
+            self.ban_filter.poke()  # the filter starts dropping bare ACKs
 
     def _consider_ban(self, decision: Refused, repeat: int, now: float) -> None:
         wait = decision.outcome.retry_after if decision.reason == RATE_LIMITED else 0
@@ -379,6 +396,8 @@ class Registry:
 
     async def _reject(self, service: Service, batch: list[tuple[Waiting, ProtocolError]]) -> None:
         """Requests the waiting room refused: recorded together, then answered."""
+        silent = sum(1 for w, e in batch if e.code is Code.READ_TIMEOUT and w.receiver is None)
+        self._note_silent(trio.current_time(), silent)
         replies = await reject_unread(
             service,
             [(error, w.peer, w.protocol, w.received_at, w.conn_id) for w, error in batch],
@@ -471,6 +490,10 @@ class Registry:
         self.doorway.reconfigure(
             new.limits.refusal_delay, new.limits.max_refusal_delay, new.limits.max_refusals_held
         )
+        self.silent.reconfigure(
+            new.limits.silent_drop_after, new.limits.silent_drop_duration, trio.current_time()
+        )
+        self.ban_filter.poke()
         lifted = self.bans.reconfigure(**_ban_settings(new))
         if lifted:
             self.ban_filter.report_lifted(lifted, reason="reload")

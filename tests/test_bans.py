@@ -37,12 +37,17 @@ from registry.bans import (
     DROP,
     JA,
     JEQ_K,
+    JEQ_X,
     LD_B_ABS,
     LD_MEM,
     LD_W_ABS,
+    LD_W_LEN,
+    LSH_K,
     RET_K,
+    RSH_K,
     SKF_NET_OFF,
     ST,
+    TAX,
     BanList,
     Insn,
     drop_program,
@@ -203,19 +208,34 @@ def test_exempt_networks_are_never_banned_and_a_reload_lifts_newly_exempt() -> N
 # --- the program, run by a classic-BPF interpreter ------------------------------------
 
 
-def run_bpf(program: list[Insn], net_header: bytes) -> int:
-    """Execute ``program`` on a packet whose network header is ``net_header``."""
-    a, mem, pc = 0, [0] * 16, 0
+def run_bpf(program: list[Insn], net_header: bytes, transport: bytes = b"") -> int:
+    """Execute ``program`` on a packet whose network header is ``net_header``,
+    followed by ``transport`` (the TCP header and payload: where the packet's
+    data starts for a TCP socket's filter, and its ``len``)."""
+    a, x, mem, pc = 0, 0, [0] * 16, 0
     for _ in range(len(program) + 1):  # no loops in classic BPF: each insn at most once
         code, jt, jf, k = program[pc]
         pc += 1
         if code in (LD_W_ABS, LD_B_ABS):
-            offset = k - (SKF_NET_OFF & 0xFFFFFFFF)
-            assert 0 <= offset < 0x100000, f"only network-header loads expected, got k={k:#x}"
             size = 4 if code == LD_W_ABS else 1
-            if offset + size > len(net_header):
+            if k < 0x100000:  # from the start of the data: the TCP header
+                data, offset = transport, k
+            else:
+                data, offset = net_header, k - (SKF_NET_OFF & 0xFFFFFFFF)
+                assert 0 <= offset < 0x100000, f"unexpected load offset k={k:#x}"
+            if offset + size > len(data):
                 return 0  # the kernel drops a packet a load runs past
-            a = int.from_bytes(net_header[offset : offset + size], "big")
+            a = int.from_bytes(data[offset : offset + size], "big")
+        elif code == LD_W_LEN:
+            a = len(transport)
+        elif code == TAX:
+            x = a
+        elif code == RSH_K:
+            a >>= k
+        elif code == LSH_K:
+            a = (a << k) & 0xFFFFFFFF
+        elif code == JEQ_X:
+            pc += jt if a == x else jf
         elif code == LD_MEM:
             a = mem[k]
         elif code == ST:

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import fcntl
 import socket
+import sqlite3
 import struct
 import termios
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,8 @@ import trio
 
 from registry import config as config_mod
 from registry import server as server_mod
-from registry.net.accept import TCP_DEFER_ACCEPT, defer_accept
+from registry.door import SILENT
+from registry.net.accept import TCP_DEFER_ACCEPT, defer_accept, held_silent
 from registry.server import Registry
 
 pytestmark = pytest.mark.skipif(TCP_DEFER_ACCEPT is None, reason="no TCP_DEFER_ACCEPT here")
@@ -81,6 +83,39 @@ def test_a_silent_connection_waits_in_the_kernel_and_one_that_sends_does_not() -
                 assert conn.getpeername() == silent.getsockname()
                 assert queued_bytes(conn) == 0
             assert 2.5 < took < 6, f"the silent connection was accepted after {took:.1f} s"
+
+
+def test_held_silent_tells_a_connection_the_kernel_held_out_from_the_others() -> None:
+    # Only a connection that sent nothing through the kernel's whole wait is "held
+    # silent": one that sent, one that closed, and one on a listener without the
+    # option (as a SYN-cookie connection, never deferred) are not.
+    with listener() as deferring, listener() as plain:
+        assert defer_accept(deferring, 1) == 1
+        deferring.settimeout(10)
+        plain.settimeout(10)
+        port = deferring.getsockname()[1]
+        with (
+            socket.create_connection(("127.0.0.1", port)) as silent,
+            socket.create_connection(("127.0.0.1", port)) as talker,
+            socket.create_connection(("127.0.0.1", port)) as closer,
+            socket.create_connection(plain.getsockname()),  # silent, no option
+        ):
+            talker.sendall(b"127.0.0.1:15000\n")
+            closer.shutdown(socket.SHUT_WR)
+            seen = {}
+            for _ in range(3):  # the two that did something first, the silent one ~1 s later
+                conn, addr = deferring.accept()
+                seen[addr] = held_silent(conn)
+                conn.close()
+            assert seen == {
+                talker.getsockname(): False,
+                closer.getsockname(): False,
+                silent.getsockname(): True,
+            }
+            time.sleep(1.2)  # as long as the deferred wait: still not held by the kernel
+            conn, _ = plain.accept()
+            with conn:
+                assert held_silent(conn) is False
 
 
 class _Refusing:
@@ -166,3 +201,69 @@ def runtime_listener(registry: Registry) -> socket.socket:
     """The registration listener's socket (the ban filter was bound to it)."""
     [sock] = registry.ban_filter.socks
     return sock  # type: ignore[return-value]
+
+
+async def _silent_client(port: int) -> tuple[bytes, float]:
+    """Connect, send nothing, read until the registry closes: (reply, seconds it took)."""
+    started = trio.current_time()
+    with trio.fail_after(15):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            reply = b""
+            while chunk := await stream.receive_some(4096):
+                reply += chunk
+    return reply, trio.current_time() - started
+
+
+def deferring_config(db: Path, read_deadline: str) -> config_mod.Config:
+    """A registry on loopback whose kernel defers silent connections 1 s."""
+    server = {"listen": ["127.0.0.1:0"], "admin": "off", "db": str(db), "defer_accept": "1s"}
+    return config_mod.from_dict({"server": server, "protocol": {"read_deadline": read_deadline}})
+
+
+def _rows(db: Path) -> list[tuple[str, str]]:
+    with closing(sqlite3.connect(db)) as conn:
+        return conn.execute("SELECT status, code FROM registrations").fetchall()
+
+
+async def test_silent_through_the_kernels_wait_is_refused_at_the_door_with_no_row(
+    tmp_path: Path,
+) -> None:
+    # defer_accept 1 s, read deadline 1 s: when the kernel hands the connection
+    # over, its deadline has passed already. It is answered at once, at the door
+    # (no slot, no row, counted as a "silent" refusal in the log and metrics).
+    db = tmp_path / "r.db"
+    cfg = deferring_config(db, read_deadline="1s")
+    with structlog.testing.capture_logs() as logs:
+        async with trio.open_nursery() as nursery:
+            runtime = await nursery.start(Registry(cfg, handle_signals=False).run)
+            reply, took = await _silent_client(runtime.tcp[0].port)
+            silent = runtime.tally.totals[SILENT]
+            held = runtime.caps.total
+            runtime.shutdown()
+    assert reply.startswith(b"ERROR read_timeout no request arrived within 1 s of connecting"), (
+        reply
+    )
+    assert b" id=" not in reply  # nothing recorded
+    assert 0.9 < took < 2.5, took  # the kernel's wait, then at once (not 1 s more)
+    assert silent == 1 and held == 0
+    assert _rows(db) == []
+    [summary] = [e for e in logs if e["event"] == "door_refusals"]
+    assert summary["by_reason"] == {SILENT: 1}
+
+
+async def test_a_wait_shorter_than_the_deadline_counts_in_it(tmp_path: Path) -> None:
+    # defer_accept 1 s, read deadline 3 s: the connection is admitted when the
+    # kernel hands it over, with 2 s left, not 3: the deadline counts from connect.
+    db = tmp_path / "r.db"
+    cfg = deferring_config(db, read_deadline="3s")
+    async with trio.open_nursery() as nursery:
+        runtime = await nursery.start(Registry(cfg, handle_signals=False).run)
+        reply, took = await _silent_client(runtime.tcp[0].port)
+        silent = runtime.tally.totals[SILENT]
+        runtime.shutdown()
+    assert reply.startswith(b"ERROR read_timeout id="), reply  # recorded, like any read timeout
+    assert b" no request arrived within 3 s;" in reply, reply
+    assert 2.8 < took < 3.7, took  # 3 s after connect; it was 1 + 3 s
+    assert silent == 0
+    assert _rows(db) == [("ERROR", "read_timeout")]

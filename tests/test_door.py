@@ -21,8 +21,17 @@ import trio.testing
 
 from registry import config as config_mod
 from registry.conncaps import ConnectionCaps
-from registry.door import PER_SOURCE, RATE_LIMITED, TOTAL, Admitted, Door, RefusalTally, Refused
-from registry.model import Code, Outcome
+from registry.door import (
+    PER_SOURCE,
+    RATE_LIMITED,
+    SILENT,
+    TOTAL,
+    Admitted,
+    Door,
+    RefusalTally,
+    Refused,
+)
+from registry.model import Code, Outcome, Status
 from registry.net.doorway import REAP_CHUNK, Doorway
 from registry.ratelimit import RateLimiter, source_key
 from registry.server import Registry, Runtime
@@ -124,6 +133,24 @@ def test_door_uses_the_limiters_source_key() -> None:
     assert d.caps.total == 0 and d.caps.sources == 0
 
 
+@pytest.mark.parametrize(
+    ("source", "waited", "key"),
+    [("10.0.0.1", 31, "10.0.0.1"), ("::ffff:10.0.0.1", 7, "10.0.0.1"),
+     ("2001:db8:1:2::5", 63, "2001:db8:1:2::/64")],
+)  # fmt: skip
+def test_a_connection_silent_through_the_kernels_wait_is_a_read_timeout_at_the_door(
+    source: str, waited: int, key: str
+) -> None:
+    d = door("1/minute", max_per_source=1)
+    refused = d.silent(ip(source), waited)
+    assert refused.reason == SILENT and str(refused.key) == key
+    assert refused.outcome.code is Code.READ_TIMEOUT and refused.outcome.status is Status.ERROR
+    assert refused.outcome.retry_after is None
+    assert refused.outcome.explanation.startswith(f"no request arrived within {waited} s ")
+    assert d.caps.total == 0  # no slot taken...
+    assert isinstance(d.arrive(ip(source), 0.0), Admitted)  # ...and no token: the one is left
+
+
 # --- RefusalTally ------------------------------------------------------------------
 
 
@@ -142,7 +169,8 @@ def test_tally_counts_a_window_and_keeps_totals() -> None:
     assert tally.flush() is None  # a fresh window
     assert tally.add("10.0.0.1", RATE_LIMITED) == 1  # repeats count per window
     tally.add("10.0.0.3", TOTAL)
-    assert tally.totals == {RATE_LIMITED: 4, PER_SOURCE: 1, TOTAL: 1}  # totals only grow
+    assert tally.add("10.0.0.3", SILENT) == 1  # counted per reason
+    assert tally.totals == {RATE_LIMITED: 4, PER_SOURCE: 1, TOTAL: 1, SILENT: 1}  # only grow
 
 
 def test_tally_window_is_bounded_under_a_spray() -> None:

@@ -43,8 +43,11 @@ from tests.test_bans import (
 MAP_FD = 7  # any number: the interpreter's map
 
 
-def run_ebpf(insns: list[ebpf.Insn], net_header: bytes, banned: list[Any]) -> int:
-    """Execute ``insns`` on a packet whose network header is ``net_header``."""
+def run_ebpf(
+    insns: list[ebpf.Insn], net_header: bytes, banned: list[Any], transport: bytes = b""
+) -> int:
+    """Execute ``insns`` on a packet whose network header is ``net_header``, followed
+    by ``transport`` (the TCP header and payload: ``skb->data`` and ``skb->len``)."""
     table = [struct.unpack("=I16s", lpm_key(key)) for key in banned]
     reg: list[Any] = [None] * 11
     reg[1], reg[10] = "ctx", 512
@@ -59,13 +62,30 @@ def run_ebpf(insns: list[ebpf.Insn], net_header: bytes, banned: list[Any]) -> in
             reg[dst] = imm & (0xFFFFFFFF if code == 0xB4 else (1 << 64) - 1)
         elif code in (0x30, 0x20):  # r0 = packet[imm], host order; uses r6 as ctx
             assert reg[6] == "ctx", "packet loads need the context in r6"
-            offset, size = imm - SKF_NET_OFF, 1 if code == 0x30 else 4
-            assert 0 <= offset < 0x100000, "only network-header loads expected"
-            if offset + size > len(net_header):
+            size = 1 if code == 0x30 else 4
+            if imm >= 0:  # from the start of the data: the TCP header
+                data, offset = transport, imm
+            else:
+                data, offset = net_header, imm - SKF_NET_OFF
+                assert 0 <= offset < 0x100000, "unexpected load offset"
+            if offset + size > len(data):
                 return 0  # the kernel ends the program with 0 (drop)
-            reg[0] = int.from_bytes(net_header[offset : offset + size], "big")
+            reg[0] = int.from_bytes(data[offset : offset + size], "big")
             reg[1:6] = [None] * 5  # clobbered, r6 kept
             reg[6] = "ctx"
+        elif code == 0x61:  # dst = *(u32 *)(src + off): the context's first word, skb->len
+            assert reg[src] == "ctx" and off == 0
+            reg[dst] = len(transport)
+        elif code == 0x77:
+            reg[dst] >>= imm
+        elif code == 0x67:
+            reg[dst] = (reg[dst] << imm) & ((1 << 64) - 1)
+        elif code == 0x55:  # if dst != imm goto +off
+            if reg[dst] != imm:
+                pc += off
+        elif code == 0x1D:  # if dst == src goto +off
+            if reg[dst] == reg[src]:
+                pc += off
         elif code == 0x57:
             reg[dst] &= imm
         elif code == 0x07:

@@ -15,6 +15,7 @@ PURE = [
     ROOT / "registry/ratelimit.py",
     ROOT / "registry/door.py",
     ROOT / "registry/bans.py",
+    ROOT / "registry/silence.py",
     ROOT / "registry/conncaps.py",
     ROOT / "registry/config.py",
     ROOT / "registry/auth.py",

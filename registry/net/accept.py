@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import math
 import socket
+import struct
 from collections.abc import Callable
 from typing import Protocol
 
@@ -43,6 +44,11 @@ IGNORABLE_ERRNOS = frozenset(
 BACKOFF_S = 0.1
 BATCH = 8  # ~55 us each under attack (accept, door, hold or admit): ~0.5 ms a step
 TCP_DEFER_ACCEPT = getattr(socket, "TCP_DEFER_ACCEPT", None)  # Linux only
+TCP_INFO = getattr(socket, "TCP_INFO", None)
+# struct tcp_info (linux/tcp.h, append-only ABI): eight u8 fields, then u32s;
+# tcpi_total_retrans is the 24th u32.
+_TOTAL_RETRANS = struct.Struct("=I")
+_TOTAL_RETRANS_AT = 8 + 23 * 4
 
 # on_accept(conn, peer address as accept() gave it, slot token): runs synchronously
 # and owns both the (blocking-mode, stdlib) socket and the slot from then on.
@@ -119,6 +125,34 @@ def defer_accept(sock: _SockOpts, seconds: float) -> int | None:
         return sock.getsockopt(socket.IPPROTO_TCP, TCP_DEFER_ACCEPT)
     except OSError:  # an emulated or restricted network stack: serve without it
         return None
+
+
+def held_silent(conn: socket.socket) -> bool:
+    """Did the kernel hold ``conn`` for its whole ``TCP_DEFER_ACCEPT`` wait without
+    a byte arriving? (Only meaningful on a listener with the option on.)
+
+    Such a connection is handed to accept() with nothing to read. The kernel
+    drops the client's bare ACKs while it defers and re-sends its SYN-ACK, and
+    the new socket inherits the count of those re-sends (``tcpi_total_retrans``),
+    so a count of at least one with nothing to read means the wait ran out. A
+    client that did send is readable; one that closed is readable (EOF); one
+    admitted by a SYN cookie, which the kernel never defers (a full backlog),
+    has a count of 0 and is served like any other connection. Never raises.
+    """
+    if TCP_INFO is None:
+        return False
+    try:
+        info = conn.getsockopt(socket.IPPROTO_TCP, TCP_INFO, _TOTAL_RETRANS_AT + 4)
+        if len(info) < _TOTAL_RETRANS_AT + 4:
+            return False
+        if _TOTAL_RETRANS.unpack_from(info, _TOTAL_RETRANS_AT)[0] == 0:
+            return False
+        conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return True  # re-sent SYN-ACKs and nothing to read: the wait ran out
+    except OSError:  # reset, or no TCP_INFO here: let the usual path find out
+        return False
+    return False  # something (or EOF) to read: it did not stay silent
 
 
 def spawn_stream(

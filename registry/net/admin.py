@@ -325,6 +325,7 @@ class AdminServer:
             door_refusals=lambda: rt.tally.totals,
             bans_active=lambda: len(rt.bans),
             bans_total=lambda: rt.bans.total,
+            silent_drop=lambda: rt.ban_filter is not None and rt.ban_filter.dropping_now,
             event_clients=lambda: self.hub.clients,
             draining=lambda: rt.draining,
             policy_mode=lambda: rt.config.policy.mode,
@@ -537,6 +538,14 @@ class AdminServer:
                 "total": bans.total,
                 "skipped_list_full": bans.skipped,
                 "ban_after": bans.after,
+                # the kernel drops bare handshake ACKs: only a client's bytes connect
+                "silent_drop": {
+                    "active": ban_filter is not None and ban_filter.dropping_now,
+                    "seconds_left": round(max(0.0, ban_filter.silent.until - now), 1)
+                    if ban_filter is not None
+                    else 0.0,
+                    "after": ban_filter.silent.after if ban_filter is not None else 0,
+                },
                 "bans": [
                     {
                         "source": str(ban.key),

@@ -38,6 +38,7 @@ import trio
 from registry.bans import BPF_MAXINSNS, Ban, BanList, drop_program, pack
 from registry.net.ebpf import EbpfBans
 from registry.ratelimit import SourceKey
+from registry.silence import SilentGuard
 
 log = structlog.get_logger(component="bans")
 
@@ -78,12 +79,33 @@ def detach(sock: _Sock) -> None:
             raise
 
 
+def detach_inherited(conn: _Sock) -> None:
+    """Take the listener's filter off a socket ``accept()`` returned (it inherits a
+    copy). The filter is for handshakes: on a connection, the silent drop would
+    drop the client's ACKs of our reply. Never raises."""
+    try:
+        conn.setsockopt(socket.SOL_SOCKET, SO_DETACH_FILTER, 0)
+    except OSError:  # ENOENT: it had none
+        pass
+
+
 class BanFilter:
     """Applies ``bans`` to ``socks`` (the registration listeners) until cancelled."""
 
-    def __init__(self, socks: Sequence[_Sock], bans: BanList, *, budget: int | None = None):
+    def __init__(
+        self,
+        socks: Sequence[_Sock],
+        bans: BanList,
+        *,
+        budget: int | None = None,
+        silent: SilentGuard | None = None,
+    ):
         self.socks = list(socks)
         self.bans = bans
+        # When it is on, the filter also drops bare handshake ACKs (registry/silence.py).
+        self.silent = silent or SilentGuard(0, 0.0)
+        self.dropping = False  # what the next apply puts in the kernel
+        self._dropped = False  # what the listeners' filter does now
         self.budget = insn_budget() if budget is None else budget
         self.available = sys.platform == "linux"  # False after the kernel refused a filter
         self.filtered = 0  # bans the kernel drops
@@ -92,6 +114,11 @@ class BanFilter:
         self._ebpf: EbpfBans | None = None
         self._in_map: set[SourceKey] = set()  # the eBPF map's keys
         self._wait = trio.CancelScope()
+
+    @property
+    def dropping_now(self) -> bool:
+        """The listeners' filter drops bare handshake ACKs now."""
+        return self._dropped and self.available
 
     @property
     def kind(self) -> str:
@@ -128,15 +155,20 @@ class BanFilter:
     async def run(self) -> None:
         try:
             while True:
-                self.lift(trio.current_time())
-                if self.bans.version != self._applied:
+                now = trio.current_time()
+                self.lift(now)
+                self.dropping = self.silent.active(now)
+                if self.bans.version != self._applied or self.dropping != self._dropped:
                     if self._ebpf is not None:
                         await self._apply_ebpf()
                     else:
                         self.apply()
                     await trio.sleep(REFRESH_S)  # coalesce: a wave of bans is one pass
                     continue
-                with trio.CancelScope(deadline=self.bans.next_expiry()) as self._wait:
+                wake = self.bans.next_expiry()
+                if self.dropping:
+                    wake = min(wake, self.silent.until)
+                with trio.CancelScope(deadline=wake) as self._wait:
                     await trio.sleep_forever()
         finally:
             if self._ebpf is not None:  # the listeners keep the program until they close
@@ -159,26 +191,28 @@ class BanFilter:
             )
 
     def apply(self) -> None:
-        """Put the current bans in the kernel, at once."""
+        """Put the current bans (and ``dropping``) in the kernel, at once."""
         if self._ebpf is not None:
             for _ in self._ebpf_changes():
                 pass
             return
         self._applied = self.bans.version
         if not self.available:
+            self._dropped = self.dropping  # nothing to change: the wish is all there is
             return
         keys = [ban.key for ban in self.bans.active()]
-        program, held = drop_program(keys, self.budget)
+        program, held = drop_program(keys, self.budget, drop_silent=self.dropping)
         packed = pack(program)
         try:
             for sock in self.socks:
-                if keys:
+                if keys or self.dropping:
                     attach(sock, packed, len(program))
                 else:
                     detach(sock)
         except OSError as e:
             self._failed(e)
             return
+        self._switched()
         self._report_fit(len(keys), held)
         self.filtered = held
 
@@ -193,7 +227,16 @@ class BanFilter:
         assert self._ebpf is not None
         self._applied = self.bans.version
         if not self.available:
+            self._dropped = self.dropping
             return
+        if self.dropping != self._dropped:
+            try:  # one program for the other, on every listener
+                for sock in self.socks:
+                    self._ebpf.attach(sock, drop_silent=self.dropping)
+            except OSError as e:
+                self._failed(e)
+                return
+            self._switched()
         wanted = [ban.key for ban in self.bans.active()]  # oldest first: they go in first
         keep = set(wanted)
         full = False
@@ -221,11 +264,27 @@ class BanFilter:
         self.filtered = len(self._in_map)
         self._report_fit(len(wanted), self.filtered)
 
+    def _switched(self) -> None:
+        """The listeners now do what ``dropping`` says: log when that changed."""
+        if self.dropping == self._dropped:
+            return
+        self._dropped = self.dropping
+        if self.dropping:
+            log.warning(
+                "silent_drop_started",  # the kernel now keeps silent connections
+                seconds=round(self.silent.duration, 1),
+                after=self.silent.after,  # silent connections within 10 s that did it
+                kind=self.kind,
+            )
+        else:
+            log.info("silent_drop_ended")
+
     def _failed(self, e: OSError) -> None:
         """The kernel refused a change (either filter): stop using it. The bans still
         stand; only the kernel's help is gone."""
         self.available = False
         self.filtered = 0
+        self._dropped = self.dropping  # nothing left to switch: silent ones reach us
         # A filter we can no longer change must not drop anyone: the classic one may
         # have been attached to the first listener with bans that will never lift.
         for sock in self.socks:

@@ -4,10 +4,11 @@ Why: the classic filter (``registry/bans.py::drop_program``) compares every
 packet with every ban in turn, is rebuilt and re-attached on each change, and
 must fit 4,096 instructions and ``optmem_max`` on every accepted socket: about
 2,000 IPv4 bans. An attack from 5,000 addresses does not fit. Here the program
-is 36 instructions whatever the bans, and the bans live in a longest-prefix-
-match trie (``BPF_MAP_TYPE_LPM_TRIE``) that is changed one entry at a time: a
-ban is one ``bpf()`` call, a packet costs one lookup, and the map holds up to
-``MAX_ENTRIES`` sources.
+is 36 instructions whatever the bans (47 with ``silent_drop``, which
+``registry/silence.py`` switches on: a second program, swapped in and out),
+and the bans live in a longest-prefix-match trie (``BPF_MAP_TYPE_LPM_TRIE``)
+that is changed one entry at a time: a ban is one ``bpf()`` call, a packet
+costs one lookup, and the map holds up to ``MAX_ENTRIES`` sources.
 
 Keys are 16-byte addresses: an IPv4 source as ``::ffff:a.b.c.d/128``, an IPv6
 source as its network (``limits``' ``ipv6_prefix``, say ``2001:db8::/64``). The
@@ -32,6 +33,7 @@ import struct
 import sys
 from typing import Protocol
 
+from registry.bans import TCP_ACK, TCP_FLAGS_MASK
 from registry.ratelimit import SourceKey as Key
 
 SO_ATTACH_BPF = getattr(socket, "SO_ATTACH_BPF", 50)  # the Linux value
@@ -52,7 +54,8 @@ _ATTR_SIZE = 128  # larger than every bpf_attr variant used here; the tail stays
 SKF_NET_OFF = -0x100000  # as in classic BPF: offsets from the network header
 R0, R1, R2, R6, R10 = 0, 1, 2, 6, 10
 _MOV64_X, _MOV64_K, _MOV32_K = 0xBF, 0xB7, 0xB4
-_AND64_K, _ADD64_K = 0x57, 0x07
+_AND64_K, _ADD64_K, _RSH64_K, _LSH64_K = 0x57, 0x07, 0x77, 0x67
+_LDX_W, _JNE_K, _JEQ_X = 0x61, 0x55, 0x1D
 _LD_ABS_B, _LD_ABS_W = 0x30, 0x20  # r0 = packet[imm], network order made host order
 _TO_BE = 0xDC  # r0 to big endian (imm 32): back to network order, for the key bytes
 _ST_W, _STX_W = 0x62, 0x63
@@ -74,8 +77,30 @@ def _native_u32(data: bytes) -> int:
     return struct.unpack("=i", data)[0]
 
 
-def program(map_fd: int) -> list[Insn]:
-    """Drop a packet whose source is in the map ``map_fd``; keep every other one."""
+def silent_drop() -> list[Insn]:
+    """``bans.SILENT_DROP`` in eBPF: drop a bare ACK (the ACK flag alone, no payload).
+
+    Packet loads at offsets from 0 read the TCP header; ``skb->len`` (the
+    context's first word) is the TCP header and payload. Expects the context in r6.
+    """
+    return [
+        (_LD_ABS_B, 0, 0, 0, 13),  # the flags
+        (_AND64_K, R0, 0, 0, TCP_FLAGS_MASK),
+        (_JNE_K, R0, 0, 8, TCP_ACK),  # anything but a lone ACK: on to the bans
+        (_LD_ABS_B, 0, 0, 0, 12),  # the data offset, in words, in the high nibble
+        (_RSH64_K, R0, 0, 0, 4),
+        (_LSH64_K, R0, 0, 0, 2),
+        (_LDX_W, R2, R6, 0, 0),  # r2 = skb->len
+        (_JEQ_X, R2, R0, 1, 0),  # no payload: drop
+        (_JA, 0, 0, 2, 0),  # on to the bans
+        (_MOV64_K, R0, 0, 0, 0),
+        (_EXIT, 0, 0, 0, 0),
+    ]
+
+
+def program(map_fd: int, *, drop_silent: bool = False) -> list[Insn]:
+    """Drop a packet whose source is in the map ``map_fd``, and, with
+    ``drop_silent``, every bare ACK first; keep every other one."""
     key = -20  # the lookup key on the stack: prefixlen at -20, the address at -16..-1
     v4: list[Insn] = [
         (_ST_W, R10, 0, key + 4, 0),  # ::ffff:a.b.c.d, the first twelve bytes
@@ -107,7 +132,6 @@ def program(map_fd: int) -> list[Insn]:
     ]
     keep = len(lookup) - 2  # from the start of ``lookup``
     head: list[Insn] = [
-        (_MOV64_X, R6, R1, 0, 0),  # packet loads take the context from r6
         (_LD_ABS_B, 0, 0, 0, SKF_NET_OFF),  # version (high nibble)
         (_AND64_K, R0, 0, 0, 0xF0),
         (_JEQ_K, R0, 0, 2, 0x40),  # -> v4
@@ -115,7 +139,8 @@ def program(map_fd: int) -> list[Insn]:
         (_JA, 0, 0, len(v4) + 1 + len(v6) + keep, 0),  # neither: keep
     ]
     v4.append((_JA, 0, 0, len(v6), 0))  # -> lookup
-    return head + v4 + v6 + lookup
+    ctx: list[Insn] = [(_MOV64_X, R6, R1, 0, 0)]  # packet loads take the context from r6
+    return ctx + (silent_drop() if drop_silent else []) + head + v4 + v6 + lookup
 
 
 def pack(insns: list[Insn]) -> bytes:
@@ -167,25 +192,31 @@ def _bpf(cmd: int, attr: bytes) -> int:
 
 
 class EbpfBans:
-    """The map and the program; ``attach`` them to listeners, ``add``/``remove`` bans."""
+    """The map and its two programs (without and with ``silent_drop``); ``attach``
+    one to listeners, ``add``/``remove`` bans."""
 
-    def __init__(self, map_fd: int, prog_fd: int) -> None:
-        self.map_fd, self.prog_fd = map_fd, prog_fd
+    def __init__(self, map_fd: int, prog_fd: int, silent_fd: int) -> None:
+        self.map_fd, self.prog_fd, self.silent_fd = map_fd, prog_fd, silent_fd
 
     @classmethod
     def create(cls, max_entries: int = MAX_ENTRIES) -> EbpfBans:
-        """A new empty map and its program; OSError when the kernel will not."""
+        """A new empty map and its programs; OSError when the kernel will not."""
         attr = struct.pack("=IIIII", _MAP_TYPE_LPM_TRIE, _KEY.size, 1, max_entries, _F_NO_PREALLOC)
         map_fd = _bpf(_MAP_CREATE, attr)
+        fds: list[int] = []
         try:
-            prog_fd = _load(pack(program(map_fd)))
+            for drop_silent in (False, True):
+                fds.append(_load(pack(program(map_fd, drop_silent=drop_silent))))
         except OSError:
-            os.close(map_fd)
+            for fd in [*fds, map_fd]:
+                os.close(fd)
             raise
-        return cls(map_fd, prog_fd)
+        return cls(map_fd, *fds)
 
-    def attach(self, sock: _Sock) -> None:
-        sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_BPF, self.prog_fd)
+    def attach(self, sock: _Sock, *, drop_silent: bool = False) -> None:
+        """Put a program on ``sock`` (replacing the one it has, in one step)."""
+        fd = self.silent_fd if drop_silent else self.prog_fd
+        sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_BPF, fd)
 
     def add(self, key: Key) -> None:
         """Ban ``key``; OSError (E2BIG) when the map is full."""
@@ -205,12 +236,12 @@ class EbpfBans:
 
     def close(self) -> None:
         """Our descriptors; sockets that carry the program keep it (and the map) alive."""
-        for fd in (self.prog_fd, self.map_fd):
+        for fd in (self.prog_fd, self.silent_fd, self.map_fd):
             try:
                 os.close(fd)
             except OSError:
                 pass
-        self.prog_fd = self.map_fd = -1
+        self.prog_fd = self.silent_fd = self.map_fd = -1
 
 
 def _load(code: bytes) -> int:
