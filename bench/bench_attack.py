@@ -31,6 +31,9 @@ its steady state, then runs honest student cycles at a fixed rate and records:
   so read the latency columns with that one; and "stolen", the time the
   hypervisor gave this virtual machine's CPUs to others (steal in
   /proc/stat), which slows everything here and is no process's CPU.
+  With ``--paired`` the server's CPU over the unloaded reference cycles is
+  shown too (``ref``): the difference is what the attack costs the registry,
+  a figure steal does not stretch as it stretches latencies.
 
 An honest cycle is what a student does: listen on its own address, register
 ``ADDR:PORT`` from that address, echo the callback line, read the reply. Each
@@ -499,6 +502,9 @@ class Row:
     fds_median: float = math.nan  # the server's open descriptors in the window
     steal: float = math.nan  # CPU the hypervisor took from this machine in the window
     reference_ms: float = math.nan  # --paired: p99 of this run's own unloaded cycles
+    # --paired: the server's CPU over those unloaded cycles. CPU time is what the
+    # attack costs the registry, and unlike a latency it is not stretched by steal.
+    reference_cpu: float = math.nan
     ratio_runs: list[float] = field(default_factory=list)  # --paired: each run's ratio
 
 
@@ -518,11 +524,14 @@ async def measure(
     first_addr: int,
     paired: bool = False,
 ) -> Row:
-    reference_ms = math.nan
+    reference_ms = reference_cpu = math.nan
     if paired and scenario.mode:
         # The same cycles on the same fresh server just before the attack starts:
         # this run's own reference, taken minutes closer than the "none" row.
+        ref_cpu = CpuWindow([server.proc.pid, os.getpid()])
+        ref_cpu.begin()
         ref = await run_honest(server.port, honest, rate, first_addr + honest)
+        reference_cpu = ref_cpu.end()[0]
         reference_ms = percentile(sorted(ref.latencies), 99) * 1000
     duration = scenario.warmup + honest / rate + CYCLE_TIMEOUT + 10
     proc = (
@@ -584,6 +593,7 @@ async def measure(
         foreign_cpu=foreign_cpu,
         steal=steal,
         reference_ms=reference_ms,
+        reference_cpu=reference_cpu,
         failures=result.failures,
         attack=attack,
         fds_median=percentile(sorted(fds), 50),
@@ -633,7 +643,8 @@ def table(rows: list[Row]) -> str:
             f"| {' / '.join(f'{p:.1f}' for p in r.p99_runs) or '-'}"
             f"{' (ref ' + format(r.reference_ms, '.1f') + ')' if r.reference_ms == r.reference_ms else ''} "
             f"{'(ratios ' + ' / '.join(map(str, r.ratio_runs)) + ')' if r.ratio_runs else ''} "
-            f"| {r.rss_peak_mb:.0f} | {r.fds_median:.0f} | {r.server_cpu:.0f} % "
+            f"| {r.rss_peak_mb:.0f} | {r.fds_median:.0f} | {r.server_cpu:.0f} %"
+            f"{' (ref ' + format(r.reference_cpu, '.0f') + ' %)' if r.reference_cpu == r.reference_cpu else ''} "
             f"| {r.foreign_cpu:.0f} % | {r.steal:.0f} % | {fails} |"
         )
     return "\n".join(lines)

@@ -278,6 +278,8 @@ class RateLimiter:
         self._target_port = TokenBucketTable(cfg.per_target_port, cfg.max_entries)
         self._global = TokenBucketTable(cfg.global_, 1)
         self._errors = TokenBucketTable(cfg.errors_global, 1)  # pressure: errors recorded
+        # True while protocol errors arrive faster than errors_global (as of the last one)
+        self.under_pressure = False
 
     @property
     def config(self) -> RateLimitConfig:
@@ -341,7 +343,8 @@ class RateLimiter:
         an attack waits about a minute (told by ``retry_after``).
         """
         key = _pack(source, self._drop)
-        if self._errors.take(0, now) == 0.0 or self._cfg.error_fine <= 0:
+        self.under_pressure = self._errors.take(0, now) > 0.0
+        if not self.under_pressure or self._cfg.error_fine <= 0:
             return self._source.take(key, now) == 0.0
         self._source.fine(key, now, self._cfg.error_fine)
         return True

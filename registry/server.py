@@ -119,6 +119,7 @@ class Registry:
         # its sockets are set when they exist
         self.ban_filter = BanFilter([], self.bans, silent=self.silent)
         self.room: WaitingRoom | None = None
+        self.service: Service | None = None  # set by run()
         self.defer_accept_s: int | None = None  # set when the listeners are opened
         self.doorway = Doorway(
             cfg.limits.refusal_delay, cfg.limits.max_refusal_delay, cfg.limits.max_refusals_held
@@ -147,6 +148,7 @@ class Registry:
                 own=own | admin_own,  # the admin port is ours too: never a callback target
             )
             handler = TcpHandler(service)
+            self.service = service
             runtime = Runtime(
                 cfg, service, self.caps, store, self.tally, self.bans, tcp=sorted(own, key=str)
             )
@@ -424,6 +426,13 @@ class Registry:
         summary = self.tally.flush()
         if summary is not None:
             log.warning("door_refusals", **summary)
+        errors = self.service.take_unlogged() if self.service is not None else {}
+        if errors:
+            log.warning(
+                "errors_not_logged",  # recorded (rows, ids), but under pressure not one line each
+                total=sum(errors.values()),
+                by_code=errors,
+            )
         unlogged = self._bans_in_interval - LOGGED_BANS
         if unlogged > 0:
             log.warning(

@@ -91,8 +91,11 @@ def test_shipped_profile_passes_check_config(name: str) -> None:
     assert result.stdout.startswith("config OK\n")
     assert "listen" in result.stdout and "ratelimit" in result.stdout
     bans = next(line for line in result.stdout.splitlines() if line.startswith("  bans "))
-    ban_after = config_mod.load(str(CONFIG_DIR / name)).limits.ban_after
+    limits = config_mod.load(str(CONFIG_DIR / name)).limits
+    ban_after = limits.ban_after
     assert bans.endswith(" off") if ban_after == 0 else f"after {ban_after} refusals" in bans
+    silent = next(line for line in result.stdout.splitlines() if line.startswith("  silent "))
+    assert f"after {limits.silent_drop_after} in 10s" in silent, silent
 
 
 def test_empty_file_is_the_defaults(tmp_path: Path) -> None:
@@ -320,6 +323,10 @@ def test_every_bad_item_of_a_list_is_reported() -> None:
         ('[ratelimit]\nerrors_global = "0/second"\n', r"ratelimit\.errors_global: "),
         ('[limits]\nban_exempt_networks = ["203.0.113.0/33"]\n', r"limits\.ban_exempt_networks"),
         ("[limits]\nmax_bans = 100001\n", r"limits\.max_bans: "),
+        # the silent drop: a count >= 0, a duration between 0 and a day
+        ("[limits]\nsilent_drop_after = -1\n", r"limits\.silent_drop_after: "),
+        ('[limits]\nsilent_drop_duration = "0s"\n', r"limits\.silent_drop_duration: "),
+        ('[limits]\nsilent_drop_duration = "25h"\n', r"limits\.silent_drop_duration: "),
         # TCP_DEFER_ACCEPT: the kernel's schedule ends at 127 s; never negative
         ('[server]\ndefer_accept = "121s"\n', r"server\.defer_accept: "),
         ('[server]\ndefer_accept = "-1s"\n', r"server\.defer_accept: "),
@@ -339,6 +346,16 @@ def test_bans_can_be_turned_off_and_default_on() -> None:
     assert default.ban_after_ignored == 3 and default.ban_spread == 0.5
     assert config_mod.loads("[limits]\nban_spread = 0\n").limits.ban_spread == 0.0
     assert config_mod.loads("[limits]\nban_after_ignored = 0\n").limits.ban_after_ignored == 0
+
+
+def test_the_silent_drop_defaults_on_and_can_be_turned_off(tmp_path: Path) -> None:
+    default = config_mod.loads("").limits
+    assert (default.silent_drop_after, default.silent_drop_duration) == (50, 60.0)
+    path = tmp_path / "off.toml"
+    path.write_text("[limits]\nsilent_drop_after = 0\n")
+    assert config_mod.load(str(path)).limits.silent_drop_after == 0
+    result = check_config(path)
+    assert result.returncode == 0 and "  silent      never dropped\n" in result.stdout, result
 
 
 def test_defer_accept_defaults_on_and_can_be_turned_off() -> None:

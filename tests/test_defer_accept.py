@@ -173,10 +173,13 @@ async def test_a_reload_cannot_change_the_option_and_says_restart(tmp_path: Path
     # TCP_DEFER_ACCEPT is set on the listeners at start: a SIGHUP that changes it
     # is reported (reload_needs_restart), the listener keeps the kernel's old
     # value, and runtime.config goes on showing what is really in force. The
-    # rest of the file applies (here, a ban rule).
+    # rest of the file applies (here, a ban rule and the silent drop).
     path = tmp_path / "registry.toml"
     server = f'listen = ["127.0.0.1:0"]\nadmin = "off"\ndb = "{tmp_path / "r.db"}"'
-    text = f'[server]\n{server}\ndefer_accept = "3s"\n[limits]\nban_after_ignored = 3\n'
+    text = (
+        f'[server]\n{server}\ndefer_accept = "3s"\n[limits]\nban_after_ignored = 3\n'
+        "silent_drop_after = 40\n"
+    )
     path.write_text(text)
     cfg = config_mod.load(str(path))
     registry = Registry(cfg, config_path=str(path), handle_signals=False)
@@ -185,16 +188,20 @@ async def test_a_reload_cannot_change_the_option_and_says_restart(tmp_path: Path
             runtime = await nursery.start(registry.run)
             sock = runtime_listener(registry)
             before = sock.getsockopt(socket.IPPROTO_TCP, TCP_DEFER_ACCEPT)
-            path.write_text(text.replace('"3s"', '"7s"').replace("= 3\n", "= 5\n"))
+            path.write_text(
+                text.replace('"3s"', '"7s"').replace("= 3\n", "= 5\n").replace("40", "0")
+            )
             runtime.reload()
             after = sock.getsockopt(socket.IPPROTO_TCP, TCP_DEFER_ACCEPT)
             in_force = runtime.config.server.defer_accept
             ignored_after = runtime.bans.ignored_after
+            silent_after = registry.silent.after
             runtime.shutdown()
     [warning] = [e for e in logs if e["event"] == "reload_needs_restart"]
     assert warning["keys"] == ["server.defer_accept"]
     assert before == after == 3  # the kernel's own figure for "3s", unchanged
     assert in_force == 3.0 and ignored_after == 5
+    assert silent_after == 0  # the silent drop, turned off by the reload
 
 
 def runtime_listener(registry: Registry) -> socket.socket:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 import trio
 import trio.testing
 
@@ -434,3 +435,32 @@ async def test_under_pressure_junk_locks_its_source_out_for_about_a_minute(tmp_p
     retry_after = int(refused.split()[2].split(b"=")[1])
     assert 60 <= retry_after <= 66, refused  # about a minute, not the usual 6 s
     assert other.startswith(b"ERROR malformed "), other
+
+
+async def test_under_pressure_junk_is_recorded_and_its_lines_summed(tmp_path: Path) -> None:
+    # errors_global 1/hour, no fines: 14 junk lines from 14 sources. The first is
+    # calm; then, under pressure, ten more are logged one by one and the last three
+    # are summed in one errors_not_logged line (the drain's last window). All 14
+    # have their row.
+    db = tmp_path / "p.db"
+    cfg = config_mod.from_dict(
+        {
+            "server": {"listen": ["127.0.0.1:0"], "admin": "off", "db": str(db)},
+            "ratelimit": {**OPEN, "errors_global": "1/hour", "error_fine": 0},
+        }
+    )
+    with structlog.testing.capture_logs() as logs:
+        async with trio.open_nursery() as nursery:
+            runtime: Runtime = await nursery.start(
+                Registry(cfg, handle_signals=False).run  # type: ignore[arg-type]
+            )
+            port = runtime.tcp[0].port
+            junk = [await _line(port, f"127.0.0.{n}", b"hello\n") for n in range(10, 24)]
+            runtime.shutdown()
+    assert all(r.startswith(b"ERROR malformed id=") for r in junk), junk
+    lines = [e for e in logs if e["event"] == "registration"]
+    assert len(lines) == 11
+    [summed] = [e for e in logs if e["event"] == "errors_not_logged"]
+    assert summed["total"] == 3 and summed["by_code"] == {"malformed": 3}
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT count(*) FROM registrations").fetchone() == (14,)

@@ -526,6 +526,20 @@ def test_under_pressure_a_protocol_error_fines_its_source_into_debt() -> None:
     assert limiter.check(b, None, 0.0, include_global=False) == Busy(66, "source")
 
 
+def test_under_pressure_follows_the_errors_bucket() -> None:
+    # errors_global 2/second: the third error within a second is under pressure, and
+    # a token back (0.5 s) ends it; checks at the door do not change it.
+    limiter = RateLimiter(RateLimitConfig(errors_global=Rate(2, 1.0)))
+    src = ip_address("10.0.0.1")
+    states = []
+    for now in (0.0, 0.0, 0.0, 0.1, 0.6, 0.6):
+        limiter.penalize(src, now)
+        states.append(limiter.under_pressure)
+        limiter.check(src, None, now, include_global=False)
+        assert limiter.under_pressure is states[-1]
+    assert states == [False, False, True, True, False, True]
+
+
 def test_error_fine_zero_keeps_the_usual_price_under_pressure() -> None:
     limiter = RateLimiter(
         RateLimitConfig(per_source=Rate(3, 60.0), errors_global=Rate(1, 3600.0), error_fine=0)

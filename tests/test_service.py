@@ -288,6 +288,37 @@ async def test_reject_many_records_each_connection_before_returning() -> None:
     assert not service.limiter.penalize(peers[0].host, service.clock())
 
 
+async def test_under_pressure_errors_past_the_first_ten_are_recorded_not_logged() -> None:
+    # errors_global 5/hour: from the 6th protocol error on the registry is under
+    # pressure. Every error still gets its row, id and observers; while under
+    # pressure, past the first LOGGED_ERRORS (10) lines of a window, their log
+    # lines are summed (take_unlogged) instead. Registrations are always logged.
+    service, _, rec = make(
+        '[ratelimit]\nerrors_global = "5/hour"\nper_source = "1000/second"\n'
+        'per_target = "1000/second"\nper_target_port = "1000/second"\nglobal = "1000/second"\n'
+    )
+    seen: list[str] = []
+    service.observers.append(lambda r: seen.append(r.id))
+    codes = [Code.MALFORMED] * 20 + [Code.BAD_JSON] * 5 + [Code.READ_TIMEOUT] * 5
+    batch = [
+        (ProtocolError(code, "junk"), LOCAL, Protocol.TEXT, 1.0, n) for n, code in enumerate(codes)
+    ]
+    with structlog.testing.capture_logs() as logs:
+        outcomes = await service.reject_many(batch)
+        ok = await service.register(req("127.0.0.1"), LOCAL, Protocol.TEXT, 1.0)
+        unlogged = service.take_unlogged()
+        again = service.take_unlogged()
+    assert len(rec.records) == 31 and seen == [r.id for r in rec.records]  # all recorded
+    assert ok.status is Status.OK
+    lines = [e for e in logs if e["event"] == "registration"]
+    logged = [e["id"] for e in lines]
+    # the batch put the registry under pressure (as of its lines): ten lines, then OK's
+    assert logged == [o.id for o in outcomes[:10]] + [ok.id]
+    assert unlogged == {"malformed": 10, "bad_json": 5, "read_timeout": 5} and again == {}
+    more = await service.reject_many(batch[:11])  # a new window: ten lines again
+    assert service.take_unlogged() == {"malformed": 1} and len(more) == 11
+
+
 async def test_reject_many_store_failure_raises() -> None:
     service, _, rec = make()
     rec.fail = True
