@@ -165,8 +165,13 @@ class TokenBucketTable:
         return 0.0
 
     def fine(self, key: Hashable, now: float, tokens: int) -> None:
-        """Take ``tokens`` from ``key``, into debt if need be, but never more than one
-        full period beyond an empty bucket (the wait stays under two periods)."""
+        """Empty ``key``'s bucket and take ``tokens`` more, into debt, but never more
+        than one full period beyond an empty bucket (the wait stays under two periods).
+
+        From the empty bucket, not from what is left: a source with most of its
+        burst unused (an attacker's address on its first junk request) would
+        otherwise pay a fine of a full burst with a few seconds' wait (30 tokens
+        of 30/minute: ~6 s), come back, and be recorded again."""
         if self._count <= 0:
             return  # refuses everything already
         if now > self._clock:
@@ -175,7 +180,8 @@ class TokenBucketTable:
         tat = tats.get(key)
         if tat is None and len(tats) >= self._max:
             self._make_room(now)
-        base = now if tat is None or tat < now else tat
+        empty = now + self._period  # the tat of a bucket with no token left
+        base = empty if tat is None or tat < empty else tat
         tat = tats[key] = min(base + tokens * self._interval, now + 2 * self._period)
         tats.move_to_end(key)
         if tat < self._soonest:
@@ -337,8 +343,9 @@ class RateLimiter:
         as one sending registrations. Under pressure, when the registry has
         recorded more than ``errors_global`` errors (5,000 addresses each
         inside its own budget can still send thousands a second), the source is
-        fined ``error_fine`` tokens, into debt: its next connections are
-        refused at the door, cheaply, for up to a period. Honest students send
+        fined ``error_fine`` tokens beyond an empty bucket, into debt: its next
+        connections are refused at the door, cheaply, for up to two periods
+        (about a minute by default). Honest students send
         valid requests and never pay it; one who sends a malformed line during
         an attack waits about a minute (told by ``retry_after``).
         """

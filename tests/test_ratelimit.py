@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from ipaddress import IPv4Address, IPv6Address, IPv6Network, ip_address
 
 import pytest
@@ -524,6 +525,30 @@ def test_under_pressure_a_protocol_error_fines_its_source_into_debt() -> None:
     # b, fined once under pressure from a full bucket: 30 tokens (capped), 66 s as well
     assert limiter.penalize(b, 0.0)
     assert limiter.check(b, None, 0.0, include_global=False) == Busy(66, "source")
+
+
+@pytest.mark.parametrize(
+    ("per_source", "used", "wait"),
+    [
+        (Rate(30, 60.0), 2, 62),  # the default: a fresh source's first fine, about a minute
+        (Rate(30, 60.0), 30, 62),  # from an empty bucket: the same cap
+        (Rate(5, 60.0), 1, 72),  # the internet profile: up to two periods minus a burst
+        (Rate(600, 60.0), 2, 3.1),  # 30 tokens of 600/minute: 3 s of debt, from empty
+    ],
+)
+def test_a_fine_counts_from_an_empty_bucket(per_source: Rate, used: int, wait: float) -> None:
+    # The unused part of a source's burst does not pay the fine: it would leave a
+    # source that sent junk at once only a few seconds' wait (30 of 30/minute: 6 s).
+    limiter = RateLimiter(
+        RateLimitConfig(per_source=per_source, errors_global=Rate(1, 3600.0), error_fine=30)
+    )
+    src, other = ip_address("10.0.0.1"), ip_address("10.0.0.2")
+    assert limiter.penalize(other, 0.0)  # uses up errors_global: under pressure from now
+    for _ in range(used):
+        assert isinstance(limiter.check(src, None, 0.0, include_global=False), Allowed)
+    assert limiter.penalize(src, 0.0) and limiter.under_pressure
+    busy = limiter.check(src, None, 0.0, include_global=False)
+    assert isinstance(busy, Busy) and busy.retry_after == math.ceil(wait), busy
 
 
 def test_under_pressure_follows_the_errors_bucket() -> None:

@@ -293,8 +293,9 @@ async def test_under_pressure_errors_past_the_first_ten_are_recorded_not_logged(
     # pressure. Every error still gets its row, id and observers; while under
     # pressure, past the first LOGGED_ERRORS (10) lines of a window, their log
     # lines are summed (take_unlogged) instead. Registrations are always logged.
+    # (No fines: they would refuse the registration; pressure is measured all the same.)
     service, _, rec = make(
-        '[ratelimit]\nerrors_global = "5/hour"\nper_source = "1000/second"\n'
+        '[ratelimit]\nerrors_global = "5/hour"\nerror_fine = 0\nper_source = "1000/second"\n'
         'per_target = "1000/second"\nper_target_port = "1000/second"\nglobal = "1000/second"\n'
     )
     seen: list[str] = []
