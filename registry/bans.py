@@ -3,7 +3,7 @@
 Pure (``now`` is passed in). The door refuses a source over its limits and
 the doorway answers it late (registry/net/doorway.py); that still costs an
 ``accept()``, a descriptor and an answer per attempt. A source refused
-``after`` times within one refusal window (``RefusalTally``, 10 s) is not a
+``after`` times within one refusal window (``RefusalTally``: 10-20 s) is not a
 student retrying by hand (the doubling hold lets a serial client be refused
 about four times in 10 s): it is a loop with many connections in parallel.
 ``BanList`` bans it for ``duration`` seconds, and ``drop_program`` compiles

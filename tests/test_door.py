@@ -167,11 +167,15 @@ def test_tally_counts_a_window_and_keeps_totals() -> None:
         "top": [["10.0.0.1", RATE_LIMITED, 3], ["10.0.0.2", PER_SOURCE, 1]],
         "untracked": 0,
     }
-    assert tally.flush() is None  # a fresh window
-    assert tally.add("10.0.0.1", RATE_LIMITED) == 1  # repeats count per window
+    # repeats count in this window and the one before: three refusals that straddle
+    # a flush are three
+    assert tally.add("10.0.0.1", RATE_LIMITED) == 4
+    assert tally.flush() is not None
+    assert tally.flush() is None  # a quiet window: the one before is now a quiet one
+    assert tally.add("10.0.0.1", RATE_LIMITED) == 1
     tally.add("10.0.0.3", TOTAL)
     assert tally.add("10.0.0.3", SILENT) == 1  # counted per reason
-    assert tally.totals == {RATE_LIMITED: 4, PER_SOURCE: 1, TOTAL: 1, SILENT: 1}  # only grow
+    assert tally.totals == {RATE_LIMITED: 5, PER_SOURCE: 1, TOTAL: 1, SILENT: 1}  # only grow
 
 
 def test_tally_window_is_bounded_under_a_spray() -> None:
