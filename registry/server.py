@@ -502,11 +502,10 @@ class Registry:
         self.silent.reconfigure(
             new.limits.silent_drop_after, new.limits.silent_drop_duration, trio.current_time()
         )
-        self.ban_filter.poke()
         lifted = self.bans.reconfigure(**_ban_settings(new))
         if lifted:
             self.ban_filter.report_lifted(lifted, reason="reload")
-            self.ban_filter.poke()
+        self.ban_filter.poke()  # the silent drop, or bans, may have changed
         log.info("reloaded", path=self.config_path)
         self.notifier.ready("config reloaded")
 

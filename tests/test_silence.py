@@ -25,14 +25,15 @@ from typing import Any
 import pytest
 import structlog.testing
 import trio
+import trio.testing
 
 from registry import config as config_mod
-from registry.bans import ACCEPT, DROP, drop_program, pack
-from registry.net.banfilter import attach, detach_inherited
+from registry.bans import ACCEPT, BPF_MAXINSNS, DROP, BanList, drop_program, pack
+from registry.net.banfilter import BanFilter, attach, detach_inherited
 from registry.net.ebpf import EbpfBans, program
 from registry.server import Registry
 from registry.silence import SilentGuard
-from tests.test_bans import ipv4_header, listener, run_bpf, v4
+from tests.test_bans import RecordingSock, ipv4_header, listener, run_bpf, v4
 from tests.test_ebpf import MAP_FD, run_ebpf
 
 linux = pytest.mark.skipif(sys.platform != "linux", reason="Linux socket filters")
@@ -302,3 +303,72 @@ async def test_a_crowd_of_silent_connections_turns_the_drop_on_and_it_ends(
     started = [e for e in logs if e["event"] == "silent_drop_started"]
     assert [(e["after"], e["seconds"]) for e in started] == [(3, 3.0)]
     assert [e["event"] for e in logs if e["event"] == "silent_drop_ended"] == ["silent_drop_ended"]
+
+
+# --- BanFilter switching it, under the mock clock ------------------------------------------
+
+
+async def test_the_classic_filter_switches_the_block_on_and_off_on_time(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # No bans: the classic filter is attached only for the silent drop, with the
+    # block in front, at the moment the guard switches on (t=2), and detached
+    # when it ends (t=2 + 30); both logged once.
+    bans = BanList(after=1, duration=60.0, max_entries=10)
+    guard = SilentGuard(2, 30.0)
+    sock = RecordingSock()
+    bf = BanFilter([sock], bans, budget=BPF_MAXINSNS, silent=guard)
+    bf.available = True
+    with structlog.testing.capture_logs() as logs:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(bf.run)
+            await trio.sleep(1)
+            assert not guard.note(trio.current_time())
+            await trio.sleep(1)
+            assert guard.note(trio.current_time())
+            bf.poke()
+            await trio.sleep(1)
+            on = bf.dropping_now
+            await trio.sleep(40)
+            nursery.cancel_scope.cancel()
+    attach_opt, detach_opt = 26, 27
+    assert [(round(t, 3), opt) for t, opt, _ in sock.calls] == [
+        (2.0, attach_opt),
+        (32.0, detach_opt),
+    ]
+    fprog = sock.calls[0][2]
+    assert isinstance(fprog, bytes)  # struct sock_fprog: the program's length, then a pointer
+    assert struct.unpack_from("@H", fprog)[0] == len(drop_program([], drop_silent=True)[0])
+    assert on and not bf.dropping_now
+    events = [e["event"] for e in logs if e["event"].startswith("silent_drop")]
+    assert events == ["silent_drop_started", "silent_drop_ended"]
+
+
+async def test_the_ebpf_filter_swaps_programs_and_keeps_its_bans(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # eBPF: the block is a second program; switching attaches it, then the plain
+    # one again, on every listener; the map of bans is not touched by it.
+    try:
+        bpf = EbpfBans.create()
+    except OSError as e:
+        pytest.skip(f"the kernel will not load BPF here: {e}")
+    bans = BanList(after=1, duration=600.0, max_entries=10)
+    guard = SilentGuard(1, 10.0)
+    socks = [RecordingSock(), RecordingSock()]
+    bf = BanFilter(socks, bans, silent=guard)
+    bf._ebpf, bf.available = bpf, True  # as bind() leaves it, without real listeners
+    plain, silent = bpf.prog_fd, bpf.silent_fd  # run() closes them when it ends
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(bf.run)
+        bans.consider(v4("127.2.0.1"), 1, trio.current_time())
+        guard.note(trio.current_time())
+        bf.poke()
+        await trio.sleep(20)
+        nursery.cancel_scope.cancel()
+    for sock in socks:
+        assert [(round(t, 1), value) for t, _, value in sock.calls] == [
+            (0.0, silent),
+            (10.0, plain),
+        ]
+    assert bf.filtered == 1  # the ban stayed in the map throughout
