@@ -170,6 +170,44 @@ def test_bans_expire_at_their_exact_time() -> None:
     assert bans.next_expiry() == float("inf") and len(bans) == 0
 
 
+def test_bans_of_different_lengths_expire_in_their_own_order() -> None:
+    # an ignored-wait ban lasts the wait it ignored: made later, it may end sooner
+    bans = BanList(after=20, duration=60.0, max_entries=10, ignored_after=1, long_wait=5.0)
+    bans.consider(v4("127.2.0.1"), 20, 0.0)  # the usual 60 s
+    bans.consider(v4("127.2.0.2"), 1, 1.0, 30.0)  # until 31
+    bans.consider(v4("127.2.0.3"), 1, 2.0, 10.0)  # until 12
+    assert bans.next_expiry() == 12.0
+    assert [str(b.key) for b in bans.expire(31.0)] == ["127.2.0.3", "127.2.0.2"]
+    assert bans.next_expiry() == 60.0 and len(bans) == 1
+
+
+def test_take_changes_names_each_ban_and_lift_once() -> None:
+    bans = BanList(after=1, duration=60.0, max_entries=10)
+    assert bans.take_changes() == []
+    bans.consider(v4("127.2.0.1"), 1, 0.0)
+    bans.consider(v4("127.2.0.2"), 1, 10.0)
+    bans.consider(v4("127.2.0.1"), 2, 11.0)  # banned already: no change
+    assert [str(k) for k in bans.take_changes()] == ["127.2.0.1", "127.2.0.2"]
+    assert bans.take_changes() == []  # taken
+    bans.expire(60.0)
+    assert [str(k) for k in bans.take_changes()] == ["127.2.0.1"]
+    assert v4("127.2.0.1") not in bans and v4("127.2.0.2") in bans
+    bans.reconfigure(after=0, duration=60.0, max_entries=10)  # lifts the rest
+    assert [str(k) for k in bans.take_changes()] == ["127.2.0.2"]
+
+
+def test_a_ban_lifted_by_a_reload_does_not_expire_its_successor() -> None:
+    bans = BanList(after=1, duration=60.0, max_entries=10)
+    bans.consider(v4("127.2.0.1"), 1, 0.0)  # until 60
+    bans.reconfigure(after=0, duration=60.0, max_entries=10)  # lifted at once
+    assert bans.next_expiry() == float("inf")  # its old expiry is not reported
+    bans.reconfigure(after=1, duration=60.0, max_entries=10)
+    bans.consider(v4("127.2.0.1"), 1, 30.0)  # banned again, until 90
+    assert bans.expire(60.0) == [] and v4("127.2.0.1") in bans  # not the old ban's time
+    assert bans.next_expiry() == 90.0
+    assert [b.until for b in bans.expire(90.0)] == [90.0]
+
+
 def test_a_full_list_makes_no_new_ban_and_counts_it() -> None:
     bans = BanList(after=1, duration=60.0, max_entries=2)
     for n in range(5):

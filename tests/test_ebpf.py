@@ -24,7 +24,7 @@ import pytest
 import structlog.testing
 import trio
 
-from registry.bans import ACCEPT, DROP, BanList
+from registry.bans import ACCEPT, BPF_MAXINSNS, DROP, BanList
 from registry.net import banfilter, ebpf
 from registry.net.banfilter import EBPF_STEP, BanFilter
 from registry.net.ebpf import SKF_NET_OFF, EbpfBans, lpm_key, program
@@ -327,3 +327,80 @@ def test_a_full_map_keeps_the_oldest_bans_and_reports_once() -> None:
     assert {str(k) for k in small.keys} == {"127.2.0.1", "127.2.0.2"} and bf.filtered == 2
     assert [(e["event"], e["bans"], e["filtered"]) for e in logs] == [("bans_not_filtered", 3, 2)]
     assert bf.available  # a full map is not a failure
+
+
+class CountingMap(FailingMap):
+    """A map that takes ``room`` keys and counts the calls made on it."""
+
+    def __init__(self, room: int = 1 << 20) -> None:
+        super().__init__()
+        self.room = room
+        self.keys: set[Any] = set()
+        self.calls = 0
+
+    def add(self, key: Any) -> None:
+        self.calls += 1
+        if len(self.keys) >= self.room:
+            raise OSError(errno.E2BIG, "Argument list too long")
+        self.keys.add(key)
+
+    def remove(self, key: Any) -> None:
+        self.calls += 1
+        self.keys.remove(key)
+
+
+class CountedKey(ipaddress.IPv4Address):
+    """A source address that counts how often it is hashed: every dict or set
+    lookup of a key does, so the count is the work done over the bans."""
+
+    hashed = 0
+
+    def __hash__(self) -> int:
+        CountedKey.hashed += 1
+        return super().__hash__()
+
+
+def test_a_pass_touches_only_the_bans_that_changed() -> None:
+    bans = BanList(after=1, duration=60.0, max_entries=10_000)
+    bf = BanFilter([OptionsSock()], bans)
+    bf._ebpf = kernel_map = CountingMap()  # type: ignore[assignment]
+    for n in range(2000):
+        bans.consider(CountedKey(f"127.3.{n // 250}.{n % 250 + 1}"), 1, float(n) / 100)
+    bf.apply()
+    assert kernel_map.calls == 2000 and bf.filtered == 2000
+    kernel_map.calls, CountedKey.hashed = 0, 0
+    bans.consider(CountedKey("127.4.0.1"), 1, 20.0)
+    bf.lift(60.0)  # the first one's time is up
+    assert bans.next_expiry() == 60.01
+    bf.apply()
+    assert kernel_map.calls == 2  # one add, one remove
+    assert CountedKey.hashed < 50  # not a pass over 2,000 bans (that is >= 2,000)
+    assert v4("127.4.0.1") in kernel_map.keys and v4("127.3.0.1") not in kernel_map.keys
+    assert bf.filtered == 2000 == len(kernel_map.keys)
+    kernel_map.calls = 0
+    bf.apply()  # nothing changed: nothing to do
+    assert kernel_map.calls == 0
+
+
+def test_bans_that_did_not_fit_go_in_when_a_lift_makes_room() -> None:
+    bans = BanList(after=1, duration=60.0, max_entries=10)
+    bf = BanFilter([OptionsSock()], bans)
+    bf._ebpf = kernel_map = CountingMap(room=2)  # type: ignore[assignment]
+    with structlog.testing.capture_logs():
+        for n in range(4):  # .1 and .2 fit; .3 and .4 are listed only
+            bans.consider(v4(f"127.2.0.{n + 1}"), 1, float(n))
+        bf.apply()
+        assert {str(k) for k in kernel_map.keys} == {"127.2.0.1", "127.2.0.2"}
+        bans.expire(60.0)  # .1 lifted: room for one, the oldest waiting (.3)
+        bf.apply()
+    assert {str(k) for k in kernel_map.keys} == {"127.2.0.2", "127.2.0.3"}
+    assert bf.filtered == 2 and len(bans) == 3
+
+
+def test_the_classic_filter_takes_the_changes_it_does_not_need() -> None:
+    bans = BanList(after=1, duration=60.0, max_entries=10)
+    bf = BanFilter([OptionsSock()], bans, budget=BPF_MAXINSNS)
+    bf.available = True
+    bans.consider(v4("127.2.0.1"), 1, 0.0)
+    bf.apply()
+    assert bans.take_changes() == []  # else a classic registry's list would grow forever
