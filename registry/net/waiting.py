@@ -164,7 +164,8 @@ class WaitingRoom:
                 result = self._feed(w, now)
             except ProtocolError as e:
                 self._leave(w)
-                failed.append((w, e))
+                # kept without its traceback: its frames hold `failed`, a cycle only gc frees
+                failed.append((w, e.with_traceback(None)))
                 continue
             if result is not None:
                 self._leave(w)
@@ -212,7 +213,7 @@ class WaitingRoom:
                 event = w.receiver.quiet()
             except ProtocolError as e:
                 self._leave(w)
-                failed.append((w, e))
+                failed.append((w, e.with_traceback(None)))
                 continue
             if not isinstance(event, NeedData):
                 self._leave(w)
