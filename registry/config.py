@@ -232,8 +232,9 @@ class RateLimitConfig(_Section):
     ipv6_prefix: int = 64
     max_entries: int = 100_000
     # Protocol errors (junk, stalls) the registry records before it is "under
-    # pressure"; beyond it each further error empties its source's bucket and fines
-    # it error_fine tokens more, into debt (at most one period's worth). 0: never.
+    # pressure"; beyond it, until errors have stayed under this rate for a whole
+    # burst, each further error empties its source's bucket and fines it
+    # error_fine tokens more, into debt (at most one period's worth). 0: never.
     errors_global: Rate = Rate(200, 1.0)
     error_fine: int = 30
 

@@ -551,18 +551,22 @@ def test_a_fine_counts_from_an_empty_bucket(per_source: Rate, used: int, wait: f
     assert isinstance(busy, Busy) and busy.retry_after == math.ceil(wait), busy
 
 
-def test_under_pressure_follows_the_errors_bucket() -> None:
-    # errors_global 2/second: the third error within a second is under pressure, and
-    # a token back (0.5 s) ends it; checks at the door do not change it.
+def test_under_pressure_from_an_empty_errors_bucket_until_it_refilled() -> None:
+    # errors_global 2/second (a token every 0.5 s): the third error within a second
+    # starts the pressure; a token back does not end it (the refill would let two
+    # errors a second through unfined), only the whole burst back does; checks at
+    # the door change nothing.
     limiter = RateLimiter(RateLimitConfig(errors_global=Rate(2, 1.0)))
     src = ip_address("10.0.0.1")
     states = []
-    for now in (0.0, 0.0, 0.0, 0.1, 0.6, 0.6):
+    # tokens before each error: 2, 1, 0, 0, 1, 0; then errors at the rate (one each
+    # 0.5 s: 1, 1) keep it on; by 2.5 s the burst is back: off
+    for now in (0.0, 0.0, 0.0, 0.1, 0.6, 0.6, 1.4, 1.9, 2.5):
         limiter.penalize(src, now)
         states.append(limiter.under_pressure)
         limiter.check(src, None, now, include_global=False)
         assert limiter.under_pressure is states[-1]
-    assert states == [False, False, True, True, False, True]
+    assert states == [False, False, True, True, True, True, True, True, False]
 
 
 def test_error_fine_zero_keeps_the_usual_price_under_pressure() -> None:
