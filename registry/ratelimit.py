@@ -357,20 +357,26 @@ class RateLimiter:
         an attack waits about a minute (told by ``retry_after``).
         """
         key = _pack(source, self._drop)
-        # Pressure starts when errors outrun errors_global (the bucket is empty) and
-        # ends only when they have stayed under it long enough to refill the whole
-        # burst. Following the bucket alone, its refill (200 errors a second) let as
-        # many attacking addresses a second through unfined, each recorded again when
-        # it came back: ~1,700 of an attack from 5,000 (docs/benchmarks.md).
+        if not self.note_error(now) or self._cfg.error_fine <= 0:
+            return self._source.take(key, now) == 0.0
+        self._source.fine(key, now, self._cfg.error_fine)
+        return True
+
+    def note_error(self, now: float) -> bool:
+        """Count one recorded protocol error against ``errors_global``; return
+        ``under_pressure`` as it now stands (``penalize`` does this itself).
+
+        Pressure starts when errors outrun errors_global (the bucket is empty) and
+        ends only when they have stayed under it long enough to refill the whole
+        burst. Following the bucket alone, its refill (200 errors a second) let as
+        many attacking addresses a second through unfined, each recorded again when
+        it came back: ~1,700 of an attack from 5,000 (docs/benchmarks.md)."""
         calm = self._errors.full(0, now)
         if self._errors.take(0, now) > 0.0:
             self.under_pressure = True
         elif calm:
             self.under_pressure = False
-        if not self.under_pressure or self._cfg.error_fine <= 0:
-            return self._source.take(key, now) == 0.0
-        self._source.fine(key, now, self._cfg.error_fine)
-        return True
+        return self.under_pressure
 
     def check_source(self, source: IPAddress, now: float) -> Allowed | Busy:
         """The per-source and global limits alone (before the target is known)."""

@@ -186,6 +186,8 @@ class Service:
             busy = None
         else:
             busy = self.limiter.check(peer.host, None, started, include_global=False)
+            if not isinstance(busy, Busy):  # recorded as an error: it counts toward pressure
+                self.limiter.note_error(started)
         if isinstance(busy, Busy):
             outcome = _busy(busy)
         else:

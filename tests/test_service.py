@@ -320,6 +320,20 @@ async def test_under_pressure_errors_past_the_first_ten_are_recorded_not_logged(
     assert service.take_unlogged() == {"malformed": 1} and len(more) == 11
 
 
+async def test_errors_without_the_door_count_toward_pressure_too() -> None:
+    # UDP, or a system without the waiting room: the source did not pay at the door,
+    # so reject() charges its token itself; the error still counts toward
+    # errors_global, so "under pressure" (which sums the log lines) stays true.
+    service, _, rec = make('[ratelimit]\nerrors_global = "2/hour"\nper_source = "1000/second"\n')
+    for n in range(3):
+        outcome = await service.reject(
+            ProtocolError(Code.MALFORMED, "junk"), LOCAL, Protocol.TEXT, 1.0
+        )
+        assert outcome.code is Code.MALFORMED
+        assert service.limiter.under_pressure is (n == 2), n
+    assert len(rec.records) == 3
+
+
 async def test_reject_many_store_failure_raises() -> None:
     service, _, rec = make()
     rec.fail = True
