@@ -190,6 +190,8 @@ class Service:
                 self.limiter.note_error(started)
         if isinstance(busy, Busy):
             outcome = _busy(busy)
+        elif source_paid:  # penalized: perhaps fined
+            outcome = self._error_outcome(error, peer, started)
         else:
             outcome = Outcome(code=error.code, explanation=error.explanation)
         outcome = outcome.with_(id=self.new_id(), observed=str(peer))
@@ -366,7 +368,7 @@ class Service:
         done = []
         for error, peer, protocol, received_at, conn_id in rejected:
             self.limiter.penalize(peer.host, started)
-            outcome = Outcome(code=error.code, explanation=error.explanation).with_(
+            outcome = self._error_outcome(error, peer, started).with_(
                 id=self.new_id(), observed=str(peer)
             )
             record = _record(outcome, peer, protocol, received_at, 0.0)
@@ -396,6 +398,23 @@ class Service:
             structlog.contextvars.reset_contextvars(**tokens)
             if n % 4 == 0:  # a log line each (~60 us): let other tasks run between a few
                 await trio.lowlevel.checkpoint()
+
+    def _error_outcome(self, error: ProtocolError, peer: Endpoint, now: float) -> Outcome:
+        """The ERROR reply to a bad request, after its price was taken. A source fined
+        under pressure (``RateLimiter.penalize``) is told its wait here, with
+        ``retry_after``, so its first refusal at the door is already one it was told
+        about (``limits.ban_after_ignored`` counts those)."""
+        outcome = Outcome(code=error.code, explanation=error.explanation)
+        if not (self.limiter.under_pressure and self.limiter.config.error_fine > 0):
+            return outcome
+        busy = self.limiter.check(peer.host, None, now, take=False, include_global=False)
+        if not isinstance(busy, Busy):
+            return outcome
+        return outcome.with_(
+            retry_after=busy.retry_after,
+            explanation=f"{error.explanation} (the registry is flooded with bad requests: "
+            f"your address may connect again in {busy.retry_after} s)",
+        )
 
     def take_unlogged(self) -> dict[str, int]:
         """Protocol errors recorded but not logged one by one since the last call (by

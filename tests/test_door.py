@@ -435,6 +435,10 @@ async def test_under_pressure_junk_locks_its_source_out_for_about_a_minute(tmp_p
         other = await _line(port, "127.0.0.8", b"nonsense\n")
         runtime.shutdown()
     assert [r.split()[:2] for r in junk] == [[b"ERROR", b"malformed"]] * 2, junk
+    # the first junk was not fined and is not told to wait; the fined one is, at once
+    assert b"retry_after=" not in junk[0] and b"may connect again" not in junk[0], junk
+    told = int(junk[1].split(b"retry_after=")[1].split()[0])
+    assert 60 <= told <= 66 and f"again in {told} s".encode() in junk[1], junk[1]
     assert refused.startswith(b"BUSY rate_limited retry_after="), refused
     retry_after = int(refused.split()[2].split(b"=")[1])
     assert 60 <= retry_after <= 66, refused  # about a minute, not the usual 6 s

@@ -334,6 +334,32 @@ async def test_errors_without_the_door_count_toward_pressure_too() -> None:
     assert len(rec.records) == 3
 
 
+async def test_a_fined_error_tells_its_wait_and_an_unfined_one_does_not() -> None:
+    # errors_global 1/hour, per_source 10/minute, fines of 30: the second error is
+    # under pressure and fined; its reply says how long (retry_after, explanation).
+    # Without the door (source_paid False) the source is not fined: nothing to tell.
+    service, _, rec = make(
+        '[ratelimit]\nerrors_global = "1/hour"\nper_source = "10/minute"\nerror_fine = 30\n'
+    )
+    junk = [(ProtocolError(Code.MALFORMED, "junk"), LOCAL, Protocol.TEXT, 1.0, n) for n in range(2)]
+    first, fined = await service.reject_many(junk)
+    assert first.retry_after is None and first.explanation == "junk"
+    assert fined.retry_after == 66 and fined.code is Code.MALFORMED
+    assert fined.explanation == (
+        "junk (the registry is flooded with bad requests: your address may connect again in 66 s)"
+    )
+    paid = await service.reject(
+        ProtocolError(Code.MALFORMED, "junk"), LAN, Protocol.TEXT, 1.0, source_paid=True
+    )
+    assert paid.retry_after == 66
+    unpaid = await service.reject(ProtocolError(Code.MALFORMED, "junk"), LOCAL, Protocol.UDP, 1.0)
+    assert unpaid.status is Status.BUSY  # LOCAL is in debt: refused, as before
+    other = Endpoint(ipaddress.ip_address("127.0.0.2"), 40000)
+    unfined = await service.reject(ProtocolError(Code.MALFORMED, "junk"), other, Protocol.UDP, 1.0)
+    assert unfined.retry_after is None and unfined.explanation == "junk"
+    assert len(rec.records) == 5  # each recorded
+
+
 async def test_reject_many_store_failure_raises() -> None:
     service, _, rec = make()
     rec.fail = True
