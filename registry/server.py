@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import math
 import os
 import signal
 import socket
@@ -518,9 +519,17 @@ def _ban_settings(cfg: Config) -> dict[str, Any]:
         "max_entries": lim.max_bans,
         "exempt": [cidr.network for cidr in lim.ban_exempt_networks],
         "ignored_after": lim.ban_after_ignored,
-        "long_wait": lim.max_refusal_delay,  # longer than any hold: the source is in debt
+        # Longer than any hold and than one token's time (what an empty bucket waits):
+        # only a fined source, in debt, is told to wait that long. (A per_source of
+        # 5/minute tells a merely rate-limited student 12 s, more than the hold.)
+        "long_wait": max(lim.max_refusal_delay, math.ceil(_token_time(cfg))),
         "spread": lim.ban_spread,
     }
+
+
+def _token_time(cfg: Config) -> float:
+    rate = cfg.ratelimit.per_source
+    return rate.period / rate.count if rate.count > 0 else 0.0
 
 
 def _sockname(listener: trio.SocketListener) -> Endpoint:

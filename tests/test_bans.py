@@ -30,6 +30,7 @@ import trio
 import trio.testing
 
 from registry import config as config_mod
+from registry import server as server_mod
 from registry.bans import (
     ACCEPT,
     AND_K,
@@ -605,6 +606,9 @@ async def test_a_source_refused_in_a_loop_is_banned_in_the_kernel_then_let_back(
                 "ban_after": 3,
                 "ban_duration": "1500ms",
                 "ban_spread": 0,  # exactly 1.5 s
+                # the refusal-count rule alone (1/hour is a long wait: the ignored-wait
+                # rule would ban at the 2nd refusal)
+                "ban_after_ignored": 0,
             },
         }
     )
@@ -717,41 +721,79 @@ async def test_an_exempt_source_is_refused_but_never_banned(tmp_path: Path) -> N
 
 
 @linux
-@pytest.mark.parametrize("ignored_after", [3, 0])
+@pytest.mark.parametrize("ignored_after", [2, 3, 0])
 async def test_a_serial_source_ignoring_its_retry_after_is_banned_for_that_wait(
     tmp_path: Path, ignored_after: int
 ) -> None:
-    # One connection at a time, never over ban_after (20): per_source 1/hour tells
-    # it to wait ~3600 s, longer than any hold (max_refusal_delay 50 ms). Its third
-    # refusal bans it for min(3600 s, ban_duration 1.5 s); with the rule off
-    # (ban_after_ignored = 0) it is refused, never banned.
-    cfg = looping_config(
-        tmp_path,
-        ban_after=20,
-        ban_after_ignored=ignored_after,
-        ban_duration="1500ms",
-        ban_spread=0,
+    # One connection at a time, never over ban_after (20). Under pressure (another
+    # source's junk used up errors_global), 127.2.0.9's junk is fined: told to wait
+    # ~66 s (per_source 10/minute), longer than any hold (50 ms) and than one token
+    # (6 s). Its ignored_after-th refusal bans it for min(66 s, ban_duration 1.5 s);
+    # with the rule off (ban_after_ignored = 0) it is refused, never banned.
+    cfg = config_mod.from_dict(
+        {
+            "server": {"listen": ["127.0.0.1:0"], "admin": "off", "db": str(tmp_path / "s.db")},
+            "ratelimit": {"per_source": "10/minute", "errors_global": "1/hour"},
+            "limits": {
+                "refusal_delay": "50ms",
+                "max_refusal_delay": "50ms",
+                "ban_after": 20,
+                "ban_after_ignored": ignored_after,
+                "ban_duration": "1500ms",
+                "ban_spread": 0,
+            },
+        }
     )
+    refusals = ignored_after or 3
     async with trio.open_nursery() as nursery:
         runtime: Runtime = await nursery.start(
             Registry(cfg, handle_signals=False).run  # type: ignore[arg-type]
         )
         port = runtime.tcp[0].port
-        replies = [await _exchange(port, "127.2.0.9", b"hello\n") for _ in range(4)]
+        await _exchange(port, "127.2.0.8", b"hello\n")  # the pressure budget's one error
+        replies = [await _exchange(port, "127.2.0.9", b"hello\n") for _ in range(1 + refusals)]
         bans = runtime.bans.active()
         await trio.sleep(0.15)  # the filter task applies the ban on its next turn
         dropped = await _exchange(port, "127.2.0.9", b"hello\n")
         runtime.shutdown()
     assert replies[0] is not None and replies[0].startswith(b"ERROR malformed ")
+    told = int(replies[0].split(b"retry_after=")[1].split()[0])  # the fine, told at once
     assert all(r is not None and r.startswith(b"BUSY rate_limited ") for r in replies[1:])
     wait = int(replies[1].split(b"retry_after=")[1].split()[0])  # type: ignore[union-attr]
-    assert wait > 3000  # what it was told, and ignored
+    assert 60 <= told <= 66 and 60 <= wait <= 66  # what it was told, and ignored
     if ignored_after:
         [ban] = bans
-        assert (str(ban.key), ban.refusals, ban.until - ban.since) == ("127.2.0.9", 3, 1.5)
+        assert (str(ban.key), ban.refusals, ban.until - ban.since) == ("127.2.0.9", refusals, 1.5)
         assert dropped is None  # its SYN dropped: the connect timed out
     else:
         assert bans == [] and dropped is not None and dropped.startswith(b"BUSY rate_limited ")
+
+
+@pytest.mark.parametrize(
+    ("per_source", "max_refusal_delay", "long_wait"),
+    [
+        ("30/minute", "5s", 5.0),  # the default: a token every 2 s, the hold is longer
+        ("5/minute", "5s", 12.0),  # the internet profile: an empty bucket tells 12 s
+        ("7/minute", "5s", 9.0),  # 8.6 s, told as 9
+        ("5/minute", "30s", 30.0),
+    ],
+)
+def test_only_a_wait_beyond_a_token_and_a_hold_counts_as_ignored(
+    per_source: str, max_refusal_delay: str, long_wait: float
+) -> None:
+    # A student merely rate limited is told at most one token's time (rounded up):
+    # coming back early is not ignoring a fine, and must never ban them.
+    cfg = config_mod.from_dict(
+        {
+            "ratelimit": {"per_source": per_source},
+            "limits": {"max_refusal_delay": max_refusal_delay},
+        }
+    )
+    bans = BanList(**server_mod._ban_settings(cfg))
+    assert bans.long_wait == long_wait
+    key = v4("127.2.0.1")
+    assert bans.consider(key, 5, 0.0, long_wait) is None  # told no more than that: no ban
+    assert bans.consider(key, 2, 0.0, long_wait + 1) is not None  # beyond it, twice: banned
 
 
 def test_a_wave_of_bans_is_logged_as_ten_lines_and_one_sum(tmp_path: Path) -> None:

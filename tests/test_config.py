@@ -343,7 +343,7 @@ def test_bans_can_be_turned_off_and_default_on() -> None:
     assert config_mod.loads("[limits]\nban_after = 0\n").limits.ban_after == 0
     default = config_mod.loads("").limits
     assert (default.ban_after, default.ban_duration, default.max_bans) == (20, 60.0, 10000)
-    assert default.ban_after_ignored == 3 and default.ban_spread == 0.5
+    assert default.ban_after_ignored == 2 and default.ban_spread == 0.5
     assert config_mod.loads("[limits]\nban_spread = 0\n").limits.ban_spread == 0.0
     assert config_mod.loads("[limits]\nban_after_ignored = 0\n").limits.ban_after_ignored == 0
 
