@@ -357,10 +357,16 @@ class RateLimiter:
         an attack waits about a minute (told by ``retry_after``).
         """
         key = _pack(source, self._drop)
-        if not self.note_error(now) or self._cfg.error_fine <= 0:
+        self.note_error(now)
+        if not self.fining:
             return self._source.take(key, now) == 0.0
         self._source.fine(key, now, self._cfg.error_fine)
         return True
+
+    @property
+    def fining(self) -> bool:
+        """Does a protocol error that paid at the door fine its source now?"""
+        return self.under_pressure and self._cfg.error_fine > 0
 
     def note_error(self, now: float) -> bool:
         """Count one recorded protocol error against ``errors_global``; return

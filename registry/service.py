@@ -405,7 +405,7 @@ class Service:
         ``retry_after``, so its first refusal at the door is already one it was told
         about (``limits.ban_after_ignored`` counts those)."""
         outcome = Outcome(code=error.code, explanation=error.explanation)
-        if not (self.limiter.under_pressure and self.limiter.config.error_fine > 0):
+        if not self.limiter.fining:
             return outcome
         busy = self.limiter.check(peer.host, None, now, take=False, include_global=False)
         if not isinstance(busy, Busy):
