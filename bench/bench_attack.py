@@ -172,6 +172,7 @@ class CpuWindow:
     busy: int = 0
     steal: int = 0
     per_pid: dict[int, int] = field(default_factory=dict)
+    used: dict[int, float] = field(default_factory=dict)  # % of one core, after end()
 
     def begin(self) -> None:
         self.start = time.monotonic()
@@ -184,6 +185,7 @@ class CpuWindow:
         used = {pid: process_jiffies(pid) - j for pid, j in self.per_pid.items()}
         busy, steal = busy_jiffies()
         foreign = (busy - self.busy) - sum(used.values())
+        self.used = {pid: j / ticks * 100 for pid, j in used.items()}
         return (
             used[self.pids[0]] / ticks * 100,
             max(0.0, foreign / ticks * 100),
@@ -439,15 +441,18 @@ async def _stop_on_signal(scope: trio.CancelScope) -> None:
 
 def attacker_main(args: argparse.Namespace) -> None:
     raise_nofile()
+    if args.nice:
+        os.nice(args.nice)
     stats = trio.run(attacker, args)
     print(json.dumps(asdict(stats)), flush=True)
 
 
 def start_attacker(
-    mode: str, port: int, n: int, first_byte: bool, duration: float, per_source: int
+    mode: str, port: int, n: int, first_byte: bool, duration: float, per_source: int, nice: int
 ) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, __file__, "--role", "attacker", "--mode", mode, "--port", str(port)]
     cmd += ["--n", str(n), "--duration", str(duration), "--per-source", str(per_source)]
+    cmd += ["--nice", str(nice)]
     if first_byte:
         cmd.append("--first-byte")
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
@@ -506,6 +511,7 @@ class Row:
     # attack costs the registry, and unlike a latency it is not stretched by steal.
     reference_cpu: float = math.nan
     ratio_runs: list[float] = field(default_factory=list)  # --paired: each run's ratio
+    attacker_cpu: float = math.nan  # the attacker process's CPU in the window
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -523,6 +529,7 @@ async def measure(
     rate: float,
     first_addr: int,
     paired: bool = False,
+    attacker_nice: int = 0,
 ) -> Row:
     reference_ms = reference_cpu = math.nan
     if paired and scenario.mode:
@@ -542,6 +549,7 @@ async def measure(
             scenario.first_byte,
             duration,
             scenario.per_source,
+            attacker_nice,
         )
         if scenario.mode
         else None
@@ -573,6 +581,7 @@ async def measure(
             result = await run_honest(server.port, honest, rate, first_addr)
             measuring = False
             server_cpu, foreign_cpu, steal = cpu.end()
+            attacker_cpu = cpu.used.get(proc.pid, 0.0) if proc else 0.0
             rss_end = server.rss_mb()
             nursery.cancel_scope.cancel()
     finally:
@@ -591,6 +600,7 @@ async def measure(
         rss_end_mb=rss_end,
         server_cpu=server_cpu,
         foreign_cpu=foreign_cpu,
+        attacker_cpu=attacker_cpu,
         steal=steal,
         reference_ms=reference_ms,
         reference_cpu=reference_cpu,
@@ -631,8 +641,8 @@ def table(rows: list[Row]) -> str:
     head = (
         "| server | scenario | honest cycles | success | p50 ms | p99 ms | p99.9 ms "
         "| p99 / p99 no attack | p99 of each run | peak RSS MB | server fds | server CPU "
-        "| other CPU | stolen | failures |\n"
-        "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|"
+        "| attacker CPU | other CPU | stolen | failures |\n"
+        "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---|"
     )
     lines = [head]
     for r in rows:
@@ -645,7 +655,7 @@ def table(rows: list[Row]) -> str:
             f"{'(ratios ' + ' / '.join(map(str, r.ratio_runs)) + ')' if r.ratio_runs else ''} "
             f"| {r.rss_peak_mb:.0f} | {r.fds_median:.0f} | {r.server_cpu:.0f} %"
             f"{' (ref ' + format(r.reference_cpu, '.0f') + ' %)' if r.reference_cpu == r.reference_cpu else ''} "
-            f"| {r.foreign_cpu:.0f} % | {r.steal:.0f} % | {fails} |"
+            f"| {r.attacker_cpu:.0f} % | {r.foreign_cpu:.0f} % | {r.steal:.0f} % | {fails} |"
         )
     return "\n".join(lines)
 
@@ -683,7 +693,13 @@ async def bench(args: argparse.Namespace) -> list[Row]:
                     try:
                         runs.append(
                             await measure(
-                                server, scenario, honest, args.rate, first_addr, args.paired
+                                server,
+                                scenario,
+                                honest,
+                                args.rate,
+                                first_addr,
+                                args.paired,
+                                args.attacker_nice,
                             )
                         )
                     finally:
@@ -743,6 +759,12 @@ def main() -> None:
         help="seconds of attack before the measured window, for every attack scenario "
         "(default: each scenario's own, 2-7 s); a later window shows a later phase",
     )
+    parser.add_argument(
+        "--attacker-nice",
+        type=int,
+        default=0,
+        help="run the attacker process at this nice value (0-19)",
+    )
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
     # the attacker role (started by the benchmark itself)
     parser.add_argument("--role", choices=("bench", "attacker"), default="bench")
@@ -752,6 +774,7 @@ def main() -> None:
     parser.add_argument("--first-byte", action="store_true")
     parser.add_argument("--per-source", type=int, default=SOURCES_PER_STALL_GROUP)
     parser.add_argument("--duration", type=float, default=60.0)
+    parser.add_argument("--nice", type=int, default=0)
     args = parser.parse_args()
     if args.role == "attacker":
         attacker_main(args)
