@@ -7,7 +7,17 @@ Run (about 10 minutes for both servers; --quick about 2):
 Host drift: ``--paired`` runs the same honest cycles unloaded on the same
 server just before each attack run and reports each run's p99 over its own
 reference (steal and neighbours change the unloaded p99 by 2-3x within an
-hour on a shared virtual machine).
+hour on a shared virtual machine). With ``--paired`` the ``none`` row is an
+A/A test (two unloaded windows back to back): its ratios show how far the
+host's drift alone moves a p99. With ``--repeat`` too, a pooled ratio (p99 of
+all the runs' cycles over p99 of all their reference cycles) is shown beside
+the median of the runs' ratios.
+
+``--decoy`` points the attacker at a second server of the same kind on the
+same host while the honest cycles go to the measured one: the measured server
+then does none of the attack's work, and its ratio is what the attack's load
+on the machine alone (the attacker, the kernel's loopback, the decoy) does to
+a student's latency. The attacker CPU column then includes the decoy's.
 
 A/B a patch: copy the patched ``registry/`` package to DIR and add
 ``--registry-pythonpath DIR --servers registry`` (``--only NAME,...`` picks
@@ -512,6 +522,21 @@ class Row:
     reference_cpu: float = math.nan
     ratio_runs: list[float] = field(default_factory=list)  # --paired: each run's ratio
     attacker_cpu: float = math.nan  # the attacker process's CPU in the window
+    # --paired --repeat: the p99 of every run's cycles pooled over the p99 of every
+    # reference cycle pooled: 3,000 cycles a side instead of three 1,000-cycle p99s.
+    pooled_ratio: float = math.nan
+    # Each cycle's seconds (not written to --json: 1,000 numbers a run).
+    latencies: list[float] = field(default_factory=list, repr=False)
+    reference_latencies: list[float] = field(default_factory=list, repr=False)
+
+
+def pooled_ratio(runs: list[Row]) -> float:
+    """p99 of all the runs' cycles over p99 of all their reference cycles."""
+    attacked = sorted(t for r in runs for t in r.latencies)
+    reference = sorted(t for r in runs for t in r.reference_latencies)
+    if not attacked or not reference:
+        return math.nan
+    return percentile(attacked, 99) / percentile(reference, 99)
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -530,21 +555,26 @@ async def measure(
     first_addr: int,
     paired: bool = False,
     attacker_nice: int = 0,
+    decoy: Server | None = None,
 ) -> Row:
     reference_ms = reference_cpu = math.nan
-    if paired and scenario.mode:
+    reference_latencies: list[float] = []
+    if paired:
         # The same cycles on the same fresh server just before the attack starts:
-        # this run's own reference, taken minutes closer than the "none" row.
+        # this run's own reference, taken minutes closer than the "none" row. For
+        # "none" itself it is an A/A test: two unloaded windows back to back, whose
+        # ratio shows how far this host's drift alone moves a p99.
         ref_cpu = CpuWindow([server.proc.pid, os.getpid()])
         ref_cpu.begin()
         ref = await run_honest(server.port, honest, rate, first_addr + honest)
         reference_cpu = ref_cpu.end()[0]
+        reference_latencies = ref.latencies
         reference_ms = percentile(sorted(ref.latencies), 99) * 1000
     duration = scenario.warmup + honest / rate + CYCLE_TIMEOUT + 10
     proc = (
         start_attacker(
             scenario.mode,
-            server.port,
+            decoy.port if decoy else server.port,
             scenario.n,
             scenario.first_byte,
             duration,
@@ -575,13 +605,15 @@ async def measure(
             nursery.start_soon(sample_fds)
             await trio.sleep(scenario.warmup)
             rss_start = server.rss_mb()
-            cpu = CpuWindow([server.proc.pid, *([proc.pid] if proc else []), os.getpid()])
+            attack_pids = [proc.pid] if proc else []
+            attack_pids += [decoy.proc.pid] if decoy else []
+            cpu = CpuWindow([server.proc.pid, *attack_pids, os.getpid()])
             cpu.begin()
             measuring = True
             result = await run_honest(server.port, honest, rate, first_addr)
             measuring = False
             server_cpu, foreign_cpu, steal = cpu.end()
-            attacker_cpu = cpu.used.get(proc.pid, 0.0) if proc else 0.0
+            attacker_cpu = sum(cpu.used.get(pid, 0.0) for pid in attack_pids)
             rss_end = server.rss_mb()
             nursery.cancel_scope.cancel()
     finally:
@@ -607,6 +639,8 @@ async def measure(
         failures=result.failures,
         attack=attack,
         fds_median=percentile(sorted(fds), 50),
+        latencies=result.latencies,
+        reference_latencies=reference_latencies,
         slowest=[
             (round(at, 2), round(took * 1000, 1))
             for at, took in sorted(result.timeline, key=lambda t: -t[1])[:15]
@@ -652,7 +686,8 @@ def table(rows: list[Row]) -> str:
             f"| {r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.p999_ms:.1f} | {r.ratio:.2f} "
             f"| {' / '.join(f'{p:.1f}' for p in r.p99_runs) or '-'}"
             f"{' (ref ' + format(r.reference_ms, '.1f') + ')' if r.reference_ms == r.reference_ms else ''} "
-            f"{'(ratios ' + ' / '.join(map(str, r.ratio_runs)) + ')' if r.ratio_runs else ''} "
+            f"{'(ratios ' + ' / '.join(map(str, r.ratio_runs)) + ')' if r.ratio_runs else ''}"
+            f"{' (pooled ' + format(r.pooled_ratio, '.2f') + ')' if len(r.ratio_runs) > 1 else ''} "
             f"| {r.rss_peak_mb:.0f} | {r.fds_median:.0f} | {r.server_cpu:.0f} %"
             f"{' (ref ' + format(r.reference_cpu, '.0f') + ' %)' if r.reference_cpu == r.reference_cpu else ''} "
             f"| {r.attacker_cpu:.0f} % | {r.foreign_cpu:.0f} % | {r.steal:.0f} % | {fails} |"
@@ -690,6 +725,11 @@ async def bench(args: argparse.Namespace) -> list[Row]:
                     server = start_server(
                         kind, Path(tmp), args.registry_config, args.registry_pythonpath
                     )
+                    decoy = None
+                    if args.decoy and scenario.mode is not None:
+                        decoy = start_server(
+                            kind, Path(tmp), args.registry_config, args.registry_pythonpath
+                        )
                     try:
                         runs.append(
                             await measure(
@@ -700,10 +740,13 @@ async def bench(args: argparse.Namespace) -> list[Row]:
                                 first_addr,
                                 args.paired,
                                 args.attacker_nice,
+                                decoy,
                             )
                         )
                     finally:
                         server.stop()
+                        if decoy is not None:
+                            decoy.stop()
                     first_addr += 2 * honest
                     await trio.sleep(1.0)
                 # The run with the median p99 stands for the scenario (all its columns
@@ -715,11 +758,13 @@ async def bench(args: argparse.Namespace) -> list[Row]:
                 if scenario.mode is None:
                     reference = row.p99_ms
                 row.ratio = row.p99_ms / reference if reference else math.nan
-                if args.paired and scenario.mode is not None:
+                if args.paired:
                     # Each run against its own reference; the row: the median ratio.
                     ratios = sorted(r.p99_ms / r.reference_ms for r in runs)
                     row.ratio_runs = [round(x, 2) for x in ratios]
-                    row.ratio = ratios[len(ratios) // 2]
+                    if scenario.mode is not None:
+                        row.ratio = ratios[len(ratios) // 2]
+                    row.pooled_ratio = pooled_ratio(runs)
                 rows.append(row)
                 print(table([row]).splitlines()[-1], file=sys.stderr, flush=True)
     return rows
@@ -765,6 +810,12 @@ def main() -> None:
         default=0,
         help="run the attacker process at this nice value (0-19)",
     )
+    parser.add_argument(
+        "--decoy",
+        action="store_true",
+        help="attack a second server of the same kind on this host instead of the measured "
+        "one: what the attack's load on the machine alone does to the honest cycles",
+    )
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
     # the attacker role (started by the benchmark itself)
     parser.add_argument("--role", choices=("bench", "attacker"), default="bench")
@@ -789,7 +840,10 @@ def main() -> None:
     print(spray_lines(rows))
     print(f"\n(total {time.monotonic() - started:.0f} s)")
     if args.json:
-        args.json.write_text(json.dumps([asdict(r) for r in rows], indent=2))
+        out = [asdict(r) for r in rows]
+        for r in out:
+            del r["latencies"], r["reference_latencies"]
+        args.json.write_text(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":

@@ -129,6 +129,15 @@ def test_extra_cannot_override_standard_fields() -> None:
     assert format_reply(outcome).count(b"verified=") == 1
 
 
+@pytest.mark.parametrize("key", ["id", "ID", "Target", "retry-after", "rtt_ms", "corrected"])
+def test_extra_never_takes_a_standard_name_even_when_that_field_is_unset(key: str) -> None:
+    # Found by hypothesis: an extra "ID" (lowercased to "id") read back as the
+    # registration id of an outcome that had none.
+    line = format_reply(Outcome(Code.CONNECTED, "x", extra=((key, "forged"),)))
+    assert b"forged" not in line
+    assert parse_reply(line).fields == {}
+
+
 @pytest.mark.parametrize(
     ("explanation", "shown"),
     [

@@ -118,6 +118,18 @@ class ParsedReply:
     explanation: str = ""
 
 
+STANDARD_KEYS = (
+    "id",
+    "target",
+    "observed",
+    "diagnosis",
+    "verified",
+    "rtt_ms",
+    "retry_after",
+    "corrected",
+)
+
+
 def _fields(outcome: Outcome) -> list[tuple[str, str]]:
     """The reply's key=value pairs, in the documented order."""
     pairs: list[tuple[str, str]] = []
@@ -137,11 +149,12 @@ def _fields(outcome: Outcome) -> list[tuple[str, str]]:
         pairs.append(("retry_after", str(int(outcome.retry_after))))
     if outcome.corrected:
         pairs.append(("corrected", "yes"))
-    seen = {key for key, _ in pairs}
+    # An extra key never takes a standard field's name, set or not: "id=" in a
+    # reply is always the registration's id (an extra "ID" would read as "id").
+    seen = set(STANDARD_KEYS)
     for key, value in outcome.extra:
         clean = _safe_key(key)
-        # A duplicate key would make the reply ambiguous; the standard field wins.
-        if clean not in seen:
+        if clean not in seen:  # a repeated key would make the reply ambiguous
             seen.add(clean)
             pairs.append((clean, value))
     return pairs
