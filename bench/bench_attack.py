@@ -521,7 +521,7 @@ class Row:
     # attack costs the registry, and unlike a latency it is not stretched by steal.
     reference_cpu: float = math.nan
     ratio_runs: list[float] = field(default_factory=list)  # --paired: each run's ratio
-    attacker_cpu: float = math.nan  # the attacker process's CPU in the window
+    attacker_cpu: float = math.nan  # the attacker process's CPU in the window (+ --decoy's)
     # --paired --repeat: the p99 of every run's cycles pooled over the p99 of every
     # reference cycle pooled: 3,000 cycles a side instead of three 1,000-cycle p99s.
     pooled_ratio: float = math.nan
@@ -726,11 +726,11 @@ async def bench(args: argparse.Namespace) -> list[Row]:
                         kind, Path(tmp), args.registry_config, args.registry_pythonpath
                     )
                     decoy = None
-                    if args.decoy and scenario.mode is not None:
-                        decoy = start_server(
-                            kind, Path(tmp), args.registry_config, args.registry_pythonpath
-                        )
                     try:
+                        if args.decoy and scenario.mode is not None:
+                            decoy = start_server(
+                                kind, Path(tmp), args.registry_config, args.registry_pythonpath
+                            )
                         runs.append(
                             await measure(
                                 server,
@@ -808,7 +808,9 @@ def main() -> None:
         "--attacker-nice",
         type=int,
         default=0,
-        help="run the attacker process at this nice value (0-19)",
+        choices=range(20),
+        metavar="0-19",
+        help="run the attacker process at this nice value (default 0)",
     )
     parser.add_argument(
         "--decoy",
