@@ -121,6 +121,8 @@ def test_profiles_say_what_they_promise() -> None:
     assert internet.policy.mode == "strict" and internet.auth.mode == "token"
     assert internet.ratelimit.per_source.per_second < default.ratelimit.per_source.per_second
     assert internet.limits.max_connections_per_source < default.limits.max_connections_per_source
+    # a hostile network: one return inside a told wait bans (docs/benchmarks.md)
+    assert internet.limits.ban_after_ignored == 1 < default.limits.ban_after_ignored
     assert nat.policy.mode == "nat-observed"
     for cfg in (lab, internet, nat):
         assert cfg.server.admin.startswith("127.0.0.1:"), "admin must stay on loopback"
