@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from registry.model import Code, Diagnosis, Outcome, Status
 from registry.protocol.reply import (
+    STANDARD_KEYS,
     ParsedReply,
     format_reply,
     parse_reply,
@@ -100,6 +101,8 @@ def test_field_order_with_everything() -> None:
         "zeta",
         "alpha",
     ]
+    # reply.STANDARD_KEYS (the names an extra may never take) is that same list
+    assert list(parsed.fields)[: len(STANDARD_KEYS)] == list(STANDARD_KEYS)
 
 
 SANITISED: list[tuple[Outcome, str, str]] = [
