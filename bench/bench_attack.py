@@ -66,8 +66,8 @@ Scenarios (attack sources are 127.2.x.y / 127.3.x.y / 127.4.x.y; honest ones 127
   each: no source is ever over its connection cap. The registry holds all N
   stalls and records each one it cuts; under pressure each such error fines
   its source (``ratelimit.error_fine``), whose next connections are refused
-  with a long ``retry_after``, and a source that comes back twice anyway
-  is banned for that wait (``limits.ban_after_ignored``).
+  with a long ``retry_after``, and a source that comes back inside it anyway
+  is banned for the rest of that wait (``limits.ban_after_ignored``).
 
 - ``flood``: one source, 64 registrations in flight back to back.
 - ``spray``: a new source address per registration, 400 a second on average

@@ -249,8 +249,9 @@ class LimitsConfig(_Section):
     max_refusals_held: int = 8192  # refused connections waiting for their answer
     ban_after: int = 20  # refusals of one source within 10 s that ban it; 0: never ban
     # refusals within 10 s of a source told to wait longer than max_refusal_delay
-    # (in debt after a fine) that ban it for that wait; 0: this rule off
-    ban_after_ignored: int = 2
+    # (in debt after a fine) that ban it for that wait; 0: this rule off. 1: the
+    # fined error's line and that refusal both told it the wait (docs/limits.md)
+    ban_after_ignored: int = 1
     ban_duration: Duration = Duration(60.0)  # how long the kernel drops a banned source's SYNs
     # each ban lasts up to this fraction longer, fixed per source, so that sources
     # banned together are not let back together (0: exactly ban_duration)
