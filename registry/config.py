@@ -551,7 +551,8 @@ def summary(cfg: Config) -> str:
         f" callbacks={lim.max_callbacks_in_flight}+{lim.max_callback_queue} queued",
         f"  bans        after {lim.ban_after} refusals in 10s, for {lim.ban_duration:g}s"
         + (
-            f"; after {lim.ban_after_ignored} ignored waits, for the wait"
+            f"; after {lim.ban_after_ignored} ignored wait"
+            f"{'' if lim.ban_after_ignored == 1 else 's'}, for the wait"
             if lim.ban_after_ignored
             else ""
         )

@@ -94,6 +94,9 @@ def test_shipped_profile_passes_check_config(name: str) -> None:
     limits = config_mod.load(str(CONFIG_DIR / name)).limits
     ban_after = limits.ban_after
     assert bans.endswith(" off") if ban_after == 0 else f"after {ban_after} refusals" in bans
+    if ban_after and limits.ban_after_ignored:
+        ignored = limits.ban_after_ignored
+        assert f"after {ignored} ignored wait{'' if ignored == 1 else 's'}," in bans, bans
     silent = next(line for line in result.stdout.splitlines() if line.startswith("  silent "))
     assert f"after {limits.silent_drop_after} in 10s" in silent, silent
 
