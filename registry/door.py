@@ -26,6 +26,7 @@ aggregate for the log and the metrics instead (docs/limits.md).
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Hashable
 from dataclasses import dataclass
@@ -61,6 +62,16 @@ class Refused:
     reason: str
     outcome: Outcome
     key: SourceKey
+
+
+def told_of_ban(outcome: Outcome, seconds: float) -> Outcome:
+    """The refusal that banned its source, saying so: it is still answered, and the
+    source's next connects will time out (the kernel drops its SYNs), which a
+    student would otherwise take for a network fault."""
+    return outcome.with_(
+        explanation=f"{outcome.explanation}; your address is now blocked for about "
+        f"{math.ceil(seconds)} s (connecting before then times out)"
+    )
 
 
 class Door:

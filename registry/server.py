@@ -26,10 +26,19 @@ import trio
 
 from registry import config as config_mod
 from registry import log as log_mod
-from registry.bans import BanList
+from registry.bans import Ban, BanList
 from registry.config import Config
 from registry.conncaps import ConnectionCaps
-from registry.door import RATE_LIMITED, SILENT, TOTAL, Admitted, Door, RefusalTally, Refused
+from registry.door import (
+    RATE_LIMITED,
+    SILENT,
+    TOTAL,
+    Admitted,
+    Door,
+    RefusalTally,
+    Refused,
+    told_of_ban,
+)
 from registry.errors import ConfigError, ProtocolError
 from registry.model import Code, Endpoint, Protocol, Request
 from registry.net.accept import accept_loop, defer_accept, held_silent
@@ -332,9 +341,12 @@ class Registry:
             # A source refused again waits longer; a silent one has waited out the kernel
             # already, and its next connection waits there again: answered at once.
             delay = 0.0 if decision.reason == SILENT else self.doorway.delay_for(repeat)
-            self.doorway.refuse(conn, decision.outcome, now, delay)
+            outcome = decision.outcome
             if decision.reason != TOTAL:  # a full registry is nobody's fault
-                self._consider_ban(decision, repeat, now)
+                ban = self._consider_ban(decision, repeat, now)
+                if ban is not None and self.ban_filter.available:
+                    outcome = told_of_ban(outcome, ban.until - now)
+            self.doorway.refuse(conn, outcome, now, delay)
             return
         # The kernel's wait counts in the read deadline: it is the time since connect.
         waiting = Waiting(conn, peer, decision.key, token, now - held)
@@ -348,15 +360,15 @@ class Registry:
         if self.silent.note(now, n):
             self.ban_filter.poke()  # the filter starts dropping bare ACKs
 
-    def _consider_ban(self, decision: Refused, repeat: int, now: float) -> None:
+    def _consider_ban(self, decision: Refused, repeat: int, now: float) -> Ban | None:
         wait = decision.outcome.retry_after if decision.reason == RATE_LIMITED else 0
         ban = self.bans.consider(decision.key, repeat, now, float(wait or 0))
         if ban is None:
-            return
+            return None
         self.ban_filter.poke()
         self._bans_in_interval += 1
         if self._bans_in_interval > LOGGED_BANS:
-            return  # counted: _log_refusals sums them up
+            return ban  # counted: _log_refusals sums them up
         log.warning(
             "source_banned",
             source=str(ban.key),
@@ -366,6 +378,7 @@ class Registry:
             banned=len(self.bans),
             kernel_filter=self.ban_filter.available,  # False: listed, not dropped
         )
+        return ban
 
     def _start(
         self,

@@ -107,8 +107,9 @@ ADVICE: dict[str, tuple[str, ...]] = {
     "registry_timeout": (
         "the registry did not answer within {timeout} s: it may be overloaded, or a firewall "
         "drops the traffic; check the address {registry}",
-        "if you (or a script sharing your address) retried many times in a row, the registry "
-        "may have banned your address for a minute or more: wait, then try once",
+        "if you (or a script sharing your address) retried many times in a row, or again "
+        "before the retry_after a previous reply told you, the registry may have banned your "
+        "address for a minute or more: wait, then try once",
     ),
     "no_reply": (
         "the program at {registry} accepted the connection but did not answer: is it really the "

@@ -761,12 +761,16 @@ async def test_a_serial_source_ignoring_its_retry_after_is_banned_for_that_wait(
     assert all(r is not None and r.startswith(b"BUSY rate_limited ") for r in replies[1:])
     wait = int(replies[1].split(b"retry_after=")[1].split()[0])  # type: ignore[union-attr]
     assert 60 <= told <= 66 and 60 <= wait <= 66  # what it was told, and ignored
+    # only the refusal that bans says so (answered still; the ban is 1.5 s)
+    blocked = [b"your address is now blocked for about 2 s" in (r or b"") for r in replies]
     if ignored_after:
         [ban] = bans
         assert (str(ban.key), ban.refusals, ban.until - ban.since) == ("127.2.0.9", refusals, 1.5)
         assert dropped is None  # its SYN dropped: the connect timed out
+        assert blocked == [False] * refusals + [True]
     else:
         assert bans == [] and dropped is not None and dropped.startswith(b"BUSY rate_limited ")
+        assert not any(blocked) and b"blocked" not in dropped
 
 
 @pytest.mark.parametrize(

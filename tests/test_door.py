@@ -31,6 +31,7 @@ from registry.door import (
     Door,
     RefusalTally,
     Refused,
+    told_of_ban,
 )
 from registry.model import Code, Outcome, Status
 from registry.net.doorway import REAP_CHUNK, Doorway
@@ -150,6 +151,22 @@ def test_a_connection_silent_through_the_kernels_wait_is_a_read_timeout_at_the_d
     assert refused.outcome.explanation.startswith(f"no request arrived within {waited} s ")
     assert d.caps.total == 0  # no slot taken...
     assert isinstance(d.arrive(ip(source), 0.0), Admitted)  # ...and no token: the one is left
+
+
+@pytest.mark.parametrize(("seconds", "told"), [(1.5, 2), (60.0, 60), (60.2, 61), (0.1, 1)])
+def test_the_refusal_that_bans_says_so_and_for_how_long(seconds: float, told: int) -> None:
+    # Its source's next connects time out: without this line a student takes
+    # that for a network fault. Everything else of the refusal is kept.
+    d = door("1/minute")
+    d.arrive(ip("192.0.2.7"), 0.0)
+    refused = d.arrive(ip("192.0.2.7"), 0.0)
+    assert isinstance(refused, Refused)
+    out = told_of_ban(refused.outcome, seconds)
+    assert out.explanation == (
+        f"{refused.outcome.explanation}; your address is now blocked for about {told} s "
+        "(connecting before then times out)"
+    )
+    assert out.with_(explanation=refused.outcome.explanation) == refused.outcome
 
 
 # --- RefusalTally ------------------------------------------------------------------

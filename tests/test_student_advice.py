@@ -48,3 +48,5 @@ def test_a_registry_timeout_mentions_a_possible_ban() -> None:
     ctx = AdviceContext(host="192.0.2.5", port=15000, registry="127.0.0.1:9000", timeout=10)
     text = " ".join(advice_for("registry_timeout", None, ctx))
     assert "within 10 s" in text and "banned your address" in text and "wait" in text
+    # the ban_after_ignored rule: one return inside a told wait is enough
+    assert "retry_after" in text
