@@ -344,7 +344,7 @@ class Registry:
             outcome = decision.outcome
             if decision.reason != TOTAL:  # a full registry is nobody's fault
                 ban = self._consider_ban(decision, repeat, now)
-                if ban is not None and self.ban_filter.available:
+                if ban is not None and self.ban_filter.drops_new_bans:
                     outcome = told_of_ban(outcome, ban.until - now)
             self.doorway.refuse(conn, outcome, now, delay)
             return

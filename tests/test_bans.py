@@ -555,6 +555,7 @@ def test_a_kernel_that_refuses_the_filter_is_reported_and_the_bans_stand() -> No
     assert [e["event"] for e in logs] == ["ban_filter_failed"]
     assert logs[0]["error"] == "Cannot allocate memory" and logs[0]["bans"] == 1
     assert not bf.available and bf.filtered == 0 and len(bans) == 2
+    assert not bf.drops_new_bans  # a refusal that bans must not promise timeouts
 
 
 def test_bans_past_the_budget_are_listed_and_reported_once() -> None:
@@ -562,12 +563,15 @@ def test_bans_past_the_budget_are_listed_and_reported_once() -> None:
     sock = AcceptingSock()
     bf = BanFilter([sock], bans, budget=18 + 2 * 3)  # the dispatch and tails, and 3 IPv4 bans
     bf.available = True
+    assert bf.drops_new_bans  # nothing banned yet: a ban would be dropped
     with structlog.testing.capture_logs() as logs:
         for n in range(5):
             bans.consider(v4(f"127.2.0.{n + 1}"), 1, 0.0)
             bf.apply()
+        full = bf.drops_new_bans  # the refusal that bans must not promise timeouts now
         lifted = bans.expire(60.0)  # all gone: the filter fits again...
         bf.apply()
+        fits_again = bf.drops_new_bans
         for n in range(4):  # ...until it is full once more: reported again
             bans.consider(v4(f"127.3.0.{n + 1}"), 1, 61.0)
             bf.apply()
@@ -575,6 +579,7 @@ def test_bans_past_the_budget_are_listed_and_reported_once() -> None:
     assert [e["event"] for e in logs] == ["bans_not_filtered"] * 2
     assert (logs[0]["bans"], logs[0]["filtered"]) == (4, 3)
     assert sock.calls == 5 + 1 + 4  # attached on every change, detached once
+    assert not full and fits_again and not bf.drops_new_bans
 
 
 # --- the whole path ------------------------------------------------------------------

@@ -327,6 +327,7 @@ def test_a_full_map_keeps_the_oldest_bans_and_reports_once() -> None:
     assert {str(k) for k in small.keys} == {"127.2.0.1", "127.2.0.2"} and bf.filtered == 2
     assert [(e["event"], e["bans"], e["filtered"]) for e in logs] == [("bans_not_filtered", 3, 2)]
     assert bf.available  # a full map is not a failure
+    assert not bf.drops_new_bans  # but the next ban is the door's, not the kernel's
 
 
 class CountingMap(FailingMap):

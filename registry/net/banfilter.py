@@ -122,6 +122,13 @@ class BanFilter:
         return self._dropped and self.available
 
     @property
+    def drops_new_bans(self) -> bool:
+        """A ban made now will be dropped in the kernel: the filter works and held
+        every ban at its last apply (a full one leaves the newest bans to the door,
+        which keeps refusing them instead)."""
+        return self.available and not self._truncated
+
+    @property
     def kind(self) -> str:
         """EBPF once bind() has attached the eBPF program, else CLASSIC."""
         return EBPF if self._ebpf is not None else CLASSIC
