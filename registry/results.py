@@ -34,6 +34,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from registry.protocol.names import BadName, normalise
 from registry.store import Record, Store, StoreError, StudentSummary
 
 FORMATS = ("table", "csv", "json")
@@ -272,6 +273,14 @@ def render_summary(summaries: list[StudentSummary], fmt: str) -> str:
 # --- the command ---------------------------------------------------------------------
 
 
+def _student(text: str) -> str:
+    """The name as the parsers stored it (NFC), so a decomposed josé still finds josé."""
+    try:
+        return normalise(text, spaces=True)
+    except BadName as exc:
+        raise argparse.ArgumentTypeError(f"student name {text!r} {exc}") from None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``registry results`` options."""
     parser.add_argument(
@@ -286,7 +295,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--since", metavar="WHEN", help=f"only registrations since WHEN: {_SINCE_HELP}"
     )
-    parser.add_argument("--student", metavar="NAME", help="only this student (exact name)")
+    parser.add_argument(
+        "--student",
+        metavar="NAME",
+        type=_student,
+        help="only this student (exact name, in either Unicode spelling)",
+    )
     parser.add_argument(
         "--summary",
         action="store_true",

@@ -21,6 +21,7 @@ import re
 
 from registry.errors import ProtocolError
 from registry.model import Code, IPAddress, Request
+from registry.protocol.names import BadName, normalise
 from registry.protocol.reply import quote_input
 
 EXAMPLE = "192.168.1.105:15000"
@@ -35,7 +36,6 @@ _DEC_OCTET = re.compile(r"(?:0|[1-9][0-9]{0,2})", re.ASCII)
 _DIGITS = re.compile(r"[0-9]+", re.ASCII)
 _HEX_PART = re.compile(r"0[xX][0-9a-fA-F]*", re.ASCII)
 _LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?", re.ASCII)
-_STUDENT = re.compile(r"[A-Za-z0-9._@-]{1,64}", re.ASCII)
 _SECRET = re.compile(r"[\x21-\x7e]{1,128}", re.ASCII)
 _HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH", "CONNECT"})
 _WHITESPACE = b" \t\r"
@@ -375,12 +375,10 @@ def _parse_keys(tokens: list[str], allow_cookie: bool) -> dict[str, object]:
 
 def _parse_value(key: str, value: str) -> object:
     if key == "student":
-        if not _STUDENT.fullmatch(value):
-            raise _malformed(
-                f"student name {quote_input(value, 30)} is not accepted; use 1-64 letters, "
-                "digits and . _ @ -"
-            )
-        return value
+        try:
+            return normalise(value)
+        except BadName as exc:
+            raise _malformed(f"student name {quote_input(value, 30)} {exc}") from None
     if key == "verify":
         if value not in ("yes", "no"):
             raise _malformed(f"verify={quote_input(value, 20)} must be verify=yes or verify=no")
