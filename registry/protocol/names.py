@@ -50,10 +50,13 @@ def normalise(name: str | bytes, *, spaces: bool = False) -> str:
             name = name.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise BadName(
-                f"is not valid UTF-8 (byte 0x{name[exc.start]:02x} at offset {exc.start})"
+                f"is not valid UTF-8 (byte 0x{name[exc.start]:02x} at offset {exc.start}); "
+                f"{RULE_SPACES if spaces else RULE}"
             ) from None
     problem = _first_bad_character(name)  # before NFC: it could compose a mark away
-    if problem is None:
+    if problem is not None:
+        problem = f"{problem}; {RULE_SPACES if spaces else RULE}"
+    else:
         name = unicodedata.normalize("NFC", name)
         problem = _shape_problem(name, spaces)
     if problem is not None:
