@@ -186,3 +186,51 @@ def test_token_without_a_secret_says_how_to_make_one(tmp_path: Path) -> None:
     )
     assert bad.returncode == 64
     assert "the invisible character U+202E (RIGHT-TO-LEFT OVERRIDE)" in bad.stderr
+
+
+LINES = [
+    (
+        {"status": "OK", "code": "connected", "student": "alice", "verified": True},
+        "OK   connected  alice  192.168.1.105:15000  verified",
+    ),
+    (
+        {"status": "OK", "code": "connected", "student": None, "verified": False},
+        "OK   connected  (no name) 192.168.1.105  192.168.1.105:15000  not verified",
+    ),
+    (
+        {"status": "FAILED", "code": "timeout", "student": "bob", "diagnosis": "direct"},
+        "FAILED timeout  bob  192.168.1.105:15000  "
+        "no answer from that address (firewall, NAT or wrong address)",
+    ),
+    (
+        {"status": "DENIED", "code": "source_mismatch", "student": "eve", "diagnosis": "cgnat"},
+        "DENIED source_mismatch  eve  192.168.1.105:15000  "
+        "advertised address is not where the request came from (cgnat)",
+    ),
+    (
+        # Names are validated before they get here; the console escapes anyway.
+        {"status": "OK", "code": "connected", "student": "a\x1b[2Jb\u202e", "verified": True},
+        "OK   connected  a\\u001b[2Jb\\u202e  192.168.1.105:15000  verified",
+    ),
+    (
+        {"status": "ERROR", "code": "malformed", "student": None, "target": None},
+        "ERROR malformed  (no name) 192.168.1.105  192.168.1.105:52114  "
+        "the message is not HOST:PORT",
+    ),
+]
+
+
+def test_registration_lines() -> None:
+    from registry.log import registration_line
+
+    for fields, expected in LINES:
+        event = {
+            "event": "registration",
+            "timestamp": "2026-01-01T12:03:04.5Z",
+            "peer": "192.168.1.105:52114",
+            "target": "192.168.1.105:15000",
+            **fields,
+        }
+        line = registration_line(event)
+        assert re.fullmatch(r"\d\d:\d\d:\d\d", line[:8]), line
+        assert line[9:] == expected
