@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -54,6 +55,7 @@ def _make_venv() -> None:
     try:
         venv.EnvBuilder(with_pip=True, clear=True).create(VENV)
     except (subprocess.CalledProcessError, OSError) as exc:
+        shutil.rmtree(VENV, ignore_errors=True)  # leave nothing half-made behind
         sys.exit(f"{_venv_help()}\n(creating .venv failed: {exc})")
 
 

@@ -83,7 +83,7 @@ def token_name(text: str) -> str:
     from registry.protocol.names import BadName, normalise
 
     try:
-        return normalise(text)
+        return normalise(text, spaces=True)  # JSON requests may carry "Ana Lima"
     except BadName as exc:
         raise argparse.ArgumentTypeError(f"student name {text!r} {exc}") from None
 

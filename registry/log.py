@@ -129,9 +129,14 @@ def banner(event: MutableMapping[str, Any], config: str | None) -> str:
     admin = event.get("admin") or "off"
     dashboard = "off" if admin == "off" else f"http://{admin}/"
     db = str(event.get("db") or "")
+    first = send_to[0]
+    if all(_is_loopback(a) for a in send_to):
+        send_to[0] += "   (this machine only: no network address to offer)"
+    bound = ", ".join(str(e) for e in event.get("tcp") or []) or "-"
     rows = [
         (f"Students send to (TCP{udp})", send_to[0]),
         *(("", more) for more in send_to[1:]),
+        ("Listening on", bound),
         ("Dashboard", dashboard),
         ("Config", config or "(embedded defaults)"),
         ("Results database", os.path.abspath(db) if db else "-"),
@@ -139,7 +144,7 @@ def banner(event: MutableMapping[str, Any], config: str | None) -> str:
     lines = [
         "Registry Server ready.",
         *(f"  {label:<32}{value}" for label, value in rows),
-        f"  Try it:  student lab --registry {send_to[0]}",
+        f"  Try it:  student lab --registry {first}",
         "One line per registration follows. Ctrl-C stops (in-flight callbacks finish first).",
     ]
     return "\n".join(lines)
@@ -153,6 +158,11 @@ def _split(endpoint: str) -> tuple[str, int] | None:
         return host, int(port)
     except ValueError:
         return None
+
+
+def _is_loopback(endpoint: str) -> bool:
+    hp = _split(endpoint)
+    return hp is not None and ipaddress.ip_address(hp[0]).is_loopback
 
 
 def _host_of(peer: object) -> str:

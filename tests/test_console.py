@@ -19,6 +19,8 @@ import time
 import tomllib
 from pathlib import Path
 
+import pytest
+
 from tests.support import ROOT, exe
 
 JOSE_NFC = "jos\u00e9"
@@ -79,8 +81,12 @@ def test_tty_shows_a_banner_and_one_line_per_registration(tmp_path: Path) -> Non
     os.close(term.slave)
     try:
         banner = term.wait_for(r"One line per registration follows")
-        send = term.wait_for(r"^  Students send to \(TCP and UDP\)\s+(127\.0\.0\.1:(\d+))$")
+        send = term.wait_for(
+            r"^  Students send to \(TCP and UDP\)\s+(127\.0\.0\.1:(\d+))"
+            r"   \(this machine only: no network address to offer\)$"
+        )
         port = int(send.group(2))
+        assert re.search(rf"^  Listening on\s+127\.0\.0\.1:{port}$", term.text, re.M)
         assert re.search(r"^  Dashboard\s+http://127\.0\.0\.1:\d+/$", term.text, re.M)
         assert re.search(r"^  Config\s+\(embedded defaults\)$", term.text, re.M)
         assert f"  Results database{' ' * 16}{tmp_path / 'registry.db'}\n" in term.text
@@ -128,6 +134,48 @@ def test_tty_shows_a_banner_and_one_line_per_registration(tmp_path: Path) -> Non
         assert done.returncode == 0, done.stderr
         rows = json.loads(done.stdout)
         assert [(r["student"], r["status"]) for r in rows] == [(JOSE_NFC, "OK")]
+
+
+@pytest.mark.netns
+def test_banner_on_a_wildcard_names_the_hosts_real_addresses(tmp_path: Path) -> None:
+    """In a namespace of its own with one network address, the banner offers that address."""
+    from tests.netns import require_netns
+
+    require_netns()
+    ns = f"firsthour-{os.getpid()}"
+    ip = ["ip", "-n", ns]
+    subprocess.run(["ip", "netns", "add", ns], check=True, timeout=10)
+    term = Pty()
+    proc = None
+    try:
+        subprocess.run([*ip, "link", "set", "lo", "up"], check=True, timeout=10)
+        subprocess.run(
+            [*ip, "link", "add", "fh0", "type", "veth", "peer", "name", "fh1"],
+            check=True,
+            timeout=10,
+        )
+        subprocess.run([*ip, "addr", "add", "198.51.100.7/24", "dev", "fh0"], check=True)
+        subprocess.run([*ip, "link", "set", "fh0", "up"], check=True, timeout=10)
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", ns, exe("registry"), "serve"]
+            + ["--listen", "0.0.0.0:0", "--admin", "off"],
+            stdin=term.slave,
+            stdout=term.slave,
+            stderr=term.slave,
+            cwd=tmp_path,
+        )
+        os.close(term.slave)
+        term.wait_for(r"One line per registration follows")
+        send = term.wait_for(r"^  Students send to \(TCP and UDP\)\s+198\.51\.100\.7:(\d+)$")
+        assert "127.0.0.1" not in term.text  # loopback is no use to a class
+        assert re.search(rf"^  Listening on\s+0\.0\.0\.0:{send.group(1)}$", term.text, re.M)
+        assert re.search(r"^  Dashboard\s+off$", term.text, re.M)
+    finally:
+        if proc is not None:
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=30) == 0
+        term.close()
+        subprocess.run(["ip", "netns", "del", ns], check=True, timeout=10)
 
 
 def test_not_a_tty_keeps_json_logs(tmp_path: Path) -> None:
