@@ -47,6 +47,7 @@ from registry.net.admin import open_listeners as open_admin_listeners
 from registry.net.banfilter import BanFilter, detach_inherited
 from registry.net.connector import TcpConnector
 from registry.net.doorway import Doorway, send_and_close
+from registry.net.interfaces import is_local_address
 from registry.net.resolver import TrioResolver
 from registry.net.tcp import TcpHandler, endpoint_of, reject_unread
 from registry.net.udp import open_udp_sockets, serve_udp, udp_endpoint
@@ -155,7 +156,10 @@ class Registry:
                 connector=self.connector,
                 recorder=store,
                 resolver=TrioResolver(),
-                own=own | admin_own,  # the admin port is ours too: never a callback target
+                # The admin and UDP ports are ours too: never a callback target, on any
+                # address of this host (a bind probe: current, fail-closed).
+                own=own | admin_own | {udp_endpoint(sock) for sock in udp_socks},
+                is_local=is_local_address,
             )
             handler = TcpHandler(service)
             self.service = service
