@@ -131,7 +131,9 @@ class Registry:
         self.ban_filter = BanFilter([], self.bans, silent=self.silent)
         self.room: WaitingRoom | None = None
         self.service: Service | None = None  # set by run()
-        self.defer_accept_s: int | None = None  # set when the listeners are opened
+        # Per listener (set when they are opened): the kernel may grant
+        # TCP_DEFER_ACCEPT on one family's listener and refuse it on the other's.
+        self.deferral: dict[trio.SocketListener, int | None] = {}
         self.doorway = Doorway(
             cfg.limits.refusal_delay, cfg.limits.max_refusal_delay, cfg.limits.max_refusals_held
         )
@@ -189,7 +191,9 @@ class Registry:
                                 accept_loop,
                                 listener,
                                 self.admission,
-                                partial(self._at_door, handlers, handler),
+                                partial(
+                                    self._at_door, handlers, handler, self.deferral.get(listener)
+                                ),
                                 name="tcp",
                             )
                         )
@@ -221,7 +225,7 @@ class Registry:
                         db=cfg.server.db,
                         policy=cfg.policy.mode,
                         # what the kernel does (None: no TCP_DEFER_ACCEPT on this system)
-                        defer_accept_s=self.defer_accept_s,
+                        defer_accept_s=self._deferral_for_log(listeners),
                         ban_filter=self.ban_filter.kind,  # ebpf, or classic (~2,000 bans)
                     )
                     self.notifier.ready(f"listening on {', '.join(map(str, runtime.tcp))}")
@@ -297,8 +301,9 @@ class Registry:
                 )
                 listeners += opened
                 for lst in opened:
-                    self.defer_accept_s = defer_accept(lst.socket, self.cfg.server.defer_accept)
-                if self.defer_accept_s is None and self.cfg.server.defer_accept > 0:
+                    self.deferral[lst] = defer_accept(lst.socket, self.cfg.server.defer_accept)
+                refused = any(self.deferral[lst] is None for lst in opened)
+                if refused and self.cfg.server.defer_accept > 0:
                     log.warning(  # silent connections are then held by the registry itself
                         "defer_accept_unavailable", address=spec, asked=self.cfg.server.defer_accept
                     )
@@ -316,10 +321,17 @@ class Registry:
                 raise OSError(e.errno, f"cannot listen on {spec}: {e.strerror}") from e
         return listeners
 
+    def _deferral_for_log(self, listeners: list[trio.SocketListener]) -> object:
+        """The seconds the kernel defers for: one figure, or one per listener when they differ."""
+        found = {str(_sockname(lst)): self.deferral.get(lst) for lst in listeners}
+        values = set(found.values())
+        return values.pop() if len(values) == 1 else found
+
     def _at_door(
         self,
         handlers: trio.Nursery,
         handler: TcpHandler,
+        deferral: int | None,
         conn: socket.socket,
         addr: object,
         token: object,
@@ -333,7 +345,7 @@ class Registry:
             return
         detach_inherited(conn)  # the listener's filter is for handshakes only
         now = trio.current_time()
-        held = self.defer_accept_s if self.defer_accept_s and held_silent(conn) else 0
+        held = deferral if deferral and held_silent(conn) else 0
         if held and held >= self.cfg.protocol.read_deadline:
             decision: Admitted | Refused = self.door.silent(peer.host, held)
             self._note_silent(now, 1)
