@@ -201,23 +201,16 @@ class Registry:
                     cookies = CookieJar(
                         os.urandom(32), cfg.udp.cookie_window, now=trio.current_time()
                     )
-                    budget = new_reply_budget(cfg)  # shared: a source reaches either socket
-                    for sock in udp_socks:
-                        front.start_soon(
-                            partial(
-                                serve_udp,
-                                sock,
-                                service,
-                                cookies,
-                                # read per datagram: a SIGHUP's limits apply to UDP too
-                                lambda: self.cfg,
-                                handlers=handlers,
-                                caps=self.caps,
-                                admission=self.admission,
-                                budget=budget,
-                                dropped=runtime.udp_dropped,
-                            )
-                        )
+                    udp = partial(
+                        serve_udp,
+                        handlers=handlers,
+                        caps=self.caps,
+                        admission=self.admission,
+                        budget=new_reply_budget(cfg),  # shared: a source reaches either socket
+                        dropped=runtime.udp_dropped,
+                    )
+                    for sock in udp_socks:  # self.cfg per datagram: a SIGHUP applies to UDP too
+                        front.start_soon(udp, sock, service, cookies, lambda: self.cfg)
                     if admin_listeners:
                         # In `front`: the admin endpoint closes when the drain starts
                         # (its event streams would otherwise hold the drain open).
