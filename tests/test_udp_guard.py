@@ -326,3 +326,28 @@ def test_a_udp_registration_does_not_get_a_tcp_client_refused_for_total(tmp_path
         tcp.join(timeout=20)
     assert udp_reply.startswith(b"FAILED timeout"), udp_reply
     assert replies and replies[0].startswith("OK connected"), replies
+
+
+async def test_edge_budget_follows_a_reload() -> None:
+    """The edge reads the config per datagram: a SIGHUP's new budget applies at once."""
+    configs = [config_mod.loads('[udp]\nunproven_per_source = "1/minute"\n')]
+    cfg = configs[0]
+    service = Service(cfg, connector=UdpConnector(lambda: cfg.callback), recorder=ListRecorder())
+    sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    await sock.bind(("127.0.0.1", 0))
+    client = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    await client.bind(("127.0.0.1", 0))
+    addr = ("127.0.0.1", sock.getsockname()[1])
+    junk = b"this is not a request".ljust(100)
+    with sock, client, trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            jar = CookieJar(b"k" * 32, 30.0)
+            edge = await nursery.start(serve_udp, sock, service, jar, lambda: configs[-1])
+            await client.sendto(junk, addr)
+            assert (await client.recv(4096)).startswith(b"ERROR malformed")
+            await client.sendto(junk, addr)  # past 1/minute: dropped
+            configs.append(config_mod.loads('[udp]\nunproven_per_source = "3/minute"\n'))
+            await client.sendto(junk, addr)  # a burst of 3: two more
+            assert (await client.recv(4096)).startswith(b"ERROR malformed")
+            nursery.cancel_scope.cancel()
+    assert edge.dropped == {"source_budget": 1}
