@@ -5,6 +5,7 @@ the handout's C++ change actually putting a name on a registration."""
 from __future__ import annotations
 
 import re
+import socket
 import subprocess
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 
 from registry.model import Code, Diagnosis, Status
 from tests.support import ROOT, require_tool, run_registry
+from tests.test_e2e import Spawned
 
 README = (ROOT / "README.md").read_text()
 PROTOCOL = (ROOT / "docs/protocol.md").read_text()
@@ -169,3 +171,30 @@ def test_the_handouts_cpp_change_puts_the_name_on_the_registration(tmp_path: Pat
         event = reg.wait_event("registration")[0]
     assert event["student"] == name
     assert (event["status"], event["code"]) == ("FAILED", "connection_refused")
+
+
+def test_the_handouts_echo_makes_the_lab_server_verified(tmp_path: Path) -> None:
+    """The handout's one-line echo, put into the lab's C++ server, earns verified=yes."""
+    gxx = require_tool("g++")
+    snippet = next(b for b in _FENCE.findall(HANDOUT) if "send(instructor_conn_fd" in b).strip()
+    source = (ROOT / "examples/lab-cpp/student_server.cpp").read_text()
+    after = "        std::cout << message << std::endl;\n"
+    assert source.count(after) == 1
+    changed = tmp_path / "student_server.cpp"
+    changed.write_text(source.replace(after, after + "        " + snippet + "\n"))
+    binary = tmp_path / "student_server"
+    built = subprocess.run(
+        [gxx, "-o", str(binary), str(changed), "-std=c++11"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert built.returncode == 0, built.stderr
+    with run_registry(tmp_path) as reg, Spawned([str(binary), "0"]) as server:
+        port = server.wait_line(r"Student server listening on port (\d+)\.\.\.").group(1)
+        with socket.create_connection(("127.0.0.1", reg.port), timeout=10) as client:
+            client.sendall(f"127.0.0.1:{port}\n".encode())
+            reply = client.makefile(encoding="utf-8").readline()
+        assert server.finish() == 0, server.err
+    assert reply.startswith("OK connected"), reply
+    assert " verified=yes " in reply
