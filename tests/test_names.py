@@ -81,6 +81,15 @@ def test_text_protocol_normalises_and_explains() -> None:
     assert "the invisible character U+202E" in info.value.explanation
 
 
+def test_text_protocol_names_the_field_of_a_control_character() -> None:
+    with pytest.raises(ProtocolError) as info:
+        parse_line(b"10.0.0.1:15000 student=al\x01ice")
+    assert "control character '\\x01' at offset 25 (in student=)" in info.value.explanation
+    with pytest.raises(ProtocolError) as info:
+        parse_line(b"10.0.0.1:1\x0250")
+    assert "(in " not in info.value.explanation
+
+
 def test_json_protocol_normalises_and_explains() -> None:
     got = parse_json(f'{{"host": "10.0.0.1", "port": 1, "student": "{JOSE_NFD}"}}'.encode())
     assert got.student == JOSE_NFC

@@ -100,7 +100,8 @@ def _parse_text(text: str, allow_cookie: bool) -> Request:
     if bad is not None:
         raise _malformed(
             f"request contains the control character {quote_input(bad.group())} at offset "
-            f"{bad.start()}; send one line of plain text like {EXAMPLE}, ended by LF or CR LF"
+            f"{bad.start()}{_in_field(text, bad.start())}; send one line of plain text like "
+            f"{EXAMPLE}, ended by LF or CR LF"
         )
     stripped = text.strip(" \t")
     if not stripped:
@@ -110,6 +111,15 @@ def _parse_text(text: str, allow_cookie: bool) -> Request:
     host, port = _parse_hostport(tokens[0])
     keys = _parse_keys(tokens[1:], allow_cookie)
     return Request(host=host, port=port, **keys)  # type: ignore[arg-type]
+
+
+def _in_field(text: str, offset: int) -> str:
+    """`` in student=`` when ``offset`` falls inside a ``key=value`` word, else ``""``."""
+    start = max(text.rfind(" ", 0, offset), text.rfind("\t", 0, offset)) + 1
+    key, eq, _ = text[start:offset].partition("=")
+    if eq and key in ("student", "token", "verify", "cookie"):
+        return f" (in {key}=)"
+    return ""
 
 
 def _refuse_http(tokens: list[str]) -> None:
