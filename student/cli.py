@@ -251,7 +251,10 @@ def _err(line: str) -> None:
 
 def run(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv``, run the command, return its exit status."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if " " in (getattr(args, "student", None) or "") and not args.json:
+        parser.error("a --student name with spaces needs --json (in the text line a space ends it)")
     try:
         if args.command == "server":
             return trio.run(run_server, server_options(args), _out, _err)

@@ -124,3 +124,19 @@ def test_student_tool_sends_nfc_and_refuses_invisible_characters() -> None:
     ]:
         with pytest.raises(ValueError, match=re.escape(why)):
             check_name(bad)
+
+
+def test_student_tool_takes_a_name_with_spaces_only_for_json(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from student.cli import run
+    from student.wire import check_name
+
+    assert check_name("Ana Lima") == "Ana Lima"
+    for bad in ("Ana  Lima", " Ana", "Ana "):
+        with pytest.raises(ValueError, match="one word"):
+            check_name(bad)
+    with pytest.raises(SystemExit) as info:
+        run(["client", "--registry", "127.0.0.1:9", "--student", "Ana Lima"])
+    assert info.value.code == 64
+    assert "needs --json" in capsys.readouterr().err
