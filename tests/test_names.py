@@ -7,6 +7,8 @@ import re
 import unicodedata
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from registry.auth import derive_token
 from registry.errors import ProtocolError
@@ -140,3 +142,19 @@ def test_student_tool_takes_a_name_with_spaces_only_for_json(
         run(["client", "--registry", "127.0.0.1:9", "--student", "Ana Lima"])
     assert info.value.code == 64
     assert "needs --json" in capsys.readouterr().err
+
+
+@given(st.text(max_size=80), st.booleans())
+def test_any_text_is_either_a_clean_nfc_name_or_refused_in_printable_ascii(
+    text: str, spaces: bool
+) -> None:
+    try:
+        name = normalise(text, spaces=spaces)
+    except BadName as exc:
+        assert str(exc).isascii() and str(exc).isprintable()
+        return
+    assert 1 <= len(name) <= 64
+    assert unicodedata.is_normalized("NFC", name)
+    assert not any(unicodedata.category(ch)[0] in "CZ" and ch != " " for ch in name)
+    assert spaces or " " not in name
+    assert normalise(name, spaces=spaces) == name  # idempotent
