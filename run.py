@@ -69,8 +69,8 @@ def ensure_venv() -> None:
         _make_venv()
     elif not _has_pip():
         print(
-            "run.py: .venv is half-made (it has no working pip; it was probably created while "
-            "python3-venv was missing): making it again ...",
+            "run.py: .venv is half-made (no working python or pip in it: made while "
+            "python3-venv was missing, or by a Python that has since gone): making it again ...",
             file=sys.stderr,
         )
         _make_venv()
