@@ -346,6 +346,8 @@ async def test_edge_budget_follows_a_reload() -> None:
             await client.sendto(junk, addr)
             assert (await client.recv(4096)).startswith(b"ERROR malformed")
             await client.sendto(junk, addr)  # past 1/minute: dropped
+            while not edge.dropped:  # the drop is decided before the reload, not raced with it
+                await trio.sleep(0.01)
             configs.append(config_mod.loads('[udp]\nunproven_per_source = "3/minute"\n'))
             await client.sendto(junk, addr)  # a burst of 3: two more
             assert (await client.recv(4096)).startswith(b"ERROR malformed")
