@@ -34,7 +34,6 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from registry.protocol.names import BadName, normalise
 from registry.store import Record, Store, StoreError, StudentSummary
 
 FORMATS = ("table", "csv", "json")
@@ -275,6 +274,8 @@ def render_summary(summaries: list[StudentSummary], fmt: str) -> str:
 
 def _student(text: str) -> str:
     """The name as the parsers stored it (NFC), so a decomposed josé still finds josé."""
+    from registry.protocol.names import BadName, normalise
+
     try:
         return normalise(text, spaces=True)
     except BadName as exc:
