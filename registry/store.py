@@ -115,6 +115,11 @@ class StudentSummary:
     first_success_at: float | None
     last_attempt_at: float
     verified_ever: bool
+    # A nameless group is one observed source IP (SPEC "grading"); None for a named one.
+    source: str | None = None
+    last_status: str | None = None  # the most recent attempt, for "stuck on what"
+    last_code: str | None = None
+    last_explanation: str | None = None
 
 
 # --- schema -----------------------------------------------------------------
@@ -219,23 +224,38 @@ _RANK_SQL = (
 )
 _RANK_NAME = {rank: name for name, rank in STATUS_RANK.items()}
 
-# f: the filtered rows with their rank; b: each student's best row (best rank,
-# then the most recent). NULL students form one group ("IS" matches NULLs).
+# The observed IP of a peer stored as "1.2.3.4:5" or "[2001:db8::1]:5".
+_SOURCE_SQL = (
+    "CASE WHEN substr(peer, 1, 1) = '[' AND instr(peer, ']') > 0 "
+    "THEN substr(peer, 2, instr(peer, ']') - 2) "
+    "WHEN instr(peer, ':') > 0 THEN substr(peer, 1, instr(peer, ':') - 1) ELSE peer END"
+)
+
+# f: the filtered rows with their rank and group (the name, or for a nameless row its
+# source IP); b: each group's best row (best rank, then the most recent); l: each
+# group's most recent row.
 _SUMMARY_SQL = """
 WITH f AS (
-    SELECT student, status, code, received_at, verified, seq, {rank} AS rank
+    SELECT student, status, code, explanation, received_at, verified, seq, {rank} AS rank,
+           CASE WHEN student IS NULL THEN {source} END AS source
     FROM registrations{where}
 ), b AS (
-    SELECT student, code, rank, ROW_NUMBER() OVER (
-        PARTITION BY student ORDER BY rank, received_at DESC, seq DESC) AS n
+    SELECT student, source, code, rank, ROW_NUMBER() OVER (
+        PARTITION BY student, source ORDER BY rank, received_at DESC, seq DESC) AS n
+    FROM f
+), l AS (
+    SELECT student, source, status, code, explanation, ROW_NUMBER() OVER (
+        PARTITION BY student, source ORDER BY received_at DESC, seq DESC) AS n
     FROM f
 )
 SELECT f.student, COUNT(*), SUM(f.status = 'OK'), b.rank, b.code,
        MIN(CASE WHEN f.status = 'OK' THEN f.received_at END), MAX(f.received_at),
-       MAX(COALESCE(f.verified, 0))
-FROM f JOIN b ON b.student IS f.student AND b.n = 1
-GROUP BY f.student
-ORDER BY f.student IS NULL, f.student COLLATE NOCASE, f.student
+       MAX(COALESCE(f.verified, 0)), f.source, l.status, l.code, l.explanation
+FROM f
+JOIN b ON b.student IS f.student AND b.source IS f.source AND b.n = 1
+JOIN l ON l.student IS f.student AND l.source IS f.source AND l.n = 1
+GROUP BY f.student, f.source
+ORDER BY f.student IS NULL, f.student COLLATE NOCASE, f.student, f.source
 """
 
 
@@ -371,9 +391,11 @@ class Store:
     def summary(
         self, *, since: float | None = None, student: str | None = None
     ) -> list[StudentSummary]:
-        """Per student (anonymous last): attempts, successes, best outcome, first success."""
+        """Per student name, then per source IP for nameless registrations (SPEC
+        "grading"): attempts, successes, best outcome, first success, last attempt."""
         where, params = _where(since, student)
-        rows = self._db.execute(_SUMMARY_SQL.format(rank=_RANK_SQL, where=where), params)
+        sql = _SUMMARY_SQL.format(rank=_RANK_SQL, source=_SOURCE_SQL, where=where)
+        rows = self._db.execute(sql, params)
         return [
             StudentSummary(
                 student=name,
@@ -384,9 +406,16 @@ class Store:
                 first_success_at=first_ok,
                 last_attempt_at=last,
                 verified_ever=bool(verified),
+                source=source,
+                last_status=last_status,
+                last_code=last_code,
+                last_explanation=last_explanation,
             )
-            for name, attempts, successes, rank, code, first_ok, last, verified in rows
-        ]
+            for (
+                name, attempts, successes, rank, code, first_ok, last, verified,
+                source, last_status, last_code, last_explanation,
+            ) in rows
+        ]  # fmt: skip
 
     def purge_older_than(self, cutoff: float) -> int:
         """Delete records received before ``cutoff`` (epoch seconds); return how many."""
