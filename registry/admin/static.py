@@ -167,7 +167,8 @@ CLASS_STYLE = """
 :root { color-scheme: light dark; --ok: #1a7f37; --bad: #b42318; --wait: #667085;
   --line: #8884; }
 * { box-sizing: border-box; }
-body { font: 20px/1.35 system-ui, sans-serif; margin: 0 auto; padding: .6rem 1.2rem;
+html { font-size: clamp(18px, 0.9vw + 10px, 28px); }
+body { font: 1rem/1.35 system-ui, sans-serif; margin: 0 auto; padding: .6rem 1.2rem;
   max-width: 90rem; overflow-wrap: anywhere; }
 .banner { font-size: 1.5rem; padding: .5rem .9rem; border-radius: 8px; margin: 0 0 .6rem;
   background: #1d4ed81a; border: 2px solid #1d4ed8; }
@@ -179,8 +180,8 @@ h2 { font-size: 1.3rem; margin: .9rem 0 .3rem; }
 ol { list-style: none; margin: 0; padding: 0; }
 li { display: grid; grid-template-columns: minmax(6rem, 14rem) 1fr auto; gap: .2rem 1rem;
   padding: .35rem .4rem; border-bottom: 1px solid var(--line); align-items: baseline; }
-.who { font-weight: 700; }
-.what { font-size: .95rem; }
+.who { font-weight: 700; font-size: 1.2rem; }
+.what { font-size: .9rem; }
 .when { font-size: .9rem; color: var(--wait); white-space: nowrap; }
 .stuck .who { color: var(--bad); } .waiting .who { color: var(--wait); }
 .done .who { color: var(--ok); }
