@@ -29,7 +29,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from registry import config as config_mod
 from registry.admin import pages as dashboard
-from registry.admin.access import COOKIE, cookie_valid, host_allowed
 from registry.admin.events import EventHub
 from registry.admin.grading import parse_roster
 from registry.admin.http import AdminServer, AdminSettings, open_listeners
@@ -453,70 +452,6 @@ async def test_incomplete_request_head_is_cut_off(tmp_path: Path) -> None:
         start = trio.current_time()
         reply = await raw_exchange(admin.port, b"GET / HTTP/1.1\r\nHost: a\r\n", timeout=5)
         assert reply == b"" and trio.current_time() - start < 3
-
-
-# --- access control -------------------------------------------------------------------------
-
-TOKEN_CFG = f'[server]\nadmin_token = "{TOKEN}"\n'
-PROTECTED = ("/", "/api/registrations", "/api/summary", "/api/events", "/metrics", "/readyz")
-
-
-async def test_token_required_everywhere_but_healthz(tmp_path: Path) -> None:
-    async with admin_server(tmp_path, TOKEN_CFG) as admin:
-        assert (await admin.get("/healthz"))[0] == 200
-        for path in PROTECTED:
-            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
-                status, got, _ = await admin.get(path, headers=headers)
-                assert status == 401, (path, headers)
-                assert got["www-authenticate"].startswith("Bearer")
-        for path in PROTECTED[1:]:
-            if path != "/api/events":
-                status = (await admin.get(path, headers={"Authorization": f"Bearer {TOKEN}"}))[0]
-                assert status == 200, path
-
-
-async def test_token_in_url_sets_a_strict_cookie_and_redirects_without_it(tmp_path: Path) -> None:
-    async with admin_server(tmp_path, TOKEN_CFG) as admin:
-        assert (await admin.get("/?token=wrong"))[0] == 401
-        status, headers, _ = await admin.get(f"/?token={TOKEN}&student=bob")
-        assert status == 303 and headers["location"] == "/?student=bob"
-        cookie = headers["set-cookie"]
-        assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and TOKEN not in cookie
-        value = cookie.split(";", 1)[0]
-        assert value.startswith(f"{COOKIE}=") and "Max-Age=43200" in cookie
-        assert cookie_valid(value.split("=", 1)[1], TOKEN, time.time())
-        assert (await admin.get("/", headers={"Cookie": f"a=b; {value}"}))[0] == 200
-        assert (await admin.get("/metrics", headers={"Cookie": f"{COOKIE}=forged"}))[0] == 401
-
-
-async def test_dns_rebinding_guard_without_token(tmp_path: Path) -> None:
-    async with admin_server(tmp_path) as admin:
-        assert (await admin.get("/", headers={"Host": "attacker.example:9100"}))[0] == 403
-        assert (await admin.get("/healthz", headers={"Host": "attacker.example"}))[0] == 200
-        assert (await admin.get("/", headers={"Host": "localhost:9100"}))[0] == 200
-    async with admin_server(tmp_path, TOKEN_CFG) as admin:  # a token makes names fine
-        auth = {"Host": "registry.example", "Authorization": f"Bearer {TOKEN}"}
-        assert (await admin.get("/", headers=auth))[0] == 200
-
-
-@pytest.mark.parametrize(
-    ("host", "allowed"),
-    [
-        (None, True),
-        ("127.0.0.1", True),
-        ("127.0.0.1:9100", True),
-        ("[::1]:9100", True),
-        ("[::1]", True),
-        ("LOCALHOST:80", True),
-        ("10.0.0.5", True),
-        ("attacker.example", False),
-        ("attacker.example:9100", False),
-        ("127.0.0.1.nip.io", False),
-        ("localhost.attacker.example", False),
-    ],
-)
-def test_host_allowed(host: str | None, allowed: bool) -> None:
-    assert host_allowed(host) is allowed
 
 
 # --- the real executable -----------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The admin endpoint under a crowd, and its cookie (issue 17: admin starvation, admin cookie).
+"""The admin endpoint's limits and access control: a crowd of idle connections,
+the token, the expiring cookie, the DNS-rebinding guard (issue 17).
 
 Slots and cookies are pure and table-tested; the crowd runs against the real
 admin server on loopback sockets, in virtual time (autojump_clock): nothing
@@ -24,9 +25,10 @@ from registry.admin.access import (
     Unauthorized,
     cookie_valid,
     cookie_value,
+    host_allowed,
 )
 from registry.admin.slots import AdminSlots
-from tests.test_admin import TOKEN, TOKEN_CFG, admin_server, raw_exchange
+from tests.test_admin import TOKEN, admin_server, raw_exchange
 
 HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
 NOW = 1_800_000_000
@@ -115,6 +117,73 @@ async def test_a_silent_connection_is_closed_at_the_first_byte_deadline(
         assert trio.current_time() - start == pytest.approx(10.0, abs=0.01)
         await silent.aclose()
         await slow.aclose()
+
+
+# --- access control -------------------------------------------------------------------------
+
+TOKEN_CFG = f'[server]\nadmin_token = "{TOKEN}"\n'
+PROTECTED = (
+    "/", "/api/registrations", "/api/summary", "/api/events", "/metrics", "/readyz",
+    "/registrations", "/api/summary.csv", "/api/bans",
+)  # fmt: skip
+
+
+async def test_token_required_everywhere_but_healthz(tmp_path: Path) -> None:
+    async with admin_server(tmp_path, TOKEN_CFG) as admin:
+        assert (await admin.get("/healthz"))[0] == 200
+        for path in PROTECTED:
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
+                status, got, _ = await admin.get(path, headers=headers)
+                assert status == 401, (path, headers)
+                assert got["www-authenticate"].startswith("Bearer")
+        for path in PROTECTED[1:]:
+            if path != "/api/events":
+                status = (await admin.get(path, headers={"Authorization": f"Bearer {TOKEN}"}))[0]
+                assert status == 200, path
+
+
+async def test_token_in_url_sets_a_strict_cookie_and_redirects_without_it(tmp_path: Path) -> None:
+    async with admin_server(tmp_path, TOKEN_CFG) as admin:
+        assert (await admin.get("/?token=wrong"))[0] == 401
+        status, headers, _ = await admin.get(f"/?token={TOKEN}&student=bob")
+        assert status == 303 and headers["location"] == "/?student=bob"
+        cookie = headers["set-cookie"]
+        assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and TOKEN not in cookie
+        value = cookie.split(";", 1)[0]
+        assert value.startswith(f"{COOKIE}=") and "Max-Age=43200" in cookie
+        assert cookie_valid(value.split("=", 1)[1], TOKEN, time.time())
+        assert (await admin.get("/", headers={"Cookie": f"a=b; {value}"}))[0] == 200
+        assert (await admin.get("/metrics", headers={"Cookie": f"{COOKIE}=forged"}))[0] == 401
+
+
+async def test_dns_rebinding_guard_without_token(tmp_path: Path) -> None:
+    async with admin_server(tmp_path) as admin:
+        assert (await admin.get("/", headers={"Host": "attacker.example:9100"}))[0] == 403
+        assert (await admin.get("/healthz", headers={"Host": "attacker.example"}))[0] == 200
+        assert (await admin.get("/", headers={"Host": "localhost:9100"}))[0] == 200
+    async with admin_server(tmp_path, TOKEN_CFG) as admin:  # a token makes names fine
+        auth = {"Host": "registry.example", "Authorization": f"Bearer {TOKEN}"}
+        assert (await admin.get("/", headers=auth))[0] == 200
+
+
+@pytest.mark.parametrize(
+    ("host", "allowed"),
+    [
+        (None, True),
+        ("127.0.0.1", True),
+        ("127.0.0.1:9100", True),
+        ("[::1]:9100", True),
+        ("[::1]", True),
+        ("LOCALHOST:80", True),
+        ("10.0.0.5", True),
+        ("attacker.example", False),
+        ("attacker.example:9100", False),
+        ("127.0.0.1.nip.io", False),
+        ("localhost.attacker.example", False),
+    ],
+)
+def test_host_allowed(host: str | None, allowed: bool) -> None:
+    assert host_allowed(host) is allowed
 
 
 # --- the cookie (pure) ---------------------------------------------------------------------
