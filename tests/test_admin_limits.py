@@ -27,6 +27,7 @@ from registry.admin.access import (
     cookie_value,
     host_allowed,
 )
+from registry.admin.http import AdminSettings
 from registry.admin.slots import AdminSlots
 from tests.test_admin import TOKEN, admin_server, raw_exchange
 
@@ -58,9 +59,16 @@ def test_a_full_endpoint_keeps_one_slot_free_at_the_expense_of_the_oldest_idle()
     assert slots.arrive(3, "c") == [2]  # 3 of 3: the oldest idle (2) goes, not the busy 1
     slots.leave(2)
     slots.busy(3)
-    assert slots.arrive(4, "d") == [4]  # only itself is idle: it is closed at once
-    slots.leave(4)
-    assert len(slots) == 2
+    assert slots.arrive(4, "d") == []  # only the newcomer is idle: it takes the last slot
+    assert len(slots) == 3  # full: the accept loop waits for a slot to free
+
+
+def test_a_source_over_its_cap_with_only_busy_connections_loses_the_newcomer() -> None:
+    slots = AdminSlots(total=64, per_source=2)
+    for key in (1, 2):
+        slots.arrive(key, "a")
+        slots.busy(key)  # two event streams, say
+    assert slots.arrive(3, "a") == [3]
 
 
 def test_an_evicted_connection_is_never_chosen_twice() -> None:
@@ -68,6 +76,19 @@ def test_an_evicted_connection_is_never_chosen_twice() -> None:
     slots.arrive(1, "a")
     assert slots.arrive(2, "a") == [1]  # per source, and it also frees the total
     assert slots.arrive(3, "b") == [2]  # 1 is closing already: the next oldest idle
+
+
+async def test_the_last_slot_goes_to_the_newcomer_and_an_older_idle_one_makes_room(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    async with admin_server(tmp_path, settings=AdminSettings(max_connections=3)) as admin:
+        idle = [await trio.open_tcp_stream("127.0.0.1", admin.port) for _ in range(2)]
+        reply = await raw_exchange(admin.port, HEALTHZ)  # 3 of 3: the oldest idle goes
+        assert reply.startswith(b"HTTP/1.1 200")
+        with trio.fail_after(1):
+            assert await idle[0].receive_some(10) == b""  # closed for the newcomer
+        for stream in idle:
+            await stream.aclose()
 
 
 # --- the crowd, against the real server ---------------------------------------------------

@@ -161,11 +161,9 @@ class AdminServer:
 
     def _accepted(self, nursery: trio.Nursery, conn: object, addr: object, token: object) -> None:
         """Count the connection against its source; close the idle ones it displaces."""
-        for old in self.slots.arrive(token, _source(addr)):
-            scope = self._scopes.get(old)
-            if scope is not None:
-                scope.cancel()
         scope = self._scopes[token] = trio.CancelScope()
+        for old in self.slots.arrive(token, _source(addr)):  # may be this one: closed at once
+            self._scopes[old].cancel()
         stream = trio.SocketStream(trio.socket.from_stdlib_socket(conn))  # type: ignore[arg-type]
         nursery.start_soon(self._connection, stream, token, scope)
 

@@ -4,7 +4,7 @@ Pure bookkeeping. A connection is *idle* from accept until its request head
 is complete, then *busy* (serving, or an event stream, capped on its own).
 Idle connections cost the most and prove nothing, so when a source holds more
 than ``per_source`` connections, or the endpoint is one short of ``total``,
-the oldest idle one goes (its source's, then anyone's). A crowd of idle
+the oldest idle one goes (its source's, then anyone's but the newcomer's). A crowd of idle
 connections therefore never keeps a health probe or the dashboard out: the
 newcomer is served and the crowd's oldest member is closed.
 """
@@ -37,10 +37,11 @@ class AdminSlots:
             oldest = next((k for k in self._idle if self._source[k] == source), None)
             if oldest is not None:
                 evict.append(oldest)
-        # Keep one slot free while an idle connection can make room (the accept loop
-        # waits for a free slot before it accepts the next connection).
+        # Keep one slot free while an older idle connection can make room (the accept
+        # loop waits for a free slot before it accepts the next connection). The
+        # newcomer itself is never the one: it may be the probe the crowd keeps out.
         if len(self._source) - len(evict) >= self.total:
-            oldest = next((k for k in self._idle if k not in evict), None)
+            oldest = next((k for k in self._idle if k not in evict and k != key), None)
             if oldest is not None:
                 evict.append(oldest)
         for k in evict:
