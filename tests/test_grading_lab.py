@@ -8,7 +8,8 @@ Topology (namespaces this test creates; nothing reaches the host's network):
 
 Each PC runs the lab's C++ server and then its C++ client, which sends only
 ``IP:PORT`` (no name, no newline). The grade sheet is read with the real
-``registry results`` from the registry's SQLite file.
+``registry results`` from the registry's SQLite file, and the class view and
+``/api/summary`` from its admin endpoint (inside its namespace).
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ import csv
 import io
 import json
 import subprocess
+import sys
 import time
 from pathlib import Path
 
-from tests.netns import netns_lab, require_netns
+from tests.netns import NetnsLab, netns_lab, require_netns
 from tests.support import exe
 from tests.test_interop import cpp  # noqa: F401  (the compiled lab programs: a fixture)
 
@@ -48,8 +50,20 @@ def test_two_machines_with_the_nameless_cpp_client_are_two_graded_rows(
         for n, (pc, (gateway, address)) in enumerate(PCS.items(), start=1):
             lab.add(pc)
             lab.link("registry", f"lan{n}", f"{gateway}/24", pc, "eth0", f"{address}/24")
-        reg = lab.registry("registry", tmp_path, "0.0.0.0:9000")
-        reg.out.wait_for('"event": "listening"', timeout=20)
+        roster = tmp_path / "class.csv"
+        roster.write_text("student,address\nbea,192.168.2.107\nali,192.168.1.105\ncem,\n")
+        config = tmp_path / "registry.toml"
+        config.write_text('[class]\nroster = "class.csv"\n')
+        db = tmp_path / "registry.db"
+        reg = lab.spawn(
+            "registry", exe("registry"), "serve", "--listen", "0.0.0.0:9000", "--db", str(db),
+            "--config", str(config), "--log-format", "json", "--admin", "127.0.0.1:9100",
+        )  # fmt: skip
+        reg.wait_for('"event": "listening"', timeout=20)
+        # The class view, read inside the registry's namespace: where to send, and the count.
+        page = admin_get(lab, "/")
+        assert "Send <b>IP:PORT</b> to <b>192.168.1.10:9000</b> or <b>192.168.2.10:9000</b>" in page
+        assert '<span id="connected">0</span> of\n<span id="students">3</span>' in page
         for pc, (gateway, address) in PCS.items():
             server = lab.spawn(pc, cpp["student_server"], "15000")
             server.wait_for("Student server listening on port 15000")
@@ -58,22 +72,22 @@ def test_two_machines_with_the_nameless_cpp_client_are_two_graded_rows(
             assert f"{address}:15000" in sent.stdout
             server.wait_for("Connection accepted from instructor's server", timeout=15)
         deadline = time.monotonic() + 15  # both recorded: the log line follows the commit
-        while len(reg.registrations()) < len(PCS):
-            assert time.monotonic() < deadline, reg.out.lines[-10:]
+        while sum('"event": "registration"' in line for line in reg.lines) < len(PCS):
+            assert time.monotonic() < deadline, reg.lines[-10:]
             time.sleep(0.05)
 
-        rows = json.loads(results(reg.db, "--format", "json"))
+        # Without the roster: one row per machine, by its source address.
+        rows = json.loads(results(db, "--format", "json"))
         assert [(r["student"], r["source"], r["attempts"], r["best_status"]) for r in rows] == [
             (None, "192.168.1.105", 1, "OK"),
             (None, "192.168.2.107", 1, "OK"),
         ]
-        table = results(reg.db)
+        table = results(db)
         assert "(no name) 192.168.1.105" in table and "(no name) 192.168.2.107" in table
 
-        roster = tmp_path / "class.csv"
-        roster.write_text("student,address\nbea,192.168.2.107\nali,192.168.1.105\ncem,\n")
+        # With it (the grade sheet, and the running registry's view): the students' names.
         sheet = list(
-            csv.reader(io.StringIO(results(reg.db, "--format", "csv", "--roster", str(roster))))
+            csv.reader(io.StringIO(results(db, "--format", "csv", "--config", str(config))))
         )
         assert sheet[0][:3] == ["student", "source", "best_status"]
         assert [(r[0], r[1], r[2], r[5]) for r in sheet[1:]] == [
@@ -81,3 +95,19 @@ def test_two_machines_with_the_nameless_cpp_client_are_two_graded_rows(
             ("ali", "", "OK", "1"),
             ("cem", "", "", "0"),
         ]
+        summary = json.loads(admin_get(lab, "/api/summary"))
+        assert summary["class"] == {"students": 3, "connected": 2, "not_started": 1}
+        assert [(s["student"], s["source"]) for s in summary["students"]] == [
+            ("bea", None), ("ali", None), ("cem", None),
+        ]  # fmt: skip
+
+
+def admin_get(lab: NetnsLab, path: str) -> str:
+    """GET on the admin endpoint from inside the registry's namespace (its loopback)."""
+    fetch = (
+        "import sys, urllib.request; "
+        "sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())"
+    )
+    done = lab.run("registry", sys.executable, "-c", fetch, f"http://127.0.0.1:9100{path}")
+    assert done.returncode == 0, done.stderr
+    return done.stdout
