@@ -327,6 +327,13 @@ async def test_metrics_count_door_refusals_by_reason(tmp_path: Path) -> None:
     assert after[(key, (("reason", "total"),))] == 0
 
 
+async def test_metrics_count_udp_datagrams_dropped_by_reason(tmp_path: Path) -> None:
+    async with admin_server(tmp_path) as admin:
+        admin.runtime.udp_dropped["reply"] += 3
+        after = samples((await admin.get("/metrics"))[2].decode())
+    assert after[("registry_udp_dropped_total", (("reason", "reply"),))] == 3
+
+
 def test_metrics_use_their_own_registry() -> None:
     first, second = Metrics(process=False), Metrics(process=False)  # no duplicate-name clash
     first.observe(stored(1, status="OK", code="connected", rtt_ms=2.0))
