@@ -236,3 +236,15 @@ def test_serve_loads_the_roster_and_sighup_reloads_it(tmp_path: Path) -> None:
         assert any("class.csv:3: student 'ali' already on line 2" in p for p in failed["problems"])
         assert summary()["class"] == {"students": 3, "connected": 0, "not_started": 3}
         assert reg.stop() == 0
+
+
+def test_serve_refuses_to_start_with_a_bad_roster(tmp_path: Path) -> None:
+    (tmp_path / "class.csv").write_text("student\nali\nali\n")
+    cfg = tmp_path / "registry.toml"
+    cfg.write_text('[class]\nroster = "class.csv"\n')
+    cmd = [exe("registry"), "serve", "--config", str(cfg), "--db", str(tmp_path / "r.db")]
+    cmd += ["--listen", "127.0.0.1:0", "--admin", "off"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=30, cwd=tmp_path)
+    assert done.returncode == 78  # EX_CONFIG, as for any bad config
+    assert "class.csv:3: student 'ali' already on line 2" in done.stderr
+    assert not (tmp_path / "r.db").exists()  # stopped before opening anything
