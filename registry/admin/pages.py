@@ -4,8 +4,9 @@
 banner saying where to send, "N of M students connected", the students still
 working first (their last outcome in plain words, "last tried 3 min ago"),
 then those who are done. No ids or ephemeral ports. Without JavaScript it is
-complete (times in UTC, ISO 8601); its script converts times to the viewer's
-zone and, on every event from ``/api/events``, re-reads ``/api/summary``.
+complete (times in UTC, ISO 8601) and reloads itself every 30 s; its script
+converts times to the viewer's zone and, on every event from ``/api/events``,
+re-reads ``/api/summary``.
 
 ``render_dashboard(page)`` is the detailed view at ``/registrations``
 (counts per status, the per-student summary, the latest registrations, a
@@ -306,6 +307,7 @@ def render_class(page: ClassPage) -> str:
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <meta name="referrer" content="no-referrer">
 <title>Callback lab: the class</title>
+<noscript><meta http-equiv="refresh" content="30"></noscript>
 <style>{CLASS_STYLE}</style></head>
 <body>
 {_send_banner(page.send_to)}
