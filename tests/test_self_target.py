@@ -17,11 +17,16 @@ from __future__ import annotations
 import ipaddress
 import sys
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from registry import config as config_mod
 from registry.config import PolicyConfig
 from registry.model import Code, Endpoint, Request
+from registry.policy.addresses import normalise
 from registry.policy.decide import Allow, Deny, decide, decide_resolved
 from tests.netns import NetnsLab, RegistryInNs, netns_lab, require_netns
 from tests.support import exe
@@ -100,6 +105,25 @@ def test_a_resolved_name_pointing_at_us_is_self_target() -> None:
     peer = Endpoint(HOST_V4, 40000)
     d = decide_resolved(request, [HOST_V4], peer, policy, WILDCARD, _ours)
     assert isinstance(d, Deny) and d.code is Code.SELF_TARGET, d
+
+
+@settings(max_examples=400)
+@given(
+    st.ip_addresses(),
+    st.ip_addresses(),
+    st.sampled_from(["strict", "nat-observed", "advertised"]),
+    st.sampled_from([[], ["::/0", "0.0.0.0/0"]]),
+    st.sampled_from([9000, 9100]),
+    st.booleans(),
+)
+def test_no_mode_dials_an_address_of_ours_on_our_ports(
+    addr: Any, peer: Any, mode: str, allow: list[str], port: int, peer_is_ours: bool
+) -> None:
+    ours = normalise(peer if peer_is_ours else addr)
+    policy = config_mod.from_dict({"policy": {"mode": mode, "allow_networks": allow}}).policy
+    d = decide(Request(addr, port), Endpoint(peer, 40000), policy, WILDCARD, lambda a: a == ours)
+    if isinstance(d, Allow):
+        assert d.target.host != ours, d
 
 
 # --- end to end, in a namespace -------------------------------------------------
