@@ -14,6 +14,7 @@ import math
 import os
 import signal
 import socket
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -50,7 +51,7 @@ from registry.net.doorway import Doorway, send_and_close
 from registry.net.interfaces import is_local_address
 from registry.net.resolver import TrioResolver
 from registry.net.tcp import TcpHandler, endpoint_of, reject_unread
-from registry.net.udp import open_udp_sockets, serve_udp, udp_endpoint
+from registry.net.udp import new_reply_budget, open_udp_sockets, serve_udp, udp_endpoint
 from registry.net.waiting import Waiting, WaitingRoom
 from registry.protocol.cookies import CookieJar
 from registry.sdnotify import Notifier
@@ -92,6 +93,8 @@ class Runtime:
     ban_filter: BanFilter | None = None
     tcp: list[Endpoint] = field(default_factory=list)
     udp: list[Endpoint] = field(default_factory=list)
+    # UDP datagrams dropped unanswered, by loopguard.DropReason (a metric's counters)
+    udp_dropped: Counter[str] = field(default_factory=Counter)
     admin: Endpoint | None = None
     started_at: float = 0.0
     draining: bool = False
@@ -206,8 +209,16 @@ class Registry:
                     cookies = CookieJar(
                         os.urandom(32), cfg.udp.cookie_window, now=trio.current_time()
                     )
-                    for sock in udp_socks:
-                        front.start_soon(self._serve_udp, sock, service, cookies, handlers)
+                    udp = partial(
+                        serve_udp,
+                        handlers=handlers,
+                        caps=self.caps,
+                        admission=self.admission,
+                        budget=new_reply_budget(cfg),  # shared: a source reaches either socket
+                        dropped=runtime.udp_dropped,
+                    )
+                    for sock in udp_socks:  # self.cfg per datagram: a SIGHUP applies to UDP too
+                        front.start_soon(udp, sock, service, cookies, lambda: self.cfg)
                     if admin_listeners:
                         # In `front`: the admin endpoint closes when the drain starts
                         # (its event streams would otherwise hold the drain open).
@@ -274,16 +285,6 @@ class Registry:
             for lst in [*listeners, *others]:
                 await trio.aclose_forcefully(lst)
             raise
-
-    async def _serve_udp(
-        self,
-        sock: trio.socket.SocketType,
-        service: Service,
-        cookies: CookieJar,
-        handlers: trio.Nursery,
-    ) -> None:
-        # self.cfg, read per datagram: a SIGHUP's new limits and timeouts apply to UDP too.
-        await serve_udp(sock, service, cookies, lambda: self.cfg, handlers=handlers, caps=self.caps)
 
     async def _watchdog(self, interval: float) -> None:
         while True:
