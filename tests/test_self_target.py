@@ -130,6 +130,7 @@ def test_no_mode_dials_an_address_of_ours_on_our_ports(
 
 NS_V4, NS_V6 = "192.0.2.1", "2001:db8::1"
 NS_V4_OTHER, NS_V6_OTHER = "192.0.2.2", "2001:db8::2"
+NS_V4_LATE = "192.0.2.77"  # added while the registry runs
 PORT, ADMIN = 9000, 9100
 
 # Counts what a self-dial would send: a TCP SYN to the advertised address at our
@@ -141,7 +142,7 @@ table inet selftarget {{
   counter dialled_udp {{}}
   chain out {{
     type filter hook output priority 0; policy accept;
-    ip daddr {NS_V4} tcp dport {{ {PORT}, {ADMIN} }} tcp flags syn counter name dialled_tcp
+    ip daddr {{ {NS_V4}, {NS_V4_LATE} }} tcp dport {{ {PORT}, {ADMIN} }} tcp flags syn counter name dialled_tcp
     ip6 daddr {NS_V6} tcp dport {{ {PORT}, {ADMIN} }} tcp flags syn counter name dialled_tcp
     udp dport {PORT} @ih,0,64 0x{b"CALLBACK".hex()} counter name dialled_udp
   }}
@@ -257,3 +258,24 @@ def test_a_wildcard_registry_refuses_to_call_itself(
     reg.out.wait_for('"code": "self_target"', timeout=5)
     rows = reg.registrations()[before:]
     assert [(r["status"], r["code"]) for r in rows] == [("DENIED", "self_target")], rows
+
+
+@pytest.mark.netns
+def test_an_address_added_while_running_is_ours_at_once(
+    wildcard: tuple[NetnsLab, RegistryInNs],
+) -> None:
+    # The host's addresses are asked of the kernel per request (a bind probe),
+    # so one that appears after start (DHCP, a VPN, a container's late address)
+    # is covered without a restart.
+    lab, reg = wildcard
+    lab.ip("reg", "addr", "add", f"{NS_V4_LATE}/32", "dev", "st0")
+    try:
+        before = len(reg.registrations())
+        output = _register(lab, NS_V4_LATE, PORT)
+        assert "DENIED self_target" in output, output
+        assert _dialled(lab) == {"dialled_tcp": 0, "dialled_udp": 0}
+        reg.out.wait_for(f'"advertised": "{NS_V4_LATE}:{PORT}"', timeout=5)
+        rows = reg.registrations()[before:]
+        assert [(r["status"], r["code"]) for r in rows] == [("DENIED", "self_target")], rows
+    finally:
+        lab.ip("reg", "addr", "del", f"{NS_V4_LATE}/32", "dev", "st0")
