@@ -51,6 +51,9 @@ _ENV = {
     "PYTHONUNBUFFERED": "1",
 }
 _CMD_TIMEOUT = 10.0
+# Every process a lab starts carries LAB_MARK=<its tag> in its environment, so a
+# test can prove that none outlives the lab (by reading /proc/*/environ).
+LAB_MARK = "CBL_NETNS_LAB"
 
 
 def netns_unavailable(kind: str = "probe") -> str | None:
@@ -212,7 +215,7 @@ class NetnsLab:
             capture_output=True,
             text=True,
             timeout=timeout,
-            env=_ENV,
+            env={**_ENV, LAB_MARK: self.tag},
             check=False,
         )
 
@@ -224,7 +227,7 @@ class NetnsLab:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT if stderr_to_stdout else subprocess.DEVNULL,
             text=True,
-            env=_ENV,
+            env={**_ENV, LAB_MARK: self.tag},
             # Its own session: a Ctrl-C at the terminal reaches only the lab's
             # script, which then stops these processes in order (close()).
             start_new_session=True,
@@ -281,6 +284,21 @@ def _remove_stale(kind: str) -> None:
         m = re.match(rf"^cbl-{re.escape(kind)}-(\d+)-", name)
         if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
             run_cmd(["ip", "netns", "del", name], check=False)
+
+
+def lab_processes(tag: str) -> list[int]:
+    """PIDs of live processes started by the lab ``tag`` (marked in their environment)."""
+    mark = f"{LAB_MARK}={tag}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if mark in (entry / "environ").read_bytes().split(b"\0"):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
 
 
 def _alive(pid: int) -> bool:
