@@ -295,7 +295,6 @@ def case_container(n: Narrator) -> None:
     with Capture(n, "container", "class", ("docker0", "eth0")):
         a = n.attempt("ct", 15000, f"{REGISTRY_LAN}:{STRICT}", CONTAINER)
         n.expect(a, "DENIED", "source_mismatch", diagnosis="container_nat")
-        n.say(f"  {a.explanation}")
         n.say(f"Publishing port {PUBLISHED} (docker run -p {PUBLISHED}:{PUBLISHED}: an nft dnat")
         n.say(f"on the host) and advertising the host's address {CLASS}:")
         dnat = f'iifname "eth0" tcp dport {PUBLISHED} dnat to {CONTAINER}:{PUBLISHED}'
