@@ -7,6 +7,7 @@ demo proves nothing), and ours answered with the expected codes.
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import pytest
 
 from examples.netlab import lab_processes, run_cmd
 from tests.netns import require_netns
-from tests.support import ROOT
+from tests.support import ROOT, require_tool
 
 pytestmark = pytest.mark.netns
 
@@ -125,3 +126,32 @@ def test_registration_flood(demo: tuple) -> None:
     tally = ours.rsplit(";", 1)[0]
     assert "DENIED source_mismatch" in tally and "OK" not in tally
     assert "BUSY rate_limited" in tally, tally
+
+
+def test_without_root_it_says_so_and_exits_77() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("dropping to another user needs root")
+    setpriv = require_tool("setpriv")
+    done = subprocess.run(
+        [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, str(ATTACKS)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 77, done.stdout + done.stderr
+    assert "needs root" in done.stderr
+
+
+def test_the_unsafe_registry_refuses_to_run_outside_the_demo() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "CBL_NETNS_LAB"}
+    naive = ROOT / "examples" / "attacks" / "naive_registry.py"
+    done = subprocess.run(
+        [sys.executable, str(naive), "127.0.0.1:0"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+        check=False,
+    )
+    assert done.returncode == 2 and "UNSAFE demo server" in done.stderr

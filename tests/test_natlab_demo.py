@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -60,13 +61,19 @@ def reply(out: str, case: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def full_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+def full_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path | None]:
+    """One run of every case; with --pcap when tcpdump is here (.ci/run installs it)."""
     require_netns("discussion-nat")
-    require_tool("tcpdump")
-    pcaps = tmp_path_factory.mktemp("pcap")
-    done = natlab("--pcap", str(pcaps))
+    pcaps = tmp_path_factory.mktemp("pcap") if shutil.which("tcpdump") else None
+    done = natlab(*(("--pcap", str(pcaps)) if pcaps else ()))
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout, pcaps
+
+
+def captured(full_run: tuple[str, Path | None]) -> Path:
+    if full_run[1] is None:
+        pytest.skip("tcpdump not installed: the capture was not taken (.ci/run installs it)")
+    return full_run[1]
 
 
 def test_every_case_answers_with_its_code(full_run: tuple[str, Path]) -> None:
@@ -101,7 +108,7 @@ def test_every_case_answers_with_its_code(full_run: tuple[str, Path]) -> None:
 def test_capture_shows_the_registrys_syn_to_the_public_address_and_the_forward(
     full_run: tuple[str, Path],
 ) -> None:
-    _, pcaps = full_run
+    pcaps = captured(full_run)
     wan = handshakes(read(pcaps / "forward-router-wan.pcap"))
     lan = handshakes(read(pcaps / "forward-router-lan.pcap"))
     to_public = [s for s in wan if s.kind == "SYN" and (s.dst, s.dport) == (ROUTER, 15100)]
@@ -117,7 +124,7 @@ def test_capture_shows_the_registrys_syn_to_the_public_address_and_the_forward(
 
 
 def test_capture_of_a_denied_case_holds_no_callback(full_run: tuple[str, Path]) -> None:
-    out, pcaps = full_run
+    out, pcaps = full_run[0], captured(full_run)
     wan = handshakes(read(pcaps / "home-router-wan.pcap"))
     assert [s.dport for s in wan if s.kind == "SYN"] == [9000], wan
     assert "(registration: client -> registry)" in out
@@ -125,7 +132,7 @@ def test_capture_of_a_denied_case_holds_no_callback(full_run: tuple[str, Path]) 
 
 
 def test_cgnat_capture_shows_the_refusal_at_the_carrier(full_run: tuple[str, Path]) -> None:
-    _, pcaps = full_run
+    pcaps = captured(full_run)
     wan = handshakes(read(pcaps / "cgnat-carrier-wan.pcap"))
     sub = handshakes(read(pcaps / "cgnat-carrier-sub.pcap"))
     assert any(s.kind == "SYN" and s.dst == "203.0.113.2" and s.dport == 15000 for s in wan)

@@ -27,6 +27,7 @@ root or no namespaces here, 130 interrupted (everything removed first).
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 import time
@@ -342,7 +343,7 @@ def main(argv: list[str]) -> int:
         print(f"natlab: {why}; run it as root (sudo) on Linux with ip and nft", file=sys.stderr)
         return EXIT_UNAVAILABLE
     if args.pcap is not None:
-        if not any(Path(d, "tcpdump").exists() for d in ("/usr/sbin", "/usr/bin", "/sbin")):
+        if shutil.which("tcpdump") is None:
             print("natlab: --pcap needs tcpdump", file=sys.stderr)
             return EXIT_UNAVAILABLE
         args.pcap.mkdir(parents=True, exist_ok=True)
