@@ -274,6 +274,12 @@ class UdpConfig(_Section):
 
     cookie_window: Duration = Duration(30.0)  # a cookie lives 1-2 windows; secret rotates each
     max_datagram_bytes: int = 512  # larger request datagrams: ERROR too_long
+    # Answers to datagrams without a valid cookie (ERROR, COOKIE), per source
+    # (IPv6: per ratelimit.ipv6_prefix network) and in total; beyond: dropped
+    # unanswered. Small, so a reply loop through any reflector dies within a few
+    # exchanges; a UDP registration costs two (COOKIE pad=N, then the cookie).
+    unproven_per_source: Rate = Rate(10, 60.0)
+    unproven_global: Rate = Rate(500, 1.0)
 
 
 class Config(_Section):
@@ -446,6 +452,8 @@ def _semantic_problems(cfg: Config) -> list[str]:
         "udp.max_datagram_bytes",
         f"expected 64-65507, got {cfg.udp.max_datagram_bytes}",
     )
+    for key in ("unproven_per_source", "unproven_global"):
+        need(getattr(cfg.udp, key).count >= 1, f"udp.{key}", 'expected N >= 1 in "N/unit"')
     need(cfg.ratelimit.error_fine >= 0, "ratelimit.error_fine", "expected >= 0 (0: never fine)")
     for key in ("per_source", "per_target", "per_target_port", "global_", "errors_global"):
         rate = getattr(cfg.ratelimit, key)
