@@ -319,4 +319,11 @@ def netns_lab(kind: str = "nat") -> Iterator[NetnsLab]:
     try:
         yield lab
     finally:
-        lab.close()
+        # A second Ctrl-C must not cut the teardown short and leave namespaces behind.
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+        try:
+            lab.close()
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
