@@ -121,6 +121,12 @@ def test_capture_shows_the_registrys_syn_to_the_public_address_and_the_forward(
     # The registration went out masqueraded: the home address inside, the router's outside.
     assert any(s.kind == "SYN" and s.src == HOME and s.dport == 9000 for s in lan)
     assert any(s.kind == "SYN" and s.src == ROUTER and s.dport == 9000 for s in wan)
+    # ... and the narration says so, from the same capture.
+    port = to_public[0].sport
+    assert (
+        f"callback: {REGISTRY}:{port} > {ROUTER}:15100  became  {REGISTRY}:{port} > "
+        f"{HOME}:15100: destination rewritten (the forward)"
+    ) in full_run[0]
 
 
 def test_capture_of_a_denied_case_holds_no_callback(full_run: tuple[str, Path]) -> None:
@@ -139,6 +145,11 @@ def test_cgnat_capture_shows_the_refusal_at_the_carrier(full_run: tuple[str, Pat
     assert any(s.kind == "RST" and s.src == "203.0.113.2" and s.sport == 15000 for s in wan)
     # The carrier's own refusal: the call never reached the customer's side.
     assert not any(s.dport == 15000 for s in sub), sub
+    assert re.search(
+        r"callback: 203\.0\.113\.1:\d+ > 203\.0\.113\.2:15000  did not pass the router: "
+        r"answered with RST",
+        full_run[0],
+    )
 
 
 def test_step_waits_for_enter_from_piped_input() -> None:

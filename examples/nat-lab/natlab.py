@@ -192,10 +192,16 @@ class Capture:
         if exc[0] is not None or not self.running:
             return
         self.n.say(f"  capture on {self.router} (tcpdump -i ... -w):")
+        seen = []
         for dev, path, _ in self.running:
             self.n.say(f"    {self.router} {dev} side, {path}:")
-            for seg in handshakes(read(path)):
+            seen.append(handshakes(read(path)))
+            for seg in seen[-1]:
                 self.n.say(f"      {seg.render():<62} {role(seg)}")
+        if len(seen) == 2:
+            self.n.say(f"  what {self.router} did to each connection's SYN:")
+            for line in crossing(*seen):
+                self.n.say(f"    {line}")
 
 
 def role(seg: Segment) -> str:
@@ -205,6 +211,38 @@ def role(seg: Segment) -> str:
     if seg.kind == "SYN":
         return f"({what}: {'client -> registry' if registration else 'registry -> server'})"
     return f"({what}: {'refused' if seg.kind == 'RST' else 'answer'})"
+
+
+def _ends(seg: Segment) -> str:
+    return seg.render().split(None, 2)[2]
+
+
+def crossing(inside: list[Segment], outside: list[Segment]) -> list[str]:
+    """How each connection's SYN looked on both sides of a router (paired in order)."""
+    syns = [[x for x in side if x.kind == "SYN"] for side in (inside, outside)]
+    lines = []
+    for kind, direction in (("registration", 0), ("callback", 1)):
+        pick = [[x for x in side if role(x).startswith(f"({kind}")] for side in syns]
+        first, then = (pick[0], pick[1]) if direction == 0 else (pick[1], pick[0])
+        for i, a in enumerate(first):
+            if i >= len(then):
+                refused = any(
+                    x.kind == "RST" and (x.src, x.sport) == (a.dst, a.dport)
+                    for x in (outside if direction else inside)
+                )
+                ending = "answered with RST" if refused else "went no further"
+                lines.append(f"{kind}: {_ends(a)}  did not pass the router: {ending}")
+                continue
+            b = then[i]
+            what = []
+            if (a.src, a.sport) != (b.src, b.sport):
+                what.append("source rewritten (masquerade)")
+            if (a.dst, a.dport) != (b.dst, b.dport):
+                what.append("destination rewritten (the forward)")
+            lines.append(
+                f"{kind}: {_ends(a)}  became  {_ends(b)}: {', '.join(what) or 'unchanged'}"
+            )
+    return lines
 
 
 def case_lan(n: Narrator) -> None:
