@@ -46,8 +46,14 @@ def _host(endpoint: str | None) -> str | None:
         return None
 
 
+def _known(endpoint: str | None) -> str | None:
+    """``endpoint``, or None for a wildcard name (a UDP socket bound to every address)."""
+    return None if _host(endpoint) in ("0.0.0.0", "::") else endpoint
+
+
 def explain_lines(t: LabTrace) -> list[str]:
     """The explanation ``student lab --explain`` prints after the verdict."""
+    local = _known(t.callback_local)
     what = "datagrams" if t.udp else "connection"
     server_port = _port(t.listening[0]) if t.listening else "?"
     chooser = (
@@ -81,15 +87,15 @@ def explain_lines(t: LabTrace) -> list[str]:
     lines += ["", f"3. Callback {what}: registry -> your server"]
     if t.callback_peer is not None:
         lines += [
-            f"     {t.callback_peer}  ->  {t.callback_local or t.target or '?'}",
+            f"     {t.callback_peer}  ->  {local or t.target or '?'}",
             f"     port {_port(t.callback_peer)}: ephemeral, chosen by the REGISTRY's kernel; "
-            f"port {_port(t.callback_local or t.target)}: your server's, which the registry "
+            f"port {_port(local or t.target)}: your server's, which the registry "
             "learnt only from what your client sent.",
         ]
-        if t.target and t.callback_local and _host(t.target) != _host(t.callback_local):
+        if t.target and local and _host(t.target) != _host(local):
             lines.append(
                 f"     The registry dialled {t.target}; a forward in between delivered it to "
-                f"{t.callback_local}."
+                f"{local}."
             )
     else:
         lines.append(f"     none arrived here ({t.verdict}).")

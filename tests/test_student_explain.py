@@ -73,6 +73,11 @@ def text(**changes: object) -> str:
             ["(TCP)"],
         ),
         (
+            {"udp": True, "callback_local": "0.0.0.0:15000", "target": "10.0.0.5:15000"},
+            ["     10.0.0.1:52000  ->  10.0.0.5:15000"],
+            ["a forward in between", "0.0.0.0:15000  "],
+        ),
+        (
             {"client_local": None, "observed": None, "sent": None},
             ["     ?  ->  10.0.0.1:9000"],
             ["your client sent:", "(observed=)"],
@@ -136,3 +141,16 @@ def test_explain_is_only_a_lab_option() -> None:
         check=False,
     )
     assert done.returncode == 64 and "--explain" in done.stderr
+
+
+def test_lab_explain_over_udp_names_the_datagrams(tmp_path: Path) -> None:
+    with run_registry(tmp_path) as reg:
+        done = student_lab(reg.port, "--explain", "--udp")
+    out = done.stdout
+    assert done.returncode == 0, out + done.stderr
+    assert "2. Registration datagrams: client -> registry" in out
+    callback = re.search(r"received a callback datagram from 127\.0\.0\.1:(\d+)", out)
+    listen = re.search(r"listening on \S+:(\d+)", out)
+    assert callback and listen, out
+    assert f"     127.0.0.1:{callback.group(1)}  ->  127.0.0.1:{listen.group(1)}" in out
+    assert "a forward in between" not in out
