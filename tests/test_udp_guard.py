@@ -337,15 +337,20 @@ async def test_edge_budget_follows_a_reload() -> None:
     await sock.bind(("127.0.0.1", 0))
     client = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     await client.bind(("127.0.0.1", 0))
+    other = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    await other.bind(("127.0.0.2", 0))
     addr = ("127.0.0.1", sock.getsockname()[1])
     junk = b"this is not a request".ljust(100)
-    with sock, client, trio.fail_after(10):
+    with sock, client, other, trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             jar = CookieJar(b"k" * 32, 30.0)
             edge = await nursery.start(serve_udp, sock, service, jar, lambda: configs[-1])
             await client.sendto(junk, addr)
             assert (await client.recv(4096)).startswith(b"ERROR malformed")
             await client.sendto(junk, addr)  # past 1/minute: dropped
+            # handled in order: once another source is answered, that one was dropped
+            await other.sendto(junk, addr)
+            assert (await other.recv(4096)).startswith(b"ERROR malformed")
             configs.append(config_mod.loads('[udp]\nunproven_per_source = "3/minute"\n'))
             await client.sendto(junk, addr)  # a burst of 3: two more
             assert (await client.recv(4096)).startswith(b"ERROR malformed")
