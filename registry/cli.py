@@ -114,12 +114,14 @@ def load_config(args: argparse.Namespace) -> config_mod.Config:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from registry.admin.grading import load_roster
     from registry.server import Registry
     from registry.store import StoreError
 
     try:
         cfg = load_config(args)
         config_mod.auth_secret(cfg)  # an unreadable auth.secret_file is a config error too
+        load_roster(cfg)  # and so is a bad [class] roster (Registry loads it again)
     except ConfigError as e:
         for problem in e.problems:
             print(f"registry: config: {problem}", file=sys.stderr)
@@ -179,13 +181,18 @@ def _first(group: BaseExceptionGroup) -> BaseException:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from registry.admin.grading import load_roster
+
     try:
         cfg = config_mod.load(args.file)
+        roster = load_roster(cfg)
     except ConfigError as e:
         for problem in e.problems:
             print(problem)
         return 2
     print(config_mod.summary(cfg))
+    if roster is not None:
+        print(f"  class       {len(roster)} students in {roster.path}")
     return 0
 
 

@@ -10,6 +10,7 @@ file is a valid config: every field has the default documented in
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import tomllib
 from typing import Any
@@ -282,6 +283,14 @@ class UdpConfig(_Section):
     unproven_global: Rate = Rate(500, 1.0)
 
 
+class ClassConfig(_Section):
+    """The class being graded (docs/grading.md)."""
+
+    # CSV with a header row: student (required), address (optional). A relative path is
+    # taken from the config file's directory.
+    roster: str = ""
+
+
 class Config(_Section):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
@@ -293,6 +302,7 @@ class Config(_Section):
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     store: StoreConfig = msgspec.field(default_factory=StoreConfig)
     udp: UdpConfig = msgspec.field(default_factory=UdpConfig)
+    class_: ClassConfig = msgspec.field(default_factory=ClassConfig, name="class")
 
 
 DEFAULT = Config()
@@ -475,7 +485,7 @@ def _hostport_problem(spec: str) -> str | None:
 
 
 POLICY_MODES = ("strict", "nat-observed", "advertised")
-_SECTIONS: dict[str, type] = {f.name: f.type for f in msgspec.structs.fields(Config)}  # type: ignore[misc]
+_SECTIONS: dict[str, type] = {f.encode_name: f.type for f in msgspec.structs.fields(Config)}  # type: ignore[misc]
 
 
 def validate(cfg: Config) -> Config:
@@ -522,7 +532,26 @@ def load(path: str) -> Config:
         raise ConfigError([f"{path}: cannot read: {e.strerror}"]) from None
     except UnicodeDecodeError:
         raise ConfigError([f"{path}: not UTF-8 text"]) from None
-    return loads(text)
+    cfg = loads(text)
+    roster = cfg.class_.roster
+    if roster and not os.path.isabs(roster):
+        where = os.path.join(os.path.dirname(os.path.abspath(path)), roster)
+        cfg = msgspec.structs.replace(cfg, class_=ClassConfig(roster=where))
+    return cfg
+
+
+def roster_text(cfg: Config) -> tuple[str, str] | None:
+    """(path, text) of the class roster file, None without one; ConfigError names the file."""
+    path = cfg.class_.roster
+    if not path:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return path, f.read(4 * 1024 * 1024)
+    except OSError as e:
+        raise ConfigError([f"class.roster: cannot read {path}: {e.strerror}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"class.roster: {path}: not UTF-8 text"]) from None
 
 
 def auth_secret(cfg: Config) -> bytes:

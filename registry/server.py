@@ -27,6 +27,10 @@ import trio
 
 from registry import config as config_mod
 from registry import log as log_mod
+from registry.admin.grading import Roster, load_roster
+from registry.admin.http import AdminServer
+from registry.admin.http import open_listeners as open_admin_listeners
+from registry.admin.view import DaemonView
 from registry.bans import Ban, BanList
 from registry.config import Config
 from registry.conncaps import ConnectionCaps
@@ -41,10 +45,9 @@ from registry.door import (
     told_of_ban,
 )
 from registry.errors import ConfigError, ProtocolError
+from registry.metrics import Probes
 from registry.model import Code, Endpoint, Protocol, Request
 from registry.net.accept import accept_loop, defer_accept, held_silent
-from registry.net.admin import AdminServer
-from registry.net.admin import open_listeners as open_admin_listeners
 from registry.net.banfilter import BanFilter, detach_inherited
 from registry.net.connector import TcpConnector
 from registry.net.doorway import Doorway, send_and_close
@@ -96,10 +99,40 @@ class Runtime:
     # UDP datagrams dropped unanswered, by loopguard.DropReason (a metric's counters)
     udp_dropped: Counter[str] = field(default_factory=Counter)
     admin: Endpoint | None = None
+    roster: Roster | None = None  # [class] roster, reloaded with the config
     started_at: float = 0.0
     draining: bool = False
     shutdown: Callable[[], None] = lambda: None
     reload: Callable[[], None] = lambda: None
+
+
+def daemon_view(rt: Runtime) -> DaemonView:
+    """What the admin endpoint may see of a running registry (registry/admin/view.py)."""
+    return DaemonView(
+        store=rt.store,
+        config=lambda: rt.config,
+        roster=lambda: rt.roster,
+        probes=Probes(
+            open_connections=lambda: rt.caps.total,
+            callbacks_in_flight=lambda: rt.service.slots.in_flight,
+            callbacks_waiting=lambda: rt.service.slots.waiting,
+            limiter_entries=lambda: rt.service.limiter.entries,
+            door_refusals=lambda: rt.tally.totals,
+            udp_dropped=lambda: dict(rt.udp_dropped),
+            bans_active=lambda: len(rt.bans),
+            bans_total=lambda: rt.bans.total,
+            silent_drop=lambda: rt.ban_filter is not None and rt.ban_filter.dropping_now,
+            draining=lambda: rt.draining,
+            policy_mode=lambda: rt.config.policy.mode,
+        ),
+        subscribe=rt.service.observers.append,
+        listening=lambda: rt.tcp,
+        draining=lambda: rt.draining,
+        bans=rt.bans,
+        ban_filter=lambda: rt.ban_filter,
+        silent_until=lambda: rt.ban_filter.silent.until if rt.ban_filter is not None else 0.0,
+        silent_after=lambda: rt.ban_filter.silent.after if rt.ban_filter is not None else 0,
+    )
 
 
 class Registry:
@@ -122,6 +155,7 @@ class Registry:
         self.connector = connector or TcpConnector(cfg.callback)
         self.handle_signals = handle_signals
         self.notifier = Notifier()
+        self.roster = load_roster(cfg)  # ConfigError: a bad roster stops the start
         self.admission = trio.CapacityLimiter(cfg.limits.max_connections)
         self.caps = ConnectionCaps(
             cfg.limits.max_connections, cfg.limits.max_connections_per_source
@@ -171,6 +205,7 @@ class Registry:
             runtime = Runtime(
                 cfg, service, self.caps, store, self.tally, self.bans, tcp=sorted(own, key=str)
             )
+            runtime.roster = self.roster
             runtime.started_at = trio.current_time()
             runtime.udp = [udp_endpoint(sock) for sock in udp_socks]
             async with trio.open_nursery() as handlers:
@@ -223,7 +258,7 @@ class Registry:
                         # In `front`: the admin endpoint closes when the drain starts
                         # (its event streams would otherwise hold the drain open).
                         runtime.admin = min(admin_own, key=str)
-                        await front.start(AdminServer(runtime).serve, admin_listeners)
+                        await front.start(AdminServer(daemon_view(runtime)).serve, admin_listeners)
                     if signals is not None:
                         front.start_soon(self._signals, runtime, signals)
                     if self.notifier.watchdog_interval:
@@ -507,6 +542,7 @@ class Registry:
         try:
             new = self.loader()
             config_mod.auth_secret(new)  # an unreadable secret_file is a bad config too
+            roster = load_roster(new)  # and so is a bad roster
         except ConfigError as e:
             log.error("reload_failed", path=self.config_path, problems=e.problems)
             self.notifier.ready("reload failed; old config kept")
@@ -524,6 +560,7 @@ class Registry:
             self.connector.config = new.callback  # timeouts and greeting apply to new callbacks
         self.cfg = new
         runtime.config = new
+        self.roster = runtime.roster = roster
         runtime.service.reconfigure(new)
         self.admission.total_tokens = new.limits.max_connections
         self.caps.reconfigure(new.limits.max_connections, new.limits.max_connections_per_source)

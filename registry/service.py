@@ -155,9 +155,9 @@ class Service:
     ) -> Outcome:
         """Run one registration to its recorded outcome. Never raises but StoreUnavailable.
 
-        ``local`` is the registry's own address on this connection: behind a
-        wildcard listener it is the only way to know which concrete address
-        of ours a request could point back at (self_target). ``connector``
+        ``local`` is the registry's own address on this connection, counted as
+        ours for self_target even where no ``is_local`` predicate knows it (the
+        injected one covers every other address of this host). ``connector``
         overrides the default dialler (UDP registrations are called back over UDP).
         ``source_paid``: the connection already took its source's rate-limit
         token at the door (registry/door.py), so only the target and global

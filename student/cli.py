@@ -208,6 +208,12 @@ def build_parser() -> UsageParser:
     _add_client_options(p, lab=False)
     p = sub.add_parser("lab", help="run server and client together and show the timeline")
     _add_client_options(p, lab=True)
+    p.add_argument(
+        "--explain",
+        action="store_true",
+        help="afterwards, explain the lab's connections: every address pair, who chose "
+        "each port, and why the registry could not have guessed your server's",
+    )
 
     p = sub.add_parser("addresses", help="list this machine's addresses and what they mean")
     p.add_argument(
@@ -261,7 +267,8 @@ def run(argv: Sequence[str] | None = None) -> int:
         if args.command == "client":
             return trio.run(run_client, client_options(args), _out, _err)
         if args.command == "lab":
-            return trio.run(run_lab, client_options(args), _out, _err)
+            run = functools.partial(run_lab, explain=args.explain)
+            return trio.run(run, client_options(args), _out, _err)
         return run_addresses(args.registry, _out)
     except KeyboardInterrupt:
         _err("interrupted")

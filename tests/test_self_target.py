@@ -17,11 +17,16 @@ from __future__ import annotations
 import ipaddress
 import sys
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from registry import config as config_mod
 from registry.config import PolicyConfig
 from registry.model import Code, Endpoint, Request
+from registry.policy.addresses import normalise
 from registry.policy.decide import Allow, Deny, decide, decide_resolved
 from tests.netns import NetnsLab, RegistryInNs, netns_lab, require_netns
 from tests.support import exe
@@ -102,11 +107,47 @@ def test_a_resolved_name_pointing_at_us_is_self_target() -> None:
     assert isinstance(d, Deny) and d.code is Code.SELF_TARGET, d
 
 
+@settings(max_examples=400)
+@given(
+    st.ip_addresses(),
+    st.ip_addresses(),
+    st.sampled_from(["strict", "nat-observed", "advertised"]),
+    st.sampled_from([[], ["::/0", "0.0.0.0/0"]]),
+    st.sampled_from([9000, 9100]),
+    st.booleans(),
+)
+def test_no_mode_dials_an_address_of_ours_on_our_ports(
+    addr: Any, peer: Any, mode: str, allow: list[str], port: int, peer_is_ours: bool
+) -> None:
+    ours = normalise(peer if peer_is_ours else addr)
+    policy = config_mod.from_dict({"policy": {"mode": mode, "allow_networks": allow}}).policy
+    d = decide(Request(addr, port), Endpoint(peer, 40000), policy, WILDCARD, lambda a: a == ours)
+    if isinstance(d, Allow):
+        assert d.target.host != ours, d
+
+
 # --- end to end, in a namespace -------------------------------------------------
 
 NS_V4, NS_V6 = "192.0.2.1", "2001:db8::1"
 NS_V4_OTHER, NS_V6_OTHER = "192.0.2.2", "2001:db8::2"
+NS_V4_LATE = "192.0.2.77"  # added while the registry runs
 PORT, ADMIN = 9000, 9100
+
+# Counts what a self-dial would send: a TCP SYN to the advertised address at our
+# ports (the test's clients connect to the *other* address), or a datagram
+# starting with "CALLBACK" to our UDP port. Nothing else in the namespace does.
+DIAL_COUNTERS = f"""
+table inet selftarget {{
+  counter dialled_tcp {{}}
+  counter dialled_udp {{}}
+  chain out {{
+    type filter hook output priority 0; policy accept;
+    ip daddr {{ {NS_V4}, {NS_V4_LATE} }} tcp dport {{ {PORT}, {ADMIN} }} tcp flags syn counter name dialled_tcp
+    ip6 daddr {NS_V6} tcp dport {{ {PORT}, {ADMIN} }} tcp flags syn counter name dialled_tcp
+    udp dport {PORT} @ih,0,64 0x{b"CALLBACK".hex()} counter name dialled_udp
+  }}
+}}
+"""
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +159,7 @@ def wildcard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[NetnsLa
         lab.link("reg", "st0", f"{NS_V4}/24", "reg", "st1", f"{NS_V4_OTHER}/24")
         lab.ip("reg", "addr", "add", f"{NS_V6}/64", "dev", "st0", "nodad")
         lab.ip("reg", "addr", "add", f"{NS_V6_OTHER}/64", "dev", "st1", "nodad")
+        lab.nft("reg", DIAL_COUNTERS)
         db, cfg = tmp / "self.db", tmp / "self.toml"
         cfg.write_text("")
         out = lab.spawn(
@@ -155,6 +197,15 @@ with socket.socket(family, socket.SOCK_STREAM) as s:
     s.sendall(line.encode() + b"\\n")
     print(s.makefile("rb").readline().decode().strip())
 """
+
+
+def _dialled(lab: NetnsLab) -> dict[str, int]:
+    """Packets each counter saw: a self-dial's SYNs and CALLBACK datagrams."""
+    found = {}
+    for name in ("dialled_tcp", "dialled_udp"):
+        text = lab.exec_ok("reg", "nft", "list", "counter", "inet", "selftarget", name)
+        found[name] = int(text.split("packets ", 1)[1].split()[0])
+    return found
 
 
 def _register(lab: NetnsLab, host: str, port: int, *extra: str) -> str:
@@ -199,9 +250,32 @@ def test_a_wildcard_registry_refuses_to_call_itself(
     before = len(reg.registrations())
     output = _register(lab, host, port, *extra)
     assert "DENIED self_target" in output, output
-    # Nothing was dialled: a registry calling itself records its own CALLBACK
-    # line as a malformed registration before it answers the student, so by
-    # the time the student has its reply that row would be in the log.
+    # Nothing was dialled: no SYN or CALLBACK datagram left for our own ports
+    # (the callback is over before the student's reply), and no row but this
+    # one (a registry calling its TCP port records its own CALLBACK line as a
+    # malformed registration).
+    assert _dialled(lab) == {"dialled_tcp": 0, "dialled_udp": 0}
     reg.out.wait_for('"code": "self_target"', timeout=5)
     rows = reg.registrations()[before:]
     assert [(r["status"], r["code"]) for r in rows] == [("DENIED", "self_target")], rows
+
+
+@pytest.mark.netns
+def test_an_address_added_while_running_is_ours_at_once(
+    wildcard: tuple[NetnsLab, RegistryInNs],
+) -> None:
+    # The host's addresses are asked of the kernel per request (a bind probe),
+    # so one that appears after start (DHCP, a VPN, a container's late address)
+    # is covered without a restart.
+    lab, reg = wildcard
+    lab.ip("reg", "addr", "add", f"{NS_V4_LATE}/32", "dev", "st0")
+    try:
+        before = len(reg.registrations())
+        output = _register(lab, NS_V4_LATE, PORT)
+        assert "DENIED self_target" in output, output
+        assert _dialled(lab) == {"dialled_tcp": 0, "dialled_udp": 0}
+        reg.out.wait_for(f'"advertised": "{NS_V4_LATE}:{PORT}"', timeout=5)
+        rows = reg.registrations()[before:]
+        assert [(r["status"], r["code"]) for r in rows] == [("DENIED", "self_target")], rows
+    finally:
+        lab.ip("reg", "addr", "del", f"{NS_V4_LATE}/32", "dev", "st0")
