@@ -68,8 +68,9 @@ def test_roster_columns_order_bom_blank_lines_and_nfc() -> None:
         ("student,address\nali,10.0.0.300\n", "class.csv:2: address '10.0.0.300' is not an IP"),
         ("student,address\nali,10.0.0.1\nbea,10.0.0.1\n", "class.csv:3: address 10.0.0.1 already"),
         ("student\nal\u202eice\n", "class.csv:2: student name contains the invisible character U+202E"),
-        ("student,address\n,10.0.0.1\n", "class.csv:2: student name must be 1-64 characters"),
-        ("student\n" + "x" * 65 + "\n", "class.csv:2: student name must be 1-64 characters, got 65"),
+        ("student,address\n,10.0.0.1\n", "class.csv:2: student name is empty"),
+        ("student\n" + "x" * 65 + "\n", "class.csv:2: student name is 65 characters long"),
+        ("student\n\"ali,bea\"\n", "class.csv:2: student name contains U+002C (COMMA)"),
     ],
 )  # fmt: skip
 def test_bad_roster_names_the_file_and_line(text: str, problem: str) -> None:

@@ -16,13 +16,13 @@ from __future__ import annotations
 import csv
 import io
 import ipaddress
-import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
 from registry.config import Config, roster_text
 from registry.errors import ConfigError
+from registry.protocol.names import BadName, normalise
 
 # Best first, as store.STATUS_RANK (a test keeps the two equal; this module stays pure).
 STATUS_RANK: dict[str, int] = {"OK": 0, "FAILED": 1, "DENIED": 2, "BUSY": 3, "ERROR": 4}
@@ -44,15 +44,6 @@ class Roster:
 
     def __len__(self) -> int:
         return len(self.entries)
-
-
-def _name_problem(name: str) -> str | None:
-    if not 1 <= len(name) <= 64:
-        return f"student name must be 1-64 characters, got {len(name)}"
-    for ch in name:
-        if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp"):
-            return f"student name contains the invisible character U+{ord(ch):04X}"
-    return None
 
 
 def _address(text: str) -> IPAddress:
@@ -99,10 +90,12 @@ def parse_roster(text: str, path: str) -> Roster:
             if len(entries) >= MAX_ROSTER_ROWS:
                 problems.append(f"{where}:{line}: more than {MAX_ROSTER_ROWS} students")
                 break
-            name = unicodedata.normalize("NFC", row[name_at].strip()) if name_at < len(row) else ""
-            problem = _name_problem(name)
-            if problem is not None:
-                problems.append(f"{where}:{line}: {problem}")
+            # The same rule as a registration's student= (a roster name must be one
+            # a student can send), so the same message names what is wrong.
+            try:
+                name = normalise(row[name_at].strip() if name_at < len(row) else "", spaces=True)
+            except BadName as e:
+                problems.append(f"{where}:{line}: student name {e}")
                 continue
             if name in names:
                 problems.append(f"{where}:{line}: student {name!r} already on line {names[name]}")
