@@ -69,7 +69,7 @@ def test_quick_start_is_exactly_the_two_commands_ci_runs() -> None:
 def test_readme_try_it_and_grade_sheet_commands() -> None:
     assert "student lab --registry 127.0.0.1:9000" in _section(README, "Try it in one minute")
     klass = _section(README, "Running a class")
-    assert "registry results --summary --format csv > grades.csv" in klass
+    assert "registry results --summary --format csv --config config/lab.toml > grades.csv" in klass
     assert 'roster = "roster.csv"' in klass
     assert "http://127.0.0.1:9100/" in klass
     assert "pip install .\n" in _section(README, "Installing the student tool alone")
