@@ -300,8 +300,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--db",
         metavar="PATH",
-        default="registry.db",
-        help="SQLite results file (default registry.db)",
+        default=None,
+        help="SQLite results file (default: server.db of --config, else registry.db)",
     )
     parser.add_argument(
         "--format", choices=FORMATS, default="table", help="output format (default table)"
@@ -351,18 +351,19 @@ def run(args: argparse.Namespace, *, clock: Callable[[], float] = time.time) -> 
             return _fail(f"--since: {e}", EXIT_USAGE)
     try:
         roster = _roster(args)
+        db = _db(args)
     except ConfigError as e:
         for problem in e.problems:
             print(f"registry results: {problem}", file=sys.stderr)
         return EXIT_USAGE
-    if not os.path.isfile(args.db):
+    if not os.path.isfile(db):
         return _fail(
-            f"no results database at {args.db!r}; pass --db PATH, or start "
+            f"no results database at {db!r}; pass --db PATH, or start "
             "`registry serve` in that directory first",
             EXIT_NO_DB,
         )
     try:
-        store = Store.open_readonly(args.db)
+        store = Store.open_readonly(db)
         try:
             if args.summary:
                 groups = store.summary(since=since, student=args.student)
@@ -375,6 +376,15 @@ def run(args: argparse.Namespace, *, clock: Callable[[], float] = time.time) -> 
     except (StoreError, sqlite3.Error) as e:
         return _fail(str(e), EXIT_NO_DB)
     return _write(text)
+
+
+def _db(args: argparse.Namespace) -> str:
+    """--db, else the database the config's registry writes (as `registry serve` opens it)."""
+    if args.db is not None:
+        return str(args.db)
+    if getattr(args, "config", None):
+        return config_mod.load(args.config).server.db
+    return "registry.db"
 
 
 def _roster(args: argparse.Namespace) -> grading.Roster | None:

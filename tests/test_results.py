@@ -227,7 +227,7 @@ def filled_db(tmp_path: Path) -> Path:
 
 def test_defaults() -> None:
     args = parse()
-    assert (args.db, args.format, args.since, args.student, args.summary) == (
+    assert (results._db(args), args.format, args.since, args.student, args.summary) == (
         "registry.db", "table", None, None, False
     )  # fmt: skip
 
@@ -309,6 +309,27 @@ def test_run_summary_nameless_by_source_and_with_a_roster(
     roster.write_text("student,address\nbea,192.168.1.300\n")
     assert results.run(parse(*argv)) == 64
     assert f"{roster}:2: address '192.168.1.300' is not an IP address" in capsys.readouterr().err
+
+
+def test_run_with_a_config_reads_its_database_and_its_roster(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--config alone is the grade sheet of that registry: its server.db and its roster."""
+    path = tmp_path / "class.db"
+    store = Store.open(str(path))
+    store.record_many([rec(1, student=None, peer="192.168.1.105:40001")])
+    store.close()
+    (tmp_path / "class.csv").write_text("student,address\nali,192.168.1.105\nbea,\n")
+    config = tmp_path / "registry.toml"
+    config.write_text(f'[server]\ndb = "{path}"\n\n[class]\nroster = "class.csv"\n')
+    capsys.readouterr()
+    assert results.run(parse("--config", str(config), "--summary", "--format", "csv")) == 0
+    sheet = read_csv(capsys.readouterr().out)
+    assert [(r[0], r[2]) for r in sheet[1:]] == [("ali", "OK"), ("bea", "")]
+    # --db still wins over the config's database
+    missing = tmp_path / "other.db"
+    assert results.run(parse("--config", str(config), "--db", str(missing), "--summary")) == 2
+    assert str(missing) in capsys.readouterr().err
 
 
 def test_run_reads_without_changing_the_database(
