@@ -82,11 +82,6 @@ def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = No
     )
 
 
-def get(name: str = "registry") -> Any:
-    """A bound logger with ``logger=name``."""
-    return structlog.get_logger(component=name)
-
-
 class ClassConsole:
     """The console renderer: a banner, one line per registration, structlog's for the rest."""
 
