@@ -422,6 +422,7 @@ async def test_event_hub_bounds() -> None:
 # --- HTTP edge cases ----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("request_bytes", "status"),
     [
@@ -464,6 +465,7 @@ async def test_incomplete_request_head_is_cut_off(tmp_path: Path) -> None:
 # --- the real executable -----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_real_registry_serves_admin_and_protects_its_port(tmp_path: Path) -> None:
     with run_registry(tmp_path, admin="127.0.0.1:0") as reg:
         assert reg.admin is not None
@@ -482,6 +484,7 @@ def test_real_registry_serves_admin_and_protects_its_port(tmp_path: Path) -> Non
         fetch(port, "/healthz")
 
 
+@pytest.mark.slow
 def test_admin_port_in_use_is_a_clear_startup_error(tmp_path: Path) -> None:
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))

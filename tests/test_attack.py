@@ -29,7 +29,10 @@ from registry.net.connector import TcpConnector
 from registry.server import Registry, Runtime
 from tests.support import IN_CI, exchange_from, http_get, run_registry
 
-pytestmark = pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs Linux /proc")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs Linux /proc"),
+]
 
 HONEST = "127.0.0.5"
 

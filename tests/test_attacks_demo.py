@@ -18,7 +18,7 @@ from examples.netlab import lab_processes, run_cmd
 from tests.netns import require_netns
 from tests.support import ROOT, require_tool
 
-pytestmark = pytest.mark.netns
+pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
 ATTACKS = ROOT / "examples" / "attacks" / "attacks.py"
 

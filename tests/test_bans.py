@@ -431,6 +431,7 @@ def kernel_attach(lst: socket.socket, keys: list[Any], budget: int = BPF_MAXINSN
     return held
 
 
+@pytest.mark.slow
 @linux
 def test_kernel_drops_a_banned_sources_syn_and_no_other() -> None:
     with listener() as lst:
@@ -589,6 +590,7 @@ async def _exchange(port: int, src: str, data: bytes) -> bytes | None:
     return await exchange_from(port, src, data, connect_timeout=0.5)
 
 
+@pytest.mark.slow
 @linux
 async def test_a_source_refused_in_a_loop_is_banned_in_the_kernel_then_let_back(
     tmp_path: Path,
@@ -657,6 +659,7 @@ async def test_a_source_refused_in_a_loop_is_banned_in_the_kernel_then_let_back(
     assert b"registry_bans_total 1.0" in metrics
 
 
+@pytest.mark.slow
 @linux
 async def test_a_reload_with_ban_after_zero_lifts_every_ban(tmp_path: Path) -> None:
     # docs/limits.md: "to lift every ban at once, set ban_after = 0 and send SIGHUP"
@@ -707,6 +710,7 @@ def looping_config(tmp_path: Path, **limits: object) -> config_mod.Config:
     )
 
 
+@pytest.mark.slow
 @linux
 async def test_an_exempt_source_is_refused_but_never_banned(tmp_path: Path) -> None:
     cfg = looping_config(tmp_path, ban_after=2, ban_exempt_networks=["127.2.0.0/16"])
@@ -725,6 +729,7 @@ async def test_an_exempt_source_is_refused_but_never_banned(tmp_path: Path) -> N
     assert banned == ["127.3.0.9"]
 
 
+@pytest.mark.slow
 @linux
 @pytest.mark.parametrize("ignored_after", [1, 2, 3, 0])
 async def test_a_serial_source_ignoring_its_retry_after_is_banned_for_that_wait(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import trio
 
 from registry.store import Record
@@ -23,6 +24,8 @@ from tests.test_dashboard_browser import (
     echo_server,
     free_tcp_port,
 )
+
+pytestmark = pytest.mark.slow  # a real Chromium per test
 
 LONG = "a" * 30 + "-" + "b" * 33  # 64 characters, no space to break at
 ROSTER = f"student,address\nalice,\nbob,\ncarol,\n{LONG},\n"

@@ -86,6 +86,7 @@ def test_example_has_no_section_config_lacks() -> None:
 # --- shipped profiles ----------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [*PROFILES, "registry.example.toml"])
 def test_shipped_profile_passes_check_config(name: str) -> None:
     result = check_config(CONFIG_DIR / name)
@@ -268,6 +269,7 @@ def test_loads_names_the_key(text: str, expected: list[str]) -> None:
     _assert_problems(caught.value.problems, expected)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("text", "expected"), [b[1:] for b in BAD], ids=[b[0] for b in BAD])
 def test_check_config_exits_2_one_line_per_problem(
     tmp_path: Path, text: str, expected: list[str]

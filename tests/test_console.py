@@ -28,6 +28,7 @@ JOSE_NFD = "jose\u0301"
 VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
 
 
+@pytest.mark.slow
 def test_version_of_both_commands() -> None:
     for name in ("registry", "student"):
         done = subprocess.run([exe(name), "--version"], capture_output=True, text=True, timeout=30)
@@ -69,6 +70,7 @@ def _send(port: int, line: str) -> str:
         return s.makefile(encoding="utf-8").readline()
 
 
+@pytest.mark.slow
 def test_tty_shows_a_banner_and_one_line_per_registration(tmp_path: Path) -> None:
     term = Pty()
     proc = subprocess.Popen(
@@ -136,6 +138,7 @@ def test_tty_shows_a_banner_and_one_line_per_registration(tmp_path: Path) -> Non
         assert [(r["student"], r["status"]) for r in rows] == [(JOSE_NFC, "OK")]
 
 
+@pytest.mark.slow
 @pytest.mark.netns
 def test_banner_on_a_wildcard_names_the_hosts_real_addresses(tmp_path: Path) -> None:
     """In a namespace of its own with one network address, the banner offers that address."""
@@ -203,6 +206,7 @@ def test_not_a_tty_keeps_json_logs(tmp_path: Path) -> None:
         proc.stderr.close()  # type: ignore[union-attr]
 
 
+@pytest.mark.slow
 def test_token_without_a_secret_says_how_to_make_one(tmp_path: Path) -> None:
     done = subprocess.run(
         [exe("registry"), "token", "alice"], capture_output=True, text=True, timeout=30

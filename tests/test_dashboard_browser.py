@@ -37,6 +37,8 @@ from registry.store import Record
 from tests.support import require_tool, run_registry, send_line
 from tests.test_admin import admin_server, stored
 
+pytestmark = pytest.mark.slow  # a real Chromium per test
+
 FLAGS = (
     "--headless",
     "--no-sandbox",

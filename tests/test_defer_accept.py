@@ -55,6 +55,7 @@ def test_the_kernel_rounds_up_to_its_retransmit_schedule(asked: float, kernel: i
         assert defer_accept(sock, asked) == kernel
 
 
+@pytest.mark.slow
 def test_a_silent_connection_waits_in_the_kernel_and_one_that_sends_does_not() -> None:
     with listener() as sock:
         assert defer_accept(sock, 2) == 3
@@ -85,6 +86,7 @@ def test_a_silent_connection_waits_in_the_kernel_and_one_that_sends_does_not() -
             assert 2.5 < took < 6, f"the silent connection was accepted after {took:.1f} s"
 
 
+@pytest.mark.slow
 def test_held_silent_tells_a_connection_the_kernel_held_out_from_the_others() -> None:
     # Only a connection that sent nothing through the kernel's whole wait is "held
     # silent": one that sent, one that closed, and one on a listener without the
@@ -141,6 +143,7 @@ def test_off_means_accepted_at_once() -> None:
             conn.close()
 
 
+@pytest.mark.slow
 async def test_without_the_option_the_registry_warns_and_serves(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -233,6 +236,7 @@ def _rows(db: Path) -> list[tuple[str, str]]:
         return conn.execute("SELECT status, code FROM registrations").fetchall()
 
 
+@pytest.mark.slow
 async def test_silent_through_the_kernels_wait_is_refused_at_the_door_with_no_row(
     tmp_path: Path,
 ) -> None:
@@ -259,6 +263,7 @@ async def test_silent_through_the_kernels_wait_is_refused_at_the_door_with_no_ro
     assert summary["by_reason"] == {SILENT: 1}
 
 
+@pytest.mark.slow
 async def test_a_wait_shorter_than_the_deadline_counts_in_it(tmp_path: Path) -> None:
     # defer_accept 1 s, read deadline 3 s: the connection is admitted when the
     # kernel hands it over, with 2 s left, not 3: the deadline counts from connect.
@@ -276,6 +281,7 @@ async def test_a_wait_shorter_than_the_deadline_counts_in_it(tmp_path: Path) -> 
     assert _rows(db) == [("ERROR", "read_timeout")]
 
 
+@pytest.mark.slow
 async def test_each_listener_keeps_its_own_deferral(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -141,6 +141,7 @@ def test_limits_page_opens_with_in_short() -> None:
         assert key in _section(text, "In short")
 
 
+@pytest.mark.slow
 def test_the_handouts_cpp_change_puts_the_name_on_the_registration(tmp_path: Path) -> None:
     """The snippet printed in the handout, put into the lab's C++ client, really works."""
     gxx = require_tool("g++")
@@ -173,6 +174,7 @@ def test_the_handouts_cpp_change_puts_the_name_on_the_registration(tmp_path: Pat
     assert (event["status"], event["code"]) == ("FAILED", "connection_refused")
 
 
+@pytest.mark.slow
 def test_the_handouts_echo_makes_the_lab_server_verified(tmp_path: Path) -> None:
     """The handout's one-line echo, put into the lab's C++ server, earns verified=yes."""
     gxx = require_tool("g++")

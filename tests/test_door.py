@@ -387,6 +387,7 @@ async def _line(port: int, src: str, data: bytes) -> bytes:
     return reply
 
 
+@pytest.mark.slow
 async def test_junk_pays_at_the_door_and_refusals_leave_no_row(tmp_path: Path) -> None:
     # per_source 4/hour: two connections from 127.0.0.7 that send nothing (EOF) or
     # junk take a token each at the door and a second one for their protocol
@@ -424,6 +425,7 @@ async def test_junk_pays_at_the_door_and_refusals_leave_no_row(tmp_path: Path) -
     ]
 
 
+@pytest.mark.slow
 async def test_under_pressure_junk_locks_its_source_out_for_about_a_minute(tmp_path: Path) -> None:
     # errors_global 1/hour: the registry is "under pressure" from the second protocol
     # error on. 127.0.0.7's first junk pays the usual second token; its second is

@@ -194,6 +194,7 @@ def _registration(reg: RegistryProcess, reg_id: str) -> dict:
 # ----------------------------------------------------------------------- exit 0
 
 
+@pytest.mark.slow
 def test_server_and_client_complete_the_lab(registry: RegistryProcess) -> None:
     port = free_port()
     with Spawned(
@@ -262,6 +263,7 @@ def test_lab_prints_the_timeline_and_the_verdict(registry: RegistryProcess) -> N
     assert len(ids) == 1
 
 
+@pytest.mark.slow
 def test_lab_over_ipv6_loopback(tmp_path: Path) -> None:
     try:
         with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
@@ -282,6 +284,7 @@ def test_lab_over_ipv6_loopback(tmp_path: Path) -> None:
     assert out[-1].startswith("verdict: OK connected — the registry called this server back at")
 
 
+@pytest.mark.slow
 def test_addresses_marks_the_loopback_route(registry: RegistryProcess) -> None:
     done = student("addresses", "--registry", f"127.0.0.1:{registry.port}")
     assert done.returncode == 0, done.stderr
@@ -324,6 +327,7 @@ def test_denied_port_outside_the_policy_range_exits_2(registry: RegistryProcess)
     assert (event["status"], event["code"], event["rtt_ms"]) == ("DENIED", "port_not_allowed", None)
 
 
+@pytest.mark.slow
 def test_denied_loopback_advertised_exits_2(registry: RegistryProcess) -> None:
     # strict reflection: the request came from 127.0.0.1, so 127.0.0.2 is not "you"
     port = free_port()
@@ -418,6 +422,7 @@ def test_lab_exit_status_is_the_registrys_verdict(registry: RegistryProcess) -> 
     assert not any("accepted callback" in line for line in out)
 
 
+@pytest.mark.slow
 def test_registry_not_running_exits_5() -> None:
     port = free_port()  # closed: nothing listens there
     done = student("client", "--registry", f"127.0.0.1:{port}", "--port", "15000")
@@ -455,6 +460,7 @@ def test_an_error_reply_exits_5(registry: RegistryProcess) -> None:
 # ----------------------------------------------------------------------- exit 4
 
 
+@pytest.mark.slow
 def test_rate_limited_is_busy_exit_4_and_sigterm_exits_0(tmp_path: Path) -> None:
     config = '[ratelimit]\nper_source = "1/hour"\n'
     with run_registry(tmp_path, config=config) as reg:
@@ -491,6 +497,7 @@ def test_rate_limited_is_busy_exit_4_and_sigterm_exits_0(tmp_path: Path) -> None
 # ---------------------------------------------------------------- exit 64 and 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "argv",
     [
@@ -524,6 +531,7 @@ def test_server_port_taken_exits_1() -> None:
     ]
 
 
+@pytest.mark.slow
 def test_server_timeout_exits_1() -> None:
     done = student("server", "--port", "0", "--bind", "127.0.0.1", "--timeout", "0.3")
     assert done.returncode == 1
@@ -534,6 +542,7 @@ def test_server_timeout_exits_1() -> None:
     )
 
 
+@pytest.mark.slow
 def test_lab_with_the_default_port(tmp_path: Path) -> None:
     """The command as a student types it: no --port, so the lab's 15000."""
     try:
@@ -558,6 +567,7 @@ def test_lab_with_the_default_port(tmp_path: Path) -> None:
 # ------------------------------------------------------------ drain and caps
 
 
+@pytest.mark.slow
 def test_sigterm_lets_an_inflight_callback_finish(tmp_path: Path) -> None:
     """SIGTERM while the registry waits for an echo: the client still gets its verdict."""
     config = '[callback]\nverify_timeout = "1s"\n'
@@ -614,6 +624,7 @@ def _over_the_cap(port: int) -> tuple[bytes, str]:
     return data, "eof"
 
 
+@pytest.mark.slow
 def test_over_the_connection_cap_is_busy_overloaded(capped: RegistryProcess) -> None:
     data, _ = _over_the_cap(capped.port)
     assert data == (
@@ -622,6 +633,7 @@ def test_over_the_connection_cap_is_busy_overloaded(capped: RegistryProcess) -> 
     )
 
 
+@pytest.mark.slow
 def test_over_the_connection_cap_reply_ends_with_a_clean_close(capped: RegistryProcess) -> None:
     ends = [_over_the_cap(capped.port)[1] for _ in range(5)]
     assert ends == ["eof"] * 5

@@ -190,6 +190,7 @@ def test_kernel_ipv6_prefix_ban(kernel_bans: EbpfBans) -> None:
         assert not reaches(lst, "::1")
 
 
+@pytest.mark.slow
 def test_kernel_holds_more_bans_than_the_classic_filter(kernel_bans: EbpfBans) -> None:
     keys = [v4(f"127.3.{n // 250}.{n % 250 + 1}") for n in range(5000)]
     with listener() as lst:

@@ -197,6 +197,7 @@ def test_ago(seconds: float, text: str) -> None:
 # --- the real executables -----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_check_config_reports_a_bad_roster_by_file_and_line(tmp_path: Path) -> None:
     (tmp_path / "class.csv").write_text("student,address\nali,10.0.0.1\nbea,not-an-ip\n")
     cfg = tmp_path / "registry.toml"
@@ -213,6 +214,7 @@ def test_check_config_reports_a_bad_roster_by_file_and_line(tmp_path: Path) -> N
     assert done.returncode == 0 and "class       2 students in" in done.stdout
 
 
+@pytest.mark.slow
 def test_serve_loads_the_roster_and_sighup_reloads_it(tmp_path: Path) -> None:
     roster = tmp_path / "class.csv"
     roster.write_text("student\nali\n")
@@ -239,6 +241,7 @@ def test_serve_loads_the_roster_and_sighup_reloads_it(tmp_path: Path) -> None:
         assert reg.stop() == 0
 
 
+@pytest.mark.slow
 def test_serve_refuses_to_start_with_a_bad_roster(tmp_path: Path) -> None:
     (tmp_path / "class.csv").write_text("student\nali\nali\n")
     cfg = tmp_path / "registry.toml"

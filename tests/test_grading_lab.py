@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.netns import NetnsLab, netns_lab, require_netns
 from tests.support import exe
 from tests.test_interop import cpp  # noqa: F401  (the compiled lab programs: a fixture)
@@ -40,6 +42,7 @@ def results(db: Path, *args: str) -> str:
     return done.stdout
 
 
+@pytest.mark.slow
 def test_two_machines_with_the_nameless_cpp_client_are_two_graded_rows(
     tmp_path: Path,
     cpp: dict[str, str],  # noqa: F811

@@ -24,6 +24,8 @@ import pytest
 from tests.support import ROOT, RegistryProcess, exe, free_port, require_tool, run_registry
 from tests.test_e2e import GREETING, ID, NONCE, RUN_TIMEOUT, SRC, Spawned, ok_line, student
 
+pytestmark = pytest.mark.slow  # compiles the C++ lab; runs nc and socat
+
 LAB_CPP = ROOT / "examples" / "lab-cpp"
 PROGRAMS = ("student_server", "student_client", "student_client_wait")
 CONFIG = """

@@ -136,6 +136,7 @@ def test_denied(registry: RegistryProcess, callee: _Callee, request_: dict, code
     _good(registry, callee)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("data", "code", "starts"),
     [
@@ -190,6 +191,7 @@ def test_ipv6_json(registry: RegistryProcess) -> None:
     assert target.calls == 2
 
 
+@pytest.mark.slow
 def test_records_say_json(tmp_path: Path) -> None:
     with run_registry(tmp_path) as reg:
         _ask(reg, {"host": "127.0.0.1", "port": 80})

@@ -178,6 +178,7 @@ def assert_whole_lines(replies: list[bytes]) -> None:
 # --- crash and drain ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sigkill_mid_flood_loses_no_acknowledged_registration(tmp_path: Path) -> None:
     with target() as t:
         line = f"127.0.0.1:{t.port}\n".encode()
@@ -199,6 +200,7 @@ def test_sigkill_mid_flood_loses_no_acknowledged_registration(tmp_path: Path) ->
     assert all(rows[i] == ("OK", "connected") for i in acknowledged)
 
 
+@pytest.mark.slow
 def test_sigterm_under_load_drains_and_exits_0(tmp_path: Path) -> None:
     with target() as t:
         line = f"127.0.0.1:{t.port}\n".encode()
@@ -233,6 +235,7 @@ def _register_in_background(port: int, line: bytes) -> tuple[threading.Thread, l
     return thread, out
 
 
+@pytest.mark.slow
 def test_sigterm_waits_for_a_slow_callback(tmp_path: Path) -> None:
     """The callback's target echoes after 1 s: the drain waits, records, replies."""
     config = '[server]\ngrace_period = "5s"\n[callback]\nverify_timeout = "4s"\n'
@@ -252,6 +255,7 @@ def test_sigterm_waits_for_a_slow_callback(tmp_path: Path) -> None:
     assert db_rows(tmp_path / "registry.db")[reg_id] == ("OK", "connected")
 
 
+@pytest.mark.slow
 def test_tiny_grace_period_cuts_the_drain_and_still_exits_0(tmp_path: Path) -> None:
     """grace_period 200 ms: a client still sending is cut at the deadline; a callback
     already dialling ends within its own timeout and is recorded; exit 0."""
@@ -287,6 +291,7 @@ def test_tiny_grace_period_cuts_the_drain_and_still_exits_0(tmp_path: Path) -> N
 # --- reload ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sighup_applies_a_good_file_and_keeps_the_old_config_on_a_bad_one(
     tmp_path: Path,
 ) -> None:
@@ -314,6 +319,7 @@ def test_sighup_applies_a_good_file_and_keeps_the_old_config_on_a_bad_one(
         assert reg.stop() == 0
 
 
+@pytest.mark.slow
 def test_signals_right_after_ready_are_handled_not_fatal(tmp_path: Path) -> None:
     """SIGHUP then SIGTERM the moment the registry reports it listens."""
     with run_registry(tmp_path, config="") as reg:
@@ -386,6 +392,7 @@ def _wait_for(messages: list[tuple[float, str]], text: str, after: int = 0) -> i
     raise AssertionError(f"no {text!r} in {[m for _, m in messages]}")
 
 
+@pytest.mark.slow
 def test_sd_notify_ready_reload_watchdog_stopping(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -463,6 +470,7 @@ def serve(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("config", "args", "key"),
     [
@@ -485,6 +493,7 @@ def test_bad_config_at_serve_exits_78_naming_the_key(
     assert not (tmp_path / "r.db").exists(), "nothing is created for a config that is refused"
 
 
+@pytest.mark.slow
 def test_database_from_a_newer_schema_exits_78(tmp_path: Path) -> None:
     db = tmp_path / "newer.db"
     with closing(sqlite3.connect(db)) as conn:

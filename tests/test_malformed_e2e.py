@@ -291,6 +291,7 @@ def logged(reg: RegistryProcess, reg_id: str) -> dict:
     raise AssertionError(f"{reg_id} was not recorded: {reg.raw[-5:]}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_malformed_then_a_good_registration(
     registry: RegistryProcess, server_port: int, case: Case

@@ -31,7 +31,7 @@ import pytest
 from tests.netns import NetnsLab, RegistryInNs, netns_lab, require_netns
 from tests.support import exe
 
-pytestmark = pytest.mark.netns
+pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
 REGISTRY_PUBLIC = "198.51.100.1"
 ROUTER_PUBLIC = "198.51.100.2"

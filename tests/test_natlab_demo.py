@@ -25,7 +25,7 @@ from examples.pcapread import handshakes, read
 from tests.netns import require_netns
 from tests.support import ROOT, require_tool
 
-pytestmark = pytest.mark.netns
+pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
 NATLAB = ROOT / "examples" / "nat-lab" / "natlab.py"
 REGISTRY, ROUTER, HOME = "198.51.100.1", "198.51.100.2", "192.168.77.10"

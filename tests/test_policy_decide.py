@@ -452,6 +452,7 @@ HOSTS = st.one_of(
 )
 
 
+@pytest.mark.slow
 @settings(max_examples=300)
 @given(
     HOSTS,

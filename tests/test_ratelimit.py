@@ -244,6 +244,7 @@ def test_refused_requests_store_nothing_new() -> None:
 # --- bounded memory ----------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_spray_of_distinct_ipv4_sources_stays_bounded() -> None:
     lim = RateLimiter(cfg(per_source=Rate(30, PER_MIN), max_entries=1000))
     table = lim._source

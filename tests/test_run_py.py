@@ -35,6 +35,7 @@ def _offline() -> dict[str, str]:
     return {**os.environ, "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": "", "PYTHONDONTWRITEBYTECODE": "1"}
 
 
+@pytest.mark.slow
 def test_half_made_venv_is_made_again(tmp_path: Path) -> None:
     work = _copy(tmp_path)
     python = _base_python()

@@ -12,6 +12,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from tests.support import ROOT
 
 DOC = ROOT / "SECURITY.md"
@@ -67,6 +69,7 @@ def collected(files: set[str]) -> set[str]:
     return {line for line in done.stdout.splitlines() if "::" in line}
 
 
+@pytest.mark.slow
 def test_every_cited_test_exists() -> None:
     citations: list[str] = []
     for row in table_rows():

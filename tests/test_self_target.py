@@ -107,6 +107,7 @@ def test_a_resolved_name_pointing_at_us_is_self_target() -> None:
     assert isinstance(d, Deny) and d.code is Code.SELF_TARGET, d
 
 
+@pytest.mark.slow
 @settings(max_examples=400)
 @given(
     st.ip_addresses(),
@@ -232,6 +233,7 @@ def _register(lab: NetnsLab, host: str, port: int, *extra: str) -> str:
     return done.stdout + done.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.netns
 @pytest.mark.parametrize(
     ("host", "port", "extra"),

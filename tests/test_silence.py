@@ -184,6 +184,7 @@ def dropping_listener(kind: str) -> Iterator[socket.socket]:
             bpf.close()
 
 
+@pytest.mark.slow
 @linux
 @pytest.mark.parametrize("kind", ["classic", "ebpf"])
 def test_kernel_makes_a_connection_only_from_a_clients_bytes(kind: str) -> None:
@@ -221,6 +222,7 @@ def unacked(conn: socket.socket) -> int:
     return int(struct.unpack_from("=I", info, 24)[0])
 
 
+@pytest.mark.slow
 @linux
 @pytest.mark.parametrize("kind", ["classic", "ebpf"])
 @pytest.mark.parametrize("shed", [True, False])
@@ -256,6 +258,7 @@ async def _read_all(stream: trio.SocketStream, seconds: float) -> bytes | None:
     return None
 
 
+@pytest.mark.slow
 @linux
 async def test_a_crowd_of_silent_connections_turns_the_drop_on_and_it_ends(
     tmp_path: Path,

@@ -160,6 +160,7 @@ def test_record_many_is_atomic(db: Path) -> None:
         store.close()
 
 
+@pytest.mark.slow
 def test_a_recorded_row_survives_sigkill_right_after_record_returns(db: Path) -> None:
     code = (
         "import os, signal, sys\n"

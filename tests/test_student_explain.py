@@ -102,6 +102,7 @@ def student_lab(reg_port: int, *extra: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow
 def test_lab_explain_end_to_end_names_the_ports_the_timeline_saw(tmp_path: Path) -> None:
     with run_registry(tmp_path) as reg:
         done = student_lab(reg.port, "--explain")
@@ -124,6 +125,7 @@ def test_lab_explain_end_to_end_names_the_ports_the_timeline_saw(tmp_path: Path)
     assert plain.returncode == 0 and "Why the registry" not in plain.stdout
 
 
+@pytest.mark.slow
 def test_lab_explain_when_denied_says_no_callback_arrived(tmp_path: Path) -> None:
     with run_registry(tmp_path) as reg:
         done = student_lab(reg.port, "--explain", "--advertise", "192.0.2.7")
@@ -143,6 +145,7 @@ def test_explain_is_only_a_lab_option() -> None:
     assert done.returncode == 64 and "--explain" in done.stderr
 
 
+@pytest.mark.slow
 def test_lab_explain_over_udp_names_the_datagrams(tmp_path: Path) -> None:
     with run_registry(tmp_path) as reg:
         done = student_lab(reg.port, "--explain", "--udp")

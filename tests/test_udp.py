@@ -180,6 +180,7 @@ def test_challenge_too_small_for_anything() -> None:
 # ---------------------------------------------------------- the real registry
 
 
+@pytest.mark.slow
 def test_bare_datagram_gets_a_cookie_and_no_callback(registry: RegistryProcess) -> None:
     reg = ("127.0.0.1", registry.port)
     with _udp() as client, _udp() as target:
@@ -204,6 +205,7 @@ def test_unpadded_short_request_is_asked_to_pad(registry: RegistryProcess) -> No
         assert _recv(client, 3.0) == b"COOKIE pad=512\n"
 
 
+@pytest.mark.slow
 def test_student_server_and_client_over_udp(registry: RegistryProcess, tmp_path: Path) -> None:
     server = subprocess.Popen(
         [exe("student"), "server", "--udp", "--port", "0", "--bind", "127.0.0.1",
@@ -233,6 +235,7 @@ def test_student_server_and_client_over_udp(registry: RegistryProcess, tmp_path:
             server.wait(timeout=5)
 
 
+@pytest.mark.slow
 def test_cookie_replayed_after_its_windows_fails(tmp_path: Path) -> None:
     config = GENEROUS + 'cookie_window = "300ms"\n'  # GENEROUS ends in [udp]
     with run_registry(tmp_path, config=config) as reg, _udp() as client, _udp() as target:
@@ -254,6 +257,7 @@ def test_cookie_replayed_after_its_windows_fails(tmp_path: Path) -> None:
         assert _rows(reg.db) == [("udp", "OK", "connected")]  # challenges are not recorded
 
 
+@pytest.mark.slow
 def test_policy_and_rate_limits_apply_to_udp(tmp_path: Path) -> None:
     config = '[ratelimit]\nper_source = "2/minute"\n'
     with run_registry(tmp_path, config=config) as reg, _udp() as client, _udp() as target:
@@ -357,6 +361,7 @@ def _exchange(
     return got
 
 
+@pytest.mark.slow
 def test_no_reply_is_ever_larger_than_its_request(registry: RegistryProcess) -> None:
     addr = ("127.0.0.1", registry.port)
     echoer = _Echoer()
@@ -400,6 +405,7 @@ def test_no_reply_is_ever_larger_than_its_request(registry: RegistryProcess) -> 
     assert echoer.calls == len(verified)  # only valid cookies caused callbacks
 
 
+@pytest.mark.slow
 def test_forged_source_on_loopback_gets_no_callback(registry: RegistryProcess) -> None:
     """127.0.0.2 is a second local address on Linux: a datagram from it carrying a
     cookie issued to 127.0.0.1 (same port) must not cause a callback."""
@@ -476,6 +482,7 @@ def _netns() -> Iterator[str]:
         subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=10)
 
 
+@pytest.mark.slow
 @pytest.mark.netns
 def test_forged_source_in_a_namespace_gets_no_callback(tmp_path: Path) -> None:
     if os.geteuid() != 0:
@@ -506,6 +513,7 @@ def test_forged_source_in_a_namespace_gets_no_callback(tmp_path: Path) -> None:
 # ------------------------------------------------------------ IPv6 end to end
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", [[], ["--json"], ["--udp"]], ids=["text", "json", "udp"])
 def test_ipv6_end_to_end_with_the_real_executables(
     ipv6_registry: RegistryProcess, mode: list[str]
@@ -631,6 +639,7 @@ async def _call(target: Endpoint, wait_echo: bool) -> tuple[Code, bool]:
     return result.code, result.verified
 
 
+@pytest.mark.slow
 async def test_connector_outcomes() -> None:
     loop = ipaddress.ip_address("127.0.0.1")
     with trio.fail_after(10):

@@ -288,6 +288,7 @@ verify_timeout = "2s"
 """
 
 
+@pytest.mark.slow
 def test_a_udp_registration_does_not_get_a_tcp_client_refused_for_total(tmp_path: Path) -> None:
     """With every connection slot held by a UDP registration, a TCP client waits for
     the slot (as behind another TCP client) instead of getting ``BUSY ... total``."""

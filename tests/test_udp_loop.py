@@ -25,6 +25,8 @@ import pytest
 from tests.netns import NetnsLab, Output, netns_lab, require_netns
 from tests.support import exe
 
+pytestmark = pytest.mark.slow  # a network-namespace lab per test
+
 REGISTRY = "127.0.0.1:9000"
 REFLECTOR_HOST = "127.0.0.2"
 ECHO_PORT = 7007
