@@ -152,8 +152,8 @@ def _calm_the_garbage_collector() -> None:
     Everything alive now (modules, config, the code) lives as long as the
     process: ``gc.freeze()`` moves it out of the collector's sight, so a full
     collection scans only what connections create. Measured under a stall
-    attack (docs/benchmarks.md): full collections of 40-100 ms, each one a
-    visible step in honest students' p99, became a few ms.
+    attack (docs/benchmarks.md): without it full collections took 40-100 ms,
+    each one a visible step in honest students' p99; with it, a few ms.
     """
     gc.collect()
     gc.freeze()

@@ -116,7 +116,7 @@ def defer_accept(sock: _SockOpts, seconds: float) -> int | None:
     reconnects whenever it is cut comes back that much less often. Returns the
     seconds the kernel will wait (0: off), or None where the option does not
     exist or is refused (a client that sends at once is never delayed either
-    way; without it the registry holds silent connections itself, as before).
+    way; without it the registry holds silent connections itself).
     """
     if TCP_DEFER_ACCEPT is None:
         return None

@@ -16,7 +16,7 @@ changes are coalesced so a burst of bans is applied at most every
   listener's filter and is charged its size against ``net.core.optmem_max``;
   if the charge fails the kernel drops the new connection. So the program is
   kept to ``optmem_max / 32`` bytes' worth of instructions (4,096 with
-  today's 128 KB default, 640 with the old 20 KB one): about 2,000 IPv4
+  the 128 KB default of current kernels, 640 with older ones' 20 KB): about 2,000 IPv4
   bans. Bans beyond it stay in the list (and in ``/api/bans``) without a
   kernel rule, and are logged.
 """
