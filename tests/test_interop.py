@@ -171,8 +171,10 @@ def test_cpp_lab_completes_with_the_client_that_waits_for_the_reply(
     )
     (_, _, callback) = assert_lines(server.out, cpp_server_lines(port))
     assert callback.group(1) == reply.group(1)
-    # No newline and no close: the registry's quiet period (250 ms) ended the request.
-    assert 0.2 < elapsed < 5, elapsed
+    # No newline and no close: the registry's quiet period (250 ms) ended the request
+    # (an OK, not the read deadline's ERROR read_timeout; timed in virtual time by
+    # test_tcp_edge.py::test_framing).
+    assert elapsed > 0.2, elapsed
 
 
 def test_cpp_client_with_student_server_is_verified(

@@ -206,20 +206,13 @@ def test_sigterm_under_load_drains_and_exits_0(tmp_path: Path) -> None:
         line = f"127.0.0.1:{t.port}\n".encode()
         config = OPEN_LIMITS + '[server]\ngrace_period = "5s"\n'
         with run_registry(tmp_path, config=config) as reg:
-            stopped: list[float] = []
-
-            def term() -> None:
-                stopped.append(time.monotonic())
-                reg.proc.send_signal(signal.SIGTERM)
-
-            timer = threading.Timer(0.7, term)
+            timer = threading.Timer(0.7, reg.proc.send_signal, (signal.SIGTERM,))
             timer.start()
             replies = flood(reg.port, line, seconds=3.0)
             timer.join()
             assert reg.proc.wait(timeout=10) == 0
-            took = time.monotonic() - stopped[0]
-            assert took < 5.0, f"drain took {took:.1f}s, beyond the grace period"
             reg.wait_event("stopped", timeout=2)
+            # The drain ended inside the grace period, by the registry's own clock.
             assert not reg.events("grace_period_expired")
     assert_whole_lines(replies)
     acknowledged = reply_ids(replies)
@@ -247,10 +240,10 @@ def test_sigterm_waits_for_a_slow_callback(tmp_path: Path) -> None:
         assert reg.proc.wait(timeout=10) == 0
         took = time.monotonic() - sent
         thread.join(5)
-        assert 0.5 < took < 5.0, took
+        assert took > 0.5, took  # it waited for the callback's 1 s echo...
         assert out[0].startswith(b"OK connected") and b"verified=yes" in out[0], out
         reg.wait_event("stopped", timeout=2)
-        assert not reg.events("grace_period_expired")
+        assert not reg.events("grace_period_expired")  # ...inside the grace period
     (reg_id,) = reply_ids(out)
     assert db_rows(tmp_path / "registry.db")[reg_id] == ("OK", "connected")
 
@@ -269,19 +262,16 @@ def test_tiny_grace_period_cuts_the_drain_and_still_exits_0(tmp_path: Path) -> N
         idle = socket.create_connection(("127.0.0.1", reg.port), timeout=10)
         idle.sendall(b"127.0.0.1:")  # mid-request: not yet a whole line
         time.sleep(0.1)  # let the registry accept it before the listeners close
-        sent = time.monotonic()
         reg.proc.send_signal(signal.SIGTERM)
         with idle:
             try:
+                # Cut by the drain, unanswered: read to its 5 s quiet period, the
+                # half request would have had an "ERROR malformed" line.
                 assert idle.recv(4096) == b""
             except ConnectionResetError:
                 pass
-        cut = time.monotonic() - sent
         assert reg.proc.wait(timeout=10) == 0
-        took = time.monotonic() - sent
         thread.join(5)
-        assert cut < 1.2, f"the reading client was not cut at the deadline ({cut:.2f}s)"
-        assert took < 0.2 + 3.0 + 1.0, took  # grace + the callback's own bounds + slack
         reg.wait_event("grace_period_expired", timeout=2)
         assert_whole_lines(out)
     rows = db_rows(tmp_path / "registry.db")
