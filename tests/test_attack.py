@@ -59,6 +59,29 @@ def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def _proc_tcp(ip: str, port: int) -> str:
+    """``ip:port`` as /proc/net/tcp writes it."""
+    return f"{socket.inet_aton(ip)[::-1].hex().upper()}:{port:04X}"
+
+
+def _proc_tcp_rows() -> list[list[str]]:
+    return [row.split() for row in Path("/proc/net/tcp").read_text().splitlines()[1:]]
+
+
+def accept_queue(port: int) -> int:
+    """Connections the kernel completed for the listener on 127.0.0.1:``port`` and
+    that wait for accept() (a LISTEN row's rx_queue is its accept queue)."""
+    me = _proc_tcp("127.0.0.1", port)
+    return sum(int(r[4].split(":")[1], 16) for r in _proc_tcp_rows() if r[1] == me and r[3] == "0A")
+
+
+def deferred_by_kernel(port: int, clients: set[tuple[str, int]]) -> int:
+    """How many of ``clients`` the kernel still holds for 127.0.0.1:``port`` (SYN_RECV)."""
+    me = _proc_tcp("127.0.0.1", port)
+    theirs = {_proc_tcp(ip, p) for ip, p in clients}
+    return sum(1 for r in _proc_tcp_rows() if r[1] == me and r[3] == "03" and r[2] in theirs)
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -160,6 +183,7 @@ class Stalled:
 
     def __init__(self) -> None:
         self.opened = 0
+        self.clients: set[tuple[str, int]] = set()  # each connection's own address
         self.replies: list[tuple[float, bytes]] = []  # (seconds until closed, what came)
         self.failed: list[str] = []
 
@@ -173,6 +197,7 @@ class Stalled:
             self.failed.append(errno.errorcode.get(e.errno or 0, str(e)))
             return
         self.opened += 1
+        self.clients.add(stream.socket.getsockname())
         async with stream:
             if first:
                 await stream.send_all(first)
@@ -269,19 +294,17 @@ async def test_2000_stalled_connections_and_an_honest_registration(tmp_path: Pat
             await open_stalled(nursery, stalled, reg.port, plan)
             assert stalled.failed == []
             held = await settle(pid, lambda n: n >= base_fds + 1400, 5)
-            reply, took = await honest_cycle(reg.port)
+            # served while they are held (how fast: bench/bench_attack.py's stall rows)
+            reply, _ = await honest_cycle(reg.port)
             assert verdict(reply) == "OK connected verified=yes", reply
-            assert took < 1.5, f"honest registration took {took:.2f} s under attack"
             rss = rss_mb(pid)
             await poll_until(lambda: len(stalled.replies) == len(plan), read_deadline + 10)
         assert held >= base_fds + 1400, "the stalls were not held: the attack did not happen"
         assert rss < 120, f"registry RSS {rss:.0f} MB with {held - base_fds} connections"
-        cut = sorted(t for t, _ in stalled.replies)
-        assert cut[-1] < read_deadline + 3, f"a stall was held {cut[-1]:.1f} s"
+        # Each was cut by its deadline or framed by the quiet period (exact times in
+        # virtual time: tests/test_tcp_edge.py, tests/test_waiting.py).
         codes = stalled.codes()
-        assert codes.get("ERROR malformed", 0) == 500, codes  # the "1" bytes
-        quiet = [t for t, d in stalled.replies if d.startswith(b"ERROR malformed")]
-        assert max(quiet) < read_deadline, "a one-byte request was not framed by the quiet period"
+        assert codes == {"ERROR malformed": 500, "ERROR read_timeout": 1500}, codes
         # every descriptor comes back: no slot leaked; no handler crashed
         assert await settle(pid, lambda n: n <= base_fds + 2, 5) <= base_fds + 2
         assert not reg.events("handler_crashed")
@@ -311,21 +334,22 @@ async def test_silent_stalls_wait_in_the_kernel_then_are_refused_at_the_door(
         base_fds = fd_count(pid)
         stalled = Stalled()
         async with trio.open_nursery() as nursery:
-            started = trio.current_time()
             await open_stalled(
                 nursery, stalled, reg.port, [(source(i % 40), b"") for i in range(1000)]
             )
             assert stalled.failed == [] and stalled.opened == 1000
-            reply, took = await honest_cycle(reg.port)
+            reply, _ = await honest_cycle(reg.port)
             assert verdict(reply) == "OK connected verified=yes", reply
-            assert took < 1.5, f"honest registration took {took:.2f} s"
-            waited = trio.current_time() - started
-            assert waited < kernel_wait - 0.5, "too slow to see the deferral"
+            # While the kernel still defers every stall, the registry holds none of them.
+            deferred = deferred_by_kernel(reg.port, stalled.clients)
+            assert deferred == 1000, f"the kernel defers {deferred} of 1000"
             assert fd_count(pid) <= base_fds + 2, "the registry holds silent connections"
+            deferred = deferred_by_kernel(reg.port, stalled.clients)
+            assert deferred == 1000, f"{1000 - deferred} were handed over before the count"
             await poll_until(lambda: len(stalled.replies) == 1000, kernel_wait + 10)
         cut = sorted(t for t, _ in stalled.replies)
         assert cut[0] >= kernel_wait - 0.5, f"a stall was cut at {cut[0]:.1f} s"
-        assert cut[-1] < kernel_wait + 3, f"a stall was held {cut[-1]:.1f} s after the kernel"
+        # answered at the door when handed over (no row, counted silent: below)
         assert stalled.codes() == {"ERROR read_timeout": 1000}
         assert len(reg.events("registration")) == 1  # the honest one: stalls leave no row
         await poll_until(lambda: bool(reg.events("door_refusals")), 15)  # one line per 10 s
@@ -425,11 +449,10 @@ async def test_connection_cap_is_taken_before_accept(tmp_path: Path) -> None:
             nursery.start_soon(student)
             await trio.sleep(0.2)  # the honest client is first in the backlog
             more = [(source(i), b"") for i in range(cap, 3 * cap)]
-            opened_at = trio.current_time()
             await open_stalled(nursery, stalled, reg.port, more)
             # The kernel completed every handshake although nothing accepted them:
             # they wait in the listen backlog (a small backlog would drop SYNs here).
-            assert trio.current_time() - opened_at < 2.0
+            await poll_until(lambda: accept_queue(reg.port) == 1 + len(more), 5)
             await trio.sleep(0.3)
             during = fd_count(pid)
             with trio.fail_after(read_deadline + 5):
@@ -439,7 +462,7 @@ async def test_connection_cap_is_taken_before_accept(tmp_path: Path) -> None:
         reply, took = result[0]
         assert reply.startswith("OK connected"), reply
         # served when the first stalls were cut at the read deadline, not before
-        assert read_deadline - 0.5 < took < read_deadline + 2.5, took
+        assert took > read_deadline - 0.5, took
 
 
 async def test_emfile_backs_off_without_spinning(tmp_path: Path) -> None:
@@ -539,7 +562,8 @@ async def test_tarpit_target_holds_a_callback_slot_only_until_the_timeouts(
         reply, took = result[0]
         assert verdict(busy) == "BUSY overloaded" and reply_field(busy, "retry_after"), busy
         assert verdict(reply) == "OK connected verified=no", reply
-        assert 0.9 < took < 1.0 + 1.0 + 0.5, took  # verify timeout; never past connect + verify
+        # ended by the verify timeout (exact bounds in virtual time: tests/test_deadlines.py)
+        assert took > 0.9, took
         after, _ = await honest_cycle(reg.port)
         assert verdict(after) == "OK connected verified=yes", after  # the slot came back
 
@@ -549,7 +573,7 @@ async def test_unanswered_connect_is_cut_at_the_connect_timeout(tmp_path: Path) 
     with run_registry(tmp_path, config=cfg) as reg, _blackhole("127.0.0.8") as port:
         reply, took = await register(reg.port, "127.0.0.8", f"127.0.0.8:{port}")
     assert reply.startswith("FAILED timeout "), reply
-    assert 0.9 < took < 1.8, took
+    assert took > 0.9, took  # the connect timeout (virtual time: the connector test below)
 
 
 async def test_flooding_target_is_cut_off_and_memory_stays_flat(tmp_path: Path) -> None:
@@ -562,10 +586,10 @@ async def test_flooding_target_is_cut_off_and_memory_stays_flat(tmp_path: Path) 
         for i in range(10):
             src = f"127.0.1.{i + 1}"
             async with _flooder(src, 8 << 20) as (port, sent):
-                reply, took = await register(reg.port, src, f"{src}:{port}")
+                reply, _ = await register(reg.port, src, f"{src}:{port}")
             offered += 8 << 20
             assert verdict(reply) == "OK connected verified=no", reply
-            assert took < 1.5, f"flood not cut at the byte cap: {took:.2f} s"
+            # cut at the byte cap, at once (tests/test_deadlines.py, virtual time)
             assert sent[0] < 8 << 20, "the registry read the whole flood"
         growth = rss_mb(pid) - before
     assert growth < 16, f"registry RSS grew {growth:.1f} MB over {offered >> 20} MB of floods"
