@@ -67,8 +67,8 @@ log = structlog.get_logger(component="server")
 # Door refusals are summed up in one log line per window, never one per connection.
 REFUSAL_LOG_INTERVAL_S = 10.0
 # source_banned lines per log interval; the bans past them are summed up in one
-# bans_made line at the interval's end (a wave of 4,000 bans was 4,000 lines and
-# ~0.3 s of the event loop)
+# bans_made line at the interval's end (one line per ban, a wave of 4,000 bans
+# would cost ~0.3 s of the event loop)
 LOGGED_BANS = 10
 
 
