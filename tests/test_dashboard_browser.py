@@ -159,13 +159,31 @@ class Cdp:
         return result["result"].get("value")
 
     def wait_for(self, expression: str, timeout: float = 10.0) -> Any:
+        """The value of ``expression`` once it is truthy. The page itself re-evaluates
+        it (every 20 ms) and answers when it holds: nothing here sleeps, so an async
+        test may run this in a thread without a sleep of its own."""
+        until = (
+            "new Promise((resolve, reject) => {"
+            f" const end = performance.now() + {timeout * 1000:.0f};"
+            " const check = () => {"
+            f"  let value; try {{ value = ({expression}); }} catch (e) {{}}"
+            "  if (value) resolve(value);"
+            "  else if (performance.now() > end) reject(new Error('timed out'));"
+            "  else setTimeout(check, 20);"
+            " };"
+            " check();"
+            "})"
+        )
+        params = {"expression": until, "returnByValue": True, "awaitPromise": True}
         deadline = time.monotonic() + timeout
         while True:
-            value = self.js(expression)
-            if value:
-                return value
-            assert time.monotonic() < deadline, f"timed out waiting for {expression}"
-            time.sleep(0.05)
+            try:
+                result = self.call("Runtime.evaluate", params, timeout=timeout + 5)
+            except CdpError:  # the page navigated away under the wait: wait in the new one
+                assert time.monotonic() < deadline, f"timed out waiting for {expression}"
+                continue
+            assert "exceptionDetails" not in result, f"timed out waiting for {expression}"
+            return result["result"].get("value")
 
     def html(self) -> str:
         """The live DOM as markup, through the DOM domain (works with page scripts off)."""
