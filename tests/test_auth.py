@@ -72,7 +72,6 @@ def test_check_token_uses_compare_digest(monkeypatch: pytest.MonkeyPatch) -> Non
     assert len(calls) == 2
 
 
-@pytest.mark.slow
 @given(st.text(max_size=40), st.text(max_size=40))
 def test_check_token_is_total(student: str, token: str) -> None:
     assert check_token(SECRET, student, token) is (token == derive_token(SECRET, student))

@@ -144,7 +144,6 @@ def test_student_tool_takes_a_name_with_spaces_only_for_json(
     assert "needs --json" in capsys.readouterr().err
 
 
-@pytest.mark.slow
 @given(st.text(max_size=80), st.booleans())
 def test_any_text_is_either_a_clean_nfc_name_or_refused_in_printable_ascii(
     text: str, spaces: bool

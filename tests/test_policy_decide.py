@@ -452,7 +452,6 @@ HOSTS = st.one_of(
 )
 
 
-@pytest.mark.slow
 @settings(max_examples=300)
 @given(
     HOSTS,

@@ -321,7 +321,6 @@ JSON_VALUES = st.recursive(
 )
 
 
-@pytest.mark.slow
 @given(
     st.fixed_dictionaries(
         {},

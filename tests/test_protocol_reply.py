@@ -245,7 +245,6 @@ def outcomes(draw: st.DrawFn) -> Outcome:
     )
 
 
-@pytest.mark.slow
 @settings(max_examples=500)
 @given(outcomes())
 def test_reply_is_always_one_safe_line(outcome: Outcome) -> None:

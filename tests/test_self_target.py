@@ -107,7 +107,6 @@ def test_a_resolved_name_pointing_at_us_is_self_target() -> None:
     assert isinstance(d, Deny) and d.code is Code.SELF_TARGET, d
 
 
-@pytest.mark.slow
 @settings(max_examples=400)
 @given(
     st.ip_addresses(),
