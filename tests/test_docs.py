@@ -119,6 +119,13 @@ def test_readme_links_every_document() -> None:
         assert f"]({name})" in README, name
 
 
+def test_the_benchmarks_page_holds_the_present_only() -> None:
+    # the method, the current tables and the targets; earlier figures are in git
+    text = (ROOT / "docs" / "benchmarks.md").read_text()
+    assert len(text.splitlines()) <= 300
+    assert "### Against the targets" in text
+
+
 def test_every_reply_code_status_and_diagnosis_is_documented() -> None:
     for value in [*Status, *Code, *Diagnosis]:
         assert f"`{value.value}`" in PROTOCOL, f"{value.value} is not in docs/protocol.md"
