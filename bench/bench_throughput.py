@@ -296,6 +296,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--duration", type=float, default=5.0, help="measured seconds per run")
     parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--prime", type=float, default=3.0, help="untimed seconds per row first")
     parser.add_argument("--conc", default="1,16,128")
     parser.add_argument("--servers", default=",".join(KINDS))
     parser.add_argument("--modes", default="pinned,unpinned")
@@ -319,6 +320,12 @@ def main() -> None:
             for kind in kinds:
                 if kind.server not in servers:
                     servers[kind.server] = start_server(kind.server, work, args.registry_pythonpath)
+            # One untimed run each first: the registry's SQLite WAL grows to its
+            # steady size (appends that grow a file cost the filesystem's journal
+            # more than overwrites), and every server's code paths are warm.
+            for kind in kinds:
+                prime = argparse.Namespace(warmup=0.0, duration=args.prime)
+                run_loadgen(loadgen, servers[kind.server], kind, 16, prime, False)
             for mode in modes:
                 pinned = mode == "pinned"
                 for server in servers.values():
