@@ -256,14 +256,14 @@ def fmt(cell: tuple[float, float, float], digits: int = 0) -> str:
 def table(summary: dict[tuple[str, str, int], dict[str, object]]) -> str:
     lines = [
         "| mode | server | c | cycles/s | p50 ms | p99 ms | p99.9 ms | CPU/cycle µs "
-        "| RSS MB | steal % | errors | x registry |",
+        "| RSS MB | steal % | errors | registry ÷ this |",
         "|---|---|---:|---|---|---|---|---|---:|---:|---:|---:|",
     ]
     for (mode, label, conc), row in sorted(summary.items()):
         ref = summary.get((mode, "registry-echo" if "echo" in label else "registry", conc))
         ratio = ""
         if ref is not None:
-            ratio = f"{row['rate'][0] / ref['rate'][0]:.2f}"  # type: ignore[index]
+            ratio = f"{ref['rate'][0] / row['rate'][0]:.2f}"  # type: ignore[index]
         lines.append(
             f"| {mode} | {label} | {conc} | {fmt(row['rate'])} "  # type: ignore[arg-type]
             f"| {fmt(row['p50_ms'], 2)} | {fmt(row['p99_ms'], 1)} "  # type: ignore[arg-type]
