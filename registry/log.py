@@ -11,6 +11,7 @@ import logging
 import sys
 from typing import Any, TextIO
 
+import msgspec
 import structlog
 
 LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -28,7 +29,7 @@ def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = No
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     if fmt == "json":
-        renderer: Any = structlog.processors.JSONRenderer()
+        renderer: Any = structlog.processors.JSONRenderer(serializer=_json_dumps)
         shared.append(structlog.processors.format_exc_info)
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=out.isatty())
@@ -40,6 +41,15 @@ def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = No
         logger_factory=structlog.PrintLoggerFactory(file=out),
         cache_logger_on_first_use=False,
     )
+
+
+_encoder = msgspec.json.Encoder(enc_hook=repr)  # what structlog's fallback does: repr()
+
+
+def _json_dumps(event: dict[str, Any], **_: Any) -> str:
+    # msgspec encodes in C, once per line (the registration line is on every
+    # request's path); format() puts back the spaces json.dumps writes.
+    return msgspec.json.format(_encoder.encode(event), indent=0).decode()
 
 
 def get(name: str = "registry") -> Any:
