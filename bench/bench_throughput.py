@@ -133,6 +133,8 @@ KINDS = {
     "trio-rawcb": Kind("trio-rawcb", "trio-rawcb"),
     "registry-echo": Kind("registry-echo", "registry", ECHO, True),
     "threaded-echo": Kind("threaded-echo", "threaded-echo", ECHO, True),
+    # A/B: the registry package from --base-pythonpath (e.g. `git archive main registry`)
+    "registry-base": Kind("registry-base", "registry-base"),
 }
 
 
@@ -143,6 +145,12 @@ def free_port() -> int:
 
 
 def start_server(kind: str, workdir: Path, pythonpath: Path | None) -> Server:
+    if kind == "registry-base":
+        if pythonpath is None:
+            raise SystemExit("registry-base needs --base-pythonpath DIR")
+        base = workdir / "base"
+        base.mkdir(exist_ok=True)
+        return start_server("registry", base, pythonpath)
     port = free_port()
     log = workdir / f"{kind}-{port}.log"
     env = dict(os.environ)
@@ -248,6 +256,11 @@ def summarize(results: list[dict[str, object]]) -> dict[tuple[str, str, int], di
     return summary
 
 
+def _reference(label: str) -> str:
+    """The registry row a baseline row is compared with."""
+    return "registry-echo" if "echo" in label else "registry"
+
+
 def fmt(cell: tuple[float, float, float], digits: int = 0) -> str:
     med, lo, hi = cell
     return f"{med:,.{digits}f} ({lo:,.{digits}f}-{hi:,.{digits}f})"
@@ -260,7 +273,7 @@ def table(summary: dict[tuple[str, str, int], dict[str, object]]) -> str:
         "|---|---|---:|---|---|---|---|---|---:|---:|---:|---:|",
     ]
     for (mode, label, conc), row in sorted(summary.items()):
-        ref = summary.get((mode, "registry-echo" if "echo" in label else "registry", conc))
+        ref = summary.get((mode, _reference(label), conc))
         ratio = ""
         if ref is not None:
             ratio = f"{ref['rate'][0] / row['rate'][0]:.2f}"  # type: ignore[index]
@@ -280,7 +293,7 @@ def ratios(summary: dict[tuple[str, str, int], dict[str, object]]) -> str:
     for (mode, label, conc), row in sorted(summary.items()):
         if label in ("registry", "registry-echo"):
             continue
-        ref = summary.get((mode, "registry-echo" if "echo" in label else "registry", conc))
+        ref = summary.get((mode, _reference(label), conc))
         if ref is None:
             continue
         r = ref["rate"][0] / row["rate"][0]  # type: ignore[index]
@@ -302,7 +315,10 @@ def main() -> None:
     parser.add_argument("--modes", default="pinned,unpinned")
     parser.add_argument("--quick", action="store_true", help="one repeat of 2 s, pinned only")
     parser.add_argument("--json", type=Path)
-    parser.add_argument("--registry-pythonpath", type=Path)
+    parser.add_argument(
+        "--registry-pythonpath", type=Path, help="a patched registry package's parent"
+    )
+    parser.add_argument("--base-pythonpath", type=Path, help="for the registry-base row (A/B)")
     args = parser.parse_args()
     if args.quick:
         args.repeat, args.duration, args.modes = 1, 2.0, "pinned"
@@ -319,7 +335,12 @@ def main() -> None:
         try:
             for kind in kinds:
                 if kind.server not in servers:
-                    servers[kind.server] = start_server(kind.server, work, args.registry_pythonpath)
+                    path = (
+                        args.base_pythonpath
+                        if kind.server == "registry-base"
+                        else args.registry_pythonpath
+                    )
+                    servers[kind.server] = start_server(kind.server, work, path)
             # One untimed run each first: the registry's SQLite WAL grows to its
             # steady size (appends that grow a file cost the filesystem's journal
             # more than overwrites), and every server's code paths are warm.

@@ -16,6 +16,7 @@ import trio
 
 from registry.config import CallbackConfig
 from registry.model import Code, Endpoint
+from registry.net.tcp import RawStream
 from registry.protocol.callback import EchoScanner, callback_line
 from registry.service import CallResult
 
@@ -95,10 +96,9 @@ class TcpConnector:
                 e = OSError(err, os.strerror(err))
                 return CallResult(map_os_error(e), _describe(e))
             rtt_ms = (trio.current_time() - started) * 1000.0
-            return await self._converse(_RawStream(sock), reg_id, nonce, rtt_ms, wait_echo)
+            return await self._converse(RawStream(sock), reg_id, nonce, rtt_ms, wait_echo)
         finally:
-            trio.lowlevel.notify_closing(sock)  # what trio's own close() does first
-            sock.close()
+            RawStream(sock).close()
 
     async def _converse(
         self, stream: _Stream, reg_id: str, nonce: str, rtt_ms: float, wait_echo: bool
@@ -138,44 +138,6 @@ class TcpConnector:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         return scanner.verified
-
-
-class _RawStream:
-    """The three stream calls the conversation makes, on a non-blocking socket.
-
-    Socket errors become trio.BrokenResourceError, as with trio.SocketStream.
-    The caller closes the socket.
-    """
-
-    __slots__ = ("sock",)
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-
-    async def send_all(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            try:
-                view = view[self.sock.send(view) :]
-                continue
-            except BlockingIOError:
-                pass
-            except OSError as e:
-                raise trio.BrokenResourceError(str(e)) from e
-            await trio.lowlevel.wait_writable(self.sock)
-
-    async def receive_some(self, max_bytes: int) -> bytes:
-        while True:
-            try:
-                return self.sock.recv(max_bytes)
-            except BlockingIOError:
-                pass
-            except OSError as e:
-                raise trio.BrokenResourceError(str(e)) from e
-            await trio.lowlevel.wait_readable(self.sock)
-
-    async def aclose(self) -> None:
-        pass  # the caller closes the socket (after notify_closing)
 
 
 def _describe(e: OSError) -> str:
