@@ -48,6 +48,8 @@ class RawStream:
     callback line that fits the send buffer) returns without one; socket
     errors become ``trio.BrokenResourceError`` as with ``trio.SocketStream``.
     Every call is MSG_DONTWAIT: an accepted socket's descriptor is blocking.
+    No TCP_NODELAY: each side of ours writes once (a line, then FIN or close),
+    so Nagle never holds a segment back.
     """
 
     __slots__ = ("socket",)
