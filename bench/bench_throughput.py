@@ -33,7 +33,9 @@ in two modes: ``pinned`` (every thread of the server on CPU 0, the load
 generator on CPU 1) and ``unpinned`` (both free to use both cores). Each
 table cell is the median of the runs, with min-max beside it. CPU per cycle
 is the server's CPU (every thread of every process of it, from /proc) over
-the cycles it completed; steal is what the hypervisor took from CPU 0 and 1.
+the cycles it completed; steal is what the hypervisor took from CPU 0 or 1,
+"others" the CPU every other process of the machine used meanwhile (in % of
+one core): on a shared host cycles/s follow it, CPU per cycle much less.
 
 Everything is on loopback, every run is bounded in time (the load generator
 refuses more than 60 s), and only the processes started here are stopped, by
@@ -224,6 +226,14 @@ def cpu_per_cycle_us(result: dict[str, object]) -> float:
     return cpu / 100.0 / rate * 1e6
 
 
+def others_pct(result: dict[str, object]) -> float:
+    """CPU the rest of the machine used during the run (other processes, not steal),
+    in % of one core: both CPUs' busy time less the server's and the load generator's."""
+    busy = sum(float(v) for k, v in result.items() if k.endswith("_busy_pct"))  # type: ignore[arg-type]
+    ours = float(result["server_cpu_pct"]) + float(result["loadgen_cpu_pct"])  # type: ignore[arg-type]
+    return max(0.0, busy - ours)
+
+
 def spread(values: list[float]) -> tuple[float, float, float]:
     """(median, min, max) of the runs' values."""
     return statistics.median(values), min(values), max(values)
@@ -247,6 +257,7 @@ def summarize(results: list[dict[str, object]]) -> dict[tuple[str, str, int], di
             for r in runs
         ]
         row["steal_pct"] = spread(steal)
+        row["others_pct"] = spread([others_pct(r) for r in runs])
         row["errors"] = sum(
             int(r[k])  # type: ignore[call-overload]
             for r in runs
@@ -269,8 +280,8 @@ def fmt(cell: tuple[float, float, float], digits: int = 0) -> str:
 def table(summary: dict[tuple[str, str, int], dict[str, object]]) -> str:
     lines = [
         "| mode | server | c | cycles/s | p50 ms | p99 ms | p99.9 ms | CPU/cycle µs "
-        "| RSS MB | steal % | errors | registry ÷ this |",
-        "|---|---|---:|---|---|---|---|---|---:|---:|---:|---:|",
+        "| RSS MB | steal % | others % | errors | registry ÷ this |",
+        "|---|---|---:|---|---|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for (mode, label, conc), row in sorted(summary.items()):
         ref = summary.get((mode, _reference(label), conc))
@@ -282,6 +293,7 @@ def table(summary: dict[tuple[str, str, int], dict[str, object]]) -> str:
             f"| {fmt(row['p50_ms'], 2)} | {fmt(row['p99_ms'], 1)} "  # type: ignore[arg-type]
             f"| {fmt(row['p999_ms'], 1)} | {fmt(row['cpu_us'])} "  # type: ignore[arg-type]
             f"| {row['rss_mb'][0]:.0f} | {row['steal_pct'][0]:.0f} "  # type: ignore[index]
+            f"| {row['others_pct'][0]:.0f} "  # type: ignore[index]
             f"| {row['errors']} | {ratio} |"
         )
     return "\n".join(lines)

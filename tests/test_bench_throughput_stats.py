@@ -30,6 +30,9 @@ def _run(label: str, rate: float, cpu_pct: float, mode: str = "pinned", conc: in
         "server_rss_kb": 40960,
         "cpu0_steal_pct": 1.0,
         "cpu1_steal_pct": 4.0,
+        "cpu0_busy_pct": 90.0,
+        "cpu1_busy_pct": 70.0,
+        "loadgen_cpu_pct": 60.0,
         "err_connect": 0,
         "err_reply": 1,
         "err_other": 0,
@@ -65,6 +68,7 @@ def test_summary_is_median_min_max_per_mode_row_and_concurrency() -> None:
     assert reg["rate"] == (1000.0, 900.0, 1100.0)
     assert reg["cpu_us"] == pytest.approx((500.0, 454.545, 555.556), rel=1e-4)
     assert reg["steal_pct"] == (4.0, 4.0, 4.0)  # the busier CPU of the two
+    assert reg["others_pct"] == (60.0, 60.0, 60.0)  # 160 % busy, 50 + 60 % ours
     assert reg["errors"] == 9  # every kind of error, over every run
     assert summary[("unpinned", "registry", 16)]["rate"] == (10.0, 10.0, 10.0)
     assert "pinned   c=16   registry / trio: 0.50x" in bench.ratios(summary)

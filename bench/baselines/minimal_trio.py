@@ -6,6 +6,7 @@ raises out of the handler and takes the whole trio.serve_tcp server down
 (run with --bare to see that).  serve_tcp closes the client stream when the
 handler returns.  Usage: python registry_trio.py PORT [--bare] [--rawcb]
 """
+
 import functools
 import sys
 

@@ -5,6 +5,7 @@ Copied from the reference kit; the request is read up to its first space
 (the benchmark sends "IP:PORT verify=no"). Defaults kept on purpose (listen backlog = request_queue_size = 5), except
 with --backlog N.  Usage: python registry_threaded.py PORT [--backlog N]
 """
+
 import socket
 import socketserver
 import sys
