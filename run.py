@@ -12,7 +12,9 @@ it makes ``.venv`` beside this file, installs the project with its test extras
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -28,17 +30,54 @@ def _wanted() -> str:
     return hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
 
 
+def _venv_help() -> str:
+    v = f"python3.{sys.version_info.minor}"
+    return (
+        f"run.py: this Python cannot make a virtualenv with pip in it. Install the venv "
+        f"support, then run the same command again:\n"
+        f"    sudo apt install python3-venv {v}-venv      # Debian, Ubuntu\n"
+        f"    sudo dnf install python3                    # Fedora (venv is included)"
+    )
+
+
+def _has_pip() -> bool:
+    python = BIN / "python"
+    if not python.exists():  # also a dangling link, after the system Python moved on
+        return False
+    probe = subprocess.run([str(python), "-m", "pip", "--version"], capture_output=True)
+    return probe.returncode == 0
+
+
+def _make_venv() -> None:
+    # Checked first: without ensurepip, venv stops half-way and leaves a .venv with no pip.
+    if importlib.util.find_spec("ensurepip") is None:
+        sys.exit(_venv_help())
+    try:
+        venv.EnvBuilder(with_pip=True, clear=True).create(VENV)
+    except (subprocess.CalledProcessError, OSError) as exc:
+        shutil.rmtree(VENV, ignore_errors=True)  # leave nothing half-made behind
+        sys.exit(f"{_venv_help()}\n(creating .venv failed: {exc})")
+
+
 def ensure_venv() -> None:
     if sys.version_info < (3, 11):  # noqa: UP036 - run.py may be started by any python3
         sys.exit(f"run.py: Python >= 3.11 is required, this is {sys.version.split()[0]}")
-    if not (BIN / "python").exists():
-        print("run.py: creating .venv ...", file=sys.stderr)
-        venv.EnvBuilder(with_pip=True).create(VENV)
-    if STAMP.exists() and STAMP.read_text() == _wanted():
+    if STAMP.exists() and STAMP.read_text() == _wanted() and (BIN / "python").exists():
         return
+    if not VENV.exists():
+        print("run.py: creating .venv ...", file=sys.stderr)
+        _make_venv()
+    elif not _has_pip():
+        print(
+            "run.py: .venv is half-made (no working python or pip in it: made while "
+            "python3-venv was missing, or by a Python that has since gone): making it again ...",
+            file=sys.stderr,
+        )
+        _make_venv()
     print("run.py: installing callback-lab and its test tools into .venv ...", file=sys.stderr)
     pip = [str(BIN / "python"), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
-    subprocess.run([*pip, "-e", f"{ROOT}[test]"], check=True)
+    if subprocess.run([*pip, "-e", f"{ROOT}[test]"]).returncode != 0:
+        sys.exit("run.py: pip could not install the project (its message is above)")
     STAMP.write_text(_wanted())
 
 

@@ -9,7 +9,9 @@ request.
 
 22 base64url characters carry 132 bits, beyond guessing; the fixed prefix
 keeps these MACs apart from any other use of the same secret (UDP cookies
-use their own). Names are compared exactly as sent (case matters). The
+use their own). Names arrive in Unicode NFC (the parsers and ``registry
+token`` normalise them, registry/protocol/names.py), so ``josé`` typed either
+way has one token; otherwise they are compared exactly (case matters). The
 comparison is :func:`hmac.compare_digest`, whose time does not depend on
 where the first differing character is.
 

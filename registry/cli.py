@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     from registry import results
 
     parser = _Parser(prog="registry", description="The Callback Connection lab's Registry Server.")
+    parser.add_argument("--version", action="version", version=version_line())
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     serve = sub.add_parser("serve", help="run the registry daemon")
@@ -60,11 +61,31 @@ def build_parser() -> argparse.ArgumentParser:
     results.add_arguments(res)
 
     token = sub.add_parser("token", help='print a student\'s token (auth.mode = "token")')
-    token.add_argument("student", metavar="NAME")
+    token.add_argument("student", metavar="NAME", type=token_name)
     token.add_argument(
         "--config", metavar="FILE", help="config holding auth.secret or auth.secret_file"
     )
     return parser
+
+
+def version_line() -> str:
+    """``callback-lab X.Y.Z``, from the installed distribution's metadata."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"callback-lab {version('callback-lab')}"
+    except PackageNotFoundError:
+        return "callback-lab (not installed: run it through run.py or pip install .)"
+
+
+def token_name(text: str) -> str:
+    """A student name as the parsers hand it to auth (NFC), so the token matches."""
+    from registry.protocol.names import BadName, normalise
+
+    try:
+        return normalise(text, spaces=True)  # JSON requests may carry "Ana Lima"
+    except BadName as exc:
+        raise argparse.ArgumentTypeError(f"student name {text!r} {exc}") from None
 
 
 def load_config(args: argparse.Namespace) -> config_mod.Config:
@@ -93,16 +114,19 @@ def load_config(args: argparse.Namespace) -> config_mod.Config:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from registry.admin.grading import load_roster
     from registry.server import Registry
     from registry.store import StoreError
 
     try:
         cfg = load_config(args)
         config_mod.auth_secret(cfg)  # an unreadable auth.secret_file is a config error too
+        load_roster(cfg)  # and so is a bad [class] roster (Registry loads it again)
     except ConfigError as e:
         for problem in e.problems:
             print(f"registry: config: {problem}", file=sys.stderr)
         return EXIT_CONFIG
+    log_mod.describe_config(args.config)
     log_mod.configure(cfg.log.format, cfg.log.level)
     _raise_fd_limit()
     _calm_the_garbage_collector()
@@ -157,13 +181,18 @@ def _first(group: BaseExceptionGroup) -> BaseException:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from registry.admin.grading import load_roster
+
     try:
         cfg = config_mod.load(args.file)
+        roster = load_roster(cfg)
     except ConfigError as e:
         for problem in e.problems:
             print(problem)
         return 2
     print(config_mod.summary(cfg))
+    if roster is not None:
+        print(f"  class       {len(roster)} students in {roster.path}")
     return 0
 
 
@@ -178,7 +207,19 @@ def cmd_token(args: argparse.Namespace) -> int:
             print(f"registry: config: {problem}", file=sys.stderr)
         return 2
     if not secret:
-        print("registry: no auth.secret or auth.secret_file in the config", file=sys.stderr)
+        where = (
+            f"{args.config} sets neither auth.secret nor auth.secret_file"
+            if args.config
+            else "no --config FILE was given"
+        )
+        print(
+            f"registry: tokens need a secret, and {where}.\n"
+            "Create one, readable only by you:\n"
+            "  (umask 077; head -c 32 /dev/urandom | base64 > secret.key)\n"
+            'then put in the config\n  [auth]\n  mode = "token"\n  secret_file = "secret.key"\n'
+            "and run: registry token NAME --config FILE",
+            file=sys.stderr,
+        )
         return 2
     print(auth.derive_token(secret, args.student))
     return 0

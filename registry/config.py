@@ -10,6 +10,7 @@ file is a valid config: every field has the default documented in
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import tomllib
 from typing import Any
@@ -274,6 +275,20 @@ class UdpConfig(_Section):
 
     cookie_window: Duration = Duration(30.0)  # a cookie lives 1-2 windows; secret rotates each
     max_datagram_bytes: int = 512  # larger request datagrams: ERROR too_long
+    # Answers to datagrams without a valid cookie (ERROR, COOKIE), per source
+    # (IPv6: per ratelimit.ipv6_prefix network) and in total; beyond: dropped
+    # unanswered. Small, so a reply loop through any reflector dies within a few
+    # exchanges; a UDP registration costs two (COOKIE pad=N, then the cookie).
+    unproven_per_source: Rate = Rate(10, 60.0)
+    unproven_global: Rate = Rate(500, 1.0)
+
+
+class ClassConfig(_Section):
+    """The class being graded (docs/grading.md)."""
+
+    # CSV with a header row: student (required), address (optional). A relative path is
+    # taken from the config file's directory.
+    roster: str = ""
 
 
 class Config(_Section):
@@ -287,6 +302,7 @@ class Config(_Section):
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     store: StoreConfig = msgspec.field(default_factory=StoreConfig)
     udp: UdpConfig = msgspec.field(default_factory=UdpConfig)
+    class_: ClassConfig = msgspec.field(default_factory=ClassConfig, name="class")
 
 
 DEFAULT = Config()
@@ -446,6 +462,8 @@ def _semantic_problems(cfg: Config) -> list[str]:
         "udp.max_datagram_bytes",
         f"expected 64-65507, got {cfg.udp.max_datagram_bytes}",
     )
+    for key in ("unproven_per_source", "unproven_global"):
+        need(getattr(cfg.udp, key).count >= 1, f"udp.{key}", 'expected N >= 1 in "N/unit"')
     need(cfg.ratelimit.error_fine >= 0, "ratelimit.error_fine", "expected >= 0 (0: never fine)")
     for key in ("per_source", "per_target", "per_target_port", "global_", "errors_global"):
         rate = getattr(cfg.ratelimit, key)
@@ -467,7 +485,7 @@ def _hostport_problem(spec: str) -> str | None:
 
 
 POLICY_MODES = ("strict", "nat-observed", "advertised")
-_SECTIONS: dict[str, type] = {f.name: f.type for f in msgspec.structs.fields(Config)}  # type: ignore[misc]
+_SECTIONS: dict[str, type] = {f.encode_name: f.type for f in msgspec.structs.fields(Config)}  # type: ignore[misc]
 
 
 def validate(cfg: Config) -> Config:
@@ -514,7 +532,26 @@ def load(path: str) -> Config:
         raise ConfigError([f"{path}: cannot read: {e.strerror}"]) from None
     except UnicodeDecodeError:
         raise ConfigError([f"{path}: not UTF-8 text"]) from None
-    return loads(text)
+    cfg = loads(text)
+    roster = cfg.class_.roster
+    if roster and not os.path.isabs(roster):
+        where = os.path.join(os.path.dirname(os.path.abspath(path)), roster)
+        cfg = msgspec.structs.replace(cfg, class_=ClassConfig(roster=where))
+    return cfg
+
+
+def roster_text(cfg: Config) -> tuple[str, str] | None:
+    """(path, text) of the class roster file, None without one; ConfigError names the file."""
+    path = cfg.class_.roster
+    if not path:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return path, f.read(4 * 1024 * 1024)
+    except OSError as e:
+        raise ConfigError([f"class.roster: cannot read {path}: {e.strerror}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"class.roster: {path}: not UTF-8 text"]) from None
 
 
 def auth_secret(cfg: Config) -> bytes:

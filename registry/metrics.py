@@ -12,9 +12,9 @@ Two kinds of metric:
   counter and the callback-RTT and registration-duration histograms;
 - state metrics, read at scrape time by ``_StateCollector`` from zero-argument
   probes (open connections, callbacks in flight, rate-limiter entries,
-  draining, the info labels, the bans, and the door's refusal counters, which
-  live in ``RefusalTally`` because refusals are not records), so they can
-  never go stale.
+  draining, the info labels, the bans, the door's refusal counters, which
+  live in ``RefusalTally`` because refusals are not records, and the UDP
+  datagrams dropped unanswered), so they can never go stale.
 
 Names carry the ``registry_`` prefix (Prometheus naming practice: one
 application prefix); times are in seconds, the Prometheus base unit.
@@ -57,6 +57,7 @@ class Probes:
     callbacks_waiting: Callable[[], int] = lambda: 0
     limiter_entries: Callable[[], int] = lambda: 0
     door_refusals: Callable[[], dict[str, int]] = dict
+    udp_dropped: Callable[[], dict[str, int]] = dict
     bans_active: Callable[[], int] = lambda: 0
     bans_total: Callable[[], int] = lambda: 0
     silent_drop: Callable[[], bool] = lambda: False
@@ -110,6 +111,15 @@ class _StateCollector(Collector):
         for reason, count in sorted(p.door_refusals().items()):
             refusals.add_metric((reason,), float(count))
         yield refusals
+        dropped = CounterMetricFamily(
+            "registry_udp_dropped",
+            "UDP datagrams dropped unanswered: replies, callbacks or echoes (a loop), "
+            "privileged source ports, or past the unproven-reply budget",
+            labels=("reason",),
+        )
+        for reason, count in sorted(p.udp_dropped().items()):
+            dropped.add_metric((reason,), float(count))
+        yield dropped
         yield CounterMetricFamily(
             "registry_bans",
             "Sources banned for being refused limits.ban_after times within 10 s",

@@ -421,3 +421,58 @@ class RateLimiter:
     def table_sizes(self) -> dict[Scope, int]:
         """Keys held per table, by scope name (for metrics)."""
         return dict(zip(SCOPES, (len(t) for t in self._tables()), strict=True))
+
+
+class ReplyBudget:
+    """How many unproven UDP datagrams are answered: per source and in total (DNS RRL-like).
+
+    An unproven datagram (no valid cookie) may carry a forged source, so each
+    answer to one goes to whoever the sender chose. Every answer takes a token
+    from its source's bucket (an IPv4 address, or an IPv6 network of
+    ``ipv6_prefix`` bits) and from the global one; past either, the datagram is
+    dropped unanswered. A loop through a reflector the loop guard cannot
+    recognise costs its (forged) source one token per exchange, so it dies
+    when the source's burst is spent. A refused datagram takes no token from
+    either bucket, so one flooded source cannot spend the global budget.
+    """
+
+    def __init__(self, per_source: Rate, global_: Rate, ipv6_prefix: int, max_entries: int) -> None:
+        self._settings = (per_source, global_, ipv6_prefix, max_entries)
+        self._drop = 128 - ipv6_prefix
+        self._source = TokenBucketTable(per_source, max_entries)
+        self._global = TokenBucketTable(global_, 1)
+
+    def take(self, source: IPAddress, now: float) -> Scope | None:
+        """Take one token for answering ``source``: None when taken, else the scope that
+        refused ("source" or "global")."""
+        key = _pack(source, self._drop)
+        if self._source.wait(key, now) > 0.0:
+            return "source"
+        if self._global.wait(0, now) > 0.0:
+            return "global"
+        self._source._commit(key, now)
+        self._global._commit(0, now)
+        return None
+
+    def configure(
+        self, per_source: Rate, global_: Rate, ipv6_prefix: int, max_entries: int
+    ) -> None:
+        """Adopt new settings (a SIGHUP), keeping used tokens; a no-op when unchanged.
+
+        A new ``ipv6_prefix`` changes what a source is: the source table starts empty.
+        """
+        settings = (per_source, global_, ipv6_prefix, max_entries)
+        if settings == self._settings:
+            return
+        if ipv6_prefix != self._settings[2]:
+            self._source = TokenBucketTable(per_source, max_entries)
+            self._drop = 128 - ipv6_prefix
+        else:
+            self._source.reconfigure(per_source, max_entries)
+        self._global.reconfigure(global_, 1)
+        self._settings = settings
+
+    @property
+    def entries(self) -> int:
+        """Sources held (for tests and memory bounds)."""
+        return len(self._source)

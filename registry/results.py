@@ -34,7 +34,11 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from registry.store import Record, Store, StoreError, StudentSummary
+from registry import config as config_mod
+from registry.admin import grading
+from registry.admin.grading import GradeRow
+from registry.errors import ConfigError
+from registry.store import Record, Store, StoreError
 
 FORMATS = ("table", "csv", "json")
 EXIT_USAGE = 64  # sysexits EX_USAGE, as in registry.cli
@@ -44,9 +48,10 @@ CSV_COLUMNS: tuple[str, ...] = (
     "id", "received_at", "protocol", "student", "peer", "target", "status", "code",
     "diagnosis", "rtt_ms", "verified", "advertised", "explanation", "duration_ms", "corrected",
 )  # fmt: skip
+# The grade sheet: one row per student (roster order when there is a roster).
 SUMMARY_COLUMNS: tuple[str, ...] = (
-    "student", "attempts", "successes", "best_status", "best_code",
-    "first_success_at", "last_attempt_at", "verified_ever",
+    "student", "source", "best_status", "best_code", "first_success_at",
+    "attempts", "successes", "verified_ever", "last_attempt_at",
 )  # fmt: skip
 
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
@@ -143,29 +148,39 @@ def record_json(r: Record) -> dict[str, Any]:
     }
 
 
-def _summary_cells(s: StudentSummary) -> dict[str, str]:
+def _iso_or_empty(ts: float | None) -> str:
+    return "" if ts is None else iso_utc(ts)
+
+
+def _summary_cells(s: GradeRow) -> dict[str, str]:
     return {
         "student": s.student or "",
+        "source": s.source or "",
         "attempts": str(s.attempts),
         "successes": str(s.successes),
-        "best_status": s.best_status,
-        "best_code": s.best_code,
-        "first_success_at": "" if s.first_success_at is None else iso_utc(s.first_success_at),
-        "last_attempt_at": iso_utc(s.last_attempt_at),
+        "best_status": s.best_status or "",
+        "best_code": s.best_code or "",
+        "first_success_at": _iso_or_empty(s.first_success_at),
+        "last_attempt_at": _iso_or_empty(s.last_attempt_at),
         "verified_ever": _yes_no(s.verified_ever),
     }
 
 
-def summary_json(s: StudentSummary) -> dict[str, Any]:
+def grade_json(s: GradeRow) -> dict[str, Any]:
+    """SPEC "grading": ``student`` (or null) and ``source`` (the IP of a nameless row)."""
     return {
         "student": s.student,
+        "source": s.source,
         "attempts": s.attempts,
         "successes": s.successes,
         "best_status": s.best_status,
         "best_code": s.best_code,
         "first_success_at": None if s.first_success_at is None else iso_utc(s.first_success_at),
-        "last_attempt_at": iso_utc(s.last_attempt_at),
+        "last_attempt_at": None if s.last_attempt_at is None else iso_utc(s.last_attempt_at),
         "verified_ever": s.verified_ever,
+        "last_status": s.last_status,
+        "last_code": s.last_code,
+        "last_explanation": s.last_words,
     }
 
 
@@ -199,7 +214,7 @@ _TABLE = (
     ("verified", "verified", 8, False),
 )
 _SUMMARY_TABLE = (
-    ("student", "student", 30, False),
+    ("student", "student", 40, False),
     ("attempts", "attempts", 8, True),
     ("successes", "successes", 9, True),
     ("best_status", "best", 6, False),
@@ -251,25 +266,33 @@ def render(records: list[Record], fmt: str) -> str:
     raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
 
 
-def render_summary(summaries: list[StudentSummary], fmt: str) -> str:
-    """Per-student summaries as ``table``, ``csv`` or ``json`` text."""
+def render_grades(rows: list[GradeRow], fmt: str) -> str:
+    """Grade rows (grading.grade) as ``table``, ``csv`` (the grade sheet) or ``json``."""
     if fmt == "json":
-        return _json([summary_json(s) for s in summaries])
-    rows = [_summary_cells(s) for s in summaries]
+        return _json([grade_json(r) for r in rows])
+    cells = [_summary_cells(r) for r in rows]
     if fmt == "csv":
-        return _csv(rows, SUMMARY_COLUMNS)
+        return _csv(cells, SUMMARY_COLUMNS)
     if fmt == "table":
-        rows = [
-            _table_time(
-                {**c, "student": c["student"] or "(no name)"}, "first_success_at", "last_attempt_at"
-            )
-            for c in rows
+        shown = [
+            _table_time({**c, "student": r.label}, "first_success_at", "last_attempt_at")
+            for c, r in zip(cells, rows, strict=True)
         ]
-        return _table(rows, _SUMMARY_TABLE, "student")
+        return _table(shown, _SUMMARY_TABLE, "student")
     raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
 
 
 # --- the command ---------------------------------------------------------------------
+
+
+def _student(text: str) -> str:
+    """The name as the parsers stored it (NFC), so a decomposed josé still finds josé."""
+    from registry.protocol.names import BadName, normalise
+
+    try:
+        return normalise(text, spaces=True)
+    except BadName as exc:
+        raise argparse.ArgumentTypeError(f"student name {text!r} {exc}") from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -277,8 +300,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--db",
         metavar="PATH",
-        default="registry.db",
-        help="SQLite results file (default registry.db)",
+        default=None,
+        help="SQLite results file (default: server.db of --config, else registry.db)",
     )
     parser.add_argument(
         "--format", choices=FORMATS, default="table", help="output format (default table)"
@@ -286,11 +309,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--since", metavar="WHEN", help=f"only registrations since WHEN: {_SINCE_HELP}"
     )
-    parser.add_argument("--student", metavar="NAME", help="only this student (exact name)")
+    parser.add_argument(
+        "--student",
+        metavar="NAME",
+        type=_student,
+        help="only this student (exact name, in either Unicode spelling)",
+    )
     parser.add_argument(
         "--summary",
         action="store_true",
-        help="one line per student: attempts, successes, best outcome, first success",
+        help="one line per student (the grade sheet): best outcome, first success, "
+        "attempts; nameless registrations by source IP",
+    )
+    parser.add_argument(
+        "--roster",
+        metavar="FILE",
+        help="class roster CSV (student, optional address): every student gets a "
+        "row, in roster order (default: [class] roster of --config)",
+    )
+    parser.add_argument(
+        "--config", metavar="FILE", help="the registry's config file, for its [class] roster"
     )
     parser.epilog = (
         "CSV cells that start with = + - @ get a leading ' so spreadsheets do not run "
@@ -311,17 +349,26 @@ def run(args: argparse.Namespace, *, clock: Callable[[], float] = time.time) -> 
             since = parse_since(args.since, clock())
         except ValueError as e:
             return _fail(f"--since: {e}", EXIT_USAGE)
-    if not os.path.isfile(args.db):
+    try:
+        roster = _roster(args)
+        db = _db(args)
+    except ConfigError as e:
+        for problem in e.problems:
+            print(f"registry results: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    if not os.path.isfile(db):
         return _fail(
-            f"no results database at {args.db!r}; pass --db PATH, or start "
+            f"no results database at {db!r}; pass --db PATH, or start "
             "`registry serve` in that directory first",
             EXIT_NO_DB,
         )
     try:
-        store = Store.open_readonly(args.db)
+        store = Store.open_readonly(db)
         try:
             if args.summary:
-                text = render_summary(store.summary(since=since, student=args.student), args.format)
+                groups = store.summary(since=since, student=args.student)
+                rows = grading.grade(groups, roster if args.student is None else None)
+                text = render_grades(rows, args.format)
             else:
                 text = render(store.query(since=since, student=args.student), args.format)
         finally:
@@ -329,6 +376,29 @@ def run(args: argparse.Namespace, *, clock: Callable[[], float] = time.time) -> 
     except (StoreError, sqlite3.Error) as e:
         return _fail(str(e), EXIT_NO_DB)
     return _write(text)
+
+
+def _db(args: argparse.Namespace) -> str:
+    """--db, else the database the config's registry writes (as `registry serve` opens it)."""
+    if args.db is not None:
+        return str(args.db)
+    if getattr(args, "config", None):
+        return config_mod.load(args.config).server.db
+    return "registry.db"
+
+
+def _roster(args: argparse.Namespace) -> grading.Roster | None:
+    if getattr(args, "roster", None):
+        path = args.roster
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read(4 * 1024 * 1024)
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError([f"--roster: cannot read {path}: {e}"]) from None
+        return grading.parse_roster(text, path)
+    if getattr(args, "config", None):
+        return grading.load_roster(config_mod.load(args.config))
+    return None
 
 
 def _write(text: str) -> int:

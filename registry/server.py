@@ -14,6 +14,7 @@ import math
 import os
 import signal
 import socket
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -26,6 +27,10 @@ import trio
 
 from registry import config as config_mod
 from registry import log as log_mod
+from registry.admin.grading import Roster, load_roster
+from registry.admin.http import AdminServer
+from registry.admin.http import open_listeners as open_admin_listeners
+from registry.admin.view import DaemonView
 from registry.bans import Ban, BanList
 from registry.config import Config
 from registry.conncaps import ConnectionCaps
@@ -40,16 +45,16 @@ from registry.door import (
     told_of_ban,
 )
 from registry.errors import ConfigError, ProtocolError
+from registry.metrics import Probes
 from registry.model import Code, Endpoint, Protocol, Request
 from registry.net.accept import accept_loop, defer_accept, held_silent
-from registry.net.admin import AdminServer
-from registry.net.admin import open_listeners as open_admin_listeners
 from registry.net.banfilter import BanFilter, detach_inherited
 from registry.net.connector import TcpConnector
 from registry.net.doorway import Doorway, send_and_close
+from registry.net.interfaces import is_local_address
 from registry.net.resolver import TrioResolver
 from registry.net.tcp import RawStream, TcpHandler, endpoint_of, reject_unread
-from registry.net.udp import open_udp_sockets, serve_udp, udp_endpoint
+from registry.net.udp import new_reply_budget, open_udp_sockets, serve_udp, udp_endpoint
 from registry.net.waiting import Waiting, WaitingRoom
 from registry.protocol.cookies import CookieJar
 from registry.sdnotify import Notifier
@@ -91,11 +96,43 @@ class Runtime:
     ban_filter: BanFilter | None = None
     tcp: list[Endpoint] = field(default_factory=list)
     udp: list[Endpoint] = field(default_factory=list)
+    # UDP datagrams dropped unanswered, by loopguard.DropReason (a metric's counters)
+    udp_dropped: Counter[str] = field(default_factory=Counter)
     admin: Endpoint | None = None
+    roster: Roster | None = None  # [class] roster, reloaded with the config
     started_at: float = 0.0
     draining: bool = False
     shutdown: Callable[[], None] = lambda: None
     reload: Callable[[], None] = lambda: None
+
+
+def daemon_view(rt: Runtime) -> DaemonView:
+    """What the admin endpoint may see of a running registry (registry/admin/view.py)."""
+    return DaemonView(
+        store=rt.store,
+        config=lambda: rt.config,
+        roster=lambda: rt.roster,
+        probes=Probes(
+            open_connections=lambda: rt.caps.total,
+            callbacks_in_flight=lambda: rt.service.slots.in_flight,
+            callbacks_waiting=lambda: rt.service.slots.waiting,
+            limiter_entries=lambda: rt.service.limiter.entries,
+            door_refusals=lambda: rt.tally.totals,
+            udp_dropped=lambda: dict(rt.udp_dropped),
+            bans_active=lambda: len(rt.bans),
+            bans_total=lambda: rt.bans.total,
+            silent_drop=lambda: rt.ban_filter is not None and rt.ban_filter.dropping_now,
+            draining=lambda: rt.draining,
+            policy_mode=lambda: rt.config.policy.mode,
+        ),
+        subscribe=rt.service.observers.append,
+        listening=lambda: rt.tcp,
+        draining=lambda: rt.draining,
+        bans=rt.bans,
+        ban_filter=lambda: rt.ban_filter,
+        silent_until=lambda: rt.ban_filter.silent.until if rt.ban_filter is not None else 0.0,
+        silent_after=lambda: rt.ban_filter.silent.after if rt.ban_filter is not None else 0,
+    )
 
 
 class Registry:
@@ -118,6 +155,7 @@ class Registry:
         self.connector = connector or TcpConnector(cfg.callback)
         self.handle_signals = handle_signals
         self.notifier = Notifier()
+        self.roster = load_roster(cfg)  # ConfigError: a bad roster stops the start
         self.admission = trio.CapacityLimiter(cfg.limits.max_connections)
         self.caps = ConnectionCaps(
             cfg.limits.max_connections, cfg.limits.max_connections_per_source
@@ -130,7 +168,9 @@ class Registry:
         self.ban_filter = BanFilter([], self.bans, silent=self.silent)
         self.room: WaitingRoom | None = None
         self.service: Service | None = None  # set by run()
-        self.defer_accept_s: int | None = None  # set when the listeners are opened
+        # Per listener (set when they are opened): the kernel may grant
+        # TCP_DEFER_ACCEPT on one family's listener and refuse it on the other's.
+        self.deferral: dict[trio.SocketListener, int | None] = {}
         self.doorway = Doorway(
             cfg.limits.refusal_delay, cfg.limits.max_refusal_delay, cfg.limits.max_refusals_held
         )
@@ -155,13 +195,17 @@ class Registry:
                 connector=self.connector,
                 recorder=store,
                 resolver=TrioResolver(),
-                own=own | admin_own,  # the admin port is ours too: never a callback target
+                # The admin and UDP ports are ours too: never a callback target, on any
+                # address of this host (a bind probe: current, fail-closed).
+                own=own | admin_own | {udp_endpoint(sock) for sock in udp_socks},
+                is_local=is_local_address,
             )
             handler = TcpHandler(service)
             self.service = service
             runtime = Runtime(
                 cfg, service, self.caps, store, self.tally, self.bans, tcp=sorted(own, key=str)
             )
+            runtime.roster = self.roster
             runtime.started_at = trio.current_time()
             runtime.udp = [udp_endpoint(sock) for sock in udp_socks]
             async with trio.open_nursery() as handlers:
@@ -185,7 +229,9 @@ class Registry:
                                 accept_loop,
                                 listener,
                                 self.admission,
-                                partial(self._at_door, handlers, handler),
+                                partial(
+                                    self._at_door, handlers, handler, self.deferral.get(listener)
+                                ),
                                 name="tcp",
                             )
                         )
@@ -198,13 +244,21 @@ class Registry:
                     cookies = CookieJar(
                         os.urandom(32), cfg.udp.cookie_window, now=trio.current_time()
                     )
-                    for sock in udp_socks:
-                        front.start_soon(self._serve_udp, sock, service, cookies, handlers)
+                    udp = partial(
+                        serve_udp,
+                        handlers=handlers,
+                        caps=self.caps,
+                        admission=self.admission,
+                        budget=new_reply_budget(cfg),  # shared: a source reaches either socket
+                        dropped=runtime.udp_dropped,
+                    )
+                    for sock in udp_socks:  # self.cfg per datagram: a SIGHUP applies to UDP too
+                        front.start_soon(udp, sock, service, cookies, lambda: self.cfg)
                     if admin_listeners:
                         # In `front`: the admin endpoint closes when the drain starts
                         # (its event streams would otherwise hold the drain open).
                         runtime.admin = min(admin_own, key=str)
-                        await front.start(AdminServer(runtime).serve, admin_listeners)
+                        await front.start(AdminServer(daemon_view(runtime)).serve, admin_listeners)
                     if signals is not None:
                         front.start_soon(self._signals, runtime, signals)
                     if self.notifier.watchdog_interval:
@@ -217,7 +271,7 @@ class Registry:
                         db=cfg.server.db,
                         policy=cfg.policy.mode,
                         # what the kernel does (None: no TCP_DEFER_ACCEPT on this system)
-                        defer_accept_s=self.defer_accept_s,
+                        defer_accept_s=self._deferral_for_log(listeners),
                         ban_filter=self.ban_filter.kind,  # ebpf, or classic (~2,000 bans)
                     )
                     self.notifier.ready(f"listening on {', '.join(map(str, runtime.tcp))}")
@@ -267,16 +321,6 @@ class Registry:
                 await trio.aclose_forcefully(lst)
             raise
 
-    async def _serve_udp(
-        self,
-        sock: trio.socket.SocketType,
-        service: Service,
-        cookies: CookieJar,
-        handlers: trio.Nursery,
-    ) -> None:
-        # self.cfg, read per datagram: a SIGHUP's new limits and timeouts apply to UDP too.
-        await serve_udp(sock, service, cookies, lambda: self.cfg, handlers=handlers, caps=self.caps)
-
     async def _watchdog(self, interval: float) -> None:
         while True:
             self.notifier.watchdog()
@@ -293,8 +337,9 @@ class Registry:
                 )
                 listeners += opened
                 for lst in opened:
-                    self.defer_accept_s = defer_accept(lst.socket, self.cfg.server.defer_accept)
-                if self.defer_accept_s is None and self.cfg.server.defer_accept > 0:
+                    self.deferral[lst] = defer_accept(lst.socket, self.cfg.server.defer_accept)
+                refused = any(self.deferral[lst] is None for lst in opened)
+                if refused and self.cfg.server.defer_accept > 0:
                     log.warning(  # silent connections are then held by the registry itself
                         "defer_accept_unavailable", address=spec, asked=self.cfg.server.defer_accept
                     )
@@ -312,10 +357,17 @@ class Registry:
                 raise OSError(e.errno, f"cannot listen on {spec}: {e.strerror}") from e
         return listeners
 
+    def _deferral_for_log(self, listeners: list[trio.SocketListener]) -> object:
+        """The seconds the kernel defers for: one figure, or one per listener when they differ."""
+        found = {str(_sockname(lst)): self.deferral.get(lst) for lst in listeners}
+        values = set(found.values())
+        return values.pop() if len(values) == 1 else found
+
     def _at_door(
         self,
         handlers: trio.Nursery,
         handler: TcpHandler,
+        deferral: int | None,
         conn: socket.socket,
         addr: object,
         token: object,
@@ -329,7 +381,7 @@ class Registry:
             return
         detach_inherited(conn)  # the listener's filter is for handshakes only
         now = trio.current_time()
-        held = self.defer_accept_s if self.defer_accept_s and held_silent(conn) else 0
+        held = deferral if deferral and held_silent(conn) else 0
         if held and held >= self.cfg.protocol.read_deadline:
             decision: Admitted | Refused = self.door.silent(peer.host, held)
             self._note_silent(now, 1)
@@ -489,6 +541,7 @@ class Registry:
         try:
             new = self.loader()
             config_mod.auth_secret(new)  # an unreadable secret_file is a bad config too
+            roster = load_roster(new)  # and so is a bad roster
         except ConfigError as e:
             log.error("reload_failed", path=self.config_path, problems=e.problems)
             self.notifier.ready("reload failed; old config kept")
@@ -506,6 +559,7 @@ class Registry:
             self.connector.config = new.callback  # timeouts and greeting apply to new callbacks
         self.cfg = new
         runtime.config = new
+        self.roster = runtime.roster = roster
         runtime.service.reconfigure(new)
         self.admission.total_tokens = new.limits.max_connections
         self.caps.reconfigure(new.limits.max_connections, new.limits.max_connections_per_source)

@@ -25,7 +25,15 @@ from registry.config import Config
 from registry.conncaps import CallbackSlots
 from registry.errors import ProtocolError
 from registry.model import Code, Diagnosis, Endpoint, IPAddress, Outcome, Protocol, Request, Status
-from registry.policy.decide import Allow, Deny, NeedsResolution, decide, decide_resolved
+from registry.net.interfaces import is_local_address
+from registry.policy.decide import (
+    Allow,
+    Deny,
+    IsLocal,
+    NeedsResolution,
+    decide,
+    decide_resolved,
+)
 from registry.protocol.callback import make_nonce
 from registry.ratelimit import Busy, RateLimiter
 from registry.store import Record
@@ -89,6 +97,7 @@ class Service:
         recorder: Recorder,
         resolver: Resolver | None = None,
         own: frozenset[Endpoint] = frozenset(),
+        is_local: IsLocal = is_local_address,
         clock: Callable[[], float] = trio.current_time,
         wallclock: Callable[[], float] = time.time,
         random_bytes: Callable[[int], bytes] = os.urandom,
@@ -97,6 +106,9 @@ class Service:
         self.recorder = recorder
         self.resolver = resolver
         self.own = own
+        # Is an address this host's? Behind a wildcard listener every host address
+        # reaches our ports (self_target); tests inject a predicate of their own.
+        self.is_local = is_local
         self.clock = clock
         self.wallclock = wallclock
         self.random_bytes = random_bytes
@@ -143,9 +155,9 @@ class Service:
     ) -> Outcome:
         """Run one registration to its recorded outcome. Never raises but StoreUnavailable.
 
-        ``local`` is the registry's own address on this connection: behind a
-        wildcard listener it is the only way to know which concrete address
-        of ours a request could point back at (self_target). ``connector``
+        ``local`` is the registry's own address on this connection, counted as
+        ours for self_target even where no ``is_local`` predicate knows it (the
+        injected one covers every other address of this host). ``connector``
         overrides the default dialler (UDP registrations are called back over UDP).
         ``source_paid``: the connection already took its source's rate-limit
         token at the door (registry/door.py), so only the target and global
@@ -239,7 +251,7 @@ class Service:
         self, request: Request, peer: Endpoint, own: frozenset[Endpoint], source_paid: bool
     ) -> Allow | Deny | Busy:
         policy = self.config.policy
-        decision = decide(request, peer, policy, own)
+        decision = decide(request, peer, policy, own, self.is_local)
         if not isinstance(decision, NeedsResolution):
             return decision
         # A source that is already limited must not make us send DNS queries:
@@ -264,7 +276,7 @@ class Service:
                 f"could not resolve {decision.name!r} ({type(e).__name__}); advertise an IP address",
                 Diagnosis.HOSTNAME,
             )
-        return decide_resolved(request, addresses, peer, policy, own)
+        return decide_resolved(request, addresses, peer, policy, own, self.is_local)
 
     async def _callback(
         self, request: Request, allow: Allow, reg_id: str, connector: Connector

@@ -21,7 +21,14 @@ from student.addresses import run_addresses
 from student.client import ClientOptions, run_client
 from student.lab import run_lab
 from student.server import ServerOptions, run_server
-from student.wire import EXIT_USAGE, check_value, parse_hostport, parse_port, unbracket
+from student.wire import (
+    EXIT_USAGE,
+    check_name,
+    check_value,
+    parse_hostport,
+    parse_port,
+    unbracket,
+)
 
 EXIT_INTERRUPTED = 130
 
@@ -92,6 +99,13 @@ def _checked_word(label: str, text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _name(text: str) -> str:
+    try:
+        return check_name(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _advertise(text: str) -> str:
     return text if text == "auto" else _checked_word("--advertise", unbracket(text))
 
@@ -125,7 +139,7 @@ def _add_client_options(p: argparse.ArgumentParser, *, lab: bool) -> None:
         help="the address to tell the registry (default auto: the address of the "
         "interface that routes to the registry)",
     )
-    p.add_argument("--student", type=_word("--student"), metavar="NAME", help="your name")
+    p.add_argument("--student", type=_name, metavar="NAME", help="your name")
     p.add_argument("--token", type=_word("--token"), metavar="T", help="your token, if required")
     p.add_argument(
         "--verify",
@@ -145,9 +159,20 @@ def _add_client_options(p: argparse.ArgumentParser, *, lab: bool) -> None:
     )
 
 
+def _version() -> str:
+    """``callback-lab X.Y.Z``, the same line as ``registry --version``."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"callback-lab {version('callback-lab')}"
+    except PackageNotFoundError:
+        return "callback-lab (not installed: pip install .)"
+
+
 def build_parser() -> UsageParser:
     """The ``student`` argument parser (subparsers inherit the exit-64 behaviour)."""
     parser = UsageParser(prog="student", description="The student side of the Callback lab.")
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("server", help="listen for the registry's callback (lab part 1)")
@@ -183,6 +208,12 @@ def build_parser() -> UsageParser:
     _add_client_options(p, lab=False)
     p = sub.add_parser("lab", help="run server and client together and show the timeline")
     _add_client_options(p, lab=True)
+    p.add_argument(
+        "--explain",
+        action="store_true",
+        help="afterwards, explain the lab's connections: every address pair, who chose "
+        "each port, and why the registry could not have guessed your server's",
+    )
 
     p = sub.add_parser("addresses", help="list this machine's addresses and what they mean")
     p.add_argument(
@@ -226,14 +257,18 @@ def _err(line: str) -> None:
 
 def run(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv``, run the command, return its exit status."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if " " in (getattr(args, "student", None) or "") and not args.json:
+        parser.error("a --student name with spaces needs --json (in the text line a space ends it)")
     try:
         if args.command == "server":
             return trio.run(run_server, server_options(args), _out, _err)
         if args.command == "client":
             return trio.run(run_client, client_options(args), _out, _err)
         if args.command == "lab":
-            return trio.run(run_lab, client_options(args), _out, _err)
+            run = functools.partial(run_lab, explain=args.explain)
+            return trio.run(run, client_options(args), _out, _err)
         return run_addresses(args.registry, _out)
     except KeyboardInterrupt:
         _err("interrupted")

@@ -21,6 +21,7 @@ from collections.abc import Callable
 import trio
 
 from student.client import ClientOptions, Registration, register, report_lines
+from student.explain import LabTrace, explain_lines
 from student.netio import BindError
 from student.server import CallbackServer, Received
 from student.wire import EXIT_LOCAL_ERROR, EXIT_USAGE, printable
@@ -105,12 +106,36 @@ def verdict(reg: Registration, calls: list[Received]) -> str:
     return f"{head} — no callback arrived at this server"
 
 
+def lab_trace(
+    opts: ClientOptions, listening: list[str], reg: Registration, calls: list[Received]
+) -> LabTrace:
+    """What this run saw, for ``--explain``."""
+    reply = reg.reply
+    return LabTrace(
+        listening=listening,
+        port_asked=opts.port,
+        client_local=reg.local,
+        registry=reg.registry,
+        sent=printable(reg.sent) if reg.sent is not None else None,
+        observed=reply.get("observed") if reply else None,
+        target=reply.get("target") if reply else None,
+        callback_peer=calls[0].peer if calls else None,
+        callback_local=(calls[0].local or None) if calls else None,
+        verdict=f"{reply.status} {reply.code}" if reply else f"no verdict: {reg.problem}",
+        udp=opts.udp,
+    )
+
+
 async def run_lab(
     opts: ClientOptions,
     out: Callable[[str], None],
     err: Callable[[str], None] | None = None,
+    *,
+    explain: bool = False,
 ) -> int:
-    """Run ``student lab``; the exit status is the client's (1 when the port is taken)."""
+    """Run ``student lab``; the exit status is the client's (1 when the port is taken).
+
+    ``explain``: afterwards, print the connections with every address and port."""
     err = err or out
     timeline = Timeline(out)
     server_events = LabServerEvents(timeline)
@@ -122,7 +147,8 @@ async def run_lab(
         err(f"student lab: {exc}")
         return EXIT_LOCAL_ERROR
     try:
-        timeline.note("server", "listening on " + " and ".join(server.addresses))
+        listening = server.addresses
+        timeline.note("server", "listening on " + " and ".join(listening))
         # Advertise the port really bound: with --port 0 it is an ephemeral one.
         client_opts = dataclasses.replace(opts, port=server.port)
         async with trio.open_nursery() as nursery:
@@ -146,4 +172,7 @@ async def run_lab(
     out(verdict(reg, server_events.received_calls))
     for line in lines[1:]:
         out(line)
+    if explain:
+        for line in explain_lines(lab_trace(opts, listening, reg, server_events.received_calls)):
+            out(line)
     return reg.exit_code

@@ -56,6 +56,7 @@ class Received:
     ended: Ended
     callback: CallbackLine | None
     echoed: bool
+    local: str = ""  # our end of the callback (student lab --explain shows it)
 
 
 class ServerEvents(Protocol):
@@ -91,6 +92,13 @@ def _peer(stream: trio.SocketStream) -> str:
         return format_sockaddr(stream.socket.getpeername())
     except OSError:
         return "(a caller that already disconnected)"
+
+
+def _local(sock: trio.socket.SocketType) -> str:
+    try:
+        return format_sockaddr(sock.getsockname())
+    except OSError:
+        return ""
 
 
 def _describe(data: bytes) -> tuple[str, CallbackLine | None]:
@@ -180,7 +188,7 @@ class CallbackServer:
             handlers.start_soon(self._handle_stream, stream)
 
     async def _handle_stream(self, stream: trio.SocketStream) -> None:
-        peer = _peer(stream)
+        peer, local = _peer(stream), _local(stream.socket)
         async with stream:
             line = await read_line(stream, limit=READ_LIMIT, within=READ_TIMEOUT)
             message, callback = _describe(line.data)
@@ -194,7 +202,7 @@ class CallbackServer:
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
                         pass  # the registry did not wait for the echo (verify=no)
         self.handled += 1
-        self.events.received(Received(peer, message, line.ended, callback, echoed))
+        self.events.received(Received(peer, message, line.ended, callback, echoed, local))
 
     async def _datagram_loop(
         self, sock: trio.socket.SocketType, handlers: trio.Nursery, stop: trio.CancelScope
@@ -222,7 +230,10 @@ class CallbackServer:
             except OSError:
                 pass  # the sender is gone: nothing to prove to anyone
         self.handled += 1
-        self.events.received(Received(format_sockaddr(addr), message, Ended.EOF, callback, echoed))
+        peer = format_sockaddr(addr)
+        # A wildcard UDP socket's name is 0.0.0.0/::: only the port is ours to show.
+        got = Received(peer, message, Ended.EOF, callback, echoed, _local(sock))
+        self.events.received(got)
 
 
 async def run_server(

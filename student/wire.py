@@ -20,6 +20,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -156,6 +157,27 @@ def parse_port(text: str, *, allow_zero: bool) -> int:
 # --- requests --------------------------------------------------------------------
 
 _SAFE_VALUE = re.compile(r"[^\s\x00-\x1f\x7f]+")
+
+
+def check_name(value: str) -> str:
+    """``--student``: NFC (the registry's form), and no invisible or control characters.
+
+    Refused here, before anything is sent, with the character named: a name
+    pasted from a chat can carry a zero-width space nobody sees. The registry
+    still has the last word on everything else a name may hold.
+    """
+    for ch in value:
+        kind = unicodedata.category(ch)
+        if kind in ("Cc", "Cf", "Cs"):
+            what = "control" if kind == "Cc" else "invisible"
+            label = unicodedata.name(ch, "")
+            shown = f"U+{ord(ch):04X}" + (f" ({label})" if label else "")
+            raise ValueError(f"--student contains the {what} character {shown}; retype the name")
+    name = unicodedata.normalize("NFC", value)
+    # Single inner spaces are for JSON requests ("Ana Lima"); the CLI checks the mode.
+    for word in name.split(" ") if " " in name.strip(" ") else [name]:
+        check_value("--student", word)
+    return name
 
 
 def check_value(key: str, value: str) -> str:

@@ -15,9 +15,11 @@ from html.parser import HTMLParser
 
 import pytest
 
-from registry import dashboard
-from registry.dashboard import CSP, SCRIPT, STYLE, Page, render_dashboard, status_counts
-from registry.store import Record, StudentSummary
+from registry.admin import pages as dashboard
+from registry.admin.grading import GradeRow
+from registry.admin.pages import CSP, SCRIPT, STYLE, Page, render_dashboard, status_counts
+from registry.admin.static import CLASS_SCRIPT, CLASS_STYLE
+from registry.store import Record
 
 HOSTILE = (
     "<script>alert(1)</script>",
@@ -51,9 +53,10 @@ def record(n: int, **kw: object) -> Record:
     return Record(**values)  # type: ignore[arg-type]
 
 
-def summary(student: str | None, **kw: object) -> StudentSummary:
+def summary(student: str | None, **kw: object) -> GradeRow:
     values: dict[str, object] = {
         "student": student,
+        "source": "10.0.0.5" if student is None else None,
         "attempts": 2,
         "successes": 1,
         "best_status": "OK",
@@ -63,7 +66,7 @@ def summary(student: str | None, **kw: object) -> StudentSummary:
         "verified_ever": True,
     }
     values.update(kw)
-    return StudentSummary(**values)  # type: ignore[arg-type]
+    return GradeRow(**values)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -164,8 +167,8 @@ def test_summary_rows_carry_the_student_key_and_rank() -> None:
         )
     )
     rows = [(a["data-student"], a["data-rank"]) for t, a in parsed.tags if "data-rank" in a]
-    assert rows == [("alice", "0"), (HOSTILE[0], "1"), ("", "4")]
-    assert "(no name)" in parsed.text
+    assert rows == [("alice", "0"), (HOSTILE[0], "1"), ("(no name) 10.0.0.5", "4")]
+    assert "(no name) 10.0.0.5" in parsed.text
 
 
 def test_registrations_are_newest_first_with_times_in_utc() -> None:
@@ -202,17 +205,24 @@ def test_csp_allows_exactly_the_inline_script_and_style_by_hash() -> None:
     parsed = parse(render_dashboard(page(records=[record(1)])))
     directives = dict(d.strip().split(" ", 1) for d in CSP.split(";"))
     assert directives["default-src"] == "'none'"
-    assert directives["script-src"] == sha256_source(parsed.scripts[0])
-    assert directives["style-src"] == sha256_source(parsed.styles[0])
+    # This page's script and style, and the class view's (one CSP for every page).
+    assert (
+        directives["script-src"]
+        == f"{sha256_source(parsed.scripts[0])} {sha256_source(CLASS_SCRIPT)}"
+    )
+    assert (
+        directives["style-src"] == f"{sha256_source(parsed.styles[0])} {sha256_source(CLASS_STYLE)}"
+    )
     assert directives["connect-src"] == "'self'"
     assert "unsafe-inline" not in CSP and "unsafe-eval" not in CSP and "http" not in CSP
 
 
-def test_script_never_writes_markup() -> None:
+@pytest.mark.parametrize("script", [SCRIPT, CLASS_SCRIPT], ids=["registrations", "class"])
+def test_script_never_writes_markup(script: str) -> None:
     # Student text reaches the DOM only through textContent / setAttribute.
     for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval("):
-        assert sink not in SCRIPT
-    assert "textContent" in SCRIPT and "JSON.parse" in SCRIPT
+        assert sink not in script
+    assert "textContent" in script and "JSON.parse" in script
 
 
 def test_no_external_assets() -> None:

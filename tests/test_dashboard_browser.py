@@ -51,6 +51,7 @@ FLAGS = (
     "--disable-dev-shm-usage",
     "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
 )
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"  # screenshots (git-ignored)
 HOSTILE = '<img src=x onerror="window.__xss=1"><script>window.__xss=2</script>'
 
 
@@ -247,7 +248,7 @@ COUNT_JS = "document.getElementById('count-{}').textContent"
 def test_dashboard_without_and_with_javascript_and_live(tmp_path: Path) -> None:
     with echo_server() as student_port, run_registry(tmp_path, admin="127.0.0.1:0") as reg:
         assert reg.admin is not None
-        url = f"http://{reg.admin}/"
+        url = f"http://{reg.admin}/registrations"  # the detailed view; the class view is /
         ok = send_line("127.0.0.1", reg.port, f"127.0.0.1:{student_port} student=alice\n".encode())
         assert ok.startswith("OK connected"), ok
         closed = free_tcp_port()
@@ -285,8 +286,9 @@ def test_dashboard_without_and_with_javascript_and_live(tmp_path: Path) -> None:
                 " r.cells[3].textContent])"
             )
             assert students == [["alice", "OK", "1"], ["bob", "FAILED", "1"], ["carol", "OK", "1"]]
-            page.screenshot(tmp_path / "dashboard.png")
-        assert (tmp_path / "dashboard.png").stat().st_size > 10_000
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(ARTIFACTS / "registrations-1400x900.png")
+        assert (ARTIFACTS / "registrations-1400x900.png").stat().st_size > 10_000
 
 
 def free_tcp_port() -> int:
@@ -302,7 +304,7 @@ async def test_hostile_text_stays_text_in_the_live_page(tmp_path: Path) -> None:
         await admin.runtime.store.record(first)
         cdp = await trio.to_thread.run_sync(Cdp, tmp_path / "profile")
         try:
-            await trio.to_thread.run_sync(cdp.open, f"http://127.0.0.1:{admin.port}/")
+            await trio.to_thread.run_sync(cdp.open, f"http://127.0.0.1:{admin.port}/registrations")
             await trio.to_thread.run_sync(
                 cdp.wait_for, "document.body && document.body.getAttribute('data-live') === 'open'"
             )

@@ -178,7 +178,9 @@ class _Target(trio.abc.HalfCloseableStream):
     """A callback target. ``reads``: it takes the callback line; ``answer``: what it sends.
 
     ``answer`` None: silent forever. ``flood``: an endless stream of ``flood``-sized
-    chunks (``sent`` counts what the registry actually pulled).
+    chunks (``sent`` counts what the registry actually pulled). ``after_eof``: it
+    reads until the registry's end of stream, then sends this and closes (nc,
+    ``while (recv(...) > 0)``, a server that answers a complete request).
     """
 
     def __init__(
@@ -187,10 +189,13 @@ class _Target(trio.abc.HalfCloseableStream):
         reads: bool = True,
         answer: list[tuple[float, bytes]] | None = None,
         flood: int = 0,
+        after_eof: bytes | None = None,
     ) -> None:
         self.reads = reads
         self.answer = list(answer) if answer is not None else None
         self.flood = flood
+        self.after_eof = after_eof
+        self.eof = trio.Event()
         self.received = b""
         self.sent = 0
         self.closed_at: float | None = None
@@ -204,9 +209,14 @@ class _Target(trio.abc.HalfCloseableStream):
         await trio.lowlevel.checkpoint()
 
     async def send_eof(self) -> None:
+        self.eof.set()
         await trio.lowlevel.checkpoint()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self.after_eof is not None:
+            await self.eof.wait()
+            data, self.after_eof = self.after_eof, b""
+            return data
         if self.flood:
             await trio.lowlevel.checkpoint()
             n = min(self.flood, max_bytes or self.flood)
@@ -244,6 +254,10 @@ ECHO = f"ECHO nonce={NONCE}\n".encode()
         ({}, {"answer": None}, False, Code.CONNECTED, False, 0.0),
         # prints and closes (the lab's C++ server): EOF ends the wait at once
         ({}, {"answer": [(0.1, b"Hello\n")]}, True, Code.CONNECTED, False, 0.1),
+        # reads until the registry's end of stream: the registry half-closes after
+        # its line, so such a server closes, or answers, at once
+        ({}, {"after_eof": b""}, True, Code.CONNECTED, False, 0.0),
+        ({}, {"after_eof": ECHO}, True, Code.CONNECTED, True, 0.0),
         # accepts, never reads, never answers: the send is bounded by the verify
         # timeout (never below 0.5 s, so a tiny verify timeout still lets a slow
         # but honest server take the line)

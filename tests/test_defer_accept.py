@@ -274,3 +274,41 @@ async def test_a_wait_shorter_than_the_deadline_counts_in_it(tmp_path: Path) -> 
     assert 2.8 < took < 3.7, took  # 3 s after connect; it was 1 + 3 s
     assert silent == 0
     assert _rows(db) == [("ERROR", "read_timeout")]
+
+
+async def test_each_listener_keeps_its_own_deferral(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The IPv4 listener defers 1 s, the IPv6 one cannot (its option refused) and
+    # is opened last. A silent IPv4 connection the kernel held through its wait
+    # is still judged by the IPv4 listener's deferral: refused at the door as
+    # silent, with no row (not admitted as if nobody had held it).
+    real = server_mod.defer_accept
+
+    def v4_only(sock: socket.socket, seconds: float) -> int | None:
+        return None if sock.family == socket.AF_INET6 else real(sock, seconds)
+
+    monkeypatch.setattr(server_mod, "defer_accept", v4_only)
+    db = tmp_path / "r.db"
+    server = {
+        "listen": ["127.0.0.1:0", "[::1]:0"],
+        "admin": "off",
+        "db": str(db),
+        "defer_accept": "1s",
+    }
+    cfg = config_mod.from_dict({"server": server, "protocol": {"read_deadline": "1s"}})
+    with structlog.testing.capture_logs() as logs:
+        async with trio.open_nursery() as nursery:
+            runtime = await nursery.start(Registry(cfg, handle_signals=False).run)
+            [v4] = [e for e in runtime.tcp if e.host.version == 4]
+            reply, _ = await _silent_client(v4.port)
+            silent = runtime.tally.totals[SILENT]
+            runtime.shutdown()
+    assert reply.startswith(b"ERROR read_timeout no request arrived within 1 s"), reply
+    assert silent == 1
+    assert _rows(db) == []
+    [listening] = [e for e in logs if e["event"] == "listening"]
+    assert listening["defer_accept_s"] == {
+        str(v4): 1,
+        str(runtime.tcp[1 - runtime.tcp.index(v4)]): None,
+    }

@@ -21,6 +21,9 @@ PURE = [
     ROOT / "registry/auth.py",
     ROOT / "registry/model.py",
     ROOT / "registry/errors.py",
+    ROOT / "registry/admin/grading.py",
+    ROOT / "registry/admin/access.py",
+    ROOT / "registry/admin/slots.py",
 ]
 FORBIDDEN_IN_PURE = {
     "trio",
@@ -96,6 +99,14 @@ def test_msgspec_only_in_config() -> None:
 def test_student_imports_nothing_from_registry(path: Path) -> None:
     bad = {m for m in imported_modules(path) if _forbidden(m, {"registry"})}
     assert not bad, f"student/{path.name} imports {sorted(bad)}"
+
+
+@pytest.mark.parametrize(
+    "path", sorted((ROOT / "registry/admin").glob("*.py")), ids=lambda p: p.name
+)
+def test_admin_never_imports_the_server(path: Path) -> None:
+    """The server passes the admin side a view (admin/view.py); never the other way."""
+    assert not {m for m in imported_modules(path) if _forbidden(m, {"registry.server"})}
 
 
 def test_the_checker_can_fail(tmp_path: Path) -> None:

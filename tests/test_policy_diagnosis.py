@@ -8,7 +8,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from registry.model import Diagnosis
+from registry.config import PolicyConfig
+from registry.model import Diagnosis, Endpoint, Request
+from registry.policy.decide import Deny, decide
 from registry.policy.diagnosis import container_network, diagnose, explain
 
 ip = ipaddress.ip_address
@@ -114,6 +116,34 @@ def test_explain_longest_addresses_fit(diag: Diagnosis) -> None:
     v6 = "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"
     line = explain(diag, v6, "::ffff:255.255.255.255", 65535)
     assert f"[{v6}]:65535" in line and len(line) < 400 and not line.endswith("...")
+
+
+@pytest.mark.parametrize(
+    ("adv", "obs", "sent", "seen"),
+    [
+        pytest.param("[::ffff:198.51.100.5]", "2001:db8::9", "IPv4", "IPv6", id="mapped-over-v6"),
+        pytest.param("::ffff:198.51.100.5", "2001:db8::9", "IPv4", "IPv6", id="unbracketed"),
+        pytest.param("2001:db8::5", "::ffff:203.0.113.5", "IPv6", "IPv4", id="mapped-peer"),
+        pytest.param("2001:db8::5", "203.0.113.5", "IPv6", "IPv4", id="plain"),
+    ],
+)
+def test_family_mismatch_names_the_families_of_the_addresses(
+    adv: str, obs: str, sent: str, seen: str
+) -> None:
+    # From the address, not from a ':' in its text: an IPv4 carried in an IPv6
+    # form is an IPv4 address, and the registry calls it over IPv4.
+    line = explain(D.FAMILY_MISMATCH, adv, obs, 15000)
+    assert f"the {sent} address" in line, line
+    assert f"connected over {seen}" in line, line
+    assert line.endswith(f"connect to the registry over {sent}."), line
+
+
+def test_family_mismatch_from_decide_for_an_embedded_ipv4() -> None:
+    host = ipaddress.ip_address("::ffff:198.51.100.5")
+    peer = Endpoint(ipaddress.ip_address("2001:db8::9"), 40000)
+    d = decide(Request(host, 15000), peer, PolicyConfig())
+    assert isinstance(d, Deny) and d.diagnosis is D.FAMILY_MISMATCH, d
+    assert "the IPv4 address" in d.explanation and "over IPv4." in d.explanation, d.explanation
 
 
 def test_explain_brackets_ipv6_once() -> None:

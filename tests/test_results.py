@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 
 from registry import results
-from registry.results import CSV_COLUMNS, iso_utc, parse_since, render, render_summary
-from registry.store import Store, StudentSummary
+from registry.admin.grading import GradeRow
+from registry.results import CSV_COLUMNS, iso_utc, parse_since, render, render_grades
+from registry.store import Store
 from tests.test_store import T0, rec
 
 NOW = T0
@@ -154,29 +155,56 @@ def test_unknown_format_is_an_error() -> None:
     with pytest.raises(ValueError, match="unknown format"):
         render([], "xml")
     with pytest.raises(ValueError, match="unknown format"):
-        render_summary([], "yaml")
+        render_grades([], "yaml")
 
 
 SUMMARIES = [
-    StudentSummary("=ann", 3, 1, "OK", "connected", T0, T0 + 5, True),
-    StudentSummary(None, 1, 0, "FAILED", "timeout", None, T0 + 9, False),
-]
+    GradeRow("=ann", None, 3, 1, "OK", "connected", T0, T0 + 5, True),
+    GradeRow(None, "192.168.1.105", 1, 0, "FAILED", "timeout", None, T0 + 9, False,
+             last_status="FAILED", last_code="timeout", last_words="nobody answered"),
+    GradeRow("zoë", None, on_roster=True),  # on the roster, not started
+]  # fmt: skip
 
 
 def test_summary_formats() -> None:
-    rows = read_csv(render_summary(SUMMARIES, "csv"))
+    rows = read_csv(render_grades(SUMMARIES, "csv"))
     assert rows[0] == list(results.SUMMARY_COLUMNS)
-    assert rows[1] == ["'=ann", "3", "1", "OK", "connected", iso_utc(T0), iso_utc(T0 + 5), "yes"]
-    assert rows[2] == ["", "1", "0", "FAILED", "timeout", "", iso_utc(T0 + 9), "no"]
-    items = json.loads(render_summary(SUMMARIES, "json"))
+    assert rows[0][:6] == ["student", "source", "best_status", "best_code", "first_success_at", "attempts"]  # fmt: skip
+    assert rows[1] == [
+        "'=ann",
+        "",
+        "OK",
+        "connected",
+        iso_utc(T0),
+        "3",
+        "1",
+        "yes",
+        iso_utc(T0 + 5),
+    ]
+    assert rows[2] == [
+        "",
+        "192.168.1.105",
+        "FAILED",
+        "timeout",
+        "",
+        "1",
+        "0",
+        "no",
+        iso_utc(T0 + 9),
+    ]
+    assert rows[3] == ["zoë", "", "", "", "", "0", "0", "no", ""]
+    items = json.loads(render_grades(SUMMARIES, "json"))
     assert items[1] == {
-        "student": None, "attempts": 1, "successes": 0, "best_status": "FAILED",
-        "best_code": "timeout", "first_success_at": None, "last_attempt_at": iso_utc(T0 + 9),
-        "verified_ever": False,
+        "student": None, "source": "192.168.1.105", "attempts": 1, "successes": 0,
+        "best_status": "FAILED", "best_code": "timeout", "first_success_at": None,
+        "last_attempt_at": iso_utc(T0 + 9), "verified_ever": False, "last_status": "FAILED",
+        "last_code": "timeout", "last_explanation": "nobody answered",
     }  # fmt: skip
-    table = render_summary(SUMMARIES, "table").splitlines()
-    assert len(table) == 5 and table[-1] == "2 students"
-    assert "(no name)" in table[3]
+    assert items[2]["student"] == "zoë" and items[2]["best_status"] is None
+    assert items[2]["attempts"] == 0
+    table = render_grades(SUMMARIES, "table").splitlines()
+    assert len(table) == 6 and table[-1] == "3 students"
+    assert "(no name) 192.168.1.105" in table[3]
 
 
 # --- the command ----------------------------------------------------------------------
@@ -199,7 +227,7 @@ def filled_db(tmp_path: Path) -> Path:
 
 def test_defaults() -> None:
     args = parse()
-    assert (args.db, args.format, args.since, args.student, args.summary) == (
+    assert (results._db(args), args.format, args.since, args.student, args.summary) == (
         "registry.db", "table", None, None, False
     )  # fmt: skip
 
@@ -242,6 +270,66 @@ def test_run_summary(filled_db: Path, capsys: pytest.CaptureFixture[str]) -> Non
         ("alice", 2, "OK"),
         ("bob", 1, "FAILED"),
     ]
+
+
+def test_run_summary_nameless_by_source_and_with_a_roster(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two machines running the lab's C++ client (no name): two rows; a roster names them,
+    keeps its order and lists who has not started."""
+    path = tmp_path / "registry.db"
+    store = Store.open(str(path))
+    store.record_many(
+        [
+            rec(1, student=None, peer="192.168.1.105:40001"),
+            rec(2, student=None, peer="192.168.1.107:40001", status="FAILED", code="timeout"),
+            rec(3, student=None, peer="192.168.1.105:40002", status="DENIED", code="bad_port"),
+        ]
+    )
+    store.close()
+    capsys.readouterr()  # the store's own log lines
+    assert results.run(parse("--db", str(path), "--summary", "--format", "json")) == 0
+    items = json.loads(capsys.readouterr().out)
+    assert [(i["student"], i["source"], i["attempts"], i["best_status"]) for i in items] == [
+        (None, "192.168.1.105", 2, "OK"),
+        (None, "192.168.1.107", 1, "FAILED"),
+    ]
+    assert results.run(parse("--db", str(path), "--summary")) == 0
+    assert "(no name) 192.168.1.107" in capsys.readouterr().out
+    roster = tmp_path / "class.csv"
+    roster.write_text("student,address\nzoë,\nbea,192.168.1.107\nali,192.168.1.105\n")
+    argv = ("--db", str(path), "--summary", "--format", "csv", "--roster", str(roster))
+    assert results.run(parse(*argv)) == 0
+    sheet = read_csv(capsys.readouterr().out)
+    assert [(r[0], r[1], r[2], r[5]) for r in sheet[1:]] == [
+        ("zoë", "", "", "0"),
+        ("bea", "", "FAILED", "1"),
+        ("ali", "", "OK", "2"),
+    ]
+    roster.write_text("student,address\nbea,192.168.1.300\n")
+    assert results.run(parse(*argv)) == 64
+    assert f"{roster}:2: address '192.168.1.300' is not an IP address" in capsys.readouterr().err
+
+
+def test_run_with_a_config_reads_its_database_and_its_roster(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--config alone is the grade sheet of that registry: its server.db and its roster."""
+    path = tmp_path / "class.db"
+    store = Store.open(str(path))
+    store.record_many([rec(1, student=None, peer="192.168.1.105:40001")])
+    store.close()
+    (tmp_path / "class.csv").write_text("student,address\nali,192.168.1.105\nbea,\n")
+    config = tmp_path / "registry.toml"
+    config.write_text(f'[server]\ndb = "{path}"\n\n[class]\nroster = "class.csv"\n')
+    capsys.readouterr()
+    assert results.run(parse("--config", str(config), "--summary", "--format", "csv")) == 0
+    sheet = read_csv(capsys.readouterr().out)
+    assert [(r[0], r[2]) for r in sheet[1:]] == [("ali", "OK"), ("bea", "")]
+    # --db still wins over the config's database
+    missing = tmp_path / "other.db"
+    assert results.run(parse("--config", str(config), "--db", str(missing), "--summary")) == 2
+    assert str(missing) in capsys.readouterr().err
 
 
 def test_run_reads_without_changing_the_database(

@@ -253,19 +253,56 @@ SUMMARY_ROWS = [
 ]
 
 
+def _last(status: str, code: str) -> dict[str, object]:
+    return {"last_status": status, "last_code": code, "last_explanation": "the registry connected"}
+
+
 def test_summary_ranks_best_outcome_per_student(db: Path) -> None:
     store = Store.open(str(db))
     try:
         store.record_many(SUMMARY_ROWS)
         assert store.summary() == [
-            StudentSummary("ann", 4, 2, "OK", "connected", T0 + 2, T0 + 12, True),
-            StudentSummary("ben", 5, 0, "FAILED", "timeout", None, T0 + 8, False),
-            StudentSummary("cat", 2, 0, "BUSY", "overloaded", None, T0 + 10, False),
-            StudentSummary(None, 1, 1, "OK", "connected", T0 + 11, T0 + 11, True),
-        ]
+            StudentSummary("ann", 4, 2, "OK", "connected", T0 + 2, T0 + 12, True,
+                           **_last("OK", "connected")),
+            StudentSummary("ben", 5, 0, "FAILED", "timeout", None, T0 + 8, False,
+                           **_last("DENIED", "port_not_allowed")),
+            StudentSummary("cat", 2, 0, "BUSY", "overloaded", None, T0 + 10, False,
+                           **_last("BUSY", "overloaded")),
+            StudentSummary(None, 1, 1, "OK", "connected", T0 + 11, T0 + 11, True,
+                           source="127.0.0.1", **_last("OK", "connected")),
+        ]  # fmt: skip
         # Filters apply before ranking: since +3, ann has one OK (verified) and one FAILED.
         assert store.summary(since=T0 + 3, student="ann") == [
-            StudentSummary("ann", 2, 1, "OK", "connected", T0 + 12, T0 + 12, True)
+            StudentSummary("ann", 2, 1, "OK", "connected", T0 + 12, T0 + 12, True,
+                           **_last("OK", "connected"))
+        ]  # fmt: skip
+    finally:
+        store.close()
+
+
+def test_summary_groups_nameless_registrations_by_source_ip(db: Path) -> None:
+    """The lab's C++ client sends no name: each machine (source IP) is its own row,
+    whatever its ephemeral ports; a name is one row from any machine."""
+    store = Store.open(str(db))
+    try:
+        store.record_many(
+            [
+                _attempt(1, None, "FAILED", "timeout", peer="192.168.1.105:40001"),
+                _attempt(2, None, "OK", "connected", peer="192.168.1.105:40002"),
+                _attempt(3, None, "DENIED", "port_not_allowed", peer="192.168.1.7:50000"),
+                _attempt(4, None, "FAILED", "timeout", peer="[2001:db8::7]:50000"),
+                _attempt(5, "ann", "OK", "connected", peer="192.168.1.7:50001"),
+                _attempt(6, "ann", "FAILED", "timeout", peer="192.168.1.8:50001"),
+            ]
+        )
+        got = [
+            (s.student, s.source, s.attempts, s.best_status, s.last_code) for s in store.summary()
+        ]
+        assert got == [
+            ("ann", None, 2, "OK", "timeout"),
+            (None, "192.168.1.105", 2, "OK", "connected"),
+            (None, "192.168.1.7", 1, "DENIED", "port_not_allowed"),
+            (None, "2001:db8::7", 1, "FAILED", "timeout"),
         ]
     finally:
         store.close()

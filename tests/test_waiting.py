@@ -163,6 +163,50 @@ async def test_an_idle_room_keeps_a_new_connections_deadline(
     assert r.log == [("reject", 18.0, "d", "read_timeout")]
 
 
+async def test_a_reload_that_shortens_the_deadline_fires_later_arrivals_on_time(
+    autojump_clock: trio.testing.MockClock, pairs: list
+) -> None:
+    # Deadlines are no longer in arrival order once read_deadline shrinks (SIGHUP):
+    # a connection that arrives after the reload is due before the one before it.
+    current = [config_mod.from_dict({"protocol": {"read_deadline": "30s"}}).protocol]
+    r = Room()
+    r.room = WaitingRoom(lambda: current[0])
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(r.run)
+        r.add("before", pair(pairs)[0])  # due at 30
+        await trio.sleep(1.0)
+        current[0] = config_mod.from_dict({"protocol": {"read_deadline": "5s"}}).protocol
+        r.add("after", pair(pairs)[0])  # due at 6
+        await trio.sleep(40.0)
+        r.room.close()
+    assert r.log == [
+        ("reject", 6.0, "after", "read_timeout"),
+        ("reject", 30.0, "before", "read_timeout"),
+    ]
+
+
+async def test_a_connection_the_kernel_held_is_due_before_earlier_arrivals(
+    autojump_clock: trio.testing.MockClock, pairs: list
+) -> None:
+    # TCP_DEFER_ACCEPT: a connection handed over after 3 s of waiting in the kernel
+    # counts them in its read deadline (arrived = now - held), so it can be due
+    # before a connection accepted earlier.
+    r = Room()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(r.run)
+        r.add("fresh", pair(pairs)[0])  # due at 5
+        await trio.sleep(1.0)
+        held, _ = pair(pairs)
+        r.names[id(held)] = "held"
+        r.room.add(Waiting(held, PEER, "held", object(), trio.current_time() - 3.0))  # due at 3
+        await trio.sleep(10.0)
+        r.room.close()
+    assert r.log == [
+        ("reject", 3.0, "held", "read_timeout"),
+        ("reject", 5.0, "fresh", "read_timeout"),
+    ]
+
+
 async def test_a_wave_is_rejected_in_chunks_and_requests_do_not_wait_for_it(
     autojump_clock: trio.testing.MockClock, pairs: list
 ) -> None:

@@ -1,12 +1,13 @@
 """The callback dialler: the only place the registry opens connections.
 
 It dials the canonical address it is given (never a string a resolver could
-reinterpret), sends one CALLBACK line, optionally waits for the nonce echo,
-and maps every socket error to a reply code in one table.
+reinterpret), sends one CALLBACK line and half-closes, optionally waits for the
+nonce echo, and maps every socket error to a reply code in one table.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import socket
@@ -53,6 +54,8 @@ class _Stream(Protocol):
     """What the conversation needs of a connection (tests script one in memory)."""
 
     async def send_all(self, data: bytes) -> None: ...
+
+    async def send_eof(self) -> None: ...
 
     async def receive_some(self, max_bytes: int) -> bytes: ...
 
@@ -118,6 +121,11 @@ class TcpConnector:
                     Code.RESET, "the target closed before the callback line was sent", rtt_ms
                 )
             sent = True
+            # The line is all we send: say so (half-close). A server that reads until
+            # the end of stream (nc, a ``while (recv(...) > 0)`` loop) then answers or
+            # closes at once instead of waiting out our verify timeout.
+            with contextlib.suppress(OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+                await stream.send_eof()
             if wait_echo:
                 scope.deadline = trio.current_time() + cfg.verify_timeout
                 verified = await self._read_echo(stream, nonce)

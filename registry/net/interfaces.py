@@ -29,7 +29,7 @@ def interface_addresses() -> list[IPAddress]:
         lines = _FIB_TRIE.read_text().splitlines()
     except OSError:
         lines = []
-    for previous, line in zip(lines, lines[1:]):
+    for previous, line in zip(lines, lines[1:], strict=False):
         # "|-- 192.0.2.2" followed by "/32 host LOCAL" is an address of ours.
         if line.strip() == "/32 host LOCAL" and "|--" in previous:
             found.append(ipaddress.IPv4Address(previous.split("|--", 1)[1].strip()))

@@ -2,6 +2,10 @@
 
 One socket per TCP listener address, same port number. For each datagram:
 
+0. a datagram the registry must never answer (``protocol.loopguard``: a
+   reply, a challenge, a callback or its echo, or any datagram from a source
+   port below 1024): dropped silently and counted, so that one forged
+   datagram cannot start an endless exchange with another UDP service;
 1. larger than ``udp.max_datagram_bytes``: ``ERROR too_long``;
 2. not a valid text request (``HOST:PORT[ key=value ...]``, ``cookie=`` allowed):
    ``ERROR malformed`` with the parser's explanation;
@@ -12,12 +16,19 @@ One socket per TCP listener address, same port number. For each datagram:
    callback slots, record), run in its own task; its outcome comes back as
    one reply datagram.
 
-Steps 1-3 keep no state and touch neither the store nor the rate limiter:
-their source address is unproven, and charging a forged address's budget
-(or filling the results with its name) would hand an attacker a weapon.
+Steps 1-3 touch neither the store nor the registration rate limiter: their
+source address is unproven, and charging a forged address's budget (or
+filling the results with its name) would hand an attacker a weapon. Their
+answers have a budget of their own (``ReplyBudget``: ``udp.unproven_per_source``
+per address or IPv6 network, ``udp.unproven_global`` in total); past it the
+datagram is dropped unanswered and counted, so a loop through a reflector the
+guard cannot recognise dies within a few exchanges.
 Only a request that returned a cookie, and so really comes from its source,
-is recorded and counted; it holds one of the source's connection slots while
-its callback runs (``limits.max_connections_per_source``), and a retransmitted
+is recorded and counted; it holds a connection slot while its callback runs,
+taken like a TCP connection's (an admission token, then
+``limits.max_connections_per_source``) but without waiting: when none is free
+the answer is ``BUSY overloaded``. So a UDP burst never gets TCP clients refused
+for ``total``: they wait at accept for a token as they would for TCP peers. A retransmitted
 copy of a request still in progress is ignored.
 
 **No amplification.** No datagram the registry sends in reply is larger
@@ -41,6 +52,7 @@ import errno
 import os
 import socket
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 
 import structlog
@@ -54,9 +66,10 @@ from registry.net.connector import map_os_error
 from registry.net.tcp import endpoint_of
 from registry.protocol.callback import callback_line
 from registry.protocol.cookies import CookieJar
+from registry.protocol.loopguard import DropReason, classify
 from registry.protocol.reply import format_reply
 from registry.protocol.text import parse_line
-from registry.ratelimit import source_key
+from registry.ratelimit import ReplyBudget, source_key
 from registry.service import (
     CallResult,
     Connector,
@@ -240,6 +253,20 @@ def _describe(e: OSError) -> str:
 # ---------------------------------------------------------------------------- edge
 
 
+def _budget_settings(cfg: Config) -> tuple:  # type: ignore[type-arg]
+    return (
+        cfg.udp.unproven_per_source,
+        cfg.udp.unproven_global,
+        cfg.ratelimit.ipv6_prefix,
+        cfg.ratelimit.max_entries,
+    )
+
+
+def new_reply_budget(cfg: Config) -> ReplyBudget:
+    """The unproven-reply budget for ``cfg`` (one per registry: all its UDP sockets share it)."""
+    return ReplyBudget(*_budget_settings(cfg))
+
+
 class UdpEdge:
     """The per-socket datagram handler; ``serve_udp`` runs its loop."""
 
@@ -252,6 +279,9 @@ class UdpEdge:
         *,
         connector: Connector | None = None,
         caps: ConnectionCaps | None = None,
+        admission: trio.CapacityLimiter | None = None,
+        budget: ReplyBudget | None = None,
+        dropped: Counter[str] | None = None,
         random_bytes: Callable[[int], bytes] = os.urandom,
     ) -> None:
         self.sock = sock
@@ -260,6 +290,10 @@ class UdpEdge:
         self.cfg = cfg_getter
         self.connector = connector or UdpConnector(lambda: cfg_getter().callback)
         self.caps = caps
+        self.admission = admission
+        self.budget = budget or new_reply_budget(cfg_getter())
+        # Datagrams dropped unanswered, by DropReason (registry_udp_dropped_total).
+        self.dropped: Counter[str] = dropped if dropped is not None else Counter()
         self.random_bytes = random_bytes
         bound = udp_endpoint(sock)
         # Behind a wildcard the concrete local address is unknown (no IP_PKTINFO):
@@ -290,45 +324,93 @@ class UdpEdge:
         except OSError as e:
             log.debug("udp_send_failed", error=e.strerror)
 
+    def drop(self, reason: DropReason) -> None:
+        self.dropped[reason] += 1
+
+    async def answer_unproven(
+        self,
+        reply: bytes | None,
+        size: int,
+        addr: tuple,  # type: ignore[type-arg]
+        peer: Endpoint,
+        now: float,
+    ) -> None:
+        """Send a reply to a datagram without a valid cookie, if the reply budget allows."""
+        if reply is None:
+            return
+        refused = self.budget.take(peer.host, now)
+        if refused is not None:
+            self.drop(DropReason.SOURCE_BUDGET if refused == "source" else DropReason.GLOBAL_BUDGET)
+            return
+        await self.send(reply, size, addr)
+
     async def datagram(self, data: bytes, addr: tuple, nursery: trio.Nursery) -> None:  # type: ignore[type-arg]
-        """Handle one datagram: answer statelessly, or start a registration task."""
+        """Handle one datagram: drop it, answer statelessly, or start a registration task."""
         self.received_bytes += len(data)
         cfg = self.cfg()
         size = len(data)
+        never = classify(data, addr[1])
+        if never is not None:
+            self.drop(never)
+            return
+        peer = endpoint_of(addr)  # ::ffff:a.b.c.d is the IPv4 peer; replies go to raw addr
+        now = trio.current_time()
+        self.budget.configure(*_budget_settings(cfg))
         if size > cfg.udp.max_datagram_bytes:
             error = ProtocolError(
                 Code.TOO_LONG,
                 f"datagram longer than {cfg.udp.max_datagram_bytes} bytes; send one short "
                 "line HOST:PORT[ key=value ...]",
             )
-            await self.send(error_reply(error, size), size, addr)
+            await self.answer_unproven(error_reply(error, size), size, addr, peer, now)
             return
-        peer = endpoint_of(addr)  # ::ffff:a.b.c.d is the IPv4 peer; replies go to raw addr
         try:
             request = parse_line(data, allow_cookie=True)
         except ProtocolError as e:
-            await self.send(error_reply(e, size), size, addr)
+            await self.answer_unproven(error_reply(e, size), size, addr, peer, now)
             return
-        now = trio.current_time()
         self._refresh_cookies(now)
         if not self.cookies.check(request.cookie, peer, now):
             cookie = self.cookies.issue(peer, now)
-            await self.send(challenge_reply(cookie, cfg.udp.max_datagram_bytes, size), size, addr)
+            challenge = challenge_reply(cookie, cfg.udp.max_datagram_bytes, size)
+            await self.answer_unproven(challenge, size, addr, peer, now)
             return
         key = (peer, data)
         if key in self.in_flight:
             return  # a retransmission: the first copy's reply answers it
         slot = source_key(peer.host, cfg.ratelimit.ipv6_prefix)
-        if self.caps is not None and self.caps.acquire(slot) is not None:
+        token = self._admit(slot)
+        if token is None:
             busy = Outcome(
                 code=Code.OVERLOADED,
                 retry_after=5,
-                explanation="too many registrations in progress from your address; retry shortly",
+                explanation="too many registrations in progress; retry shortly",
             )
             await self.send(fit_reply(format_reply(busy), size), size, addr)
             return
         self.in_flight.add(key)
-        nursery.start_soon(self._register, request, peer, addr, key, slot)
+        nursery.start_soon(self._register, request, peer, addr, key, slot, token)
+
+    def _admit(self, slot: object) -> object | None:
+        """A connection slot for a proven request, as a TCP connection takes one
+        (admission token, then the caps), without waiting; None when none is free."""
+        token = object()
+        if self.admission is not None:
+            try:
+                self.admission.acquire_on_behalf_of_nowait(token)
+            except trio.WouldBlock:
+                return None
+        if self.caps is not None and self.caps.acquire(slot) is not None:  # type: ignore[arg-type]
+            if self.admission is not None:
+                self.admission.release_on_behalf_of(token)
+            return None
+        return token
+
+    def _release(self, slot: object, token: object) -> None:
+        if self.caps is not None:
+            self.caps.release(slot)  # type: ignore[arg-type]
+        if self.admission is not None:
+            self.admission.release_on_behalf_of(token)
 
     async def _register(
         self,
@@ -337,6 +419,7 @@ class UdpEdge:
         addr: tuple,  # type: ignore[type-arg]
         key: tuple[Endpoint, bytes],
         slot: object,
+        token: object,
     ) -> None:
         received_at = time.time()
         try:
@@ -357,8 +440,7 @@ class UdpEdge:
                     outcome = store_failure_outcome(None)
         finally:
             self.in_flight.discard(key)
-            if self.caps is not None:
-                self.caps.release(slot)  # type: ignore[arg-type]
+            self._release(slot, token)
         await self.send(fit_reply(format_reply(outcome), len(key[1])), len(key[1]), addr)
 
 
@@ -370,6 +452,9 @@ async def serve_udp(
     *,
     handlers: trio.Nursery | None = None,
     caps: ConnectionCaps | None = None,
+    admission: trio.CapacityLimiter | None = None,
+    budget: ReplyBudget | None = None,
+    dropped: Counter[str] | None = None,
     connector: Connector | None = None,
     task_status: trio.TaskStatus[UdpEdge] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -378,9 +463,20 @@ async def serve_udp(
     Registrations run in ``handlers`` (the server's handler nursery, so the
     drain's grace period covers them) or in a nursery of this task. The
     socket is not closed here: in-flight registrations still reply on it
-    after the receive loop stops.
+    after the receive loop stops. Give every socket of a registry the same
+    ``budget`` and ``dropped`` (and ``admission``, the TCP accept loops' limiter).
     """
-    edge = UdpEdge(sock, service, cookies, cfg_getter, connector=connector, caps=caps)
+    edge = UdpEdge(
+        sock,
+        service,
+        cookies,
+        cfg_getter,
+        connector=connector,
+        caps=caps,
+        admission=admission,
+        budget=budget,
+        dropped=dropped,
+    )
     async with trio.open_nursery() as own:
         nursery = handlers if handlers is not None else own
         task_status.started(edge)

@@ -35,7 +35,6 @@ import math
 import select
 import socket
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 
@@ -106,7 +105,9 @@ class WaitingRoom:
         self.make_receiver = make_receiver
         self._epoll = select.epoll()
         self._by_fd: dict[int, Waiting] = {}
-        self._deadlines: deque[tuple[float, Waiting]] = deque()  # arrival order = deadline order
+        # Heaps, not arrival order: a reload that shortens read_deadline, or a connection
+        # the kernel held (arrived = now - held), is due before earlier arrivals.
+        self._deadlines: list[tuple[float, int, Waiting]] = []  # stale entries skipped
         self._quiet: list[tuple[float, int, Waiting]] = []  # heap; stale entries skipped
         self._closing = False
         self._wait = trio.CancelScope()  # run()'s current wait: add/close move its deadline
@@ -119,7 +120,7 @@ class WaitingRoom:
         self._epoll.register(fd, _EVENTS)
         self._by_fd[fd] = w
         w.deadline = w.arrived + self.config().read_deadline
-        self._deadlines.append((w.deadline, w))
+        heapq.heappush(self._deadlines, (w.deadline, next(_seq), w))
         if w.deadline < self._wait.deadline:  # moving a deadline costs trio real work:
             self._wait.deadline = w.deadline  # only when run() must wake earlier
 
@@ -220,15 +221,15 @@ class WaitingRoom:
                 ready(w, w.protocol, event)
         while budget and self._deadlines and self._deadlines[0][0] <= now:
             budget -= 1
-            _, w = self._deadlines.popleft()
+            _, _, w = heapq.heappop(self._deadlines)
             if self._waiting(w):
                 self._leave(w)
                 failed.append((w, read_timeout_error(self.config(), w.receiver is not None)))
         return failed
 
     def _next_deadline(self) -> float:
-        while self._deadlines and not self._waiting(self._deadlines[0][1]):
-            self._deadlines.popleft()  # left already
+        while self._deadlines and not self._waiting(self._deadlines[0][2]):
+            heapq.heappop(self._deadlines)  # left already
         while self._quiet and (
             not self._waiting(self._quiet[0][2]) or self._quiet[0][0] != self._quiet[0][2].quiet_at
         ):

@@ -35,12 +35,16 @@ No mode can reach an always-denied class: step 3 runs on whatever is dialled.
 ``::/0`` never admits ``::ffff:10.0.0.1``; ``deny_networks`` and
 ``report_only_deny_networks`` match the address as sent *or* any IPv4 inside it.
 
-Self rule (the registry's own sockets, ``own``): a target is ``self_target``
-when its port equals the port of any own endpoint and its host is loopback,
-unspecified, or equal to an own endpoint's explicit host. A wildcard listener
-(``0.0.0.0:9000``) accepts on every local address, which this pure code cannot
-list: the edge should add the accepted connection's local address (sockname)
-at each wildcard port to ``own``.
+Self rule (the registry's own sockets, ``own``: its TCP, UDP and admin
+endpoints): a target is ``self_target`` when its port equals the port of any
+own endpoint and its host is loopback, unspecified, an own endpoint's explicit
+host, or any address of this host. A wildcard listener (``0.0.0.0:9000``)
+accepts on every local address, which this pure code cannot list: the caller
+injects ``is_local`` (the daemon's is a bind probe,
+``registry.net.interfaces.is_local_address``, current as addresses come and go
+and fail-closed), asked only about targets on one of our ports. Whatever the
+listeners are bound to, the registry's own ports on any of its addresses are
+refused.
 
 The dialled address is the normalised one: the IPv4 inside a mapped,
 compatible, translated or NAT64 form; for 6to4 and Teredo, the IPv4 tunnel
@@ -50,6 +54,7 @@ endpoint. The address that was checked is the address that is connected to.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,6 +92,13 @@ __all__ = [
 MODES = ("strict", "nat-observed", "advertised")
 _IP_TYPES = (ipaddress.IPv4Address, ipaddress.IPv6Address)
 
+IsLocal = Callable[[IPAddress], bool]
+
+
+def no_host_addresses(_host: IPAddress) -> bool:
+    """The default ``is_local``: only loopback, unspecified and explicit hosts are ours."""
+    return False
+
 
 @dataclass(frozen=True)
 class Allow:
@@ -123,6 +135,7 @@ def decide(
     observed: Endpoint,
     policy: PolicyConfig,
     own: frozenset[Endpoint] = frozenset(),
+    is_local: IsLocal = no_host_addresses,
 ) -> Decision | NeedsResolution:
     """Judge one request against the policy; see the module docstring for the order."""
     try:
@@ -132,7 +145,8 @@ def decide(
         peer = _peer(observed)
         if isinstance(peer, Deny):
             return peer
-        return _decide_ip(host, getattr(request, "port", None), observed.host, peer, policy, own)
+        port = getattr(request, "port", None)
+        return _decide_ip(host, port, observed.host, peer, policy, own, is_local)
     except Exception as e:  # totality: a bug here must refuse, never crash the handler
         return _internal(e)
 
@@ -143,6 +157,7 @@ def decide_resolved(
     observed: Endpoint,
     policy: PolicyConfig,
     own: frozenset[Endpoint] = frozenset(),
+    is_local: IsLocal = no_host_addresses,
 ) -> Decision:
     """Judge every resolved answer for ``request.host``; return the one address to dial.
 
@@ -165,7 +180,7 @@ def decide_resolved(
                 f"{name} did not resolve to any address; advertise an IP address instead.",
                 Diagnosis.HOSTNAME,
             )
-        return _pick(name, answers, request, observed.host, peer, policy, own)
+        return _pick(name, answers, request, observed.host, peer, policy, own, is_local)
     except Exception as e:  # totality, as in decide()
         return _internal(e)
 
@@ -178,11 +193,12 @@ def _pick(
     peer: IPAddress,
     policy: PolicyConfig,
     own: frozenset[Endpoint],
+    is_local: IsLocal,
 ) -> Decision:
     allowed: list[Allow] = []
     mismatch: Deny | None = None
     for answer in answers:
-        d = _decide_ip(answer, request.port, observed_raw, peer, policy, own)
+        d = _decide_ip(answer, request.port, observed_raw, peer, policy, own, is_local)
         if isinstance(d, Allow):
             allowed.append(d)
         elif d.code is Code.SOURCE_MISMATCH:
@@ -240,6 +256,7 @@ def _decide_ip(
     peer: IPAddress,
     policy: PolicyConfig,
     own: frozenset[Endpoint],
+    is_local: IsLocal,
 ) -> Decision:
     problem = _check_format(host, port)
     if problem is not None:
@@ -255,7 +272,7 @@ def _decide_ip(
     if mode == "nat-observed":
         # The dialled peer gets step 3 too; no diagnosis text applies to it.
         problem = _check_class(dial_raw, port, peer, Diagnosis.DIRECT)
-    problem = problem or _check_dial(dial_raw, dial, policy, own, diag)
+    problem = problem or _check_dial(dial_raw, dial, policy, own, is_local, diag)
     if problem is not None:
         return problem
     notes = _report_only(dial_raw, policy.report_only_deny_networks)
@@ -344,10 +361,11 @@ def _check_dial(
     dial: Endpoint,
     policy: PolicyConfig,
     own: frozenset[Endpoint],
+    is_local: IsLocal,
     diag: Diagnosis,
 ) -> Deny | None:
     """Steps 4-7 on the address that would be dialled."""
-    if _is_self(dial, own):
+    if _is_self(dial, own, is_local):
         return Deny(
             Code.SELF_TARGET,
             f"{dial} is one of the registry's own sockets; run your server on another port.",
@@ -369,14 +387,19 @@ def _check_dial(
     return None
 
 
-def _is_self(dial: Endpoint, own: frozenset[Endpoint]) -> bool:
+def _is_self(dial: Endpoint, own: frozenset[Endpoint], is_local: IsLocal) -> bool:
     own_ports = {e.port for e in own}
     if dial.port not in own_ports:
         return False
     if classify(dial.host) in (AddrClass.LOOPBACK, AddrClass.UNSPECIFIED):
         return True
     explicit = {normalise(e.host) for e in own}
-    return dial.host in explicit
+    if dial.host in explicit:
+        return True
+    try:
+        return bool(is_local(dial.host))
+    except Exception:  # cannot tell: refusing our own port costs a student nothing
+        return True
 
 
 def _first_match(addr: IPAddress, networks: tuple[CIDR, ...]) -> CIDR | None:

@@ -89,7 +89,13 @@ def _host(text: str) -> str:
 
 
 def _family(text: str) -> str:
-    return "IPv6" if ":" in text else "IPv4"
+    """The family the registry would use for this address: an IPv4 carried in an
+    IPv6 form (``::ffff:198.51.100.5``) is IPv4, as :func:`diagnose` judges it."""
+    try:
+        addr = ipaddress.ip_address(text.strip().removeprefix("[").removesuffix("]"))
+    except ValueError:  # a name, or junk: no address to judge
+        return "IPv6" if ":" in text else "IPv4"
+    return f"IPv{normalise(addr).version}"
 
 
 # One template per case; {A} advertised host, {O} observed host, {P} port,

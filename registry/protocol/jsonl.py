@@ -34,6 +34,7 @@ from typing import Any
 
 from registry.errors import ProtocolError
 from registry.model import Code, IPAddress, Outcome, Request
+from registry.protocol.names import BadName, normalise
 from registry.protocol.reply import quote_input, safe_text, safe_value
 
 # The text parser's host rules, reused so the two protocols cannot drift apart.
@@ -63,7 +64,6 @@ REPLY_KEYS = (
 )
 
 _WHITESPACE = b" \t\r\n"
-_STUDENT = re.compile(r"[A-Za-z0-9._@-]{1,64}", re.ASCII)
 _SECRET = re.compile(r"[\x21-\x7e]{1,128}", re.ASCII)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
@@ -283,12 +283,10 @@ def _option(key: str, value: Any) -> object:
     if not isinstance(value, str):
         raise _field_error(key, f"expected a string, got {_type_name(value)}")
     if key == "student":
-        if not _STUDENT.fullmatch(value):
-            raise _field_error(
-                key,
-                f"{quote_input(value, 30)} is not accepted; use 1-64 letters, digits and . _ @ -",
-            )
-        return value
+        try:
+            return normalise(value, spaces=True)
+        except BadName as exc:
+            raise _field_error(key, f"{quote_input(value, 30)} {exc}") from None
     # token: a secret, never echoed back, not even in part.
     if not _SECRET.fullmatch(value):
         raise _field_error(key, "must be 1-128 printable ASCII characters without spaces")

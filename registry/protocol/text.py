@@ -21,6 +21,7 @@ import re
 
 from registry.errors import ProtocolError
 from registry.model import Code, IPAddress, Request
+from registry.protocol.names import BadName, normalise
 from registry.protocol.reply import quote_input
 
 EXAMPLE = "192.168.1.105:15000"
@@ -35,7 +36,6 @@ _DEC_OCTET = re.compile(r"(?:0|[1-9][0-9]{0,2})", re.ASCII)
 _DIGITS = re.compile(r"[0-9]+", re.ASCII)
 _HEX_PART = re.compile(r"0[xX][0-9a-fA-F]*", re.ASCII)
 _LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?", re.ASCII)
-_STUDENT = re.compile(r"[A-Za-z0-9._@-]{1,64}", re.ASCII)
 _SECRET = re.compile(r"[\x21-\x7e]{1,128}", re.ASCII)
 _HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH", "CONNECT"})
 _WHITESPACE = b" \t\r"
@@ -100,7 +100,8 @@ def _parse_text(text: str, allow_cookie: bool) -> Request:
     if bad is not None:
         raise _malformed(
             f"request contains the control character {quote_input(bad.group())} at offset "
-            f"{bad.start()}; send one line of plain text like {EXAMPLE}, ended by LF or CR LF"
+            f"{bad.start()}{_in_field(text, bad.start())}; send one line of plain text like "
+            f"{EXAMPLE}, ended by LF or CR LF"
         )
     stripped = text.strip(" \t")
     if not stripped:
@@ -110,6 +111,15 @@ def _parse_text(text: str, allow_cookie: bool) -> Request:
     host, port = _parse_hostport(tokens[0])
     keys = _parse_keys(tokens[1:], allow_cookie)
     return Request(host=host, port=port, **keys)  # type: ignore[arg-type]
+
+
+def _in_field(text: str, offset: int) -> str:
+    """`` in student=`` when ``offset`` falls inside a ``key=value`` word, else ``""``."""
+    start = max(text.rfind(" ", 0, offset), text.rfind("\t", 0, offset)) + 1
+    key, eq, _ = text[start:offset].partition("=")
+    if eq and key in ("student", "token", "verify", "cookie"):
+        return f" (in {key}=)"
+    return ""
 
 
 def _refuse_http(tokens: list[str]) -> None:
@@ -375,12 +385,10 @@ def _parse_keys(tokens: list[str], allow_cookie: bool) -> dict[str, object]:
 
 def _parse_value(key: str, value: str) -> object:
     if key == "student":
-        if not _STUDENT.fullmatch(value):
-            raise _malformed(
-                f"student name {quote_input(value, 30)} is not accepted; use 1-64 letters, "
-                "digits and . _ @ -"
-            )
-        return value
+        try:
+            return normalise(value)
+        except BadName as exc:
+            raise _malformed(f"student name {quote_input(value, 30)} {exc}") from None
     if key == "verify":
         if value not in ("yes", "no"):
             raise _malformed(f"verify={quote_input(value, 20)} must be verify=yes or verify=no")

@@ -1,10 +1,17 @@
-"""The instructor's dashboard page: pure HTML rendering, no I/O.
+"""The instructor's pages: pure HTML rendering, no I/O.
 
-``render_dashboard(page)`` returns one complete HTML document that is useful
-with JavaScript off (counts per status, the per-student summary, the latest
-registrations, a filter form). A small inline script then subscribes to
-``/api/events`` (EventSource) and, per registration, prepends a row, bumps the
-counts and updates that student's summary row.
+``render_class(page)`` is the class view at ``/``, made to be projected: a
+banner saying where to send, "N of M students connected", the students still
+working first (their last outcome in plain words, "last tried 3 min ago"),
+then those who are done. No ids or ephemeral ports. Without JavaScript it is
+complete (times in UTC, ISO 8601) and reloads itself every 30 s; its script
+converts times to the viewer's zone and, on every event from ``/api/events``,
+re-reads ``/api/summary``.
+
+``render_dashboard(page)`` is the detailed view at ``/registrations``
+(counts per status, the per-student summary, the latest registrations, a
+filter form). Its script, per registration, prepends a row, bumps the counts
+and updates that student's summary row.
 
 Safety rules, because every student string here is attacker-controlled
 (names, advertised addresses, explanations that quote them):
@@ -29,170 +36,24 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from registry.admin.grading import GradeRow, ago, stuck_first
+from registry.admin.static import CLASS_SCRIPT, CLASS_STYLE, SCRIPT, STYLE
 from registry.results import iso_utc
-from registry.store import STATUS_RANK, Record, StudentSummary
+from registry.store import STATUS_RANK, Record
 
 STATUSES: tuple[str, ...] = tuple(STATUS_RANK)  # OK FAILED DENIED BUSY ERROR: best first
-
-STYLE = """
-:root { color-scheme: light dark; --ok: #1a7f37; --failed: #b35900; --denied: #b42318;
-  --busy: #6941c6; --error: #667085; --line: #8884; }
-body { font: 14px/1.4 system-ui, sans-serif; margin: 1rem 1.5rem; }
-h1 { font-size: 1.3rem; margin: 0 0 .2rem; }
-h2 { font-size: 1.05rem; margin: 1.4rem 0 .4rem; }
-.meta, .note { color: #667085; font-size: .85rem; margin: .1rem 0; }
-.counts { display: flex; flex-wrap: wrap; gap: .6rem; margin: .8rem 0; padding: 0; }
-.counts li { list-style: none; border: 1px solid var(--line); border-radius: 6px;
-  padding: .3rem .8rem; min-width: 5rem; }
-.counts b { display: block; font-size: 1.4rem; font-variant-numeric: tabular-nums; }
-table { border-collapse: collapse; width: 100%; }
-th, td { text-align: left; padding: .2rem .5rem; border-bottom: 1px solid var(--line);
-  vertical-align: top; }
-th { position: sticky; top: 0; background: Canvas; }
-td.n { text-align: right; font-variant-numeric: tabular-nums; }
-td.x { font-size: .8rem; max-width: 32rem; }
-td.t { white-space: nowrap; font-variant-numeric: tabular-nums; }
-.st { font-weight: 600; }
-.st-OK { color: var(--ok); } .st-FAILED { color: var(--failed); }
-.st-DENIED { color: var(--denied); } .st-BUSY { color: var(--busy); }
-.st-ERROR { color: var(--error); }
-tr.new { animation: flash 2s ease-out; }
-@keyframes flash { from { background: #fde68a88; } to { background: transparent; } }
-form { display: flex; flex-wrap: wrap; gap: .5rem; align-items: end; margin: .6rem 0; }
-label { font-size: .8rem; display: flex; flex-direction: column; }
-#live { font-weight: 600; }
-""".strip()
-
-SCRIPT = """
-(function () {
-  "use strict";
-  var RANK = {OK: 0, FAILED: 1, DENIED: 2, BUSY: 3, ERROR: 4};
-  var body = document.body;
-  var limit = parseInt(body.getAttribute("data-limit"), 10) || 100;
-  var only = body.hasAttribute("data-student") ? body.getAttribute("data-student") : null;
-  var regs = document.getElementById("registrations");
-  var students = document.getElementById("students");
-  var live = document.getElementById("live");
-  function when(iso) { return iso ? String(iso).slice(0, 19).replace("T", " ") : ""; }
-  function text(x) { return x === null || x === undefined ? "" : String(x); }
-  function yesno(x) { return x === null || x === undefined ? "" : (x ? "yes" : "no"); }
-  function known(s) { return Object.prototype.hasOwnProperty.call(RANK, s); }
-  function cell(tr, value, cls) {
-    var td = document.createElement("td");
-    td.textContent = value;
-    if (cls) { td.className = cls; }
-    tr.appendChild(td);
-    return td;
-  }
-  function status(tr, s) { return cell(tr, text(s), known(s) ? "st st-" + s : "st"); }
-  function bump(id, by) {
-    var el = document.getElementById(id);
-    if (el) { el.textContent = String((parseInt(el.textContent, 10) || 0) + by); }
-  }
-  function dropPlaceholder(id) {
-    var el = document.getElementById(id);
-    if (el && el.parentNode) { el.parentNode.removeChild(el); }
-  }
-  function addRegistration(r) {
-    var tr = document.createElement("tr");
-    tr.className = "new";
-    cell(tr, when(r.received_at), "t");
-    cell(tr, r.student === null ? "(no name)" : text(r.student));
-    status(tr, r.status);
-    cell(tr, text(r.code));
-    cell(tr, text(r.peer));
-    cell(tr, text(r.target));
-    cell(tr, text(r.diagnosis));
-    cell(tr, text(r.rtt_ms), "n");
-    cell(tr, yesno(r.verified));
-    cell(tr, text(r.explanation), "x");
-    cell(tr, text(r.id));
-    dropPlaceholder("no-registrations");
-    regs.insertBefore(tr, regs.firstChild);
-    while (regs.rows.length > limit) { regs.deleteRow(regs.rows.length - 1); }
-  }
-  function newStudentRow(key, r) {
-    var tr = document.createElement("tr");
-    tr.setAttribute("data-student", key);
-    tr.setAttribute("data-rank", "99");
-    cell(tr, r.student === null ? "(no name)" : key);
-    status(tr, "");
-    cell(tr, "");
-    cell(tr, "0", "n");
-    cell(tr, "0", "n");
-    cell(tr, "", "t");
-    cell(tr, "", "t");
-    cell(tr, "no");
-    var rows = students.rows, i;
-    for (i = 0; i < rows.length; i++) {
-      var other = rows[i].getAttribute("data-student");
-      if (key !== "" && (other === "" || other.toLowerCase() > key.toLowerCase())) { break; }
-    }
-    students.insertBefore(tr, i < rows.length ? rows[i] : null);
-    dropPlaceholder("no-students");
-    return tr;
-  }
-  function updateStudent(r) {
-    var key = r.student === null ? "" : text(r.student), tr = null, i;
-    for (i = 0; i < students.rows.length; i++) {
-      if (students.rows[i].getAttribute("data-student") === key) { tr = students.rows[i]; break; }
-    }
-    if (tr === null) { tr = newStudentRow(key, r); }
-    var c = tr.cells, rank = known(r.status) ? RANK[r.status] : 98;
-    if (rank <= parseInt(tr.getAttribute("data-rank"), 10)) {
-      tr.setAttribute("data-rank", String(rank));
-      c[1].textContent = text(r.status);
-      c[1].className = known(r.status) ? "st st-" + r.status : "st";
-      c[2].textContent = text(r.code);
-    }
-    c[3].textContent = String((parseInt(c[3].textContent, 10) || 0) + 1);
-    if (r.status === "OK") {
-      c[4].textContent = String((parseInt(c[4].textContent, 10) || 0) + 1);
-      if (!c[5].textContent) { c[5].textContent = when(r.received_at); }
-    }
-    c[6].textContent = when(r.received_at);
-    if (r.verified === true) { c[7].textContent = "yes"; }
-  }
-  function onRecord(e) {
-    var r;
-    try { r = JSON.parse(e.data); } catch (err) { return; }
-    if (!r || typeof r !== "object") { return; }
-    if (only !== null && text(r.student) !== only) { return; }
-    addRegistration(r);
-    updateStudent(r);
-    if (known(r.status)) { bump("count-" + r.status, 1); }
-    bump("count-total", 1);
-  }
-  if (!window.EventSource) { return; }
-  var hadError = false;
-  var source = new EventSource("/api/events");
-  live.textContent = "connecting\\u2026";
-  source.onopen = function () {
-    if (hadError) { window.location.reload(); return; }  // resync what was missed
-    live.textContent = "live";
-    body.setAttribute("data-live", "open");
-  };
-  source.onerror = function () {
-    hadError = true;
-    body.setAttribute("data-live", "error");
-    live.textContent = source.readyState === EventSource.CLOSED
-      ? "live updates stopped: reload the page" : "reconnecting\\u2026";
-  };
-  source.onmessage = onRecord;
-})();
-""".strip()
 
 
 def _sha256_source(text: str) -> str:
     return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
 
 
-# Only the two blocks above may run or style the page; everything else is refused.
+# Only the blocks in static.py may run or style the page; everything else is refused.
 CSP = "; ".join(
     (
         "default-src 'none'",
-        f"script-src {_sha256_source(SCRIPT)}",
-        f"style-src {_sha256_source(STYLE)}",
+        f"script-src {_sha256_source(SCRIPT)} {_sha256_source(CLASS_SCRIPT)}",
+        f"style-src {_sha256_source(STYLE)} {_sha256_source(CLASS_STYLE)}",
         "connect-src 'self'",
         "img-src 'self'",
         "form-action 'self'",
@@ -207,7 +68,7 @@ class Page:
     """Everything one dashboard rendering shows (the handler gathers it)."""
 
     records: Sequence[Record]  # oldest first, as Store.query returns them
-    summaries: Sequence[StudentSummary]
+    summaries: Sequence[GradeRow]
     counts: Mapping[str, int]
     generated_at: float
     version: str = ""
@@ -279,12 +140,11 @@ def _registration_row(r: Record) -> str:
     return "<tr>" + "".join(cells) + "</tr>"
 
 
-def _summary_row(s: StudentSummary) -> str:
-    key = s.student if s.student is not None else ""
-    rank = STATUS_RANK.get(s.best_status, 98)
+def _summary_row(s: GradeRow) -> str:
+    rank = STATUS_RANK.get(s.best_status or "", 98)
     cells = (
-        f"<td>{_e(s.student) if s.student is not None else '(no name)'}</td>",
-        _status(s.best_status),
+        f"<td>{_e(s.label)}</td>",
+        _status(s.best_status or ""),
         f"<td>{_e(s.best_code)}</td>",
         f'<td class="n">{int(s.attempts)}</td>',
         f'<td class="n">{int(s.successes)}</td>',
@@ -292,7 +152,10 @@ def _summary_row(s: StudentSummary) -> str:
         f'<td class="t">{_e(_when(s.last_attempt_at))}</td>',
         f"<td>{_e(_yes_no(s.verified_ever))}</td>",
     )
-    return f'<tr data-student="{_e(key)}" data-rank="{rank}">' + "".join(cells) + "</tr>"
+    nameless = " data-nameless" if s.student is None else ""
+    return (
+        f'<tr data-student="{_e(s.label)}" data-rank="{rank}"{nameless}>' + "".join(cells) + "</tr>"
+    )
 
 
 _REG_HEAD = (
@@ -318,12 +181,12 @@ def _table(head: Sequence[str], body_id: str, rows: list[str], empty_id: str, em
 
 def _filter_form(page: Page) -> str:
     return (
-        '<form method="get" action="/">'
+        '<form method="get" action="/registrations">'
         f'<label>student<input name="student" value="{_e(page.student)}" size="16"></label>'
         f'<label>since<input name="since" value="{_e(page.since)}" size="16" '
         'placeholder="2h, 2026-11-25T10:00"></label>'
         f'<label>rows<input name="limit" value="{int(page.limit)}" size="5"></label>'
-        '<button type="submit">filter</button> <a href="/">clear</a></form>'
+        '<button type="submit">filter</button> <a href="/registrations">clear</a></form>'
     )
 
 
@@ -346,7 +209,7 @@ def render_dashboard(page: Page) -> str:
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <meta name="referrer" content="no-referrer">
-<title>Callback registry: dashboard</title>
+<title>Callback registry: registrations</title>
 <style>{STYLE}</style></head>
 <body {_body_attrs(page)}>
 <h1>Callback registry</h1>
@@ -354,6 +217,8 @@ def render_dashboard(page: Page) -> str:
 registrations on {_e(", ".join(page.listening) or "-")} &middot; {_e(state)} &middot;
 page rendered {_e(_when(page.generated_at))} UTC &middot;
 <span id="live">static page: reload for new registrations</span></p>
+<p class="meta"><a href="/">&larr; class view</a> &middot;
+<a href="/api/summary.csv">grade sheet (CSV)</a></p>
 {_filter_form(page)}
 <ul class="counts">{_counts(page.counts)}</ul>
 <h2>Students{narrowed}</h2>
@@ -378,4 +243,96 @@ def render_message(title: str, message: str) -> str:
     )
 
 
-__all__ = ["CSP", "SCRIPT", "STATUSES", "STYLE", "Page", "render_dashboard", "render_message"]
+# --- the class view ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ClassPage:
+    rows: Sequence[GradeRow]
+    klass: Mapping[str, int]  # grading.class_counts
+    generated_at: float
+    send_to: Sequence[str]  # HOST:PORT strings students can reach
+    version: str = ""
+    draining: bool = False
+    student: str | None = None
+    since: str | None = None
+
+
+def _iso(ts: float) -> str:
+    return iso_utc(ts)[:19] + "Z"
+
+
+def _class_row(r: GradeRow, now: float) -> tuple[str, str]:
+    """(list id, <li>) for one student: what a person at the back of the room reads."""
+    if r.done:
+        state, words = "done", "connected, verified" if r.verified_ever else "connected"
+        at = r.first_success_at
+        when = "" if at is None else (
+            f'<time datetime="{_iso(at)}" data-kind="at">connected at {_iso(at)}</time>'
+        )  # fmt: skip
+    elif not r.attempts:
+        state, words, when = "waiting", "not started", ""
+    else:
+        state = "stuck"
+        words = f"{r.last_status or ''}: {r.last_words or r.last_code or ''}"
+        at = r.last_attempt_at or now
+        when = f'<time datetime="{_iso(at)}" data-kind="ago">last tried {_e(ago(now - at))}</time>'
+    item = (
+        f'<li class="{state}"><span class="who">{_e(r.label)}</span>'
+        f'<span class="what">{_e(words)}</span><span class="when">{when}</span></li>'
+    )
+    return ("done" if state == "done" else "working"), item
+
+
+def _send_banner(send_to: Sequence[str]) -> str:
+    if not send_to:
+        return '<p class="banner">Registrations are not being accepted.</p>'
+    where = " or ".join(f"<b>{_e(a)}</b>" for a in send_to[:4])
+    return f'<p class="banner">Send <b>IP:PORT</b> to {where}</p>'
+
+
+def render_class(page: ClassPage) -> str:
+    """The class view (see the module docstring); every student string escaped."""
+    lists: dict[str, list[str]] = {"working": [], "done": []}
+    for row in stuck_first(page.rows):
+        where, item = _class_row(row, page.generated_at)
+        lists[where].append(item)
+    k = page.klass
+    state = " &middot; draining: shutting down" if page.draining else ""
+    narrowed = ""
+    if page.student is not None or page.since:
+        narrowed = f" (filtered: student={_e(page.student or '*')}, since={_e(page.since or '*')})"
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="referrer" content="no-referrer">
+<title>Callback lab: the class</title>
+<noscript><meta http-equiv="refresh" content="30"></noscript>
+<style>{CLASS_STYLE}</style></head>
+<body>
+{_send_banner(page.send_to)}
+<h1 id="headline"><span id="connected">{int(k.get("connected", 0))}</span> of
+<span id="students">{int(k.get("students", 0))}</span> students connected</h1>
+<p class="sub"><span id="not-started">{int(k.get("not_started", 0))}</span> not started{narrowed}
+&middot; <a href="/registrations">all registrations</a>
+&middot; <a href="/api/summary.csv" download>grade sheet (CSV)</a></p>
+<h2>Still working (<span id="working-count">{len(lists["working"])}</span>)</h2>
+<ol id="working">{"".join(lists["working"])}</ol>
+<h2>Connected (<span id="done-count">{len(lists["done"])}</span>)</h2>
+<ol id="done">{"".join(lists["done"])}</ol>
+<p class="meta">callback-lab {_e(page.version)} &middot; page made {_iso(page.generated_at)}
+(times in UTC until the page's script shows your local time){state}</p>
+<script>{CLASS_SCRIPT}</script>
+</body></html>
+"""
+
+
+__all__ = [
+    "CSP",
+    "STATUSES",
+    "ClassPage",
+    "Page",
+    "render_class",
+    "render_dashboard",
+    "render_message",
+]

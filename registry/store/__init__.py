@@ -4,7 +4,7 @@
 ``synchronous=FULL`` (an acknowledged reply survives SIGKILL and power loss),
 a ``busy_timeout``, and a schema upgraded through ``PRAGMA user_version``.
 
-``AsyncStore`` is the trio face the daemon uses. Threading choice: the
+``AsyncStore`` (``store/aio.py``) is the trio face the daemon uses. Threading choice: the
 connection is opened with ``check_same_thread=False`` and every call on it
 goes through ``trio.to_thread.run_sync(..., limiter=CapacityLimiter(1))``, so
 sqlite work may hop between trio's cached worker threads but never runs on
@@ -16,27 +16,22 @@ row has committed (SPEC promise 6).
 
 from __future__ import annotations
 
-import functools
 import os
 import secrets
 import sqlite3
-import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
-from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any
 
 import structlog
-import trio
 
 from registry.errors import RegistryError
 from registry.model import Outcome, Protocol
 
 log = structlog.get_logger(component="store")
 
-T = TypeVar("T")
 
 BUSY_TIMEOUT_MS = 5000
 
@@ -115,6 +110,11 @@ class StudentSummary:
     first_success_at: float | None
     last_attempt_at: float
     verified_ever: bool
+    # A nameless group is one observed source IP (SPEC "grading"); None for a named one.
+    source: str | None = None
+    last_status: str | None = None  # the most recent attempt, for "stuck on what"
+    last_code: str | None = None
+    last_explanation: str | None = None
 
 
 # --- schema -----------------------------------------------------------------
@@ -219,23 +219,38 @@ _RANK_SQL = (
 )
 _RANK_NAME = {rank: name for name, rank in STATUS_RANK.items()}
 
-# f: the filtered rows with their rank; b: each student's best row (best rank,
-# then the most recent). NULL students form one group ("IS" matches NULLs).
+# The observed IP of a peer stored as "1.2.3.4:5" or "[2001:db8::1]:5".
+_SOURCE_SQL = (
+    "CASE WHEN substr(peer, 1, 1) = '[' AND instr(peer, ']') > 0 "
+    "THEN substr(peer, 2, instr(peer, ']') - 2) "
+    "WHEN instr(peer, ':') > 0 THEN substr(peer, 1, instr(peer, ':') - 1) ELSE peer END"
+)
+
+# f: the filtered rows with their rank and group (the name, or for a nameless row its
+# source IP); b: each group's best row (best rank, then the most recent); l: each
+# group's most recent row.
 _SUMMARY_SQL = """
 WITH f AS (
-    SELECT student, status, code, received_at, verified, seq, {rank} AS rank
+    SELECT student, status, code, explanation, received_at, verified, seq, {rank} AS rank,
+           CASE WHEN student IS NULL THEN {source} END AS source
     FROM registrations{where}
 ), b AS (
-    SELECT student, code, rank, ROW_NUMBER() OVER (
-        PARTITION BY student ORDER BY rank, received_at DESC, seq DESC) AS n
+    SELECT student, source, code, rank, ROW_NUMBER() OVER (
+        PARTITION BY student, source ORDER BY rank, received_at DESC, seq DESC) AS n
+    FROM f
+), l AS (
+    SELECT student, source, status, code, explanation, ROW_NUMBER() OVER (
+        PARTITION BY student, source ORDER BY received_at DESC, seq DESC) AS n
     FROM f
 )
 SELECT f.student, COUNT(*), SUM(f.status = 'OK'), b.rank, b.code,
        MIN(CASE WHEN f.status = 'OK' THEN f.received_at END), MAX(f.received_at),
-       MAX(COALESCE(f.verified, 0))
-FROM f JOIN b ON b.student IS f.student AND b.n = 1
-GROUP BY f.student
-ORDER BY f.student IS NULL, f.student COLLATE NOCASE, f.student
+       MAX(COALESCE(f.verified, 0)), f.source, l.status, l.code, l.explanation
+FROM f
+JOIN b ON b.student IS f.student AND b.source IS f.source AND b.n = 1
+JOIN l ON l.student IS f.student AND l.source IS f.source AND l.n = 1
+GROUP BY f.student, f.source
+ORDER BY f.student IS NULL, f.student COLLATE NOCASE, f.student, f.source
 """
 
 
@@ -371,9 +386,11 @@ class Store:
     def summary(
         self, *, since: float | None = None, student: str | None = None
     ) -> list[StudentSummary]:
-        """Per student (anonymous last): attempts, successes, best outcome, first success."""
+        """Per student name, then per source IP for nameless registrations (SPEC
+        "grading"): attempts, successes, best outcome, first success, last attempt."""
         where, params = _where(since, student)
-        rows = self._db.execute(_SUMMARY_SQL.format(rank=_RANK_SQL, where=where), params)
+        sql = _SUMMARY_SQL.format(rank=_RANK_SQL, source=_SOURCE_SQL, where=where)
+        rows = self._db.execute(sql, params)
         return [
             StudentSummary(
                 student=name,
@@ -384,9 +401,16 @@ class Store:
                 first_success_at=first_ok,
                 last_attempt_at=last,
                 verified_ever=bool(verified),
+                source=source,
+                last_status=last_status,
+                last_code=last_code,
+                last_explanation=last_explanation,
             )
-            for name, attempts, successes, rank, code, first_ok, last, verified in rows
-        ]
+            for (
+                name, attempts, successes, rank, code, first_ok, last, verified,
+                source, last_status, last_code, last_explanation,
+            ) in rows
+        ]  # fmt: skip
 
     def purge_older_than(self, cutoff: float) -> int:
         """Delete records received before ``cutoff`` (epoch seconds); return how many."""
@@ -409,218 +433,7 @@ class Store:
         self._db.close()
 
 
-# --- trio wrapper -------------------------------------------------------------
-
-
-class _Waiter:
-    __slots__ = ("done", "error")
-
-    def __init__(self) -> None:
-        self.done = trio.Event()
-        self.error: BaseException | None = None
-
-
-class AsyncStore:
-    """The store for trio code: sqlite runs in worker threads, one call at a time.
-
-    ``async with AsyncStore(path) as store:`` opens (and migrates) the file in a
-    worker thread and runs the writer task, and the purge task when
-    ``retention`` (seconds) is positive, in a nursery it owns. Leaving the block
-    writes whatever is still queued, then closes the connection.
-    """
-
-    def __init__(
-        self,
-        path: str,
-        *,
-        retention: float = 0.0,
-        purge_interval: float | None = None,
-        wallclock: Callable[[], float] = time.time,
-        max_batch: int = 512,
-        max_queue: int = 4096,
-    ) -> None:
-        self.path = path
-        self.retention = retention
-        # Often enough that the table never holds much more than `retention`,
-        # rarely enough that the DELETE is no load: between a minute and an hour.
-        self.purge_interval = purge_interval or min(3600.0, max(60.0, retention / 10))
-        self.wallclock = wallclock
-        self.max_batch = max_batch
-        self.max_queue = max_queue
-        self.batches = 0  # write transactions attempted by the writer (group-commit evidence)
-        self.purges = 0  # retention purges completed
-        self._limiter = trio.CapacityLimiter(1)
-        self._store: Store | None = None
-        self._send: trio.MemorySendChannel[tuple[Record, _Waiter]] | None = None
-        self._cm: Any = None
-
-    @property
-    def limiter(self) -> trio.CapacityLimiter:
-        """The CapacityLimiter(1) every sqlite call passes; holding it pauses the store."""
-        return self._limiter
-
-    async def __aenter__(self) -> AsyncStore:
-        self._cm = self._lifetime()
-        return await self._cm.__aenter__()  # type: ignore[no-any-return]
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool | None:
-        return await self._cm.__aexit__(exc_type, exc, tb)  # type: ignore[no-any-return]
-
-    @asynccontextmanager
-    async def _lifetime(self) -> AsyncIterator[AsyncStore]:
-        self._store = await trio.to_thread.run_sync(Store.open, self.path, limiter=self._limiter)
-        try:
-            if self.retention > 0:
-                await self._purge_once()
-            send, receive = trio.open_memory_channel[tuple[Record, _Waiter]](self.max_queue)
-            self._send = send
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._writer, receive)
-                purging = trio.CancelScope()
-                if self.retention > 0:
-                    await nursery.start(self._purge_loop, purging)
-                try:
-                    yield self
-                finally:
-                    send.close()  # the writer drains what is queued, then ends
-                    purging.cancel()
-        finally:
-            store, self._store = self._store, None
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(store.close, limiter=self._limiter)
-
-    async def _call(self, fn: Callable[..., T], /, **kwargs: Any) -> T:
-        if self._store is None:
-            raise StoreError("the results store is not open")
-        return await trio.to_thread.run_sync(
-            functools.partial(fn, **kwargs) if kwargs else fn, limiter=self._limiter
-        )
-
-    async def _writer(self, receive: trio.MemoryReceiveChannel[tuple[Record, _Waiter]]) -> None:
-        async with receive:
-            async for first in receive:
-                batch = [first]
-                while len(batch) < self.max_batch:
-                    try:
-                        batch.append(receive.receive_nowait())
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
-                await self._commit(batch)
-
-    async def _commit(self, batch: list[tuple[Record, _Waiter]]) -> None:
-        assert self._store is not None
-        error: BaseException | None = StoreError("the results store shut down before writing")
-        try:
-            await self._call(self._store.record_many, records=[r for r, _ in batch])
-            error = None
-        except Exception as e:
-            error = e
-            log.error("store_write_failed", records=len(batch), error=repr(e))
-        finally:
-            # Always wake the waiters, even when cancelled: none may wait forever.
-            self.batches += 1
-            for _, waiter in batch:
-                waiter.error = error
-                waiter.done.set()
-
-    async def record(self, record: Record) -> None:
-        """Queue ``record``; return once its transaction has committed.
-
-        Raises StoreError (its ``__cause__`` the sqlite error) if the batch it
-        was written in failed, or if the store is closed.
-        """
-        await self.record_many((record,))
-
-    async def record_many(self, records: Sequence[Record]) -> None:
-        """Queue every record; return once all of them have committed (one await).
-
-        The writer groups them into as few transactions as ``max_batch``
-        allows. Raises StoreError for the first record that failed.
-        """
-        if self._send is None:
-            raise StoreError("the results store is not open")
-        waiters = []
-        try:
-            for record in records:
-                waiter = _Waiter()
-                try:  # no checkpoint between records: the writer finds them all queued
-                    self._send.send_nowait((record, waiter))
-                except trio.WouldBlock:  # the queue is full: wait for room
-                    await self._send.send((record, waiter))
-                waiters.append((record, waiter))
-        except (trio.ClosedResourceError, trio.BrokenResourceError) as e:
-            raise StoreError("the results store is closed") from e
-        for record, waiter in waiters:
-            await waiter.done.wait()
-            if waiter.error is not None:
-                raise StoreError(f"could not record {record.id}: {waiter.error}") from waiter.error
-
-    async def query(
-        self,
-        *,
-        since: float | None = None,
-        student: str | None = None,
-        limit: int | None = None,
-    ) -> list[Record]:
-        """``Store.query`` in the worker thread."""
-        return await self._call(self._require().query, since=since, student=student, limit=limit)
-
-    async def summary(
-        self, *, since: float | None = None, student: str | None = None
-    ) -> list[StudentSummary]:
-        """``Store.summary`` in the worker thread."""
-        return await self._call(self._require().summary, since=since, student=student)
-
-    async def purge_older_than(self, cutoff: float) -> int:
-        """``Store.purge_older_than`` in the worker thread."""
-        return await self._call(self._require().purge_older_than, cutoff=cutoff)
-
-    async def count(self) -> int:
-        return await self._call(self._require().count)
-
-    async def count_by_status(
-        self, *, since: float | None = None, student: str | None = None
-    ) -> dict[str, int]:
-        """``Store.count_by_status`` in the worker thread."""
-        return await self._call(self._require().count_by_status, since=since, student=student)
-
-    def _require(self) -> Store:
-        if self._store is None:
-            raise StoreError("the results store is not open")
-        return self._store
-
-    async def _purge_once(self) -> None:
-        cutoff = self.wallclock() - self.retention
-        try:
-            deleted = await self.purge_older_than(cutoff)
-        except (sqlite3.Error, StoreError) as e:  # retention is housekeeping: never fatal
-            log.error("store_purge_failed", error=repr(e))
-            return
-        self.purges += 1
-        if deleted:
-            log.info("store_purged", deleted=deleted, retention_s=self.retention)
-
-    async def _purge_loop(
-        self,
-        scope: trio.CancelScope,
-        *,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
-        with scope:
-            # The first deadline is fixed before __aenter__ returns, so the schedule
-            # does not depend on when this task first gets to run.
-            deadline = trio.current_time() + self.purge_interval
-            task_status.started()
-            while True:
-                await trio.sleep_until(deadline)
-                await self._purge_once()
-                deadline = trio.current_time() + self.purge_interval
-
+from registry.store.aio import AsyncStore  # noqa: E402  (it builds on Store, above)
 
 __all__ = [
     "COLUMNS",

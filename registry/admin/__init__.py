@@ -1,0 +1,6 @@
+"""The admin side of the registry: HTTP endpoint, dashboard pages, JSON views, grading.
+
+It sees the running daemon only through ``view.DaemonView``, which the server
+builds and passes in: nothing here imports ``registry.server``.
+``grading``, ``access`` and ``pages`` are pure (values in, values out).
+"""

@@ -1,0 +1,143 @@
+"""Who may use the admin endpoint: pure decisions, no sockets.
+
+When ``server.admin_token`` is set, every path but ``/healthz`` needs
+``Authorization: Bearer <token>`` or the dashboard cookie, compared in
+constant time. A browser opens ``/?token=<token>`` once and is sent (303) to
+the same URL without the token, with the HttpOnly SameSite=Strict cookie
+``registry_admin``:
+
+    ISSUED.HMAC-SHA256(token, "registry-admin-cookie/v2" NUL ISSUED)
+
+``ISSUED`` is the login time (unix seconds). The cookie never holds the
+token; it is keyed by the token, so a new token (SIGHUP) invalidates every
+cookie; and it expires: the browser drops it after ``COOKIE_MAX_AGE``
+(Max-Age), and the server refuses it after that age whatever the browser
+does (browser cookies are not scoped by port: another service on the same
+host name could read it, so a stolen one must not last).
+
+Without a token, requests whose ``Host`` is a DNS name other than
+``localhost`` are refused (403): that defeats DNS rebinding, where a web page
+on the instructor's machine points its own hostname at 127.0.0.1 to read
+students' data. Use an IP address, ``localhost``, or set a token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass
+from urllib.parse import urlencode
+
+COOKIE = "registry_admin"
+COOKIE_MAX_AGE = 12 * 3600
+_CLOCK_SKEW = 60  # a cookie issued this far "in the future" is still ours (clock steps)
+_DOMAIN = b"registry-admin-cookie/v2\x00"
+
+
+@dataclass(frozen=True, slots=True)
+class Allow:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Login:
+    """The token was in the URL: set the cookie and send the browser on without it."""
+
+    location: str
+    set_cookie: str
+
+
+@dataclass(frozen=True, slots=True)
+class Unauthorized:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Forbidden:
+    """A DNS name in Host and no token: the DNS rebinding guard."""
+
+
+Decision = Allow | Login | Unauthorized | Forbidden
+
+
+def host_allowed(host: str | None) -> bool:
+    """DNS-rebinding guard: an IP literal or ``localhost`` (with or without a port)."""
+    if not host:
+        return True  # HTTP/1.0 without Host: not a browser following a DNS name
+    name = host.strip().lower()
+    if name.startswith("["):
+        name = name[1:].split("]", 1)[0]
+    elif name.count(":") == 1:
+        name = name.split(":", 1)[0]
+    if name in ("localhost", "localhost."):
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def _mac(token: str, issued: int) -> str:
+    return hmac.new(token.encode(), _DOMAIN + str(issued).encode(), hashlib.sha256).hexdigest()
+
+
+def cookie_value(token: str, issued: int) -> str:
+    """The dashboard cookie's value for ``token``, issued at ``issued`` (unix seconds)."""
+    return f"{issued}.{_mac(token, issued)}"
+
+
+def cookie_valid(value: str, token: str, now: float) -> bool:
+    """Made with this token, and younger than ``COOKIE_MAX_AGE`` at ``now``."""
+    issued_text, dot, mac = value.partition(".")
+    if not dot or not issued_text.isdigit() or len(issued_text) > 12:
+        return False
+    issued = int(issued_text)
+    if not issued - _CLOCK_SKEW <= now < issued + COOKIE_MAX_AGE:
+        return False
+    return _same(mac, _mac(token, issued))
+
+
+def set_cookie_header(token: str, now: float) -> str:
+    value = cookie_value(token, int(now))
+    return f"{COOKIE}={value}; Path=/; Max-Age={COOKIE_MAX_AGE}; HttpOnly; SameSite=Strict"
+
+
+def cookies(header: str) -> dict[str, str]:
+    jar: dict[str, str] = {}
+    for part in header.split(";"):
+        name, sep, value = part.strip().partition("=")
+        if sep:
+            jar.setdefault(name, value)
+    return jar
+
+
+def _same(a: str, b: str) -> bool:
+    return hmac.compare_digest(a.encode("utf-8", "replace"), b.encode("utf-8", "replace"))
+
+
+def check(
+    path: str,
+    query: Mapping[str, str],
+    headers: Mapping[str, str],
+    token: str,
+    now: float,
+) -> Decision:
+    """May this request proceed? ``headers`` lower-cased, ``token`` the one in force."""
+    if path == "/healthz":
+        return Allow()
+    if not token:
+        return Allow() if host_allowed(headers.get("host")) else Forbidden()
+    scheme, _, presented = headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and _same(presented.strip(), token):
+        return Allow()
+    cookie = cookies(headers.get("cookie", "")).get(COOKIE, "")
+    if cookie and cookie_valid(cookie, token, now):
+        return Allow()
+    if path == "/" and "token" in query and _same(query["token"], token):
+        rest = {k: v for k, v in query.items() if k != "token"}
+        location = "/" + ("?" + urlencode(rest) if rest else "")
+        return Login(location, set_cookie_header(token, now))
+    return Unauthorized()

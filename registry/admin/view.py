@@ -1,0 +1,61 @@
+"""The narrow view of a running registry that the admin endpoint is given.
+
+The server builds one ``DaemonView`` (``registry.server.daemon_view``) from
+its runtime; the admin side reads live state only through these callables,
+so it never needs the server's classes and the import runs one way:
+server -> admin.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from registry.admin.grading import Roster
+from registry.bans import BanList
+from registry.config import Config
+from registry.metrics import Probes
+from registry.model import Endpoint
+from registry.store import Record, StudentSummary
+
+
+class StoreReader(Protocol):
+    """The read side of ``store.AsyncStore`` the admin pages use."""
+
+    async def query(
+        self, *, since: float | None = None, student: str | None = None, limit: int | None = None
+    ) -> list[Record]: ...
+
+    async def summary(
+        self, *, since: float | None = None, student: str | None = None
+    ) -> list[StudentSummary]: ...
+
+    async def count_by_status(
+        self, *, since: float | None = None, student: str | None = None
+    ) -> dict[str, int]: ...
+
+
+class KernelFilter(Protocol):
+    """What ``/api/bans`` reports of ``net.banfilter.BanFilter``."""
+
+    kind: str
+    filtered: int
+
+    @property
+    def dropping_now(self) -> bool: ...
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonView:
+    store: StoreReader
+    config: Callable[[], Config]  # the config in force (a SIGHUP replaces it)
+    roster: Callable[[], Roster | None]  # the class roster in force, if any
+    probes: Probes  # live gauges for /metrics (event_clients is the admin's own)
+    subscribe: Callable[[Callable[[Record], None]], None]  # called per recorded registration
+    listening: Callable[[], Sequence[Endpoint]]  # registration endpoints (may be wildcards)
+    draining: Callable[[], bool]
+    bans: BanList
+    ban_filter: Callable[[], KernelFilter | None]
+    silent_until: Callable[[], float]  # the silent drop's end (trio time)
+    silent_after: Callable[[], int]

@@ -1,0 +1,118 @@
+"""Student names, pure: which names are accepted, in which form, and why not.
+
+A class writes its names in many scripts (``josé``, ``李雷``, ``Ωmega``), so a
+name is letters and digits of any script plus the separators ``. _ @ -``
+(JSON names may also hold single inner spaces). It is normalised to Unicode
+NFC first: ``josé`` typed on a Mac (``e`` + combining acute, NFD) and on
+Linux (one precomposed ``é``) is one student, in the results and in the token
+the instructor hands out.
+
+Control and format characters are refused by name: a right-to-left override
+(U+202E) makes ``alice`` display as someone else's name in the instructor's
+terminal and grade sheet, and a zero-width space makes two names that look
+the same count as two students. The explanation says which character it is,
+as ``U+XXXX (NAME)``, in printable ASCII, so it survives every reply format.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+
+MAX_LENGTH = 64
+SEPARATORS = "._@-"
+RULE = "names are 1-64 letters or digits of any script and . _ @ -"
+RULE_SPACES = "names are 1-64 letters or digits of any script, . _ @ - and single spaces"
+
+
+# unicodedata has no names for controls; these are the ones people meet.
+_CONTROL_NAMES = {
+    0x00: "NUL",
+    0x09: "TAB",
+    0x0A: "LINE FEED",
+    0x0D: "CARRIAGE RETURN",
+    0x1B: "ESCAPE",
+    0x7F: "DELETE",
+}
+
+
+class BadName(ValueError):
+    """A name that is not accepted; ``str(exc)`` says why (printable ASCII)."""
+
+
+def normalise(name: str | bytes, *, spaces: bool = False) -> str:
+    """The NFC form of an accepted ``name``; raises ``BadName`` with the reason.
+
+    ``spaces`` allows single spaces between words (the JSON protocol, where a
+    space does not end the value). Bytes must be UTF-8.
+    """
+    if isinstance(name, bytes):
+        try:
+            name = name.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise BadName(
+                f"is not valid UTF-8 (byte 0x{name[exc.start]:02x} at offset {exc.start}); "
+                f"{RULE_SPACES if spaces else RULE}"
+            ) from None
+    problem = _first_bad_character(name)  # before NFC: it could compose a mark away
+    if problem is not None:
+        problem = f"{problem}; {RULE_SPACES if spaces else RULE}"
+    else:
+        name = unicodedata.normalize("NFC", name)
+        problem = _shape_problem(name, spaces)
+    if problem is not None:
+        raise BadName(problem)
+    return name
+
+
+def _first_bad_character(name: str) -> str | None:
+    for ch in name:
+        kind = _character_problem(ch)
+        if kind is not None:
+            return f"contains {kind}"
+    return None
+
+
+def describe(ch: str) -> str:
+    """``U+202E (RIGHT-TO-LEFT OVERRIDE)``: a character named in printable ASCII."""
+    code = f"U+{ord(ch):04X}"
+    label = unicodedata.name(ch, "") or _CONTROL_NAMES.get(ord(ch), "")
+    return f"{code} ({label})" if label else code
+
+
+def _character_problem(ch: str) -> str | None:
+    """What is wrong with one character, or None when a name may hold it."""
+    category = unicodedata.category(ch)
+    if category == "Cc":
+        return f"the control character {describe(ch)}"
+    if category == "Cf":
+        return f"the invisible character {describe(ch)}"
+    if category == "Cs":
+        if 0xDC80 <= ord(ch) <= 0xDCFF:  # how Python carries undecodable argv bytes
+            return f"the byte 0x{ord(ch) - 0xDC00:02x}, which is not UTF-8"
+        return f"the lone surrogate {describe(ch)}"
+    if category in ("Zl", "Zp"):
+        return f"the line break {describe(ch)}"
+    return None
+
+
+def _shape_problem(name: str, spaces: bool) -> str | None:
+    """Length, allowed characters and space placement of an NFC name."""
+    rule = RULE_SPACES if spaces else RULE
+    if not name:
+        return f"is empty; {rule}"
+    if len(name) > MAX_LENGTH:
+        return f"is {len(name)} characters long; {rule}"
+    for i, ch in enumerate(name):
+        if ch == " " and spaces:
+            if i == 0 or i == len(name) - 1 or name[i - 1] == " ":
+                return f"has a space at the start, at the end or twice in a row; {rule}"
+            continue
+        category = unicodedata.category(ch)
+        if category[0] == "L" or category == "Nd" or ch in SEPARATORS:
+            continue
+        # Combining marks (Devanagari vowel signs, a Thai tone) belong to the letter before.
+        if category[0] == "M" and i > 0 and name[i - 1] not in SEPARATORS + " ":
+            continue
+        what = "a space" if ch == " " else describe(ch)
+        return f"contains {what}, which is not a letter or digit; {rule}"
+    return None

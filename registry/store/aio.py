@@ -1,0 +1,238 @@
+"""``AsyncStore``: the results store for trio code (see ``registry.store``).
+
+sqlite runs in trio's worker threads, one call at a time; writes are
+group-committed by one writer task, and ``record()`` returns only after its
+row has committed (SPEC promise 6).
+"""
+
+from __future__ import annotations
+
+import functools
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from types import TracebackType
+from typing import Any, TypeVar
+
+import structlog
+import trio
+
+from registry.store import Record, Store, StoreError, StudentSummary
+
+log = structlog.get_logger(component="store")
+
+T = TypeVar("T")
+
+
+# --- trio wrapper -------------------------------------------------------------
+
+
+class _Waiter:
+    __slots__ = ("done", "error")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.error: BaseException | None = None
+
+
+class AsyncStore:
+    """The store for trio code: sqlite runs in worker threads, one call at a time.
+
+    ``async with AsyncStore(path) as store:`` opens (and migrates) the file in a
+    worker thread and runs the writer task, and the purge task when
+    ``retention`` (seconds) is positive, in a nursery it owns. Leaving the block
+    writes whatever is still queued, then closes the connection.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        retention: float = 0.0,
+        purge_interval: float | None = None,
+        wallclock: Callable[[], float] = time.time,
+        max_batch: int = 512,
+        max_queue: int = 4096,
+    ) -> None:
+        self.path = path
+        self.retention = retention
+        # Often enough that the table never holds much more than `retention`,
+        # rarely enough that the DELETE is no load: between a minute and an hour.
+        self.purge_interval = purge_interval or min(3600.0, max(60.0, retention / 10))
+        self.wallclock = wallclock
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.batches = 0  # write transactions attempted by the writer (group-commit evidence)
+        self.purges = 0  # retention purges completed
+        self._limiter = trio.CapacityLimiter(1)
+        self._store: Store | None = None
+        self._send: trio.MemorySendChannel[tuple[Record, _Waiter]] | None = None
+        self._cm: Any = None
+
+    @property
+    def limiter(self) -> trio.CapacityLimiter:
+        """The CapacityLimiter(1) every sqlite call passes; holding it pauses the store."""
+        return self._limiter
+
+    async def __aenter__(self) -> AsyncStore:
+        self._cm = self._lifetime()
+        return await self._cm.__aenter__()  # type: ignore[no-any-return]
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        return await self._cm.__aexit__(exc_type, exc, tb)  # type: ignore[no-any-return]
+
+    @asynccontextmanager
+    async def _lifetime(self) -> AsyncIterator[AsyncStore]:
+        self._store = await trio.to_thread.run_sync(Store.open, self.path, limiter=self._limiter)
+        try:
+            if self.retention > 0:
+                await self._purge_once()
+            send, receive = trio.open_memory_channel[tuple[Record, _Waiter]](self.max_queue)
+            self._send = send
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._writer, receive)
+                purging = trio.CancelScope()
+                if self.retention > 0:
+                    await nursery.start(self._purge_loop, purging)
+                try:
+                    yield self
+                finally:
+                    send.close()  # the writer drains what is queued, then ends
+                    purging.cancel()
+        finally:
+            store, self._store = self._store, None
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(store.close, limiter=self._limiter)
+
+    async def _call(self, fn: Callable[..., T], /, **kwargs: Any) -> T:
+        if self._store is None:
+            raise StoreError("the results store is not open")
+        return await trio.to_thread.run_sync(
+            functools.partial(fn, **kwargs) if kwargs else fn, limiter=self._limiter
+        )
+
+    async def _writer(self, receive: trio.MemoryReceiveChannel[tuple[Record, _Waiter]]) -> None:
+        async with receive:
+            async for first in receive:
+                batch = [first]
+                while len(batch) < self.max_batch:
+                    try:
+                        batch.append(receive.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                await self._commit(batch)
+
+    async def _commit(self, batch: list[tuple[Record, _Waiter]]) -> None:
+        assert self._store is not None
+        error: BaseException | None = StoreError("the results store shut down before writing")
+        try:
+            await self._call(self._store.record_many, records=[r for r, _ in batch])
+            error = None
+        except Exception as e:
+            error = e
+            log.error("store_write_failed", records=len(batch), error=repr(e))
+        finally:
+            # Always wake the waiters, even when cancelled: none may wait forever.
+            self.batches += 1
+            for _, waiter in batch:
+                waiter.error = error
+                waiter.done.set()
+
+    async def record(self, record: Record) -> None:
+        """Queue ``record``; return once its transaction has committed.
+
+        Raises StoreError (its ``__cause__`` the sqlite error) if the batch it
+        was written in failed, or if the store is closed.
+        """
+        await self.record_many((record,))
+
+    async def record_many(self, records: Sequence[Record]) -> None:
+        """Queue every record; return once all of them have committed (one await).
+
+        The writer groups them into as few transactions as ``max_batch``
+        allows. Raises StoreError for the first record that failed.
+        """
+        if self._send is None:
+            raise StoreError("the results store is not open")
+        waiters = []
+        try:
+            for record in records:
+                waiter = _Waiter()
+                try:  # no checkpoint between records: the writer finds them all queued
+                    self._send.send_nowait((record, waiter))
+                except trio.WouldBlock:  # the queue is full: wait for room
+                    await self._send.send((record, waiter))
+                waiters.append((record, waiter))
+        except (trio.ClosedResourceError, trio.BrokenResourceError) as e:
+            raise StoreError("the results store is closed") from e
+        for record, waiter in waiters:
+            await waiter.done.wait()
+            if waiter.error is not None:
+                raise StoreError(f"could not record {record.id}: {waiter.error}") from waiter.error
+
+    async def query(
+        self,
+        *,
+        since: float | None = None,
+        student: str | None = None,
+        limit: int | None = None,
+    ) -> list[Record]:
+        """``Store.query`` in the worker thread."""
+        return await self._call(self._require().query, since=since, student=student, limit=limit)
+
+    async def summary(
+        self, *, since: float | None = None, student: str | None = None
+    ) -> list[StudentSummary]:
+        """``Store.summary`` in the worker thread."""
+        return await self._call(self._require().summary, since=since, student=student)
+
+    async def purge_older_than(self, cutoff: float) -> int:
+        """``Store.purge_older_than`` in the worker thread."""
+        return await self._call(self._require().purge_older_than, cutoff=cutoff)
+
+    async def count(self) -> int:
+        return await self._call(self._require().count)
+
+    async def count_by_status(
+        self, *, since: float | None = None, student: str | None = None
+    ) -> dict[str, int]:
+        """``Store.count_by_status`` in the worker thread."""
+        return await self._call(self._require().count_by_status, since=since, student=student)
+
+    def _require(self) -> Store:
+        if self._store is None:
+            raise StoreError("the results store is not open")
+        return self._store
+
+    async def _purge_once(self) -> None:
+        cutoff = self.wallclock() - self.retention
+        try:
+            deleted = await self.purge_older_than(cutoff)
+        except (sqlite3.Error, StoreError) as e:  # retention is housekeeping: never fatal
+            log.error("store_purge_failed", error=repr(e))
+            return
+        self.purges += 1
+        if deleted:
+            log.info("store_purged", deleted=deleted, retention_s=self.retention)
+
+    async def _purge_loop(
+        self,
+        scope: trio.CancelScope,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        with scope:
+            # The first deadline is fixed before __aenter__ returns, so the schedule
+            # does not depend on when this task first gets to run.
+            deadline = trio.current_time() + self.purge_interval
+            task_status.started()
+            while True:
+                await trio.sleep_until(deadline)
+                await self._purge_once()
+                deadline = trio.current_time() + self.purge_interval
