@@ -295,18 +295,10 @@ class Service:
         )
         nonce = make_nonce(self.random_bytes(8))
         try:
-            # A free slot is taken without a scheduler round (``async with`` yields
-            # once even then); the queue, when there is one, is still first come.
-            try:
-                self.dialing.acquire_nowait()
-            except trio.WouldBlock:
-                await self.dialing.acquire()
-            try:
+            async with self.dialing:
                 result = await connector.call(
                     target, reg_id, nonce, wait_echo=request.verify is not False
                 )
-            finally:
-                self.dialing.release()
         finally:
             self.slots.done()
         common = {
