@@ -1,24 +1,15 @@
 /*
  * loadgen.c - closed-loop load generator for the "callback registry" cycle.
- *
- * Simulates N concurrent students in ONE epoll thread (pin it with taskset).
- * Each student owns a listening socket on 127.0.0.1:(base+i). One CYCLE:
- *   1. connect to the registry, send "127.0.0.1:PORT" (no newline);
- *   2. accept the registry's callback on the own listener, read the greeting
- *      until EOF;
- *   3. read the registry's reply until EOF (must start with "OK").
- * The cycle completes when both 2 and 3 are done; the next cycle starts at once.
- *
- * Measures, over a bounded window (after a warm-up): completed cycles/s,
- * latency percentiles, errors/timeouts, own CPU, the server's CPU (from
- * /proc/PID/stat, all threads), the server's RSS (VmRSS/VmHWM) and per-core
- * busy % from /proc/stat.  Prints one JSON object on stdout.
- *
- * All traffic goes to 127.0.0.1 only.  Everything is bounded in time.
+ * N students in ONE epoll thread (pin it with taskset), each listening on
+ * 127.0.0.1:(base+i). A cycle: connect, send "127.0.0.1:PORT" (+ -x SUFFIX),
+ * accept the registry's callback and read it to EOF (-E: echo its nonce),
+ * read the reply to EOF (must start with "OK"); the next starts at once.
+ * Prints one JSON object: cycles/s, latency percentiles, errors, own CPU, the
+ * server's CPU and RSS (/proc, every thread of every -s PID, summed), per-core
+ * busy and steal %. Traffic to 127.0.0.1 only; bounded in time.
  *
  * usage: loadgen -p REGPORT -c CONC [-b LISTEN_BASE] [-w WARMUP_S] [-d DUR_S]
  *                [-t CYCLE_TIMEOUT_MS] [-s PID[,PID...]] [-l LABEL] [-x SUFFIX] [-E]
- * With several -s PIDs (a server of several processes) CPU and RSS are summed.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -46,14 +37,11 @@ struct student {
     int idx;
     int lfd, cfd, afd;
     uint16_t port;
-    int sent;          /* request sent on cfd */
-    int reply_done, cb_done;
-    int reply_ok;
+    int sent, reply_done, cb_done, reply_ok;  /* sent: the request went out on cfd */
     char req[96];
     int reqlen;
     char cbuf[256];    /* first bytes of the callback (echo mode) */
-    int cblen;
-    int echoed;
+    int cblen, echoed;
     char rbuf[256];
     int rlen;
     uint64_t t0;       /* cycle start, ns */
@@ -69,9 +57,8 @@ static uint64_t n_echo = 0;
 
 /* stats */
 static int measuring = 0;
-static uint64_t n_cycles = 0, n_err_connect = 0, n_err_reply = 0, n_timeouts = 0,
-                n_stray_cb = 0, n_err_other = 0;
-static uint64_t n_cycles_total = 0;
+static uint64_t n_cycles, n_err_connect, n_err_reply, n_timeouts, n_stray_cb, n_err_other,
+    n_cycles_total;
 static char last_reply[160];
 static uint32_t *lat_us;     /* latencies of cycles completed in window */
 static size_t lat_cap = 16u * 1024 * 1024, lat_n = 0;
@@ -90,25 +77,16 @@ static void ep_add(int fd, uint32_t ev, uint64_t data) {
     struct epoll_event e = {.events = ev, .data.u64 = data};
     if (epoll_ctl(epfd, EPOLL_CTL_ADD, fd, &e) < 0) die("epoll_ctl add");
 }
-static inline void ep_mod(int fd, uint32_t ev, uint64_t data) {
-    struct epoll_event e = {.events = ev, .data.u64 = data};
-    if (epoll_ctl(epfd, EPOLL_CTL_MOD, fd, &e) < 0) die("epoll_ctl mod");
-}
 
-static void close_cfd(struct student *s) {
-    if (s->cfd >= 0) { close(s->cfd); s->cfd = -1; }   /* close removes from epoll */
-}
-static void close_afd(struct student *s) {
-    if (s->afd >= 0) { close(s->afd); s->afd = -1; }
-}
+/* close removes the descriptor from epoll */
+static void close_cfd(struct student *s) { if (s->cfd >= 0) close(s->cfd), s->cfd = -1; }
+static void close_afd(struct student *s) { if (s->afd >= 0) close(s->afd), s->afd = -1; }
 
 static void start_cycle(struct student *s);
 
 static void fail_cycle(struct student *s, uint64_t *counter) {
     if (measuring) (*counter)++;
-    close_cfd(s);
-    close_afd(s);
-    start_cycle(s);
+    close_cfd(s), close_afd(s), start_cycle(s);
 }
 
 /* cfd is registered once, edge-triggered, for IN|OUT|RDHUP: no epoll_ctl MOD
@@ -126,19 +104,12 @@ static int try_send(struct student *s) {
  * instead of spinning (e.g. registry down, EADDRNOTAVAIL) */
 static void connect_failed(struct student *s) {
     if (measuring) n_err_connect++;
-    close_cfd(s);
-    close_afd(s);
+    close_cfd(s), close_afd(s);
     s->t0 = now_ns() - cycle_timeout_ns + 10000000ULL;
 }
 
 static void start_cycle(struct student *s) {
-    s->sent = 0;
-    s->reply_done = 0;
-    s->cb_done = 0;
-    s->reply_ok = 0;
-    s->rlen = 0;
-    s->cblen = 0;
-    s->echoed = 0;
+    s->sent = s->reply_done = s->cb_done = s->reply_ok = s->rlen = s->cblen = s->echoed = 0;
     s->t0 = now_ns();
     int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (fd < 0) die("socket");
@@ -354,23 +325,20 @@ static double pct(double p) {
 static int server_pids[MAXPIDS];
 static int n_server_pids = 0;
 
-/* CPU ticks of every server process, summed; -1 if one of them is gone */
+/* summed over every server process; -1 if one of them is gone */
 static int read_servers_cpu(uint64_t *ticks) {
+    uint64_t t;
     *ticks = 0;
     for (int i = 0; i < n_server_pids; i++) {
-        uint64_t t;
         if (read_proc_cpu(server_pids[i], &t) != 0) return -1;
         *ticks += t;
     }
     return 0;
 }
 static long read_servers_kb(const char *key) {
-    long sum = 0;
-    for (int i = 0; i < n_server_pids; i++) {
-        long v = read_status_kb(server_pids[i], key);
-        if (v < 0) return -1;
-        sum += v;
-    }
+    long sum = 0, v;
+    for (int i = 0; i < n_server_pids; i++)
+        if ((v = read_status_kb(server_pids[i], key)) < 0) return -1; else sum += v;
     return sum;
 }
 
@@ -447,10 +415,9 @@ int main(int argc, char **argv) {
     for (int i = 0; i < conc; i++) start_cycle(&st[i]);
 
     struct rusage ru0, ru1;
-    uint64_t srv0 = 0, srv1 = 0;
     struct cpustat cs0, cs1;
-    uint64_t last_sweep = t_start;
     struct epoll_event evs[512];
+    uint64_t srv0 = 0, srv1 = 0, last_sweep = t_start;
     int srv_ok = 0, meas_started = 0;
 
     while (!stop_flag) {
@@ -527,10 +494,6 @@ int main(int argc, char **argv) {
     }
     printf("}\n");
     fflush(stdout);
-    for (int i = 0; i < conc; i++) {
-        close_cfd(&st[i]);
-        close_afd(&st[i]);
-        close(st[i].lfd);
-    }
+    for (int i = 0; i < conc; i++) close_cfd(&st[i]), close_afd(&st[i]), close(st[i].lfd);
     return 0;
 }
