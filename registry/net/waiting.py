@@ -15,8 +15,8 @@ total read deadline counted from ``accept()``), and only then decides:
   its reply (SPEC promise 6), and with no task, stream, cancel scope or timer
   of its own.
 
-Why: as ordinary connections, junk and stalls cost a task, timers and a full
-pass through the handler each (~1 ms of CPU). A thousand stalls that connect together expire
+Why: junk and stalls would cost a task, timers and a full pass through the
+handler each (~1 ms of CPU). A thousand stalls that connect together expire
 together, and a thousand one-byte requests are framed together by the quiet
 period; such a wave kept the event loop busy long enough to delay every
 honest student behind it (docs/benchmarks.md). Between two chunks of a wave
@@ -24,7 +24,7 @@ the room reads the connections that did send, so a student's request does not
 wait for the wave to be recorded.
 
 Linux only (``select.epoll``); elsewhere ``WaitingRoom.supported()`` is
-false and the server gives every connection its task at once.
+false and the server gives every connection its task at once, as before.
 """
 
 from __future__ import annotations
