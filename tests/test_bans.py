@@ -658,7 +658,7 @@ async def test_a_source_refused_in_a_loop_is_banned_in_the_kernel_then_let_back(
 
 
 @linux
-async def test_a_reload_with_ban_after_zero_lifts_every_ban(tmp_path: Path) -> None:
+async def test_a_reload_to_the_classroom_profile_lifts_every_ban(tmp_path: Path) -> None:
     # docs/limits.md: "to lift every ban at once, set profile = "classroom" (no bans)
     # and send SIGHUP"
     path = tmp_path / "registry.toml"
