@@ -286,7 +286,7 @@ async def test_2000_stalled_connections_and_an_honest_registration(tmp_path: Pat
 async def test_silent_stalls_wait_in_the_kernel_then_are_refused_at_the_door(
     tmp_path: Path,
 ) -> None:
-    # server.defer_accept: 1,000 connections that send nothing cost the registry
+    # defer_accept: 1,000 connections that send nothing cost the registry
     # no descriptor while the kernel defers them (2 s asked, 3 s by the kernel's
     # schedule), an honest student is served meanwhile, and once the kernel hands
     # them over their read deadline (2 s, counted from connect) is long past: each
@@ -481,7 +481,7 @@ async def test_protocol_errors_do_not_drain_the_global_bucket(tmp_path: Path) ->
 
         async def junk(i: int) -> None:
             # Fined under pressure, refused with a long wait and back anyway: such a
-            # source is banned (limits.ban_after_ignored) and its connect times out;
+            # source is banned (ban_after_ignored) and its connect times out;
             # like any client, it then gives up.
             src = source(i % 50, net=30)
             async with limit:

@@ -1,4 +1,4 @@
-"""TCP_DEFER_ACCEPT on the registration listeners (server.defer_accept), on real sockets.
+"""TCP_DEFER_ACCEPT on the registration listeners (defer_accept), on real sockets.
 
 What the kernel does with the option is the point, so these tests use real
 loopback sockets: a connection that sends nothing is not accept()ed until the
