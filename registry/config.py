@@ -2,8 +2,8 @@
 
 msgspec does the type checking, the ranges (``Meta``) and the choices
 (``Literal``), and rejects unknown keys; the few value types with units
-(durations, rates, port ranges, networks) are parsed by the small functions
-below, whose errors msgspec reports with the key's path. An empty file is a
+(durations, rates, port ranges, networks, in ``registry.model``) parse
+themselves, and msgspec reports their errors with the key's path. An empty file is a
 valid config: every key has the default documented in
 ``config/registry.example.toml``.
 
@@ -188,12 +188,12 @@ CONSTANTS: dict[str, tuple[Any, Any, str]] = {
     "server.defer_accept": (
         "30s",
         "30s",
-        "TCP_DEFER_ACCEPT: a silent connection waits in the kernel",
+        "TCP_DEFER_ACCEPT: silent connections wait in the kernel",
     ),
     "protocol.quiet_period": (
         "250ms",
         "250ms",
-        "a request without a newline is complete after this quiet",
+        "a request without a newline ends after this quiet",
     ),
     "policy.resolve_timeout": ("2s", "2s", "longest wait for a hostname's resolution"),
     "ratelimit.errors_global": ("200/second", "200/second", "protocol errors before pressure"),
@@ -210,11 +210,7 @@ CONSTANTS: dict[str, tuple[Any, Any, str]] = {
     "limits.silent_drop_duration": ("60s", "60s", "how long the kernel drops bare handshakes"),
     "udp.cookie_window": ("30s", "30s", "a UDP cookie lives one to two windows"),
     "udp.max_datagram_bytes": (512, 512, "larger request datagrams: ERROR too_long"),
-    "udp.unproven_per_source": (
-        "1200/minute",
-        "10/minute",
-        "answers to cookieless datagrams per source",
-    ),
+    "udp.unproven_per_source": ("1200/minute", "10/minute", "cookieless answers per source"),
     "udp.unproven_global": ("500/second", "500/second", "answers to cookieless datagrams in total"),
 }
 _TUNABLE = {key.split(".")[1]: key for key in CONSTANTS}
@@ -397,9 +393,10 @@ def from_dict(data: dict[str, Any]) -> Config:
         except msgspec.ValidationError:
             pass
         raise ConfigError(removed + (problems or [_problem(e)])) from None
-    if removed:
-        raise ConfigError(removed + _semantic_problems(cfg))
-    return validate(cfg)
+    problems = removed + _semantic_problems(cfg)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
 
 
 def loads(text: str) -> Config:
