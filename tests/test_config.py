@@ -96,6 +96,7 @@ def test_shipped_profile_passes_check_config(name: str) -> None:
     assert "listen" in result.stdout and "ratelimit" in result.stdout
     bans = next(line for line in result.stdout.splitlines() if line.startswith("  bans "))
     limits = config_mod.load(str(CONFIG_DIR / name)).limits
+    assert f"  profile     {limits.profile} (docs/limits.md)\n" in result.stdout
     ban_after = limits.ban_after
     assert bans.endswith(" off") if ban_after == 0 else f"after {ban_after} refusals" in bans
     if ban_after and limits.ban_after_ignored:
