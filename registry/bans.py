@@ -14,8 +14,8 @@ the registry nothing at all. Its connect attempts time out.
 
 A second rule catches the loop that runs one connection at a time. A source
 refused ``rate_limited`` with a wait longer than any hold of the door
-(``long_wait``: ``max_refusal_delay``) is in debt: it was fined for
-junk during an attack (``error_fine``), and told so, with the time,
+(``long_wait``: ``limits.max_refusal_delay``) is in debt: it was fined for
+junk during an attack (``ratelimit.error_fine``), and told so, with the time,
 in ``retry_after``. Coming back ``ignored_after`` times within the window
 anyway is not a person reading the reply: it is banned for what it was told
 to wait (at most ``duration``). Measured (docs/benchmarks.md): 5,000 one-byte
