@@ -55,8 +55,8 @@ class _Section(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=
     pass
 
 
-def _int(ge: int, le: int | None = None) -> Any:
-    return Annotated[int, msgspec.Meta(ge=ge, le=le)]
+Count = Annotated[int, msgspec.Meta(ge=0)]
+AtLeastOne = Annotated[int, msgspec.Meta(ge=1)]
 
 
 # Fields marked "profile" are limits.profile's constants (CONSTANTS below), not
@@ -70,7 +70,7 @@ class ServerConfig(_Section):
     admin_token: str = ""  # bearer token for the admin endpoint; empty: none
     db: Annotated[str, msgspec.Meta(min_length=1)] = "registry.db"
     grace_period: Duration = Duration(10.0)
-    backlog: _int(1, 65535) = 4096
+    backlog: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 4096
     defer_accept: DeferAccept = DeferAccept(30.0)  # profile
 
 
@@ -80,7 +80,7 @@ class LogConfig(_Section):
 
 
 class ProtocolConfig(_Section):
-    max_request_bytes: _int(32, 65536) = 512
+    max_request_bytes: Annotated[int, msgspec.Meta(ge=32, le=65536)] = 512
     read_deadline: Positive = Positive(5.0)
     quiet_period: Positive = Positive(0.25)  # profile
     write_timeout: Positive = Positive(5.0)
@@ -89,7 +89,7 @@ class ProtocolConfig(_Section):
 class CallbackConfig(_Section):
     connect_timeout: Positive = Positive(3.0)
     verify_timeout: Duration = Duration(2.0)
-    max_response_bytes: _int(64) = 4096
+    max_response_bytes: Annotated[int, msgspec.Meta(ge=64)] = 4096
     require_verification: bool = False
     greeting: str = "Hello from the instructor's Registry Server!"
 
@@ -115,28 +115,28 @@ class RateLimitConfig(_Section):
     per_target: Rate = Rate(30, 60.0)
     per_target_port: Rate = Rate(10, 60.0)
     global_: Rate = msgspec.field(default=Rate(100, 1.0), name="global")
-    ipv6_prefix: _int(0, 128) = 64
-    max_entries: _int(1) = 100_000
+    ipv6_prefix: Annotated[int, msgspec.Meta(ge=0, le=128)] = 64
+    max_entries: AtLeastOne = 100_000
     errors_global: Rate = Rate(200, 1.0)  # profile
-    error_fine: _int(0) = 30  # profile
+    error_fine: Count = 30  # profile
 
 
 class LimitsConfig(_Section):
     profile: Literal["classroom", "internet"] = "internet"
-    max_connections: _int(1) = 8192
-    max_connections_per_source: _int(1) = 32
-    max_callbacks_in_flight: _int(1) = 256
-    max_callback_queue: _int(0) = 1024
+    max_connections: AtLeastOne = 8192
+    max_connections_per_source: AtLeastOne = 32
+    max_callbacks_in_flight: AtLeastOne = 256
+    max_callback_queue: Count = 1024
     ban_exempt_networks: tuple[CIDR, ...] = ()  # never banned (a class's shared NAT address)
     refusal_delay: Duration = Duration(0.5)  # profile, and the rest of this section
     max_refusal_delay: UpToAMinute = UpToAMinute(5.0)
-    max_refusals_held: _int(0) = 8192
-    ban_after: _int(0) = 10
-    ban_after_ignored: _int(0) = 1
+    max_refusals_held: Count = 8192
+    ban_after: Count = 10
+    ban_after_ignored: Count = 1
     ban_duration: UpToADay = UpToADay(300.0)
     ban_spread: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.5
-    max_bans: _int(1, 100_000) = 10000
-    silent_drop_after: _int(0) = 50
+    max_bans: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 10000
+    silent_drop_after: Count = 50
     silent_drop_duration: UpToADay = UpToADay(60.0)
 
 
@@ -148,7 +148,7 @@ class UdpConfig(_Section):
     """UDP registrations (enabled by ``server.udp``): all profile constants."""
 
     cookie_window: Positive = Positive(30.0)
-    max_datagram_bytes: _int(64, 65507) = 512
+    max_datagram_bytes: Annotated[int, msgspec.Meta(ge=64, le=65507)] = 512
     unproven_per_source: Rate = Rate(10, 60.0)
     unproven_global: Rate = Rate(500, 1.0)
 
