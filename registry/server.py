@@ -53,7 +53,7 @@ from registry.net.connector import TcpConnector
 from registry.net.doorway import Doorway, send_and_close
 from registry.net.interfaces import is_local_address
 from registry.net.resolver import TrioResolver
-from registry.net.tcp import TcpHandler, endpoint_of, reject_unread
+from registry.net.tcp import RawStream, TcpHandler, endpoint_of, reject_unread
 from registry.net.udp import new_reply_budget, open_udp_sockets, serve_udp, udp_endpoint
 from registry.net.waiting import Waiting, WaitingRoom
 from registry.protocol.cookies import CookieJar
@@ -439,13 +439,12 @@ class Registry:
         w: Waiting,
         request: tuple[Protocol, Request] | None,
     ) -> None:
-        stream = trio.SocketStream(trio.socket.from_stdlib_socket(w.conn))
-        handlers.start_soon(self._serve, handler, stream, w, request)
+        handlers.start_soon(self._serve, handler, RawStream(w.conn), w, request)
 
     async def _serve(
         self,
         handler: TcpHandler,
-        stream: trio.SocketStream,
+        stream: RawStream,
         w: Waiting,
         request: tuple[Protocol, Request] | None,
     ) -> None:
