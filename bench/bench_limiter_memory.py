@@ -1,4 +1,4 @@
-"""Memory and speed of registry.ratelimit under a spray of distinct sources.
+"""Memory and speed of registry.defense.ratelimit under a spray of distinct sources.
 
 Run:  python bench/bench_limiter_memory.py [--full] [--max-entries N]
 
@@ -34,8 +34,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from registry.config import Rate, RateLimitConfig  # noqa: E402
+from registry.defense.ratelimit import Allowed, Busy, RateLimiter, source_key  # noqa: E402
 from registry.model import Endpoint, IPAddress  # noqa: E402
-from registry.ratelimit import Allowed, Busy, RateLimiter, source_key  # noqa: E402
 
 BASE = int(ipaddress.IPv4Address("10.0.0.0"))
 STEP = 1e-6  # virtual seconds between checks: a million checks per second

@@ -27,14 +27,14 @@ import trio
 
 from registry import config as config_mod
 from registry import log as log_mod
-from registry.admin.grading import Roster, load_roster
+from registry.admin.core.grading import Roster, load_roster
 from registry.admin.http import AdminServer
 from registry.admin.http import open_listeners as open_admin_listeners
 from registry.admin.view import DaemonView
-from registry.bans import Ban, BanList
 from registry.config import Config
-from registry.conncaps import ConnectionCaps
-from registry.door import (
+from registry.defense.bans import Ban, BanList
+from registry.defense.conncaps import ConnectionCaps
+from registry.defense.door import (
     RATE_LIMITED,
     SILENT,
     TOTAL,
@@ -44,22 +44,22 @@ from registry.door import (
     Refused,
     told_of_ban,
 )
+from registry.defense.silence import SilentGuard
 from registry.errors import ConfigError, ProtocolError
 from registry.metrics import Probes
 from registry.model import Code, Endpoint, Protocol, Request
 from registry.net.accept import accept_loop, defer_accept, held_silent
-from registry.net.banfilter import BanFilter, detach_inherited
 from registry.net.connector import TcpConnector
 from registry.net.doorway import Doorway, send_and_close
 from registry.net.interfaces import is_local_address
+from registry.net.kernel.banfilter import BanFilter, detach_inherited
 from registry.net.resolver import TrioResolver
+from registry.net.sdnotify import Notifier
 from registry.net.tcp import TcpHandler, endpoint_of, reject_unread
 from registry.net.udp import new_reply_budget, open_udp_sockets, serve_udp, udp_endpoint
 from registry.net.waiting import Waiting, WaitingRoom
 from registry.protocol.cookies import CookieJar
-from registry.sdnotify import Notifier
 from registry.service import Connector, Service
-from registry.silence import SilentGuard
 from registry.store import AsyncStore
 
 log = structlog.get_logger(component="server")
@@ -408,7 +408,7 @@ class Registry:
             self._start(handlers, handler, waiting, None)
 
     def _note_silent(self, now: float, n: int) -> None:
-        """``n`` connections sent nothing before their read deadline (registry/silence.py)."""
+        """``n`` connections sent nothing before their read deadline (registry/defense/silence.py)."""
         if self.silent.note(now, n):
             self.ban_filter.poke()  # the filter starts dropping bare ACKs
 

@@ -19,13 +19,14 @@ from typing import Protocol as TypingProtocol
 import structlog
 import trio
 
-from registry import auth
 from registry import config as config_mod
 from registry.config import Config
-from registry.conncaps import CallbackSlots
+from registry.defense.conncaps import CallbackSlots
+from registry.defense.ratelimit import Busy, RateLimiter
 from registry.errors import ProtocolError
 from registry.model import Code, Diagnosis, Endpoint, IPAddress, Outcome, Protocol, Request, Status
 from registry.net.interfaces import is_local_address
+from registry.policy import auth
 from registry.policy.decide import (
     Allow,
     Deny,
@@ -35,7 +36,6 @@ from registry.policy.decide import (
     decide_resolved,
 )
 from registry.protocol.callback import make_nonce
-from registry.ratelimit import Busy, RateLimiter
 from registry.store import Record
 
 log = structlog.get_logger(component="service")
@@ -160,7 +160,7 @@ class Service:
         injected one covers every other address of this host). ``connector``
         overrides the default dialler (UDP registrations are called back over UDP).
         ``source_paid``: the connection already took its source's rate-limit
-        token at the door (registry/door.py), so only the target and global
+        token at the door (registry/defense/door.py), so only the target and global
         buckets are checked here.
         """
         started = self.clock()

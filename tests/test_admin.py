@@ -29,10 +29,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from registry import config as config_mod
 from registry.admin import pages as dashboard
+from registry.admin.core.grading import parse_roster
 from registry.admin.events import EventHub
-from registry.admin.grading import parse_roster
 from registry.admin.http import AdminServer, AdminSettings, open_listeners
-from registry.conncaps import ConnectionCaps
+from registry.defense.conncaps import ConnectionCaps
 from registry.metrics import Metrics
 from registry.model import Endpoint, Protocol, Request
 from registry.server import Runtime, daemon_view

@@ -1,4 +1,4 @@
-"""registry.ratelimit: exact-time token buckets, aggregation, atomicity, bounded memory."""
+"""registry.defense.ratelimit: exact-time token buckets, aggregation, atomicity, bounded memory."""
 
 from __future__ import annotations
 
@@ -11,9 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from registry.config import Rate, RateLimitConfig
-from registry.errors import ConfigError
-from registry.model import Endpoint
-from registry.ratelimit import (
+from registry.defense.ratelimit import (
     ALLOWED,
     Allowed,
     Busy,
@@ -21,6 +19,8 @@ from registry.ratelimit import (
     TokenBucketTable,
     source_key,
 )
+from registry.errors import ConfigError
+from registry.model import Endpoint
 
 PER_MIN = 60.0
 HUGE = Rate(1_000_000, 1.0)  # effectively unlimited, to isolate one scope

@@ -14,9 +14,9 @@ import structlog
 import trio
 
 from registry import config as config_mod
+from registry.defense.ratelimit import Allowed, Busy
 from registry.errors import ProtocolError
 from registry.model import Code, Diagnosis, Endpoint, Protocol, Request, Status
-from registry.ratelimit import Allowed, Busy
 from registry.service import CallResult, Service, StoreUnavailable
 from tests.fakes import ListRecorder, ScriptedConnector
 
@@ -156,7 +156,7 @@ async def test_callbacks_in_flight_are_capped(autojump_clock: trio.testing.MockC
 
 
 async def test_token_auth_denies_without_a_valid_token() -> None:
-    from registry import auth
+    from registry.policy import auth
 
     text = '[auth]\nmode = "token"\nsecret = "s3cret"'
     service, conn, _ = make(text)

@@ -1,4 +1,4 @@
-"""Silent connections under attack (registry/silence.py and the filters' silent drop).
+"""Silent connections under attack (registry/defense/silence.py and the filters' silent drop).
 
 Three layers, as for bans: ``SilentGuard`` table-driven with exact times; the
 ``SILENT_DROP`` block of both filter programs run by the interpreters of
@@ -28,11 +28,11 @@ import trio
 import trio.testing
 
 from registry import config as config_mod
-from registry.bans import ACCEPT, BPF_MAXINSNS, DROP, BanList, drop_program, pack
-from registry.net.banfilter import BanFilter, attach, detach_inherited
-from registry.net.ebpf import EbpfBans, program
+from registry.defense.bans import ACCEPT, BPF_MAXINSNS, DROP, BanList, drop_program, pack
+from registry.defense.silence import SilentGuard
+from registry.net.kernel.banfilter import BanFilter, attach, detach_inherited
+from registry.net.kernel.ebpf import EbpfBans, program
 from registry.server import Registry
-from registry.silence import SilentGuard
 from tests.test_bans import RecordingSock, ipv4_header, listener, run_bpf, v4
 from tests.test_ebpf import MAP_FD, run_ebpf
 

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from registry import config as config_mod
 from registry.config import Rate
+from registry.defense.ratelimit import ReplyBudget
 from registry.metrics import Metrics, Probes
 from registry.model import Code, Outcome
 from registry.net.udp import UdpConnector, serve_udp
@@ -31,7 +32,6 @@ from registry.protocol.jsonl import format_json_reply
 from registry.protocol.loopguard import DropReason, classify
 from registry.protocol.reply import format_reply
 from registry.protocol.text import parse_line
-from registry.ratelimit import ReplyBudget
 from registry.service import Service
 from tests.fakes import ListRecorder
 from tests.support import run_registry, send_line

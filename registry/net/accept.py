@@ -10,7 +10,7 @@ socket is readable, up to ``BATCH`` connections are taken with plain
 non-blocking accept() calls and handed to ``on_accept`` as stdlib sockets
 with the peer address accept() returned, and only then does the loop yield.
 Under a flood this is most of the cost of a connection refused at the door
-(registry/door.py): one scheduler round and one trio socket object per
+(registry/defense/door.py): one scheduler round and one trio socket object per
 connection cost more than the refusal itself. ``BATCH`` also bounds how long
 one step can keep other tasks waiting: ~8 connections, ~0.5 ms (see
 docs/architecture.md, "short steps").

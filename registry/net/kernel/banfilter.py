@@ -1,11 +1,11 @@
 """The edge of the ban list: keep the listeners' kernel filter in step with it.
 
-``registry/bans.py`` decides who is banned; this module puts the bans in the
+``registry/defense/bans.py`` decides who is banned; this module puts the bans in the
 kernel, lifts them when they expire, and reports what did not fit. One task;
 changes are coalesced so a burst of bans is applied at most every
 ``REFRESH_S``. Two ways, chosen when the listeners exist (``bind``):
 
-- **eBPF** (``registry/net/ebpf.py``), where the kernel lets us load a program
+- **eBPF** (``registry/net/kernel/ebpf.py``), where the kernel lets us load a program
   (root or ``CAP_BPF``): one constant program on the listeners, the bans in
   a kernel map, one ``bpf()`` call per ban or lift, up to ``limits.max_bans``
   sources. A wave of changes is applied ``EBPF_STEP`` at a time between
@@ -35,10 +35,10 @@ from typing import Protocol
 import structlog
 import trio
 
-from registry.bans import BPF_MAXINSNS, Ban, BanList, drop_program, pack
-from registry.net.ebpf import EbpfBans
-from registry.ratelimit import SourceKey
-from registry.silence import SilentGuard
+from registry.defense.bans import BPF_MAXINSNS, Ban, BanList, drop_program, pack
+from registry.defense.ratelimit import SourceKey
+from registry.defense.silence import SilentGuard
+from registry.net.kernel.ebpf import EbpfBans
 
 log = structlog.get_logger(component="bans")
 
@@ -102,7 +102,7 @@ class BanFilter:
     ):
         self.socks = list(socks)
         self.bans = bans
-        # When it is on, the filter also drops bare handshake ACKs (registry/silence.py).
+        # When it is on, the filter also drops bare handshake ACKs (registry/defense/silence.py).
         self.silent = silent or SilentGuard(0, 0.0)
         self.dropping = False  # what the next apply puts in the kernel
         self._dropped = False  # what the listeners' filter does now

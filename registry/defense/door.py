@@ -31,10 +31,10 @@ from collections import Counter
 from collections.abc import Hashable
 from dataclasses import dataclass
 
-from registry.conncaps import PER_SOURCE as CAP_PER_SOURCE
-from registry.conncaps import ConnectionCaps
+from registry.defense.conncaps import PER_SOURCE as CAP_PER_SOURCE
+from registry.defense.conncaps import ConnectionCaps
+from registry.defense.ratelimit import Busy, RateLimiter, SourceKey, source_key
 from registry.model import Code, IPAddress, Outcome
-from registry.ratelimit import Busy, RateLimiter, SourceKey, source_key
 
 RATE_LIMITED = "rate_limited"  # the source's per_source bucket is empty
 PER_SOURCE = "per_source"  # the source holds max_connections_per_source connections
@@ -57,7 +57,7 @@ class Refused:
     """Not now: answer ``outcome`` and close. Nothing is held.
 
     ``key`` is the source's identity (its IPv4 address or IPv6 /prefix), the
-    one its refusals are counted and banned under (registry/bans.py)."""
+    one its refusals are counted and banned under (registry/defense/bans.py)."""
 
     reason: str
     outcome: Outcome

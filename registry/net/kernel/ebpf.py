@@ -1,11 +1,11 @@
 """The eBPF ban filter: banned sources in a kernel map, one small socket filter.
 
-Why: the classic filter (``registry/bans.py::drop_program``) compares every
+Why: the classic filter (``registry/defense/bans.py::drop_program``) compares every
 packet with every ban in turn, is rebuilt and re-attached on each change, and
 must fit 4,096 instructions and ``optmem_max`` on every accepted socket: about
 2,000 IPv4 bans. An attack from 5,000 addresses does not fit. Here the program
 is 36 instructions whatever the bans (47 with ``silent_drop``, which
-``registry/silence.py`` switches on: a second program, swapped in and out),
+``registry/defense/silence.py`` switches on: a second program, swapped in and out),
 and the bans live in a longest-prefix-match trie (``BPF_MAP_TYPE_LPM_TRIE``)
 that is changed one entry at a time: a ban is one ``bpf()`` call, a packet
 costs one lookup, and the map holds up to ``MAX_ENTRIES`` sources.
@@ -18,7 +18,7 @@ address in it.
 Linux only, and the kernel must let us load it: root or ``CAP_BPF`` where
 unprivileged BPF is disabled (the default on current distributions). When it
 will not, ``EbpfBans.create`` raises OSError and the edge
-(``registry/net/banfilter.py``) falls back to the classic filter.
+(``registry/net/kernel/banfilter.py``) falls back to the classic filter.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ import struct
 import sys
 from typing import Protocol
 
-from registry.bans import TCP_ACK, TCP_FLAGS_MASK
-from registry.ratelimit import SourceKey as Key
+from registry.defense.bans import TCP_ACK, TCP_FLAGS_MASK
+from registry.defense.ratelimit import SourceKey as Key
 
 SO_ATTACH_BPF = getattr(socket, "SO_ATTACH_BPF", 50)  # the Linux value
 MAX_ENTRIES = 100_000  # the most limits.max_bans allows; LPM tries allocate per entry

@@ -8,7 +8,7 @@ student retrying by hand (the doubling hold lets a serial client be refused
 about four times in 10 s): it is a loop with many connections in parallel.
 ``BanList`` bans it for ``duration`` seconds, and ``drop_program`` compiles
 the bans into a classic BPF socket filter that the edge attaches to the
-registration listeners (registry/net/banfilter.py): the kernel then drops
+registration listeners (registry/net/kernel/banfilter.py): the kernel then drops
 the source's SYNs before they become connections, so a banned source costs
 the registry nothing at all. Its connect attempts time out.
 
@@ -37,7 +37,7 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from registry.ratelimit import SourceKey as Key  # the door's identity of a source
+from registry.defense.ratelimit import SourceKey as Key  # the door's identity of a source
 
 
 @dataclass(frozen=True, slots=True)
