@@ -25,7 +25,6 @@ from registry.defense.conncaps import CallbackSlots
 from registry.defense.ratelimit import Busy, RateLimiter
 from registry.errors import ProtocolError
 from registry.model import Code, Diagnosis, Endpoint, IPAddress, Outcome, Protocol, Request, Status
-from registry.net.interfaces import is_local_address
 from registry.policy import auth
 from registry.policy.decide import (
     Allow,
@@ -97,7 +96,7 @@ class Service:
         recorder: Recorder,
         resolver: Resolver | None = None,
         own: frozenset[Endpoint] = frozenset(),
-        is_local: IsLocal = is_local_address,
+        is_local: IsLocal,
         clock: Callable[[], float] = trio.current_time,
         wallclock: Callable[[], float] = time.time,
         random_bytes: Callable[[int], bytes] = os.urandom,
@@ -107,7 +106,8 @@ class Service:
         self.resolver = resolver
         self.own = own
         # Is an address this host's? Behind a wildcard listener every host address
-        # reaches our ports (self_target); tests inject a predicate of their own.
+        # reaches our ports (self_target). Always injected: asking the host is the
+        # edge's work (net/interfaces.py), and there is no safe guess without it.
         self.is_local = is_local
         self.clock = clock
         self.wallclock = wallclock

@@ -17,6 +17,7 @@ from registry import config as config_mod
 from registry.defense.ratelimit import Allowed, Busy
 from registry.errors import ProtocolError
 from registry.model import Code, Diagnosis, Endpoint, Protocol, Request, Status
+from registry.net.interfaces import is_local_address
 from registry.service import CallResult, Service, StoreUnavailable
 from tests.fakes import ListRecorder, ScriptedConnector
 
@@ -33,6 +34,7 @@ def make(
     counter = iter(range(1, 10_000))
     service = Service(
         cfg,
+        is_local=is_local_address,
         connector=conn,
         recorder=rec,
         random_bytes=lambda n: next(counter).to_bytes(n, "big"),
