@@ -22,7 +22,7 @@ import trio
 from registry import config as config_mod
 from registry.config import Config
 from registry.defense.conncaps import CallbackSlots
-from registry.defense.ratelimit import Busy, RateLimiter
+from registry.defense.ratelimit import ALLOWED, Allowed, Busy, RateLimiter
 from registry.errors import ProtocolError
 from registry.model import Code, Diagnosis, Endpoint, IPAddress, Outcome, Protocol, Request, Status
 from registry.policy import auth
@@ -197,7 +197,7 @@ class Service:
             self.limiter.penalize(peer.host, started)
             busy = None
         else:
-            busy = self.limiter.check(peer.host, None, started, include_global=False)
+            busy = self.limiter.admit(peer.host, started)
             if not isinstance(busy, Busy):  # recorded as an error: it counts toward pressure
                 self.limiter.note_error(started)
         if isinstance(busy, Busy):
@@ -227,13 +227,7 @@ class Service:
         target = decision.target if isinstance(decision, Allow) else None
         # The global bucket bounds callbacks; a refused request makes none, so it
         # pays only its source's token and cannot starve honest students.
-        busy = self.limiter.check(
-            peer.host,
-            target,
-            self.clock(),
-            include_global=target is not None,
-            include_source=not source_paid,
-        )
+        busy = self._charge(peer.host, target, source_paid)
         if isinstance(busy, Busy):
             return _busy(busy)
         if isinstance(decision, Deny):
@@ -247,6 +241,19 @@ class Service:
             log.warning("policy_report_only", note=note, target=str(decision.target))
         return await self._callback(request, decision, reg_id, connector)
 
+    def _charge(
+        self, source: IPAddress, target: Endpoint | None, source_paid: bool
+    ) -> Allowed | Busy:
+        """The tokens a decided request costs: a callback's (``target``), or the
+        source's alone; nothing more when the source paid at the door and no callback
+        is made."""
+        now = self.clock()
+        if target is not None:
+            if source_paid:
+                return self.limiter.paid_callback(target, now)
+            return self.limiter.callback(source, target, now)
+        return ALLOWED if source_paid else self.limiter.admit(source, now)
+
     async def _decide(
         self, request: Request, peer: Endpoint, own: frozenset[Endpoint], source_paid: bool
     ) -> Allow | Deny | Busy:
@@ -258,7 +265,7 @@ class Service:
         # look (without taking) before resolving; the real check follows. (A
         # source that paid at the door was admitted there, under this same limit.)
         if not source_paid:
-            busy = self.limiter.check(peer.host, None, self.clock(), take=False)
+            busy = self.limiter.peek(peer.host, self.clock())
             if isinstance(busy, Busy):
                 return busy
         if self.resolver is None:
@@ -419,7 +426,7 @@ class Service:
         outcome = Outcome(code=error.code, explanation=error.explanation)
         if not self.limiter.fining:
             return outcome
-        busy = self.limiter.check(peer.host, None, now, take=False, include_global=False)
+        busy = self.limiter.owed(peer.host, now)
         if not isinstance(busy, Busy):
             return outcome
         return outcome.with_(

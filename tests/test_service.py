@@ -245,11 +245,11 @@ async def test_a_paid_protocol_error_costs_a_second_token() -> None:
     service, _, rec = make('[ratelimit]\nper_source = "3/hour"\n')
     error = ProtocolError(Code.MALFORMED, "bad")
     limiter, now = service.limiter, service.clock()
-    assert isinstance(limiter.check(LOCAL.host, None, now, include_global=False), Allowed)  # (1)
+    assert isinstance(limiter.admit(LOCAL.host, now), Allowed)  # (1)
     outcome = await service.reject(error, LOCAL, Protocol.TEXT, 1.0, source_paid=True)  # (2)
     assert outcome.code is Code.MALFORMED  # never BUSY: it paid at the door
-    assert isinstance(limiter.check(LOCAL.host, None, now, include_global=False), Allowed)  # (3)
-    assert isinstance(limiter.check(LOCAL.host, None, now, include_global=False), Busy)
+    assert isinstance(limiter.admit(LOCAL.host, now), Allowed)  # (3)
+    assert isinstance(limiter.admit(LOCAL.host, now), Busy)
     assert [r.code for r in rec.records] == ["malformed"]
 
 

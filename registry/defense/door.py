@@ -96,7 +96,7 @@ class Door:
                 ),
                 key,
             )
-        busy = self.limiter.check(source, None, now, include_global=False)
+        busy = self.limiter.admit(source, now)
         if isinstance(busy, Busy):
             self.caps.release(key)
             return Refused(
