@@ -31,7 +31,11 @@ import trio.testing
 
 from registry import config as config_mod
 from registry import server as server_mod
-from registry.defense.bans import (
+from registry.defense.bans import BanList, spread_share
+from registry.defense.door import RATE_LIMITED, Refused
+from registry.model import Code, Outcome
+from registry.net.kernel.banfilter import BanFilter, attach, detach, insn_budget
+from registry.net.kernel.classic import (
     ACCEPT,
     AND_K,
     BPF_MAXINSNS,
@@ -49,16 +53,11 @@ from registry.defense.bans import (
     SKF_NET_OFF,
     ST,
     TAX,
-    BanList,
     Insn,
     drop_program,
     entry_cost,
     pack,
-    spread_share,
 )
-from registry.defense.door import RATE_LIMITED, Refused
-from registry.model import Code, Outcome
-from registry.net.kernel.banfilter import BanFilter, attach, detach, insn_budget
 from registry.server import Registry, Runtime
 from tests.support import exchange_from, http_get
 

@@ -24,9 +24,10 @@ import pytest
 import structlog.testing
 import trio
 
-from registry.defense.bans import ACCEPT, BPF_MAXINSNS, DROP, BanList
+from registry.defense.bans import BanList
 from registry.net.kernel import banfilter, ebpf
 from registry.net.kernel.banfilter import EBPF_STEP, BanFilter
+from registry.net.kernel.classic import ACCEPT, BPF_MAXINSNS, DROP
 from registry.net.kernel.ebpf import SKF_NET_OFF, EbpfBans, lpm_key, program
 from tests.test_bans import (
     BANNED,

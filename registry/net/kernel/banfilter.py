@@ -35,9 +35,10 @@ from typing import Protocol
 import structlog
 import trio
 
-from registry.defense.bans import BPF_MAXINSNS, Ban, BanList, drop_program, pack
+from registry.defense.bans import Ban, BanList
 from registry.defense.ratelimit import SourceKey
 from registry.defense.silence import SilentGuard
+from registry.net.kernel.classic import BPF_MAXINSNS, drop_program, pack
 from registry.net.kernel.ebpf import EbpfBans
 
 log = structlog.get_logger(component="bans")
