@@ -29,11 +29,11 @@ from registry.defense.door import (
     TOTAL,
     Admitted,
     Door,
-    RefusalTally,
     Refused,
     told_of_ban,
 )
 from registry.defense.ratelimit import RateLimiter, source_key
+from registry.defense.tally import RefusalTally
 from registry.model import Code, Outcome, Status
 from registry.net.doorway import REAP_CHUNK, Doorway
 from registry.server import Registry, Runtime

@@ -12,10 +12,10 @@ then drops the source's SYNs before they become connections, so a banned
 source costs the registry nothing at all. Its connect attempts time out.
 
 A second rule catches the loop that runs one connection at a time. A source
-refused ``rate_limited`` with a wait longer than any hold of the door
-(``long_wait``: ``limits.max_refusal_delay``) is in debt: it was fined for
-junk during an attack (``ratelimit.error_fine``), and told so, with the time,
-in ``retry_after``. Coming back ``ignored_after`` times within the window
+refused ``rate_limited`` with a wait longer than ``long_wait``
+(``ratelimit.debt_threshold``: longer than any hold or token's time) is in
+debt: it was fined for junk during an attack (``ratelimit.error_fine``), and
+told so, with the time, in ``retry_after``. Coming back ``ignored_after`` times within the window
 anyway is not a person reading the reply: it is banned for what it was told
 to wait (at most ``duration``). Measured (docs/benchmarks.md): 5,000 one-byte
 stalls from 5,000 addresses, each reconnecting serially, were otherwise

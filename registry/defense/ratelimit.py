@@ -435,6 +435,21 @@ class RateLimiter:
         return dict(zip(SCOPES, (len(t) for t in self._tables()), strict=True))
 
 
+def debt_threshold(per_source: Rate, longest_hold: float) -> float:
+    """The longest wait a source that is not in debt is ever told.
+
+    A source is in debt when it was fined for junk under pressure
+    (``RateLimiter.penalize``): its bucket is emptied and charged beyond empty, and
+    it is told its wait (``RateLimiter.owed``). A student merely rate limited is
+    told at most one token's time, rounded up; one held at the door, at most the
+    longest hold. Only a source in debt waits longer than both, so a source that
+    comes back before such a wait is a loop, not a person (registry/defense/bans.py).
+    (A per_source of 5/minute tells a merely rate-limited student 12 s, more than
+    the default hold.)"""
+    token_time = per_source.period / per_source.count if per_source.count > 0 else 0.0
+    return max(longest_hold, math.ceil(token_time))
+
+
 class ReplyBudget:
     """How many unproven UDP datagrams are answered: per source and in total (DNS RRL-like).
 

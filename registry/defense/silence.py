@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 
-WINDOW_S = 10.0  # the window silent connections are counted in, as refusals for bans
+from registry.defense.tally import WINDOW_S
 
 
 class SilentGuard:
