@@ -153,15 +153,3 @@ def held_silent(conn: socket.socket) -> bool:
     except OSError:  # reset, or no TCP_INFO here: let the usual path find out
         return False
     return False  # something (or EOF) to read: it did not stay silent
-
-
-def spawn_stream(
-    nursery: trio.Nursery, serve: Callable[[trio.SocketStream, object], object]
-) -> OnAccept:
-    """An ``on_accept`` that serves every connection as a stream in its own task."""
-
-    def on_accept(conn: socket.socket, _addr: object, token: object) -> None:
-        stream = trio.SocketStream(trio.socket.from_stdlib_socket(conn))
-        nursery.start_soon(serve, stream, token)  # type: ignore[arg-type]
-
-    return on_accept
