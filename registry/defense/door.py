@@ -30,11 +30,18 @@ import math
 from collections.abc import Hashable
 from dataclasses import dataclass
 
-from registry.defense.conncaps import PER_SOURCE as CAP_PER_SOURCE
-from registry.defense.conncaps import ConnectionCaps
+from registry.defense.conncaps import PER_SOURCE, TOTAL, ConnectionCaps
 from registry.defense.ratelimit import Busy, RateLimiter, SourceKey, source_key
-from registry.defense.tally import PER_SOURCE, RATE_LIMITED, SILENT, TOTAL
 from registry.model import Code, IPAddress, Outcome
+
+# Why a connection was refused: PER_SOURCE (the source holds
+# max_connections_per_source connections), TOTAL (max_connections are open, normally
+# enforced before accept()), or:
+RATE_LIMITED = "rate_limited"  # the source's per_source bucket is empty
+# the kernel held it for its whole TCP_DEFER_ACCEPT wait, longer than the read
+# deadline, and not one byte came: it is already a read timeout
+SILENT = "silent"
+REASONS = (RATE_LIMITED, PER_SOURCE, TOTAL, SILENT)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,12 +85,12 @@ class Door:
         reason = self.caps.acquire(key)
         if reason is not None:  # checked first: a refused connection costs no token
             return Refused(
-                PER_SOURCE if reason == CAP_PER_SOURCE else TOTAL,
+                reason,
                 Outcome(
                     code=Code.OVERLOADED,
                     retry_after=5,
                     explanation="too many open connections from your address; close some and retry"
-                    if reason == CAP_PER_SOURCE
+                    if reason == PER_SOURCE
                     else "the registry has too many open connections; try again in a few seconds",
                 ),
                 key,

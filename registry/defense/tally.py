@@ -11,15 +11,9 @@ from __future__ import annotations
 
 from collections import Counter
 
-WINDOW_S = 10.0  # one attack window: a refusal summary line, and the span repeats count in
+from registry.defense.door import REASONS
 
-RATE_LIMITED = "rate_limited"  # the source's per_source bucket is empty
-PER_SOURCE = "per_source"  # the source holds max_connections_per_source connections
-TOTAL = "total"  # max_connections are open (normally enforced before accept())
-# the kernel held it for its whole TCP_DEFER_ACCEPT wait, longer than the read
-# deadline, and not one byte came: it is already a read timeout
-SILENT = "silent"
-REASONS = (RATE_LIMITED, PER_SOURCE, TOTAL, SILENT)
+WINDOW_S = 10.0  # one attack window: a refusal summary line, and the span repeats count in
 
 
 class RefusalTally:
