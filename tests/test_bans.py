@@ -34,7 +34,7 @@ from registry import server as server_mod
 from registry.defense.bans import BanList, spread_share
 from registry.defense.door import RATE_LIMITED, Refused
 from registry.model import Code, Outcome
-from registry.net.kernel.banfilter import BanFilter, attach, detach, insn_budget
+from registry.net.kernel.banfilter import BanFilter, detach
 from registry.net.kernel.classic import (
     ACCEPT,
     AND_K,
@@ -54,8 +54,10 @@ from registry.net.kernel.classic import (
     ST,
     TAX,
     Insn,
+    attach,
     drop_program,
     entry_cost,
+    insn_budget,
     pack,
 )
 from registry.server import Registry, Runtime

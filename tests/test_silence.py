@@ -30,8 +30,8 @@ import trio.testing
 from registry import config as config_mod
 from registry.defense.bans import BanList
 from registry.defense.silence import SilentGuard
-from registry.net.kernel.banfilter import BanFilter, attach, detach_inherited
-from registry.net.kernel.classic import ACCEPT, BPF_MAXINSNS, DROP, drop_program, pack
+from registry.net.kernel.banfilter import BanFilter, detach_inherited
+from registry.net.kernel.classic import ACCEPT, BPF_MAXINSNS, DROP, attach, drop_program, pack
 from registry.net.kernel.ebpf import EbpfBans, program
 from registry.server import Registry
 from tests.test_bans import RecordingSock, ipv4_header, listener, run_bpf, v4

@@ -1,19 +1,26 @@
 """The classic BPF ban filter (linux/filter.h): every ban compared in turn.
 
-Pure: keys in, instructions out. The fallback where the kernel will not load
-eBPF (registry/net/kernel/ebpf.py): ``SO_ATTACH_FILTER`` needs no privilege,
-but the program is rebuilt on each change and must fit ``BPF_MAXINSNS``.
+The fallback where the kernel will not load eBPF (ebpf.py): ``SO_ATTACH_FILTER``
+needs no privilege, but the program is rebuilt on each change and must fit
+``insn_budget()`` (banfilter.py says why). The program is pure: keys in,
+instructions out.
 """
 
 from __future__ import annotations
 
+import ctypes
 import ipaddress
+import socket
 import struct
+from pathlib import Path
+from typing import Protocol
 
 from registry.defense.ratelimit import SourceKey as Key
 from registry.net.kernel.rules import ACCEPT, BARE_ACK, DROP, NEXT, SKF_NET_OFF, compile_rule
 
 BPF_MAXINSNS = 4096
+SO_ATTACH_FILTER = getattr(socket, "SO_ATTACH_FILTER", 26)  # the Linux value
+OPTMEM_MAX = Path("/proc/sys/net/core/optmem_max")
 
 LD_W_ABS, LD_B_ABS, LD_MEM, ST = 0x20, 0x30, 0x60, 0x02
 AND_K, JEQ_K, JA, RET_K = 0x54, 0x15, 0x05, 0x06
@@ -134,3 +141,23 @@ def _v6_entry(key: ipaddress.IPv6Network) -> list[Insn]:
 def pack(program: list[Insn]) -> bytes:
     """``struct sock_filter[]`` in native byte order."""
     return b"".join(struct.pack("=HBBI", *insn) for insn in program)
+
+
+class _Sock(Protocol):
+    def setsockopt(self, level: int, optname: int, value: bytes, /) -> None: ...
+
+
+def insn_budget(optmem_path: Path = OPTMEM_MAX) -> int:
+    """How many instructions a filter may have on this host (banfilter.py says why)."""
+    try:
+        optmem = int(optmem_path.read_text())
+    except (OSError, ValueError):
+        optmem = 20480  # the long-standing default before Linux 6.9
+    return max(64, min(BPF_MAXINSNS, optmem // 32))
+
+
+def attach(sock: _Sock, program_bytes: bytes, length: int) -> None:
+    """``setsockopt(SO_ATTACH_FILTER)`` with a ``struct sock_fprog``; OSError on failure."""
+    buf = ctypes.create_string_buffer(program_bytes, len(program_bytes))
+    fprog = struct.pack("@HP", length, ctypes.addressof(buf))  # the kernel copies it
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
