@@ -305,7 +305,12 @@ class RateLimiter:
         request that calls nobody back. Never the global bucket: it guards callbacks,
         and bad requests (which cause none) must not drain it and lock every honest
         student out."""
-        return self._take(((self._source, _pack(source, self._drop), "source"),), now)
+        key = _pack(source, self._drop)  # one bucket: no tuple of checks (once per connection)
+        wait = self._source.wait(key, now)
+        if wait > 0.0:
+            return Busy(max(1, math.ceil(wait - _EPS)), "source")
+        self._source._commit(key, now)
+        return ALLOWED
 
     def callback(self, source: IPAddress, target: Endpoint, now: float) -> Allowed | Busy:
         """A callback's tokens: source, target, target and port, and global, or none."""
