@@ -109,6 +109,14 @@ def test_admin_never_imports_the_server(path: Path) -> None:
     assert not {m for m in imported_modules(path) if _forbidden(m, {"registry.server"})}
 
 
+def test_the_service_imports_no_edge_above_it() -> None:
+    """Imports flow one way, down: the edge (net/, admin/, server, cli) imports the
+    service, never the other way; the host's facts are handed in (is_local)."""
+    edge = {"registry.net", "registry.admin", "registry.server", "registry.cli", "trio.socket"}
+    bad = {m for m in imported_modules(REGISTRY / "service.py") if _forbidden(m, edge)}
+    assert not bad, sorted(bad)
+
+
 def test_at_most_ten_top_level_modules() -> None:
     top = sorted(p.name for p in REGISTRY.glob("*.py"))
     assert len(top) <= 10, top
