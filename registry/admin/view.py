@@ -37,7 +37,7 @@ class StoreReader(Protocol):
 
 
 class KernelFilter(Protocol):
-    """What ``/api/bans`` reports of ``net.banfilter.BanFilter``."""
+    """What ``/api/bans`` reports of ``net.kernel.banfilter.BanFilter``."""
 
     kind: str
     filtered: int
