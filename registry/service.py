@@ -26,14 +26,7 @@ from registry.defense.ratelimit import ALLOWED, Allowed, Busy, RateLimiter
 from registry.errors import ProtocolError
 from registry.model import Code, Diagnosis, Endpoint, IPAddress, Outcome, Protocol, Request, Status
 from registry.policy import auth
-from registry.policy.decide import (
-    Allow,
-    Deny,
-    IsLocal,
-    NeedsResolution,
-    decide,
-    decide_resolved,
-)
+from registry.policy.decide import Allow, Deny, IsLocal, NeedsResolution, decide, decide_resolved
 from registry.protocol.callback import make_nonce
 from registry.store import Record
 
@@ -241,18 +234,13 @@ class Service:
             log.warning("policy_report_only", note=note, target=str(decision.target))
         return await self._callback(request, decision, reg_id, connector)
 
-    def _charge(
-        self, source: IPAddress, target: Endpoint | None, source_paid: bool
-    ) -> Allowed | Busy:
-        """The tokens a decided request costs: a callback's (``target``), or the
-        source's alone; nothing more when the source paid at the door and no callback
-        is made."""
-        now = self.clock()
-        if target is not None:
-            if source_paid:
-                return self.limiter.paid_callback(target, now)
-            return self.limiter.callback(source, target, now)
-        return ALLOWED if source_paid else self.limiter.admit(source, now)
+    def _charge(self, source: IPAddress, target: Endpoint | None, paid: bool) -> Allowed | Busy:
+        """A decided request's tokens: a callback's (``target``), else the source's alone,
+        which a source that ``paid`` at the door has paid already."""
+        now, limiter = self.clock(), self.limiter
+        if target is None:
+            return ALLOWED if paid else limiter.admit(source, now)
+        return limiter.paid_callback(target, now) if paid else limiter.callback(source, target, now)
 
     async def _decide(
         self, request: Request, peer: Endpoint, own: frozenset[Endpoint], source_paid: bool

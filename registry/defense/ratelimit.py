@@ -301,11 +301,9 @@ class RateLimiter:
         return self._cfg
 
     def admit(self, source: IPAddress, now: float) -> Allowed | Busy:
-        """One token from the source's bucket alone: a connection at the door, or a
-        request that calls nobody back. Never the global bucket: it guards callbacks,
-        and bad requests (which cause none) must not drain it and lock every honest
-        student out."""
-        key = _pack(source, self._drop)  # one bucket: no tuple of checks (once per connection)
+        """The source's token alone: a connection at the door, or a request that calls
+        nobody back (the global bucket guards callbacks: bad requests must not drain it)."""
+        key = _pack(source, self._drop)
         wait = self._source.wait(key, now)
         if wait > 0.0:
             return Busy(max(1, math.ceil(wait - _EPS)), "source")
@@ -314,25 +312,22 @@ class RateLimiter:
 
     def callback(self, source: IPAddress, target: Endpoint, now: float) -> Allowed | Busy:
         """A callback's tokens: source, target, target and port, and global, or none."""
-        return self._take(
-            ((self._source, _pack(source, self._drop), "source"),) + self._callback_checks(target),
-            now,
-        )
+        return self._take((self._source_check(source), *self._callback_checks(target)), now)
 
     def paid_callback(self, target: Endpoint, now: float) -> Allowed | Busy:
-        """A callback whose source paid at the door (the TCP door takes its token when
-        the connection arrives): target, target and port, and global, or none."""
+        """A callback whose source paid at the door: target, target and port, global."""
         return self._take(self._callback_checks(target), now)
 
     def peek(self, source: IPAddress, now: float) -> Allowed | Busy:
-        """Would the source and global buckets give a token? Takes nothing: asked before
-        expensive work (a DNS lookup) whose request is charged afterwards."""
-        checks = ((self._source, _pack(source, self._drop), "source"), (self._global, 0, "global"))
-        return self._wait(checks, now)
+        """The source's and global wait, taking nothing (asked before a DNS lookup)."""
+        return self._wait((self._source_check(source), (self._global, 0, "global")), now)
 
     def owed(self, source: IPAddress, now: float) -> Allowed | Busy:
         """The source's own wait, taking nothing: what a source fined into debt is told."""
-        return self._wait(((self._source, _pack(source, self._drop), "source"),), now)
+        return self._wait((self._source_check(source),), now)
+
+    def _source_check(self, source: IPAddress) -> _Check:
+        return (self._source, _pack(source, self._drop), "source")
 
     def _callback_checks(self, target: Endpoint) -> tuple[_Check, ...]:
         host = _pack(target.host)
@@ -441,16 +436,10 @@ class RateLimiter:
 
 
 def debt_threshold(per_source: Rate, longest_hold: float) -> float:
-    """The longest wait a source that is not in debt is ever told.
-
-    A source is in debt when it was fined for junk under pressure
-    (``RateLimiter.penalize``): its bucket is emptied and charged beyond empty, and
-    it is told its wait (``RateLimiter.owed``). A student merely rate limited is
-    told at most one token's time, rounded up; one held at the door, at most the
-    longest hold. Only a source in debt waits longer than both, so a source that
-    comes back before such a wait is a loop, not a person (registry/defense/bans.py).
-    (A per_source of 5/minute tells a merely rate-limited student 12 s, more than
-    the default hold.)"""
+    """The longest wait told to a source that is not in debt (fined for junk under
+    pressure: ``RateLimiter.penalize``). A student merely rate limited is told at
+    most one token's time, rounded up, and one held at the door at most the longest
+    hold; a source that comes back before a longer wait is a loop (defense/bans.py)."""
     token_time = per_source.period / per_source.count if per_source.count > 0 else 0.0
     return max(longest_hold, math.ceil(token_time))
 
