@@ -303,12 +303,8 @@ class RateLimiter:
     def admit(self, source: IPAddress, now: float) -> Allowed | Busy:
         """The source's token alone: a connection at the door, or a request that calls
         nobody back (the global bucket guards callbacks: bad requests must not drain it)."""
-        key = _pack(source, self._drop)
-        wait = self._source.wait(key, now)
-        if wait > 0.0:
-            return Busy(max(1, math.ceil(wait - _EPS)), "source")
-        self._source._commit(key, now)
-        return ALLOWED
+        wait = self._source.take(_pack(source, self._drop), now)
+        return Busy(max(1, math.ceil(wait - _EPS)), "source") if wait > 0.0 else ALLOWED
 
     def callback(self, source: IPAddress, target: Endpoint, now: float) -> Allowed | Busy:
         """A callback's tokens: source, target, target and port, and global, or none."""
