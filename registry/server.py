@@ -55,7 +55,7 @@ from registry.net.interfaces import is_local_address
 from registry.net.kernel.banfilter import BanFilter, detach_inherited
 from registry.net.resolver import TrioResolver
 from registry.net.sdnotify import Notifier
-from registry.net.tcp import TcpHandler, endpoint_of, reject_unread
+from registry.net.tcp import RawStream, TcpHandler, endpoint_of, reject_unread
 from registry.net.udp import new_reply_budget, open_udp_sockets, serve_udp, udp_endpoint
 from registry.net.waiting import Waiting, WaitingRoom
 from registry.protocol.cookies import CookieJar
@@ -437,13 +437,12 @@ class Registry:
         w: Waiting,
         request: tuple[Protocol, Request] | None,
     ) -> None:
-        stream = trio.SocketStream(trio.socket.from_stdlib_socket(w.conn))
-        handlers.start_soon(self._serve, handler, stream, w, request)
+        handlers.start_soon(self._serve, handler, RawStream(w.conn), w, request)
 
     async def _serve(
         self,
         handler: TcpHandler,
-        stream: trio.SocketStream,
+        stream: RawStream,
         w: Waiting,
         request: tuple[Protocol, Request] | None,
     ) -> None:
