@@ -1,11 +1,7 @@
-"""The attack window: what the defence counts, and for how long.
-
-Pure (``now`` is passed in where it matters). One window length, ``WINDOW_S``,
-for everything that tells an attack from a student: door refusals are summed
-per window for the log and the metrics, a source's repeats within it drive the
-doorway's doubling hold and the bans (registry/defense/bans.py), and silent
-connections within it switch on the silent drop (registry/defense/silence.py).
-"""
+"""The attack window (``WINDOW_S``): door refusals summed per window for the log
+and metrics, and a source's repeats within it, which drive the doorway's
+doubling hold and the bans; silent connections within it switch on the silent
+drop (silence.py). Pure."""
 
 from __future__ import annotations
 

@@ -1,18 +1,11 @@
 """What the listeners' filter decides, written once for both of its programs.
 
-A socket filter on a TCP listener runs on every packet delivered to it (SYNs,
-and handshake ACKs); accepted sockets shed it (banfilter.detach_inherited). It
-keeps a packet whole or drops it:
-
-1. with the silent drop on (registry/defense/silence.py), a bare ACK is dropped
-   (``BARE_ACK``);
-2. a packet whose source is banned (registry/defense/bans.py) is dropped;
-3. every other packet is kept.
-
-Step 1 is the same test in both programs, so it is described here once and
-compiled by each: classic BPF (classic.py, ``SO_ATTACH_FILTER``) and eBPF
-(ebpf.py). Step 2 differs by design: the classic program compares every ban in
-turn, the eBPF one looks the source up in a map.
+It runs on every packet a listener gets (SYNs, handshake ACKs) and drops a bare
+ACK while the silent drop is on (defense/silence.py), then a packet from a
+banned source (defense/bans.py), and keeps the rest. The bare-ACK test is the
+same in both programs, so it is described once (``BARE_ACK``) and compiled by
+each: classic BPF (classic.py) and eBPF (ebpf.py). The ban test differs by
+design: the classic program compares every ban, the eBPF one looks up a map.
 """
 
 from __future__ import annotations
