@@ -22,6 +22,7 @@ import trio.testing
 
 from registry import config as config_mod
 from registry.model import Endpoint
+from registry.net.interfaces import is_local_address
 from registry.net.tcp import TcpHandler
 from registry.service import Service
 from tests.fakes import ListRecorder, ScriptedConnector
@@ -333,9 +334,9 @@ async def test_each_case_is_answered_on_time(
     or when the 250 ms quiet period frames it."""
     peer = Endpoint(ipaddress.ip_address("127.0.0.1"), 50000)
     rec = ListRecorder()
-    handler = TcpHandler(
-        Service(config_mod.loads(CONFIG), connector=ScriptedConnector(), recorder=rec)
-    )
+    cfg = config_mod.loads(CONFIG)
+    service = Service(cfg, is_local=is_local_address, connector=ScriptedConnector(), recorder=rec)
+    handler = TcpHandler(service)
     client, server = trio.testing.memory_stream_pair()
     reply = b""
     async with trio.open_nursery() as nursery:
