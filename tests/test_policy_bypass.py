@@ -494,6 +494,7 @@ def _peer(choice: str, addr: V4 | V6) -> V4 | V6:
     return ip(choice)
 
 
+@pytest.mark.slow  # a long property run; its corpus and tables stay fast
 @settings(max_examples=600)
 @given(
     denied_addresses,
@@ -531,6 +532,7 @@ def test_loopback_never_for_a_remote_peer(
     assert isinstance(d, Deny) and d.code is ANA
 
 
+@pytest.mark.slow  # a long property run; its corpus and tables stay fast
 @settings(max_examples=600)
 @given(
     st.ip_addresses() | denied_addresses,

@@ -153,6 +153,7 @@ def streams(draw: st.DrawFn) -> tuple[bytes, list[bytes]]:
     return whole, [c for c in chunks if c]
 
 
+@pytest.mark.slow  # a long property run; its corpus and tables stay fast
 @settings(max_examples=400)
 @given(streams(), st.sampled_from([16, 64, 200, 4096]))
 def test_echo_any_chunking(case: tuple[bytes, list[bytes]], limit: int) -> None:

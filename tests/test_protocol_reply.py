@@ -245,6 +245,7 @@ def outcomes(draw: st.DrawFn) -> Outcome:
     )
 
 
+@pytest.mark.slow  # a long property run; its corpus and tables stay fast
 @settings(max_examples=500)
 @given(outcomes())
 def test_reply_is_always_one_safe_line(outcome: Outcome) -> None:

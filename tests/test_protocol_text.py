@@ -358,6 +358,7 @@ REQUESTISH = st.one_of(
 )
 
 
+@pytest.mark.slow  # a long property run; its corpus and tables stay fast
 @settings(max_examples=400)
 @given(chunked(REQUESTISH), st.sampled_from([16, 64, 512]))
 def test_receiver_any_bytes_any_chunking(case: tuple[bytes, list[bytes]], limit: int) -> None:
@@ -449,6 +450,7 @@ def _line(req: Request) -> str:
     return " ".join(parts)
 
 
+@pytest.mark.slow  # a long property run; its corpus and tables stay fast
 @settings(max_examples=300)
 @given(
     st.ip_addresses() | domains(max_length=253).map(str.lower),

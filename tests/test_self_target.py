@@ -107,6 +107,7 @@ def test_a_resolved_name_pointing_at_us_is_self_target() -> None:
     assert isinstance(d, Deny) and d.code is Code.SELF_TARGET, d
 
 
+@pytest.mark.slow  # a long property run; its corpus and tables stay fast
 @settings(max_examples=400)
 @given(
     st.ip_addresses(),
@@ -261,6 +262,7 @@ def test_a_wildcard_registry_refuses_to_call_itself(
     assert [(r["status"], r["code"]) for r in rows] == [("DENIED", "self_target")], rows
 
 
+@pytest.mark.slow
 @pytest.mark.netns
 def test_an_address_added_while_running_is_ours_at_once(
     wildcard: tuple[NetnsLab, RegistryInNs],
