@@ -61,8 +61,8 @@ class Busy:
 
 def _unmap(addr: IPAddress) -> IPAddress:
     """``::ffff:a.b.c.d`` is the IPv4 host a.b.c.d seen through a dual-stack socket."""
-    if type(addr) is not ipaddress.IPv4Address:  # not .version: a property call per check
-        mapped = addr.ipv4_mapped  # type: ignore[union-attr]
+    if isinstance(addr, ipaddress.IPv6Address):  # not .version: a property call per check
+        mapped = addr.ipv4_mapped
         if mapped is not None:
             return mapped
     return addr
@@ -85,7 +85,7 @@ def _pack(addr: IPAddress, drop_bits: int = 0) -> int:
     ``drop_bits`` aggregates an IPv6 address to its network (128 - prefix bits).
     """
     addr = _unmap(addr)
-    if type(addr) is ipaddress.IPv4Address:
+    if isinstance(addr, ipaddress.IPv4Address):
         return int(addr)
     return -1 - (int(addr) >> drop_bits)
 

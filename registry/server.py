@@ -56,6 +56,7 @@ from registry.net.resolver import TrioResolver
 from registry.net.tcp import TcpHandler, endpoint_of, reject_unread
 from registry.net.udp import new_reply_budget, open_udp_sockets, serve_udp, udp_endpoint
 from registry.net.waiting import Waiting, WaitingRoom
+from registry.policy.addresses import Address
 from registry.protocol.cookies import CookieJar
 from registry.sdnotify import Notifier
 from registry.service import Connector, Service
@@ -601,4 +602,4 @@ def _token_time(cfg: Config) -> float:
 
 def _sockname(listener: trio.SocketListener) -> Endpoint:
     host, port = listener.socket.getsockname()[:2]
-    return Endpoint(ipaddress.ip_address(host), port)
+    return Endpoint(Address.of(host), port)

@@ -19,6 +19,7 @@ import trio
 from registry.config import ProtocolConfig
 from registry.errors import ProtocolError
 from registry.model import Code, Endpoint, Outcome, Protocol, Request
+from registry.policy.addresses import Address
 from registry.protocol.jsonl import JsonReceiver, format_json_reply
 from registry.protocol.reply import format_reply
 from registry.protocol.sniff import sniff
@@ -52,7 +53,7 @@ def default_encode(protocol: Protocol, outcome: Outcome) -> bytes:
 
 
 @functools.lru_cache(maxsize=16384)
-def _host(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+def _host(text: str) -> Address:
     # Cached: parsing an address string is a visible share of a connection's CPU
     # (7.6 us a miss, 1.2 us a hit), and our own address and the busiest peers
     # repeat. 16,384 entries (~3 MB) hold the 5,000 cycling sources of the
@@ -61,7 +62,7 @@ def _host(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     # A dual-stack socket reports IPv4 peers as ::ffff:a.b.c.d: that is the IPv4 peer itself.
     if isinstance(host, ipaddress.IPv6Address) and host.ipv4_mapped is not None:
         host = host.ipv4_mapped
-    return host
+    return Address.of(host)  # the one value policy, limits and cookies read
 
 
 def endpoint_of(addr: tuple) -> Endpoint:  # type: ignore[type-arg]

@@ -219,36 +219,8 @@ def unwrap(addr: IPAddress) -> Unwrapped | None:
     return None
 
 
-def normalise(addr: IPAddress) -> IPAddress:
-    """Unwrap every embedding (repeatedly) to the inner IPv4; else the address unchanged.
-
-    A zone id is dropped. Every embedding holds an IPv4, so one round is enough;
-    the bound only guards against a future table that nests.
-    """
-    addr = strip_zone(addr)
-    for _ in range(4):
-        found = unwrap(addr)
-        if found is None:
-            return addr
-        addr = found.inner
-    return addr
-
-
-def inner_addresses(addr: IPAddress) -> tuple[IPAddress, ...]:
-    """Every address ``addr`` stands for: itself (zone dropped) and each IPv4 inside."""
-    out: list[IPAddress] = [strip_zone(addr)]
-    for _ in range(4):
-        found = unwrap(out[-1])
-        if found is None:
-            break
-        out.extend(found.also)
-        out.append(found.inner)
-    return tuple(dict.fromkeys(out))
-
-
-def lookup(addr: IPAddress) -> Range:
-    """The most specific table row for the normalised address."""
-    addr = normalise(addr)
+def _row(addr: IPAddress) -> Range:
+    """The most specific table row for an address that embeds nothing."""
     table = _V4_TABLE if addr.version == 4 else _V6_TABLE
     for row in table:
         if addr in row.network:
@@ -256,9 +228,157 @@ def lookup(addr: IPAddress) -> Range:
     raise AssertionError("unreachable: every table has a /0 row")
 
 
+class _Facts(NamedTuple):
+    norm: Address  # what is judged and dialled
+    found: Unwrapped | None  # the outermost embedding
+    inner: tuple[IPAddress, ...]  # itself and every IPv4 it carries
+    row: Range  # the table row of ``norm``
+    denied: tuple[AddrClass, Range, IPAddress] | None  # always-denied class, row, culprit
+    display: str
+
+
+class Address:
+    """One address as the registry knows it: parsed once at the edge, then only read.
+
+    An :class:`Address4` or :class:`Address6` *is* the stdlib address (zone id
+    stripped, kept in ``zone``), so sockets, networks and ``int()`` take it
+    as they are. What policy, diagnosis, limits and cookies ask of it (the
+    normalised address, the forms it embeds, its class, family, display and
+    dial strings) is worked out on first use and kept: one analysis per
+    value, however many checks read it. Build one with :meth:`of`.
+    """
+
+    __slots__ = ()
+    zone: str | None
+    _facts: _Facts | None
+
+    @staticmethod
+    def of(value: IPAddress | str) -> Address:
+        """``value`` as an Address; an Address is returned as it is (no new analysis)."""
+        if isinstance(value, Address):
+            return value
+        ip = ipaddress.ip_address(value) if isinstance(value, str) else value
+        if isinstance(ip, IPv6):
+            return Address6(int(ip), ip.scope_id)
+        return Address4(int(ip))
+
+    def _analyse(self) -> _Facts:
+        forms: list[IPAddress] = [self]  # type: ignore[list-item]
+        found = None
+        current: IPAddress = self  # type: ignore[assignment]
+        for _ in range(4):  # every embedding holds an IPv4: one round; the bound guards nesting
+            step = unwrap(current)
+            if step is None:
+                break
+            found = found or step
+            forms.extend(step.also)
+            forms.append(step.inner)
+            current = step.inner
+        row = _row(current)
+        norm = self if current is self else _settled(current, row)
+        denied = None
+        for form in (norm, *dict.fromkeys(forms[1:])):
+            form_row = row if form is norm else _row(form)
+            if form_row.cls in ALWAYS_DENIED:
+                denied = (form_row.cls, form_row, form)
+                break
+        facts = _Facts(norm, found, tuple(dict.fromkeys(forms)), row, denied, _display(self, found))
+        self._facts = facts  # type: ignore[misc]
+        return facts
+
+    @property
+    def facts(self) -> _Facts:
+        return self._facts or self._analyse()
+
+    @property
+    def norm(self) -> Address:
+        """The address judged and dialled: the IPv4 inside any embedding, else itself."""
+        return self.facts.norm
+
+    @property
+    def embedding(self) -> Unwrapped | None:
+        """The outermost embedded form and its IPv4, None for a plain address."""
+        return self.facts.found
+
+    @property
+    def inner(self) -> tuple[IPAddress, ...]:
+        """Every address this one stands for: itself and each IPv4 inside."""
+        return self.facts.inner
+
+    @property
+    def row(self) -> Range:
+        return self.facts.row
+
+    @property
+    def cls(self) -> AddrClass:
+        return self.facts.row.cls
+
+    @property
+    def denied(self) -> AddrClass | None:
+        """The always-denied class of this address or of any IPv4 it carries."""
+        denied = self.facts.denied
+        return None if denied is None else denied[0]
+
+    @property
+    def family(self) -> int:
+        """4 or 6: the family the registry would call, so ``::ffff:a.b.c.d`` is 4."""
+        return self.facts.norm.version  # type: ignore[attr-defined, no-any-return]
+
+    @property
+    def display(self) -> str:
+        """As a person writes it; see :func:`display`."""
+        return self.facts.display
+
+    @property
+    def dial(self) -> str:
+        """The host string a socket connects to: the normalised address."""
+        return str(self.facts.norm)
+
+
+class Address4(Address, IPv4):
+    __slots__ = ("zone", "_facts")
+
+    def __init__(self, value: int | str) -> None:
+        super().__init__(value)
+        self.zone = None
+        self._facts = None
+
+
+class Address6(Address, IPv6):
+    __slots__ = ("zone", "_facts")
+
+    def __init__(self, value: int | str, zone: str | None = None) -> None:
+        super().__init__(value)
+        self.zone = zone
+        self._facts = None
+
+
+def _settled(ip: IPAddress, row: Range) -> Address:
+    """An embedded IPv4 as an Address whose analysis is already known (it embeds nothing)."""
+    addr = Address4(int(ip))
+    denied = (row.cls, row, addr) if row.cls in ALWAYS_DENIED else None
+    addr._facts = _Facts(addr, None, (addr,), row, denied, str(addr))
+    return addr
+
+
+def normalise(addr: IPAddress) -> IPAddress:
+    """Unwrap every embedding to the inner IPv4; else the address. A zone id is dropped."""
+    return Address.of(addr).norm  # type: ignore[return-value]
+
+
+def inner_addresses(addr: IPAddress) -> tuple[IPAddress, ...]:
+    """Every address ``addr`` stands for: itself (zone dropped) and each IPv4 inside."""
+    return Address.of(addr).inner
+
+
+def lookup(addr: IPAddress) -> Range:
+    """The most specific table row for the normalised address."""
+    return Address.of(addr).row
+
+
 def classify(addr: IPAddress) -> AddrClass:
     """The class of the normalised address, from the explicit tables above."""
-    return lookup(addr).cls
+    return Address.of(addr).cls
 
 
 def always_denied(addr: IPAddress) -> AddrClass | None:
@@ -266,16 +386,12 @@ def always_denied(addr: IPAddress) -> AddrClass | None:
 
     Loopback is not here: it is allowed for a loopback requester (decide.py).
     """
-    for form in (normalise(addr), *inner_addresses(addr)[1:]):
-        cls = classify(form)
-        if cls in ALWAYS_DENIED:
-            return cls
-    return None
+    return Address.of(addr).denied
 
 
 def is_loopback(addr: IPAddress) -> bool:
     """True for 127/8, ::1 and every embedding of them."""
-    return classify(addr) is AddrClass.LOOPBACK
+    return Address.of(addr).cls is AddrClass.LOOPBACK
 
 
 # --- hostnames -------------------------------------------------------------
@@ -335,8 +451,10 @@ def display(addr: IPAddress) -> str:
     """The address as a person writes it: zone dropped, IPv6 compressed, and an
     IPv4 in the low 32 bits shown dotted (``::ffff:127.0.0.1``, RFC 5952 s5), so
     students recognise the address they wrote."""
-    addr = strip_zone(addr)
-    found = unwrap(addr)
+    return Address.of(addr).display
+
+
+def _display(addr: IPAddress, found: Unwrapped | None) -> str:
     if found is None or found.kind not in _DOTTED_TAIL:
         return addr.compressed
     high = IPv6(int(addr) & ~_MASK32).compressed
