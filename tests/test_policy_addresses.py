@@ -357,10 +357,11 @@ def test_address_value_carries_what_policy_reads(
 
 
 def test_teredo_value_carries_the_server_among_its_inner_forms() -> None:
-    addr = Address.of("2001:0:a9fe:a9fe::ffff:ffff")  # server 169.254.169.254, client 0.0.0.0
+    addr = Address.of("2001:0:a9fe:a9fe::34ff:8efa")  # server 169.254.169.254
     assert [str(f) for f in addr.inner] == [
-        "2001:0:a9fe:a9fe::ffff:ffff",
+        "2001:0:a9fe:a9fe::34ff:8efa",
         "169.254.169.254",
-        "0.0.0.0",
+        "203.0.113.5",  # the client, which is dialled
     ]
-    assert addr.denied is AddrClass.LINK_LOCAL  # the server, found before the client
+    assert str(addr.norm) == "203.0.113.5" and addr.cls is AddrClass.DOCUMENTATION
+    assert addr.denied is AddrClass.LINK_LOCAL  # the server is never dialled, but judged
