@@ -350,9 +350,8 @@ def test_address_value_carries_what_policy_reads(
     assert (addr.zone, str(addr.norm), addr.family, addr.cls) == (zone, norm, family, cls)
     assert (addr.embedding.kind if addr.embedding else None) is kind
     assert (addr.display, addr.dial) == (display, dial)
-    assert addr == ip(text.split("%")[0]) and "%" not in str(
-        addr
-    )  # the stdlib value, zone stripped
+    # It is the stdlib value, zone stripped:
+    assert addr == ip(text.split("%")[0]) and "%" not in str(addr)
     assert Address.of(addr) is addr and addr.norm.norm is addr.norm  # never analysed again
 
 
