@@ -364,3 +364,16 @@ def test_teredo_value_carries_the_server_among_its_inner_forms() -> None:
     ]
     assert str(addr.norm) == "203.0.113.5" and addr.cls is AddrClass.DOCUMENTATION
     assert addr.denied is AddrClass.LINK_LOCAL  # the server is never dialled, but judged
+
+
+@pytest.mark.parametrize(
+    ("text", "peer"),
+    [
+        ("::ffff:a00:1", "10.0.0.1"),  # a dual-stack socket's view of an IPv4 peer
+        ("10.0.0.1", "10.0.0.1"),
+        ("2002:a00:1::", "2002:a00:1::"),  # a 6to4 host is an IPv6 peer of its own
+        ("::ffff:0:a00:1", "::ffff:0:a00:1"),  # translated: never what a socket reports
+    ],
+)
+def test_peer_unmaps_only_the_dual_stack_form(text: str, peer: str) -> None:
+    assert str(Address.of(text).peer) == peer

@@ -330,6 +330,15 @@ class Address:
         return self.facts.display
 
     @property
+    def peer(self) -> Address:
+        """This address as a peer: a dual-stack socket's ``::ffff:a.b.c.d`` is the
+        IPv4 host a.b.c.d; every other form is itself (limits and cookies key on it)."""
+        if isinstance(self, IPv4):
+            return self  # the common case, without an analysis
+        found = self.facts.found
+        return self.facts.norm if found is not None and found.kind is Embedding.MAPPED else self
+
+    @property
     def dial(self) -> str:
         """The host string a socket connects to: the normalised address."""
         return str(self.facts.norm)
