@@ -390,7 +390,7 @@ class Registry:
             decision = self.door.arrive(peer.host, now)
         if isinstance(decision, Refused):
             self.admission.release_on_behalf_of(token)
-            repeat = self.tally.add(str(decision.key), decision.reason)
+            repeat = self.tally.add(decision.key, decision.reason)
             # A source refused again waits longer; a silent one has waited out the kernel
             # already, and its next connection waits there again: answered at once.
             delay = 0.0 if decision.reason == SILENT else self.doorway.delay_for(repeat)
