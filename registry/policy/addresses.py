@@ -40,7 +40,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from enum import StrEnum
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from registry.model import IPAddress
 
@@ -228,29 +228,29 @@ def _row(addr: IPAddress) -> Range:
     raise AssertionError("unreachable: every table has a /0 row")
 
 
-class _Facts(NamedTuple):
-    norm: Address  # what is judged and dialled
-    found: Unwrapped | None  # the outermost embedding
-    inner: tuple[IPAddress, ...]  # itself and every IPv4 it carries
-    row: Range  # the table row of ``norm``
-    denied: tuple[AddrClass, Range, IPAddress] | None  # always-denied class, row, culprit
-    display: str
-
-
 class Address:
-    """One address as the registry knows it: parsed once at the edge, then only read.
+    """One address as the registry knows it: built once at the edge, then only read.
 
     An :class:`Address4` or :class:`Address6` *is* the stdlib address (zone id
     stripped, kept in ``zone``), so sockets, networks and ``int()`` take it
-    as they are. What policy, diagnosis, limits and cookies ask of it (the
-    normalised address, the forms it embeds, its class, family, display and
-    dial strings) is worked out on first use and kept: one analysis per
-    value, however many checks read it. Build one with :meth:`of`.
+    as it is. What policy, diagnosis, limits and cookies ask of it is worked
+    out on first use (``_analyse``), once per value however many checks read
+    it: ``norm`` (the address judged and dialled: the IPv4 inside any
+    embedding, else itself), ``embedding`` (the outermost form, or None),
+    ``inner`` (itself and every IPv4 it carries), ``row`` (the table row of
+    ``norm``), ``denied`` (the always-denied class of any of its forms) with
+    ``culprit`` (that form and its row), and ``display``.
     """
 
     __slots__ = ()
     zone: str | None
-    _facts: _Facts | None
+    norm: Address
+    embedding: Unwrapped | None
+    inner: tuple[IPAddress, ...]
+    row: Range
+    denied: AddrClass | None
+    culprit: tuple[IPAddress, Range]
+    display: str
 
     @staticmethod
     def of(value: IPAddress | str) -> Address:
@@ -262,72 +262,48 @@ class Address:
             return Address6(int(ip), ip.scope_id)
         return Address4(int(ip))
 
-    def _analyse(self) -> _Facts:
+    def __getattr__(self, name: str) -> Any:  # only for a slot not yet filled
+        if name not in _LAZY:
+            raise AttributeError(name)
+        self._analyse()
+        return getattr(self, name)
+
+    def _analyse(self) -> None:
         forms: list[IPAddress] = [self]  # type: ignore[list-item]
-        found = None
         current: IPAddress = self  # type: ignore[assignment]
+        self.embedding = None
         for _ in range(4):  # every embedding holds an IPv4: one round; the bound guards nesting
             step = unwrap(current)
             if step is None:
                 break
-            found = found or step
-            forms.extend(step.also)
-            forms.append(step.inner)
+            self.embedding = self.embedding or step
+            forms += [*step.also, step.inner]
             current = step.inner
-        row = _row(current)
-        norm = self if current is self else _settled(current, row)
-        denied = None
-        for form in (norm, *dict.fromkeys(forms[1:])):
-            form_row = row if form is norm else _row(form)
-            if form_row.cls in ALWAYS_DENIED:
-                denied = (form_row.cls, form_row, form)
+        self.row = _row(current)
+        self.norm = self if current is self else _settled(current, self.row)
+        self.inner = tuple(dict.fromkeys(forms))
+        self.culprit = (self.norm, self.row)
+        self.denied = None
+        for form in (self.norm, *self.inner[1:]):
+            row = self.row if form is self.norm else _row(form)
+            if row.cls in ALWAYS_DENIED:
+                self.denied, self.culprit = row.cls, (form, row)
                 break
-        facts = _Facts(norm, found, tuple(dict.fromkeys(forms)), row, denied, _display(self, found))
-        self._facts = facts  # type: ignore[misc]
-        return facts
-
-    @property
-    def facts(self) -> _Facts:
-        return self._facts or self._analyse()
-
-    @property
-    def norm(self) -> Address:
-        """The address judged and dialled: the IPv4 inside any embedding, else itself."""
-        return self.facts.norm
-
-    @property
-    def embedding(self) -> Unwrapped | None:
-        """The outermost embedded form and its IPv4, None for a plain address."""
-        return self.facts.found
-
-    @property
-    def inner(self) -> tuple[IPAddress, ...]:
-        """Every address this one stands for: itself and each IPv4 inside."""
-        return self.facts.inner
-
-    @property
-    def row(self) -> Range:
-        return self.facts.row
+        self.display = _display(self, self.embedding)
 
     @property
     def cls(self) -> AddrClass:
-        return self.facts.row.cls
-
-    @property
-    def denied(self) -> AddrClass | None:
-        """The always-denied class of this address or of any IPv4 it carries."""
-        denied = self.facts.denied
-        return None if denied is None else denied[0]
+        return self.row.cls
 
     @property
     def family(self) -> int:
         """4 or 6: the family the registry would call, so ``::ffff:a.b.c.d`` is 4."""
-        return self.facts.norm.version  # type: ignore[attr-defined, no-any-return]
+        return self.norm.version  # type: ignore[attr-defined, no-any-return]
 
     @property
-    def display(self) -> str:
-        """As a person writes it; see :func:`display`."""
-        return self.facts.display
+    def dial(self) -> str:
+        """The host string a socket connects to."""
+        return str(self.norm)
 
     @property
     def peer(self) -> Address:
@@ -335,38 +311,36 @@ class Address:
         IPv4 host a.b.c.d; every other form is itself (limits and cookies key on it)."""
         if isinstance(self, IPv4):
             return self  # the common case, without an analysis
-        found = self.facts.found
-        return self.facts.norm if found is not None and found.kind is Embedding.MAPPED else self
+        found = self.embedding
+        return self.norm if found is not None and found.kind is Embedding.MAPPED else self
 
-    @property
-    def dial(self) -> str:
-        """The host string a socket connects to: the normalised address."""
-        return str(self.facts.norm)
+
+_LAZY = frozenset({"norm", "embedding", "inner", "row", "denied", "culprit", "display"})
+_SLOTS = ("zone", *sorted(_LAZY))
 
 
 class Address4(Address, IPv4):
-    __slots__ = ("zone", "_facts")
+    __slots__ = _SLOTS
 
     def __init__(self, value: int | str) -> None:
         super().__init__(value)
         self.zone = None
-        self._facts = None
 
 
 class Address6(Address, IPv6):
-    __slots__ = ("zone", "_facts")
+    __slots__ = _SLOTS
 
     def __init__(self, value: int | str, zone: str | None = None) -> None:
         super().__init__(value)
         self.zone = zone
-        self._facts = None
 
 
 def _settled(ip: IPAddress, row: Range) -> Address:
     """An embedded IPv4 as an Address whose analysis is already known (it embeds nothing)."""
     addr = Address4(int(ip))
-    denied = (row.cls, row, addr) if row.cls in ALWAYS_DENIED else None
-    addr._facts = _Facts(addr, None, (addr,), row, denied, str(addr))
+    addr.norm, addr.embedding, addr.inner, addr.row = addr, None, (addr,), row
+    addr.denied = row.cls if row.cls in ALWAYS_DENIED else None
+    addr.culprit, addr.display = (addr, row), str(addr)
     return addr
 
 

@@ -330,8 +330,7 @@ _ADVERTISED_CASES = frozenset(
 
 def _class_text(addr: Address, cls: AddrClass) -> str:
     """``10.0.0.1 is ...`` naming the class and range, showing any embedding unwrapped."""
-    denied = addr.facts.denied
-    _, row, culprit = denied if denied is not None else (cls, addr.row, addr.norm)
+    culprit, row = addr.culprit
     found = addr.embedding
     carried = f" (a {found.kind} form carrying {culprit})" if found else ""
     name = cls.value.replace("_", "-")
