@@ -309,10 +309,9 @@ class Address:
     def peer(self) -> Address:
         """This address as a peer: a dual-stack socket's ``::ffff:a.b.c.d`` is the
         IPv4 host a.b.c.d; every other form is itself (limits and cookies key on it)."""
-        if isinstance(self, IPv4):
-            return self  # the common case, without an analysis
-        found = self.embedding
-        return self.norm if found is not None and found.kind is Embedding.MAPPED else self
+        if isinstance(self, IPv4) or int(self) >> 32 != 0xFFFF:  # ::ffff:0:0/96
+            return self  # no analysis: every new source of a flood passes here
+        return self.norm
 
 
 _LAZY = frozenset({"norm", "embedding", "inner", "row", "denied", "culprit", "display"})
