@@ -1,8 +1,10 @@
-"""Address normalisation and classification from explicit range tables.
+"""The Address value: normalisation and classification from explicit range tables.
 
-Pure: stdlib ``ipaddress`` plus ``registry.model``. Every policy check runs on
-the *normalised* address, so an IPv4 address wrapped in an IPv6 form is judged
-as the IPv4 address it reaches.
+Pure: stdlib ``ipaddress`` plus ``registry.model``. The edge builds one
+:class:`Address` per address it meets; every policy check runs on its
+*normalised* form (``norm``), so an IPv4 address wrapped in an IPv6 form is
+judged as the IPv4 address it reaches. The module functions (``normalise``,
+``classify``, ``display`` ...) read the same value for a plain address.
 
 Why our own tables and not ``ipaddress``'s ``is_global`` / ``is_private``
 (Python 3.11): ``is_global`` is True for ``::ffff:0:a00:1`` (IPv4-translated
@@ -12,7 +14,7 @@ neither private nor global; and the answers change between Python releases.
 A security decision must not move when the interpreter is upgraded, so the
 ranges live here, each with the reason it is listed.
 
-Embeddings unwrapped by :func:`normalise` (the inner IPv4 is what gets judged):
+Embeddings unwrapped into ``norm`` (the inner IPv4 is what gets judged):
 
 ============================  ======================  ==========================
 form                          prefix                  inner IPv4 taken from
