@@ -345,37 +345,35 @@ def _settled(ip: IPAddress, row: Range) -> Address:
     return addr
 
 
+# The same questions about a plain address, for callers that hold no Address.
+
+
 def normalise(addr: IPAddress) -> IPAddress:
-    """Unwrap every embedding to the inner IPv4; else the address. A zone id is dropped."""
     return Address.of(addr).norm  # type: ignore[return-value]
 
 
 def inner_addresses(addr: IPAddress) -> tuple[IPAddress, ...]:
-    """Every address ``addr`` stands for: itself (zone dropped) and each IPv4 inside."""
     return Address.of(addr).inner
 
 
 def lookup(addr: IPAddress) -> Range:
-    """The most specific table row for the normalised address."""
     return Address.of(addr).row
 
 
 def classify(addr: IPAddress) -> AddrClass:
-    """The class of the normalised address, from the explicit tables above."""
     return Address.of(addr).cls
 
 
 def always_denied(addr: IPAddress) -> AddrClass | None:
-    """The always-denied class of ``addr`` or of any IPv4 it carries; None if none.
-
-    Loopback is not here: it is allowed for a loopback requester (decide.py).
-    """
-    return Address.of(addr).denied
+    return Address.of(addr).denied  # not loopback: a loopback requester may use it
 
 
 def is_loopback(addr: IPAddress) -> bool:
-    """True for 127/8, ::1 and every embedding of them."""
     return Address.of(addr).cls is AddrClass.LOOPBACK
+
+
+def display(addr: IPAddress) -> str:
+    return Address.of(addr).display
 
 
 # --- hostnames -------------------------------------------------------------
@@ -431,14 +429,10 @@ _DOTTED_TAIL = frozenset(
 )
 
 
-def display(addr: IPAddress) -> str:
+def _display(addr: IPAddress, found: Unwrapped | None) -> str:
     """The address as a person writes it: zone dropped, IPv6 compressed, and an
     IPv4 in the low 32 bits shown dotted (``::ffff:127.0.0.1``, RFC 5952 s5), so
     students recognise the address they wrote."""
-    return Address.of(addr).display
-
-
-def _display(addr: IPAddress, found: Unwrapped | None) -> str:
     if found is None or found.kind not in _DOTTED_TAIL:
         return addr.compressed
     high = IPv6(int(addr) & ~_MASK32).compressed
