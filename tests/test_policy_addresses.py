@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from registry.policy.addresses import (
     ALWAYS_DENIED,
     AddrClass,
+    Address,
     Embedding,
     always_denied,
     classify,
@@ -327,8 +328,6 @@ def test_normalise_hostname_refuses(raw: str) -> None:
 
 
 # --- the Address value ------------------------------------------------------------
-
-from registry.policy.addresses import Address  # noqa: E402
 
 
 @pytest.mark.parametrize(
