@@ -1,0 +1,136 @@
+"""WAL checkpoints run between commits, never inside one (issue 20, c=1 latency).
+
+SQLite's automatic checkpoint runs inside the commit that crosses its
+threshold, and that registration's reply waits for two more syncs. The store
+turns it off and its writer checkpoints after a commit's waiters are woken.
+Real database files in tmp_path; "on disk" is read from a copy of the main
+database file alone (no WAL), which holds only what a checkpoint copied.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sqlite3
+import threading
+from pathlib import Path
+
+import pytest
+import structlog
+import structlog.testing
+import trio
+
+from registry.store import AsyncStore, Store
+from registry.store.aio import checkpoint_due
+from tests.test_store import committed_ids, rec
+
+
+def main_file_ids(db: Path, tmp_path: Path) -> set[str]:
+    """The rows in the main database file alone: what checkpoints copied there."""
+    copy = tmp_path / "main-only.db"
+    shutil.copyfile(db, copy)
+    with sqlite3.connect(copy) as other:
+        tables = {row[0] for row in other.execute("SELECT name FROM sqlite_master")}
+        if "registrations" not in tables:  # even the schema is still in the WAL
+            return set()
+        return {row[0] for row in other.execute("SELECT id FROM registrations")}
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "registry.db"
+
+
+@pytest.mark.parametrize(
+    ("commits", "idle", "due"),
+    [
+        (0, True, False),
+        (63, True, False),
+        (64, True, True),  # idle threshold reached with nothing queued
+        (64, False, False),  # records are queued: they would wait for it
+        (255, False, False),
+        (256, False, True),  # the bound holds even under a flood
+        (300, True, True),
+    ],
+)
+def test_checkpoint_due(commits: int, idle: bool, due: bool) -> None:
+    assert checkpoint_due(commits, idle, idle_after=64, max_after=256) is due
+
+
+@pytest.mark.parametrize("autocheckpoint", [True, False])
+def test_commits_leave_the_main_file_alone_without_autocheckpoint(
+    db: Path, tmp_path: Path, autocheckpoint: bool
+) -> None:
+    store = Store.open(str(db), autocheckpoint=autocheckpoint)
+    try:
+        before = digest(db)
+        for n in range(250):  # ~6 WAL pages a commit: past SQLite's 1,000-page threshold
+            store.record(rec(n))
+        if autocheckpoint:  # the control: SQLite checkpointed inside some commit
+            assert digest(db) != before
+            return
+        assert digest(db) == before and main_file_ids(db, tmp_path) == set()
+        frames, copied = store.checkpoint()
+        assert frames == copied > 1000
+        assert main_file_ids(db, tmp_path) == {f"r{n}" for n in range(250)}
+    finally:
+        store.close()
+
+
+async def test_the_reply_does_not_wait_for_the_checkpoint(
+    db: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started, release = threading.Event(), threading.Event()
+    real = Store.checkpoint
+
+    def gated(self: Store) -> tuple[int, int]:
+        started.set()
+        release.wait(30)
+        return real(self)
+
+    monkeypatch.setattr(Store, "checkpoint", gated)
+    async with AsyncStore(str(db), checkpoint_idle=3, checkpoint_max=100) as store:
+        for n in range(3):
+            await store.record(rec(n))  # returns while the checkpoint after it is held
+        assert committed_ids(db) == {"r0", "r1", "r2"}
+        await trio.to_thread.run_sync(started.wait, 30)
+        assert store.checkpoints == 0 and main_file_ids(db, tmp_path) == set()
+        release.set()
+        await store.record(rec(3))  # queued behind the checkpoint, so it is done now
+        assert store.checkpoints == 1
+        assert main_file_ids(db, tmp_path) == {"r0", "r1", "r2"}
+
+
+async def test_a_flood_checkpoints_at_the_bound_and_the_wal_stays_small(db: Path) -> None:
+    wal = Path(f"{db}-wal")
+    # max_batch=1: one commit per record, and the queue empties only at the last.
+    async with AsyncStore(str(db), max_batch=1, checkpoint_idle=4, checkpoint_max=50) as store:
+        await store.record_many([rec(n) for n in range(610)])
+        # Without checkpoints: 610 commits x ~6 pages x 4 KiB, about 15 MB.
+        assert os.stat(wal).st_size < 60 * 10 * 4120
+    # Twelve at the bound (not 150: the idle threshold waits for an empty queue),
+    # then one after the last commit, the queue empty.
+    assert store.checkpoints == 13
+    assert committed_ids(db) == {f"r{n}" for n in range(610)}
+
+
+async def test_a_failing_checkpoint_is_logged_and_records_go_on(
+    db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(self: Store) -> tuple[int, int]:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(Store, "checkpoint", broken)
+    with structlog.testing.capture_logs() as logs:
+        async with AsyncStore(str(db), checkpoint_idle=1, checkpoint_max=1) as store:
+            for n in range(3):
+                await store.record(rec(n))
+            assert store.checkpoints == 0
+    failures = [e for e in logs if e["event"] == "store_checkpoint_failed"]
+    assert len(failures) == 3 and "disk I/O error" in failures[0]["error"]
+    assert committed_ids(db) == {"r0", "r1", "r2"}
