@@ -20,8 +20,9 @@ import pytest
 import structlog
 import structlog.testing
 import trio
+import trio.testing
 
-from registry.store import AsyncStore, Store
+from registry.store import AsyncStore, Store, StoreError
 from registry.store.aio import checkpoint_due
 from tests.test_store import committed_ids, rec
 
@@ -134,3 +135,87 @@ async def test_a_failing_checkpoint_is_logged_and_records_go_on(
     failures = [e for e in logs if e["event"] == "store_checkpoint_failed"]
     assert len(failures) == 3 and "disk I/O error" in failures[0]["error"]
     assert committed_ids(db) == {"r0", "r1", "r2"}
+
+
+# --- the store's thread ---------------------------------------------------------
+
+
+def store_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "registry-store"]
+
+
+def joined_all_store_threads() -> bool:
+    for t in store_threads():
+        t.join(10)
+    return store_threads() == []
+
+
+async def test_every_sqlite_call_runs_on_one_thread_that_ends_with_the_store(
+    db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: set[int] = set()
+    real_record_many, real_count = Store.record_many, Store.count
+
+    def record_many(self: Store, records: list[object]) -> None:
+        seen.add(threading.get_ident())
+        real_record_many(self, records)  # type: ignore[arg-type]
+
+    def count(self: Store) -> int:
+        seen.add(threading.get_ident())
+        return real_count(self)
+
+    monkeypatch.setattr(Store, "record_many", record_many)
+    monkeypatch.setattr(Store, "count", count)
+    async with AsyncStore(str(db)) as store:
+        async with trio.open_nursery() as nursery:
+            for n in range(20):
+                nursery.start_soon(store.record, rec(n))
+                nursery.start_soon(store.count)
+        assert [t.ident for t in store_threads()] == list(seen)
+        assert threading.get_ident() not in seen
+        assert await store.count() == 20
+    assert joined_all_store_threads()
+
+
+async def test_a_failed_open_leaves_no_thread_behind(db: Path) -> None:
+    with sqlite3.connect(db) as other:
+        other.execute("PRAGMA user_version = 999")
+    with pytest.raises(StoreError, match="newer version"):
+        async with AsyncStore(str(db)):
+            pytest.fail("must not open")  # pragma: no cover
+    assert joined_all_store_threads()
+
+
+async def test_a_cancelled_caller_waits_for_its_sqlite_call(
+    db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started, release = threading.Event(), threading.Event()
+    real_count = Store.count
+    log: list[str] = []
+
+    def gated(self: Store) -> int:
+        started.set()
+        release.wait(30)
+        return real_count(self)
+
+    async def caller(scope: trio.CancelScope) -> None:
+        with scope:
+            log.append(f"count {await store.count()}")
+        log.append("left")
+
+    async with AsyncStore(str(db)) as store:
+        await store.record(rec(1))
+        monkeypatch.setattr(Store, "count", gated)
+        scope = trio.CancelScope()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(caller, scope)
+            await trio.to_thread.run_sync(started.wait, 30)
+            scope.cancel()
+            await trio.testing.wait_all_tasks_blocked()
+            assert log == []  # sqlite is mid-call: the caller cannot leave yet
+            release.set()
+        # The call finished and returned its result; the cancellation waits for the
+        # caller's next checkpoint (there is none inside the scope).
+        assert log == ["count 1", "left"]
+        monkeypatch.setattr(Store, "count", real_count)
+        assert await store.count() == 1  # the limiter was given back

@@ -4,13 +4,12 @@
 ``synchronous=FULL`` (an acknowledged reply survives SIGKILL and power loss),
 a ``busy_timeout``, and a schema upgraded through ``PRAGMA user_version``.
 
-``AsyncStore`` (``store/aio.py``) is the trio face the daemon uses. Threading choice: the
-connection is opened with ``check_same_thread=False`` and every call on it
-goes through ``trio.to_thread.run_sync(..., limiter=CapacityLimiter(1))``, so
-sqlite work may hop between trio's cached worker threads but never runs on
-two of them at once, and never on the event loop. Writes are group-committed:
-one writer task drains a memory channel and writes everything queued in one
-transaction, then wakes every waiter; ``record()`` returns only after its
+``AsyncStore`` (``store/aio.py``) is the trio face the daemon uses. Threading
+choice: every call on the connection runs on one dedicated thread (cheaper
+per call than ``trio.to_thread``), never on the event loop, holding a
+``CapacityLimiter(1)`` that a test can take to pause the store. Writes are
+group-committed: one writer task drains a memory channel and writes
+everything queued in one transaction, then wakes every waiter; ``record()`` returns only after its
 row has committed (SPEC promise 6). The same writer checkpoints the WAL
 between commits, after it has woken the waiters, so no reply waits for a
 checkpoint (see ``AsyncStore``).
