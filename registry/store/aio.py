@@ -115,8 +115,8 @@ class AsyncStore:
         wallclock: Callable[[], float] = time.time,
         max_batch: int = 512,
         max_queue: int = 4096,
-        checkpoint_idle: int = 64,
-        checkpoint_max: int = 256,
+        checkpoint_idle: int = 160,
+        checkpoint_max: int = 480,
     ) -> None:
         self.path = path
         self.retention = retention
@@ -127,9 +127,9 @@ class AsyncStore:
         self.max_batch = max_batch
         self.max_queue = max_queue
         # A checkpoint after `checkpoint_idle` commits once nothing is queued (at
-        # one commit a time ~6 WAL pages each: a WAL of ~1.5 MB, SQLite's own
-        # threshold is 4 MB), and after `checkpoint_max` even under a flood, so
-        # the WAL cannot grow without bound.
+        # one record a commit, ~6 WAL pages each: about SQLite's own threshold of
+        # 1,000 pages, so no more checkpoints than before), and after
+        # `checkpoint_max` even under a flood, so the WAL cannot grow without bound.
         self.checkpoint_idle = checkpoint_idle
         self.checkpoint_max = checkpoint_max
         self.checkpoints = 0  # WAL checkpoints the writer ran between commits
