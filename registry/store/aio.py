@@ -100,7 +100,7 @@ class _Waiter:
 class AsyncStore:
     """The store for trio code: sqlite runs in one thread of its own, one call at a time.
 
-    ``async with AsyncStore(path) as store:`` opens (and migrates) the file in a
+    ``async with AsyncStore(path) as store:`` opens (and migrates) the file on the
     store's thread and runs the writer task, and the purge task when
     ``retention`` (seconds) is positive, in a nursery it owns. Leaving the block
     writes whatever is still queued, then closes the connection.
