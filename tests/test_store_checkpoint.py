@@ -107,7 +107,9 @@ async def test_the_reply_does_not_wait_for_the_checkpoint(
         assert main_file_ids(db, tmp_path) == {"r0", "r1", "r2"}
 
 
-async def test_a_flood_checkpoints_at_the_bound_and_the_wal_stays_small(db: Path) -> None:
+async def test_a_flood_checkpoints_at_the_bound_and_the_wal_stays_small(
+    db: Path, tmp_path: Path
+) -> None:
     wal = Path(f"{db}-wal")
     # max_batch=1: one commit per record, and the queue empties only at the last.
     async with AsyncStore(str(db), max_batch=1, checkpoint_idle=4, checkpoint_max=50) as store:
@@ -117,7 +119,11 @@ async def test_a_flood_checkpoints_at_the_bound_and_the_wal_stays_small(db: Path
     # Twelve at the bound (not 150: the idle threshold waits for an empty queue),
     # then one after the last commit, the queue empty.
     assert store.checkpoints == 13
-    assert committed_ids(db) == {f"r{n}" for n in range(610)}
+    # Closing still checkpoints everything and removes the WAL: a grader then
+    # reads the file alone (Store.open_readonly's immutable mode).
+    with pytest.raises(FileNotFoundError):
+        os.stat(wal)
+    assert main_file_ids(db, tmp_path) == {f"r{n}" for n in range(610)}
 
 
 async def test_a_failing_checkpoint_is_logged_and_records_go_on(
