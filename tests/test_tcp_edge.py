@@ -13,6 +13,7 @@ from registry import config as config_mod
 from registry.errors import ProtocolError
 from registry.model import Code, Endpoint, Protocol
 from registry.net.tcp import TcpHandler, read_request
+from registry.protocol.reader import RequestReader
 from registry.service import Service
 from tests.fakes import ListRecorder, ScriptedConnector
 
@@ -51,7 +52,9 @@ async def test_framing(
     client, server = trio.testing.memory_stream_pair()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_drip, client, chunks)
-        protocol, request = await read_request(server, CFG.protocol)
+        protocol, request = await read_request(
+            server, RequestReader(CFG.protocol, trio.current_time())
+        )
     assert protocol is Protocol.TEXT and request.port == port
     assert trio.current_time() == pytest.approx(done_at)
 
@@ -74,7 +77,7 @@ async def test_read_errors(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_drip, client, chunks)
         with pytest.raises(ProtocolError) as err:
-            await read_request(server, CFG.protocol)
+            await read_request(server, RequestReader(CFG.protocol, trio.current_time()))
         nursery.cancel_scope.cancel()
     assert err.value.code is code
     assert trio.current_time() == pytest.approx(at)
@@ -88,7 +91,7 @@ async def test_whitespace_drip_is_cut_at_the_total_deadline(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_drip, client, chunks)
         with pytest.raises(ProtocolError) as err:
-            await read_request(server, CFG.protocol)
+            await read_request(server, RequestReader(CFG.protocol, trio.current_time()))
         nursery.cancel_scope.cancel()
     assert err.value.code is Code.READ_TIMEOUT
     assert trio.current_time() == pytest.approx(5.0)
