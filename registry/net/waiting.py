@@ -91,8 +91,9 @@ class WaitingRoom:
         self._epoll = select.epoll()
         self._by_fd: dict[int, Waiting] = {}
         # A heap, not arrival order: a reload that shortens read_deadline, or a connection
-        # the kernel held (arrived = now - held), is due before earlier arrivals; a quiet
-        # period before either. An entry is stale once its connection left or its `due` moved.
+        # the kernel held (arrived = now - held), is due before earlier arrivals, and a
+        # quiet period can end before any of them. An entry is stale once its connection
+        # left or its `due` moved on.
         self._due_heap: list[tuple[float, int, Waiting]] = []
         self._closing = False
         self._wait = trio.CancelScope()  # run()'s current wait: add/close move its deadline
