@@ -150,6 +150,37 @@ async def test_the_room_reads_like_read_request(
     assert len(r.room) == 0
 
 
+async def test_every_schedule_at_once_each_decided_on_time(
+    autojump_clock: trio.testing.MockClock, pairs: list
+) -> None:
+    # One room, one heap: the quiet periods and deadlines of all the schedules
+    # above interleave, and each connection is still decided at its own second.
+    r = Room()
+
+    async def play(name: str, client: socket.socket) -> None:
+        for delay, data in CASES[name][0]:
+            await trio.sleep(delay)
+            if any(who == name for _, _, who, _ in r.log):
+                return  # decided already
+            if data == "EOF":
+                client.shutdown(socket.SHUT_WR)
+            else:
+                client.send(data)
+            await trio.lowlevel.checkpoint()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(r.run)
+        for name in CASES:
+            conn, client = pair(pairs)
+            r.add(name, conn)
+            nursery.start_soon(play, name, client)
+        await trio.sleep(20)
+        r.room.close()
+    assert sorted((who, how, when, what) for how, when, who, what in r.log) == sorted(
+        (name, *expected) for name, (_, expected) in CASES.items()
+    )
+
+
 async def test_an_idle_room_keeps_a_new_connections_deadline(
     autojump_clock: trio.testing.MockClock, pairs: list
 ) -> None:
