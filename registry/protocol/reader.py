@@ -25,8 +25,6 @@ only the garbage collector frees.
 
 from __future__ import annotations
 
-import math
-
 from registry.config import ProtocolConfig
 from registry.errors import ProtocolError
 from registry.model import Code, Protocol, Request
@@ -52,24 +50,21 @@ def sniff(first: bytes) -> Protocol:
 class RequestReader:
     """Sniff, frame and time one request; ``protocol`` is what the client speaks."""
 
-    __slots__ = ("_cfg", "_quiet_at", "deadline", "protocol", "receiver")
+    __slots__ = ("_cfg", "deadline", "next_deadline", "protocol", "receiver")
 
     def __init__(self, cfg: ProtocolConfig, arrived: float) -> None:
         self._cfg = cfg
         self.deadline = arrived + cfg.read_deadline
+        # When ``tick`` has something to decide, unless a byte comes first: the end of
+        # the quiet period when it falls before the deadline, else the deadline.
+        self.next_deadline = self.deadline
         self.protocol = Protocol.TEXT
         self.receiver: TextReceiver | JsonReceiver | None = None
-        self._quiet_at = math.inf
 
     @property
     def started(self) -> bool:
         """A byte arrived (a silent connection never sends one)."""
         return self.receiver is not None
-
-    @property
-    def next_deadline(self) -> float:
-        """When ``tick`` has something to decide, unless a byte comes first."""
-        return min(self._quiet_at, self.deadline)
 
     def feed(self, data: bytes, now: float) -> Decision:
         """Bytes from the peer at ``now``; ``b""``: it closed or half-closed."""
@@ -89,7 +84,8 @@ class RequestReader:
             return e.with_traceback(None)
         if event is NEED_DATA:
             if receiver.buffered:  # a new byte restarts the quiet period
-                self._quiet_at = now + self._cfg.quiet_period
+                quiet_end = now + self._cfg.quiet_period
+                self.next_deadline = quiet_end if quiet_end < self.deadline else self.deadline
             return None
         return event  # type: ignore[return-value]
 
@@ -97,9 +93,9 @@ class RequestReader:
         """The time is ``now`` and no byte came: the deadline, or the quiet period."""
         if now >= self.deadline:
             return ProtocolError(Code.READ_TIMEOUT, self._timeout_text())
-        if now < self._quiet_at:  # (never armed before the first byte)
+        if now < self.next_deadline:
             return None
-        self._quiet_at = math.inf
+        self.next_deadline = self.deadline  # the quiet period ended: its one look
         try:
             event = self.receiver.quiet()  # type: ignore[union-attr]
         except ProtocolError as e:
