@@ -24,7 +24,8 @@ the room reads the connections that did send, so a student's request does not
 wait for the wave to be recorded.
 
 Linux only (``select.epoll``); elsewhere ``WaitingRoom.supported()`` is
-false and the server gives every connection its task at once, as before.
+false and the server gives every connection its task at once, whose handler
+drives the same reader over its stream.
 """
 
 from __future__ import annotations
