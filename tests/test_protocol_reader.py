@@ -52,7 +52,7 @@ def play(
     raise AssertionError("unreachable")
 
 
-def _summary(decided: tuple[float, Protocol, Request | ProtocolError]) -> tuple[float, str, str]:
+def summary(decided: tuple[float, Protocol, Request | ProtocolError]) -> tuple[float, str, str]:
     when, protocol, decision = decided
     if isinstance(decision, ProtocolError):
         assert decision.__traceback__ is None  # kept by the waiting room: no frames tied to it
@@ -147,7 +147,7 @@ CASES: dict[str, tuple[list[tuple[float, bytes]], ProtocolConfig, tuple[float, s
 @pytest.mark.parametrize("name", CASES)
 def test_the_reader_decides_on_time(name: str) -> None:
     chunks, cfg, expected = CASES[name]
-    assert _summary(play(chunks, cfg)) == expected
+    assert summary(play(chunks, cfg)) == expected
 
 
 @pytest.mark.parametrize(
@@ -163,7 +163,7 @@ def test_the_reader_decides_on_time(name: str) -> None:
 def test_the_deadline_counts_from_arrival(
     arrived: float, chunks: list[tuple[float, bytes]], expected: tuple[float, str, str]
 ) -> None:
-    assert _summary(play(chunks, arrived=arrived)) == expected
+    assert summary(play(chunks, arrived=arrived)) == expected
 
 
 @pytest.mark.parametrize(
@@ -233,12 +233,12 @@ LINES = [
 @pytest.mark.parametrize("line", LINES)
 def test_byte_by_byte_is_the_same_as_whole(line: bytes) -> None:
     for ending in (b"\n", b"\r\n"):
-        whole = _summary(play([(0, line + ending)]))
-        bytewise = _summary(play([(0, bytes([b])) for b in line + ending]))
+        whole = summary(play([(0, line + ending)]))
+        bytewise = summary(play([(0, bytes([b])) for b in line + ending]))
         assert bytewise == whole
     # and with no terminator, the quiet period after the last byte frames the same request
-    expected = _summary(play([(0, line + b"\n")]))[1:]
-    assert _summary(play([(0, bytes([b])) for b in line])) == (0.25, *expected)
+    expected = summary(play([(0, line + b"\n")]))[1:]
+    assert summary(play([(0, bytes([b])) for b in line])) == (0.25, *expected)
 
 
 @st.composite

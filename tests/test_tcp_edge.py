@@ -16,6 +16,8 @@ from registry.net.tcp import TcpHandler, read_request
 from registry.protocol.reader import RequestReader
 from registry.service import Service
 from tests.fakes import ListRecorder, ScriptedConnector
+from tests.test_protocol_reader import CASES as READER_CASES
+from tests.test_protocol_reader import summary
 
 PEER = Endpoint(ipaddress.ip_address("127.0.0.1"), 50000)
 CFG = config_mod.loads("")
@@ -57,6 +59,34 @@ async def test_framing(
         )
     assert protocol is Protocol.TEXT and request.port == port
     assert trio.current_time() == pytest.approx(done_at)
+
+
+@pytest.mark.parametrize("name", READER_CASES)
+async def test_read_request_decides_like_the_reader_table(
+    autojump_clock: trio.testing.MockClock, name: str
+) -> None:
+    # The table of tests/test_protocol_reader.py, played on a stream: this driver
+    # decides the same thing at the same second as the sans-io reader alone.
+    chunks, cfg, expected = READER_CASES[name]
+    client, server = trio.testing.memory_stream_pair()
+    reader = RequestReader(cfg, trio.current_time())
+
+    async def play() -> None:
+        for at, data in chunks:
+            await trio.sleep_until(at)
+            if data:
+                await client.send_all(data)
+            else:
+                await client.send_eof()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(play)
+        try:
+            decision: object = (await read_request(server, reader))[1]
+        except ProtocolError as e:
+            decision = e.with_traceback(None)
+        nursery.cancel_scope.cancel()
+    assert summary((trio.current_time(), reader.protocol, decision)) == expected  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(

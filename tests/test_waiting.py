@@ -23,6 +23,8 @@ from registry import config as config_mod
 from registry.errors import ProtocolError
 from registry.model import Endpoint, Protocol, Request
 from registry.net.waiting import REJECT_CHUNK, Waiting, WaitingRoom
+from tests.test_protocol_reader import CASES as READER_CASES
+from tests.test_protocol_reader import summary
 
 pytestmark = pytest.mark.skipif(not WaitingRoom.supported(), reason="needs select.epoll")
 
@@ -148,6 +150,47 @@ async def test_the_room_reads_like_read_request(
         r.room.close()
     assert [(how, when, what) for how, when, _, what in r.log] == [expected]
     assert len(r.room) == 0
+
+
+@pytest.mark.parametrize("name", READER_CASES)
+async def test_the_room_decides_like_the_reader_table(
+    autojump_clock: trio.testing.MockClock, pairs: list, name: str
+) -> None:
+    # The table of tests/test_protocol_reader.py, played on a socket: the room
+    # decides the same thing at the same second as the sans-io reader alone.
+    chunks, cfg, expected = READER_CASES[name]
+    r = Room()
+    r.room = WaitingRoom(lambda: cfg)
+    decided: list[tuple[float, Protocol, object]] = []
+    r.ready = lambda w, protocol, request: decided.append(  # type: ignore[method-assign]
+        (trio.current_time(), protocol, request)
+    )
+
+    async def reject(batch: list[tuple[Waiting, ProtocolError]]) -> None:
+        decided.extend((trio.current_time(), w.reader.protocol, e) for w, e in batch)
+        await trio.lowlevel.checkpoint()
+
+    r.reject = reject  # type: ignore[method-assign]
+    conn, client = pair(pairs)
+    r.add("c", conn)
+
+    async def play() -> None:
+        for at, data in chunks:
+            await trio.sleep_until(at)
+            if decided:
+                return  # the client would see its reply
+            if data:
+                client.send(data)
+            else:
+                client.shutdown(socket.SHUT_WR)
+            await trio.lowlevel.checkpoint()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(r.run)
+        nursery.start_soon(play)
+        await trio.sleep(40)
+        r.room.close()
+    assert [summary(d) for d in decided] == [expected]  # type: ignore[arg-type]
 
 
 async def test_every_schedule_at_once_each_decided_on_time(
