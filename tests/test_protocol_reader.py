@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from ipaddress import IPv4Address
 
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -25,11 +26,12 @@ from registry.protocol.reader import RequestReader, sniff
 from registry.protocol.text import parse_line
 
 EOF = b""
-CFG = config_mod.from_dict({"protocol": {"read_deadline": "5s", "quiet_period": "250ms"}}).protocol
+CFG = config_mod.from_dict({}).protocol  # read_deadline 5 s, quiet_period 250 ms, 512 bytes
+assert (CFG.read_deadline, CFG.quiet_period, CFG.max_request_bytes) == (5.0, 0.25, 512)
 
 
-def _cfg(**protocol: object) -> ProtocolConfig:
-    return config_mod.from_dict({"protocol": {"read_deadline": "5s", **protocol}}).protocol
+def _cfg(**protocol: float) -> ProtocolConfig:
+    return msgspec.structs.replace(CFG, **protocol)
 
 
 def play(
@@ -110,7 +112,7 @@ CASES: dict[str, tuple[list[tuple[float, bytes]], ProtocolConfig, tuple[float, s
     "json too long": ([(0, b"{" + b" " * 600)], CFG, (0, "json", "too_long")),
     "closed before a byte": ([(0, EOF)], CFG, (0, "text", "malformed")),
     "silence": ([], CFG, (5, "text", "read_timeout")),
-    "silence, shorter deadline": ([], _cfg(read_deadline="750ms"), (0.75, "text", "read_timeout")),
+    "silence, shorter deadline": ([], _cfg(read_deadline=0.75), (0.75, "text", "read_timeout")),
     # its quiet period would end exactly at the deadline: the deadline wins
     "a tie goes to the deadline": ([(4.75, GOOD)], CFG, (5, "text", "read_timeout")),
     # whitespace is not a request: the quiet period does not frame it
@@ -122,7 +124,7 @@ CASES: dict[str, tuple[list[tuple[float, bytes]], ProtocolConfig, tuple[float, s
     # no gap reaches a 2 s quiet period: the total deadline cuts the drip
     "one byte a second, long quiet period": (
         [(i + 1.0, bytes([b])) for i, b in enumerate(GOOD)],
-        _cfg(quiet_period="2s"),
+        _cfg(quiet_period=2.0),
         (5, "text", "read_timeout"),
     ),
     # the same drip under 250 ms: the first gap frames "1" as the whole request
@@ -133,7 +135,7 @@ CASES: dict[str, tuple[list[tuple[float, bytes]], ProtocolConfig, tuple[float, s
     ),
     "one byte a second inside a long deadline": (
         [(i + 1.0, bytes([b])) for i, b in enumerate(GOOD)],
-        _cfg(quiet_period="2s", read_deadline="30s"),
+        _cfg(quiet_period=2.0, read_deadline=30.0),
         (17, "text", "127.0.0.1:15000"),
     ),
     "a byte past the size cap needs no deadline": (
