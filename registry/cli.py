@@ -29,7 +29,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from registry import results
+    from registry.admin import results
 
     parser = _Parser(prog="registry", description="The Callback Connection lab's Registry Server.")
     parser.add_argument("--version", action="version", version=version_line())
@@ -114,7 +114,7 @@ def load_config(args: argparse.Namespace) -> config_mod.Config:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from registry.admin.grading import load_roster
+    from registry.admin.core.grading import load_roster
     from registry.server import Registry
     from registry.store import StoreError
 
@@ -181,7 +181,7 @@ def _first(group: BaseExceptionGroup) -> BaseException:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from registry.admin.grading import load_roster
+    from registry.admin.core.grading import load_roster
 
     try:
         cfg = config_mod.load(args.file)
@@ -197,7 +197,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_token(args: argparse.Namespace) -> int:
-    from registry import auth
+    from registry.policy import auth
 
     try:
         cfg = config_mod.load(args.config) if args.config else config_mod.Config()
@@ -227,7 +227,7 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Console-script entry point."""
-    from registry import results
+    from registry.admin import results
 
     args = build_parser().parse_args(argv)
     commands = {

@@ -21,6 +21,7 @@ from collections.abc import MutableMapping
 from datetime import datetime
 from typing import Any, TextIO
 
+import msgspec
 import structlog
 
 LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -68,7 +69,7 @@ def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = No
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     if fmt == "json":
-        renderer: Any = structlog.processors.JSONRenderer()
+        renderer: Any = structlog.processors.JSONRenderer(serializer=_json_dumps)
         shared.append(structlog.processors.format_exc_info)
     else:
         renderer = ClassConsole(colors=out.isatty(), config=_config_shown)
@@ -80,6 +81,15 @@ def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = No
         logger_factory=structlog.PrintLoggerFactory(file=out),
         cache_logger_on_first_use=False,
     )
+
+
+_encoder = msgspec.json.Encoder(enc_hook=repr)  # what structlog's fallback does: repr()
+
+
+def _json_dumps(event: dict[str, Any], **_: Any) -> str:
+    # msgspec encodes in C, once per line (the registration line is on every
+    # request's path); format() puts back the spaces json.dumps writes.
+    return msgspec.json.format(_encoder.encode(event), indent=0).decode()
 
 
 def get(name: str = "registry") -> Any:

@@ -1,6 +1,6 @@
 """Bans: the pure list and its BPF program, the kernel filter on real loopback
-sockets, and the whole path in a registry (registry/bans.py,
-registry/net/banfilter.py).
+sockets, and the whole path in a registry (registry/defense/bans.py,
+registry/net/kernel/banfilter.py).
 
 The program is checked two ways: by a small classic-BPF interpreter here,
 instruction by instruction over hand-built IPv4 and IPv6 headers (every
@@ -31,7 +31,11 @@ import trio.testing
 
 from registry import config as config_mod
 from registry import server as server_mod
-from registry.bans import (
+from registry.defense.bans import BanList, spread_share
+from registry.defense.door import RATE_LIMITED, Refused
+from registry.model import Code, Outcome
+from registry.net.kernel.banfilter import BanFilter, detach
+from registry.net.kernel.classic import (
     ACCEPT,
     AND_K,
     BPF_MAXINSNS,
@@ -49,16 +53,13 @@ from registry.bans import (
     SKF_NET_OFF,
     ST,
     TAX,
-    BanList,
     Insn,
+    attach,
     drop_program,
     entry_cost,
+    insn_budget,
     pack,
-    spread_share,
 )
-from registry.door import RATE_LIMITED, Refused
-from registry.model import Code, Outcome
-from registry.net.banfilter import BanFilter, attach, detach, insn_budget
 from registry.server import Registry, Runtime
 from tests.support import exchange_from, http_get
 

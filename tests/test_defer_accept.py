@@ -24,7 +24,7 @@ import trio
 
 from registry import config as config_mod
 from registry import server as server_mod
-from registry.door import SILENT
+from registry.defense.door import SILENT
 from registry.net.accept import TCP_DEFER_ACCEPT, defer_accept, held_silent
 from registry.server import Registry
 

@@ -1,4 +1,4 @@
-"""The front door (registry/door.py and its edge): refusals on arrival, before any byte.
+"""The front door (registry/defense/door.py and its edge): refusals on arrival, before any byte.
 
 Pure tables for ``Door`` and ``RefusalTally`` (time passed in); real loopback
 sockets for ``Doorway`` (the edge that answers refusals); an in-process ``Registry`` for the whole path
@@ -21,21 +21,21 @@ import trio
 import trio.testing
 
 from registry import config as config_mod
-from registry.conncaps import ConnectionCaps
-from registry.door import (
+from registry.defense.conncaps import ConnectionCaps
+from registry.defense.door import (
     PER_SOURCE,
     RATE_LIMITED,
     SILENT,
     TOTAL,
     Admitted,
     Door,
-    RefusalTally,
     Refused,
     told_of_ban,
 )
+from registry.defense.ratelimit import RateLimiter, source_key
+from registry.defense.tally import RefusalTally
 from registry.model import Code, Outcome, Status
 from registry.net.doorway import REAP_CHUNK, Doorway
-from registry.ratelimit import RateLimiter, source_key
 from registry.server import Registry, Runtime
 from tests.support import exchange_from
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from registry.sdnotify import Notifier
+from registry.net.sdnotify import Notifier
 from tests.support import ROOT, exe, free_port, run_registry, send_line
 
 # Limits that never get in the way of a flood from 127.0.0.1.

@@ -14,9 +14,10 @@ import structlog
 import trio
 
 from registry import config as config_mod
+from registry.defense.ratelimit import Allowed, Busy
 from registry.errors import ProtocolError
 from registry.model import Code, Diagnosis, Endpoint, Protocol, Request, Status
-from registry.ratelimit import Allowed, Busy
+from registry.net.interfaces import is_local_address
 from registry.service import CallResult, Service, StoreUnavailable
 from tests.fakes import ListRecorder, ScriptedConnector
 
@@ -33,6 +34,7 @@ def make(
     counter = iter(range(1, 10_000))
     service = Service(
         cfg,
+        is_local=is_local_address,
         connector=conn,
         recorder=rec,
         random_bytes=lambda n: next(counter).to_bytes(n, "big"),
@@ -156,7 +158,7 @@ async def test_callbacks_in_flight_are_capped(autojump_clock: trio.testing.MockC
 
 
 async def test_token_auth_denies_without_a_valid_token() -> None:
-    from registry import auth
+    from registry.policy import auth
 
     text = '[auth]\nmode = "token"\nsecret = "s3cret"'
     service, conn, _ = make(text)
@@ -243,11 +245,11 @@ async def test_a_paid_protocol_error_costs_a_second_token() -> None:
     service, _, rec = make('[ratelimit]\nper_source = "3/hour"\n')
     error = ProtocolError(Code.MALFORMED, "bad")
     limiter, now = service.limiter, service.clock()
-    assert isinstance(limiter.check(LOCAL.host, None, now, include_global=False), Allowed)  # (1)
+    assert isinstance(limiter.admit(LOCAL.host, now), Allowed)  # (1)
     outcome = await service.reject(error, LOCAL, Protocol.TEXT, 1.0, source_paid=True)  # (2)
     assert outcome.code is Code.MALFORMED  # never BUSY: it paid at the door
-    assert isinstance(limiter.check(LOCAL.host, None, now, include_global=False), Allowed)  # (3)
-    assert isinstance(limiter.check(LOCAL.host, None, now, include_global=False), Busy)
+    assert isinstance(limiter.admit(LOCAL.host, now), Allowed)  # (3)
+    assert isinstance(limiter.admit(LOCAL.host, now), Busy)
     assert [r.code for r in rec.records] == ["malformed"]
 
 

@@ -33,6 +33,7 @@ from hypothesis import strategies as st
 from registry import config as config_mod
 from registry.model import Code, Endpoint, Request
 from registry.net.connector import TcpConnector
+from registry.net.interfaces import is_local_address
 from registry.net.tcp import TcpHandler
 from registry.net.udp import UdpConnector, challenge_reply, fit_reply, serve_udp
 from registry.protocol.cookies import CookieJar
@@ -541,7 +542,7 @@ def _service(config: str = GENEROUS, tcp: bool = False) -> tuple[Service, ListRe
     cfg = config_mod.loads(config)
     recorder = ListRecorder()
     connector = TcpConnector(cfg.callback) if tcp else UdpConnector(lambda: cfg.callback)
-    return Service(cfg, connector=connector, recorder=recorder), recorder
+    return Service(cfg, is_local=is_local_address, connector=connector, recorder=recorder), recorder
 
 
 async def _udp_target() -> tuple[trio.socket.SocketType, int]:

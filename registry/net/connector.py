@@ -11,11 +11,13 @@ import contextlib
 import errno
 import os
 import socket
+from typing import Protocol
 
 import trio
 
 from registry.config import CallbackConfig
 from registry.model import Code, Endpoint
+from registry.net.tcp import RawStream
 from registry.protocol.callback import EchoScanner, callback_line
 from registry.service import CallResult
 
@@ -48,8 +50,26 @@ def map_os_error(e: OSError) -> Code:
     return _ERRNO_CODES.get(e.errno or 0, Code.UNREACHABLE)
 
 
+class _Stream(Protocol):
+    """What the conversation needs of a connection (tests script one in memory)."""
+
+    async def send_all(self, data: bytes) -> None: ...
+
+    async def send_eof(self) -> None: ...
+
+    async def receive_some(self, max_bytes: int) -> bytes: ...
+
+    async def aclose(self) -> None: ...
+
+
 class TcpConnector:
-    """Dial a target over TCP with a connect timeout and a bounded verify read."""
+    """Dial a target over TCP with a connect timeout and a bounded verify read.
+
+    The callback is on the path of every registration, so it is dialled on a
+    plain non-blocking socket (trio's wait_writable/wait_readable), without
+    ``trio.SocketStream``'s socket options or ``trio.socket``'s address
+    re-resolution: the target is already a canonical IP address.
+    """
 
     def __init__(self, config: CallbackConfig) -> None:
         self.config = config
@@ -62,57 +82,69 @@ class TcpConnector:
         started = trio.current_time()
         try:
             # Inside the try: out of descriptors (EMFILE) is an outcome, not a crash.
-            with trio.socket.socket(family, socket.SOCK_STREAM) as sock:
-                try:
-                    with trio.fail_after(cfg.connect_timeout):
-                        await sock.connect((target.host.compressed, target.port))
-                except trio.TooSlowError:
-                    return CallResult(Code.TIMEOUT, f"no answer within {cfg.connect_timeout:g} s")
-                rtt_ms = (trio.current_time() - started) * 1000.0
-                stream = trio.SocketStream(sock)
-                return await self._converse(stream, reg_id, nonce, rtt_ms, wait_echo)
+            sock = socket.socket(
+                family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
+            )
         except OSError as e:
             return CallResult(map_os_error(e), _describe(e))
+        try:
+            with trio.CancelScope(deadline=started + cfg.connect_timeout) as scope:
+                err = sock.connect_ex((target.host.compressed, target.port))
+                if err == errno.EINPROGRESS:
+                    await trio.lowlevel.wait_writable(sock)
+                    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if scope.cancelled_caught:
+                return CallResult(Code.TIMEOUT, f"no answer within {cfg.connect_timeout:g} s")
+            if err:
+                e = OSError(err, os.strerror(err))
+                return CallResult(map_os_error(e), _describe(e))
+            rtt_ms = (trio.current_time() - started) * 1000.0
+            return await self._converse(RawStream(sock), reg_id, nonce, rtt_ms, wait_echo)
+        finally:
+            RawStream(sock).close()
 
     async def _converse(
-        self, stream: trio.SocketStream, reg_id: str, nonce: str, rtt_ms: float, wait_echo: bool
+        self, stream: _Stream, reg_id: str, nonce: str, rtt_ms: float, wait_echo: bool
     ) -> CallResult:
         cfg = self.config
         line = callback_line(reg_id, nonce, cfg.greeting)
-        try:
-            # A target that accepts and never reads cannot hold us: the line is
-            # small, and the whole send is bounded by the verify timeout.
-            with trio.fail_after(max(cfg.verify_timeout, 0.5)):
+        verified = sent = False
+        # One deadline for the conversation. A target that accepts and never
+        # reads cannot hold us: the line is small, and its send is bounded by the
+        # verify timeout (never below 0.5 s, so a slow but honest server can take
+        # it); the echo then has the verify timeout from the moment it was sent.
+        with trio.CancelScope(deadline=trio.current_time() + max(cfg.verify_timeout, 0.5)) as scope:
+            try:
                 await stream.send_all(line)
-        except trio.TooSlowError:
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return CallResult(
+                    Code.RESET, "the target closed before the callback line was sent", rtt_ms
+                )
+            sent = True
+            # The line is all we send: say so (half-close). A server that reads until
+            # the end of stream (nc, a ``while (recv(...) > 0)`` loop) then answers or
+            # closes at once instead of waiting out our verify timeout.
+            with contextlib.suppress(OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+                await stream.send_eof()
+            if wait_echo:
+                scope.deadline = trio.current_time() + cfg.verify_timeout
+                verified = await self._read_echo(stream, nonce)
+        if scope.cancelled_caught and not sent:
             return CallResult(Code.CONNECTED, "target did not read the callback line", rtt_ms)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return CallResult(
-                Code.RESET, "the target closed before the callback line was sent", rtt_ms
-            )
-        # The line is all we send: say so (half-close). A server that reads until
-        # the end of stream (nc, a ``while (recv(...) > 0)`` loop) then answers or
-        # closes at once instead of waiting out our verify timeout.
-        with contextlib.suppress(OSError, trio.BrokenResourceError, trio.ClosedResourceError):
-            await stream.send_eof()
-        verified = False
-        if wait_echo:
-            verified = await self._read_echo(stream, nonce)
-        with trio.move_on_after(0.5):
-            await stream.aclose()
+        await stream.aclose()
         return CallResult(Code.CONNECTED, "connected", rtt_ms, verified)
 
-    async def _read_echo(self, stream: trio.SocketStream, nonce: str) -> bool:
+    async def _read_echo(self, stream: _Stream, nonce: str) -> bool:
+        """Read until the nonce is seen, EOF, or the byte cap (the caller's deadline bounds it)."""
         scanner = EchoScanner(nonce, self.config.max_response_bytes)
-        with trio.move_on_after(self.config.verify_timeout):
-            try:
-                while not scanner.verified and not scanner.overflowed:
-                    data = await stream.receive_some(4096)
-                    scanner.feed(data)
-                    if not data:
-                        break
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
+        try:
+            while not scanner.verified and not scanner.overflowed:
+                data = await stream.receive_some(4096)
+                scanner.feed(data)
+                if not data:
+                    break
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
         return scanner.verified
 
 

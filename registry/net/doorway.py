@@ -1,6 +1,6 @@
 """The edge of the front door: answer refused connections without a task each.
 
-``registry/door.py`` decides; this module owns the sockets. A refused
+``registry/defense/door.py`` decides; this module owns the sockets. A refused
 connection is held for a while (``limits.refusal_delay``, doubling for each
 further refusal of the same source up to ``limits.max_refusal_delay``), then
 answered with one line by a non-blocking write (a short line always fits a

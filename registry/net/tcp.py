@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import itertools
+import socket
 import time
 from collections.abc import Callable, Sequence
 
@@ -30,6 +31,61 @@ _conn_ids = itertools.count(1)
 def next_conn_id() -> int:
     """The ``conn_id`` every log line of one connection carries."""
     return next(_conn_ids)
+
+
+class RawStream:
+    """A connection as the handler and the callback need it, on a plain non-blocking socket.
+
+    Each registration makes two connections; ``trio.SocketStream`` costs each
+    of them two socket options and ``trio.socket`` a scheduler round around
+    every call. Here a call that the kernel completes at once (a reply or a
+    callback line that fits the send buffer) returns without one; socket
+    errors become ``trio.BrokenResourceError`` as with ``trio.SocketStream``.
+    Every call is MSG_DONTWAIT: an accepted socket's descriptor is blocking.
+    No TCP_NODELAY: each side of ours writes once (a line, then FIN or close),
+    so Nagle never holds a segment back.
+    """
+
+    __slots__ = ("socket",)
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.socket = sock
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[self.socket.send(view, socket.MSG_DONTWAIT) :]
+                continue
+            except BlockingIOError:
+                pass
+            except OSError as e:
+                raise trio.BrokenResourceError(str(e)) from e
+            await trio.lowlevel.wait_writable(self.socket)
+
+    async def send_eof(self) -> None:
+        try:
+            self.socket.shutdown(socket.SHUT_WR)
+        except OSError as e:
+            raise trio.BrokenResourceError(str(e)) from e
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        while True:
+            try:
+                return self.socket.recv(max_bytes or 4096, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                pass
+            except OSError as e:
+                raise trio.BrokenResourceError(str(e)) from e
+            await trio.lowlevel.wait_readable(self.socket)
+
+    def close(self) -> None:
+        if self.socket.fileno() != -1:
+            trio.lowlevel.notify_closing(self.socket)  # what trio's own close() does first
+            self.socket.close()
+
+    async def aclose(self) -> None:
+        self.close()
 
 
 def default_encode(protocol: Protocol, outcome: Outcome) -> bytes:
@@ -57,12 +113,21 @@ def endpoint_of(addr: tuple) -> Endpoint:  # type: ignore[type-arg]
     return Endpoint(_host(addr[0]), int(addr[1]))
 
 
-def peer_endpoint(stream: trio.SocketStream) -> Endpoint:
+def _close(stream: trio.SocketStream | RawStream) -> None:
+    # What aclose_forcefully(stream) does, without the cancelled checkpoint it
+    # needs for other streams.
+    if isinstance(stream, RawStream):
+        stream.close()
+    else:
+        stream.socket.close()
+
+
+def peer_endpoint(stream: trio.SocketStream | RawStream) -> Endpoint:
     """The observed peer, as an Endpoint (host as the OS reported it)."""
     return endpoint_of(stream.socket.getpeername())
 
 
-def local_endpoint(stream: trio.SocketStream) -> Endpoint:
+def local_endpoint(stream: trio.SocketStream | RawStream) -> Endpoint:
     """Our own address on this connection (concrete even behind a wildcard listener)."""
     return endpoint_of(stream.socket.getsockname())
 
@@ -117,7 +182,7 @@ class TcpHandler:
 
     async def __call__(
         self,
-        stream: trio.SocketStream,
+        stream: trio.SocketStream | RawStream,
         peer: Endpoint | None = None,
         *,
         source_paid: bool = False,
@@ -134,7 +199,7 @@ class TcpHandler:
             peer = peer or peer_endpoint(stream)
             local = local_endpoint(stream)
         except OSError:  # the client is already gone
-            stream.socket.close()
+            _close(stream)
             return
         conn_id = conn_id or next_conn_id()
         # bind/reset by hand: the same as bound_contextvars() without a generator
@@ -153,9 +218,7 @@ class TcpHandler:
         except Exception as e:  # last resort: never let one client take the server down
             log.exception("handler_crashed", error=repr(e))
         finally:
-            # What aclose_forcefully(stream) does for a SocketStream, without the
-            # cancelled checkpoint it needs for other streams.
-            stream.socket.close()
+            _close(stream)
             structlog.contextvars.reset_contextvars(**tokens)
 
     async def handle(

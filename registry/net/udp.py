@@ -59,7 +59,8 @@ import structlog
 import trio
 
 from registry.config import CallbackConfig, Config
-from registry.conncaps import ConnectionCaps
+from registry.defense.conncaps import ConnectionCaps
+from registry.defense.ratelimit import ReplyBudget, source_key
 from registry.errors import ProtocolError
 from registry.model import Code, Endpoint, Outcome, Protocol, Request
 from registry.net.connector import map_os_error
@@ -69,7 +70,6 @@ from registry.protocol.cookies import CookieJar
 from registry.protocol.loopguard import DropReason, classify
 from registry.protocol.reply import format_reply
 from registry.protocol.text import parse_line
-from registry.ratelimit import ReplyBudget, source_key
 from registry.service import (
     CallResult,
     Connector,

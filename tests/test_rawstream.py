@@ -1,0 +1,69 @@
+"""RawStream: the registration connection and the callback on plain sockets (registry/net/tcp.py)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import pytest
+import trio
+
+from registry.net.tcp import RawStream
+
+
+def _drain_unless(stop: threading.Event, sock: socket.socket) -> None:
+    # Bounds the test if send_all ever blocks the thread: after 5 s the peer
+    # shuts down, which fails the blocked send (and the assertion on `drained`).
+    if not stop.wait(5):
+        drained.set()
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+drained = threading.Event()
+
+
+async def test_send_to_a_peer_that_never_reads_waits_in_trio_not_in_the_thread() -> None:
+    # An accepted socket's descriptor is blocking; the stream must not block the
+    # event loop on it when the peer's window is full: other tasks run meanwhile.
+    drained.clear()
+    ours, peer = socket.socketpair()  # both blocking, like an accepted socket
+    stop = threading.Event()
+    watchdog = threading.Thread(target=_drain_unless, args=(stop, peer), daemon=True)
+    watchdog.start()
+    stream = RawStream(ours)
+    others_ran_while_blocked = []
+    try:
+        async with trio.open_nursery() as nursery:
+
+            async def other() -> None:
+                await trio.sleep(0.05)
+                others_ran_while_blocked.append(not drained.is_set())
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(stream.send_all, b"x" * (64 << 20))
+            nursery.start_soon(other)
+    finally:
+        stop.set()
+        watchdog.join()
+        stream.close()
+        peer.close()
+    assert others_ran_while_blocked == [True]
+    assert ours.fileno() == -1
+
+
+async def test_receive_eof_and_errors_as_trio_streams_report_them() -> None:
+    ours, peer = socket.socketpair()
+    stream = RawStream(ours)
+    peer.sendall(b"hello")
+    assert await stream.receive_some(4096) == b"hello"
+    peer.shutdown(socket.SHUT_WR)
+    assert await stream.receive_some(4096) == b""  # EOF
+    await stream.send_eof()
+    assert peer.recv(10) == b""  # our FIN arrived
+    peer.close()  # gone: the next sends fail (EPIPE)
+    with pytest.raises(trio.BrokenResourceError):
+        for _ in range(3):  # the first send may still be accepted by the kernel
+            await stream.send_all(b"more")
+    await stream.aclose()
+    assert ours.fileno() == -1
+    stream.close()  # closing twice is harmless
