@@ -410,7 +410,7 @@ class Service:
         """The ERROR reply to a bad request, after its price was taken. A source fined
         under pressure (``RateLimiter.penalize``) is told its wait here, with
         ``retry_after``, so its first refusal at the door is already one it was told
-        about (``limits.ban_after_ignored`` counts those)."""
+        about (``ban_after_ignored`` counts those)."""
         outcome = Outcome(code=error.code, explanation=error.explanation)
         if not self.limiter.fining:
             return outcome

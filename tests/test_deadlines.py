@@ -40,7 +40,10 @@ OPEN_RATES = {
 
 
 def _cfg(**sections: dict[str, Any]) -> Config:
-    return config_mod.from_dict(sections)
+    # quiet_period is a constant of limits.profile: a test sets it through [tuning]
+    protocol = dict(sections.pop("protocol", {}))
+    tuning = {"quiet_period": protocol.pop("quiet_period")} if "quiet_period" in protocol else {}
+    return config_mod.from_dict({**sections, "protocol": protocol, "tuning": tuning})
 
 
 class _Handler:

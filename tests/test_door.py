@@ -433,13 +433,8 @@ async def test_under_pressure_junk_locks_its_source_out_for_about_a_minute(tmp_p
     cfg = config_mod.from_dict(
         {
             "server": {"listen": ["127.0.0.1:0"], "admin": "off", "db": str(tmp_path / "p.db")},
-            "ratelimit": {
-                **OPEN,
-                "per_source": "10/minute",
-                "errors_global": "1/hour",
-                "error_fine": 30,
-            },
-            "limits": {"ban_after": 0},
+            "ratelimit": {**OPEN, "per_source": "10/minute"},
+            "tuning": {"errors_global": "1/hour", "error_fine": 30, "ban_after": 0},
         }
     )
     async with trio.open_nursery() as nursery:
@@ -471,7 +466,8 @@ async def test_under_pressure_junk_is_recorded_and_its_lines_summed(tmp_path: Pa
     cfg = config_mod.from_dict(
         {
             "server": {"listen": ["127.0.0.1:0"], "admin": "off", "db": str(db)},
-            "ratelimit": {**OPEN, "errors_global": "1/hour", "error_fine": 0},
+            "ratelimit": OPEN,
+            "tuning": {"errors_global": "1/hour", "error_fine": 0},
         }
     )
     with structlog.testing.capture_logs() as logs:

@@ -288,7 +288,7 @@ async def test_slow_lookup_is_cut_at_resolve_timeout(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     fake = FakeResolver(hang=True)
-    service, conn, _ = make(NAMES + "resolve_timeout = 1.5\n", fake)
+    service, conn, _ = make(NAMES + "[tuning]\nresolve_timeout = 1.5\n", fake)
     start = trio.current_time()
     outcome = await register(service, "slow.example", REMOTE)
     assert outcome.code is Code.HOSTNAME_NOT_ALLOWED and "TooSlowError" in outcome.explanation

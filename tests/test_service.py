@@ -297,8 +297,9 @@ async def test_under_pressure_errors_past_the_first_ten_are_recorded_not_logged(
     # lines are summed (take_unlogged) instead. Registrations are always logged.
     # (No fines: they would refuse the registration; pressure is measured all the same.)
     service, _, rec = make(
-        '[ratelimit]\nerrors_global = "5/hour"\nerror_fine = 0\nper_source = "1000/second"\n'
-        'per_target = "1000/second"\nper_target_port = "1000/second"\nglobal = "1000/second"\n'
+        '[ratelimit]\nper_source = "1000/second"\nper_target = "1000/second"\n'
+        'per_target_port = "1000/second"\nglobal = "1000/second"\n'
+        '[tuning]\nerrors_global = "5/hour"\nerror_fine = 0\n'
     )
     seen: list[str] = []
     service.observers.append(lambda r: seen.append(r.id))
@@ -326,7 +327,9 @@ async def test_errors_without_the_door_count_toward_pressure_too() -> None:
     # UDP, or a system without the waiting room: the source did not pay at the door,
     # so reject() charges its token itself; the error still counts toward
     # errors_global, so "under pressure" (which sums the log lines) stays true.
-    service, _, rec = make('[ratelimit]\nerrors_global = "2/hour"\nper_source = "1000/second"\n')
+    service, _, rec = make(
+        '[ratelimit]\nper_source = "1000/second"\n[tuning]\nerrors_global = "2/hour"\n'
+    )
     for n in range(3):
         outcome = await service.reject(
             ProtocolError(Code.MALFORMED, "junk"), LOCAL, Protocol.TEXT, 1.0
@@ -341,7 +344,7 @@ async def test_a_fined_error_tells_its_wait_and_an_unfined_one_does_not() -> Non
     # under pressure and fined; its reply says how long (retry_after, explanation).
     # Without the door (source_paid False) the source is not fined: nothing to tell.
     service, _, rec = make(
-        '[ratelimit]\nerrors_global = "1/hour"\nper_source = "10/minute"\nerror_fine = 30\n'
+        '[ratelimit]\nper_source = "10/minute"\n[tuning]\nerrors_global = "1/hour"\nerror_fine = 30\n'
     )
     junk = [(ProtocolError(Code.MALFORMED, "junk"), LOCAL, Protocol.TEXT, 1.0, n) for n in range(2)]
     first, fined = await service.reject_many(junk)

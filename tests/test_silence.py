@@ -285,10 +285,13 @@ async def test_a_crowd_of_silent_connections_turns_the_drop_on_and_it_ends(
                 "listen": ["127.0.0.1:0"],
                 "admin": "off",
                 "db": str(tmp_path / "r.db"),
-                "defer_accept": "0s",  # silent connections reach the registry at once
             },
             "protocol": {"read_deadline": "1s"},
-            "limits": {"silent_drop_after": 3, "silent_drop_duration": "3s"},
+            "tuning": {
+                "defer_accept": "0s",  # silent connections reach the registry at once
+                "silent_drop_after": 3,
+                "silent_drop_duration": "3s",
+            },
         }
     )
     registry = Registry(cfg, handle_signals=False)

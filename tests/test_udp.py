@@ -48,7 +48,7 @@ per_target = "1000/minute"
 per_target_port = "1000/minute"
 [callback]
 verify_timeout = "1s"
-[udp]
+[tuning]
 unproven_per_source = "1000/minute"
 """
 PAD = 512
@@ -235,7 +235,7 @@ def test_student_server_and_client_over_udp(registry: RegistryProcess, tmp_path:
 
 
 def test_cookie_replayed_after_its_windows_fails(tmp_path: Path) -> None:
-    config = GENEROUS + 'cookie_window = "300ms"\n'  # GENEROUS ends in [udp]
+    config = GENEROUS + 'cookie_window = "300ms"\n'  # GENEROUS ends in [tuning]
     with run_registry(tmp_path, config=config) as reg, _udp() as client, _udp() as target:
         addr = ("127.0.0.1", reg.port)
         request = f"127.0.0.1:{target.getsockname()[1]}"

@@ -206,7 +206,7 @@ def test_metric_counts_drops_by_reason() -> None:
 # ------------------------------------------------------------------------ edge
 
 TIGHT = """
-[udp]
+[tuning]
 unproven_per_source = "3/minute"
 """
 
@@ -341,7 +341,7 @@ def test_a_udp_registration_does_not_get_a_tcp_client_refused_for_total(tmp_path
 
 async def test_edge_budget_follows_a_reload() -> None:
     """The edge reads the config per datagram: a SIGHUP's new budget applies at once."""
-    configs = [config_mod.loads('[udp]\nunproven_per_source = "1/minute"\n')]
+    configs = [config_mod.loads('[tuning]\nunproven_per_source = "1/minute"\n')]
     cfg = configs[0]
     service = Service(
         cfg,
@@ -367,7 +367,7 @@ async def test_edge_budget_follows_a_reload() -> None:
             # handled in order: once another source is answered, that one was dropped
             await other.sendto(junk, addr)
             assert (await other.recv(4096)).startswith(b"ERROR malformed")
-            configs.append(config_mod.loads('[udp]\nunproven_per_source = "3/minute"\n'))
+            configs.append(config_mod.loads('[tuning]\nunproven_per_source = "3/minute"\n'))
             await client.sendto(junk, addr)  # a burst of 3: two more
             assert (await client.recv(4096)).startswith(b"ERROR malformed")
             nursery.cancel_scope.cancel()

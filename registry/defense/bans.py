@@ -14,7 +14,7 @@ source costs the registry nothing at all. Its connect attempts time out.
 A second rule catches the loop that runs one connection at a time. A source
 refused ``rate_limited`` with a wait longer than ``long_wait``
 (``ratelimit.debt_threshold``: longer than any hold or token's time) is in
-debt: it was fined for junk during an attack (``ratelimit.error_fine``), and
+debt: it was fined for junk during an attack (the profile's ``error_fine``), and
 told so, with the time, in ``retry_after``. Coming back ``ignored_after`` times within the window
 anyway is not a person reading the reply: it is banned for what it was told
 to wait (at most ``duration``). Measured (docs/benchmarks.md): 5,000 one-byte

@@ -7,7 +7,7 @@ changes are coalesced so a burst of bans is applied at most every
 
 - **eBPF** (``registry/net/kernel/ebpf.py``), where the kernel lets us load a program
   (root or ``CAP_BPF``): one constant program on the listeners, the bans in
-  a kernel map, one ``bpf()`` call per ban or lift, up to ``limits.max_bans``
+  a kernel map, one ``bpf()`` call per ban or lift, up to ``max_bans``
   sources. A wave of changes is applied ``EBPF_STEP`` at a time between
   checkpoints (short steps, docs/architecture.md).
 - **classic** (``SO_ATTACH_FILTER``, no privilege needed): the whole list

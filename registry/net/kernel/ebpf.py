@@ -36,7 +36,7 @@ from registry.defense.ratelimit import SourceKey as Key
 from registry.net.kernel.rules import BARE_ACK, NEXT, SKF_NET_OFF, compile_rule
 
 SO_ATTACH_BPF = getattr(socket, "SO_ATTACH_BPF", 50)  # the Linux value
-MAX_ENTRIES = 100_000  # the most limits.max_bans allows; LPM tries allocate per entry
+MAX_ENTRIES = 100_000  # the most max_bans allows; LPM tries allocate per entry
 
 _SYS_BPF = {"x86_64": 321, "aarch64": 280, "armv7l": 386, "riscv64": 280, "ppc64le": 361}
 _MAP_CREATE, _MAP_UPDATE_ELEM, _MAP_DELETE_ELEM, _PROG_LOAD = 0, 2, 3, 5
