@@ -18,13 +18,15 @@ import pytest
 import trio
 import trio.lowlevel
 import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from registry import config as config_mod
 from registry.errors import ProtocolError
 from registry.model import Endpoint, Protocol, Request
 from registry.net.waiting import REJECT_CHUNK, Waiting, WaitingRoom
 from tests.test_protocol_reader import CASES as READER_CASES
-from tests.test_protocol_reader import summary
+from tests.test_protocol_reader import play, summary
 
 pytestmark = pytest.mark.skipif(not WaitingRoom.supported(), reason="needs select.epoll")
 
@@ -391,3 +393,79 @@ async def test_drain_waits_for_the_room_to_empty_and_cancel_drops_the_rest(
     r.room.close()
     await r.run()  # closed but not empty: b is refused at its deadline, then it returns
     assert r.log == [("reject", 8.0, "b", "read_timeout")]
+
+
+@st.composite
+def _crowd(draw: st.DrawFn) -> list[tuple[float, float, list[tuple[float, bytes]]]]:
+    """Connections as (added at, held by the kernel, chunks at absolute seconds).
+
+    Seconds are multiples of 1/64; bytes come half a step off that grid, so a
+    byte never lands exactly on a deadline (which of the two is seen first is
+    then up to the driver), and no gap is exactly one quiet period for the same
+    reason.
+    """
+    crowd = []
+    for _ in range(draw(st.integers(1, 6))):
+        added, held = draw(st.integers(0, 320)) / 64, draw(st.integers(0, 280)) / 64
+        at, chunks = added + 1 / 128, []
+        for _ in range(draw(st.integers(0, 5))):
+            at += draw(st.integers(0, 40).filter(lambda g: g != 16)) / 64
+            chunks.append((at, draw(st.binary(min_size=0, max_size=24))))
+        crowd.append((added, held, chunks))
+    return crowd
+
+
+@settings(max_examples=60, deadline=None)
+@given(_crowd())
+def test_a_crowd_is_decided_as_each_reader_alone_decides(
+    crowd: list[tuple[float, float, list[tuple[float, bytes]]]],
+) -> None:
+    # Arrivals at any time, some held by the kernel (due before earlier arrivals),
+    # bytes, quiet periods and EOFs interleaved across connections: the room's one
+    # heap decides each connection what and when the reader alone would.
+    expected = {
+        i: summary(play(chunks, CFG, added - held)) for i, (added, held, chunks) in enumerate(crowd)
+    }
+    got: dict[int, tuple[float, str, str]] = {}
+    sockets = [socket.socketpair() for _ in crowd]
+    names = {id(conn): i for i, (conn, _) in enumerate(sockets)}
+    room = WaitingRoom(lambda: CFG)
+
+    def ready(w: Waiting, protocol: Protocol, request: Request) -> None:
+        got[names[id(w.conn)]] = summary((trio.current_time(), protocol, request))
+
+    async def reject(batch: list[tuple[Waiting, ProtocolError]]) -> None:
+        for w, e in batch:
+            got[names[id(w.conn)]] = summary((trio.current_time(), w.reader.protocol, e))
+        await trio.lowlevel.checkpoint()
+
+    async def client(i: int) -> None:
+        added, held, chunks = crowd[i]
+        conn, peer = sockets[i]
+        await trio.sleep_until(added)
+        room.add(Waiting(conn, PEER, i, object(), added - held))
+        for at, data in chunks:
+            await trio.sleep_until(at)
+            if i in got:
+                return
+            if data:
+                peer.send(data)
+            else:
+                peer.shutdown(socket.SHUT_WR)
+            await trio.lowlevel.checkpoint()
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(room.run, ready, reject, lambda w: None)
+            async with trio.open_nursery() as clients:
+                for i in range(len(crowd)):
+                    clients.start_soon(client, i)
+            room.close()
+
+    try:
+        trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    finally:
+        for a, b in sockets:
+            a.close()
+            b.close()
+    assert got == expected
