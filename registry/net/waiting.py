@@ -175,6 +175,7 @@ class WaitingRoom:
         ready: Ready,
         failed: list[tuple[Waiting, ProtocolError]],
     ) -> None:
+        """Hand over a decided connection, or keep its reader's next deadline in the heap."""
         if decision is None:
             self._schedule(w)
             return
