@@ -109,7 +109,10 @@ class Protocol(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Endpoint:
-    """An address and port, always in canonical form (never the raw input text)."""
+    """An address and port, always in canonical form (never the raw input text).
+
+    The edge builds ``host`` as a ``registry.policy.addresses.Address``: parsed
+    once, its analysis kept for policy, limits and cookies."""
 
     host: IPAddress
     port: int

@@ -58,6 +58,7 @@ from registry.net.sdnotify import Notifier
 from registry.net.tcp import RawStream, TcpHandler, endpoint_of, reject_unread
 from registry.net.udp import new_reply_budget, open_udp_sockets, serve_udp, udp_endpoint
 from registry.net.waiting import Waiting, WaitingRoom
+from registry.policy.addresses import Address
 from registry.protocol.cookies import CookieJar
 from registry.service import Connector, Service
 from registry.store import AsyncStore
@@ -387,7 +388,7 @@ class Registry:
             decision = self.door.arrive(peer.host, now)
         if isinstance(decision, Refused):
             self.admission.release_on_behalf_of(token)
-            repeat = self.tally.add(str(decision.key), decision.reason)
+            repeat = self.tally.add(decision.key, decision.reason)
             # A source refused again waits longer; a silent one has waited out the kernel
             # already, and its next connection waits there again: answered at once.
             delay = 0.0 if decision.reason == SILENT else self.doorway.delay_for(repeat)
@@ -590,4 +591,4 @@ def _ban_settings(cfg: Config) -> dict[str, Any]:
 
 def _sockname(listener: trio.SocketListener) -> Endpoint:
     host, port = listener.socket.getsockname()[:2]
-    return Endpoint(ipaddress.ip_address(host), port)
+    return Endpoint(Address.of(host), port)

@@ -373,3 +373,44 @@ async def test_reject_many_store_failure_raises() -> None:
             [(ProtocolError(Code.READ_TIMEOUT, "x"), LOCAL, Protocol.TEXT, 1.0, 1)]
         )
     assert service.outcomes[Status.ERROR] == 0
+
+
+@pytest.mark.parametrize(
+    ("line", "peer", "mode", "code"),
+    [
+        ("127.0.0.1:15000", "127.0.0.1", "strict", Code.CONNECTED),
+        ('{"host": "127.0.0.1", "port": 15000}', "127.0.0.1", "strict", Code.CONNECTED),
+        ('{"host": "::ffff:7f00:1", "port": 15000}', "127.0.0.1", "strict", Code.CONNECTED),
+        ("[::ffff:127.0.0.1]:15000", "::ffff:127.0.0.1", "strict", Code.CONNECTED),
+        ("192.0.2.10:15000", "127.0.0.1", "strict", Code.SOURCE_MISMATCH),
+        ("[2002:c000:20a::]:15000", "127.0.0.1", "nat-observed", Code.CONNECTED),
+        ("[fe80::1]:15000", "2001:db8::5", "strict", Code.ADDRESS_NOT_ALLOWED),
+    ],
+)
+async def test_one_registration_normalises_each_address_once(
+    monkeypatch: pytest.MonkeyPatch, line: str, peer: str, mode: str, code: Code
+) -> None:
+    """From the wire to the recorded outcome, each address is analysed once: the
+    advertised host where the parser builds it, the peer where the edge does."""
+    from registry.net import tcp
+    from registry.policy.addresses import Address
+    from registry.protocol.jsonl import parse_json
+    from registry.protocol.text import parse_line
+
+    service, _, _ = make(f'[policy]\nmode = "{mode}"')
+    service.own = frozenset({tcp.endpoint_of(("127.0.0.1", 9000))})
+    analyse = Address._analyse
+    analysed: list[str] = []
+
+    def counted(self: Address) -> object:
+        analysed.append(str(self))
+        return analyse(self)
+
+    monkeypatch.setattr(Address, "_analyse", counted)
+    tcp._host.cache_clear()  # the edge's parse cache would hide a second parse
+    request = parse_json(line) if line.startswith("{") else parse_line(line.encode() + b"\n")
+    seen = tcp.endpoint_of((peer, 40000))
+    local = tcp.endpoint_of(("127.0.0.1", 9000))
+    outcome = await service.register(request, seen, Protocol.TEXT, 1.0, local)
+    assert outcome.code is code, outcome.explanation
+    assert len(analysed) == 2, analysed  # the advertised host and the peer, once each

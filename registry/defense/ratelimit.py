@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from registry.config import Rate, RateLimitConfig
 from registry.errors import ConfigError
 from registry.model import Endpoint, IPAddress
+from registry.policy.addresses import Address
 
 # Float slack: sums of intervals such as 0.01 drift by ~1e-16 per step; without
 # the slack, the 100th token of "100/second" could be refused by 7e-16 s and
@@ -59,21 +60,12 @@ class Busy:
     scope: Scope
 
 
-def _unmap(addr: IPAddress) -> IPAddress:
-    """``::ffff:a.b.c.d`` is the IPv4 host a.b.c.d seen through a dual-stack socket."""
-    if type(addr) is not ipaddress.IPv4Address:  # not .version: a property call per check
-        mapped = addr.ipv4_mapped  # type: ignore[union-attr]
-        if mapped is not None:
-            return mapped
-    return addr
-
-
 SourceKey = ipaddress.IPv4Address | ipaddress.IPv6Network  # what one "source" is
 
 
 def source_key(addr: IPAddress, ipv6_prefix: int) -> SourceKey:
     """The identity a source is limited under: the IPv4 address, or its IPv6 /prefix network."""
-    addr = _unmap(addr)
+    addr = Address.of(addr).peer
     if addr.version == 4:
         return addr  # type: ignore[return-value]
     return ipaddress.IPv6Network((int(addr), ipv6_prefix), strict=False)
@@ -84,8 +76,8 @@ def _pack(addr: IPAddress, drop_bits: int = 0) -> int:
 
     ``drop_bits`` aggregates an IPv6 address to its network (128 - prefix bits).
     """
-    addr = _unmap(addr)
-    if type(addr) is ipaddress.IPv4Address:
+    addr = Address.of(addr).peer
+    if isinstance(addr, ipaddress.IPv4Address):
         return int(addr)
     return -1 - (int(addr) >> drop_bits)
 

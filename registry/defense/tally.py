@@ -6,6 +6,7 @@ drop (silence.py). Pure."""
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Hashable
 
 from registry.defense.door import REASONS
 
@@ -30,18 +31,19 @@ class RefusalTally:
         # ~150 bytes an entry, two windows: ~3 MB at the cap.
         self.max_sources = max_sources
         self.totals: dict[str, int] = dict.fromkeys(REASONS, 0)
-        self._window: Counter[tuple[str, str]] = Counter()
+        self._window: Counter[tuple[Hashable, str]] = Counter()
         # The window before: a source's repeats count across a flush, so three
         # refusals that straddle one still make three (a fixed window let a loop
         # slowed down by a busy host restart at one forever, short holds and never
         # banned: measured, an attack from 5,000 addresses).
-        self._previous: Counter[tuple[str, str]] = Counter()
+        self._previous: Counter[tuple[Hashable, str]] = Counter()
         self._reasons: Counter[str] = Counter()
         self._others = 0
 
-    def add(self, source: str, reason: str) -> int:
-        """Count one refusal; return how many ``source`` has had for ``reason`` in this
-        window and the one before (1 for a source past ``max_sources``: untracked
+    def add(self, source: Hashable, reason: str) -> int:
+        """Count one refusal of ``source`` (its ``SourceKey``, the identity the limits
+        and bans use); return how many it has had for ``reason`` in this window and
+        the one before (1 for a source past ``max_sources``: untracked
         sources are new ones)."""
         self.totals[reason] += 1
         self._reasons[reason] += 1
@@ -61,7 +63,7 @@ class RefusalTally:
             "refused": sum(self._reasons.values()),
             "by_reason": dict(self._reasons),
             "sources": len({source for source, _ in self._window}),
-            "top": [[s, r, n] for (s, r), n in self._window.most_common(top)],
+            "top": [[str(s), r, n] for (s, r), n in self._window.most_common(top)],
             "untracked": self._others,  # refusals from sources past max_sources
         }
         self._previous, self._window = self._window, Counter()
