@@ -71,10 +71,12 @@ per_source = "1000000/second"
 per_target = "1000000/second"
 per_target_port = "1000000/second"
 global = "1000000/second"
-errors_global = "1000000/second"
 
 [limits]
 max_connections_per_source = 8192
+
+[tuning]
+errors_global = "1000000/second"
 """
 
 PLAIN = " verify=no\n"
