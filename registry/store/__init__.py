@@ -4,14 +4,15 @@
 ``synchronous=FULL`` (an acknowledged reply survives SIGKILL and power loss),
 a ``busy_timeout``, and a schema upgraded through ``PRAGMA user_version``.
 
-``AsyncStore`` (``store/aio.py``) is the trio face the daemon uses. Threading choice: the
-connection is opened with ``check_same_thread=False`` and every call on it
-goes through ``trio.to_thread.run_sync(..., limiter=CapacityLimiter(1))``, so
-sqlite work may hop between trio's cached worker threads but never runs on
-two of them at once, and never on the event loop. Writes are group-committed:
-one writer task drains a memory channel and writes everything queued in one
-transaction, then wakes every waiter; ``record()`` returns only after its
-row has committed (SPEC promise 6).
+``AsyncStore`` (``store/aio.py``) is the trio face the daemon uses. Threading
+choice: every call on the connection runs on one dedicated thread (cheaper
+per call than ``trio.to_thread``), never on the event loop, holding a
+``CapacityLimiter(1)`` that a test can take to pause the store. Writes are
+group-committed: one writer task drains a memory channel and writes
+everything queued in one transaction, then wakes every waiter; ``record()`` returns only after its
+row has committed (SPEC promise 6). The same writer checkpoints the WAL
+between commits, after it has woken the waiters, so no reply waits for a
+checkpoint (see ``AsyncStore``).
 """
 
 from __future__ import annotations
@@ -263,8 +264,13 @@ class Store:
         self.readonly = readonly
 
     @classmethod
-    def open(cls, path: str) -> Store:
-        """Open (creating if needed) and migrate the database at ``path`` for writing."""
+    def open(cls, path: str, *, autocheckpoint: bool = True) -> Store:
+        """Open (creating if needed) and migrate the database at ``path`` for writing.
+
+        ``autocheckpoint=False`` turns off SQLite's automatic WAL checkpoint: it
+        runs inside the commit that crosses 1,000 WAL pages, so that commit waits
+        for two more syncs. The caller then runs ``checkpoint()`` itself.
+        """
         _create_private(path)
         try:
             db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -275,6 +281,8 @@ class Store:
             db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             db.execute("PRAGMA journal_mode = WAL")
             db.execute("PRAGMA synchronous = FULL")
+            if not autocheckpoint:
+                db.execute("PRAGMA wal_autocheckpoint = 0")
             store._migrate()
         except sqlite3.DatabaseError as e:
             db.close()
@@ -358,6 +366,16 @@ class Store:
     def record(self, record: Record) -> None:
         """Insert one record, committed before returning."""
         self.record_many([record])
+
+    def checkpoint(self) -> tuple[int, int]:
+        """Copy the WAL into the database file; return (WAL frames, frames copied).
+
+        PASSIVE: it never waits for a reader (a grader's ``open_readonly``) and
+        copies what it can. Once every frame is copied, the next commit starts
+        the WAL from its beginning again, so the file stops growing.
+        """
+        _busy, frames, copied = self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        return int(frames), int(copied)
 
     def query(
         self,
