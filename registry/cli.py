@@ -115,7 +115,8 @@ def load_config(args: argparse.Namespace) -> config_mod.Config:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from registry.admin.grading import load_roster
-    from registry.server import Registry
+    from registry.net import group
+    from registry.server import Inherited, Registry
     from registry.store import StoreError
 
     try:
@@ -131,8 +132,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _raise_fd_limit()
     _calm_the_garbage_collector()
     status = 0
+    seat = group.worker_seat()
+    n = seat.count if seat is not None else group.resolved_workers(cfg)
+    if seat is not None:  # one of a group's workers, on the sockets its supervisor opened
+        cfg = group.split_limits(cfg, n)
+        run = Registry(
+            cfg,
+            config_path=args.config,
+            loader=lambda: group.split_limits(load_config(args), n),
+            inherited=Inherited(seat.tcp, seat.udp),
+        ).run
+    elif n > 1:
+        argv = sys.argv[1:]
+        run = group.Supervisor(
+            cfg, n, argv, config_path=args.config, loader=lambda: load_config(args)
+        ).run
+    else:
+        run = Registry(cfg, config_path=args.config, loader=lambda: load_config(args)).run
     try:
-        trio.run(Registry(cfg, config_path=args.config, loader=lambda: load_config(args)).run)
+        trio.run(run)
     # except*: errors from inside nurseries arrive wrapped in exception groups.
     except* StoreError as group:
         print(f"registry: results database: {_first(group)}", file=sys.stderr)
@@ -143,6 +161,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         status = 1
     except* KeyboardInterrupt:  # a second Ctrl-C during the drain
         status = 130
+    except* group.GroupFailed as failed:  # a worker could not start: its status
+        status = failed.exceptions[0].status  # type: ignore[attr-defined]
     return status
 
 

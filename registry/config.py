@@ -187,6 +187,9 @@ class ServerConfig(_Section):
     # this long (rounded up to 1, 3, 7, 15, 31, 63 or 127 s) before accept() sees it,
     # so silent stalls cost no descriptor and no work. 0: off.
     defer_accept: Duration = Duration(30.0)
+    # Registry processes sharing the registration ports, each source steered to one
+    # (docs/architecture.md "Workers"); 0: one per core.
+    workers: int = 1
 
 
 class LogConfig(_Section):
@@ -400,6 +403,11 @@ def _semantic_problems(cfg: Config) -> list[str]:
         why = _hostport_problem(cfg.server.admin)
         need(why is None, "server.admin", (why or "") + ' (or "off")')
     need(bool(cfg.server.db), "server.db", "expected a file path")
+    need(
+        0 <= cfg.server.workers <= 64,
+        "server.workers",
+        f"expected 0 (one per core) to 64, got {cfg.server.workers}",
+    )
     need(
         1 <= cfg.server.backlog <= 65535,
         "server.backlog",

@@ -383,6 +383,17 @@ class Store:
             params.append(max(0, limit))
         return [_from_row(row) for row in self._db.execute(sql, params)]
 
+    def after(self, seq: int, limit: int = 1000) -> tuple[int, list[Record]]:
+        """Rows committed after row ``seq`` (oldest first, at most ``limit``) and the last
+        seq seen: a later commit always has a larger seq (AUTOINCREMENT), so a reader
+        polling with it never misses a row another process wrote."""
+        rows = self._db.execute(
+            f"SELECT seq, {', '.join(COLUMNS)} FROM registrations WHERE seq > ? "
+            "ORDER BY seq LIMIT ?",
+            (seq, limit),
+        ).fetchall()
+        return (rows[-1][0] if rows else seq), [_from_row(row[1:]) for row in rows]
+
     def summary(
         self, *, since: float | None = None, student: str | None = None
     ) -> list[StudentSummary]:

@@ -186,6 +186,10 @@ class AsyncStore:
         """``Store.query`` in the worker thread."""
         return await self._call(self._require().query, since=since, student=student, limit=limit)
 
+    async def after(self, seq: int, limit: int = 1000) -> tuple[int, list[Record]]:
+        """``Store.after`` in the worker thread."""
+        return await self._call(self._require().after, seq=seq, limit=limit)
+
     async def summary(
         self, *, since: float | None = None, student: str | None = None
     ) -> list[StudentSummary]:
