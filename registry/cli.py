@@ -115,7 +115,7 @@ def load_config(args: argparse.Namespace) -> config_mod.Config:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from registry.admin.grading import load_roster
-    from registry.net import group
+    from registry.net import group as workers
     from registry.server import Inherited, Registry
     from registry.store import StoreError
 
@@ -132,19 +132,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _raise_fd_limit()
     _calm_the_garbage_collector()
     status = 0
-    seat = group.worker_seat()
-    n = seat.count if seat is not None else group.resolved_workers(cfg)
+    seat = workers.worker_seat()
+    n = seat.count if seat is not None else workers.resolved_workers(cfg)
     if seat is not None:  # one of a group's workers, on the sockets its supervisor opened
-        cfg = group.split_limits(cfg, n)
+        cfg = workers.split_limits(cfg, n)
         run = Registry(
             cfg,
             config_path=args.config,
-            loader=lambda: group.split_limits(load_config(args), n),
+            loader=lambda: workers.split_limits(load_config(args), n),
             inherited=Inherited(seat.tcp, seat.udp),
         ).run
     elif n > 1:
         argv = sys.argv[1:]
-        run = group.Supervisor(
+        run = workers.Supervisor(
             cfg, n, argv, config_path=args.config, loader=lambda: load_config(args)
         ).run
     else:
@@ -161,7 +161,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         status = 1
     except* KeyboardInterrupt:  # a second Ctrl-C during the drain
         status = 130
-    except* group.GroupFailed as failed:  # a worker could not start: its status
+    except* workers.GroupFailed as failed:  # a worker could not start: its status
         status = failed.exceptions[0].status  # type: ignore[attr-defined]
     return status
 
