@@ -377,7 +377,7 @@ def main() -> None:
             # steady size (appends that grow a file cost the filesystem's journal
             # more than overwrites), and every server's code paths are warm.
             for kind in kinds:
-                prime = argparse.Namespace(warmup=0.0, duration=args.prime)
+                prime = argparse.Namespace(warmup=0.0, duration=args.prime, sources=args.sources)
                 run_loadgen(loadgen, servers[kind.server], kind, 16, prime, False)
             for mode in modes:
                 pinned = mode == "pinned"

@@ -23,13 +23,15 @@ from contextlib import closing, contextmanager
 from pathlib import Path
 
 import pytest
+import trio
 
 from registry import config as config_mod
 from registry.config import Rate
 from registry.errors import ConfigError
-from registry.net.group import split_limits
+from registry.net.group import GroupFailed, Supervisor, split_limits
 from registry.net.reuseport import open_group, steering_program, worker_index
-from tests.support import RegistryProcess, http_get, run_registry
+from tests.support import RegistryProcess, free_port, http_get, run_registry
+from tests.test_lifecycle import _wait_for, notify_socket
 
 N = 2
 
@@ -328,3 +330,67 @@ def test_one_admin_endpoint_counts_every_workers_registrations(tmp_path: Path) -
         status, body = http_get(admin_port, "/api/registrations")
         assert status == 200 and all(src.encode() in body for src in picks.values())
         assert reg.stop() == 0
+
+
+def test_group_speaks_sd_notify_for_all_workers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    port = free_port()
+    with notify_socket(port) as (path, messages):
+        monkeypatch.setenv("NOTIFY_SOCKET", path)
+        monkeypatch.setenv("WATCHDOG_USEC", "200000")
+        monkeypatch.delenv("WATCHDOG_PID", raising=False)
+        with run_registry(tmp_path, listen=(f"127.0.0.1:{port}",), config=group_config()) as reg:
+            ready = _wait_for(messages, "READY=1")
+            assert _wait_for(messages, "PROBE=open") == ready + 1, messages
+            assert len(reg.wait_event("worker_ready", count=N)) == N
+            time.sleep(0.5)  # the supervisor's watchdog: every 100 ms
+            assert len([m for _, m in messages if m == "WATCHDOG=1"]) >= 3, messages
+            # the workers' own READY=1 (and probes) go to the supervisor, never here
+            assert sum("READY=1" in m.splitlines() for _, m in messages) == 1, messages
+            assert not [m for _, m in messages if "X_PROBES" in m]
+
+            mark = len(messages)
+            reg.proc.send_signal(signal.SIGHUP)
+            reloading = _wait_for(messages, "RELOADING=1", after=mark)
+            again = _wait_for(messages, "READY=1", after=reloading + 1)
+            assert len(reg.events("reloaded")) == N, "READY=1 only once every worker reloaded"
+            assert again > reloading
+
+            mark = len(messages)
+            reg.proc.send_signal(signal.SIGTERM)
+            _wait_for(messages, "STOPPING=1", after=mark)
+            assert reg.proc.wait(timeout=30) == 0
+
+
+def _gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return True
+    return state in ("Z", "X")
+
+
+def test_workers_of_a_killed_supervisor_drain_and_exit(tmp_path: Path) -> None:
+    with run_registry(tmp_path, config=group_config()) as reg:
+        pids = [e["pid"] for e in reg.wait_event("worker_started", count=N)]
+        reg.wait_event("worker_ready", count=N)
+        reg.proc.send_signal(signal.SIGKILL)
+        assert reg.proc.wait(timeout=10) == -signal.SIGKILL
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not all(_gone(p) for p in pids):
+            time.sleep(0.1)
+        assert all(_gone(p) for p in pids), "a worker outlived its supervisor"
+        assert len(reg.wait_event("stopped", count=N)) == N  # each drained, not killed
+
+
+def test_a_worker_that_cannot_start_stops_the_group_with_its_status(tmp_path: Path) -> None:
+    """Workers whose first start fails (here: their --config is missing, exit 78) make
+    the supervisor stop the group with that status instead of restarting them forever."""
+    cfg = config_mod.from_dict(
+        {"server": {"listen": ["127.0.0.1:0"], "admin": "off", "db": str(tmp_path / "r.db")}}
+    )
+    argv = ["serve", "--config", str(tmp_path / "missing.toml"), "--log-format", "json"]
+    with pytest.raises(GroupFailed) as failed:
+        trio.run(Supervisor(cfg, N, argv).run)
+    assert failed.value.status == 78
