@@ -140,6 +140,8 @@ KINDS = {
     "threaded-echo": Kind("threaded-echo", "threaded-echo", ECHO, True),
     # A/B: the registry package from --base-pythonpath (e.g. `git archive main registry`)
     "registry-base": Kind("registry-base", "registry-base"),
+    # beside a --registry-workers N row: the same registry as one process
+    "registry-1": Kind("registry-1", "registry-1"),
 }
 
 
@@ -156,6 +158,10 @@ def start_server(kind: str, workdir: Path, pythonpath: Path | None, workers: int
         base = workdir / "base"
         base.mkdir(exist_ok=True)
         return start_server("registry", base, pythonpath, workers)
+    if kind == "registry-1":
+        one = workdir / "one"
+        one.mkdir(exist_ok=True)
+        return start_server("registry", one, pythonpath, 1)
     port = free_port()
     log = workdir / f"{kind}-{port}.log"
     env = dict(os.environ)

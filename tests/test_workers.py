@@ -30,8 +30,10 @@ from registry.config import Rate
 from registry.errors import ConfigError
 from registry.net.group import GroupFailed, Supervisor, split_limits
 from registry.net.reuseport import open_group, steering_program, worker_index
+from registry.store import Store
 from tests.support import RegistryProcess, free_port, http_get, run_registry
 from tests.test_lifecycle import _wait_for, notify_socket
+from tests.test_store import T0, rec
 
 N = 2
 
@@ -394,3 +396,26 @@ def test_a_worker_that_cannot_start_stops_the_group_with_its_status(tmp_path: Pa
     with pytest.raises(GroupFailed) as failed:
         trio.run(Supervisor(cfg, N, argv).run)
     assert failed.value.status == 78
+
+
+def test_store_after_reads_other_writers_rows_in_commit_order_once(tmp_path: Path) -> None:
+    """The supervisor's feed: rows two writers commit, each seen once, in commit order,
+    even when an older received_at commits later."""
+    path = str(tmp_path / "r.db")
+    a, b, reader = Store.open(path), Store.open(path), Store.open(path)
+    try:
+        assert reader.last_seq() == 0
+        a.record(rec(1, received_at=T0 + 5))
+        start = reader.last_seq()
+        b.record(rec(2, received_at=T0 + 9))
+        a.record(rec(3, received_at=T0 + 1))  # received earlier, committed later
+        seq, rows = reader.after(start)
+        assert [r.id for r in rows] == ["r2", "r3"]
+        assert reader.after(seq) == (seq, [])
+        b.record(rec(4))
+        seq2, rows = reader.after(seq, limit=5)
+        assert [r.id for r in rows] == ["r4"] and seq2 > seq
+        assert [r.id for r in reader.after(0, limit=2)[1]] == ["r1", "r2"]
+    finally:
+        for s in (a, b, reader):
+            s.close()

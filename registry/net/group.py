@@ -275,9 +275,18 @@ class Supervisor:
                 tcp.append(socks)
                 if cfg.server.udp:
                     bound = socks[0].getsockname()[1]
-                    udp.append(
-                        open_group(host, bound, self.n, kind=socket.SOCK_DGRAM, v6_prefix=prefix)
-                    )
+                    try:
+                        udp.append(
+                            open_group(
+                                host, bound, self.n, kind=socket.SOCK_DGRAM, v6_prefix=prefix
+                            )
+                        )
+                    except OSError as e:  # kernel-chosen TCP ports: the UDP one may be taken
+                        if not (port == 0 and e.errno == errno.EADDRINUSE):
+                            raise OSError(
+                                e.errno, f"cannot listen on udp {spec}: {e.strerror}"
+                            ) from e
+                        log.warning("udp_skipped", address=f"{host}:{bound}", error=e.strerror)
         except OSError:
             for sock in [s for g in tcp + udp for s in g]:
                 sock.close()
@@ -311,8 +320,8 @@ class Supervisor:
                         await sock.bind(os.path.join(workdir, str(w.index)))
                         notices.append(sock)
                         nursery.start_soon(self._notices, w, sock)
-                    last = await self._last_seq(store)  # from now on: the rows of this run
-                    nursery.start_soon(self._poll, store, last)
+                    # from now on: the rows of this run
+                    nursery.start_soon(self._poll, store, await store.last_seq())
                     for w in self.workers:
                         nursery.start_soon(self._keep, w, tcp, udp, workdir, nursery.cancel_scope)
                     with trio.fail_after(READY_TIMEOUT_S):
@@ -362,12 +371,6 @@ class Supervisor:
             raise self.failed
         log.info("stopped", workers=self.n)
 
-    async def _last_seq(self, store: object) -> int:
-        seq, batch = 0, [None]
-        while batch:
-            seq, batch = await store.after(seq, 100_000)  # type: ignore[attr-defined]
-        return seq
-
     async def _signals(self, signals: object, scope: trio.CancelScope) -> None:
         async for signum in signals:  # type: ignore[attr-defined]
             if signum == signal.SIGHUP:
@@ -399,12 +402,11 @@ class Supervisor:
             try:
                 new = self.loader()
                 self.roster = load_roster(new)
-                moved = self.cfg.server != msgspec.structs.replace(
-                    new.server, admin=self.cfg.server.admin
-                )
-                self.cfg = (
-                    new if not moved else msgspec.structs.replace(new, server=self.cfg.server)
-                )
+                # what is bound at start stays (each worker warns of a change)
+                bound = ("listen", "udp", "backlog", "db", "admin", "workers")
+                kept = {k: getattr(self.cfg.server, k) for k in bound}
+                server = msgspec.structs.replace(new.server, **kept)
+                self.cfg = msgspec.structs.replace(new, server=server)
             except ConfigError as e:  # each worker logs reload_failed too, and keeps its config
                 log.error("reload_failed", path=self.config_path, problems=e.problems)
         for w in self.workers:

@@ -383,6 +383,12 @@ class Store:
             params.append(max(0, limit))
         return [_from_row(row) for row in self._db.execute(sql, params)]
 
+    def last_seq(self) -> int:
+        """The newest row's seq (0: none): where a reader of new rows starts."""
+        return int(
+            self._db.execute("SELECT coalesce(max(seq), 0) FROM registrations").fetchone()[0]
+        )
+
     def after(self, seq: int, limit: int = 1000) -> tuple[int, list[Record]]:
         """Rows committed after row ``seq`` (oldest first, at most ``limit``) and the last
         seq seen: a later commit always has a larger seq (AUTOINCREMENT), so a reader

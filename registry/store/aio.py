@@ -186,6 +186,9 @@ class AsyncStore:
         """``Store.query`` in the worker thread."""
         return await self._call(self._require().query, since=since, student=student, limit=limit)
 
+    async def last_seq(self) -> int:
+        return await self._call(self._require().last_seq)
+
     async def after(self, seq: int, limit: int = 1000) -> tuple[int, list[Record]]:
         """``Store.after`` in the worker thread."""
         return await self._call(self._require().after, seq=seq, limit=limit)
