@@ -127,13 +127,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for problem in e.problems:
             print(f"registry: config: {problem}", file=sys.stderr)
         return EXIT_CONFIG
+    seat = workers.worker_seat()
+    n = seat.count if seat is not None else workers.resolved_workers(cfg)
+    if n > 1:  # several processes write to one stderr
+        workers.whole_lines()
     log_mod.describe_config(args.config)
     log_mod.configure(cfg.log.format, cfg.log.level)
     _raise_fd_limit()
     _calm_the_garbage_collector()
     status = 0
-    seat = workers.worker_seat()
-    n = seat.count if seat is not None else workers.resolved_workers(cfg)
     if seat is not None:  # one of a group's workers, on the sockets its supervisor opened
         cfg = workers.split_limits(cfg, n)
         run = Registry(

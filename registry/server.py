@@ -197,7 +197,11 @@ class Registry:
         admin_own = frozenset(_sockname(lst) for lst in admin_listeners)
         udp_socks = await self._open_udp(listeners, admin_listeners)
         async with (
-            AsyncStore(cfg.server.db, retention=cfg.store.retention) as store,
+            AsyncStore(
+                cfg.server.db,
+                retention=cfg.store.retention,
+                writer_lock=cfg.server.db + "-writer" if self.inherited is not None else "",
+            ) as store,
             self._signal_receiver() as signals,
         ):
             # Always wired: the policy refuses names while allow_hostnames is off, so a

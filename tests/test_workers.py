@@ -116,6 +116,12 @@ def workers_of(reg: RegistryProcess, event: str = "registration") -> dict[str, s
     return out
 
 
+def assert_whole_lines(reg: RegistryProcess) -> None:
+    """The group's processes share stderr: every line must still be one JSON object."""
+    for line in list(reg.raw):
+        assert line.startswith("{") and line.endswith("}"), line
+
+
 def group_config(extra: str = "") -> str:
     return f"[server]\nworkers = {N}\n" + extra
 
@@ -235,6 +241,7 @@ def test_per_source_limits_are_exact_across_workers(tmp_path: Path) -> None:
         for seat, sources in picks.items():
             for src in sources:
                 assert served[src] == {seat}, (src, served)
+        assert_whole_lines(reg)
         assert reg.stop() == 0
     reg.wait_event("stopped")
 
@@ -301,6 +308,7 @@ def test_sighup_reaches_every_worker(tmp_path: Path) -> None:
             reg.proc.send_signal(signal.SIGHUP)
             reg.wait_event("group_reloaded")
             assert {e["worker"] for e in reg.events("reloaded")} == set(range(N))
+            assert_whole_lines(reg)
             time.sleep(0.05)  # one token of the new rate refills the old debt
             for seat, src in picks.items():
                 assert register(reg.port, src, ports[seat]).startswith(b"OK connected"), src

@@ -1,37 +1,30 @@
 """``server.workers = N``: a supervisor and N registry processes on shared ports.
 
 The supervisor (the ``registry serve`` the operator started) opens every
-registration socket as a reuseport group (``net/reuseport.py``: N sockets per
-address, a source always steered to the same one), opens the database first
-(so migrations run once), and starts N workers: the same executable, told by
-``REGISTRY_WORKER`` which inherited descriptors are theirs. Each worker is a
-whole registry on its share (``Registry(inherited=...)``) with its admin
-endpoint off; the supervisor serves the one admin endpoint and ``/metrics``:
+registration socket as a reuseport group (``net/reuseport.py``: a source is
+always steered to the same socket), opens the database first (migrations run
+once) and starts N workers: the same executable, told by ``REGISTRY_WORKER``
+which inherited descriptors are theirs. Each worker is a whole registry on its
+share (``Registry(inherited=...)``), admin off. The supervisor serves the one
+admin endpoint: registrations reach it from the database by row
+(``Store.after``: every worker's rows, once each, after their commit); its
+gauges are the sums of the probes each worker sends every second on its
+sd_notify socket (``X_PROBES=``), a socket of the supervisor's.
 
-- registrations reach it from the database, polled by row (``Store.after``),
-  so its metrics counters, histograms and ``/api/events`` see every worker's
-  rows, once each, after their commit;
-- the gauges (open connections, callbacks, bans, refusals...) are the sums of
-  the workers' probes, which each worker sends every second on its sd_notify
-  socket (``X_PROBES=``), so they are at most about a second old.
-
-sd_notify: each worker's ``NOTIFY_SOCKET`` is a socket of the supervisor's;
-it reports READY=1 to systemd when every worker has, RELOADING=1 then READY=1
-around a SIGHUP (forwarded to every worker, each re-reading the file),
-STOPPING=1 on SIGTERM (forwarded; the workers drain, then it exits) and its
-own watchdog. A worker that dies is logged and restarted on the same sockets;
-the connections steered to it wait in its backlog meanwhile. One that dies
-before it was ever ready (a bad config, a database it cannot open) stops the
-group with its exit status.
-
-Global limits are split: each worker enforces 1/N (rounded up) of every
-limit counted over all sources (``split_limits``).
+It reports READY=1 when every worker has, forwards SIGHUP (RELOADING=1, then
+READY=1 once every worker has reloaded) and SIGTERM (STOPPING=1; the workers
+drain), and runs the watchdog. A worker that dies is logged and restarted on
+the same sockets (connections steered to it wait in its backlog); one that
+dies before it was ever ready stops the group with its exit status. Limits
+counted over all sources are split: each worker enforces 1/N, rounded up
+(``split_limits``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
-import ipaddress
+import io
 import json
 import math
 import os
@@ -55,6 +48,7 @@ from registry.config import Config, Rate
 from registry.metrics import Probes
 from registry.model import Endpoint
 from registry.net.reuseport import open_group
+from registry.net.tcp import endpoint_of
 from registry.sdnotify import Notifier
 from registry.store import Record
 
@@ -78,7 +72,7 @@ def resolved_workers(cfg: Config) -> int:
 
 
 def _share(value: int, n: int) -> int:
-    return max(1, math.ceil(value / n)) if value > 0 else value
+    return max(1, math.ceil(value / n)) if value > 0 else value  # 0 stays "off"
 
 
 def _rate(rate: Rate, n: int) -> Rate:
@@ -138,6 +132,15 @@ def worker_seat(environ: dict[str, str] | None = None) -> WorkerSeat | None:
         _watch_parent(int(parent))
         structlog.contextvars.bind_contextvars(worker=index)
     return seat
+
+
+def whole_lines() -> None:
+    """stderr written one whole line per write(): lines of the group's processes
+    sharing it never interleave (print() writes a line and its newline apart)."""
+    raw = open(2, "wb", buffering=1 << 16, closefd=False)  # noqa: SIM115 (lives as stderr)
+    sys.stderr = io.TextIOWrapper(
+        raw, encoding="utf-8", errors="backslashreplace", line_buffering=True
+    )
 
 
 def _watch_parent(parent: int) -> None:
@@ -303,7 +306,7 @@ class Supervisor:
 
         self.roster = load_roster(self.cfg)
         tcp, udp = self._open_sockets()
-        self.tcp = [_endpoint(g[0]) for g in tcp]
+        self.tcp = [endpoint_of(g[0].getsockname()) for g in tcp]
         workdir = tempfile.mkdtemp(prefix="registry-group-")
         admin_listeners: list[trio.SocketListener] = []
         try:
@@ -311,7 +314,10 @@ class Supervisor:
                 admin_listeners = await open_admin_listeners(*parse_hostport(self.cfg.server.admin))
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as sigs:
                 async with (
-                    AsyncStore(self.cfg.server.db, retention=self.cfg.store.retention) as store,
+                    # migrated here, once; read here; written (and purged) by the workers
+                    AsyncStore(
+                        self.cfg.server.db, writer_lock=self.cfg.server.db + "-writer"
+                    ) as store,
                     trio.open_nursery() as nursery,
                 ):
                     notices = []
@@ -347,13 +353,13 @@ class Supervisor:
                             silent_after=lambda: self.cfg.limits.silent_drop_after,
                         )
                         await nursery.start(AdminServer(view).serve, admin_listeners)
-                        admin = str(_endpoint(admin_listeners[0].socket))
+                        admin = str(endpoint_of(admin_listeners[0].socket.getsockname()))
                     if self.notifier.watchdog_interval:
                         nursery.start_soon(self._watchdog, self.notifier.watchdog_interval)
                     log.info(
                         "listening",
                         tcp=[str(e) for e in self.tcp],
-                        udp=[str(_endpoint(g[0])) for g in udp],
+                        udp=[str(endpoint_of(g[0].getsockname())) for g in udp],
                         admin=admin,
                         db=self.cfg.server.db,
                         policy=self.cfg.policy.mode,
@@ -367,6 +373,8 @@ class Supervisor:
             for sock in [s for g in tcp + udp for s in g]:
                 sock.close()
             shutil.rmtree(workdir, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                os.unlink(self.cfg.server.db + "-writer")  # the workers' writer_lock
         if self.failed is not None:
             raise self.failed
         log.info("stopped", workers=self.n)
@@ -486,8 +494,3 @@ class Supervisor:
         while True:
             self.notifier.watchdog()
             await trio.sleep(interval)
-
-
-def _endpoint(sock: socket.socket | trio.socket.SocketType) -> Endpoint:
-    host, port = sock.getsockname()[:2]
-    return Endpoint(ipaddress.ip_address(host), port)

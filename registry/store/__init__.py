@@ -16,6 +16,7 @@ row has committed (SPEC promise 6).
 
 from __future__ import annotations
 
+import fcntl
 import os
 import secrets
 import sqlite3
@@ -261,10 +262,14 @@ class Store:
         self._db = db
         self.path = path
         self.readonly = readonly
+        # Writers of a worker group queue on this file's flock before each transaction:
+        # the kernel wakes the next one at once, where SQLite's busy handler sleeps.
+        self._writer_lock: int | None = None
 
     @classmethod
-    def open(cls, path: str) -> Store:
-        """Open (creating if needed) and migrate the database at ``path`` for writing."""
+    def open(cls, path: str, *, writer_lock: str = "") -> Store:
+        """Open (creating if needed) and migrate the database at ``path`` for writing;
+        ``writer_lock``: a file every process writing ``path`` locks around its writes."""
         _create_private(path)
         try:
             db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -272,15 +277,22 @@ class Store:
             raise StoreError(f"{path}: cannot open results database: {e}") from e
         store = cls(db, path, readonly=False)
         try:
+            if writer_lock:
+                store._writer_lock = os.open(
+                    writer_lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+                )
             db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             db.execute("PRAGMA journal_mode = WAL")
             db.execute("PRAGMA synchronous = FULL")
             store._migrate()
         except sqlite3.DatabaseError as e:
-            db.close()
+            store.close()
             raise StoreError(f"{path}: not a usable results database: {e}") from e
+        except OSError as e:
+            store.close()
+            raise StoreError(f"{writer_lock}: cannot open the writers' lock: {e.strerror}") from e
         except BaseException:
-            db.close()
+            store.close()
             raise
         return store
 
@@ -330,15 +342,21 @@ class Store:
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:
-        self._db.execute("BEGIN IMMEDIATE")
+        if self._writer_lock is not None:
+            fcntl.flock(self._writer_lock, fcntl.LOCK_EX)
         try:
-            yield
-            self._db.execute("COMMIT")
-        except BaseException:
-            # A failed COMMIT may or may not have ended the transaction already.
-            if self._db.in_transaction:
-                self._db.execute("ROLLBACK")
-            raise
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+                self._db.execute("COMMIT")
+            except BaseException:
+                # A failed COMMIT may or may not have ended the transaction already.
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+        finally:
+            if self._writer_lock is not None:
+                fcntl.flock(self._writer_lock, fcntl.LOCK_UN)
 
     @property
     def schema_version(self) -> int:
@@ -448,6 +466,9 @@ class Store:
 
     def close(self) -> None:
         self._db.close()
+        if self._writer_lock is not None:
+            os.close(self._writer_lock)
+            self._writer_lock = None
 
 
 from registry.store.aio import AsyncStore  # noqa: E402  (it builds on Store, above)

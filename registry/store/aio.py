@@ -54,8 +54,10 @@ class AsyncStore:
         wallclock: Callable[[], float] = time.time,
         max_batch: int = 512,
         max_queue: int = 4096,
+        writer_lock: str = "",
     ) -> None:
         self.path = path
+        self.writer_lock = writer_lock  # Store.open's: one of a worker group's writers
         self.retention = retention
         # Often enough that the table never holds much more than `retention`,
         # rarely enough that the DELETE is no load: between a minute and an hour.
@@ -89,7 +91,10 @@ class AsyncStore:
 
     @asynccontextmanager
     async def _lifetime(self) -> AsyncIterator[AsyncStore]:
-        self._store = await trio.to_thread.run_sync(Store.open, self.path, limiter=self._limiter)
+        self._store = await trio.to_thread.run_sync(
+            functools.partial(Store.open, self.path, writer_lock=self.writer_lock),
+            limiter=self._limiter,
+        )
         try:
             if self.retention > 0:
                 await self._purge_once()
