@@ -61,13 +61,13 @@ Scenarios (attack sources are 127.2.x.y / 127.3.x.y / 127.4.x.y; honest ones 127
 - ``stall1-N``: the same, each sending one byte (``1``) first. The registry
   frames it after the quiet period and refuses it; the attacker reconnects.
   Concentrated on N/25 sources, these attackers are refused again and again
-  and banned (``limits.ban_after``): the kernel then drops their SYNs.
+  and banned (``ban_after``): the kernel then drops their SYNs.
 - ``wide0-N`` / ``wide1-N``: the same stalls from N sources, one connection
   each: no source is ever over its connection cap. The registry holds all N
   stalls and records each one it cuts; under pressure each such error fines
-  its source (``ratelimit.error_fine``), whose next connections are refused
+  its source (``error_fine``), whose next connections are refused
   with a long ``retry_after``, and a source that comes back inside it anyway
-  is banned for the rest of that wait (``limits.ban_after_ignored``).
+  is banned for the rest of that wait (``ban_after_ignored``).
 
 - ``flood``: one source, 64 registrations in flight back to back.
 - ``spray``: a new source address per registration, 400 a second on average

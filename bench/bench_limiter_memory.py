@@ -1,4 +1,4 @@
-"""Memory and speed of registry.ratelimit under a spray of distinct sources.
+"""Memory and speed of registry.defense.ratelimit under a spray of distinct sources.
 
 Run:  python bench/bench_limiter_memory.py [--full] [--max-entries N]
 
@@ -34,8 +34,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from registry.config import Rate, RateLimitConfig  # noqa: E402
+from registry.defense.ratelimit import Allowed, Busy, RateLimiter, source_key  # noqa: E402
 from registry.model import Endpoint, IPAddress  # noqa: E402
-from registry.ratelimit import Allowed, Busy, RateLimiter, source_key  # noqa: E402
 
 BASE = int(ipaddress.IPv4Address("10.0.0.0"))
 STEP = 1e-6  # virtual seconds between checks: a million checks per second
@@ -59,10 +59,9 @@ class DictLimiter:
             bucket[1] = now
         return bucket
 
-    def check(self, source: IPAddress, target: Endpoint | None, now: float) -> Allowed | Busy:
+    def callback(self, source: IPAddress, target: Endpoint, now: float) -> Allowed | Busy:
         keys: list[tuple[int, object]] = [(0, source_key(source, self.cfg.ipv6_prefix)), (3, 0)]
-        if target is not None:
-            keys += [(1, target.host), (2, (target.host, target.port))]
+        keys += [(1, target.host), (2, (target.host, target.port))]
         buckets = [(i, self._tokens(i, k, now)) for i, k in keys]
         short = [(1 - b[0]) / self.rates[i].per_second for i, b in buckets if b[0] < 1]
         if short:
@@ -101,7 +100,7 @@ def traced_kib(make: Callable[[], Limiter], n: int) -> tuple[int, float, float]:
     start = time.perf_counter()
     lim = make()
     for i, (src, tgt) in enumerate(spray(n)):
-        lim.check(src, tgt, i * STEP)
+        lim.callback(src, tgt, i * STEP)
     elapsed = time.perf_counter() - start
     gc.collect()
     retained = tracemalloc.get_traced_memory()[0] - before
@@ -116,7 +115,7 @@ def rate_per_second(make: Callable[[], Limiter], reqs: list[tuple[IPAddress, End
     lim = make()
     start = time.perf_counter()
     for i, (src, tgt) in enumerate(reqs):
-        lim.check(src, tgt, i * STEP)
+        lim.callback(src, tgt, i * STEP)
     return len(reqs) / (time.perf_counter() - start)
 
 

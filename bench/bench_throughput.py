@@ -71,10 +71,12 @@ per_source = "1000000/second"
 per_target = "1000000/second"
 per_target_port = "1000000/second"
 global = "1000000/second"
-errors_global = "1000000/second"
 
 [limits]
 max_connections_per_source = 8192
+
+[tuning]
+errors_global = "1000000/second"
 """
 
 PLAIN = " verify=no\n"
@@ -167,7 +169,7 @@ def start_server(kind: str, workdir: Path, pythonpath: Path | None, workers: int
     env = dict(os.environ)
     if kind == "registry":
         config = workdir / "lifted.toml"
-        config.write_text(LIFTED + f"\n[server]\nworkers = {workers}\n")
+        config.write_text(LIFTED + f"workers = {workers}\n")  # in LIFTED's [tuning]
         exe = Path(sys.executable).parent / "registry"
         cmd = [str(exe), "serve", "--config", str(config), "--listen", f"127.0.0.1:{port}"]
         cmd += ["--admin", f"127.0.0.1:{free_port()}", "--db", str(workdir / "registry.db")]

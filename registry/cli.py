@@ -13,6 +13,7 @@ import trio
 
 from registry import config as config_mod
 from registry import log as log_mod
+from registry.config import Config
 from registry.errors import ConfigError
 
 # sysexits EX_CONFIG: a bad config is not transient, and the systemd unit lists
@@ -29,7 +30,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from registry import results
+    from registry.admin import results
 
     parser = _Parser(prog="registry", description="The Callback Connection lab's Registry Server.")
     parser.add_argument("--version", action="version", version=version_line())
@@ -114,7 +115,7 @@ def load_config(args: argparse.Namespace) -> config_mod.Config:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from registry.admin.grading import load_roster
+    from registry.admin.core.grading import load_roster
     from registry.net import group as workers
     from registry.server import Inherited, Registry
     from registry.store import StoreError
@@ -203,7 +204,7 @@ def _first(group: BaseExceptionGroup) -> BaseException:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from registry.admin.grading import load_roster
+    from registry.admin.core.grading import load_roster
 
     try:
         cfg = config_mod.load(args.file)
@@ -212,14 +213,49 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         for problem in e.problems:
             print(problem)
         return 2
-    print(config_mod.summary(cfg))
+    print(config_summary(cfg))
     if roster is not None:
         print(f"  class       {len(roster)} students in {roster.path}")
     return 0
 
 
+def config_summary(cfg: Config) -> str:
+    """A few lines an operator can eyeball after check-config."""
+    rl, lim, pol = cfg.ratelimit, cfg.limits, cfg.policy
+    ports = ", ".join(f"{p.low}-{p.high}" for p in pol.ports)
+    lines = [
+        "config OK",
+        f"  listen      {', '.join(cfg.server.listen)} (udp {'on' if cfg.server.udp else 'off'})",
+        f"  admin       {cfg.server.admin}",
+        f"  db          {cfg.server.db}",
+        f"  policy      mode={pol.mode} ports={ports} hostnames={'on' if pol.allow_hostnames else 'off'}"
+        f" allow={len(pol.allow_networks)} deny={len(pol.deny_networks)}",
+        f"  auth        {cfg.auth.mode}",
+        f"  ratelimit   per_source={rl.per_source.count}/{rl.per_source.period:g}s"
+        f" per_target={rl.per_target.count}/{rl.per_target.period:g}s"
+        f" global={rl.global_.count}/{rl.global_.period:g}s",
+        f"  limits      connections={lim.max_connections} per_source={lim.max_connections_per_source}"
+        f" callbacks={lim.max_callbacks_in_flight}+{lim.max_callback_queue} queued",
+        f"  profile     {lim.profile} (docs/limits.md)",
+        f"  bans        after {lim.ban_after} refusals in 10s, for {lim.ban_duration:g}s"
+        + (
+            f"; after {lim.ban_after_ignored} ignored wait"
+            f"{'' if lim.ban_after_ignored == 1 else 's'}, for the wait"
+            if lim.ban_after_ignored
+            else ""
+        )
+        if lim.ban_after
+        else "  bans        off",
+        f"  silent      after {lim.silent_drop_after} in 10s, the kernel keeps them"
+        f" for {lim.silent_drop_duration:g}s"
+        if lim.silent_drop_after
+        else "  silent      never dropped",
+    ]
+    return "\n".join(lines)
+
+
 def cmd_token(args: argparse.Namespace) -> int:
-    from registry import auth
+    from registry.policy import auth
 
     try:
         cfg = config_mod.load(args.config) if args.config else config_mod.Config()
@@ -249,7 +285,7 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Console-script entry point."""
-    from registry import results
+    from registry.admin import results
 
     args = build_parser().parse_args(argv)
     commands = {

@@ -95,7 +95,7 @@ class _StateCollector(Collector):
             ("registry_banned_sources", "Sources banned now (SYNs dropped)", p.bans_active),
             (
                 "registry_silent_drop",
-                "1 while the kernel drops silent handshakes (limits.silent_drop_after)",
+                "1 while the kernel drops silent handshakes (the profile's silent_drop_after)",
                 p.silent_drop,
             ),
             ("registry_event_clients", "Admin /api/events streams open now", p.event_clients),
@@ -122,7 +122,7 @@ class _StateCollector(Collector):
         yield dropped
         yield CounterMetricFamily(
             "registry_bans",
-            "Sources banned for being refused limits.ban_after times within 10 s",
+            "Sources banned for being refused the profile's ban_after times within 10 s",
             value=float(p.bans_total()),
         )
         yield InfoMetricFamily(

@@ -8,6 +8,8 @@ reply line built from the same object.
 from __future__ import annotations
 
 import ipaddress
+import math
+import re
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
@@ -107,7 +109,10 @@ class Protocol(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Endpoint:
-    """An address and port, always in canonical form (never the raw input text)."""
+    """An address and port, always in canonical form (never the raw input text).
+
+    The edge builds ``host`` as a ``registry.policy.addresses.Address``: parsed
+    once, its analysis kept for policy, limits and cookies."""
 
     host: IPAddress
     port: int
@@ -165,3 +170,149 @@ class Outcome:
 
     def with_(self, **changes: object) -> Outcome:
         return replace(self, **changes)  # type: ignore[arg-type]
+
+
+# --- the config's values with units, parsed from TOML by registry.config -------
+
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_RATE_UNITS = {"second": 1.0, "minute": 60.0, "hour": 3600.0}
+_RATE_RE = re.compile(r"^\s*(\d+)\s*/\s*(second|minute|hour)\s*$")
+
+
+class Duration(float):
+    """Seconds; written in TOML as ``"250ms"``, ``"5s"``, ``"2m"``, ``"1h"``, ``"30d"`` or a number.
+
+    A subclass may set a range (``positive``, ``most``): msgspec's ``Meta``
+    constraints apply to builtin types only, so ``parse`` checks it.
+    """
+
+    positive = False
+    most = math.inf
+    expect = ""
+
+    @classmethod
+    def parse(cls, value: object) -> Duration:
+        if isinstance(value, bool):
+            raise TypeError(f'expected a duration like "5s", got {value!r}')
+        if isinstance(value, int | float):
+            if value < 0:
+                raise ValueError(f"expected a non-negative duration, got {value!r}")
+            seconds = float(value)
+        elif isinstance(value, str):
+            m = _DURATION_RE.match(value)
+            if not m:
+                raise ValueError(f'expected a duration like "250ms", "5s", "2m", got "{value}"')
+            seconds = float(m.group(1)) * _UNITS[m.group(2)]
+        else:
+            raise TypeError(f'expected a duration like "5s", got {type(value).__name__}')
+        if (cls.positive and seconds <= 0) or seconds > cls.most:
+            raise ValueError(cls.expect)
+        return cls(seconds)
+
+
+class _Value:
+    """A value equal, hashed and shown by its slots."""
+
+    __slots__: tuple[str, ...] = ()
+
+    def _key(self) -> tuple[object, ...]:
+        return tuple(getattr(self, s) for s in self.__slots__)
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and self._key() == other._key()  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}('{self}')"
+
+
+class Rate(_Value):
+    """``"N/unit"`` with unit second, minute or hour, N >= 1: N events per period."""
+
+    __slots__ = ("count", "period")
+
+    def __init__(self, count: int, period: float) -> None:
+        self.count, self.period = count, period
+
+    @classmethod
+    def parse(cls, value: object) -> Rate:
+        m = _RATE_RE.match(value) if isinstance(value, str) else None
+        if not m:
+            raise ValueError(f'expected "N/unit", got {value!r}'.replace("'", '"'))
+        if int(m.group(1)) < 1:
+            raise ValueError(f'expected N >= 1 in "N/unit", got "{value}"')
+        return cls(int(m.group(1)), _RATE_UNITS[m.group(2)])
+
+    @property
+    def per_second(self) -> float:
+        return self.count / self.period
+
+    def __str__(self) -> str:
+        unit = {v: k for k, v in _RATE_UNITS.items()}.get(self.period, f"{self.period}s")
+        return f"{self.count}/{unit}"
+
+
+class PortRange(_Value):
+    """``"1024-65535"`` or ``"15000"``: an inclusive range of TCP/UDP ports."""
+
+    __slots__ = ("low", "high")
+
+    def __init__(self, low: int, high: int) -> None:
+        self.low, self.high = low, high
+
+    @classmethod
+    def parse(cls, value: object) -> PortRange:
+        if isinstance(value, int) and not isinstance(value, bool):
+            low = high = value
+        elif isinstance(value, str) and re.fullmatch(r"\s*\d{1,5}\s*(-\s*\d{1,5}\s*)?", value):
+            parts = [int(p) for p in value.split("-")]
+            low, high = parts[0], parts[-1]
+        else:
+            raise ValueError(f'expected a port range like "10000-20000", got {value!r}')
+        if not (1 <= low <= high <= 65535):
+            raise ValueError(f"expected ports within 1-65535 with low <= high, got {value!r}")
+        return cls(low, high)
+
+    def __contains__(self, port: int) -> bool:
+        return self.low <= port <= self.high
+
+    def __str__(self) -> str:
+        return f"{self.low}-{self.high}"
+
+
+class CIDR(_Value):
+    """A ``"10.0.0.0/8"`` network from the config; ``.network`` is the ipaddress object.
+
+    A wrapper because msgspec allows one custom type per union.
+    """
+
+    __slots__ = ("network",)
+
+    def __init__(self, network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> None:
+        self.network = network
+
+    @classmethod
+    def parse(cls, value: object) -> CIDR:
+        if not isinstance(value, str):
+            raise TypeError(f'expected a CIDR network like "10.0.0.0/8", got {value!r}')
+        try:
+            return cls(ipaddress.ip_network(value.strip(), strict=True))
+        except ValueError as e:
+            raise ValueError(
+                f'expected a CIDR network like "10.0.0.0/8", got "{value}" ({e})'
+            ) from None
+
+    @property
+    def version(self) -> int:
+        return self.network.version
+
+    def __contains__(self, addr: object) -> bool:
+        return isinstance(addr, IPAddress) and (
+            addr.version == self.network.version and addr in self.network
+        )
+
+    def __str__(self) -> str:
+        return str(self.network)

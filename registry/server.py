@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import ipaddress
-import math
 import os
 import signal
 import socket
@@ -27,46 +26,46 @@ import trio
 
 from registry import config as config_mod
 from registry import log as log_mod
-from registry.admin.grading import Roster, load_roster
+from registry.admin.core.grading import Roster, load_roster
 from registry.admin.http import AdminServer
 from registry.admin.http import open_listeners as open_admin_listeners
 from registry.admin.view import DaemonView
-from registry.bans import Ban, BanList
 from registry.config import Config
-from registry.conncaps import ConnectionCaps
-from registry.door import (
+from registry.defense.bans import Ban, BanList
+from registry.defense.conncaps import ConnectionCaps
+from registry.defense.door import (
     RATE_LIMITED,
     SILENT,
     TOTAL,
     Admitted,
     Door,
-    RefusalTally,
     Refused,
     told_of_ban,
 )
+from registry.defense.ratelimit import debt_threshold
+from registry.defense.silence import SilentGuard
+from registry.defense.tally import WINDOW_S, RefusalTally
 from registry.errors import ConfigError, ProtocolError
 from registry.metrics import Probes
 from registry.model import Code, Endpoint, Protocol, Request
 from registry.net.accept import accept_loop, defer_accept, held_silent
-from registry.net.banfilter import BanFilter, detach_inherited
 from registry.net.connector import TcpConnector
 from registry.net.doorway import Doorway, send_and_close
 from registry.net.group import report_probes
 from registry.net.interfaces import is_local_address
+from registry.net.kernel.banfilter import BanFilter, detach_inherited
 from registry.net.resolver import TrioResolver
+from registry.net.sdnotify import Notifier
 from registry.net.tcp import RawStream, TcpHandler, endpoint_of, reject_unread
 from registry.net.udp import new_reply_budget, open_udp_sockets, serve_udp, udp_endpoint
 from registry.net.waiting import Waiting, WaitingRoom
+from registry.policy.addresses import Address
 from registry.protocol.cookies import CookieJar
-from registry.sdnotify import Notifier
 from registry.service import Connector, Service
-from registry.silence import SilentGuard
 from registry.store import AsyncStore
 
 log = structlog.get_logger(component="server")
 
-# Door refusals are summed up in one log line per window, never one per connection.
-REFUSAL_LOG_INTERVAL_S = 10.0
 # source_banned lines per log interval; the bans past them are summed up in one
 # bans_made line at the interval's end (a wave of 4,000 bans was 4,000 lines and
 # ~0.3 s of the event loop)
@@ -416,7 +415,7 @@ class Registry:
             decision = self.door.arrive(peer.host, now)
         if isinstance(decision, Refused):
             self.admission.release_on_behalf_of(token)
-            repeat = self.tally.add(str(decision.key), decision.reason)
+            repeat = self.tally.add(decision.key, decision.reason)
             # A source refused again waits longer; a silent one has waited out the kernel
             # already, and its next connection waits there again: answered at once.
             delay = 0.0 if decision.reason == SILENT else self.doorway.delay_for(repeat)
@@ -435,7 +434,7 @@ class Registry:
             self._start(handlers, handler, waiting, None)
 
     def _note_silent(self, now: float, n: int) -> None:
-        """``n`` connections sent nothing before their read deadline (registry/silence.py)."""
+        """``n`` connections sent nothing before their read deadline (registry/defense/silence.py)."""
         if self.silent.note(now, n):
             self.ban_filter.poke()  # the filter starts dropping bare ACKs
 
@@ -511,7 +510,7 @@ class Registry:
     async def _report_refusals(self) -> None:
         """One log line per interval for everything the door refused (never one per connection)."""
         while True:
-            await trio.sleep(REFUSAL_LOG_INTERVAL_S)
+            await trio.sleep(WINDOW_S)
             self._log_refusals()
 
     def _log_refusals(self) -> None:
@@ -620,19 +619,11 @@ def _ban_settings(cfg: Config) -> dict[str, Any]:
         "max_entries": lim.max_bans,
         "exempt": [cidr.network for cidr in lim.ban_exempt_networks],
         "ignored_after": lim.ban_after_ignored,
-        # Longer than any hold and than one token's time (what an empty bucket waits):
-        # only a fined source, in debt, is told to wait that long. (A per_source of
-        # 5/minute tells a merely rate-limited student 12 s, more than the hold.)
-        "long_wait": max(lim.max_refusal_delay, math.ceil(_token_time(cfg))),
+        "long_wait": debt_threshold(cfg.ratelimit.per_source, lim.max_refusal_delay),
         "spread": lim.ban_spread,
     }
 
 
-def _token_time(cfg: Config) -> float:
-    rate = cfg.ratelimit.per_source
-    return rate.period / rate.count if rate.count > 0 else 0.0
-
-
 def _sockname(listener: trio.SocketListener) -> Endpoint:
     host, port = listener.socket.getsockname()[:2]
-    return Endpoint(ipaddress.ip_address(host), port)
+    return Endpoint(Address.of(host), port)

@@ -19,23 +19,15 @@ from typing import Protocol as TypingProtocol
 import structlog
 import trio
 
-from registry import auth
 from registry import config as config_mod
 from registry.config import Config
-from registry.conncaps import CallbackSlots
+from registry.defense.conncaps import CallbackSlots
+from registry.defense.ratelimit import ALLOWED, Allowed, Busy, RateLimiter
 from registry.errors import ProtocolError
 from registry.model import Code, Diagnosis, Endpoint, IPAddress, Outcome, Protocol, Request, Status
-from registry.net.interfaces import is_local_address
-from registry.policy.decide import (
-    Allow,
-    Deny,
-    IsLocal,
-    NeedsResolution,
-    decide,
-    decide_resolved,
-)
+from registry.policy import auth
+from registry.policy.decide import Allow, Deny, IsLocal, NeedsResolution, decide, decide_resolved
 from registry.protocol.callback import make_nonce
-from registry.ratelimit import Busy, RateLimiter
 from registry.store import Record
 
 log = structlog.get_logger(component="service")
@@ -97,7 +89,7 @@ class Service:
         recorder: Recorder,
         resolver: Resolver | None = None,
         own: frozenset[Endpoint] = frozenset(),
-        is_local: IsLocal = is_local_address,
+        is_local: IsLocal,
         clock: Callable[[], float] = trio.current_time,
         wallclock: Callable[[], float] = time.time,
         random_bytes: Callable[[int], bytes] = os.urandom,
@@ -107,7 +99,8 @@ class Service:
         self.resolver = resolver
         self.own = own
         # Is an address this host's? Behind a wildcard listener every host address
-        # reaches our ports (self_target); tests inject a predicate of their own.
+        # reaches our ports (self_target). Always injected: asking the host is the
+        # edge's work (net/interfaces.py), and there is no safe guess without it.
         self.is_local = is_local
         self.clock = clock
         self.wallclock = wallclock
@@ -160,7 +153,7 @@ class Service:
         injected one covers every other address of this host). ``connector``
         overrides the default dialler (UDP registrations are called back over UDP).
         ``source_paid``: the connection already took its source's rate-limit
-        token at the door (registry/door.py), so only the target and global
+        token at the door (registry/defense/door.py), so only the target and global
         buckets are checked here.
         """
         started = self.clock()
@@ -197,7 +190,7 @@ class Service:
             self.limiter.penalize(peer.host, started)
             busy = None
         else:
-            busy = self.limiter.check(peer.host, None, started, include_global=False)
+            busy = self.limiter.admit(peer.host, started)
             if not isinstance(busy, Busy):  # recorded as an error: it counts toward pressure
                 self.limiter.note_error(started)
         if isinstance(busy, Busy):
@@ -227,13 +220,7 @@ class Service:
         target = decision.target if isinstance(decision, Allow) else None
         # The global bucket bounds callbacks; a refused request makes none, so it
         # pays only its source's token and cannot starve honest students.
-        busy = self.limiter.check(
-            peer.host,
-            target,
-            self.clock(),
-            include_global=target is not None,
-            include_source=not source_paid,
-        )
+        busy = self._charge(peer.host, target, source_paid)
         if isinstance(busy, Busy):
             return _busy(busy)
         if isinstance(decision, Deny):
@@ -247,6 +234,14 @@ class Service:
             log.warning("policy_report_only", note=note, target=str(decision.target))
         return await self._callback(request, decision, reg_id, connector)
 
+    def _charge(self, source: IPAddress, target: Endpoint | None, paid: bool) -> Allowed | Busy:
+        """A decided request's tokens: a callback's (``target``), else the source's alone,
+        which a source that ``paid`` at the door has paid already."""
+        now, limiter = self.clock(), self.limiter
+        if target is None:
+            return ALLOWED if paid else limiter.admit(source, now)
+        return limiter.paid_callback(target, now) if paid else limiter.callback(source, target, now)
+
     async def _decide(
         self, request: Request, peer: Endpoint, own: frozenset[Endpoint], source_paid: bool
     ) -> Allow | Deny | Busy:
@@ -258,7 +253,7 @@ class Service:
         # look (without taking) before resolving; the real check follows. (A
         # source that paid at the door was admitted there, under this same limit.)
         if not source_paid:
-            busy = self.limiter.check(peer.host, None, self.clock(), take=False)
+            busy = self.limiter.peek(peer.host, self.clock())
             if isinstance(busy, Busy):
                 return busy
         if self.resolver is None:
@@ -415,11 +410,11 @@ class Service:
         """The ERROR reply to a bad request, after its price was taken. A source fined
         under pressure (``RateLimiter.penalize``) is told its wait here, with
         ``retry_after``, so its first refusal at the door is already one it was told
-        about (``limits.ban_after_ignored`` counts those)."""
+        about (``ban_after_ignored`` counts those)."""
         outcome = Outcome(code=error.code, explanation=error.explanation)
         if not self.limiter.fining:
             return outcome
-        busy = self.limiter.check(peer.host, None, now, take=False, include_global=False)
+        busy = self.limiter.owed(peer.host, now)
         if not isinstance(busy, Busy):
             return outcome
         return outcome.with_(

@@ -29,12 +29,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from registry import config as config_mod
 from registry.admin import pages as dashboard
+from registry.admin.core.grading import parse_roster
 from registry.admin.events import EventHub
-from registry.admin.grading import parse_roster
 from registry.admin.http import AdminServer, AdminSettings, open_listeners
-from registry.conncaps import ConnectionCaps
+from registry.defense.conncaps import ConnectionCaps
 from registry.metrics import Metrics
 from registry.model import Endpoint, Protocol, Request
+from registry.net.interfaces import is_local_address
 from registry.server import Runtime, daemon_view
 from registry.service import Service
 from registry.store import AsyncStore, Record
@@ -84,7 +85,9 @@ async def admin_server(
 ) -> AsyncIterator[Admin]:
     cfg = config_mod.loads(cfg_text)
     async with AsyncStore(str(tmp_path / "registry.db")) as store:
-        service = Service(cfg, connector=ScriptedConnector(), recorder=store)
+        service = Service(
+            cfg, is_local=is_local_address, connector=ScriptedConnector(), recorder=store
+        )
         runtime = Runtime(cfg, service, ConnectionCaps(16, 4), store, tcp=[PEER])
         server = AdminServer(daemon_view(runtime), settings)
         listeners = await open_listeners("127.0.0.1", 0)

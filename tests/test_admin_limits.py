@@ -16,8 +16,8 @@ import pytest
 import trio
 
 from registry import config as config_mod
-from registry.admin import access
-from registry.admin.access import (
+from registry.admin.core import access
+from registry.admin.core.access import (
     COOKIE,
     COOKIE_MAX_AGE,
     Allow,
@@ -27,8 +27,8 @@ from registry.admin.access import (
     cookie_value,
     host_allowed,
 )
+from registry.admin.core.slots import AdminSlots
 from registry.admin.http import AdminSettings
-from registry.admin.slots import AdminSlots
 from tests.test_admin import TOKEN, admin_server, raw_exchange
 
 HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"

@@ -227,7 +227,7 @@ OPEN_RATES = {
 
 
 # Tests that hold slots with connections that send nothing: those must reach the
-# registry at once, not wait in the kernel (server.defer_accept, tested below).
+# registry at once, not wait in the kernel (the profile's defer_accept, tested below).
 HELD_BY_US = {"defer_accept": 0}
 
 
@@ -250,10 +250,9 @@ async def test_2000_stalled_connections_and_an_honest_registration(tmp_path: Pat
     # connecting to itself, never answered (tests/test_silence.py).
     read_deadline = 3.0
     cfg = config(
-        server=HELD_BY_US,
         protocol={"read_deadline": "3s"},
-        ratelimit={"global": "10000/second", "error_fine": 0},
-        limits={"silent_drop_after": 0},
+        ratelimit={"global": "10000/second"},
+        tuning={**HELD_BY_US, "error_fine": 0, "silent_drop_after": 0},
     )
     with run_registry(tmp_path, config=cfg) as reg:
         pid = reg.proc.pid
@@ -287,7 +286,7 @@ async def test_2000_stalled_connections_and_an_honest_registration(tmp_path: Pat
 async def test_silent_stalls_wait_in_the_kernel_then_are_refused_at_the_door(
     tmp_path: Path,
 ) -> None:
-    # server.defer_accept: 1,000 connections that send nothing cost the registry
+    # defer_accept: 1,000 connections that send nothing cost the registry
     # no descriptor while the kernel defers them (2 s asked, 3 s by the kernel's
     # schedule), an honest student is served meanwhile, and once the kernel hands
     # them over their read deadline (2 s, counted from connect) is long past: each
@@ -295,12 +294,16 @@ async def test_silent_stalls_wait_in_the_kernel_then_are_refused_at_the_door(
     # counted as a "silent" refusal.
     kernel_wait = 3.0
     cfg = config(
-        server={"defer_accept": "2s"},
         protocol={"read_deadline": "2s"},
-        ratelimit={"global": "10000/second", "error_fine": 0},
+        ratelimit={"global": "10000/second"},
         # Every stall is handed over: no silent drop (test_silence.py), and no ban
-        # (25 silent refusals from one source would ban it after 20: test_bans.py).
-        limits={"silent_drop_after": 0, "ban_after": 0},
+        # (25 silent refusals from one source would ban it after 10: test_bans.py).
+        tuning={
+            "defer_accept": "2s",
+            "error_fine": 0,
+            "silent_drop_after": 0,
+            "ban_after": 0,
+        },
     )
     with run_registry(tmp_path, config=cfg) as reg:
         assert reg.wait_event("listening")[0]["defer_accept_s"] == kernel_wait
@@ -337,14 +340,9 @@ async def test_stalls_from_one_source_are_refused_past_the_per_source_cap(
     # refusal_delay 0 and no ban: this test is about the cap; the hold of a refusal
     # and the ban have their own tests (below, tests/test_door.py, tests/test_bans.py)
     cfg = config(
-        server=HELD_BY_US,
         protocol={"read_deadline": "2s"},
-        limits={
-            "max_connections_per_source": 16,
-            "refusal_delay": "0s",
-            "max_refusal_delay": "0s",
-            "ban_after": 0,
-        },
+        limits={"max_connections_per_source": 16},
+        tuning={**HELD_BY_US, "refusal_delay": "0s", "max_refusal_delay": "0s", "ban_after": 0},
     )
     with run_registry(tmp_path, config=cfg) as reg:
         stalled = Stalled()
@@ -365,12 +363,12 @@ async def test_a_source_refused_again_and_again_is_held_longer_up_to_the_cap(
     tmp_path: Path,
 ) -> None:
     # cap 4 per source; refusals held 0.25 s, doubling per repeat, at most 1 s (no
-    # ban: 36 refusals would ban the source at the 20th, tests/test_bans.py)
+    # ban: 36 refusals would ban the source at the 10th, tests/test_bans.py)
     cfg = config(
-        server=HELD_BY_US,
         protocol={"read_deadline": "5s"},
-        limits={
-            "max_connections_per_source": 4,
+        limits={"max_connections_per_source": 4},
+        tuning={
+            **HELD_BY_US,
             "refusal_delay": "250ms",
             "max_refusal_delay": "1s",
             "ban_after": 0,
@@ -400,7 +398,7 @@ async def test_connection_cap_is_taken_before_accept(tmp_path: Path) -> None:
     # backlog and cost the registry no descriptor until a slot is free.
     cap, read_deadline = 40, 2.0
     cfg = config(
-        server=HELD_BY_US,
+        tuning=HELD_BY_US,
         protocol={"read_deadline": "2s"},
         limits={"max_connections": cap},
         ratelimit=OPEN_RATES,
@@ -442,7 +440,7 @@ async def test_connection_cap_is_taken_before_accept(tmp_path: Path) -> None:
 async def test_emfile_backs_off_without_spinning(tmp_path: Path) -> None:
     # A registry limited to few descriptors: accept() fails with EMFILE while
     # clients wait. It must sleep between attempts (about 10 a second), not spin.
-    cfg = config(server=HELD_BY_US, protocol={"read_deadline": "30s"}, ratelimit=OPEN_RATES)
+    cfg = config(tuning=HELD_BY_US, protocol={"read_deadline": "30s"}, ratelimit=OPEN_RATES)
     limit = 64
 
     with run_registry(tmp_path, config=cfg) as reg:
@@ -483,7 +481,7 @@ async def test_protocol_errors_do_not_drain_the_global_bucket(tmp_path: Path) ->
 
         async def junk(i: int) -> None:
             # Fined under pressure, refused with a long wait and back anyway: such a
-            # source is banned (limits.ban_after_ignored) and its connect times out;
+            # source is banned (ban_after_ignored) and its connect times out;
             # like any client, it then gives up.
             src = source(i % 50, net=30)
             async with limit:
@@ -624,7 +622,7 @@ async def test_the_real_registry_bans_a_looping_source_in_the_kernel_and_lets_it
     # while an honest student is served; 2 s later the ban is lifted (bans_lifted).
     cfg = config(
         ratelimit={"per_source": "1/hour"},
-        limits={
+        tuning={
             "refusal_delay": "50ms",
             "max_refusal_delay": "50ms",
             "ban_after": 5,

@@ -98,7 +98,7 @@ def test_spoofed_udp_source(demo: tuple) -> None:
 def test_udp_reply_loop_is_bounded_by_ours(demo: tuple) -> None:
     naive, ours = row(demo, "UDP reply loop")
     assert int(naive.split()[0]) > 100, naive  # the naive pair really loops
-    # Ours answers an unproven source at most udp.unproven_per_source times (10 a
+    # Ours answers an unproven source at most unproven_per_source times (10 a
     # minute by default), and never a datagram that is itself a reply.
     count = int(ours.split()[0])
     assert count <= 10 and "[NOT HELD]" not in ours, ours

@@ -1,4 +1,4 @@
-"""registry.auth: per-student tokens (derive, check, authorize)."""
+"""registry.policy.auth: per-student tokens (derive, check, authorize)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from registry import auth
-from registry.auth import TOKEN_LENGTH, authorize, check_token, derive_token
 from registry.config import AuthConfig
 from registry.model import Code, Request
+from registry.policy import auth
+from registry.policy.auth import TOKEN_LENGTH, authorize, check_token, derive_token
 from registry.policy.decide import Deny
 
 SECRET = b"correct horse battery staple"

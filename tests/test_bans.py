@@ -1,6 +1,6 @@
 """Bans: the pure list and its BPF program, the kernel filter on real loopback
-sockets, and the whole path in a registry (registry/bans.py,
-registry/net/banfilter.py).
+sockets, and the whole path in a registry (registry/defense/bans.py,
+registry/net/kernel/banfilter.py).
 
 The program is checked two ways: by a small classic-BPF interpreter here,
 instruction by instruction over hand-built IPv4 and IPv6 headers (every
@@ -31,7 +31,11 @@ import trio.testing
 
 from registry import config as config_mod
 from registry import server as server_mod
-from registry.bans import (
+from registry.defense.bans import BanList, spread_share
+from registry.defense.door import RATE_LIMITED, Refused
+from registry.model import Code, Outcome
+from registry.net.kernel.banfilter import BanFilter, detach
+from registry.net.kernel.classic import (
     ACCEPT,
     AND_K,
     BPF_MAXINSNS,
@@ -49,16 +53,13 @@ from registry.bans import (
     SKF_NET_OFF,
     ST,
     TAX,
-    BanList,
     Insn,
+    attach,
     drop_program,
     entry_cost,
+    insn_budget,
     pack,
-    spread_share,
 )
-from registry.door import RATE_LIMITED, Refused
-from registry.model import Code, Outcome
-from registry.net.banfilter import BanFilter, attach, detach, insn_budget
 from registry.server import Registry, Runtime
 from tests.support import exchange_from, http_get
 
@@ -605,7 +606,7 @@ async def test_a_source_refused_in_a_loop_is_banned_in_the_kernel_then_let_back(
                 "db": str(tmp_path / "bans.db"),
             },
             "ratelimit": {"per_source": "1/hour"},
-            "limits": {
+            "tuning": {
                 "refusal_delay": "50ms",  # a hold: the request is read before the answer
                 "max_refusal_delay": "50ms",
                 "ban_after": 3,
@@ -658,8 +659,9 @@ async def test_a_source_refused_in_a_loop_is_banned_in_the_kernel_then_let_back(
 
 
 @linux
-async def test_a_reload_with_ban_after_zero_lifts_every_ban(tmp_path: Path) -> None:
-    # docs/limits.md: "to lift every ban at once, set ban_after = 0 and send SIGHUP"
+async def test_a_reload_to_the_classroom_profile_lifts_every_ban(tmp_path: Path) -> None:
+    # docs/limits.md: "to lift every ban at once, set profile = "classroom" (no bans)
+    # and send SIGHUP"
     path = tmp_path / "registry.toml"
     text = f"""
 [server]
@@ -669,6 +671,8 @@ db = "{tmp_path / "reload.db"}"
 [ratelimit]
 per_source = "1/hour"
 [limits]
+profile = "internet"
+[tuning]
 refusal_delay = "50ms"
 max_refusal_delay = "50ms"
 ban_after = 2
@@ -684,7 +688,7 @@ ban_after = 2
             await _exchange(port, "127.2.0.9", b"hello\n")
         await trio.sleep(0.05)
         banned = await _exchange(port, "127.2.0.9", b"hello\n")
-        path.write_text(text.replace("ban_after = 2", "ban_after = 0"))
+        path.write_text(text.replace('"internet"', '"classroom"').replace("ban_after = 2\n", ""))
         runtime.reload()
         await trio.sleep(0.05)  # the filter task detaches on its next turn
         after = await _exchange(port, "127.2.0.9", b"hello\n")
@@ -695,21 +699,24 @@ ban_after = 2
     assert left == 0
 
 
-def looping_config(tmp_path: Path, **limits: object) -> config_mod.Config:
+def looping_config(
+    tmp_path: Path, limits: dict[str, object], **tuning: object
+) -> config_mod.Config:
     """A registry on loopback where every connection after a source's first is
     refused (per_source 1/hour, a wait of ~3600 s), answered after 50 ms."""
     return config_mod.from_dict(
         {
             "server": {"listen": ["127.0.0.1:0"], "admin": "off", "db": str(tmp_path / "l.db")},
             "ratelimit": {"per_source": "1/hour"},
-            "limits": {"refusal_delay": "50ms", "max_refusal_delay": "50ms", **limits},
+            "limits": limits,
+            "tuning": {"refusal_delay": "50ms", "max_refusal_delay": "50ms", **tuning},
         }
     )
 
 
 @linux
 async def test_an_exempt_source_is_refused_but_never_banned(tmp_path: Path) -> None:
-    cfg = looping_config(tmp_path, ban_after=2, ban_exempt_networks=["127.2.0.0/16"])
+    cfg = looping_config(tmp_path, {"ban_exempt_networks": ["127.2.0.0/16"]}, ban_after=2)
     async with trio.open_nursery() as nursery:
         runtime: Runtime = await nursery.start(
             Registry(cfg, handle_signals=False).run  # type: ignore[arg-type]
@@ -738,8 +745,9 @@ async def test_a_serial_source_ignoring_its_retry_after_is_banned_for_that_wait(
     cfg = config_mod.from_dict(
         {
             "server": {"listen": ["127.0.0.1:0"], "admin": "off", "db": str(tmp_path / "s.db")},
-            "ratelimit": {"per_source": "10/minute", "errors_global": "1/hour"},
-            "limits": {
+            "ratelimit": {"per_source": "10/minute"},
+            "tuning": {
+                "errors_global": "1/hour",
                 "refusal_delay": "50ms",
                 "max_refusal_delay": "50ms",
                 "ban_after": 20,
@@ -795,7 +803,7 @@ def test_only_a_wait_beyond_a_token_and_a_hold_counts_as_ignored(
     cfg = config_mod.from_dict(
         {
             "ratelimit": {"per_source": per_source},
-            "limits": {"max_refusal_delay": max_refusal_delay},
+            "tuning": {"max_refusal_delay": max_refusal_delay},
         }
     )
     bans = BanList(**server_mod._ban_settings(cfg))
@@ -807,7 +815,7 @@ def test_only_a_wait_beyond_a_token_and_a_hold_counts_as_ignored(
 
 def test_a_wave_of_bans_is_logged_as_ten_lines_and_one_sum(tmp_path: Path) -> None:
     cfg = config_mod.from_dict(
-        {"server": {"db": str(tmp_path / "b.db")}, "limits": {"ban_spread": 0}}
+        {"server": {"db": str(tmp_path / "b.db")}, "tuning": {"ban_spread": 0}}
     )
     registry = Registry(cfg, handle_signals=False)
     long_wait = Outcome(code=Code.RATE_LIMITED, retry_after=50, explanation="wait")

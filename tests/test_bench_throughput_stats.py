@@ -74,3 +74,12 @@ def test_summary_is_median_min_max_per_mode_row_and_concurrency() -> None:
     assert "pinned   c=16   registry / trio: 0.50x" in bench.ratios(summary)
     row = next(line for line in bench.table(summary).splitlines() if "| trio |" in line)
     assert row.endswith("| 0.50 |")  # the registry's cycles/s over this row's
+
+
+def test_the_lifted_config_is_a_valid_config() -> None:
+    # The benchmark's registry refuses a bad config at start: check it here, cheaply.
+    from registry import config as config_mod
+
+    cfg = config_mod.loads(bench.LIFTED)
+    assert cfg.ratelimit.per_source.per_second == 1_000_000
+    assert cfg.ratelimit.errors_global.per_second == 1_000_000

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from registry.admin.grading import GradeRow
+from registry.admin.core.grading import GradeRow
 from registry.admin.pages import CSP, ClassPage, render_class
 from registry.admin.static import CLASS_SCRIPT, CLASS_STYLE
 from tests.test_dashboard import HOSTILE, parse, sha256_source

@@ -23,11 +23,13 @@ PROFILES = ("lab.toml", "internet.toml", "nat-demo.toml")
 
 
 def _keys(cfg_type: type = Config) -> list[tuple[str, str, str]]:
-    """(section, TOML key, attribute) for every field of every section."""
+    """(section, TOML key, attribute) for every key of every section: not the
+    profile's constants, which a file cannot set."""
     out = []
     for section in msgspec.structs.fields(cfg_type):
         for f in msgspec.structs.fields(section.type):
-            out.append((section.encode_name, f.encode_name, f.name))
+            if f"{section.encode_name}.{f.encode_name}" not in config_mod.CONSTANTS:
+                out.append((section.encode_name, f.encode_name, f.name))
     return out
 
 
@@ -94,6 +96,7 @@ def test_shipped_profile_passes_check_config(name: str) -> None:
     assert "listen" in result.stdout and "ratelimit" in result.stdout
     bans = next(line for line in result.stdout.splitlines() if line.startswith("  bans "))
     limits = config_mod.load(str(CONFIG_DIR / name)).limits
+    assert f"  profile     {limits.profile} (docs/limits.md)\n" in result.stdout
     ban_after = limits.ban_after
     assert bans.endswith(" off") if ban_after == 0 else f"after {ban_after} refusals" in bans
     if ban_after and limits.ban_after_ignored:
@@ -127,9 +130,13 @@ def test_profiles_say_what_they_promise() -> None:
     assert internet.ratelimit.per_source.per_second < default.ratelimit.per_source.per_second
     assert internet.limits.max_connections_per_source < default.limits.max_connections_per_source
     # a hostile network: one return inside a told wait bans (docs/benchmarks.md);
-    # the profile states it although it is the default now, so it cannot drift
+    # the profile states its defence although it is the default, so it cannot drift
     assert internet.limits.ban_after_ignored == 1
-    assert "ban_after_ignored = 1" in (CONFIG_DIR / "internet.toml").read_text()
+    assert 'profile = "internet"' in (CONFIG_DIR / "internet.toml").read_text()
+    # a class behind one NAT address is never banned or fined together
+    for cfg in (lab, nat):
+        assert cfg.limits.profile == "classroom"
+        assert cfg.limits.ban_after == 0 and cfg.ratelimit.error_fine == 0
     assert nat.policy.mode == "nat-observed"
     for cfg in (lab, internet, nat):
         assert cfg.server.admin.startswith("127.0.0.1:"), "admin must stay on loopback"
@@ -197,8 +204,8 @@ BAD = [
     ),
     (
         "duration-bool",
-        "[protocol]\nquiet_period = true\n",
-        [r"protocol\.quiet_period: expected a duration"],
+        "[tuning]\nquiet_period = true\n",
+        [r"tuning\.quiet_period: expected a duration"],
     ),
     (
         "duration-zero",
@@ -312,34 +319,37 @@ def test_every_bad_item_of_a_list_is_reported() -> None:
     ("text", "key"),
     [
         ('[protocol]\nwrite_timeout = "0s"\n', r"protocol\.write_timeout: "),
-        ("[protocol]\nquiet_period = 0\n", r"protocol\.quiet_period: "),
-        ('[protocol]\nquiet_period = "6s"\nread_deadline = "5s"\n', r"protocol\.quiet_period: "),
+        ("[tuning]\nquiet_period = 0\n", r"tuning\.quiet_period: "),
+        (
+            '[protocol]\nread_deadline = "5s"\n[tuning]\nquiet_period = "6s"\n',
+            r"tuning\.quiet_period: ",
+        ),
         # refusals held longer than max_refusal_delay, or than a minute
-        ('[limits]\nrefusal_delay = "6s"\n', r"limits\.max_refusal_delay: "),
-        ('[limits]\nmax_refusal_delay = "2m"\n', r"limits\.max_refusal_delay: "),
-        ("[limits]\nmax_refusals_held = -1\n", r"limits\.max_refusals_held: "),
-        ('[limits]\nrefusal_delay = "-1s"\n', r"limits\.refusal_delay: "),
+        ('[tuning]\nrefusal_delay = "6s"\n', r"tuning\.max_refusal_delay: "),
+        ('[tuning]\nmax_refusal_delay = "2m"\n', r"tuning\.max_refusal_delay: "),
+        ("[tuning]\nmax_refusals_held = -1\n", r"tuning\.max_refusals_held: "),
+        ('[tuning]\nrefusal_delay = "-1s"\n', r"tuning\.refusal_delay: "),
         # bans: never negative, a ban between 0 and a day, a list of 1-100000
-        ("[limits]\nban_after = -1\n", r"limits\.ban_after: "),
-        ("[limits]\nban_after_ignored = -1\n", r"limits\.ban_after_ignored: "),
-        ("[limits]\nban_spread = 1.5\n", r"limits\.ban_spread: "),
-        ("[limits]\nban_spread = -0.1\n", r"limits\.ban_spread: "),
-        ('[limits]\nban_duration = "0s"\n', r"limits\.ban_duration: "),
-        ('[limits]\nban_duration = "2d"\n', r"limits\.ban_duration: "),
-        ('[limits]\nban_after = "ten"\n', r"limits\.ban_after: "),
-        ("[limits]\nmax_bans = 0\n", r"limits\.max_bans: "),
-        ("[ratelimit]\nerror_fine = -1\n", r"ratelimit\.error_fine: "),
-        ('[ratelimit]\nerrors_global = "0/second"\n', r"ratelimit\.errors_global: "),
+        ("[tuning]\nban_after = -1\n", r"tuning\.ban_after: "),
+        ("[tuning]\nban_after_ignored = -1\n", r"tuning\.ban_after_ignored: "),
+        ("[tuning]\nban_spread = 1.5\n", r"tuning\.ban_spread: "),
+        ("[tuning]\nban_spread = -0.1\n", r"tuning\.ban_spread: "),
+        ('[tuning]\nban_duration = "0s"\n', r"tuning\.ban_duration: "),
+        ('[tuning]\nban_duration = "2d"\n', r"tuning\.ban_duration: "),
+        ('[tuning]\nban_after = "ten"\n', r"tuning\.ban_after: "),
+        ("[tuning]\nmax_bans = 0\n", r"tuning\.max_bans: "),
+        ("[tuning]\nerror_fine = -1\n", r"tuning\.error_fine: "),
+        ('[tuning]\nerrors_global = "0/second"\n', r"tuning\.errors_global: "),
         ('[limits]\nban_exempt_networks = ["203.0.113.0/33"]\n', r"limits\.ban_exempt_networks"),
-        ("[limits]\nmax_bans = 100001\n", r"limits\.max_bans: "),
+        ("[tuning]\nmax_bans = 100001\n", r"tuning\.max_bans: "),
         # the silent drop: a count >= 0, a duration between 0 and a day
-        ("[limits]\nsilent_drop_after = -1\n", r"limits\.silent_drop_after: "),
-        ('[limits]\nsilent_drop_duration = "0s"\n', r"limits\.silent_drop_duration: "),
-        ('[limits]\nsilent_drop_duration = "25h"\n', r"limits\.silent_drop_duration: "),
+        ("[tuning]\nsilent_drop_after = -1\n", r"tuning\.silent_drop_after: "),
+        ('[tuning]\nsilent_drop_duration = "0s"\n', r"tuning\.silent_drop_duration: "),
+        ('[tuning]\nsilent_drop_duration = "25h"\n', r"tuning\.silent_drop_duration: "),
         # TCP_DEFER_ACCEPT: the kernel's schedule ends at 127 s; never negative
-        ('[server]\ndefer_accept = "121s"\n', r"server\.defer_accept: "),
-        ('[server]\ndefer_accept = "-1s"\n', r"server\.defer_accept: "),
-        ("[server]\ndefer_accept = true\n", r"server\.defer_accept: "),
+        ('[tuning]\ndefer_accept = "121s"\n', r"tuning\.defer_accept: "),
+        ('[tuning]\ndefer_accept = "-1s"\n', r"tuning\.defer_accept: "),
+        ("[tuning]\ndefer_accept = true\n", r"tuning\.defer_accept: "),
     ],
 )
 def test_durations_out_of_range_are_refused(text: str, key: str) -> None:
@@ -348,20 +358,23 @@ def test_durations_out_of_range_are_refused(text: str, key: str) -> None:
     _assert_problems(caught.value.problems, [key])
 
 
-def test_bans_can_be_turned_off_and_default_on() -> None:
-    assert config_mod.loads("[limits]\nban_after = 0\n").limits.ban_after == 0
+def test_bans_are_the_profiles_and_tuning_overrides_them() -> None:
+    assert config_mod.loads('[limits]\nprofile = "classroom"\n').limits.ban_after == 0
     default = config_mod.loads("").limits
-    assert (default.ban_after, default.ban_duration, default.max_bans) == (20, 60.0, 10000)
+    assert default.profile == "internet"
+    assert (default.ban_after, default.ban_duration, default.max_bans) == (10, 300.0, 10000)
     assert default.ban_after_ignored == 1 and default.ban_spread == 0.5
-    assert config_mod.loads("[limits]\nban_spread = 0\n").limits.ban_spread == 0.0
-    assert config_mod.loads("[limits]\nban_after_ignored = 0\n").limits.ban_after_ignored == 0
+    assert config_mod.loads("[tuning]\nban_spread = 0\n").limits.ban_spread == 0.0
+    assert config_mod.loads("[tuning]\nban_after_ignored = 0\n").limits.ban_after_ignored == 0
+    tuned = config_mod.loads('[limits]\nprofile = "classroom"\n[tuning]\nban_after = 3\n')
+    assert (tuned.limits.ban_after, tuned.ratelimit.error_fine) == (3, 0)  # the rest: classroom
 
 
 def test_the_silent_drop_defaults_on_and_can_be_turned_off(tmp_path: Path) -> None:
     default = config_mod.loads("").limits
     assert (default.silent_drop_after, default.silent_drop_duration) == (50, 60.0)
     path = tmp_path / "off.toml"
-    path.write_text("[limits]\nsilent_drop_after = 0\n")
+    path.write_text("[tuning]\nsilent_drop_after = 0\n")
     assert config_mod.load(str(path)).limits.silent_drop_after == 0
     result = check_config(path)
     assert result.returncode == 0 and "  silent      never dropped\n" in result.stdout, result
@@ -369,10 +382,149 @@ def test_the_silent_drop_defaults_on_and_can_be_turned_off(tmp_path: Path) -> No
 
 def test_defer_accept_defaults_on_and_can_be_turned_off() -> None:
     assert config_mod.loads("").server.defer_accept == 30.0
-    assert config_mod.loads("[server]\ndefer_accept = 0\n").server.defer_accept == 0.0
-    assert config_mod.loads('[server]\ndefer_accept = "2m"\n').server.defer_accept == 120.0
+    assert config_mod.loads("[tuning]\ndefer_accept = 0\n").server.defer_accept == 0.0
+    assert config_mod.loads('[tuning]\ndefer_accept = "2m"\n').server.defer_accept == 120.0
 
 
 def test_refusals_can_be_answered_at_once() -> None:
-    cfg = config_mod.loads("[limits]\nrefusal_delay = 0\nmax_refusal_delay = 0\n")
+    cfg = config_mod.loads("[tuning]\nrefusal_delay = 0\nmax_refusal_delay = 0\n")
     assert (cfg.limits.refusal_delay, cfg.limits.max_refusal_delay) == (0.0, 0.0)
+
+
+# --- limits.profile: the defence constants ---------------------------------------
+
+
+def test_at_most_40_keys() -> None:
+    assert len(KEYS) <= 40, _ids(KEYS)
+    assert ("limits", "profile", "profile") in KEYS
+
+
+def _constants(cfg: Config) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key in config_mod.CONSTANTS:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        out[key] = (value.count, value.period) if isinstance(value, config_mod.Rate) else value
+    return out
+
+
+# The effective values of the shipped profiles before the constants became a
+# profile (every key of the old config, loaded from each file): they must not move.
+BOTH = {
+    "server.defer_accept": 30.0,
+    "server.workers": 1,  # a constant added since (server.workers), one process in both
+    "protocol.quiet_period": 0.25,
+    "policy.resolve_timeout": 2.0,
+    "ratelimit.errors_global": (200, 1.0),
+    "limits.refusal_delay": 0.5,
+    "limits.max_refusal_delay": 5.0,
+    "limits.max_refusals_held": 8192,
+    "limits.ban_after_ignored": 1,
+    "limits.ban_spread": 0.5,
+    "limits.max_bans": 10000,
+    "limits.silent_drop_after": 50,
+    "limits.silent_drop_duration": 60.0,
+    "udp.cookie_window": 30.0,
+    "udp.max_datagram_bytes": 512,
+    "udp.unproven_global": (500, 1.0),
+}
+WAS = {
+    "lab.toml": {
+        **BOTH,
+        "ratelimit.error_fine": 0,
+        "limits.ban_after": 0,
+        "limits.ban_duration": 60.0,
+        "udp.unproven_per_source": (1200, 60.0),
+    },
+    "internet.toml": {
+        **BOTH,
+        "ratelimit.error_fine": 30,
+        "limits.ban_after": 10,
+        "limits.ban_duration": 300.0,
+        "udp.unproven_per_source": (10, 60.0),
+    },
+}
+
+
+@pytest.mark.parametrize(
+    ("name", "profile"), [("lab.toml", "classroom"), ("internet.toml", "internet")]
+)
+def test_shipped_profiles_keep_their_effective_values(name: str, profile: str) -> None:
+    cfg = config_mod.load(str(CONFIG_DIR / name))
+    assert cfg.limits.profile == profile
+    assert _constants(cfg) == WAS[name]
+    # and the profile alone gives them, whatever else the file sets
+    assert _constants(config_mod.loads(f'[limits]\nprofile = "{profile}"\n')) == WAS[name]
+    assert (cfg.ratelimit.ipv6_prefix, cfg.ratelimit.max_entries, cfg.server.backlog) == (
+        (64, 100_000, 4096) if profile == "classroom" else (56, 50_000, 1024)
+    )
+
+
+def test_the_default_profile_is_internet_and_the_struct_defaults_are_its_constants() -> None:
+    assert _constants(Config()) == _constants(config_mod.loads('[limits]\nprofile = "internet"\n'))
+    assert Config().limits.profile == "internet"
+
+
+# (removed key, a value, what the error must say besides the key)
+REMOVED = [
+    ("limits.ban_after", "5", r'set limits\.profile = "internet" \(10\) or "classroom" \(0\)'),
+    ("limits.ban_duration", '"1m"', r'"internet" \("5m"\) or "classroom" \("60s"\)'),
+    ("ratelimit.error_fine", "0", r'"internet" \(30\) or "classroom" \(0\)'),
+    (
+        "udp.unproven_per_source",
+        '"5/minute"',
+        r'"internet" \("10/minute"\) or "classroom" \("1200/minute"\)',
+    ),
+    ("server.defer_accept", '"1s"', r'a constant now, "30s" in every limits\.profile'),
+    ("protocol.quiet_period", '"1s"', r'a constant now, "250ms" in every limits\.profile'),
+    ("limits.silent_drop_after", "0", r"a constant now, 50 in every limits\.profile"),
+    ("udp.cookie_window", '"1s"', r'a constant now, "30s" in every limits\.profile'),
+]
+
+
+@pytest.mark.parametrize(("key", "value", "says"), REMOVED, ids=[r[0] for r in REMOVED])
+def test_a_removed_key_names_its_replacement(
+    tmp_path: Path, key: str, value: str, says: str
+) -> None:
+    section, name = key.split(".")
+    text = f"[{section}]\n{name} = {value}\n"
+    with pytest.raises(ConfigError) as caught:
+        config_mod.loads(text)
+    _assert_problems(caught.value.problems, [rf"{re.escape(key)}: removed: .*{says}"])
+    path = tmp_path / "old.toml"
+    path.write_text(text)
+    result = check_config(path)
+    assert result.returncode == 2
+    _assert_problems(result.stdout.splitlines(), [rf"{re.escape(key)}: removed: .*{says}"])
+
+
+def test_every_constant_is_a_removed_key_and_tunable() -> None:
+    for key, (_, internet, _) in config_mod.CONSTANTS.items():
+        section, name = key.split(".")
+        value = f'"{internet}"' if isinstance(internet, str) else internet
+        with pytest.raises(ConfigError) as caught:
+            config_mod.loads(f"[{section}]\n{name} = {value}\n")
+        _assert_problems(caught.value.problems, [rf"{re.escape(key)}: removed: "])
+        tuned = config_mod.loads(f"[tuning]\n{name} = {value}\n")
+        assert getattr(getattr(tuned, section), name) == getattr(getattr(Config(), section), name)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("[tuning]\nper_source = 5\n", [r"tuning\.per_source: unknown key"]),
+        ("tuning = 3\n", [r"tuning: expected a \[tuning\] table"]),
+        (
+            '[limits]\nprofile = "lan"\n',
+            [r'limits\.profile: expected one of "classroom", "internet"'],
+        ),
+        (
+            "[limits]\nban_after = 0\nmax_bans = 5\n",
+            [r"limits\.ban_after: removed: ", r"limits\.max_bans: removed: "],
+        ),
+    ],
+)
+def test_profile_and_tuning_mistakes_name_the_key(text: str, expected: list[str]) -> None:
+    with pytest.raises(ConfigError) as caught:
+        config_mod.loads(text)
+    _assert_problems(caught.value.problems, expected)

@@ -1,4 +1,4 @@
-"""registry.conncaps: connection caps (total, per source) and callback admission."""
+"""registry.defense.conncaps: connection caps (total, per source) and callback admission."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from registry.conncaps import PER_SOURCE, TOTAL, CallbackSlots, ConnectionCaps
+from registry.defense.conncaps import PER_SOURCE, TOTAL, CallbackSlots, ConnectionCaps
 from registry.errors import ConfigError
 
 A, B, C = IPv4Address("192.0.2.1"), IPv4Address("192.0.2.2"), IPv6Network("2001:db8::/64")

@@ -16,7 +16,7 @@ from html.parser import HTMLParser
 import pytest
 
 from registry.admin import pages as dashboard
-from registry.admin.grading import GradeRow
+from registry.admin.core.grading import GradeRow
 from registry.admin.pages import CSP, SCRIPT, STYLE, Page, render_dashboard, status_counts
 from registry.admin.static import CLASS_SCRIPT, CLASS_STYLE
 from registry.store import Record

@@ -22,6 +22,7 @@ from registry import config as config_mod
 from registry.config import Config
 from registry.model import Code, Endpoint
 from registry.net.connector import TcpConnector
+from registry.net.interfaces import is_local_address
 from registry.net.tcp import TcpHandler
 from registry.protocol.callback import callback_line
 from registry.service import CallResult, Service
@@ -39,7 +40,10 @@ OPEN_RATES = {
 
 
 def _cfg(**sections: dict[str, Any]) -> Config:
-    return config_mod.from_dict(sections)
+    # quiet_period is a constant of limits.profile: a test sets it through [tuning]
+    protocol = dict(sections.pop("protocol", {}))
+    tuning = {"quiet_period": protocol.pop("quiet_period")} if "quiet_period" in protocol else {}
+    return config_mod.from_dict({**sections, "protocol": protocol, "tuning": tuning})
 
 
 class _Handler:
@@ -48,7 +52,9 @@ class _Handler:
     def __init__(self, cfg: Config, **connector: Any) -> None:
         self.connector = ScriptedConnector(**connector)
         self.recorder = ListRecorder()
-        self.service = Service(cfg, connector=self.connector, recorder=self.recorder)
+        self.service = Service(
+            cfg, is_local=is_local_address, connector=self.connector, recorder=self.recorder
+        )
         self.tcp = TcpHandler(self.service)
 
     async def exchange(
@@ -406,7 +412,9 @@ async def test_drip_then_no_read_is_held_for_read_deadline_plus_write_timeout(
     # the error reply: each stage is bounded, so the connection's life is too.
     cfg = _cfg(protocol={"read_deadline": "3s", "quiet_period": "2s", "write_timeout": "1s"})
     recorder = ListRecorder()
-    service = Service(cfg, connector=_SilentTargetConnector(cfg), recorder=recorder)
+    service = Service(
+        cfg, is_local=is_local_address, connector=_SilentTargetConnector(cfg), recorder=recorder
+    )
     client, server = trio.testing.lockstep_stream_pair()
     async with trio.open_nursery() as nursery:
         # "127.0.0.1:15000" is complete at 1.5 s; quiet 2 s would frame it at 3.5 s,
@@ -441,7 +449,9 @@ async def test_callback_and_reply_deadlines_add_up(autojump_clock: trio.testing.
     # client that never reads (write 1 s): the handler lets go at exactly 3 s.
     cfg = _cfg(protocol={"write_timeout": "1s"}, callback={"verify_timeout": "2s"})
     recorder = ListRecorder()
-    service = Service(cfg, connector=_SilentTargetConnector(cfg), recorder=recorder)
+    service = Service(
+        cfg, is_local=is_local_address, connector=_SilentTargetConnector(cfg), recorder=recorder
+    )
     client, server = trio.testing.lockstep_stream_pair()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(client.send_all, b"127.0.0.1:15000\n")

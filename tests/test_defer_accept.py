@@ -1,4 +1,4 @@
-"""TCP_DEFER_ACCEPT on the registration listeners (server.defer_accept), on real sockets.
+"""TCP_DEFER_ACCEPT on the registration listeners (defer_accept), on real sockets.
 
 What the kernel does with the option is the point, so these tests use real
 loopback sockets: a connection that sends nothing is not accept()ed until the
@@ -24,7 +24,7 @@ import trio
 
 from registry import config as config_mod
 from registry import server as server_mod
-from registry.door import SILENT
+from registry.defense.door import SILENT
 from registry.net.accept import TCP_DEFER_ACCEPT, defer_accept, held_silent
 from registry.server import Registry
 
@@ -177,7 +177,7 @@ async def test_a_reload_cannot_change_the_option_and_says_restart(tmp_path: Path
     path = tmp_path / "registry.toml"
     server = f'listen = ["127.0.0.1:0"]\nadmin = "off"\ndb = "{tmp_path / "r.db"}"'
     text = (
-        f'[server]\n{server}\ndefer_accept = "3s"\n[limits]\nban_after_ignored = 3\n'
+        f'[server]\n{server}\n[tuning]\ndefer_accept = "3s"\nban_after_ignored = 3\n'
         "silent_drop_after = 40\n"
     )
     path.write_text(text)
@@ -224,8 +224,14 @@ async def _silent_client(port: int) -> tuple[bytes, float]:
 
 def deferring_config(db: Path, read_deadline: str) -> config_mod.Config:
     """A registry on loopback whose kernel defers silent connections 1 s."""
-    server = {"listen": ["127.0.0.1:0"], "admin": "off", "db": str(db), "defer_accept": "1s"}
-    return config_mod.from_dict({"server": server, "protocol": {"read_deadline": read_deadline}})
+    server = {"listen": ["127.0.0.1:0"], "admin": "off", "db": str(db)}
+    return config_mod.from_dict(
+        {
+            "server": server,
+            "protocol": {"read_deadline": read_deadline},
+            "tuning": {"defer_accept": "1s"},
+        }
+    )
 
 
 def _rows(db: Path) -> list[tuple[str, str]]:
@@ -294,9 +300,10 @@ async def test_each_listener_keeps_its_own_deferral(
         "listen": ["127.0.0.1:0", "[::1]:0"],
         "admin": "off",
         "db": str(db),
-        "defer_accept": "1s",
     }
-    cfg = config_mod.from_dict({"server": server, "protocol": {"read_deadline": "1s"}})
+    cfg = config_mod.from_dict(
+        {"server": server, "protocol": {"read_deadline": "1s"}, "tuning": {"defer_accept": "1s"}}
+    )
     with structlog.testing.capture_logs() as logs:
         async with trio.open_nursery() as nursery:
             runtime = await nursery.start(Registry(cfg, handle_signals=False).run)

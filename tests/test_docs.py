@@ -137,7 +137,7 @@ def test_protocol_keeps_the_sections_the_lead_fills() -> None:
 def test_limits_page_opens_with_in_short() -> None:
     text = (ROOT / "docs/limits.md").read_text()
     assert _headings(text)[0] == "In short"
-    for key in ("limits.ban_after", "ratelimit.error_fine", "server.defer_accept"):
+    for key in ("limits.profile", "ban_after", "error_fine", "defer_accept"):
         assert key in _section(text, "In short")
 
 

@@ -1,4 +1,4 @@
-"""The front door (registry/door.py and its edge): refusals on arrival, before any byte.
+"""The front door (registry/defense/door.py and its edge): refusals on arrival, before any byte.
 
 Pure tables for ``Door`` and ``RefusalTally`` (time passed in); real loopback
 sockets for ``Doorway`` (the edge that answers refusals); an in-process ``Registry`` for the whole path
@@ -21,21 +21,21 @@ import trio
 import trio.testing
 
 from registry import config as config_mod
-from registry.conncaps import ConnectionCaps
-from registry.door import (
+from registry.defense.conncaps import ConnectionCaps
+from registry.defense.door import (
     PER_SOURCE,
     RATE_LIMITED,
     SILENT,
     TOTAL,
     Admitted,
     Door,
-    RefusalTally,
     Refused,
     told_of_ban,
 )
+from registry.defense.ratelimit import RateLimiter, source_key
+from registry.defense.tally import RefusalTally
 from registry.model import Code, Outcome, Status
 from registry.net.doorway import REAP_CHUNK, Doorway
-from registry.ratelimit import RateLimiter, source_key
 from registry.server import Registry, Runtime
 from tests.support import exchange_from
 
@@ -433,13 +433,8 @@ async def test_under_pressure_junk_locks_its_source_out_for_about_a_minute(tmp_p
     cfg = config_mod.from_dict(
         {
             "server": {"listen": ["127.0.0.1:0"], "admin": "off", "db": str(tmp_path / "p.db")},
-            "ratelimit": {
-                **OPEN,
-                "per_source": "10/minute",
-                "errors_global": "1/hour",
-                "error_fine": 30,
-            },
-            "limits": {"ban_after": 0},
+            "ratelimit": {**OPEN, "per_source": "10/minute"},
+            "tuning": {"errors_global": "1/hour", "error_fine": 30, "ban_after": 0},
         }
     )
     async with trio.open_nursery() as nursery:
@@ -471,7 +466,8 @@ async def test_under_pressure_junk_is_recorded_and_its_lines_summed(tmp_path: Pa
     cfg = config_mod.from_dict(
         {
             "server": {"listen": ["127.0.0.1:0"], "admin": "off", "db": str(db)},
-            "ratelimit": {**OPEN, "errors_global": "1/hour", "error_fine": 0},
+            "ratelimit": OPEN,
+            "tuning": {"errors_global": "1/hour", "error_fine": 0},
         }
     )
     with structlog.testing.capture_logs() as logs:

@@ -584,7 +584,7 @@ def test_sigterm_lets_an_inflight_callback_finish(tmp_path: Path) -> None:
 
 
 CAPPED_CONFIG = """
-[server]
+[tuning]
 defer_accept = 0  # the silent connection that holds the one slot must reach the registry
 
 [limits]

@@ -1,4 +1,4 @@
-"""The eBPF ban filter (registry/net/ebpf.py) and BanFilter's eBPF way.
+"""The eBPF ban filter (registry/net/kernel/ebpf.py) and BanFilter's eBPF way.
 
 The program is checked two ways, like the classic one in test_bans.py: by a
 small interpreter of the instructions it uses, over the same hand-built IPv4
@@ -24,10 +24,11 @@ import pytest
 import structlog.testing
 import trio
 
-from registry.bans import ACCEPT, BPF_MAXINSNS, DROP, BanList
-from registry.net import banfilter, ebpf
-from registry.net.banfilter import EBPF_STEP, BanFilter
-from registry.net.ebpf import SKF_NET_OFF, EbpfBans, lpm_key, program
+from registry.defense.bans import BanList
+from registry.net.kernel import banfilter, ebpf
+from registry.net.kernel.banfilter import EBPF_STEP, BanFilter
+from registry.net.kernel.classic import ACCEPT, BPF_MAXINSNS, DROP
+from registry.net.kernel.ebpf import SKF_NET_OFF, EbpfBans, lpm_key, program
 from tests.test_bans import (
     BANNED,
     PACKETS,

@@ -1,4 +1,4 @@
-"""Grading (registry/admin/grading.py, pure): the roster, one row per student, the class view's order."""
+"""Grading (registry/admin/core/grading.py, pure): the roster, one row per student, the class view's order."""
 
 from __future__ import annotations
 
@@ -12,8 +12,15 @@ import pytest
 
 from registry import config as config_mod
 from registry import store
-from registry.admin import grading
-from registry.admin.grading import GradeRow, ago, class_counts, grade, parse_roster, stuck_first
+from registry.admin.core import grading
+from registry.admin.core.grading import (
+    GradeRow,
+    ago,
+    class_counts,
+    grade,
+    parse_roster,
+    stuck_first,
+)
 from registry.errors import ConfigError
 from registry.store import StudentSummary
 from tests.support import exe, run_registry

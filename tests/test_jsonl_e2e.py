@@ -25,6 +25,7 @@ import trio.testing
 
 from registry import config as config_mod
 from registry.model import Endpoint, Protocol
+from registry.net.interfaces import is_local_address
 from registry.net.tcp import TcpHandler, read_request
 from registry.protocol.jsonl import REPLY_KEYS
 from registry.service import Service
@@ -210,7 +211,9 @@ CFG = config_mod.loads("")
 
 async def _serve(chunks: list[tuple[float, bytes]]) -> tuple[bytes, ListRecorder]:
     recorder = ListRecorder()
-    service = Service(CFG, connector=ScriptedConnector(), recorder=recorder)
+    service = Service(
+        CFG, is_local=is_local_address, connector=ScriptedConnector(), recorder=recorder
+    )
     client, server = trio.testing.memory_stream_pair()
 
     async def drip() -> None:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from registry.sdnotify import Notifier
+from registry.net.sdnotify import Notifier
 from tests.support import ROOT, exe, free_port, run_registry, send_line
 
 # Limits that never get in the way of a flood from 127.0.0.1.
@@ -257,7 +257,8 @@ def test_tiny_grace_period_cuts_the_drain_and_still_exits_0(tmp_path: Path) -> N
     already dialling ends within its own timeout and is recorded; exit 0."""
     config = (
         '[server]\ngrace_period = "200ms"\n[callback]\nverify_timeout = "1500ms"\n'
-        '[protocol]\nquiet_period = "5s"\nread_deadline = "10s"\n'  # a request without its newline stays unfinished
+        '[protocol]\nread_deadline = "10s"\n'
+        '[tuning]\nquiet_period = "5s"\n'  # a request without its newline stays unfinished
     )
     with target(echo=False) as t, run_registry(tmp_path, config=config) as reg:
         thread, out = _register_in_background(reg.port, f"127.0.0.1:{t.port} verify=yes\n".encode())

@@ -23,7 +23,7 @@ from tests.test_e2e import ID, SRC, Spawned, ok_line
 EXAMPLE = "192.168.1.105:15000"
 FIX4 = f"write all four parts in decimal, like {EXAMPLE}"
 CONFIG = """
-[server]
+[tuning]
 defer_accept = 0  # the silent client is cut by the read deadline alone
 
 [protocol]

@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from registry.auth import derive_token
 from registry.errors import ProtocolError
 from registry.model import Code
+from registry.policy.auth import derive_token
 from registry.protocol.jsonl import parse_json
 from registry.protocol.names import BadName, normalise
 from registry.protocol.text import parse_line

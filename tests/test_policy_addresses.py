@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from registry.policy.addresses import (
     ALWAYS_DENIED,
     AddrClass,
+    Address,
     Embedding,
     always_denied,
     classify,
@@ -324,3 +325,54 @@ def test_normalise_hostname_ok(raw: str, want: str) -> None:
 def test_normalise_hostname_refuses(raw: str) -> None:
     with pytest.raises(ValueError):
         normalise_hostname(raw)
+
+
+# --- the Address value ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "zone", "norm", "family", "cls", "kind", "display", "dial"),
+    [
+        ("203.0.113.5", None, "203.0.113.5", 4, AddrClass.DOCUMENTATION, None, "203.0.113.5", "203.0.113.5"),
+        ("::ffff:a00:1", None, "10.0.0.1", 4, AddrClass.PRIVATE, Embedding.MAPPED, "::ffff:10.0.0.1", "10.0.0.1"),
+        ("2002:a00:1::", None, "10.0.0.1", 4, AddrClass.PRIVATE, Embedding.SIX_TO_FOUR, "2002:a00:1::", "10.0.0.1"),
+        ("64:ff9b::7f00:1", None, "127.0.0.1", 4, AddrClass.LOOPBACK, Embedding.NAT64, "64:ff9b::127.0.0.1", "127.0.0.1"),
+        ("fe80::1%eth0", "eth0", "fe80::1", 6, AddrClass.LINK_LOCAL, None, "fe80::1", "fe80::1"),
+        ("2001:DB8::0:1", None, "2001:db8::1", 6, AddrClass.DOCUMENTATION, None, "2001:db8::1", "2001:db8::1"),
+    ],
+)  # fmt: skip
+def test_address_value_carries_what_policy_reads(
+    text: str, zone: str | None, norm: str, family: int, cls: AddrClass,
+    kind: Embedding | None, display: str, dial: str,
+) -> None:  # fmt: skip
+    addr = Address.of(text)
+    assert (addr.zone, str(addr.norm), addr.family, addr.cls) == (zone, norm, family, cls)
+    assert (addr.embedding.kind if addr.embedding else None) is kind
+    assert (addr.display, addr.dial) == (display, dial)
+    # It is the stdlib value, zone stripped:
+    assert addr == ip(text.split("%")[0]) and "%" not in str(addr)
+    assert Address.of(addr) is addr and addr.norm.norm is addr.norm  # never analysed again
+
+
+def test_teredo_value_carries_the_server_among_its_inner_forms() -> None:
+    addr = Address.of("2001:0:a9fe:a9fe::34ff:8efa")  # server 169.254.169.254
+    assert [str(f) for f in addr.inner] == [
+        "2001:0:a9fe:a9fe::34ff:8efa",
+        "169.254.169.254",
+        "203.0.113.5",  # the client, which is dialled
+    ]
+    assert str(addr.norm) == "203.0.113.5" and addr.cls is AddrClass.DOCUMENTATION
+    assert addr.denied is AddrClass.LINK_LOCAL  # the server is never dialled, but judged
+
+
+@pytest.mark.parametrize(
+    ("text", "peer"),
+    [
+        ("::ffff:a00:1", "10.0.0.1"),  # a dual-stack socket's view of an IPv4 peer
+        ("10.0.0.1", "10.0.0.1"),
+        ("2002:a00:1::", "2002:a00:1::"),  # a 6to4 host is an IPv6 peer of its own
+        ("::ffff:0:a00:1", "::ffff:0:a00:1"),  # translated: never what a socket reports
+    ],
+)
+def test_peer_unmaps_only_the_dual_stack_form(text: str, peer: str) -> None:
+    assert str(Address.of(text).peer) == peer

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from registry.config import PolicyConfig
 from registry.model import Diagnosis, Endpoint, Request
+from registry.policy.addresses import Address
 from registry.policy.decide import Deny, decide
 from registry.policy.diagnosis import container_network, diagnose, explain
 
@@ -121,8 +122,8 @@ def test_explain_longest_addresses_fit(diag: Diagnosis) -> None:
 @pytest.mark.parametrize(
     ("adv", "obs", "sent", "seen"),
     [
-        pytest.param("[::ffff:198.51.100.5]", "2001:db8::9", "IPv4", "IPv6", id="mapped-over-v6"),
-        pytest.param("::ffff:198.51.100.5", "2001:db8::9", "IPv4", "IPv6", id="unbracketed"),
+        pytest.param("2002:c633:6405::", "2001:db8::9", "IPv4", "IPv6", id="6to4-over-v6"),
+        pytest.param("::ffff:198.51.100.5", "2001:db8::9", "IPv4", "IPv6", id="mapped-over-v6"),
         pytest.param("2001:db8::5", "::ffff:203.0.113.5", "IPv6", "IPv4", id="mapped-peer"),
         pytest.param("2001:db8::5", "203.0.113.5", "IPv6", "IPv4", id="plain"),
     ],
@@ -132,7 +133,7 @@ def test_family_mismatch_names_the_families_of_the_addresses(
 ) -> None:
     # From the address, not from a ':' in its text: an IPv4 carried in an IPv6
     # form is an IPv4 address, and the registry calls it over IPv4.
-    line = explain(D.FAMILY_MISMATCH, adv, obs, 15000)
+    line = explain(D.FAMILY_MISMATCH, Address.of(adv), Address.of(obs), 15000)
     assert f"the {sent} address" in line, line
     assert f"connected over {seen}" in line, line
     assert line.endswith(f"connect to the registry over {sent}."), line
@@ -164,8 +165,9 @@ def test_double_nat_advice_never_forwards_the_router_to_a_container() -> None:
     from registry.model import Diagnosis
     from registry.policy.diagnosis import explain
 
-    text = explain(Diagnosis.PRIVATE_BEHIND_NAT, "172.17.0.2", "203.0.113.7", 15000)
+    seen = Address.of("203.0.113.7")
+    text = explain(Diagnosis.PRIVATE_BEHIND_NAT, Address.of("172.17.0.2"), seen, 15000)
     assert "to 172.17.0.2" not in text and "docker run -p 15000:15000" in text
     assert "advertise 203.0.113.7:15000" in text
-    plain = explain(Diagnosis.PRIVATE_BEHIND_NAT, "192.168.1.5", "203.0.113.7", 15000)
+    plain = explain(Diagnosis.PRIVATE_BEHIND_NAT, Address.of("192.168.1.5"), seen, 15000)
     assert "Forward port 15000 on the router to 192.168.1.5:15000" in plain

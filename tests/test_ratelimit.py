@@ -1,4 +1,4 @@
-"""registry.ratelimit: exact-time token buckets, aggregation, atomicity, bounded memory."""
+"""registry.defense.ratelimit: exact-time token buckets, aggregation, atomicity, bounded memory."""
 
 from __future__ import annotations
 
@@ -11,9 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from registry.config import Rate, RateLimitConfig
-from registry.errors import ConfigError
-from registry.model import Endpoint
-from registry.ratelimit import (
+from registry.defense.ratelimit import (
     ALLOWED,
     Allowed,
     Busy,
@@ -21,6 +19,8 @@ from registry.ratelimit import (
     TokenBucketTable,
     source_key,
 )
+from registry.errors import ConfigError
+from registry.model import Endpoint
 
 PER_MIN = 60.0
 HUGE = Rate(1_000_000, 1.0)  # effectively unlimited, to isolate one scope
@@ -80,12 +80,12 @@ def test_table_exact_times_ten_per_minute() -> None:
 
 def test_limiter_ten_per_minute_exact() -> None:
     lim = RateLimiter(cfg(per_source=Rate(10, PER_MIN)))
-    assert [lim.check_source(S1, 0.0) for _ in range(10)] == [ALLOWED] * 10
-    assert lim.check_source(S1, 0.0) == Busy(retry_after=6, scope="source")
-    assert lim.check_source(S1, 5.999) == Busy(retry_after=1, scope="source")
-    assert lim.check_source(S1, 6.0) == ALLOWED
-    assert lim.check_source(S1, 6.0) == Busy(retry_after=6, scope="source")
-    assert lim.check_source(S2, 6.0) == ALLOWED  # other sources are independent
+    assert [lim.admit(S1, 0.0) for _ in range(10)] == [ALLOWED] * 10
+    assert lim.admit(S1, 0.0) == Busy(retry_after=6, scope="source")
+    assert lim.admit(S1, 5.999) == Busy(retry_after=1, scope="source")
+    assert lim.admit(S1, 6.0) == ALLOWED
+    assert lim.admit(S1, 6.0) == Busy(retry_after=6, scope="source")
+    assert lim.admit(S2, 6.0) == ALLOWED  # other sources are independent
 
 
 def test_hundred_per_second_has_no_float_drift() -> None:
@@ -111,14 +111,14 @@ def test_retry_after_is_ceil_and_at_least_one(
 ) -> None:
     lim = RateLimiter(cfg(per_source=rate))
     for _ in range(burst):
-        assert lim.check_source(S1, 0.0) == ALLOWED
-    assert lim.check_source(S1, now) == Busy(retry_after, "source")
+        assert lim.admit(S1, 0.0) == ALLOWED
+    assert lim.admit(S1, now) == Busy(retry_after, "source")
 
 
 def test_zero_count_refuses_everything() -> None:
     lim = RateLimiter(cfg(per_source=Rate(0, PER_MIN)))
-    assert lim.check_source(S1, 0.0) == Busy(60, "source")
-    assert lim.check_source(S1, 1e6) == Busy(60, "source")
+    assert lim.admit(S1, 0.0) == Busy(60, "source")
+    assert lim.admit(S1, 1e6) == Busy(60, "source")
     assert lim.entries == 0
 
 
@@ -156,15 +156,15 @@ def test_source_key(addr: str, prefix: int, key: object) -> None:
 )
 def test_sources_share_a_bucket(a: str, b: str, prefix: int, shared: bool) -> None:
     lim = RateLimiter(cfg(per_source=Rate(1, PER_MIN), ipv6_prefix=prefix))
-    assert lim.check_source(ip(a), 0.0) == ALLOWED
+    assert lim.admit(ip(a), 0.0) == ALLOWED
     expected = Busy(60, "source") if shared else ALLOWED
-    assert lim.check_source(ip(b), 0.0) == expected
+    assert lim.admit(ip(b), 0.0) == expected
 
 
 def test_target_v4_mapped_is_the_v4_target() -> None:
     lim = RateLimiter(cfg(per_target=Rate(1, PER_MIN)))
-    assert lim.check(S1, ep("198.51.100.5"), 0.0) == ALLOWED
-    assert lim.check(S2, ep("::ffff:198.51.100.5", 16000), 0.0) == Busy(60, "target")
+    assert lim.callback(S1, ep("198.51.100.5"), 0.0) == ALLOWED
+    assert lim.callback(S2, ep("::ffff:198.51.100.5", 16000), 0.0) == Busy(60, "target")
 
 
 @pytest.mark.parametrize("prefix", [-1, 129])
@@ -183,61 +183,72 @@ def test_bad_max_entries_is_a_config_error() -> None:
 
 def test_target_refusal_does_not_consume_source() -> None:
     lim = RateLimiter(cfg(per_source=Rate(3, PER_MIN), per_target=Rate(1, PER_MIN)))
-    assert lim.check(S1, ep("198.51.100.1"), 0.0) == ALLOWED
+    assert lim.callback(S1, ep("198.51.100.1"), 0.0) == ALLOWED
     for _ in range(20):
-        assert lim.check(S1, ep("198.51.100.1"), 0.0) == Busy(60, "target")
+        assert lim.callback(S1, ep("198.51.100.1"), 0.0) == Busy(60, "target")
     # Source still has exactly its 2 remaining tokens.
-    assert lim.check(S1, ep("198.51.100.2"), 0.0) == ALLOWED
-    assert lim.check(S1, ep("198.51.100.3"), 0.0) == ALLOWED
-    assert lim.check(S1, ep("198.51.100.4"), 0.0) == Busy(20, "source")
+    assert lim.callback(S1, ep("198.51.100.2"), 0.0) == ALLOWED
+    assert lim.callback(S1, ep("198.51.100.3"), 0.0) == ALLOWED
+    assert lim.callback(S1, ep("198.51.100.4"), 0.0) == Busy(20, "source")
 
 
 def test_source_refusal_does_not_consume_target() -> None:
     lim = RateLimiter(cfg(per_source=Rate(1, PER_MIN), per_target=Rate(2, PER_MIN)))
     t = ep("198.51.100.1")
-    assert lim.check(S1, t, 0.0) == ALLOWED
+    assert lim.callback(S1, t, 0.0) == ALLOWED
     for _ in range(20):
-        assert lim.check(S1, t, 0.0) == Busy(60, "source")
-    assert lim.check(S2, t, 0.0) == ALLOWED  # target's second token was never taken
-    assert lim.check(S3, t, 0.0) == Busy(30, "target")
+        assert lim.callback(S1, t, 0.0) == Busy(60, "source")
+    assert lim.callback(S2, t, 0.0) == ALLOWED  # target's second token was never taken
+    assert lim.callback(S3, t, 0.0) == Busy(30, "target")
 
 
 def test_target_port_scope() -> None:
     lim = RateLimiter(cfg(per_target=Rate(5, PER_MIN), per_target_port=Rate(1, PER_MIN)))
-    assert lim.check(S1, ep("198.51.100.1", 15000), 0.0) == ALLOWED
-    assert lim.check(S1, ep("198.51.100.1", 15000), 0.0) == Busy(60, "target_port")
-    assert lim.check(S1, ep("198.51.100.1", 15001), 0.0) == ALLOWED
-    assert lim.check(S1, ep("198.51.100.2", 15000), 0.0) == ALLOWED
+    assert lim.callback(S1, ep("198.51.100.1", 15000), 0.0) == ALLOWED
+    assert lim.callback(S1, ep("198.51.100.1", 15000), 0.0) == Busy(60, "target_port")
+    assert lim.callback(S1, ep("198.51.100.1", 15001), 0.0) == ALLOWED
+    assert lim.callback(S1, ep("198.51.100.2", 15000), 0.0) == ALLOWED
 
 
 def test_global_refusal_does_not_consume_source() -> None:
     lim = RateLimiter(cfg(per_source=Rate(1, PER_MIN), global_=Rate(2, 1.0)))
-    assert lim.check_source(S1, 0.0) == ALLOWED
-    assert lim.check_source(S2, 0.0) == ALLOWED
-    assert lim.check_source(S3, 0.0) == Busy(1, "global")
-    assert lim.check_source(S3, 0.5) == ALLOWED  # S3's source bucket was untouched
+    assert lim.callback(S1, ep("198.51.100.1"), 0.0) == ALLOWED
+    assert lim.callback(S2, ep("198.51.100.2"), 0.0) == ALLOWED
+    assert lim.callback(S3, ep("198.51.100.3"), 0.0) == Busy(1, "global")
+    assert lim.callback(S3, ep("198.51.100.4"), 0.5) == ALLOWED  # S3's source bucket was untouched
 
 
 def test_busy_names_the_longest_wait() -> None:
     lim = RateLimiter(cfg(per_source=Rate(1, PER_MIN), global_=Rate(1, 1.0)))
-    assert lim.check_source(S1, 0.0) == ALLOWED
-    assert lim.check_source(S1, 0.0) == Busy(60, "source")  # global waits only 1 s
-    assert lim.check_source(S2, 0.0) == Busy(1, "global")
+    assert lim.callback(S1, ep("198.51.100.1"), 0.0) == ALLOWED
+    assert lim.callback(S1, ep("198.51.100.2"), 0.0) == Busy(60, "source")  # global: 1 s
+    assert lim.callback(S2, ep("198.51.100.3"), 0.0) == Busy(1, "global")
 
 
-def test_no_target_checks_source_and_global_only() -> None:
+def test_admit_takes_the_source_token_alone_and_a_callback_takes_four() -> None:
     lim = RateLimiter(cfg())
-    assert lim.check(S1, None, 0.0) == ALLOWED
-    assert lim.table_sizes() == {"source": 1, "target": 0, "target_port": 0, "global": 1}
-    assert lim.check(S1, ep("198.51.100.1"), 0.0) == ALLOWED
+    assert lim.admit(S1, 0.0) == ALLOWED
+    assert lim.table_sizes() == {"source": 1, "target": 0, "target_port": 0, "global": 0}
+    assert lim.callback(S1, ep("198.51.100.1"), 0.0) == ALLOWED
     assert lim.entries == 4
+
+
+def test_peek_and_owed_take_nothing() -> None:
+    lim = RateLimiter(cfg(per_source=Rate(1, PER_MIN), global_=Rate(1, 1.0)))
+    assert lim.peek(S1, 0.0) == ALLOWED and lim.owed(S1, 0.0) == ALLOWED
+    assert lim.entries == 0
+    assert lim.callback(S1, ep("198.51.100.1"), 0.0) == ALLOWED
+    assert lim.peek(S1, 0.0) == Busy(60, "source")
+    assert lim.peek(S2, 0.0) == Busy(1, "global")  # peek asks the global bucket too
+    assert lim.owed(S2, 0.0) == ALLOWED  # owed asks the source's alone
+    assert lim.owed(S1, 30.0) == Busy(30, "source")
 
 
 def test_refused_requests_store_nothing_new() -> None:
     lim = RateLimiter(cfg(global_=Rate(1, 1.0)))
-    assert lim.check(S1, ep("198.51.100.1"), 0.0) == ALLOWED
+    assert lim.callback(S1, ep("198.51.100.1"), 0.0) == ALLOWED
     for i in range(100):
-        assert isinstance(lim.check(ip(f"10.0.0.{i}"), ep(f"10.1.0.{i}"), 0.0), Busy)
+        assert isinstance(lim.callback(ip(f"10.0.0.{i}"), ep(f"10.1.0.{i}"), 0.0), Busy)
     assert lim.entries == 4
 
 
@@ -249,7 +260,7 @@ def test_spray_of_distinct_ipv4_sources_stays_bounded() -> None:
     table = lim._source
     base = int(IPv4Address("10.0.0.0"))
     for i in range(200_000):
-        assert lim.check_source(IPv4Address(base + i), i * 1e-6) == ALLOWED
+        assert lim.admit(IPv4Address(base + i), i * 1e-6) == ALLOWED
         assert len(table) <= 1000
     assert len(table) == 1000
 
@@ -259,7 +270,7 @@ def test_spray_of_ipv6_64s_stays_bounded() -> None:
     base = int(IPv6Address("2001:db8::"))
     for i in range(20_000):
         addr = IPv6Address(base + (i << 64))  # a new /64 each time
-        assert lim.check(addr, Endpoint(addr, 15000), i * 1e-6) == ALLOWED
+        assert lim.callback(addr, Endpoint(addr, 15000), i * 1e-6) == ALLOWED
         assert lim.entries <= 3 * 500 + 1
     assert lim.table_sizes() == {"source": 500, "target": 500, "target_port": 500, "global": 1}
 
@@ -267,8 +278,8 @@ def test_spray_of_ipv6_64s_stays_bounded() -> None:
 def test_idle_entries_expire() -> None:
     lim = RateLimiter(cfg(per_source=Rate(30, PER_MIN)))  # interval 2 s
     for i in range(100):
-        lim.check_source(IPv4Address(i + 1), 0.0)
-    assert lim.expire(1.9) == 1  # only the global bucket (1M/s) has refilled
+        lim.admit(IPv4Address(i + 1), 0.0)
+    assert lim.expire(1.9) == 0  # no source bucket has refilled yet
     assert lim.table_sizes()["source"] == 100
     assert lim.expire(2.0) == 100  # one interval later the source buckets are full again
     assert lim.entries == 0
@@ -300,7 +311,7 @@ def test_lru_eviction_and_refusals_keep_a_key_recent() -> None:
 
 def _drain(lim: RateLimiter, source: IPv4Address | IPv6Address, n: int, now: float) -> None:
     for _ in range(n):
-        assert lim.check_source(source, now) == ALLOWED
+        assert lim.admit(source, now) == ALLOWED
 
 
 def test_reconfigure_faster_rate_keeps_used_tokens() -> None:
@@ -308,50 +319,50 @@ def test_reconfigure_faster_rate_keeps_used_tokens() -> None:
     _drain(lim, S1, 10, 0.0)
     lim.reconfigure(cfg(per_source=Rate(20, PER_MIN)))
     _drain(lim, S1, 10, 0.0)  # 10 used of the new 20
-    assert lim.check_source(S1, 0.0) == Busy(3, "source")
+    assert lim.admit(S1, 0.0) == Busy(3, "source")
 
 
 def test_reconfigure_slower_rate_caps_debt_at_an_empty_bucket() -> None:
     lim = RateLimiter(cfg(per_source=Rate(10, PER_MIN)))
     _drain(lim, S1, 10, 0.0)
     lim.reconfigure(cfg(per_source=Rate(2, PER_MIN)))
-    assert lim.check_source(S1, 0.0) == Busy(30, "source")
-    assert lim.check_source(S1, 30.0) == ALLOWED
-    assert lim.check_source(S1, 30.0) == Busy(30, "source")
+    assert lim.admit(S1, 0.0) == Busy(30, "source")
+    assert lim.admit(S1, 30.0) == ALLOWED
+    assert lim.admit(S1, 30.0) == Busy(30, "source")
 
 
 def test_reconfigure_global_rate_and_untouched_tables() -> None:
     lim = RateLimiter(cfg(per_source=Rate(1, PER_MIN), global_=Rate(1, 1.0)))
-    assert lim.check_source(S1, 0.0) == ALLOWED
+    assert lim.callback(S1, ep("198.51.100.1"), 0.0) == ALLOWED
     lim.reconfigure(cfg(per_source=Rate(1, PER_MIN), global_=Rate(2, 3600.0)))
-    assert lim.check_source(S1, 0.0) == Busy(60, "source")  # same rate: state kept
-    assert lim.check_source(S2, 0.0) == ALLOWED  # 1 used of the new 2/hour, 1 left
-    assert lim.check_source(S3, 0.0) == Busy(1800, "global")
+    assert lim.callback(S1, ep("198.51.100.2"), 0.0) == Busy(60, "source")  # state kept
+    assert lim.callback(S2, ep("198.51.100.3"), 0.0) == ALLOWED  # 1 used of 2/hour, 1 left
+    assert lim.callback(S3, ep("198.51.100.4"), 0.0) == Busy(1800, "global")
 
 
 def test_reconfigure_prefix_resets_sources() -> None:
     a, b = ip("2001:db8:0:1::1"), ip("2001:db8:0:2::1")
     lim = RateLimiter(cfg(per_source=Rate(1, PER_MIN), ipv6_prefix=64))
-    assert lim.check_source(a, 0.0) == ALLOWED
+    assert lim.admit(a, 0.0) == ALLOWED
     lim.reconfigure(cfg(per_source=Rate(1, PER_MIN), ipv6_prefix=48))
-    assert lim.check_source(a, 0.0) == ALLOWED  # new identities: a fresh table
-    assert lim.check_source(b, 0.0) == Busy(60, "source")  # same /48 now
+    assert lim.admit(a, 0.0) == ALLOWED  # new identities: a fresh table
+    assert lim.admit(b, 0.0) == Busy(60, "source")  # same /48 now
 
 
 def test_reconfigure_shrinks_tables() -> None:
     lim = RateLimiter(cfg(per_source=Rate(5, PER_MIN), max_entries=100))
     for i in range(100):
-        lim.check_source(IPv4Address(i + 1), 0.0)
+        lim.admit(IPv4Address(i + 1), 0.0)
     lim.reconfigure(cfg(per_source=Rate(5, PER_MIN), max_entries=10))
     assert lim.table_sizes()["source"] == 10
 
 
 def test_reconfigure_rejects_bad_config_and_keeps_state() -> None:
     lim = RateLimiter(cfg(per_source=Rate(1, PER_MIN)))
-    assert lim.check_source(S1, 0.0) == ALLOWED
+    assert lim.admit(S1, 0.0) == ALLOWED
     with pytest.raises(ConfigError):
         lim.reconfigure(cfg(ipv6_prefix=200))
-    assert lim.check_source(S1, 0.0) == Busy(60, "source")
+    assert lim.admit(S1, 0.0) == Busy(60, "source")
     assert lim.config.ipv6_prefix == 64
 
 
@@ -434,19 +445,26 @@ def test_retry_after_is_honest(
         now += dt
         source = ip(src)
         target = None if tgt is None else ep(tgt[0], tgt[1])
-        result = lim.check(source, target, now)
+        result = charge(lim, source, target, now)
         if isinstance(result, Busy):
             assert result.retry_after >= 1
             later = copy.deepcopy(lim)
-            assert later.check(source, target, now + result.retry_after) == ALLOWED
+            assert charge(later, source, target, now + result.retry_after) == ALLOWED
         else:
             assert isinstance(result, Allowed)
+
+
+def charge(
+    lim: RateLimiter, source: IPv4Address | IPv6Address, target: Endpoint | None, now: float
+) -> Allowed | Busy:
+    """A request's price: a callback's tokens, or (no target) the source's alone."""
+    return lim.admit(source, now) if target is None else lim.callback(source, target, now)
 
 
 def test_ipaddress_objects_are_not_kept_as_keys() -> None:
     # Keys are packed ints: compact, and no reference to caller objects survives.
     lim = RateLimiter(cfg())
-    lim.check(S1, ep("198.51.100.1"), 0.0)
+    lim.callback(S1, ep("198.51.100.1"), 0.0)
     for table in lim._tables():
         assert all(type(k) is int for k in table._tats)
 
@@ -462,8 +480,8 @@ def test_ipaddress_objects_are_not_kept_as_keys() -> None:
 )
 def test_target_port_keys(a: Endpoint, b: Endpoint, shared: bool) -> None:
     lim = RateLimiter(cfg(per_target_port=Rate(1, PER_MIN)))
-    assert lim.check(S1, a, 0.0) == ALLOWED
-    assert lim.check(S1, b, 0.0) == (Busy(60, "target_port") if shared else ALLOWED)
+    assert lim.callback(S1, a, 0.0) == ALLOWED
+    assert lim.callback(S1, b, 0.0) == (Busy(60, "target_port") if shared else ALLOWED)
 
 
 @given(
@@ -493,12 +511,12 @@ def test_full_buckets_are_evicted_first(
 def test_penalize_takes_a_spare_token_and_never_goes_into_debt() -> None:
     limiter = RateLimiter(RateLimitConfig(per_source=Rate(3, 60.0)))
     src = ip_address("10.0.0.1")
-    assert isinstance(limiter.check(src, None, 0.0, include_global=False), Allowed)
+    assert isinstance(limiter.admit(src, 0.0), Allowed)
     assert limiter.penalize(src, 0.0) and limiter.penalize(src, 0.0)  # tokens 2 and 3
     assert not limiter.penalize(src, 0.0)  # none left: no debt
-    busy = limiter.check(src, None, 0.0, include_global=False)
+    busy = limiter.admit(src, 0.0)
     assert isinstance(busy, Busy) and busy.retry_after == 20  # one token back in 20 s, not later
-    assert isinstance(limiter.check(src, None, 20.0, include_global=False), Allowed)
+    assert isinstance(limiter.admit(src, 20.0), Allowed)
     # only the source's own bucket: the target and global buckets are untouched
     assert limiter.table_sizes()["target"] == 0 and limiter.table_sizes()["global"] == 0
 
@@ -511,20 +529,20 @@ def test_under_pressure_a_protocol_error_fines_its_source_into_debt() -> None:
         RateLimitConfig(per_source=Rate(10, 60.0), errors_global=Rate(2, 3600.0), error_fine=30)
     )
     a, b = ip_address("10.0.0.1"), ip_address("10.0.0.2")
-    assert isinstance(limiter.check(a, None, 0.0, include_global=False), Allowed)  # door
+    assert isinstance(limiter.admit(a, 0.0), Allowed)  # door
     assert limiter.penalize(a, 0.0)  # error 1: the usual second token (2 used)
     assert limiter.penalize(b, 0.0)  # error 2: still usual
-    assert isinstance(limiter.check(a, None, 0.0, include_global=False), Allowed)  # 3 used
+    assert isinstance(limiter.admit(a, 0.0), Allowed)  # 3 used
     assert limiter.penalize(a, 0.0)  # error 3: pressure: fined, into debt
-    busy = limiter.check(a, None, 0.0, include_global=False)
+    busy = limiter.admit(a, 0.0)
     # 3 used (tat 18 s) + 30 fined = tat 198 s, capped at now + 2 periods = 120 s:
     # the next token at 120 + 6 - 60 = 66 s
     assert isinstance(busy, Busy) and busy.retry_after == 66 and busy.scope == "source"
-    assert isinstance(limiter.check(a, None, 65.9, include_global=False), Busy)
-    assert isinstance(limiter.check(a, None, 66.0, include_global=False), Allowed)
+    assert isinstance(limiter.admit(a, 65.9), Busy)
+    assert isinstance(limiter.admit(a, 66.0), Allowed)
     # b, fined once under pressure from a full bucket: 30 tokens (capped), 66 s as well
     assert limiter.penalize(b, 0.0)
-    assert limiter.check(b, None, 0.0, include_global=False) == Busy(66, "source")
+    assert limiter.admit(b, 0.0) == Busy(66, "source")
 
 
 @pytest.mark.parametrize(
@@ -545,9 +563,9 @@ def test_a_fine_counts_from_an_empty_bucket(per_source: Rate, used: int, wait: f
     src, other = ip_address("10.0.0.1"), ip_address("10.0.0.2")
     assert limiter.penalize(other, 0.0)  # uses up errors_global: under pressure from now
     for _ in range(used):
-        assert isinstance(limiter.check(src, None, 0.0, include_global=False), Allowed)
+        assert isinstance(limiter.admit(src, 0.0), Allowed)
     assert limiter.penalize(src, 0.0) and limiter.under_pressure
-    busy = limiter.check(src, None, 0.0, include_global=False)
+    busy = limiter.admit(src, 0.0)
     assert isinstance(busy, Busy) and busy.retry_after == math.ceil(wait), busy
 
 
@@ -564,7 +582,7 @@ def test_under_pressure_from_an_empty_errors_bucket_until_it_refilled() -> None:
     for now in (0.0, 0.0, 0.0, 0.1, 0.6, 0.6, 1.4, 1.9, 2.5):
         limiter.penalize(src, now)
         states.append(limiter.under_pressure)
-        limiter.check(src, None, now, include_global=False)
+        limiter.admit(src, now)
         assert limiter.under_pressure is states[-1]
     assert states == [False, False, True, True, True, True, True, True, False]
 
@@ -577,7 +595,7 @@ def test_error_fine_zero_keeps_the_usual_price_under_pressure() -> None:
     assert limiter.penalize(src, 0.0) and limiter.penalize(src, 0.0)  # pressure from the 2nd
     assert limiter.penalize(src, 0.0)  # the third token, still no debt
     assert not limiter.penalize(src, 0.0)
-    assert limiter.check(src, None, 0.0, include_global=False) == Busy(20, "source")
+    assert limiter.admit(src, 0.0) == Busy(20, "source")
 
 
 def test_the_pressure_bucket_refills_and_follows_a_reload() -> None:
@@ -587,12 +605,12 @@ def test_the_pressure_bucket_refills_and_follows_a_reload() -> None:
     src = ip_address("10.0.0.1")
     limiter.penalize(src, 0.0)  # the pressure budget's one token
     limiter.penalize(src, 10.0)  # refilled 10 s later: usual price again
-    assert isinstance(limiter.check(src, None, 10.0, include_global=False), Allowed)
+    assert isinstance(limiter.admit(src, 10.0), Allowed)
     limiter.reconfigure(
         RateLimitConfig(per_source=Rate(100, 60.0), errors_global=Rate(1, 10.0), error_fine=0)
     )
     limiter.penalize(src, 10.0)  # budget empty, but fines are off now
-    assert isinstance(limiter.check(src, None, 10.0, include_global=False), Allowed)
+    assert isinstance(limiter.admit(src, 10.0), Allowed)
 
 
 def test_check_without_the_source_leaves_its_bucket_alone() -> None:
@@ -600,5 +618,5 @@ def test_check_without_the_source_leaves_its_bucket_alone() -> None:
     src = ip_address("10.0.0.1")
     target = Endpoint(src, 15000)
     for _ in range(5):  # the door charged the source already: only target buckets here
-        assert isinstance(limiter.check(src, target, 0.0, include_source=False), Allowed)
-    assert isinstance(limiter.check(src, None, 0.0, include_global=False), Allowed)
+        assert isinstance(limiter.paid_callback(target, 0.0), Allowed)
+    assert isinstance(limiter.admit(src, 0.0), Allowed)

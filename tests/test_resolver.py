@@ -23,6 +23,7 @@ import trio.testing
 
 from registry import config as config_mod
 from registry.model import Code, Diagnosis, Endpoint, IPAddress, Protocol, Request, Status
+from registry.net.interfaces import is_local_address
 from registry.net.resolver import (
     MAX_ANSWERS,
     TooManyAnswers,
@@ -176,7 +177,13 @@ class FakeResolver:
 
 def make(cfg_text: str, resolver: Any) -> tuple[Service, ScriptedConnector, ListRecorder]:
     conn, rec = ScriptedConnector(), ListRecorder()
-    service = Service(config_mod.loads(cfg_text), connector=conn, recorder=rec, resolver=resolver)
+    service = Service(
+        config_mod.loads(cfg_text),
+        is_local=is_local_address,
+        connector=conn,
+        recorder=rec,
+        resolver=resolver,
+    )
     return service, conn, rec
 
 
@@ -281,7 +288,7 @@ async def test_slow_lookup_is_cut_at_resolve_timeout(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     fake = FakeResolver(hang=True)
-    service, conn, _ = make(NAMES + "resolve_timeout = 1.5\n", fake)
+    service, conn, _ = make(NAMES + "[tuning]\nresolve_timeout = 1.5\n", fake)
     start = trio.current_time()
     outcome = await register(service, "slow.example", REMOTE)
     assert outcome.code is Code.HOSTNAME_NOT_ALLOWED and "TooSlowError" in outcome.explanation

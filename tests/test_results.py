@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from registry import results
-from registry.admin.grading import GradeRow
-from registry.results import CSV_COLUMNS, iso_utc, parse_since, render, render_grades
+from registry.admin import results
+from registry.admin.core.grading import GradeRow
+from registry.admin.results import CSV_COLUMNS, iso_utc, parse_since, render, render_grades
 from registry.store import Store
 from tests.test_store import T0, rec
 

@@ -14,9 +14,10 @@ import structlog
 import trio
 
 from registry import config as config_mod
+from registry.defense.ratelimit import Allowed, Busy
 from registry.errors import ProtocolError
 from registry.model import Code, Diagnosis, Endpoint, Protocol, Request, Status
-from registry.ratelimit import Allowed, Busy
+from registry.net.interfaces import is_local_address
 from registry.service import CallResult, Service, StoreUnavailable
 from tests.fakes import ListRecorder, ScriptedConnector
 
@@ -33,6 +34,7 @@ def make(
     counter = iter(range(1, 10_000))
     service = Service(
         cfg,
+        is_local=is_local_address,
         connector=conn,
         recorder=rec,
         random_bytes=lambda n: next(counter).to_bytes(n, "big"),
@@ -156,7 +158,7 @@ async def test_callbacks_in_flight_are_capped(autojump_clock: trio.testing.MockC
 
 
 async def test_token_auth_denies_without_a_valid_token() -> None:
-    from registry import auth
+    from registry.policy import auth
 
     text = '[auth]\nmode = "token"\nsecret = "s3cret"'
     service, conn, _ = make(text)
@@ -243,11 +245,11 @@ async def test_a_paid_protocol_error_costs_a_second_token() -> None:
     service, _, rec = make('[ratelimit]\nper_source = "3/hour"\n')
     error = ProtocolError(Code.MALFORMED, "bad")
     limiter, now = service.limiter, service.clock()
-    assert isinstance(limiter.check(LOCAL.host, None, now, include_global=False), Allowed)  # (1)
+    assert isinstance(limiter.admit(LOCAL.host, now), Allowed)  # (1)
     outcome = await service.reject(error, LOCAL, Protocol.TEXT, 1.0, source_paid=True)  # (2)
     assert outcome.code is Code.MALFORMED  # never BUSY: it paid at the door
-    assert isinstance(limiter.check(LOCAL.host, None, now, include_global=False), Allowed)  # (3)
-    assert isinstance(limiter.check(LOCAL.host, None, now, include_global=False), Busy)
+    assert isinstance(limiter.admit(LOCAL.host, now), Allowed)  # (3)
+    assert isinstance(limiter.admit(LOCAL.host, now), Busy)
     assert [r.code for r in rec.records] == ["malformed"]
 
 
@@ -295,8 +297,9 @@ async def test_under_pressure_errors_past_the_first_ten_are_recorded_not_logged(
     # lines are summed (take_unlogged) instead. Registrations are always logged.
     # (No fines: they would refuse the registration; pressure is measured all the same.)
     service, _, rec = make(
-        '[ratelimit]\nerrors_global = "5/hour"\nerror_fine = 0\nper_source = "1000/second"\n'
-        'per_target = "1000/second"\nper_target_port = "1000/second"\nglobal = "1000/second"\n'
+        '[ratelimit]\nper_source = "1000/second"\nper_target = "1000/second"\n'
+        'per_target_port = "1000/second"\nglobal = "1000/second"\n'
+        '[tuning]\nerrors_global = "5/hour"\nerror_fine = 0\n'
     )
     seen: list[str] = []
     service.observers.append(lambda r: seen.append(r.id))
@@ -324,7 +327,9 @@ async def test_errors_without_the_door_count_toward_pressure_too() -> None:
     # UDP, or a system without the waiting room: the source did not pay at the door,
     # so reject() charges its token itself; the error still counts toward
     # errors_global, so "under pressure" (which sums the log lines) stays true.
-    service, _, rec = make('[ratelimit]\nerrors_global = "2/hour"\nper_source = "1000/second"\n')
+    service, _, rec = make(
+        '[ratelimit]\nper_source = "1000/second"\n[tuning]\nerrors_global = "2/hour"\n'
+    )
     for n in range(3):
         outcome = await service.reject(
             ProtocolError(Code.MALFORMED, "junk"), LOCAL, Protocol.TEXT, 1.0
@@ -339,7 +344,7 @@ async def test_a_fined_error_tells_its_wait_and_an_unfined_one_does_not() -> Non
     # under pressure and fined; its reply says how long (retry_after, explanation).
     # Without the door (source_paid False) the source is not fined: nothing to tell.
     service, _, rec = make(
-        '[ratelimit]\nerrors_global = "1/hour"\nper_source = "10/minute"\nerror_fine = 30\n'
+        '[ratelimit]\nper_source = "10/minute"\n[tuning]\nerrors_global = "1/hour"\nerror_fine = 30\n'
     )
     junk = [(ProtocolError(Code.MALFORMED, "junk"), LOCAL, Protocol.TEXT, 1.0, n) for n in range(2)]
     first, fined = await service.reject_many(junk)
@@ -368,3 +373,44 @@ async def test_reject_many_store_failure_raises() -> None:
             [(ProtocolError(Code.READ_TIMEOUT, "x"), LOCAL, Protocol.TEXT, 1.0, 1)]
         )
     assert service.outcomes[Status.ERROR] == 0
+
+
+@pytest.mark.parametrize(
+    ("line", "peer", "mode", "code"),
+    [
+        ("127.0.0.1:15000", "127.0.0.1", "strict", Code.CONNECTED),
+        ('{"host": "127.0.0.1", "port": 15000}', "127.0.0.1", "strict", Code.CONNECTED),
+        ('{"host": "::ffff:7f00:1", "port": 15000}', "127.0.0.1", "strict", Code.CONNECTED),
+        ("[::ffff:127.0.0.1]:15000", "::ffff:127.0.0.1", "strict", Code.CONNECTED),
+        ("192.0.2.10:15000", "127.0.0.1", "strict", Code.SOURCE_MISMATCH),
+        ("[2002:c000:20a::]:15000", "127.0.0.1", "nat-observed", Code.CONNECTED),
+        ("[fe80::1]:15000", "2001:db8::5", "strict", Code.ADDRESS_NOT_ALLOWED),
+    ],
+)
+async def test_one_registration_normalises_each_address_once(
+    monkeypatch: pytest.MonkeyPatch, line: str, peer: str, mode: str, code: Code
+) -> None:
+    """From the wire to the recorded outcome, each address is analysed once: the
+    advertised host where the parser builds it, the peer where the edge does."""
+    from registry.net import tcp
+    from registry.policy.addresses import Address
+    from registry.protocol.jsonl import parse_json
+    from registry.protocol.text import parse_line
+
+    service, _, _ = make(f'[policy]\nmode = "{mode}"')
+    service.own = frozenset({tcp.endpoint_of(("127.0.0.1", 9000))})
+    analyse = Address._analyse
+    analysed: list[str] = []
+
+    def counted(self: Address) -> object:
+        analysed.append(str(self))
+        return analyse(self)
+
+    monkeypatch.setattr(Address, "_analyse", counted)
+    tcp._host.cache_clear()  # the edge's parse cache would hide a second parse
+    request = parse_json(line) if line.startswith("{") else parse_line(line.encode() + b"\n")
+    seen = tcp.endpoint_of((peer, 40000))
+    local = tcp.endpoint_of(("127.0.0.1", 9000))
+    outcome = await service.register(request, seen, Protocol.TEXT, 1.0, local)
+    assert outcome.code is code, outcome.explanation
+    assert len(analysed) == 2, analysed  # the advertised host and the peer, once each

@@ -1,4 +1,4 @@
-"""Silent connections under attack (registry/silence.py and the filters' silent drop).
+"""Silent connections under attack (registry/defense/silence.py and the filters' silent drop).
 
 Three layers, as for bans: ``SilentGuard`` table-driven with exact times; the
 ``SILENT_DROP`` block of both filter programs run by the interpreters of
@@ -28,11 +28,13 @@ import trio
 import trio.testing
 
 from registry import config as config_mod
-from registry.bans import ACCEPT, BPF_MAXINSNS, DROP, BanList, drop_program, pack
-from registry.net.banfilter import BanFilter, attach, detach_inherited
-from registry.net.ebpf import EbpfBans, program
+from registry.defense.bans import BanList
+from registry.defense.silence import SilentGuard
+from registry.net.kernel.banfilter import BanFilter, detach_inherited
+from registry.net.kernel.classic import ACCEPT, BPF_MAXINSNS, DROP, attach, drop_program, pack
+from registry.net.kernel.ebpf import EbpfBans, program
+from registry.net.kernel.rules import NEXT, compile_rule
 from registry.server import Registry
-from registry.silence import SilentGuard
 from tests.test_bans import RecordingSock, ipv4_header, listener, run_bpf, v4
 from tests.test_ebpf import MAP_FD, run_ebpf
 
@@ -142,6 +144,19 @@ def test_the_block_drops_bare_acks_only(runner: str, name: str, segment: bytes, 
     assert run(True, [], "127.2.0.1", segment) == want
     if len(segment) >= 20:  # a whole header: without the block, every segment is kept
         assert run(False, [], "127.2.0.1", segment) == ACCEPT
+
+
+def test_a_jump_to_next_lands_past_the_step_in_either_instruction_set() -> None:
+    # rules.BARE_ACK is written once and compiled by both filters (the runners above
+    # check what each compiled program does); a jump to NEXT must end the step.
+    rule = (("load",), ("next_unless",), ("load",), ("drop",))
+    emit = {
+        "load": lambda: [("ld", 0)],
+        "next_unless": lambda: [("jne", NEXT)],
+        "drop": lambda: [("jeq", NEXT), ("ret", 0)],
+    }
+    out = compile_rule(rule, emit, lambda insn, dist: (insn[0], dist))
+    assert out == [("ld", 0), ("jne", 3), ("ld", 0), ("jeq", 1), ("ret", 0)]
 
 
 @pytest.mark.parametrize("runner", RUNNERS)
@@ -270,10 +285,13 @@ async def test_a_crowd_of_silent_connections_turns_the_drop_on_and_it_ends(
                 "listen": ["127.0.0.1:0"],
                 "admin": "off",
                 "db": str(tmp_path / "r.db"),
-                "defer_accept": "0s",  # silent connections reach the registry at once
             },
             "protocol": {"read_deadline": "1s"},
-            "limits": {"silent_drop_after": 3, "silent_drop_duration": "3s"},
+            "tuning": {
+                "defer_accept": "0s",  # silent connections reach the registry at once
+                "silent_drop_after": 3,
+                "silent_drop_duration": "3s",
+            },
         }
     )
     registry = Registry(cfg, handle_signals=False)

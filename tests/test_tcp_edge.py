@@ -12,6 +12,7 @@ import trio.testing
 from registry import config as config_mod
 from registry.errors import ProtocolError
 from registry.model import Code, Endpoint, Protocol
+from registry.net.interfaces import is_local_address
 from registry.net.tcp import TcpHandler, read_request
 from registry.service import Service
 from tests.fakes import ListRecorder, ScriptedConnector
@@ -99,7 +100,7 @@ async def _exchange(
 ) -> tuple[bytes, ListRecorder, ScriptedConnector]:
     conn = ScriptedConnector(**connector)  # type: ignore[arg-type]
     rec = ListRecorder()
-    handler = TcpHandler(Service(CFG, connector=conn, recorder=rec))
+    handler = TcpHandler(Service(CFG, is_local=is_local_address, connector=conn, recorder=rec))
     client, server = trio.testing.memory_stream_pair()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(handler.handle, server, PEER)
@@ -144,7 +145,7 @@ async def test_callback_completes_and_is_recorded_when_client_vanishes(
 ) -> None:
     conn = ScriptedConnector(delay=2.0)
     rec = ListRecorder()
-    handler = TcpHandler(Service(CFG, connector=conn, recorder=rec))
+    handler = TcpHandler(Service(CFG, is_local=is_local_address, connector=conn, recorder=rec))
     client, server = trio.testing.memory_stream_pair()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(handler.handle, server, PEER)

@@ -33,6 +33,7 @@ from hypothesis import strategies as st
 from registry import config as config_mod
 from registry.model import Code, Endpoint, Request
 from registry.net.connector import TcpConnector
+from registry.net.interfaces import is_local_address
 from registry.net.tcp import TcpHandler
 from registry.net.udp import UdpConnector, challenge_reply, fit_reply, serve_udp
 from registry.protocol.cookies import CookieJar
@@ -47,7 +48,7 @@ per_target = "1000/minute"
 per_target_port = "1000/minute"
 [callback]
 verify_timeout = "1s"
-[udp]
+[tuning]
 unproven_per_source = "1000/minute"
 """
 PAD = 512
@@ -234,7 +235,7 @@ def test_student_server_and_client_over_udp(registry: RegistryProcess, tmp_path:
 
 
 def test_cookie_replayed_after_its_windows_fails(tmp_path: Path) -> None:
-    config = GENEROUS + 'cookie_window = "300ms"\n'  # GENEROUS ends in [udp]
+    config = GENEROUS + 'cookie_window = "300ms"\n'  # GENEROUS ends in [tuning]
     with run_registry(tmp_path, config=config) as reg, _udp() as client, _udp() as target:
         addr = ("127.0.0.1", reg.port)
         request = f"127.0.0.1:{target.getsockname()[1]}"
@@ -541,7 +542,7 @@ def _service(config: str = GENEROUS, tcp: bool = False) -> tuple[Service, ListRe
     cfg = config_mod.loads(config)
     recorder = ListRecorder()
     connector = TcpConnector(cfg.callback) if tcp else UdpConnector(lambda: cfg.callback)
-    return Service(cfg, connector=connector, recorder=recorder), recorder
+    return Service(cfg, is_local=is_local_address, connector=connector, recorder=recorder), recorder
 
 
 async def _udp_target() -> tuple[trio.socket.SocketType, int]:

@@ -22,8 +22,10 @@ from hypothesis import strategies as st
 
 from registry import config as config_mod
 from registry.config import Rate
+from registry.defense.ratelimit import ReplyBudget
 from registry.metrics import Metrics, Probes
 from registry.model import Code, Outcome
+from registry.net.interfaces import is_local_address
 from registry.net.udp import UdpConnector, serve_udp
 from registry.protocol.callback import callback_line
 from registry.protocol.cookies import CookieJar
@@ -31,7 +33,6 @@ from registry.protocol.jsonl import format_json_reply
 from registry.protocol.loopguard import DropReason, classify
 from registry.protocol.reply import format_reply
 from registry.protocol.text import parse_line
-from registry.ratelimit import ReplyBudget
 from registry.service import Service
 from tests.fakes import ListRecorder
 from tests.support import run_registry, send_line
@@ -205,14 +206,19 @@ def test_metric_counts_drops_by_reason() -> None:
 # ------------------------------------------------------------------------ edge
 
 TIGHT = """
-[udp]
+[tuning]
 unproven_per_source = "3/minute"
 """
 
 
 async def test_edge_answers_an_unproven_source_within_its_budget_only() -> None:
     cfg = config_mod.loads(TIGHT)
-    service = Service(cfg, connector=UdpConnector(lambda: cfg.callback), recorder=ListRecorder())
+    service = Service(
+        cfg,
+        is_local=is_local_address,
+        connector=UdpConnector(lambda: cfg.callback),
+        recorder=ListRecorder(),
+    )
     sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     await sock.bind(("127.0.0.1", 0))
     client = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -248,7 +254,12 @@ async def test_edge_takes_an_admission_token_without_waiting() -> None:
     """A proven UDP request needs a token from the TCP accept loops' limiter; none left:
     BUSY overloaded at once, and a finished registration gives its token back."""
     cfg = config_mod.loads("")
-    service = Service(cfg, connector=UdpConnector(lambda: cfg.callback), recorder=ListRecorder())
+    service = Service(
+        cfg,
+        is_local=is_local_address,
+        connector=UdpConnector(lambda: cfg.callback),
+        recorder=ListRecorder(),
+    )
     admission = trio.CapacityLimiter(1)
     tcp_connection = object()
     await admission.acquire_on_behalf_of(tcp_connection)
@@ -330,9 +341,14 @@ def test_a_udp_registration_does_not_get_a_tcp_client_refused_for_total(tmp_path
 
 async def test_edge_budget_follows_a_reload() -> None:
     """The edge reads the config per datagram: a SIGHUP's new budget applies at once."""
-    configs = [config_mod.loads('[udp]\nunproven_per_source = "1/minute"\n')]
+    configs = [config_mod.loads('[tuning]\nunproven_per_source = "1/minute"\n')]
     cfg = configs[0]
-    service = Service(cfg, connector=UdpConnector(lambda: cfg.callback), recorder=ListRecorder())
+    service = Service(
+        cfg,
+        is_local=is_local_address,
+        connector=UdpConnector(lambda: cfg.callback),
+        recorder=ListRecorder(),
+    )
     sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     await sock.bind(("127.0.0.1", 0))
     client = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -351,7 +367,7 @@ async def test_edge_budget_follows_a_reload() -> None:
             # handled in order: once another source is answered, that one was dropped
             await other.sendto(junk, addr)
             assert (await other.recv(4096)).startswith(b"ERROR malformed")
-            configs.append(config_mod.loads('[udp]\nunproven_per_source = "3/minute"\n'))
+            configs.append(config_mod.loads('[tuning]\nunproven_per_source = "3/minute"\n'))
             await client.sendto(junk, addr)  # a burst of 3: two more
             assert (await client.recv(4096)).startswith(b"ERROR malformed")
             nursery.cancel_scope.cancel()

@@ -154,7 +154,7 @@ def test_a_reflector_that_changes_its_answer_is_stopped_by_the_budget(
     lab: NetnsLab, tmp_path: Path
 ) -> None:
     """No classifier recognises "you said: ERROR ...": the source's reply budget
-    (udp.unproven_per_source, 10 by default) ends the loop."""
+    (unproven_per_source, 10 by default) ends the loop."""
     _registry(lab, tmp_path, REGISTRY)
     _echo(lab, prefix="you said: ")
     sent = _forge_and_count(lab, ECHO_PORT)

@@ -27,7 +27,9 @@ from registry.net.waiting import REJECT_CHUNK, Waiting, WaitingRoom
 pytestmark = pytest.mark.skipif(not WaitingRoom.supported(), reason="needs select.epoll")
 
 PEER = Endpoint(ipaddress.ip_address("127.0.0.1"), 40000)
-CFG = config_mod.from_dict({"protocol": {"read_deadline": "5s", "quiet_period": "250ms"}}).protocol
+CFG = config_mod.from_dict(
+    {"protocol": {"read_deadline": "5s"}, "tuning": {"quiet_period": "250ms"}}
+).protocol
 
 
 class Room:

@@ -26,10 +26,10 @@ import pytest
 import trio
 
 from registry import config as config_mod
-from registry.config import Rate
 from registry.errors import ConfigError
+from registry.model import Rate
 from registry.net.group import GroupFailed, Supervisor, split_limits
-from registry.net.reuseport import open_group, steering_program, worker_index
+from registry.net.kernel.reuseport import open_group, steering_program, worker_index
 from registry.store import Store
 from tests.support import RegistryProcess, free_port, http_get, run_registry
 from tests.test_lifecycle import _wait_for, notify_socket
@@ -123,7 +123,7 @@ def assert_whole_lines(reg: RegistryProcess) -> None:
 
 
 def group_config(extra: str = "") -> str:
-    return f"[server]\nworkers = {N}\n" + extra
+    return f"[tuning]\nworkers = {N}\n" + extra
 
 
 # --- the steering program, against the kernel -----------------------------------------
@@ -197,7 +197,7 @@ def test_split_limits_divides_global_limits_and_keeps_per_source_ones() -> None:
     cfg = config_mod.loads(
         '[ratelimit]\nglobal = "101/second"\nper_source = "5/minute"\n'
         "[limits]\nmax_connections = 100\nmax_callbacks_in_flight = 9\n"
-        'max_connections_per_source = 60\n[udp]\nunproven_global = "10/second"\n'
+        "max_connections_per_source = 60\n"
     )
     w = split_limits(cfg, 2)
     assert w.ratelimit.global_ == Rate(51, 1.0)
@@ -205,7 +205,7 @@ def test_split_limits_divides_global_limits_and_keeps_per_source_ones() -> None:
     assert w.limits.max_callbacks_in_flight == 5
     assert w.limits.max_connections == 60  # never below the per-source cap
     assert w.limits.max_connections_per_source == 60
-    assert w.udp.unproven_global == Rate(5, 1.0)
+    assert w.udp.unproven_global == Rate(250, 1.0)  # the profile's 500/second, halved
     assert w.server.admin == "off"  # the supervisor's
     config_mod.validate(w)
 
@@ -214,11 +214,11 @@ def test_split_limits_divides_global_limits_and_keeps_per_source_ones() -> None:
     ("value", "ok"), [(0, True), (1, True), (64, True), (65, False), (-1, False)]
 )
 def test_workers_key_is_validated(value: int, ok: bool) -> None:
-    text = f"[server]\nworkers = {value}\n"
+    text = f"[tuning]\nworkers = {value}\n"
     if ok:
         assert config_mod.loads(text).server.workers == value
     else:
-        with pytest.raises(ConfigError, match="server.workers"):
+        with pytest.raises(ConfigError, match="tuning.workers"):
             config_mod.loads(text)
 
 

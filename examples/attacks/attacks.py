@@ -246,7 +246,7 @@ def case_loop(d: Demo) -> None:
         "UDP reply loop",
         f"{counts[NAIVE]} datagrams in {LOOP_SECONDS:g} s, until stopped",
         f"{counts[OURS]} datagrams in {LOOP_SECONDS:g} s",
-        counts[OURS] <= 10,  # udp.unproven_per_source: 10 a minute by default
+        counts[OURS] <= 10,  # unproven_per_source: 10 a minute by default
     )
 
 

@@ -2,5 +2,5 @@
 
 It sees the running daemon only through ``view.DaemonView``, which the server
 builds and passes in: nothing here imports ``registry.server``.
-``grading``, ``access`` and ``pages`` are pure (values in, values out).
+``core/`` (grading, access, slots) and ``pages`` are pure (values in, values out).
 """

@@ -17,13 +17,14 @@ from urllib.parse import parse_qs, urlsplit
 import h11
 import trio
 
-from registry.admin import grading, pages
+from registry.admin import pages
+from registry.admin.core import grading
+
+# The JSON shapes of `registry results --format json`, reused so the API and the CLI agree.
+from registry.admin.results import grade_json, parse_since, record_json, render_grades
 from registry.admin.view import DaemonView
 from registry.metrics import Metrics
 from registry.net.interfaces import reachable
-
-# The JSON shapes of `registry results --format json`, reused so the API and the CLI agree.
-from registry.results import grade_json, parse_since, record_json, render_grades
 
 JSON = "application/json; charset=utf-8"
 TEXT = "text/plain; charset=utf-8"
@@ -208,7 +209,7 @@ class Views:
         return Response(200, render_grades(rows, "csv").encode(), CSV, (disposition,))
 
     async def bans(self, req: HttpRequest) -> Response:
-        """Sources banned now (registry/bans.py), oldest first, with the time left."""
+        """Sources banned now (registry/defense/bans.py), oldest first, with the time left."""
         bans, now = self.view.bans, trio.current_time()
         ban_filter = self.view.ban_filter()
         return json_response(

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 import structlog
 import trio
 
-from registry.results import record_json
+from registry.admin.results import record_json
 from registry.store import Record
 
 log = structlog.get_logger(component="admin")

@@ -40,7 +40,7 @@ import h11
 import structlog
 import trio
 
-from registry.admin import access, pages
+from registry.admin import pages
 from registry.admin.api import (
     HTML,
     TEXT,
@@ -49,8 +49,9 @@ from registry.admin.api import (
     Response,
     Views,
 )
+from registry.admin.core import access
+from registry.admin.core.slots import AdminSlots
 from registry.admin.events import EventHub
-from registry.admin.slots import AdminSlots
 from registry.admin.view import DaemonView
 from registry.metrics import Metrics, package_version
 from registry.net.accept import accept_loop

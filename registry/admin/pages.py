@@ -36,9 +36,9 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from registry.admin.grading import GradeRow, ago, stuck_first
+from registry.admin.core.grading import GradeRow, ago, stuck_first
+from registry.admin.results import iso_utc
 from registry.admin.static import CLASS_SCRIPT, CLASS_STYLE, SCRIPT, STYLE
-from registry.results import iso_utc
 from registry.store import STATUS_RANK, Record
 
 STATUSES: tuple[str, ...] = tuple(STATUS_RANK)  # OK FAILED DENIED BUSY ERROR: best first

@@ -12,9 +12,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from registry.admin.grading import Roster
-from registry.bans import BanList
+from registry.admin.core.grading import Roster
 from registry.config import Config
+from registry.defense.bans import BanList
 from registry.metrics import Probes
 from registry.model import Endpoint
 from registry.store import Record, StudentSummary
@@ -37,7 +37,7 @@ class StoreReader(Protocol):
 
 
 class KernelFilter(Protocol):
-    """What ``/api/bans`` reports of ``net.banfilter.BanFilter``."""
+    """What ``/api/bans`` reports of ``net.kernel.banfilter.BanFilter``."""
 
     kind: str
     filtered: int

@@ -10,7 +10,7 @@ socket is readable, up to ``BATCH`` connections are taken with plain
 non-blocking accept() calls and handed to ``on_accept`` as stdlib sockets
 with the peer address accept() returned, and only then does the loop yield.
 Under a flood this is most of the cost of a connection refused at the door
-(registry/door.py): one scheduler round and one trio socket object per
+(registry/defense/door.py): one scheduler round and one trio socket object per
 connection cost more than the refusal itself. ``BATCH`` also bounds how long
 one step can keep other tasks waiting: ~8 connections, ~0.5 ms (see
 docs/architecture.md, "short steps").
@@ -153,15 +153,3 @@ def held_silent(conn: socket.socket) -> bool:
     except OSError:  # reset, or no TCP_INFO here: let the usual path find out
         return False
     return False  # something (or EOF) to read: it did not stay silent
-
-
-def spawn_stream(
-    nursery: trio.Nursery, serve: Callable[[trio.SocketStream, object], object]
-) -> OnAccept:
-    """An ``on_accept`` that serves every connection as a stream in its own task."""
-
-    def on_accept(conn: socket.socket, _addr: object, token: object) -> None:
-        stream = trio.SocketStream(trio.socket.from_stdlib_socket(conn))
-        nursery.start_soon(serve, stream, token)  # type: ignore[arg-type]
-
-    return on_accept

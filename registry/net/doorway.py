@@ -1,8 +1,8 @@
 """The edge of the front door: answer refused connections without a task each.
 
-``registry/door.py`` decides; this module owns the sockets. A refused
-connection is held for a while (``limits.refusal_delay``, doubling for each
-further refusal of the same source up to ``limits.max_refusal_delay``), then
+``registry/defense/door.py`` decides; this module owns the sockets. A refused
+connection is held for a while (``refusal_delay``, doubling for each
+further refusal of the same source up to ``max_refusal_delay``), then
 answered with one line by a non-blocking write (a short line always fits a
 fresh socket's empty send buffer), closed with FIN, and forgotten. One
 reaper task serves every held connection, so a flood still costs no task or

@@ -1,7 +1,7 @@
 """``server.workers = N``: a supervisor and N registry processes on shared ports.
 
 The supervisor (the ``registry serve`` the operator started) opens every
-registration socket as a reuseport group (``net/reuseport.py``: a source is
+registration socket as a reuseport group (``net/kernel/reuseport.py``: a source is
 always steered to the same socket), opens the database first (migrations run
 once) and starts N workers: the same executable, told by ``REGISTRY_WORKER``
 which inherited descriptors are theirs. Each worker is a whole registry on its
@@ -43,13 +43,13 @@ import msgspec
 import structlog
 import trio
 
-from registry.bans import BanList
-from registry.config import Config, Rate
+from registry.config import Config
+from registry.defense.bans import BanList
 from registry.metrics import Probes
-from registry.model import Endpoint
-from registry.net.reuseport import open_group
+from registry.model import Endpoint, Rate
+from registry.net.kernel.reuseport import open_group
+from registry.net.sdnotify import Notifier
 from registry.net.tcp import endpoint_of
-from registry.sdnotify import Notifier
 from registry.store import Record
 
 log = structlog.get_logger(component="group")
@@ -297,7 +297,7 @@ class Supervisor:
         return tcp, udp
 
     async def run(self) -> None:
-        from registry.admin.grading import load_roster
+        from registry.admin.core.grading import load_roster
         from registry.admin.http import AdminServer
         from registry.admin.http import open_listeners as open_admin_listeners
         from registry.admin.view import DaemonView
@@ -402,7 +402,7 @@ class Supervisor:
                 w.process.send_signal(sig)
 
     async def _reload(self) -> None:
-        from registry.admin.grading import load_roster
+        from registry.admin.core.grading import load_roster
         from registry.errors import ConfigError
 
         self.notifier.reloading()

@@ -8,7 +8,6 @@ closed socket when the client is gone.
 from __future__ import annotations
 
 import functools
-import ipaddress
 import itertools
 import socket
 import time
@@ -20,6 +19,7 @@ import trio
 from registry.config import ProtocolConfig
 from registry.errors import ProtocolError
 from registry.model import Code, Endpoint, Outcome, Protocol, Request
+from registry.policy.addresses import Address
 from registry.protocol.jsonl import JsonReceiver, format_json_reply
 from registry.protocol.reply import format_reply
 from registry.protocol.sniff import sniff
@@ -108,16 +108,14 @@ def default_encode(protocol: Protocol, outcome: Outcome) -> bytes:
 
 
 @functools.lru_cache(maxsize=16384)
-def _host(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+def _host(text: str) -> Address:
     # Cached: parsing an address string is a visible share of a connection's CPU
     # (7.6 us a miss, 1.2 us a hit), and our own address and the busiest peers
     # repeat. 16,384 entries (~3 MB) hold the 5,000 cycling sources of the
     # benchmark's wide stalls; 4,096 missed on every one. The values are immutable.
-    host = ipaddress.ip_address(text.split("%", 1)[0])
-    # A dual-stack socket reports IPv4 peers as ::ffff:a.b.c.d: that is the IPv4 peer itself.
-    if isinstance(host, ipaddress.IPv6Address) and host.ipv4_mapped is not None:
-        host = host.ipv4_mapped
-    return host
+    # The one value policy, limits and cookies read. A dual-stack socket reports
+    # IPv4 peers as ::ffff:a.b.c.d: that is the IPv4 peer itself.
+    return Address.of(text.split("%", 1)[0]).peer
 
 
 def endpoint_of(addr: tuple) -> Endpoint:  # type: ignore[type-arg]

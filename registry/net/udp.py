@@ -6,7 +6,7 @@ One socket per TCP listener address, same port number. For each datagram:
    reply, a challenge, a callback or its echo, or any datagram from a source
    port below 1024): dropped silently and counted, so that one forged
    datagram cannot start an endless exchange with another UDP service;
-1. larger than ``udp.max_datagram_bytes``: ``ERROR too_long``;
+1. larger than ``max_datagram_bytes``: ``ERROR too_long``;
 2. not a valid text request (``HOST:PORT[ key=value ...]``, ``cookie=`` allowed):
    ``ERROR malformed`` with the parser's explanation;
 3. no cookie, or not one this registry issued to this source address and port
@@ -19,8 +19,8 @@ One socket per TCP listener address, same port number. For each datagram:
 Steps 1-3 touch neither the store nor the registration rate limiter: their
 source address is unproven, and charging a forged address's budget (or
 filling the results with its name) would hand an attacker a weapon. Their
-answers have a budget of their own (``ReplyBudget``: ``udp.unproven_per_source``
-per address or IPv6 network, ``udp.unproven_global`` in total); past it the
+answers have a budget of their own (``ReplyBudget``: ``unproven_per_source``
+per address or IPv6 network, ``unproven_global`` in total); past it the
 datagram is dropped unanswered and counted, so a loop through a reflector the
 guard cannot recognise dies within a few exchanges.
 Only a request that returned a cookie, and so really comes from its source,
@@ -35,7 +35,7 @@ copy of a request still in progress is ignored.
 than the datagram that caused it (``fit_reply``): a long reply keeps its
 status, code and as many whole fields and words as fit, marked `` ...``. So
 that a client can get whole replies, the challenge says ``pad=N``: send the
-request again padded with spaces to N bytes (``udp.max_datagram_bytes``).
+request again padded with spaces to N bytes (``max_datagram_bytes``).
 When the challenge itself does not fit, the reply is the bare
 ``COOKIE pad=N`` (14 bytes for N=512) asking for a padded retry; a request
 shorter than that gets no reply at all (the shortest possible request,
@@ -59,7 +59,8 @@ import structlog
 import trio
 
 from registry.config import CallbackConfig, Config
-from registry.conncaps import ConnectionCaps
+from registry.defense.conncaps import ConnectionCaps
+from registry.defense.ratelimit import ReplyBudget, source_key
 from registry.errors import ProtocolError
 from registry.model import Code, Endpoint, Outcome, Protocol, Request
 from registry.net.connector import map_os_error
@@ -69,7 +70,6 @@ from registry.protocol.cookies import CookieJar
 from registry.protocol.loopguard import DropReason, classify
 from registry.protocol.reply import format_reply
 from registry.protocol.text import parse_line
-from registry.ratelimit import ReplyBudget, source_key
 from registry.service import (
     CallResult,
     Connector,

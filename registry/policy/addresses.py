@@ -1,8 +1,10 @@
-"""Address normalisation and classification from explicit range tables.
+"""The Address value: normalisation and classification from explicit range tables.
 
-Pure: stdlib ``ipaddress`` plus ``registry.model``. Every policy check runs on
-the *normalised* address, so an IPv4 address wrapped in an IPv6 form is judged
-as the IPv4 address it reaches.
+Pure: stdlib ``ipaddress`` plus ``registry.model``. The edge builds one
+:class:`Address` per address it meets; every policy check runs on its
+*normalised* form (``norm``), so an IPv4 address wrapped in an IPv6 form is
+judged as the IPv4 address it reaches. The module functions (``normalise``,
+``classify``, ``display`` ...) read the same value for a plain address.
 
 Why our own tables and not ``ipaddress``'s ``is_global`` / ``is_private``
 (Python 3.11): ``is_global`` is True for ``::ffff:0:a00:1`` (IPv4-translated
@@ -12,7 +14,7 @@ neither private nor global; and the answers change between Python releases.
 A security decision must not move when the interpreter is upgraded, so the
 ranges live here, each with the reason it is listed.
 
-Embeddings unwrapped by :func:`normalise` (the inner IPv4 is what gets judged):
+Embeddings unwrapped into ``norm`` (the inner IPv4 is what gets judged):
 
 ============================  ======================  ==========================
 form                          prefix                  inner IPv4 taken from
@@ -40,7 +42,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from enum import StrEnum
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from registry.model import IPAddress
 
@@ -219,36 +221,8 @@ def unwrap(addr: IPAddress) -> Unwrapped | None:
     return None
 
 
-def normalise(addr: IPAddress) -> IPAddress:
-    """Unwrap every embedding (repeatedly) to the inner IPv4; else the address unchanged.
-
-    A zone id is dropped. Every embedding holds an IPv4, so one round is enough;
-    the bound only guards against a future table that nests.
-    """
-    addr = strip_zone(addr)
-    for _ in range(4):
-        found = unwrap(addr)
-        if found is None:
-            return addr
-        addr = found.inner
-    return addr
-
-
-def inner_addresses(addr: IPAddress) -> tuple[IPAddress, ...]:
-    """Every address ``addr`` stands for: itself (zone dropped) and each IPv4 inside."""
-    out: list[IPAddress] = [strip_zone(addr)]
-    for _ in range(4):
-        found = unwrap(out[-1])
-        if found is None:
-            break
-        out.extend(found.also)
-        out.append(found.inner)
-    return tuple(dict.fromkeys(out))
-
-
-def lookup(addr: IPAddress) -> Range:
-    """The most specific table row for the normalised address."""
-    addr = normalise(addr)
+def _row(addr: IPAddress) -> Range:
+    """The most specific table row for an address that embeds nothing."""
     table = _V4_TABLE if addr.version == 4 else _V6_TABLE
     for row in table:
         if addr in row.network:
@@ -256,26 +230,150 @@ def lookup(addr: IPAddress) -> Range:
     raise AssertionError("unreachable: every table has a /0 row")
 
 
+class Address:
+    """One address as the registry knows it: built once at the edge, then only read.
+
+    An :class:`Address4` or :class:`Address6` *is* the stdlib address (zone id
+    stripped, kept in ``zone``), so sockets, networks and ``int()`` take it
+    as it is. What policy, diagnosis, limits and cookies ask of it is worked
+    out on first use (``_analyse``), once per value however many checks read
+    it: ``norm`` (the address judged and dialled: the IPv4 inside any
+    embedding, else itself), ``embedding`` (the outermost form, or None),
+    ``inner`` (itself and every IPv4 it carries), ``row`` (the table row of
+    ``norm``), ``denied`` (the always-denied class of any of its forms) with
+    ``culprit`` (that form and its row), and ``display``.
+    """
+
+    __slots__ = ()
+    zone: str | None
+    norm: Address
+    embedding: Unwrapped | None
+    inner: tuple[IPAddress, ...]
+    row: Range
+    denied: AddrClass | None
+    culprit: tuple[IPAddress, Range]
+    display: str
+
+    @staticmethod
+    def of(value: IPAddress | str) -> Address:
+        """``value`` as an Address; an Address is returned as it is (no new analysis)."""
+        if isinstance(value, Address):
+            return value
+        ip = ipaddress.ip_address(value) if isinstance(value, str) else value
+        if isinstance(ip, IPv6):
+            return Address6(int(ip), ip.scope_id)
+        return Address4(int(ip))
+
+    def __getattr__(self, name: str) -> Any:  # only for a slot not yet filled
+        if name not in _LAZY:
+            raise AttributeError(name)
+        self._analyse()
+        return getattr(self, name)
+
+    def _analyse(self) -> None:
+        forms: list[IPAddress] = [self]  # type: ignore[list-item]
+        current: IPAddress = self  # type: ignore[assignment]
+        self.embedding = None
+        for _ in range(4):  # every embedding holds an IPv4: one round; the bound guards nesting
+            step = unwrap(current)
+            if step is None:
+                break
+            self.embedding = self.embedding or step
+            forms += [*step.also, step.inner]
+            current = step.inner
+        self.row = _row(current)
+        self.norm = self if current is self else _settled(current, self.row)
+        self.inner = tuple(dict.fromkeys(forms))
+        self.culprit = (self.norm, self.row)
+        self.denied = None
+        for form in (self.norm, *self.inner[1:]):
+            row = self.row if form is self.norm else _row(form)
+            if row.cls in ALWAYS_DENIED:
+                self.denied, self.culprit = row.cls, (form, row)
+                break
+        self.display = _display(self, self.embedding)
+
+    @property
+    def cls(self) -> AddrClass:
+        return self.row.cls
+
+    @property
+    def family(self) -> int:
+        """4 or 6: the family the registry would call, so ``::ffff:a.b.c.d`` is 4."""
+        return self.norm.version  # type: ignore[attr-defined, no-any-return]
+
+    @property
+    def dial(self) -> str:
+        """The host string a socket connects to."""
+        return str(self.norm)
+
+    @property
+    def peer(self) -> Address:
+        """This address as a peer: a dual-stack socket's ``::ffff:a.b.c.d`` is the
+        IPv4 host a.b.c.d; every other form is itself (limits and cookies key on it)."""
+        if isinstance(self, IPv4) or int(self) >> 32 != 0xFFFF:  # ::ffff:0:0/96
+            return self  # no analysis: every new source of a flood passes here
+        return self.norm
+
+
+_LAZY = frozenset({"norm", "embedding", "inner", "row", "denied", "culprit", "display"})
+_SLOTS = ("zone", *sorted(_LAZY))
+
+
+class Address4(Address, IPv4):
+    __slots__ = _SLOTS
+
+    def __init__(self, value: int | str) -> None:
+        super().__init__(value)
+        self.zone = None
+
+
+class Address6(Address, IPv6):
+    __slots__ = _SLOTS
+
+    def __init__(self, value: int | str, zone: str | None = None) -> None:
+        super().__init__(value)
+        self.zone = zone
+
+
+def _settled(ip: IPAddress, row: Range) -> Address:
+    """An embedded IPv4 as an Address whose analysis is already known (it embeds nothing)."""
+    addr = Address4(int(ip))
+    addr.norm, addr.embedding, addr.inner, addr.row = addr, None, (addr,), row
+    addr.denied = row.cls if row.cls in ALWAYS_DENIED else None
+    addr.culprit, addr.display = (addr, row), str(addr)
+    return addr
+
+
+# The same questions about a plain address, for callers that hold no Address.
+
+
+def normalise(addr: IPAddress) -> IPAddress:
+    return Address.of(addr).norm  # type: ignore[return-value]
+
+
+def inner_addresses(addr: IPAddress) -> tuple[IPAddress, ...]:
+    return Address.of(addr).inner
+
+
+def lookup(addr: IPAddress) -> Range:
+    return Address.of(addr).row
+
+
 def classify(addr: IPAddress) -> AddrClass:
-    """The class of the normalised address, from the explicit tables above."""
-    return lookup(addr).cls
+    return Address.of(addr).cls
 
 
 def always_denied(addr: IPAddress) -> AddrClass | None:
-    """The always-denied class of ``addr`` or of any IPv4 it carries; None if none.
-
-    Loopback is not here: it is allowed for a loopback requester (decide.py).
-    """
-    for form in (normalise(addr), *inner_addresses(addr)[1:]):
-        cls = classify(form)
-        if cls in ALWAYS_DENIED:
-            return cls
-    return None
+    return Address.of(addr).denied  # not loopback: a loopback requester may use it
 
 
 def is_loopback(addr: IPAddress) -> bool:
-    """True for 127/8, ::1 and every embedding of them."""
-    return classify(addr) is AddrClass.LOOPBACK
+    return Address.of(addr).cls is AddrClass.LOOPBACK
+
+
+def display(addr: IPAddress) -> str:
+    return Address.of(addr).display
 
 
 # --- hostnames -------------------------------------------------------------
@@ -331,12 +429,10 @@ _DOTTED_TAIL = frozenset(
 )
 
 
-def display(addr: IPAddress) -> str:
+def _display(addr: IPAddress, found: Unwrapped | None) -> str:
     """The address as a person writes it: zone dropped, IPv6 compressed, and an
     IPv4 in the low 32 bits shown dotted (``::ffff:127.0.0.1``, RFC 5952 s5), so
     students recognise the address they wrote."""
-    addr = strip_zone(addr)
-    found = unwrap(addr)
     if found is None or found.kind not in _DOTTED_TAIL:
         return addr.compressed
     high = IPv6(int(addr) & ~_MASK32).compressed

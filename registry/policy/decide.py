@@ -60,20 +60,7 @@ from typing import Any
 
 from registry.config import CIDR, PolicyConfig
 from registry.model import Code, Diagnosis, Endpoint, IPAddress, Request
-from registry.policy.addresses import (
-    AddrClass,
-    always_denied,
-    ascii_safe,
-    classify,
-    display,
-    inner_addresses,
-    is_loopback,
-    lookup,
-    normalise,
-    normalise_hostname,
-    strip_zone,
-    unwrap,
-)
+from registry.policy.addresses import AddrClass, Address, ascii_safe, normalise_hostname
 from registry.policy.diagnosis import diagnose, explain
 
 __all__ = [
@@ -142,11 +129,11 @@ def decide(
         host = getattr(request, "host", None)
         if isinstance(host, str):
             return _hostname(request, observed, policy)
-        peer = _peer(observed)
-        if isinstance(peer, Deny):
-            return peer
+        seen = _peer(observed)
+        if isinstance(seen, Deny):
+            return seen
         port = getattr(request, "port", None)
-        return _decide_ip(host, port, observed.host, peer, policy, own, is_local)
+        return _decide_ip(host, port, seen, policy, own, is_local)
     except Exception as e:  # totality: a bug here must refuse, never crash the handler
         return _internal(e)
 
@@ -170,9 +157,9 @@ def decide_resolved(
     """
     try:
         name = ascii_safe(str(getattr(request, "host", "")))
-        peer = _peer(observed)
-        if isinstance(peer, Deny):
-            return peer
+        seen = _peer(observed)
+        if isinstance(seen, Deny):
+            return seen
         answers = [a for a in dict.fromkeys(addresses) if isinstance(a, _IP_TYPES)]
         if not answers:
             return Deny(
@@ -180,7 +167,7 @@ def decide_resolved(
                 f"{name} did not resolve to any address; advertise an IP address instead.",
                 Diagnosis.HOSTNAME,
             )
-        return _pick(name, answers, request, observed.host, peer, policy, own, is_local)
+        return _pick(name, answers, request, seen, policy, own, is_local)
     except Exception as e:  # totality, as in decide()
         return _internal(e)
 
@@ -189,8 +176,7 @@ def _pick(
     name: str,
     answers: list[IPAddress],
     request: Request,
-    observed_raw: IPAddress,
-    peer: IPAddress,
+    seen: Address,
     policy: PolicyConfig,
     own: frozenset[Endpoint],
     is_local: IsLocal,
@@ -198,13 +184,14 @@ def _pick(
     allowed: list[Allow] = []
     mismatch: Deny | None = None
     for answer in answers:
-        d = _decide_ip(answer, request.port, observed_raw, peer, policy, own, is_local)
+        addr = Address.of(answer)
+        d = _decide_ip(addr, request.port, seen, policy, own, is_local)
         if isinstance(d, Allow):
             allowed.append(d)
         elif d.code is Code.SOURCE_MISMATCH:
             mismatch = mismatch or d
         else:
-            why = f"{name} resolved to {display(answer)}: {d.explanation}"
+            why = f"{name} resolved to {addr.display}: {d.explanation}"
             return Deny(d.code, why, d.diagnosis)
     direct = [a for a in allowed if a.diagnosis is Diagnosis.DIRECT]
     if direct or allowed:
@@ -242,58 +229,58 @@ def _hostname(
     return NeedsResolution(name, request.port)
 
 
-def _peer(observed: Endpoint) -> IPAddress | Deny:
+def _peer(observed: Endpoint) -> Address | Deny:
     host = getattr(observed, "host", None)
     if not isinstance(host, _IP_TYPES):
         return Deny(Code.ADDRESS_NOT_ALLOWED, "The registry could not tell your address; refused.")
-    return normalise(host)
+    return Address.of(host)
 
 
 def _decide_ip(
     host: Any,
     port: Any,
-    observed_raw: IPAddress,
-    peer: IPAddress,
+    seen: Address,
     policy: PolicyConfig,
     own: frozenset[Endpoint],
     is_local: IsLocal,
 ) -> Decision:
-    problem = _check_format(host, port)
+    if not isinstance(host, _IP_TYPES):
+        return Deny(Code.ADDRESS_NOT_ALLOWED, "The advertised host is not an IP address.")
+    addr = Address.of(host)
+    problem = _check_format(addr, port)
     if problem is not None:
         return problem
-    target = normalise(host)
-    diag = diagnose(target, peer)
-    problem = _check_class(host, port, peer, diag)
+    diag = diagnose(addr, seen)
+    problem = _check_class(addr, port, seen, diag)
     if problem is not None:
         return problem
     mode = policy.mode if policy.mode in MODES else "strict"
-    dial_raw = strip_zone(observed_raw) if mode == "nat-observed" else host
-    dial = Endpoint(normalise(dial_raw), port)
+    dialled = seen if mode == "nat-observed" else addr
+    dial = Endpoint(dialled.norm, port)
     if mode == "nat-observed":
         # The dialled peer gets step 3 too; no diagnosis text applies to it.
-        problem = _check_class(dial_raw, port, peer, Diagnosis.DIRECT)
-    problem = problem or _check_dial(dial_raw, dial, policy, own, is_local, diag)
+        problem = _check_class(dialled, port, seen, Diagnosis.DIRECT)
+    problem = problem or _check_dial(dialled, dial, policy, own, is_local, diag)
     if problem is not None:
         return problem
-    notes = _report_only(dial_raw, policy.report_only_deny_networks)
-    if target == peer:
+    notes = _report_only(dialled, policy.report_only_deny_networks)
+    if addr.norm == seen.norm:
         return Allow(dial, Diagnosis.DIRECT, report_only=notes)
     if mode == "nat-observed":
         return Allow(dial, diag, corrected=True, report_only=notes)
     if mode == "advertised" and policy.allow_networks:
         return Allow(dial, diag, report_only=notes)
-    why = explain(diag, display(host), display(peer), port)
+    why = explain(diag, addr, seen.norm, port)
     return Deny(Code.SOURCE_MISMATCH, why, diag)
 
 
-def _check_format(host: Any, port: Any) -> Deny | None:
+def _check_format(addr: Address, port: Any) -> Deny | None:
     """Step 2: an IP address without a zone id, and a port number."""
-    if not isinstance(host, _IP_TYPES):
-        return Deny(Code.ADDRESS_NOT_ALLOWED, "The advertised host is not an IP address.")
-    if isinstance(host, ipaddress.IPv6Address) and host.scope_id is not None:
+    if addr.zone is not None:
         return Deny(
             Code.ADDRESS_NOT_ALLOWED,
-            f"Zone ids are not accepted ({ascii_safe(str(host))}): advertise a routable address.",
+            f"Zone ids are not accepted ({ascii_safe(f'{addr}%{addr.zone}')}): "
+            "advertise a routable address.",
         )
     return _check_port_format(port)
 
@@ -318,16 +305,16 @@ def _check_port(port: Any, policy: PolicyConfig) -> Deny | None:
     )
 
 
-def _check_class(addr: IPAddress, port: int, peer: IPAddress, diag: Diagnosis) -> Deny | None:
+def _check_class(addr: Address, port: int, seen: Address, diag: Diagnosis) -> Deny | None:
     """Step 3: always-denied classes, then loopback for a non-loopback peer."""
-    cls = always_denied(addr)
-    if cls is None and is_loopback(addr) and not is_loopback(peer):
+    cls = addr.denied
+    if cls is None and addr.cls is AddrClass.LOOPBACK and seen.cls is not AddrClass.LOOPBACK:
         cls = AddrClass.LOOPBACK
     if cls is None:
         return None
     if diag in _ADVERTISED_CASES:
         # The diagnosis line already names the class, what was seen and the fix.
-        why = explain(diag, display(addr), display(peer), port)
+        why = explain(diag, addr, seen.norm, port)
         return Deny(Code.ADDRESS_NOT_ALLOWED, why, diag)
     return Deny(Code.ADDRESS_NOT_ALLOWED, _class_text(addr, cls), diag)
 
@@ -341,23 +328,21 @@ _ADVERTISED_CASES = frozenset(
 )
 
 
-def _class_text(addr: IPAddress, cls: AddrClass) -> str:
+def _class_text(addr: Address, cls: AddrClass) -> str:
     """``10.0.0.1 is ...`` naming the class and range, showing any embedding unwrapped."""
-    forms = (normalise(addr), *inner_addresses(addr))
-    culprit = next((f for f in forms if classify(f) == cls), forms[0])
-    row = lookup(culprit)
-    found = unwrap(strip_zone(addr))
-    carried = f" (a {found.kind} form carrying {display(culprit)})" if found else ""
+    culprit, row = addr.culprit
+    found = addr.embedding
+    carried = f" (a {found.kind} form carrying {culprit})" if found else ""
     name = cls.value.replace("_", "-")
     article = "an" if name[0] in "aeiou" else "a"
     return (
-        f"{display(addr)}{carried} is {article} {name} address "
+        f"{addr.display}{carried} is {article} {name} address "
         f"({row.network}: {row.note}); the registry never calls it."
     )
 
 
 def _check_dial(
-    dial_raw: IPAddress,
+    dialled: Address,
     dial: Endpoint,
     policy: PolicyConfig,
     own: frozenset[Endpoint],
@@ -365,36 +350,34 @@ def _check_dial(
     diag: Diagnosis,
 ) -> Deny | None:
     """Steps 4-7 on the address that would be dialled."""
-    if _is_self(dial, own, is_local):
+    if _is_self(dialled.norm, dial, own, is_local):
         return Deny(
             Code.SELF_TARGET,
             f"{dial} is one of the registry's own sockets; run your server on another port.",
             diag,
         )
-    hit = _first_match(dial_raw, policy.deny_networks)
+    shown = dialled.norm.display
+    hit = _first_match(dialled, policy.deny_networks)
     if hit is not None:
-        return Deny(
-            Code.ADDRESS_NOT_ALLOWED, f"{display(dial.host)} is in {hit}, denied here.", diag
-        )
+        return Deny(Code.ADDRESS_NOT_ALLOWED, f"{shown} is in {hit}, denied here.", diag)
     bad_port = _check_port(dial.port, policy)
     if bad_port is not None:
         return Deny(bad_port.code, bad_port.explanation, diag)
     allow = policy.allow_networks
     if allow and not any(dial.host in n for n in allow):
         nets = ", ".join(str(n) for n in allow[:4]) + (", ..." if len(allow) > 4 else "")
-        why = f"{display(dial.host)} is outside the networks this registry calls ({nets})."
+        why = f"{shown} is outside the networks this registry calls ({nets})."
         return Deny(Code.ADDRESS_NOT_ALLOWED, why, diag)
     return None
 
 
-def _is_self(dial: Endpoint, own: frozenset[Endpoint], is_local: IsLocal) -> bool:
+def _is_self(host: Address, dial: Endpoint, own: frozenset[Endpoint], is_local: IsLocal) -> bool:
     own_ports = {e.port for e in own}
     if dial.port not in own_ports:
         return False
-    if classify(dial.host) in (AddrClass.LOOPBACK, AddrClass.UNSPECIFIED):
+    if host.cls in (AddrClass.LOOPBACK, AddrClass.UNSPECIFIED):
         return True
-    explicit = {normalise(e.host) for e in own}
-    if dial.host in explicit:
+    if any(host == Address.of(e.host).norm for e in own):
         return True
     try:
         return bool(is_local(dial.host))
@@ -402,23 +385,23 @@ def _is_self(dial: Endpoint, own: frozenset[Endpoint], is_local: IsLocal) -> boo
         return True
 
 
-def _first_match(addr: IPAddress, networks: tuple[CIDR, ...]) -> CIDR | None:
+def _first_match(addr: Address, networks: tuple[CIDR, ...]) -> CIDR | None:
     """The first network holding ``addr`` as sent or any address embedded in it."""
-    forms = (*inner_addresses(addr), normalise(addr))
+    forms = (*addr.inner, addr.norm)
     for net in networks:
         if any(f in net for f in forms):
             return net
     return None
 
 
-def _report_only(addr: IPAddress, networks: tuple[CIDR, ...]) -> tuple[str, ...]:
-    forms = (*inner_addresses(addr), normalise(addr))
+def _report_only(addr: Address, networks: tuple[CIDR, ...]) -> tuple[str, ...]:
+    forms = (*addr.inner, addr.norm)
     return tuple(f"would deny: in {n}" for n in networks if any(f in n for f in forms))
 
 
 def _seen(observed: Endpoint) -> str:
     host = getattr(observed, "host", None)
-    return display(host) if isinstance(host, _IP_TYPES) else "an unknown address"
+    return Address.of(host).display if isinstance(host, _IP_TYPES) else "an unknown address"
 
 
 def _internal(e: Exception) -> Deny:

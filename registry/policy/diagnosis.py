@@ -27,7 +27,7 @@ from __future__ import annotations
 import ipaddress
 
 from registry.model import Diagnosis, IPAddress
-from registry.policy.addresses import PUBLIC, AddrClass, ascii_safe, classify, normalise
+from registry.policy.addresses import PUBLIC, AddrClass, Address, ascii_safe
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -48,19 +48,19 @@ MAX_EXPLANATION = 399  # SPEC-facing promise: strictly under 400 characters
 
 def container_network(addr: IPAddress) -> tuple[Network, str] | None:
     """The container pool holding ``addr`` (normalised), if any."""
-    addr = normalise(addr)
+    norm = Address.of(addr).norm
     for net, what in CONTAINER_NETWORKS:
-        if addr.version == net.version and addr in net:
+        if norm.version == net.version and norm in net:
             return net, what
     return None
 
 
 def diagnose(advertised: IPAddress, observed: IPAddress) -> Diagnosis:
     """Name the relation between the advertised address and the observed peer."""
-    a, o = normalise(advertised), normalise(observed)
-    if a == o:
+    a, o = Address.of(advertised), Address.of(observed)
+    if a.norm == o.norm:
         return Diagnosis.DIRECT
-    ca, co = classify(a), classify(o)
+    ca, co = a.cls, o.cls
     by_advertised = {
         AddrClass.UNSPECIFIED: Diagnosis.UNSPECIFIED_ADVERTISED,
         AddrClass.LOOPBACK: Diagnosis.LOOPBACK_ADVERTISED,
@@ -68,34 +68,36 @@ def diagnose(advertised: IPAddress, observed: IPAddress) -> Diagnosis:
     }
     if ca in by_advertised:
         return by_advertised[ca]
-    if a.version != o.version:
+    if a.family != o.family:
         return Diagnosis.FAMILY_MISMATCH
     if AddrClass.CGNAT in (ca, co):
         return Diagnosis.CGNAT
     pool = container_network(a)
-    if pool is not None and co in (AddrClass.PRIVATE, AddrClass.LOOPBACK) and o not in pool[0]:
+    if pool is not None and co in (AddrClass.PRIVATE, AddrClass.LOOPBACK) and o.norm not in pool[0]:
         return Diagnosis.CONTAINER_NAT
     if ca is AddrClass.PRIVATE and co in PUBLIC:
         return Diagnosis.PRIVATE_BEHIND_NAT
     return Diagnosis.DIFFERENT_HOST
 
 
-def _host(text: str) -> str:
-    """An address for display: ASCII, short, IPv6 in brackets (so ``:port`` reads right)."""
-    text = ascii_safe(text, 48)
+Shown = Address | str  # an address, or a name / any text shown as it is
+
+
+def _host(host: Shown) -> str:
+    """A host for display: ASCII, short, IPv6 in brackets (so ``:port`` reads right)."""
+    text = host.display if isinstance(host, Address) else ascii_safe(str(host), 48)
     if ":" in text and not text.startswith("["):
         return f"[{text}]"
     return text
 
 
-def _family(text: str) -> str:
-    """The family the registry would use for this address: an IPv4 carried in an
-    IPv6 form (``::ffff:198.51.100.5``) is IPv4, as :func:`diagnose` judges it."""
-    try:
-        addr = ipaddress.ip_address(text.strip().removeprefix("[").removesuffix("]"))
-    except ValueError:  # a name, or junk: no address to judge
-        return "IPv6" if ":" in text else "IPv4"
-    return f"IPv{normalise(addr).version}"
+def _family(host: Shown) -> str:
+    """The family the registry would use: an IPv4 carried in an IPv6 form
+    (``::ffff:198.51.100.5``) is IPv4, as :func:`diagnose` judges it. Text
+    is not parsed back into an address: only its look is left to go by."""
+    if isinstance(host, Address):
+        return f"IPv{host.family}"
+    return "IPv6" if ":" in str(host) else "IPv4"
 
 
 # One template per case; {A} advertised host, {O} observed host, {P} port,
@@ -155,16 +157,17 @@ _TEMPLATES: dict[Diagnosis, str] = {
 }
 
 
-def explain(diagnosis: Diagnosis, advertised: str, observed: str, port: int) -> str:
+def explain(diagnosis: Diagnosis, advertised: Shown, observed: Shown, port: int) -> str:
     """One ASCII line (< 400 chars) for ``diagnosis``: what was sent, what was seen, the fix.
 
-    ``advertised`` and ``observed`` are host texts (IPv6 with or without
-    brackets, or a hostname); they are made ASCII and shortened here, so any
-    input is safe to pass.
+    ``advertised`` and ``observed`` are :class:`Address` values, or texts (a
+    hostname) shown as they are, made ASCII and shortened here, so any input
+    is safe to pass.
     """
     template = _TEMPLATES.get(diagnosis, _TEMPLATES[Diagnosis.DIFFERENT_HOST])
-    a, o = str(advertised), str(observed)
-    if diagnosis is Diagnosis.PRIVATE_BEHIND_NAT and _in_container_pool(a):
+    a, o = advertised, observed
+    in_pool = isinstance(a, Address) and container_network(a) is not None
+    if diagnosis is Diagnosis.PRIVATE_BEHIND_NAT and in_pool:
         # Double NAT: the router cannot reach a container bridge address, so
         # "forward the router to A" would be advice nobody can follow.
         template = _DOUBLE_NAT
@@ -180,13 +183,6 @@ _DOUBLE_NAT = (
     "Publish the port on the host (docker run -p {P}:{P}), forward port {P} on the router "
     "to the host's LAN address, and advertise {O}:{P}."
 )
-
-
-def _in_container_pool(text: str) -> bool:
-    try:
-        return container_network(ipaddress.ip_address(text.strip("[]"))) is not None
-    except ValueError:
-        return False
 
 
 def _port(port: object) -> str:

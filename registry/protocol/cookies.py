@@ -26,26 +26,20 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import ipaddress
 import math
 import struct
 
-from registry.model import Endpoint, IPAddress
+from registry.model import Endpoint
+from registry.policy.addresses import Address
 
 MAC_BYTES = 12  # 96 bits: forging one needs ~2**95 guesses inside one window
 COOKIE_CHARS = 16  # base64url of MAC_BYTES, no padding
 MIN_SECRET_BYTES = 16
 
 
-def _unmap(addr: IPAddress) -> IPAddress:
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return addr.ipv4_mapped
-    return addr
-
-
 def _message(source: Endpoint, window: int) -> bytes:
     """Fixed-layout MAC input: family byte, packed address, port, window index."""
-    host = _unmap(source.host)
+    host = Address.of(source.host).peer
     return struct.pack("!B", host.version) + host.packed + struct.pack("!Hq", source.port, window)
 
 

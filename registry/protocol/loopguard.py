@@ -82,7 +82,7 @@ _CALLBACK_B = CALLBACK_WORD.encode("ascii")
 def _json_reply(body: bytes) -> bool:
     """Is ``body`` a JSON object with a ``status`` key (a JSON-lines reply)?
 
-    Only called on datagrams the edge already capped (udp.max_datagram_bytes),
+    Only called on datagrams the edge already capped (max_datagram_bytes),
     so the parse is bounded; anything that is not such an object is left to
     the request parser, whose ERROR tells a student what to send instead.
     """

@@ -21,6 +21,7 @@ import re
 
 from registry.errors import ProtocolError
 from registry.model import Code, IPAddress, Request
+from registry.policy.addresses import Address, Address4, Address6
 from registry.protocol.names import BadName, normalise
 from registry.protocol.reply import quote_input
 
@@ -206,7 +207,7 @@ def _parse_bracketed(token: str) -> tuple[IPAddress, int]:
     return parse_ipv6(inner), _parse_port(after[1:])
 
 
-def parse_ipv6(inner: str) -> ipaddress.IPv6Address:
+def parse_ipv6(inner: str) -> Address:
     if "%" in inner:
         zone = inner[inner.index("%") :]
         raise _malformed(
@@ -222,7 +223,7 @@ def parse_ipv6(inner: str) -> ipaddress.IPv6Address:
             f"like {EXAMPLE}"
         )
     try:
-        return ipaddress.IPv6Address(inner)
+        return Address6(inner)
     except ValueError:
         raise _malformed(
             f"{quote_input('[' + inner + ']')} is not a valid IPv6 address; "
@@ -257,7 +258,7 @@ def parse_host(text: str) -> IPAddress | str:
     """Canonical dotted-decimal IPv4, or a hostname (lower-cased, one trailing dot dropped)."""
     parts = text.split(".")
     if len(parts) == 4 and all(_DEC_OCTET.fullmatch(p) and int(p) <= 255 for p in parts):
-        return ipaddress.IPv4Address(text)
+        return Address4(text)
     name = text[:-1] if text.endswith(".") else text
     last = name.rsplit(".", 1)[-1]
     # The WHATWG URL rule: a host whose last label is a number is an IPv4 attempt,

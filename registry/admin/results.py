@@ -35,8 +35,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from registry import config as config_mod
-from registry.admin import grading
-from registry.admin.grading import GradeRow
+from registry.admin.core import grading
+from registry.admin.core.grading import GradeRow
 from registry.errors import ConfigError
 from registry.store import Record, Store, StoreError
 

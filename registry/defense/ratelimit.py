@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from registry.config import Rate, RateLimitConfig
 from registry.errors import ConfigError
 from registry.model import Endpoint, IPAddress
+from registry.policy.addresses import Address
 
 # Float slack: sums of intervals such as 0.01 drift by ~1e-16 per step; without
 # the slack, the 100th token of "100/second" could be refused by 7e-16 s and
@@ -59,21 +60,12 @@ class Busy:
     scope: Scope
 
 
-def _unmap(addr: IPAddress) -> IPAddress:
-    """``::ffff:a.b.c.d`` is the IPv4 host a.b.c.d seen through a dual-stack socket."""
-    if type(addr) is not ipaddress.IPv4Address:  # not .version: a property call per check
-        mapped = addr.ipv4_mapped  # type: ignore[union-attr]
-        if mapped is not None:
-            return mapped
-    return addr
-
-
 SourceKey = ipaddress.IPv4Address | ipaddress.IPv6Network  # what one "source" is
 
 
 def source_key(addr: IPAddress, ipv6_prefix: int) -> SourceKey:
     """The identity a source is limited under: the IPv4 address, or its IPv6 /prefix network."""
-    addr = _unmap(addr)
+    addr = Address.of(addr).peer
     if addr.version == 4:
         return addr  # type: ignore[return-value]
     return ipaddress.IPv6Network((int(addr), ipv6_prefix), strict=False)
@@ -84,8 +76,8 @@ def _pack(addr: IPAddress, drop_bits: int = 0) -> int:
 
     ``drop_bits`` aggregates an IPv6 address to its network (128 - prefix bits).
     """
-    addr = _unmap(addr)
-    if type(addr) is ipaddress.IPv4Address:
+    addr = Address.of(addr).peer
+    if isinstance(addr, ipaddress.IPv4Address):
         return int(addr)
     return -1 - (int(addr) >> drop_bits)
 
@@ -267,6 +259,9 @@ class TokenBucketTable:
         self._soonest = min(self._tats.values(), default=math.inf)
 
 
+_Check = tuple[TokenBucketTable, int, Scope]  # a bucket, its key, and its scope's name
+
+
 def _validate(cfg: RateLimitConfig) -> None:
     problems = []
     if not 0 <= cfg.ipv6_prefix <= 128:
@@ -297,37 +292,42 @@ class RateLimiter:
     def config(self) -> RateLimitConfig:
         return self._cfg
 
-    def check(
-        self,
-        source: IPAddress,
-        target: Endpoint | None,
-        now: float,
-        *,
-        take: bool = True,
-        include_global: bool = True,
-        include_source: bool = True,
-    ) -> Allowed | Busy:
-        """Take a token from every applicable bucket, or from none.
+    def admit(self, source: IPAddress, now: float) -> Allowed | Busy:
+        """The source's token alone: a connection at the door, or a request that calls
+        nobody back (the global bucket guards callbacks: bad requests must not drain it)."""
+        wait = self._source.take(_pack(source, self._drop), now)
+        return Busy(max(1, math.ceil(wait - _EPS)), "source") if wait > 0.0 else ALLOWED
 
-        ``target`` None (a bad request, a hostname) checks source and global only.
-        Busy carries the largest wait, rounded up to whole seconds, at least 1.
-        ``take=False`` only looks: the service asks before expensive work (a DNS
-        lookup) whose request will be charged by a real check afterwards.
-        ``include_global=False`` leaves the global bucket alone: it guards
-        callbacks, and bad requests (which cause none) must not be able to
-        drain it and lock every honest student out.
-        ``include_source=False``: the source already paid for this request
-        (the TCP door takes its token when the connection arrives).
-        """
-        checks: list[tuple[TokenBucketTable, int, Scope]] = []
-        if include_source:
-            checks.append((self._source, _pack(source, self._drop), "source"))
-        if target is not None:
-            host = _pack(target.host)
-            checks.append((self._target, host, "target"))
-            checks.append((self._target_port, _with_port(host, target.port), "target_port"))
-        if include_global:
-            checks.append((self._global, 0, "global"))
+    def callback(self, source: IPAddress, target: Endpoint, now: float) -> Allowed | Busy:
+        """A callback's tokens: source, target, target and port, and global, or none."""
+        return self._take((self._source_check(source), *self._callback_checks(target)), now)
+
+    def paid_callback(self, target: Endpoint, now: float) -> Allowed | Busy:
+        """A callback whose source paid at the door: target, target and port, global."""
+        return self._take(self._callback_checks(target), now)
+
+    def peek(self, source: IPAddress, now: float) -> Allowed | Busy:
+        """The source's and global wait, taking nothing (asked before a DNS lookup)."""
+        return self._wait((self._source_check(source), (self._global, 0, "global")), now)
+
+    def owed(self, source: IPAddress, now: float) -> Allowed | Busy:
+        """The source's own wait, taking nothing: what a source fined into debt is told."""
+        return self._wait((self._source_check(source),), now)
+
+    def _source_check(self, source: IPAddress) -> _Check:
+        return (self._source, _pack(source, self._drop), "source")
+
+    def _callback_checks(self, target: Endpoint) -> tuple[_Check, ...]:
+        host = _pack(target.host)
+        return (
+            (self._target, host, "target"),
+            (self._target_port, _with_port(host, target.port), "target_port"),
+            (self._global, 0, "global"),
+        )
+
+    @staticmethod
+    def _wait(checks: tuple[_Check, ...], now: float) -> Allowed | Busy:
+        """ALLOWED, or Busy with the largest wait, rounded up to whole seconds, at least 1."""
         worst, scope = 0.0, ""
         for table, key, name in checks:
             wait = table.wait(key, now)
@@ -335,11 +335,15 @@ class RateLimiter:
                 worst, scope = wait, name
         if worst > 0.0:
             return Busy(max(1, math.ceil(worst - _EPS)), scope)
-        if not take:
-            return ALLOWED
-        for table, key, _ in checks:
-            table._commit(key, now)  # same `now`, each key checked above: a token is there
         return ALLOWED
+
+    def _take(self, checks: tuple[_Check, ...], now: float) -> Allowed | Busy:
+        """A token from every bucket of ``checks``, or, when any has none, from none."""
+        verdict = self._wait(checks, now)
+        if verdict is ALLOWED:
+            for table, key, _ in checks:
+                table._commit(key, now)  # same `now`, each key checked above: a token is there
+        return verdict
 
     def penalize(self, source: IPAddress, now: float) -> bool:
         """The price of a protocol error (junk, a stall) from ``source``; True if it paid.
@@ -384,10 +388,6 @@ class RateLimiter:
             self.under_pressure = False
         return self.under_pressure
 
-    def check_source(self, source: IPAddress, now: float) -> Allowed | Busy:
-        """The per-source and global limits alone (before the target is known)."""
-        return self.check(source, None, now)
-
     def reconfigure(self, cfg: RateLimitConfig) -> None:
         """SIGHUP: new rates and caps take effect; tokens already used stay used.
 
@@ -421,6 +421,15 @@ class RateLimiter:
     def table_sizes(self) -> dict[Scope, int]:
         """Keys held per table, by scope name (for metrics)."""
         return dict(zip(SCOPES, (len(t) for t in self._tables()), strict=True))
+
+
+def debt_threshold(per_source: Rate, longest_hold: float) -> float:
+    """The longest wait told to a source that is not in debt (fined for junk under
+    pressure: ``RateLimiter.penalize``). A student merely rate limited is told at
+    most one token's time, rounded up, and one held at the door at most the longest
+    hold; a source that comes back before a longer wait is a loop (defense/bans.py)."""
+    token_time = per_source.period / per_source.count if per_source.count > 0 else 0.0
+    return max(longest_hold, math.ceil(token_time))
 
 
 class ReplyBudget:

@@ -21,24 +21,23 @@ log line. Under a flood or a wave of stalled connections, the full price
 (~1 ms of CPU each) was what queued honest students behind the attacker
 (docs/benchmarks.md). A door refusal is not a registration: no request was
 read, so nothing is recorded for it; ``RefusalTally`` counts refusals in
-aggregate for the log and the metrics instead (docs/limits.md).
+aggregate for the log and the metrics instead (tally.py).
 """
 
 from __future__ import annotations
 
 import math
-from collections import Counter
 from collections.abc import Hashable
 from dataclasses import dataclass
 
-from registry.conncaps import PER_SOURCE as CAP_PER_SOURCE
-from registry.conncaps import ConnectionCaps
+from registry.defense.conncaps import PER_SOURCE, TOTAL, ConnectionCaps
+from registry.defense.ratelimit import Busy, RateLimiter, SourceKey, source_key
 from registry.model import Code, IPAddress, Outcome
-from registry.ratelimit import Busy, RateLimiter, SourceKey, source_key
 
+# Why a connection was refused: PER_SOURCE (the source holds
+# max_connections_per_source connections), TOTAL (max_connections are open, normally
+# enforced before accept()), or:
 RATE_LIMITED = "rate_limited"  # the source's per_source bucket is empty
-PER_SOURCE = "per_source"  # the source holds max_connections_per_source connections
-TOTAL = "total"  # max_connections are open (normally enforced before accept())
 # the kernel held it for its whole TCP_DEFER_ACCEPT wait, longer than the read
 # deadline, and not one byte came: it is already a read timeout
 SILENT = "silent"
@@ -57,7 +56,7 @@ class Refused:
     """Not now: answer ``outcome`` and close. Nothing is held.
 
     ``key`` is the source's identity (its IPv4 address or IPv6 /prefix), the
-    one its refusals are counted and banned under (registry/bans.py)."""
+    one its refusals are counted and banned under (registry/defense/bans.py)."""
 
     reason: str
     outcome: Outcome
@@ -86,17 +85,17 @@ class Door:
         reason = self.caps.acquire(key)
         if reason is not None:  # checked first: a refused connection costs no token
             return Refused(
-                PER_SOURCE if reason == CAP_PER_SOURCE else TOTAL,
+                reason,
                 Outcome(
                     code=Code.OVERLOADED,
                     retry_after=5,
                     explanation="too many open connections from your address; close some and retry"
-                    if reason == CAP_PER_SOURCE
+                    if reason == PER_SOURCE
                     else "the registry has too many open connections; try again in a few seconds",
                 ),
                 key,
             )
-        busy = self.limiter.check(source, None, now, include_global=False)
+        busy = self.limiter.admit(source, now)
         if isinstance(busy, Busy):
             self.caps.release(key)
             return Refused(
@@ -127,61 +126,3 @@ class Door:
 
     def leave(self, key: Hashable) -> None:
         self.caps.release(key)
-
-
-class RefusalTally:
-    """Door refusals counted in aggregate: totals for metrics, a window for the log.
-
-    ``totals`` only grows (a Prometheus counter per reason). The window counts
-    per source between two ``flush()`` calls and holds at most ``max_sources``
-    keys, so a spray from a million addresses costs a bounded dict: sources
-    beyond the cap are still counted, as ``untracked``. A source's repeats
-    (``add``'s result, which drives holds and bans) count this window and the
-    one before.
-    """
-
-    def __init__(self, max_sources: int = 10_000) -> None:
-        # Repeats drive the doubling hold and bans, so an attack from thousands of
-        # addresses must be tracked too (with 1,000, 4,000 of 5,000 attacking
-        # addresses stayed "new": always the shortest hold, never banned).
-        # ~150 bytes an entry, two windows: ~3 MB at the cap.
-        self.max_sources = max_sources
-        self.totals: dict[str, int] = dict.fromkeys(REASONS, 0)
-        self._window: Counter[tuple[str, str]] = Counter()
-        # The window before: a source's repeats count across a flush, so three
-        # refusals that straddle one still make three (a fixed window let a loop
-        # slowed down by a busy host restart at one forever, short holds and never
-        # banned: measured, an attack from 5,000 addresses).
-        self._previous: Counter[tuple[str, str]] = Counter()
-        self._reasons: Counter[str] = Counter()
-        self._others = 0
-
-    def add(self, source: str, reason: str) -> int:
-        """Count one refusal; return how many ``source`` has had for ``reason`` in this
-        window and the one before (1 for a source past ``max_sources``: untracked
-        sources are new ones)."""
-        self.totals[reason] += 1
-        self._reasons[reason] += 1
-        key = (source, reason)
-        if key in self._window or len(self._window) < self.max_sources:
-            self._window[key] += 1
-            return self._window[key] + self._previous[key]
-        self._others += 1
-        return 1
-
-    def flush(self, top: int = 10) -> dict[str, object] | None:
-        """The window's summary (None when nothing was refused), and a fresh window."""
-        if not self._reasons:
-            self._previous, self._window = self._window, Counter()  # a quiet one, before now
-            return None
-        summary: dict[str, object] = {
-            "refused": sum(self._reasons.values()),
-            "by_reason": dict(self._reasons),
-            "sources": len({source for source, _ in self._window}),
-            "top": [[s, r, n] for (s, r), n in self._window.most_common(top)],
-            "untracked": self._others,  # refusals from sources past max_sources
-        }
-        self._previous, self._window = self._window, Counter()
-        self._reasons = Counter()
-        self._others = 0
-        return summary

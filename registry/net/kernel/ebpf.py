@@ -1,11 +1,10 @@
 """The eBPF ban filter: banned sources in a kernel map, one small socket filter.
 
-Why: the classic filter (``registry/bans.py::drop_program``) compares every
-packet with every ban in turn, is rebuilt and re-attached on each change, and
-must fit 4,096 instructions and ``optmem_max`` on every accepted socket: about
-2,000 IPv4 bans. An attack from 5,000 addresses does not fit. Here the program
+Why: the classic filter (classic.py) compares every packet with every ban in
+turn, is rebuilt and re-attached on each change, and must fit 4,096
+instructions and ``optmem_max`` on every accepted socket: about 2,000 IPv4 bans. An attack from 5,000 addresses does not fit. Here the program
 is 36 instructions whatever the bans (47 with ``silent_drop``, which
-``registry/silence.py`` switches on: a second program, swapped in and out),
+``registry/defense/silence.py`` switches on: a second program, swapped in and out),
 and the bans live in a longest-prefix-match trie (``BPF_MAP_TYPE_LPM_TRIE``)
 that is changed one entry at a time: a ban is one ``bpf()`` call, a packet
 costs one lookup, and the map holds up to ``MAX_ENTRIES`` sources.
@@ -18,7 +17,7 @@ address in it.
 Linux only, and the kernel must let us load it: root or ``CAP_BPF`` where
 unprivileged BPF is disabled (the default on current distributions). When it
 will not, ``EbpfBans.create`` raises OSError and the edge
-(``registry/net/banfilter.py``) falls back to the classic filter.
+(``registry/net/kernel/banfilter.py``) falls back to the classic filter.
 """
 
 from __future__ import annotations
@@ -33,11 +32,11 @@ import struct
 import sys
 from typing import Protocol
 
-from registry.bans import TCP_ACK, TCP_FLAGS_MASK
-from registry.ratelimit import SourceKey as Key
+from registry.defense.ratelimit import SourceKey as Key
+from registry.net.kernel.rules import BARE_ACK, NEXT, SKF_NET_OFF, compile_rule
 
 SO_ATTACH_BPF = getattr(socket, "SO_ATTACH_BPF", 50)  # the Linux value
-MAX_ENTRIES = 100_000  # the most limits.max_bans allows; LPM tries allocate per entry
+MAX_ENTRIES = 100_000  # the most max_bans allows; LPM tries allocate per entry
 
 _SYS_BPF = {"x86_64": 321, "aarch64": 280, "armv7l": 386, "riscv64": 280, "ppc64le": 361}
 _MAP_CREATE, _MAP_UPDATE_ELEM, _MAP_DELETE_ELEM, _PROG_LOAD = 0, 2, 3, 5
@@ -51,7 +50,6 @@ _ATTR_SIZE = 128  # larger than every bpf_attr variant used here; the tail stays
 #
 # struct bpf_insn: u8 code, u8 dst:4 src:4, s16 off, s32 imm (little end first on x86).
 
-SKF_NET_OFF = -0x100000  # as in classic BPF: offsets from the network header
 R0, R1, R2, R6, R10 = 0, 1, 2, 6, 10
 _MOV64_X, _MOV64_K, _MOV32_K = 0xBF, 0xB7, 0xB4
 _AND64_K, _ADD64_K, _RSH64_K, _LSH64_K = 0x57, 0x07, 0x77, 0x67
@@ -77,25 +75,26 @@ def _native_u32(data: bytes) -> int:
     return struct.unpack("=i", data)[0]
 
 
-def silent_drop() -> list[Insn]:
-    """``bans.SILENT_DROP`` in eBPF: drop a bare ACK (the ACK flag alone, no payload).
-
-    Packet loads at offsets from 0 read the TCP header; ``skb->len`` (the
-    context's first word) is the TCP header and payload. Expects the context in r6.
-    """
-    return [
-        (_LD_ABS_B, 0, 0, 0, 13),  # the flags
-        (_AND64_K, R0, 0, 0, TCP_FLAGS_MASK),
-        (_JNE_K, R0, 0, 8, TCP_ACK),  # anything but a lone ACK: on to the bans
-        (_LD_ABS_B, 0, 0, 0, 12),  # the data offset, in words, in the high nibble
-        (_RSH64_K, R0, 0, 0, 4),
-        (_LSH64_K, R0, 0, 0, 2),
-        (_LDX_W, R2, R6, 0, 0),  # r2 = skb->len
-        (_JEQ_X, R2, R0, 1, 0),  # no payload: drop
-        (_JA, 0, 0, 2, 0),  # on to the bans
+_EMIT = {
+    "load_byte": lambda k: [(_LD_ABS_B, 0, 0, 0, k)],
+    "and": lambda k: [(_AND64_K, R0, 0, 0, k)],
+    "rsh": lambda k: [(_RSH64_K, R0, 0, 0, k)],
+    "lsh": lambda k: [(_LSH64_K, R0, 0, 0, k)],
+    "next_unless": lambda k: [(_JNE_K, R0, 0, NEXT, k)],
+    # r2 = skb->len (the context's first word: the TCP header and payload); equal: drop
+    "drop_if_length": lambda: [
+        (_LDX_W, R2, R6, 0, 0),
+        (_JEQ_X, R2, R0, 1, 0),
+        (_JA, 0, 0, NEXT, 0),
         (_MOV64_K, R0, 0, 0, 0),
         (_EXIT, 0, 0, 0, 0),
-    ]
+    ],
+}
+
+
+def silent_drop() -> list[Insn]:
+    """``rules.BARE_ACK`` in eBPF: drop a bare ACK. Expects the context in r6."""
+    return compile_rule(BARE_ACK, _EMIT, lambda i, dist: (i[0], i[1], i[2], dist, i[4]))
 
 
 def program(map_fd: int, *, drop_silent: bool = False) -> list[Insn]:

@@ -22,6 +22,7 @@ from typing import Protocol
 
 from registry.config import Config, roster_text
 from registry.errors import ConfigError
+from registry.policy.addresses import Address
 from registry.protocol.names import BadName, normalise
 
 # Best first, as store.STATUS_RANK (a test keeps the two equal; this module stays pure).
@@ -50,9 +51,7 @@ def _address(text: str) -> IPAddress:
     text = text.strip()
     if text.startswith("[") and text.endswith("]"):
         text = text[1:-1]
-    address = ipaddress.ip_address(text)
-    mapped = getattr(address, "ipv4_mapped", None)
-    return mapped if mapped is not None else address
+    return Address.of(text).peer  # a roster's ::ffff:a.b.c.d is the IPv4 student a.b.c.d
 
 
 def parse_roster(text: str, path: str) -> Roster:

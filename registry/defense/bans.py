@@ -6,17 +6,16 @@ the doorway answers it late (registry/net/doorway.py); that still costs an
 ``after`` times within one refusal window (``RefusalTally``: 10-20 s) is not a
 student retrying by hand (the doubling hold lets a serial client be refused
 about four times in 10 s): it is a loop with many connections in parallel.
-``BanList`` bans it for ``duration`` seconds, and ``drop_program`` compiles
-the bans into a classic BPF socket filter that the edge attaches to the
-registration listeners (registry/net/banfilter.py): the kernel then drops
-the source's SYNs before they become connections, so a banned source costs
-the registry nothing at all. Its connect attempts time out.
+``BanList`` bans it for ``duration`` seconds, and the edge puts the bans in
+the registration listeners' socket filter (registry/net/kernel/): the kernel
+then drops the source's SYNs before they become connections, so a banned
+source costs the registry nothing at all. Its connect attempts time out.
 
 A second rule catches the loop that runs one connection at a time. A source
-refused ``rate_limited`` with a wait longer than any hold of the door
-(``long_wait``: ``limits.max_refusal_delay``) is in debt: it was fined for
-junk during an attack (``ratelimit.error_fine``), and told so, with the time,
-in ``retry_after``. Coming back ``ignored_after`` times within the window
+refused ``rate_limited`` with a wait longer than ``long_wait``
+(``ratelimit.debt_threshold``: longer than any hold or token's time) is in
+debt: it was fined for junk during an attack (the profile's ``error_fine``), and
+told so, with the time, in ``retry_after``. Coming back ``ignored_after`` times within the window
 anyway is not a person reading the reply: it is banned for what it was told
 to wait (at most ``duration``). Measured (docs/benchmarks.md): 5,000 one-byte
 stalls from 5,000 addresses, each reconnecting serially, were otherwise
@@ -33,11 +32,10 @@ import heapq
 import ipaddress
 import itertools
 import math
-import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from registry.ratelimit import SourceKey as Key  # the door's identity of a source
+from registry.defense.ratelimit import SourceKey as Key  # the door's identity of a source
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,140 +198,3 @@ def spread_share(key: Key) -> float:
         bits = int(key.network_address) >> (128 - key.prefixlen)
         bits ^= bits >> 64
     return ((bits * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF) / 2.0**64
-
-
-# --- the classic BPF program (linux/filter.h) ------------------------------------
-#
-# A socket filter on a TCP listener runs on every packet delivered to it (SYNs,
-# and handshake ACKs); accepted sockets inherit it. It returns 0 to drop and
-# ACCEPT to keep the packet whole. Offsets are from the network header
-# (SKF_NET_OFF), where the source address is, whatever the transport.
-
-BPF_MAXINSNS = 4096
-SKF_NET_OFF = -0x100000
-ACCEPT = 0xFFFFFFFF  # "keep this many bytes": all of them
-DROP = 0
-
-LD_W_ABS, LD_B_ABS, LD_MEM, ST = 0x20, 0x30, 0x60, 0x02
-AND_K, JEQ_K, JA, RET_K = 0x54, 0x15, 0x05, 0x06
-LD_W_LEN, TAX, RSH_K, LSH_K, JEQ_X = 0x80, 0x07, 0x74, 0x64, 0x1D
-
-# The TCP flags a handshake segment may carry that matter here: FIN, SYN, RST, ACK.
-TCP_FLAGS_MASK, TCP_ACK = 0x17, 0x10
-
-# Drop a bare ACK: only the ACK flag and no payload. Positive offsets are from
-# the TCP header (where the packet's data starts when a TCP socket's filter runs)
-# and ``len`` is the TCP header and payload. On a listener a bare ACK is the
-# client's last handshake step: dropped, the kernel never makes the connection,
-# and the client's first bytes (or its FIN) make it instead, in one step. A
-# client that sends nothing stays a half-open entry in the kernel until the
-# kernel's SYN-ACK retries run out (about a minute), and costs us nothing.
-SILENT_DROP: list[tuple[int, int, int, int]] = [
-    (LD_B_ABS, 0, 0, 13),  # the flags
-    (AND_K, 0, 0, TCP_FLAGS_MASK),
-    (JEQ_K, 0, 7, TCP_ACK),  # anything but a lone ACK: on to the bans
-    (LD_B_ABS, 0, 0, 12),  # the data offset, in 32-bit words, in the high nibble
-    (RSH_K, 0, 0, 4),
-    (LSH_K, 0, 0, 2),
-    (TAX, 0, 0, 0),  # X = the TCP header's length
-    (LD_W_LEN, 0, 0, 0),  # A = header and payload
-    (JEQ_X, 0, 1, 0),  # no payload: drop; else on to the bans
-    (RET_K, 0, 0, 0),
-]
-
-Insn = tuple[int, int, int, int]  # code, jt, jf, k
-
-
-def _net(offset: int) -> int:
-    return (SKF_NET_OFF + offset) & 0xFFFFFFFF
-
-
-def entry_cost(key: Key) -> int:
-    """Instructions one ban takes in the program."""
-    if isinstance(key, ipaddress.IPv4Address):
-        return 2  # jeq, ret
-    return len(_v6_entry(key))
-
-
-def drop_program(
-    keys: list[Key], max_insns: int = BPF_MAXINSNS, *, drop_silent: bool = False
-) -> tuple[list[Insn], int]:
-    """A filter that drops packets from ``keys``: (program, how many keys it holds),
-    and, with ``drop_silent``, every bare ACK (``SILENT_DROP``) first.
-
-    Keys are taken in order until the program would exceed ``max_insns``; the
-    rest are left out (the caller reports them). Conditional jumps in classic
-    BPF reach at most 255 instructions ahead, so every entry carries its own
-    ``ret 0`` and the two families' sections are reached by ``ja``.
-    """
-    v4 = [k for k in keys if isinstance(k, ipaddress.IPv4Address)]
-    v6 = [k for k in keys if isinstance(k, ipaddress.IPv6Network)]
-    prefix = SILENT_DROP if drop_silent else []
-    head = len(prefix) + 7  # the version dispatch below
-    tails = 1 + 1 + 9  # v4: ld + ret; v6: 4 x (ld, st) + ret
-    budget = max_insns - head - tails
-    taken: list[Key] = []
-    for key in keys:  # in the caller's order, across both families
-        cost = entry_cost(key)
-        if cost > budget:
-            break
-        budget -= cost
-        taken.append(key)
-    held = set(taken)
-    v4 = [k for k in v4 if k in held]
-    v6 = [k for k in v6 if k in held]
-
-    v4_body: list[Insn] = [(LD_W_ABS, 0, 0, _net(12))]  # IPv4 source address
-    for key in v4:
-        v4_body += [(JEQ_K, 0, 1, int(key)), (RET_K, 0, 0, DROP)]
-    v4_body.append((RET_K, 0, 0, ACCEPT))
-
-    v6_body: list[Insn] = []
-    if v6:  # the source address (offset 8) into scratch words M[0..3]
-        for i in range(4):
-            v6_body += [(LD_W_ABS, 0, 0, _net(8 + 4 * i)), (ST, 0, 0, i)]
-    for key in v6:
-        v6_body += _v6_entry(key)
-    v6_body.append((RET_K, 0, 0, ACCEPT))
-
-    program: list[Insn] = prefix + [
-        (LD_B_ABS, 0, 0, _net(0)),  # version and IHL / traffic class
-        (AND_K, 0, 0, 0xF0),
-        (JEQ_K, 0, 1, 0x40),
-        (JA, 0, 0, 3),  # -> v4_body (at 7)
-        (JEQ_K, 0, 1, 0x60),
-        (JA, 0, 0, 1 + len(v4_body)),  # -> v6_body
-        (RET_K, 0, 0, ACCEPT),  # neither (cannot happen on an IP socket)
-    ]
-    return program + v4_body + v6_body, len(taken)
-
-
-def _v6_entry(key: ipaddress.IPv6Network) -> list[Insn]:
-    """Compare the scratch words with ``key``; a full match drops, any mismatch skips on."""
-    value, bits = int(key.network_address), key.prefixlen
-    tests: list[list[Insn]] = []
-    for i in range(4):
-        covered = min(32, max(0, bits - 32 * i))
-        if not covered:
-            break
-        mask = (0xFFFFFFFF << (32 - covered)) & 0xFFFFFFFF
-        word = (value >> (96 - 32 * i)) & mask
-        test: list[Insn] = [(LD_MEM, 0, 0, i)]
-        if covered < 32:
-            test.append((AND_K, 0, 0, mask))
-        test.append((JEQ_K, 0, 0, word))  # jf patched below
-        tests.append(test)
-    out: list[Insn] = []
-    remaining = sum(len(t) for t in tests) + 1  # the tests and the final ret
-    for test in tests:
-        remaining -= len(test)
-        code, jt, _, k = test[-1]
-        test[-1] = (code, jt, remaining, k)  # mismatch: past this entry's ret
-        out += test
-    out.append((RET_K, 0, 0, DROP))
-    return out
-
-
-def pack(program: list[Insn]) -> bytes:
-    """``struct sock_filter[]`` in native byte order."""
-    return b"".join(struct.pack("=HBBI", *insn) for insn in program)

@@ -25,7 +25,7 @@ import ipaddress
 import socket
 import struct
 
-from registry.bans import pack
+from registry.net.kernel.classic import pack
 
 SO_REUSEPORT = getattr(socket, "SO_REUSEPORT", 15)
 SO_ATTACH_REUSEPORT_CBPF = 51  # linux/asm-generic/socket.h

@@ -1,13 +1,13 @@
 """The edge of the ban list: keep the listeners' kernel filter in step with it.
 
-``registry/bans.py`` decides who is banned; this module puts the bans in the
+``registry/defense/bans.py`` decides who is banned; this module puts the bans in the
 kernel, lifts them when they expire, and reports what did not fit. One task;
 changes are coalesced so a burst of bans is applied at most every
 ``REFRESH_S``. Two ways, chosen when the listeners exist (``bind``):
 
-- **eBPF** (``registry/net/ebpf.py``), where the kernel lets us load a program
+- **eBPF** (``registry/net/kernel/ebpf.py``), where the kernel lets us load a program
   (root or ``CAP_BPF``): one constant program on the listeners, the bans in
-  a kernel map, one ``bpf()`` call per ban or lift, up to ``limits.max_bans``
+  a kernel map, one ``bpf()`` call per ban or lift, up to ``max_bans``
   sources. A wave of changes is applied ``EBPF_STEP`` at a time between
   checkpoints (short steps, docs/architecture.md).
 - **classic** (``SO_ATTACH_FILTER``, no privilege needed): the whole list
@@ -23,29 +23,25 @@ changes are coalesced so a burst of bans is applied at most every
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import socket
-import struct
 import sys
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Protocol
 
 import structlog
 import trio
 
-from registry.bans import BPF_MAXINSNS, Ban, BanList, drop_program, pack
-from registry.net.ebpf import EbpfBans
-from registry.ratelimit import SourceKey
-from registry.silence import SilentGuard
+from registry.defense.bans import Ban, BanList
+from registry.defense.ratelimit import SourceKey
+from registry.defense.silence import SilentGuard
+from registry.net.kernel.classic import attach, drop_program, insn_budget, pack
+from registry.net.kernel.ebpf import EbpfBans
 
 log = structlog.get_logger(component="bans")
 
-SO_ATTACH_FILTER = getattr(socket, "SO_ATTACH_FILTER", 26)  # the Linux values
-SO_DETACH_FILTER = getattr(socket, "SO_DETACH_FILTER", 27)
+SO_DETACH_FILTER = getattr(socket, "SO_DETACH_FILTER", 27)  # the Linux value
 REFRESH_S = 0.1  # the filter is rebuilt at most this often
-OPTMEM_MAX = Path("/proc/sys/net/core/optmem_max")
 LOGGED_SOURCES = 10  # sources named in one bans_lifted line
 EBPF_STEP = 64  # map changes between two checkpoints (~15 us each)
 CLASSIC, EBPF = "classic", "ebpf"
@@ -53,22 +49,6 @@ CLASSIC, EBPF = "classic", "ebpf"
 
 class _Sock(Protocol):
     def setsockopt(self, level: int, optname: int, value: bytes | int, /) -> None: ...
-
-
-def insn_budget(optmem_path: Path = OPTMEM_MAX) -> int:
-    """How many instructions a filter may have on this host (see the module doc)."""
-    try:
-        optmem = int(optmem_path.read_text())
-    except (OSError, ValueError):
-        optmem = 20480  # the long-standing default before Linux 6.9
-    return max(64, min(BPF_MAXINSNS, optmem // 32))
-
-
-def attach(sock: _Sock, program_bytes: bytes, length: int) -> None:
-    """``setsockopt(SO_ATTACH_FILTER)`` with a ``struct sock_fprog``; OSError on failure."""
-    buf = ctypes.create_string_buffer(program_bytes, len(program_bytes))
-    fprog = struct.pack("@HP", length, ctypes.addressof(buf))  # the kernel copies it
-    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
 
 
 def detach(sock: _Sock) -> None:
@@ -102,7 +82,7 @@ class BanFilter:
     ):
         self.socks = list(socks)
         self.bans = bans
-        # When it is on, the filter also drops bare handshake ACKs (registry/silence.py).
+        # When it is on, the filter also drops bare handshake ACKs (registry/defense/silence.py).
         self.silent = silent or SilentGuard(0, 0.0)
         self.dropping = False  # what the next apply puts in the kernel
         self._dropped = False  # what the listeners' filter does now

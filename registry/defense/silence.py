@@ -11,7 +11,7 @@ accept queue (docs/benchmarks.md).
 
 Past ``after`` silent connections within one ``WINDOW_S`` window,
 ``SilentGuard`` switches on for ``duration`` seconds, and the edge
-(registry/net/banfilter.py) puts ``bans.SILENT_DROP`` in the listeners'
+(registry/net/kernel/banfilter.py) puts the bare-ACK rule (net/kernel/rules.py) in the listeners'
 filter: the kernel drops every bare handshake ACK, so a connection is made
 only by its client's first bytes (or its FIN). A client that sends at once
 does not notice; a silent one is never accepted, never answered, and
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 
-WINDOW_S = 10.0  # the window silent connections are counted in, as refusals for bans
+from registry.defense.tally import WINDOW_S
 
 
 class SilentGuard:

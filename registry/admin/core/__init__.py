@@ -1,0 +1,1 @@
+"""The admin side's pure cores: grading, access decisions, connection slots."""
