@@ -47,7 +47,7 @@ from registry.config import Config
 from registry.defense.bans import BanList
 from registry.metrics import Probes
 from registry.model import Endpoint, Rate
-from registry.net.kernel.reuseport import open_group
+from registry.net.kernel.reuseport import attach_steering, open_group
 from registry.net.sdnotify import Notifier
 from registry.net.tcp import endpoint_of
 from registry.store import Record
@@ -154,15 +154,10 @@ def _watch_parent(parent: int) -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-_GAUGES = (
-    "open_connections",
-    "callbacks_in_flight",
-    "callbacks_waiting",
-    "limiter_entries",
-    "bans_active",
-    "bans_total",
-    "silent_drop",
-)
+# fmt: off
+_GAUGES = ("open_connections", "callbacks_in_flight", "callbacks_waiting", "limiter_entries",
+           "bans_active", "bans_total", "silent_drop")
+# fmt: on
 
 
 async def report_probes(notifier: Notifier, probes: Probes) -> None:
@@ -248,6 +243,7 @@ class Supervisor:
         self.observers: list[Callable[[Record], None]] = []
         self.stopping = False
         self.tcp: list[Endpoint] = []
+        self.groups: list[list[socket.socket]] = []  # tcp and udp, held for the whole run
         self.failed: GroupFailed | None = None
 
     def _open_sockets(self) -> tuple[list[list[socket.socket]], list[list[socket.socket]]]:
@@ -306,6 +302,7 @@ class Supervisor:
 
         self.roster = load_roster(self.cfg)
         tcp, udp = self._open_sockets()
+        self.groups = tcp + udp
         self.tcp = [endpoint_of(g[0].getsockname()) for g in tcp]
         workdir = tempfile.mkdtemp(prefix="registry-group-")
         admin_listeners: list[trio.SocketListener] = []
@@ -414,6 +411,10 @@ class Supervisor:
                 bound = ("listen", "udp", "backlog", "db", "admin", "workers")
                 kept = {k: getattr(self.cfg.server, k) for k in bound}
                 server = msgspec.structs.replace(new.server, **kept)
+                prefix = new.ratelimit.ipv6_prefix
+                if prefix != self.cfg.ratelimit.ipv6_prefix:  # the workers key sources anew
+                    for group in self.groups:
+                        attach_steering(group[0], self.n, prefix)
                 self.cfg = msgspec.structs.replace(new, server=server)
             except ConfigError as e:  # each worker logs reload_failed too, and keeps its config
                 log.error("reload_failed", path=self.config_path, problems=e.problems)
