@@ -16,6 +16,7 @@ import select
 import signal
 import socket
 import sqlite3
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -31,6 +32,7 @@ from registry.model import Rate
 from registry.net.group import GroupFailed, Supervisor, split_limits
 from registry.net.kernel.reuseport import open_group, steering_program, worker_index
 from registry.store import Store
+from tests.netns import require_netns, run_cmd
 from tests.support import RegistryProcess, free_port, http_get, run_registry
 from tests.test_lifecycle import _wait_for, notify_socket
 from tests.test_store import T0, rec
@@ -427,3 +429,48 @@ def test_store_after_reads_other_writers_rows_in_commit_order_once(tmp_path: Pat
     finally:
         for s in (a, b, reader):
             s.close()
+
+
+_V6_PROBE = """
+import ipaddress, select, socket, sys
+from registry.net.kernel.reuseport import open_group, worker_index
+n, prefix = int(sys.argv[1]), int(sys.argv[2])
+socks = open_group("::1", 0, n, kind=socket.SOCK_STREAM, v6_prefix=prefix)
+port = socks[0].getsockname()[1]
+for src in sys.argv[3:]:
+    with socket.socket(socket.AF_INET6) as c:
+        c.bind((src, 0))
+        c.connect(("::1", port))
+        ready, _, _ = select.select(socks, [], [], 5)
+        ready[0].accept()[0].close()
+        print(src, socks.index(ready[0]), worker_index(ipaddress.ip_address(src), n, prefix))
+"""
+
+
+@pytest.mark.parametrize("prefix", [64, 48])
+def test_kernel_steers_ipv6_sources_by_their_prefix(prefix: int) -> None:
+    """IPv6 sources from many networks, in a namespace of the test's own (only ::1 is on
+    the host's loopback): the kernel's choice is worker_index's, and one network's
+    addresses share a worker."""
+    require_netns("workers")
+    ns = f"workers-v6-{os.getpid()}-{prefix}"
+    sources = [f"2001:db8:{a:x}:{b:x}::{c:x}" for a in (1, 2) for b in range(1, 9) for c in (1, 2)]
+    run_cmd(["ip", "netns", "add", ns])
+    try:
+        run_cmd(["ip", "-n", ns, "link", "set", "lo", "up"])
+        for src in sources:
+            run_cmd(["ip", "-n", ns, "addr", "add", f"{src}/128", "dev", "lo", "nodad"])
+        out = run_cmd(
+            ["ip", "netns", "exec", ns, sys.executable, "-c", _V6_PROBE, "3", str(prefix), *sources]
+        )
+    finally:
+        run_cmd(["ip", "netns", "del", ns], check=False)
+    rows = [line.split() for line in out.splitlines()]
+    assert len(rows) == len(sources)
+    assert all(got == expected for _, got, expected in rows), rows
+    assert len({got for _, got, _ in rows}) > 1, "the sources all reached one worker"
+    by_net: dict[str, set[str]] = {}
+    for src, got, _ in rows:
+        net = ipaddress.ip_network(f"{src}/{prefix}", strict=False)
+        by_net.setdefault(str(net), set()).add(got)
+    assert all(len(workers) == 1 for workers in by_net.values()), by_net
