@@ -433,9 +433,10 @@ def test_store_after_reads_other_writers_rows_in_commit_order_once(tmp_path: Pat
 
 _V6_PROBE = """
 import ipaddress, select, socket, sys
-from registry.net.kernel.reuseport import open_group, worker_index
+from registry.net.kernel.reuseport import attach_steering, open_group, worker_index
 n, prefix = int(sys.argv[1]), int(sys.argv[2])
-socks = open_group("::1", 0, n, kind=socket.SOCK_STREAM, v6_prefix=prefix)
+socks = open_group("::1", 0, n, kind=socket.SOCK_STREAM, v6_prefix=128)
+attach_steering(socks[0], n, prefix)  # what a reload of ipv6_prefix does: it replaces
 port = socks[0].getsockname()[1]
 for src in sys.argv[3:]:
     with socket.socket(socket.AF_INET6) as c:
@@ -451,7 +452,7 @@ for src in sys.argv[3:]:
 def test_kernel_steers_ipv6_sources_by_their_prefix(prefix: int) -> None:
     """IPv6 sources from many networks, in a namespace of the test's own (only ::1 is on
     the host's loopback): the kernel's choice is worker_index's, and one network's
-    addresses share a worker."""
+    addresses share a worker, after the program was replaced (a reload's re-attach)."""
     require_netns("workers")
     ns = f"workers-v6-{os.getpid()}-{prefix}"
     sources = [f"2001:db8:{a:x}:{b:x}::{c:x}" for a in (1, 2) for b in range(1, 9) for c in (1, 2)]
