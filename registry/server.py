@@ -350,6 +350,7 @@ class Registry:
         listeners: list[trio.SocketListener] = []
         if self.inherited is not None:
             for sock in self.inherited.tcp:
+                detach_inherited(sock)  # a dead predecessor's bans leave with it
                 lst = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
                 self.deferral[lst] = defer_accept(lst.socket, self.cfg.server.defer_accept)
                 listeners.append(lst)

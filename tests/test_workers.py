@@ -475,3 +475,40 @@ def test_kernel_steers_ipv6_sources_by_their_prefix(prefix: int) -> None:
         net = ipaddress.ip_network(f"{src}/{prefix}", strict=False)
         by_net.setdefault(str(net), set()).add(got)
     assert all(len(workers) == 1 for workers in by_net.values()), by_net
+
+
+def _connects(port: int, src: str, timeout: float = 1.0) -> bool:
+    """Whether a handshake from ``src`` completes (a banned source's SYN is dropped)."""
+    with socket.socket() as s:
+        s.settimeout(timeout)
+        s.bind((src, 0))
+        try:
+            s.connect(("127.0.0.1", port))
+        except TimeoutError:
+            return False
+        return True
+
+
+def test_a_restarted_worker_starts_without_its_predecessors_bans(tmp_path: Path) -> None:
+    """The socket outlives the worker, and so would its kernel filter: the restarted
+    worker takes it off (its ban list is empty), so no source stays banned for nothing."""
+    config = group_config(
+        'refusal_delay = "50ms"\nmax_refusal_delay = "50ms"\nban_after = 2\n'
+        '[ratelimit]\nper_source = "1/hour"\n'
+    )
+    src = sources_by_worker()[0][0]
+    with echo_target(src) as tport, run_registry(tmp_path, config=config) as reg:
+        for _ in range(3):  # served once, then refused twice: banned
+            register(reg.port, src, tport)
+        (banned,) = reg.wait_event("source_banned")
+        assert banned["worker"] == 0 and banned["source"] == src
+        deadline = time.monotonic() + 5
+        while _connects(reg.port, src) and time.monotonic() < deadline:
+            time.sleep(0.1)  # the filter is updated on the ban task's next turn
+        assert not _connects(reg.port, src), "the ban did not reach the kernel"
+        pid = next(e["pid"] for e in reg.events("worker_started") if e["worker"] == 0)
+        os.kill(pid, signal.SIGKILL)
+        reg.wait_event("worker_ready", count=N + 1)
+        assert _connects(reg.port, src, timeout=5.0)  # (its token: the next one is BUSY)
+        assert register(reg.port, src, tport).startswith(b"BUSY rate_limited")
+        assert reg.stop() == 0
