@@ -57,7 +57,8 @@ log = structlog.get_logger(component="group")
 WORKER_ENV = "REGISTRY_WORKER"  # "INDEX/N PARENT_PID TCP_FDS UDP_FDS"
 PROBE_INTERVAL_S = 1.0
 POLL_INTERVAL_S = 0.2  # how often the supervisor reads new rows for metrics and events
-RESTART_DELAY_S = 1.0  # a worker that died within this of its start waits this long
+# A worker that dies within a minute of its start is restarted after 1 s, then 2, 4...
+RESTART_DELAYS_S = (1.0, 60.0)  # up to a minute (a config file broken since the start)
 READY_TIMEOUT_S = 30.0
 
 
@@ -210,6 +211,7 @@ class _Worker:
     ready: trio.Event = field(default_factory=trio.Event)
     ever_ready: bool = False
     restarts: int = 0
+    delay: float = 0.0  # before its next restart
 
 
 class GroupFailed(Exception):
@@ -464,8 +466,9 @@ class Supervisor:
                 return
             w.restarts += 1
             log.error("worker_exited", worker=w.index, status=status, restarts=w.restarts)
-            if trio.current_time() - w.started < RESTART_DELAY_S:
-                await trio.sleep(RESTART_DELAY_S)
+            quick = trio.current_time() - w.started < RESTART_DELAYS_S[1]
+            w.delay = min(w.delay * 2, RESTART_DELAYS_S[1]) if quick and w.delay else 1.0
+            await trio.sleep(w.delay if quick else 0.0)
 
     async def _notices(self, w: _Worker, sock: trio.socket.SocketType) -> None:
         """sd_notify datagrams from worker ``w``: READY, and its probes."""
