@@ -490,11 +490,11 @@ class Registry:
 
     async def _reject(self, service: Service, batch: list[tuple[Waiting, ProtocolError]]) -> None:
         """Requests the waiting room refused: recorded together, then answered."""
-        silent = sum(1 for w, e in batch if e.code is Code.READ_TIMEOUT and w.receiver is None)
+        silent = sum(1 for w, e in batch if e.code is Code.READ_TIMEOUT and not w.reader.started)
         self._note_silent(trio.current_time(), silent)
         replies = await reject_unread(
             service,
-            [(error, w.peer, w.protocol, w.received_at, w.conn_id) for w, error in batch],
+            [(error, w.peer, w.reader.protocol, w.received_at, w.conn_id) for w, error in batch],
         )
         for (w, _), reply in zip(batch, replies, strict=True):
             send_and_close(w.conn, reply)

@@ -28,6 +28,7 @@ from registry.model import Endpoint, Protocol
 from registry.net.interfaces import is_local_address
 from registry.net.tcp import TcpHandler, read_request
 from registry.protocol.jsonl import REPLY_KEYS
+from registry.protocol.reader import RequestReader
 from registry.service import Service
 from tests.fakes import ListRecorder, ScriptedConnector
 from tests.support import RegistryProcess, run_registry, send_line
@@ -260,6 +261,6 @@ async def test_json_request_split_across_writes(autojump_clock: trio.testing.Moc
 async def test_read_request_reports_json(autojump_clock: trio.testing.MockClock) -> None:
     client, server = trio.testing.memory_stream_pair()
     await client.send_all(b'\r\n {"host": "::1", "port": 15000}')
-    protocol, request = await read_request(server, CFG.protocol)
+    protocol, request = await read_request(server, RequestReader(CFG.protocol, trio.current_time()))
     assert protocol is Protocol.JSON and request.port == 15000
     assert trio.current_time() == pytest.approx(0.25)  # complete object + quiet period

@@ -1,4 +1,4 @@
-"""The callback line, the nonce echo scanner, and the protocol sniffer."""
+"""The callback line and the nonce echo scanner."""
 
 from __future__ import annotations
 
@@ -6,14 +6,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from registry.model import Protocol
 from registry.protocol.callback import (
     EchoScanner,
     callback_line,
     make_nonce,
     parse_callback_line,
 )
-from registry.protocol.sniff import decided, sniff
 
 NONCE = "00112233aabbccdd"
 NEEDLE = b"nonce=" + NONCE.encode()
@@ -162,25 +160,3 @@ def test_echo_any_chunking(case: tuple[bytes, list[bytes]], limit: int) -> None:
     if not scanner.verified:
         assert scanner.overflowed == (len(whole) > limit)
     assert scanner.received <= limit
-
-
-# ---------------------------------------------------------------- sniff
-
-
-@pytest.mark.parametrize(
-    ("first", "protocol", "is_decided"),
-    [
-        (b'{"host": "1.2.3.4", "port": 80}', Protocol.JSON, True),
-        (b"{", Protocol.JSON, True),
-        (b" \r\n\t{", Protocol.JSON, True),
-        (b"1.2.3.4:80", Protocol.TEXT, True),
-        (b"[::1]:80", Protocol.TEXT, True),
-        (b"  1{", Protocol.TEXT, True),
-        (b"", Protocol.TEXT, False),
-        (b" \n", Protocol.TEXT, False),
-        (b"\xff", Protocol.TEXT, True),
-    ],
-)
-def test_sniff(first: bytes, protocol: Protocol, is_decided: bool) -> None:
-    assert sniff(first) == protocol
-    assert decided(first) == is_decided

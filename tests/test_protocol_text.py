@@ -467,7 +467,7 @@ def test_round_trip(
 
 # ---------------------------------------------------------------- purity
 
-PURE = ["text.py", "reply.py", "callback.py", "sniff.py"]
+PURE = ["text.py", "reply.py", "callback.py", "reader.py"]
 ALLOWED_ROOTS = {"__future__", "dataclasses", "enum", "ipaddress", "re", "typing"}
 # registry.policy.addresses is pure too: the parser builds the one Address value.
 ALLOWED_REGISTRY = {

@@ -18,11 +18,15 @@ import pytest
 import trio
 import trio.lowlevel
 import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from registry import config as config_mod
 from registry.errors import ProtocolError
 from registry.model import Endpoint, Protocol, Request
 from registry.net.waiting import REJECT_CHUNK, Waiting, WaitingRoom
+from tests.test_protocol_reader import CASES as READER_CASES
+from tests.test_protocol_reader import play, summary
 
 pytestmark = pytest.mark.skipif(not WaitingRoom.supported(), reason="needs select.epoll")
 
@@ -150,6 +154,78 @@ async def test_the_room_reads_like_read_request(
         r.room.close()
     assert [(how, when, what) for how, when, _, what in r.log] == [expected]
     assert len(r.room) == 0
+
+
+@pytest.mark.parametrize("name", READER_CASES)
+async def test_the_room_decides_like_the_reader_table(
+    autojump_clock: trio.testing.MockClock, pairs: list, name: str
+) -> None:
+    # The table of tests/test_protocol_reader.py, played on a socket: the room
+    # decides the same thing at the same second as the sans-io reader alone.
+    chunks, cfg, expected = READER_CASES[name]
+    r = Room()
+    r.room = WaitingRoom(lambda: cfg)
+    decided: list[tuple[float, Protocol, object]] = []
+    r.ready = lambda w, protocol, request: decided.append(  # type: ignore[method-assign]
+        (trio.current_time(), protocol, request)
+    )
+
+    async def reject(batch: list[tuple[Waiting, ProtocolError]]) -> None:
+        decided.extend((trio.current_time(), w.reader.protocol, e) for w, e in batch)
+        await trio.lowlevel.checkpoint()
+
+    r.reject = reject  # type: ignore[method-assign]
+    conn, client = pair(pairs)
+    r.add("c", conn)
+
+    async def play() -> None:
+        for at, data in chunks:
+            await trio.sleep_until(at)
+            if decided:
+                return  # the client would see its reply
+            if data:
+                client.send(data)
+            else:
+                client.shutdown(socket.SHUT_WR)
+            await trio.lowlevel.checkpoint()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(r.run)
+        nursery.start_soon(play)
+        await trio.sleep(40)
+        r.room.close()
+    assert [summary(d) for d in decided] == [expected]  # type: ignore[arg-type]
+
+
+async def test_every_schedule_at_once_each_decided_on_time(
+    autojump_clock: trio.testing.MockClock, pairs: list
+) -> None:
+    # One room, one heap: the quiet periods and deadlines of all the schedules
+    # above interleave, and each connection is still decided at its own second.
+    r = Room()
+
+    async def play(name: str, client: socket.socket) -> None:
+        for delay, data in CASES[name][0]:
+            await trio.sleep(delay)
+            if any(who == name for _, _, who, _ in r.log):
+                return  # decided already
+            if data == "EOF":
+                client.shutdown(socket.SHUT_WR)
+            else:
+                client.send(data)
+            await trio.lowlevel.checkpoint()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(r.run)
+        for name in CASES:
+            conn, client = pair(pairs)
+            r.add(name, conn)
+            nursery.start_soon(play, name, client)
+        await trio.sleep(20)
+        r.room.close()
+    assert sorted((who, how, when, what) for how, when, who, what in r.log) == sorted(
+        (name, *expected) for name, (_, expected) in CASES.items()
+    )
 
 
 async def test_an_idle_room_keeps_a_new_connections_deadline(
@@ -317,3 +393,79 @@ async def test_drain_waits_for_the_room_to_empty_and_cancel_drops_the_rest(
     r.room.close()
     await r.run()  # closed but not empty: b is refused at its deadline, then it returns
     assert r.log == [("reject", 8.0, "b", "read_timeout")]
+
+
+@st.composite
+def _crowd(draw: st.DrawFn) -> list[tuple[float, float, list[tuple[float, bytes]]]]:
+    """Connections as (added at, held by the kernel, chunks at absolute seconds).
+
+    Seconds are multiples of 1/64; bytes come half a step off that grid, so a
+    byte never lands exactly on a deadline (which of the two is seen first is
+    then up to the driver), and no gap is exactly one quiet period for the same
+    reason.
+    """
+    crowd = []
+    for _ in range(draw(st.integers(1, 6))):
+        added, held = draw(st.integers(0, 320)) / 64, draw(st.integers(0, 280)) / 64
+        at, chunks = added + 1 / 128, []
+        for _ in range(draw(st.integers(0, 5))):
+            at += draw(st.integers(0, 40).filter(lambda g: g != 16)) / 64
+            chunks.append((at, draw(st.binary(min_size=0, max_size=24))))
+        crowd.append((added, held, chunks))
+    return crowd
+
+
+@settings(max_examples=60, deadline=None)
+@given(_crowd())
+def test_a_crowd_is_decided_as_each_reader_alone_decides(
+    crowd: list[tuple[float, float, list[tuple[float, bytes]]]],
+) -> None:
+    # Arrivals at any time, some held by the kernel (due before earlier arrivals),
+    # bytes, quiet periods and EOFs interleaved across connections: the room's one
+    # heap decides each connection what and when the reader alone would.
+    expected = {
+        i: summary(play(chunks, CFG, added - held)) for i, (added, held, chunks) in enumerate(crowd)
+    }
+    got: dict[int, tuple[float, str, str]] = {}
+    sockets = [socket.socketpair() for _ in crowd]
+    names = {id(conn): i for i, (conn, _) in enumerate(sockets)}
+    room = WaitingRoom(lambda: CFG)
+
+    def ready(w: Waiting, protocol: Protocol, request: Request) -> None:
+        got[names[id(w.conn)]] = summary((trio.current_time(), protocol, request))
+
+    async def reject(batch: list[tuple[Waiting, ProtocolError]]) -> None:
+        for w, e in batch:
+            got[names[id(w.conn)]] = summary((trio.current_time(), w.reader.protocol, e))
+        await trio.lowlevel.checkpoint()
+
+    async def client(i: int) -> None:
+        added, held, chunks = crowd[i]
+        conn, peer = sockets[i]
+        await trio.sleep_until(added)
+        room.add(Waiting(conn, PEER, i, object(), added - held))
+        for at, data in chunks:
+            await trio.sleep_until(at)
+            if i in got:
+                return
+            if data:
+                peer.send(data)
+            else:
+                peer.shutdown(socket.SHUT_WR)
+            await trio.lowlevel.checkpoint()
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(room.run, ready, reject, lambda w: None)
+            async with trio.open_nursery() as clients:
+                for i in range(len(crowd)):
+                    clients.start_soon(client, i)
+            room.close()
+
+    try:
+        trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    finally:
+        for a, b in sockets:
+            a.close()
+            b.close()
+    assert got == expected

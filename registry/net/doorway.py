@@ -41,7 +41,7 @@ import trio
 
 from registry.model import Outcome, Protocol
 from registry.net.tcp import default_encode
-from registry.protocol.sniff import sniff
+from registry.protocol.reader import sniff
 
 READ_LIMIT = 65536  # bytes read from a refused client before answering anyway
 REAP_CHUNK = 8  # refusals answered between two checkpoints (~35 us each: ~0.3 ms)

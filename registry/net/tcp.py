@@ -16,14 +16,12 @@ from collections.abc import Callable, Sequence
 import structlog
 import trio
 
-from registry.config import ProtocolConfig
 from registry.errors import ProtocolError
-from registry.model import Code, Endpoint, Outcome, Protocol, Request
+from registry.model import Endpoint, Outcome, Protocol, Request
 from registry.policy.addresses import Address
-from registry.protocol.jsonl import JsonReceiver, format_json_reply
+from registry.protocol.jsonl import format_json_reply
+from registry.protocol.reader import RequestReader
 from registry.protocol.reply import format_reply
-from registry.protocol.sniff import sniff
-from registry.protocol.text import NeedData, TextReceiver
 from registry.service import Service, StoreUnavailable, store_failure_outcome
 
 log = structlog.get_logger(component="tcp")
@@ -33,10 +31,6 @@ _conn_ids = itertools.count(1)
 def next_conn_id() -> int:
     """The ``conn_id`` every log line of one connection carries."""
     return next(_conn_ids)
-
-
-# Builds a receiver for a sniffed protocol (same interface: receive_data/next_event/quiet/buffered).
-ReceiverFactory = Callable[[Protocol, ProtocolConfig], "TextReceiver | JsonReceiver"]
 
 
 class RawStream:
@@ -94,12 +88,6 @@ class RawStream:
         self.close()
 
 
-def default_receiver(protocol: Protocol, cfg: ProtocolConfig) -> TextReceiver | JsonReceiver:
-    if protocol is Protocol.JSON:
-        return JsonReceiver(cfg.max_request_bytes)
-    return TextReceiver(cfg.max_request_bytes)
-
-
 def default_encode(protocol: Protocol, outcome: Outcome) -> bytes:
     """A JSON client gets a JSON reply (its errors too); everyone else the text line."""
     if protocol is Protocol.JSON:
@@ -143,47 +131,20 @@ def local_endpoint(stream: trio.SocketStream | RawStream) -> Endpoint:
 
 
 async def read_request(
-    stream: trio.abc.ReceiveStream,
-    cfg: ProtocolConfig,
-    make_receiver: ReceiverFactory = default_receiver,
-    arrived: float | None = None,
+    stream: trio.abc.ReceiveStream, reader: RequestReader
 ) -> tuple[Protocol, Request]:
-    """Read one request under the total deadline and the quiet period.
-
-    The deadline counts from ``arrived`` (the connection's accept time: it may
-    have spent a while in the waiting room), or from now.
-    Raises ProtocolError (read_timeout, too_long, malformed, bad_json...).
-    """
-    deadline = (trio.current_time() if arrived is None else arrived) + cfg.read_deadline
-    receiver = None
-    protocol = Protocol.TEXT
-    while True:
-        if trio.current_time() >= deadline:
-            raise read_timeout_error(cfg, receiver is not None)
-        wait = deadline - trio.current_time()
-        if receiver is not None and receiver.buffered:
-            wait = min(wait, cfg.quiet_period)
-        data = None
-        with trio.move_on_after(wait):
+    """Drive ``reader`` over ``stream`` until it decides; raises its ProtocolError."""
+    while (decision := reader.tick(trio.current_time())) is None:
+        with trio.move_on_at(reader.next_deadline):
             try:
                 data = await stream.receive_some(4096)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 data = b""
-        if data is None:  # quiet period (or the deadline) passed with no byte
-            if receiver is not None and receiver.buffered and trio.current_time() < deadline:
-                event = receiver.quiet()
-                if not isinstance(event, NeedData):
-                    return protocol, event
-            continue
-        if receiver is None:
-            if not data:
-                raise closed_early_error()
-            protocol = sniff(data)
-            receiver = make_receiver(protocol, cfg)
-        receiver.receive_data(data)
-        event = receiver.next_event()
-        if not isinstance(event, NeedData):
-            return protocol, event
+            if (decision := reader.feed(data, trio.current_time())) is not None:
+                break
+    if isinstance(decision, ProtocolError):
+        raise decision
+    return reader.protocol, decision
 
 
 async def reject_unread(
@@ -206,32 +167,15 @@ async def reject_unread(
     ]
 
 
-def read_timeout_error(cfg: ProtocolConfig, started: bool) -> ProtocolError:
-    """The READ_TIMEOUT error: ``started`` when some of the request had arrived."""
-    return ProtocolError(Code.READ_TIMEOUT, _read_timeout_text(cfg, started))
-
-
-def closed_early_error() -> ProtocolError:
-    return ProtocolError(Code.MALFORMED, "the connection closed before any request was sent")
-
-
-def _read_timeout_text(cfg: ProtocolConfig, started: bool) -> str:
-    if not started:
-        return f"no request arrived within {cfg.read_deadline:g} s; send HOST:PORT, e.g. 192.168.1.105:15000"
-    return f"the request was not complete within {cfg.read_deadline:g} s"
-
-
 class TcpHandler:
     """Serve one registration connection; construct once, call per connection."""
 
     def __init__(
         self,
         service: Service,
-        make_receiver: ReceiverFactory = default_receiver,
         encode: Callable[[Protocol, Outcome], bytes] | None = None,
     ) -> None:
         self.service = service
-        self.make_receiver = make_receiver
         self.encode = encode or default_encode
 
     async def __call__(
@@ -290,15 +234,11 @@ class TcpHandler:
         cfg = self.service.config.protocol
         received_at = time.time() if received_at is None else received_at
         protocol = Protocol.TEXT
-        sniffed: list[Protocol] = []
-
-        def make_receiver(p: Protocol, c: ProtocolConfig) -> TextReceiver | JsonReceiver:
-            sniffed.append(p)  # so a request that fails to parse is answered in its protocol
-            return self.make_receiver(p, c)
-
+        reader = None
         try:
             if request is None:
-                request = await read_request(stream, cfg, make_receiver, arrived)
+                reader = RequestReader(cfg, trio.current_time() if arrived is None else arrived)
+                request = await read_request(stream, reader)
             protocol, parsed = request
             structlog.contextvars.bind_contextvars(protocol=protocol.value)
             # Shielded: the callback and its record complete even if the client
@@ -308,7 +248,8 @@ class TcpHandler:
                     parsed, peer, protocol, received_at, local, source_paid=source_paid
                 )
         except ProtocolError as e:
-            protocol = sniffed[0] if sniffed else protocol
+            if reader is not None:  # a request that fails to parse is answered in its protocol
+                protocol = reader.protocol
             try:
                 with trio.CancelScope(shield=True):
                     outcome = await self.service.reject(

@@ -2,9 +2,9 @@
 
 A connection the door admits does not get a task straight away. It waits
 here, in one epoll set owned by one task, which reads what arrives
-(non-blocking), frames it with the same sans-io receivers and under the same
-rules as ``tcp.read_request`` (LF, EOF, the quiet period, the size cap, the
-total read deadline counted from ``accept()``), and only then decides:
+(non-blocking) into the same sans-io reader as ``tcp.read_request``
+(protocol/reader.py: LF, EOF, the quiet period, the size cap, the total read
+deadline counted from ``accept()``), and only then decides:
 
 - a complete request leaves through ``ready``: it gets its task and the TCP
   handler, which registers it and replies;
@@ -24,7 +24,8 @@ the room reads the connections that did send, so a student's request does not
 wait for the wave to be recorded.
 
 Linux only (``select.epoll``); elsewhere ``WaitingRoom.supported()`` is
-false and the server gives every connection its task at once, as before.
+false and the server gives every connection its task at once, whose handler
+drives the same reader over its stream.
 """
 
 from __future__ import annotations
@@ -43,16 +44,8 @@ import trio
 from registry.config import ProtocolConfig
 from registry.errors import ProtocolError
 from registry.model import Endpoint, Protocol, Request
-from registry.net.tcp import (
-    ReceiverFactory,
-    closed_early_error,
-    default_receiver,
-    next_conn_id,
-    read_timeout_error,
-)
-from registry.protocol.jsonl import JsonReceiver
-from registry.protocol.sniff import sniff
-from registry.protocol.text import NeedData, TextReceiver
+from registry.net.tcp import next_conn_id
+from registry.protocol.reader import Decision, RequestReader
 
 # Short steps (docs/architecture.md): each bounds the work between two checkpoints.
 REJECT_CHUNK = 16  # refused requests recorded in one store batch, then answered
@@ -72,10 +65,8 @@ class Waiting:
     arrived: float  # trio clock
     received_at: float = field(default_factory=time.time)  # wall clock, for the record
     conn_id: int = field(default_factory=next_conn_id)
-    receiver: TextReceiver | JsonReceiver | None = None
-    protocol: Protocol = Protocol.TEXT
-    quiet_at: float = math.inf  # when the quiet period frames what is buffered
-    deadline: float = math.inf  # the total read deadline (set by WaitingRoom.add)
+    reader: RequestReader = None  # type: ignore[assignment]  # set by WaitingRoom.add
+    due: float = math.inf  # its reader's next deadline, as last put in the room's heap
 
 
 Ready = Callable[[Waiting, Protocol, Request], None]
@@ -96,19 +87,15 @@ class WaitingRoom:
     def supported() -> bool:
         return hasattr(select, "epoll")
 
-    def __init__(
-        self,
-        config: Callable[[], ProtocolConfig],
-        make_receiver: ReceiverFactory = default_receiver,
-    ) -> None:
+    def __init__(self, config: Callable[[], ProtocolConfig]) -> None:
         self.config = config  # read per connection: SIGHUP may change the deadlines
-        self.make_receiver = make_receiver
         self._epoll = select.epoll()
         self._by_fd: dict[int, Waiting] = {}
-        # Heaps, not arrival order: a reload that shortens read_deadline, or a connection
-        # the kernel held (arrived = now - held), is due before earlier arrivals.
-        self._deadlines: list[tuple[float, int, Waiting]] = []  # stale entries skipped
-        self._quiet: list[tuple[float, int, Waiting]] = []  # heap; stale entries skipped
+        # A heap, not arrival order: a reload that shortens read_deadline, or a connection
+        # the kernel held (arrived = now - held), is due before earlier arrivals, and a
+        # quiet period can end before any of them. An entry is stale once its connection
+        # left or its `due` moved on.
+        self._due_heap: list[tuple[float, int, Waiting]] = []
         self._closing = False
         self._wait = trio.CancelScope()  # run()'s current wait: add/close move its deadline
 
@@ -119,10 +106,10 @@ class WaitingRoom:
         fd = w.conn.fileno()
         self._epoll.register(fd, _EVENTS)
         self._by_fd[fd] = w
-        w.deadline = w.arrived + self.config().read_deadline
-        heapq.heappush(self._deadlines, (w.deadline, next(_seq), w))
-        if w.deadline < self._wait.deadline:  # moving a deadline costs trio real work:
-            self._wait.deadline = w.deadline  # only when run() must wake earlier
+        w.reader = RequestReader(self.config(), w.arrived)
+        self._schedule(w)
+        if w.due < self._wait.deadline:  # moving a deadline costs trio real work:
+            self._wait.deadline = w.due  # only when run() must wake earlier
 
     def close(self) -> None:
         """Drain: no new arrivals; ``run`` returns once the room is empty."""
@@ -147,100 +134,70 @@ class WaitingRoom:
             for w in self._by_fd.values():
                 drop(w)
             self._by_fd.clear()
-            self._deadlines.clear()
-            self._quiet.clear()
+            self._due_heap.clear()
             self._epoll.close()
 
-    # --- reading ---------------------------------------------------------------------
+    # --- reading and deadlines: the reader decides, the room hands over -------------
 
     def _read(self, ready: Ready) -> list[tuple[Waiting, ProtocolError]]:
         """Read every connection with something to read; hand over what is decided."""
-        failed = []
+        failed: list[tuple[Waiting, ProtocolError]] = []
         now = trio.current_time()
         for fd, _ in self._epoll.poll(0, BATCH):
             w = self._by_fd.get(fd)
             if w is None:
                 continue
             try:
-                result = self._feed(w, now)
-            except ProtocolError as e:
-                self._leave(w)
-                # kept without its traceback: its frames hold `failed`, a cycle only gc frees
-                failed.append((w, e.with_traceback(None)))
+                data = w.conn.recv(4096, socket.MSG_DONTWAIT)
+            except BlockingIOError:
                 continue
-            if result is not None:
-                self._leave(w)
-                ready(w, w.protocol, result)
+            except OSError:  # reset by the peer: it has closed
+                data = b""
+            self._act(w, w.reader.feed(data, now), ready, failed)
         return failed
-
-    def _feed(self, w: Waiting, now: float) -> Request | None:
-        """One non-blocking read into ``w``'s receiver: the request, None for "not
-        yet", or ProtocolError (as read_request decides it)."""
-        try:
-            data = w.conn.recv(4096, socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            return None
-        except OSError:  # reset by the peer: it has closed
-            data = b""
-        if w.receiver is None:
-            if not data:
-                raise closed_early_error()
-            w.protocol = sniff(data)
-            w.receiver = self.make_receiver(w.protocol, self.config())
-        w.receiver.receive_data(data)
-        event = w.receiver.next_event()
-        if isinstance(event, NeedData):
-            if w.receiver.buffered:  # a new byte restarts the quiet period
-                w.quiet_at = now + self.config().quiet_period
-                heapq.heappush(self._quiet, (w.quiet_at, next(_seq), w))
-            return None
-        return event
-
-    # --- deadlines -------------------------------------------------------------------
 
     def _due(self, ready: Ready, now: float) -> list[tuple[Waiting, ProtocolError]]:
-        """Quiet periods that ended (framing what is buffered) and read deadlines passed."""
+        """Quiet periods that ended and read deadlines passed, in the order they fell due."""
         failed: list[tuple[Waiting, ProtocolError]] = []
+        heap = self._due_heap
         budget = BATCH  # the rest is due already: run() comes straight back for it
-        while budget and self._quiet and self._quiet[0][0] <= now:
+        while budget and heap and heap[0][0] <= now:
             budget -= 1
-            at, _, w = heapq.heappop(self._quiet)
-            if not self._waiting(w) or at != w.quiet_at or w.receiver is None:
-                continue  # gone, or a later byte moved its quiet period
-            if at >= w.deadline:
-                continue  # as in read_request: the total deadline wins a tie
-            w.quiet_at = math.inf
-            try:
-                event = w.receiver.quiet()
-            except ProtocolError as e:
-                self._leave(w)
-                failed.append((w, e.with_traceback(None)))
-                continue
-            if not isinstance(event, NeedData):
-                self._leave(w)
-                ready(w, w.protocol, event)
-        while budget and self._deadlines and self._deadlines[0][0] <= now:
-            budget -= 1
-            _, _, w = heapq.heappop(self._deadlines)
-            if self._waiting(w):
-                self._leave(w)
-                failed.append((w, read_timeout_error(self.config(), w.receiver is not None)))
+            at, _, w = heapq.heappop(heap)
+            if at == w.due and self._waiting(w):
+                self._act(w, w.reader.tick(now), ready, failed)
         return failed
 
+    def _act(
+        self,
+        w: Waiting,
+        decision: Decision,
+        ready: Ready,
+        failed: list[tuple[Waiting, ProtocolError]],
+    ) -> None:
+        """Hand over a decided connection, or keep its reader's next deadline in the heap."""
+        if decision is None:
+            self._schedule(w)
+            return
+        self._leave(w)
+        if isinstance(decision, ProtocolError):
+            failed.append((w, decision))
+        else:
+            ready(w, w.reader.protocol, decision)
+
+    def _schedule(self, w: Waiting) -> None:
+        due = w.reader.next_deadline
+        if due != w.due:
+            w.due = due
+            heapq.heappush(self._due_heap, (due, next(_seq), w))
+
     def _next_deadline(self) -> float:
-        while self._deadlines and not self._waiting(self._deadlines[0][2]):
-            heapq.heappop(self._deadlines)  # left already
-        while self._quiet and (
-            not self._waiting(self._quiet[0][2]) or self._quiet[0][0] != self._quiet[0][2].quiet_at
-        ):
-            heapq.heappop(self._quiet)
-        soonest = min(
-            self._deadlines[0][0] if self._deadlines else math.inf,
-            self._quiet[0][0] if self._quiet else math.inf,
-        )
+        heap = self._due_heap
+        while heap and (heap[0][0] != heap[0][2].due or not self._waiting(heap[0][2])):
+            heapq.heappop(heap)  # stale
         if self._closing and not self._by_fd:
             return -math.inf
-        return soonest
+        return heap[0][0] if heap else math.inf
 
     def _waiting(self, w: Waiting) -> bool:
         return self._by_fd.get(w.conn.fileno()) is w
@@ -249,4 +206,3 @@ class WaitingRoom:
         fd = w.conn.fileno()
         del self._by_fd[fd]
         self._epoll.unregister(fd)
-        w.quiet_at = math.inf

@@ -4,14 +4,15 @@
 ``synchronous=FULL`` (an acknowledged reply survives SIGKILL and power loss),
 a ``busy_timeout``, and a schema upgraded through ``PRAGMA user_version``.
 
-``AsyncStore`` (``store/aio.py``) is the trio face the daemon uses. Threading choice: the
-connection is opened with ``check_same_thread=False`` and every call on it
-goes through ``trio.to_thread.run_sync(..., limiter=CapacityLimiter(1))``, so
-sqlite work may hop between trio's cached worker threads but never runs on
-two of them at once, and never on the event loop. Writes are group-committed:
-one writer task drains a memory channel and writes everything queued in one
-transaction, then wakes every waiter; ``record()`` returns only after its
-row has committed (SPEC promise 6).
+``AsyncStore`` (``store/aio.py``) is the trio face the daemon uses. Threading
+choice: every call on the connection runs on one dedicated thread (cheaper
+per call than ``trio.to_thread``), never on the event loop, holding a
+``CapacityLimiter(1)`` that a test can take to pause the store. Writes are
+group-committed: one writer task drains a memory channel and writes
+everything queued in one transaction, then wakes every waiter; ``record()`` returns only after its
+row has committed (SPEC promise 6). The same writer checkpoints the WAL
+between commits, after it has woken the waiters, so no reply waits for a
+checkpoint (see ``AsyncStore``).
 """
 
 from __future__ import annotations
@@ -179,6 +180,8 @@ def _create_private(path: str) -> None:
 # --- rows <-> records -------------------------------------------------------
 
 _SELECT = f"SELECT {', '.join(COLUMNS)} FROM registrations"
+_AFTER = f"SELECT seq, {', '.join(COLUMNS)} FROM registrations WHERE seq > ? ORDER BY seq LIMIT ?"
+_LAST_SEQ = "SELECT coalesce(max(seq), 0) FROM registrations"
 _INSERT = (
     f"INSERT INTO registrations ({', '.join(COLUMNS)}) VALUES ({', '.join('?' for _ in COLUMNS)})"
 )
@@ -262,14 +265,18 @@ class Store:
         self._db = db
         self.path = path
         self.readonly = readonly
-        # Writers of a worker group queue on this file's flock before each transaction:
-        # the kernel wakes the next one at once, where SQLite's busy handler sleeps.
+        # A worker group's writers queue on its flock (woken at once; SQLite's busy handler sleeps)
         self._writer_lock: int | None = None
 
     @classmethod
-    def open(cls, path: str, *, writer_lock: str = "") -> Store:
-        """Open (creating if needed) and migrate the database at ``path`` for writing;
-        ``writer_lock``: a file every process writing ``path`` locks around its writes."""
+    def open(cls, path: str, *, autocheckpoint: bool = True, writer_lock: str = "") -> Store:
+        """Open (creating if needed) and migrate the database at ``path`` for writing.
+
+        ``autocheckpoint=False`` turns off SQLite's automatic WAL checkpoint: it
+        runs inside the commit that crosses 1,000 WAL pages, so that commit waits
+        for two more syncs. The caller then runs ``checkpoint()`` itself.
+        ``writer_lock``: a file every process writing ``path`` locks around its writes.
+        """
         _create_private(path)
         try:
             db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -284,6 +291,8 @@ class Store:
             db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             db.execute("PRAGMA journal_mode = WAL")
             db.execute("PRAGMA synchronous = FULL")
+            if not autocheckpoint:
+                db.execute("PRAGMA wal_autocheckpoint = 0")
             store._migrate()
         except sqlite3.DatabaseError as e:
             store.close()
@@ -377,6 +386,16 @@ class Store:
         """Insert one record, committed before returning."""
         self.record_many([record])
 
+    def checkpoint(self) -> tuple[int, int]:
+        """Copy the WAL into the database file; return (WAL frames, frames copied).
+
+        PASSIVE: it never waits for a reader (a grader's ``open_readonly``) and
+        copies what it can. Once every frame is copied, the next commit starts
+        the WAL from its beginning again, so the file stops growing.
+        """
+        _busy, frames, copied = self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        return int(frames), int(copied)
+
     def query(
         self,
         *,
@@ -403,19 +422,13 @@ class Store:
 
     def last_seq(self) -> int:
         """The newest row's seq (0: none): where a reader of new rows starts."""
-        return int(
-            self._db.execute("SELECT coalesce(max(seq), 0) FROM registrations").fetchone()[0]
-        )
+        return int(self._db.execute(_LAST_SEQ).fetchone()[0])
 
     def after(self, seq: int, limit: int = 1000) -> tuple[int, list[Record]]:
         """Rows committed after row ``seq`` (oldest first, at most ``limit``) and the last
         seq seen: a later commit always has a larger seq (AUTOINCREMENT), so a reader
         polling with it never misses a row another process wrote."""
-        rows = self._db.execute(
-            f"SELECT seq, {', '.join(COLUMNS)} FROM registrations WHERE seq > ? "
-            "ORDER BY seq LIMIT ?",
-            (seq, limit),
-        ).fetchall()
+        rows = self._db.execute(_AFTER, (seq, limit)).fetchall()
         return (rows[-1][0] if rows else seq), [_from_row(row[1:]) for row in rows]
 
     def summary(
@@ -466,9 +479,9 @@ class Store:
 
     def close(self) -> None:
         self._db.close()
-        if self._writer_lock is not None:
-            os.close(self._writer_lock)
-            self._writer_lock = None
+        lock, self._writer_lock = self._writer_lock, None
+        if lock is not None:
+            os.close(lock)
 
 
 from registry.store.aio import AsyncStore  # noqa: E402  (it builds on Store, above)

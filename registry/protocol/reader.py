@@ -1,0 +1,109 @@
+"""One registration request read from a stream, handed the time (sans-io).
+
+Both TCP drivers run the same reader: the per-connection path (net/tcp.py,
+one task awaiting its stream) and the waiting room (net/waiting.py, one epoll
+set for every admitted connection). A driver reads bytes, calls
+``feed(data, now)``, and otherwise sleeps until ``next_deadline`` and calls
+``tick(now)``. Each call returns ``None`` (not decided yet), the ``Request``,
+or the ``ProtocolError`` to answer; once decided, the reader is done. The
+rules, written once:
+
+- the first bytes choose the protocol (``sniff``);
+- the receiver frames the request: LF, EOF, the size cap (text.py, jsonl.py);
+- a request with no terminator (the lab's C++ client waits for the reply) is
+  framed once no byte has come for the quiet period, counted from the last
+  byte; a second look without a new byte would see the same buffer, so there
+  is none;
+- the total read deadline counts from ``arrived`` (accept, or connect for a
+  connection the kernel held) and wins a tie with the quiet period;
+- EOF before any byte is malformed.
+
+Errors come back as values with no traceback: kept (the waiting room holds a
+wave of them), a traceback would tie the caller's frames into a cycle that
+only the garbage collector frees.
+"""
+
+from __future__ import annotations
+
+from registry.config import ProtocolConfig
+from registry.errors import ProtocolError
+from registry.model import Code, Protocol, Request
+from registry.protocol.jsonl import JsonReceiver
+from registry.protocol.text import NEED_DATA, TextReceiver
+
+_WHITESPACE = b" \t\r\n"
+
+Decision = Request | ProtocolError | None
+
+
+def sniff(first: bytes) -> Protocol:
+    """``Protocol.JSON`` if the first non-whitespace byte is ``{``, else ``Protocol.TEXT``.
+
+    JSON lines and the text format share the registration port; a JSON request
+    is an object, and no text request can start with ``{`` (a host is a digit,
+    a letter or ``[``). With only whitespace to look at, the answer is TEXT:
+    the text parser then reports the empty request.
+    """
+    return Protocol.JSON if first.lstrip(_WHITESPACE)[:1] == b"{" else Protocol.TEXT
+
+
+class RequestReader:
+    """Sniff, frame and time one request; ``protocol`` is what the client speaks."""
+
+    __slots__ = ("_cfg", "deadline", "next_deadline", "protocol", "receiver")
+
+    def __init__(self, cfg: ProtocolConfig, arrived: float) -> None:
+        self._cfg = cfg
+        self.deadline = arrived + cfg.read_deadline
+        # When ``tick`` has something to decide, unless a byte comes first: the end of
+        # the quiet period when it falls before the deadline, else the deadline.
+        self.next_deadline = self.deadline
+        self.protocol = Protocol.TEXT
+        self.receiver: TextReceiver | JsonReceiver | None = None
+
+    @property
+    def started(self) -> bool:
+        """A byte arrived (a silent connection never sends one)."""
+        return self.receiver is not None
+
+    def feed(self, data: bytes, now: float) -> Decision:
+        """Bytes from the peer at ``now``; ``b""``: it closed or half-closed."""
+        receiver = self.receiver
+        if receiver is None:
+            if not data:
+                return ProtocolError(
+                    Code.MALFORMED, "the connection closed before any request was sent"
+                )
+            self.protocol = sniff(data)
+            kind = JsonReceiver if self.protocol is Protocol.JSON else TextReceiver
+            receiver = self.receiver = kind(self._cfg.max_request_bytes)
+        receiver.receive_data(data)
+        try:
+            event = receiver.next_event()
+        except ProtocolError as e:
+            return e.with_traceback(None)
+        if event is NEED_DATA:
+            if receiver.buffered:  # a new byte restarts the quiet period
+                quiet_end = now + self._cfg.quiet_period
+                self.next_deadline = quiet_end if quiet_end < self.deadline else self.deadline
+            return None
+        return event  # type: ignore[return-value]
+
+    def tick(self, now: float) -> Decision:
+        """The time is ``now`` and no byte came: the deadline, or the quiet period."""
+        if now >= self.deadline:
+            return ProtocolError(Code.READ_TIMEOUT, self._timeout_text())
+        if now < self.next_deadline:
+            return None
+        self.next_deadline = self.deadline  # the quiet period ended: its one look
+        try:
+            event = self.receiver.quiet()  # type: ignore[union-attr]
+        except ProtocolError as e:
+            return e.with_traceback(None)
+        return None if event is NEED_DATA else event  # type: ignore[return-value]
+
+    def _timeout_text(self) -> str:
+        limit = f"{self._cfg.read_deadline:g} s"
+        if self.receiver is None:
+            return f"no request arrived within {limit}; send HOST:PORT, e.g. 192.168.1.105:15000"
+        return f"the request was not complete within {limit}"
