@@ -117,7 +117,8 @@ def load_config(args: argparse.Namespace) -> config_mod.Config:
 def cmd_serve(args: argparse.Namespace) -> int:
     from registry.admin.core.grading import load_roster
     from registry.net import group as workers
-    from registry.server import Inherited, Registry
+    from registry.net.kernel.reuseport import Inherited
+    from registry.server import Registry
     from registry.store import StoreError
 
     try:

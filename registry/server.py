@@ -54,6 +54,7 @@ from registry.net.doorway import Doorway, send_and_close
 from registry.net.group import report_probes
 from registry.net.interfaces import is_local_address
 from registry.net.kernel.banfilter import BanFilter, detach_inherited
+from registry.net.kernel.reuseport import Inherited
 from registry.net.resolver import TrioResolver
 from registry.net.sdnotify import Notifier
 from registry.net.tcp import RawStream, TcpHandler, endpoint_of, reject_unread
@@ -81,14 +82,6 @@ def parse_hostport(text: str) -> tuple[str, int]:
         host = host[1:-1]
     ipaddress.ip_address(host)  # listeners take literal addresses only
     return host, int(port)
-
-
-@dataclass(frozen=True)
-class Inherited:
-    """A worker's share of its group's sockets (registry/net/group.py)."""
-
-    tcp: list[socket.socket]
-    udp: list[socket.socket]
 
 
 @dataclass

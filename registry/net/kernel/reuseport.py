@@ -24,6 +24,7 @@ import ctypes
 import ipaddress
 import socket
 import struct
+from dataclasses import dataclass
 
 from registry.net.kernel.classic import pack
 
@@ -36,6 +37,14 @@ LD_W_ABS, TAX, RET_A = 0x20, 0x07, 0x16
 AND_K, MUL_K, RSH_K, MOD_K, XOR_X = 0x54, 0x24, 0x74, 0x94, 0xAC
 
 Insn = tuple[int, int, int, int]
+
+
+@dataclass(frozen=True)
+class Inherited:
+    """A worker's share of its group's sockets: the ``i``-th of each (``Registry(inherited=)``)."""
+
+    tcp: list[socket.socket]
+    udp: list[socket.socket]
 
 
 def _net(offset: int) -> int:
