@@ -147,7 +147,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             inherited=Inherited(seat.tcp, seat.udp),
         ).run
     elif n > 1:
-        argv = sys.argv[1:]
+        argv = getattr(args, "argv", None) or sys.argv[1:]  # the workers' command line
         run = workers.Supervisor(
             cfg, n, argv, config_path=args.config, loader=lambda: load_config(args)
         ).run
@@ -289,6 +289,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from registry.admin import results
 
     args = build_parser().parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
     commands = {
         "serve": cmd_serve,
         "check-config": cmd_check_config,
