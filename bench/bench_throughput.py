@@ -169,7 +169,7 @@ def start_server(kind: str, workdir: Path, pythonpath: Path | None, workers: int
     env = dict(os.environ)
     if kind == "registry":
         config = workdir / "lifted.toml"
-        config.write_text(LIFTED + f"workers = {workers}\n")  # in LIFTED's [tuning]
+        config.write_text(f"[server]\nworkers = {workers}\n\n" + LIFTED)
         exe = Path(sys.executable).parent / "registry"
         cmd = [str(exe), "serve", "--config", str(config), "--listen", f"127.0.0.1:{port}"]
         cmd += ["--admin", f"127.0.0.1:{free_port()}", "--db", str(workdir / "registry.db")]

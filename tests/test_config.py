@@ -412,7 +412,6 @@ def _constants(cfg: Config) -> dict[str, object]:
 # profile (every key of the old config, loaded from each file): they must not move.
 BOTH = {
     "server.defer_accept": 30.0,
-    "server.workers": 1,  # a constant added since (server.workers), one process in both
     "protocol.quiet_period": 0.25,
     "policy.resolve_timeout": 2.0,
     "ratelimit.errors_global": (200, 1.0),
@@ -431,6 +430,7 @@ BOTH = {
 WAS = {
     "lab.toml": {
         **BOTH,
+        "callback.max_response_bytes": 4096,
         "ratelimit.error_fine": 0,
         "limits.ban_after": 0,
         "limits.ban_duration": 60.0,
@@ -438,6 +438,7 @@ WAS = {
     },
     "internet.toml": {
         **BOTH,
+        "callback.max_response_bytes": 1024,
         "ratelimit.error_fine": 30,
         "limits.ban_after": 10,
         "limits.ban_duration": 300.0,

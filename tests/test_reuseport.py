@@ -1,6 +1,6 @@
 """``server.workers``' pure and kernel parts: the reuseport steering program against
 the kernel (each source reaches the socket ``worker_index`` names, IPv6 by its
-prefix), a worker's share of the limits, the ``tuning.workers`` constant, and the
+prefix), a worker's share of the limits, the ``server.workers`` key, and the
 store's feed of rows (``Store.after``) the supervisor reads.
 
 Traffic goes to 127.0.0.0/8 only, or to a namespace the test creates (IPv6 sources).
@@ -114,11 +114,11 @@ def test_split_limits_divides_global_limits_and_keeps_per_source_ones() -> None:
     ("value", "ok"), [(0, True), (1, True), (64, True), (65, False), (-1, False)]
 )
 def test_workers_key_is_validated(value: int, ok: bool) -> None:
-    text = f"[tuning]\nworkers = {value}\n"
+    text = f"[server]\nworkers = {value}\n"
     if ok:
         assert config_mod.loads(text).server.workers == value
     else:
-        with pytest.raises(ConfigError, match="tuning.workers"):
+        with pytest.raises(ConfigError, match="server.workers"):
             config_mod.loads(text)
 
 

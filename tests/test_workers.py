@@ -118,7 +118,7 @@ def assert_whole_lines(reg: RegistryProcess) -> None:
 
 
 def group_config(extra: str = "") -> str:
-    return f"[tuning]\nworkers = {N}\n" + extra
+    return f"[server]\nworkers = {N}\n\n[tuning]\n" + extra
 
 
 # --- the group, end to end ------------------------------------------------------------
