@@ -142,6 +142,8 @@ KINDS = {
     "threaded-echo": Kind("threaded-echo", "threaded-echo", ECHO, True),
     # A/B: the registry package from --base-pythonpath (e.g. `git archive main registry`)
     "registry-base": Kind("registry-base", "registry-base"),
+    # beside a --registry-workers N row: the same registry as one process
+    "registry-1": Kind("registry-1", "registry-1"),
 }
 
 
@@ -151,19 +153,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(kind: str, workdir: Path, pythonpath: Path | None) -> Server:
+def start_server(kind: str, workdir: Path, pythonpath: Path | None, workers: int = 1) -> Server:
     if kind == "registry-base":
         if pythonpath is None:
             raise SystemExit("registry-base needs --base-pythonpath DIR")
         base = workdir / "base"
         base.mkdir(exist_ok=True)
-        return start_server("registry", base, pythonpath)
+        return start_server("registry", base, pythonpath, workers)
+    if kind == "registry-1":
+        one = workdir / "one"
+        one.mkdir(exist_ok=True)
+        return start_server("registry", one, pythonpath, 1)
     port = free_port()
     log = workdir / f"{kind}-{port}.log"
     env = dict(os.environ)
     if kind == "registry":
         config = workdir / "lifted.toml"
-        config.write_text(LIFTED)
+        config.write_text(f"[server]\nworkers = {workers}\n\n" + LIFTED)
         exe = Path(sys.executable).parent / "registry"
         cmd = [str(exe), "serve", "--config", str(config), "--listen", f"127.0.0.1:{port}"]
         cmd += ["--admin", f"127.0.0.1:{free_port()}", "--db", str(workdir / "registry.db")]
@@ -215,6 +221,7 @@ def run_loadgen(
     # taken for theirs, and their own then came too late: "not verified").
     cmd += ["-b", str(20000 + 2000 * (next(_RUNS) % 4))]
     cmd += ["-E"] if kind.echo else []
+    cmd += ["-m", str(args.sources)] if args.sources > 1 else []
     out = subprocess.run(
         cmd, check=True, capture_output=True, text=True, timeout=args.warmup + args.duration + 30
     )
@@ -340,6 +347,16 @@ def main() -> None:
         "--registry-pythonpath", type=Path, help="a patched registry package's parent"
     )
     parser.add_argument("--base-pythonpath", type=Path, help="for the registry-base row (A/B)")
+    parser.add_argument(
+        "--registry-workers", type=int, default=1, help="server.workers of the registry rows"
+    )
+    parser.add_argument(
+        "--sources",
+        type=int,
+        default=1,
+        help="students spread over this many addresses, 127.0.0.2 on (1: all from 127.0.0.1); "
+        "server.workers steers by source, so one source reaches one worker",
+    )
     args = parser.parse_args()
     if args.quick:
         args.repeat, args.duration, args.modes = 1, 2.0, "pinned"
@@ -361,12 +378,14 @@ def main() -> None:
                         if kind.server == "registry-base"
                         else args.registry_pythonpath
                     )
-                    servers[kind.server] = start_server(kind.server, work, path)
+                    servers[kind.server] = start_server(
+                        kind.server, work, path, args.registry_workers
+                    )
             # One untimed run each first: the registry's SQLite WAL grows to its
             # steady size (appends that grow a file cost the filesystem's journal
             # more than overwrites), and every server's code paths are warm.
             for kind in kinds:
-                prime = argparse.Namespace(warmup=0.0, duration=args.prime)
+                prime = argparse.Namespace(warmup=0.0, duration=args.prime, sources=args.sources)
                 run_loadgen(loadgen, servers[kind.server], kind, 16, prime, False)
             for mode in modes:
                 pinned = mode == "pinned"

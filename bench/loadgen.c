@@ -1,16 +1,15 @@
 /*
  * loadgen.c - closed-loop load generator for the "callback registry" cycle.
  * N students in ONE epoll thread (pin it with taskset), each listening on
- * 127.0.0.1:(base+i). A cycle: connect, send "127.0.0.1:PORT" (+ -x SUFFIX),
- * accept the registry's callback and read it to EOF (-E: echo its nonce),
- * read the reply to EOF (must start with "OK"); the next starts at once.
+ * 127.0.0.1:(base+i) (-m M: 127.0.0.(2 + i % M), M sources). A cycle: connect
+ * from there, send "ITS_IP:PORT" (+ -x SUFFIX), accept the registry's callback
+ * and read it to EOF (-E: echo its nonce), read the reply to EOF (must start with "OK"); the next starts at once.
  * Prints one JSON object: cycles/s, latency percentiles, errors, own CPU, the
  * server's CPU and RSS (/proc, every thread of every -s PID, summed), per-core
- * busy and steal %. Traffic to 127.0.0.1 only; bounded in time.
+ * busy and steal %. Traffic to 127.0.0.0/8 only; bounded in time.
  *
  * usage: loadgen -p REGPORT -c CONC [-b LISTEN_BASE] [-w WARMUP_S] [-d DUR_S]
- *                [-t CYCLE_TIMEOUT_MS] [-s PID[,PID...]] [-l LABEL] [-x SUFFIX] [-E]
- */
+ *                [-t CYCLE_TIMEOUT_MS] [-s PID[,PID...]] [-l LABEL] [-x SUFFIX] [-E] [-m M] */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <errno.h>
@@ -36,7 +35,7 @@
 struct student {
     int idx;
     int lfd, cfd, afd;
-    uint16_t port;
+    uint16_t port; uint32_t src;  /* the student's address, network order */
     int sent, reply_done, cb_done, reply_ok;  /* sent: the request went out on cfd */
     char req[96];
     int reqlen;
@@ -52,13 +51,12 @@ static int epfd;
 static struct sockaddr_in regaddr;
 static uint64_t cycle_timeout_ns = 5000000000ULL;
 static const char *req_suffix = "";   /* -x: appended to "127.0.0.1:PORT" (e.g. " verify=no\n") */
-static int echo_mode = 0;              /* -E: echo "nonce=N\n" back on the callback */
+static int echo_mode = 0, nsrc = 0;    /* -E: echo "nonce=N\n" back on the callback */
 static uint64_t n_echo = 0;
 
 /* stats */
 static int measuring = 0;
-static uint64_t n_cycles, n_err_connect, n_err_reply, n_timeouts, n_stray_cb, n_err_other,
-    n_cycles_total;
+static uint64_t n_cycles, n_err_connect, n_err_reply, n_timeouts, n_stray_cb, n_err_other, n_cycles_total;
 static char last_reply[160];
 static uint32_t *lat_us;     /* latencies of cycles completed in window */
 static size_t lat_cap = 16u * 1024 * 1024, lat_n = 0;
@@ -70,7 +68,6 @@ static uint64_t now_ns(void) {
 }
 
 static void die(const char *m) { perror(m); exit(2); }
-
 static uint64_t mkdata(int idx, int kind) { return ((uint64_t)idx << 2) | (uint64_t)kind; }
 
 static void ep_add(int fd, uint32_t ev, uint64_t data) {
@@ -114,6 +111,8 @@ static void start_cycle(struct student *s) {
     int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (fd < 0) die("socket");
     s->cfd = fd;
+    struct sockaddr_in from = {.sin_family = AF_INET, .sin_addr.s_addr = s->src};
+    if (nsrc && bind(fd, (struct sockaddr *)&from, sizeof from) < 0) die("bind source");
     int r = connect(fd, (struct sockaddr *)&regaddr, sizeof regaddr);
     if (r == 0 || errno == EINPROGRESS) {
         ep_add(fd, EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET, mkdata(s->idx, KIND_CLIENT));
@@ -350,7 +349,7 @@ int main(int argc, char **argv) {
     double warmup = 1.0, dur = 5.0;
     const char *label = "";
     int opt;
-    while ((opt = getopt(argc, argv, "p:c:b:w:d:t:s:l:x:E")) != -1) {
+    while ((opt = getopt(argc, argv, "p:c:b:w:d:t:s:l:x:Em:")) != -1) {
         switch (opt) {
         case 'p': regport = atoi(optarg); break;
         case 'c': conc = atoi(optarg); break;
@@ -368,7 +367,7 @@ int main(int argc, char **argv) {
         }
         case 'l': label = optarg; break;
         case 'x': req_suffix = optarg; break;
-        case 'E': echo_mode = 1; break;
+        case 'E': echo_mode = 1; break; case 'm': nsrc = atoi(optarg); break;
         default:
             fprintf(stderr, "usage: %s -p REGPORT -c CONC [-b BASE] [-w WARMUP] [-d DUR] "
                             "[-t TIMEOUT_MS] [-s SERVER_PID] [-l LABEL]\n", argv[0]);
@@ -396,16 +395,18 @@ int main(int argc, char **argv) {
         s->idx = i;
         s->cfd = s->afd = -1;
         s->port = (uint16_t)(base + i);
+        s->src = htonl(nsrc > 0 ? 0x7f000002u + (uint32_t)(i % nsrc) : INADDR_LOOPBACK);
         int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
         int one = 1;
         setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
         struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(s->port),
-                                .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+                                .sin_addr.s_addr = s->src};
         if (bind(fd, (struct sockaddr *)&a, sizeof a) < 0) die("bind student");
         if (listen(fd, 128) < 0) die("listen");
         s->lfd = fd;
         ep_add(fd, EPOLLIN, mkdata(i, KIND_LISTEN));
-        s->reqlen = snprintf(s->req, sizeof s->req, "127.0.0.1:%u%s", s->port, req_suffix);
+        char ip[INET_ADDRSTRLEN]; inet_ntop(AF_INET, &s->src, ip, sizeof ip);
+        s->reqlen = snprintf(s->req, sizeof s->req, "%s:%u%s", ip, s->port, req_suffix);
     }
 
     uint64_t t_start = now_ns();

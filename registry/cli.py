@@ -116,6 +116,8 @@ def load_config(args: argparse.Namespace) -> config_mod.Config:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from registry.admin.core.grading import load_roster
+    from registry.net import group as workers
+    from registry.net.kernel.reuseport import Inherited
     from registry.server import Registry
     from registry.store import StoreError
 
@@ -127,13 +129,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for problem in e.problems:
             print(f"registry: config: {problem}", file=sys.stderr)
         return EXIT_CONFIG
+    seat = workers.worker_seat()
+    n = seat.count if seat is not None else workers.resolved_workers(cfg)
+    if n > 1:  # several processes write to one stderr
+        workers.whole_lines()
     log_mod.describe_config(args.config)
     log_mod.configure(cfg.log.format, cfg.log.level)
     _raise_fd_limit()
     _calm_the_garbage_collector()
     status = 0
+    if seat is not None:  # one of a group's workers, on the sockets its supervisor opened
+        cfg = workers.split_limits(cfg, n)
+        run = Registry(
+            cfg,
+            config_path=args.config,
+            loader=lambda: workers.split_limits(load_config(args), n),
+            inherited=Inherited(seat.tcp, seat.udp),
+        ).run
+    elif n > 1:
+        argv = getattr(args, "argv", None) or sys.argv[1:]  # the workers' command line
+        run = workers.Supervisor(
+            cfg, n, argv, config_path=args.config, loader=lambda: load_config(args)
+        ).run
+    else:
+        run = Registry(cfg, config_path=args.config, loader=lambda: load_config(args)).run
     try:
-        trio.run(Registry(cfg, config_path=args.config, loader=lambda: load_config(args)).run)
+        trio.run(run)
     # except*: errors from inside nurseries arrive wrapped in exception groups.
     except* StoreError as group:
         print(f"registry: results database: {_first(group)}", file=sys.stderr)
@@ -144,6 +165,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         status = 1
     except* KeyboardInterrupt:  # a second Ctrl-C during the drain
         status = 130
+    except* workers.GroupFailed as failed:  # a worker could not start: its status
+        status = failed.exceptions[0].status  # type: ignore[attr-defined]
     return status
 
 
@@ -266,6 +289,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from registry.admin import results
 
     args = build_parser().parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
     commands = {
         "serve": cmd_serve,
         "check-config": cmd_check_config,

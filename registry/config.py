@@ -72,6 +72,7 @@ class ServerConfig(_Section):
     grace_period: Duration = Duration(10.0)
     backlog: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 4096
     defer_accept: DeferAccept = DeferAccept(30.0)  # profile
+    workers: Annotated[int, msgspec.Meta(ge=0, le=64)] = 1  # 0: one per core
 
 
 class LogConfig(_Section):
@@ -89,7 +90,7 @@ class ProtocolConfig(_Section):
 class CallbackConfig(_Section):
     connect_timeout: Positive = Positive(3.0)
     verify_timeout: Duration = Duration(2.0)
-    max_response_bytes: Annotated[int, msgspec.Meta(ge=64)] = 4096
+    max_response_bytes: Annotated[int, msgspec.Meta(ge=64)] = 1024  # profile
     require_verification: bool = False
     greeting: str = "Hello from the instructor's Registry Server!"
 
@@ -194,6 +195,11 @@ CONSTANTS: dict[str, tuple[Any, Any, str]] = {
         "250ms",
         "250ms",
         "a request without a newline ends after this quiet",
+    ),
+    "callback.max_response_bytes": (
+        4096,
+        1024,
+        "bytes read from a callback target before the conversation is cut",
     ),
     "policy.resolve_timeout": ("2s", "2s", "longest wait for a hostname's resolution"),
     "ratelimit.errors_global": ("200/second", "200/second", "protocol errors before pressure"),

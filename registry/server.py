@@ -51,8 +51,10 @@ from registry.model import Code, Endpoint, Protocol, Request
 from registry.net.accept import accept_loop, defer_accept, held_silent
 from registry.net.connector import TcpConnector
 from registry.net.doorway import Doorway, send_and_close
+from registry.net.group import report_probes
 from registry.net.interfaces import is_local_address
 from registry.net.kernel.banfilter import BanFilter, detach_inherited
+from registry.net.kernel.reuseport import Inherited
 from registry.net.resolver import TrioResolver
 from registry.net.sdnotify import Notifier
 from registry.net.tcp import RawStream, TcpHandler, endpoint_of, reject_unread
@@ -145,8 +147,11 @@ class Registry:
         connector: Connector | None = None,
         handle_signals: bool = True,
         loader: Callable[[], Config] | None = None,
+        inherited: Inherited | None = None,
     ) -> None:
         self.cfg = cfg
+        # A worker of a group (server.workers > 1) serves sockets its supervisor opened.
+        self.inherited = inherited
         self.config_path = config_path
         # How SIGHUP re-reads the config: the CLI passes one that re-applies its
         # command-line overrides (--listen, --db...), which the file alone lacks.
@@ -184,7 +189,11 @@ class Registry:
         admin_own = frozenset(_sockname(lst) for lst in admin_listeners)
         udp_socks = await self._open_udp(listeners, admin_listeners)
         async with (
-            AsyncStore(cfg.server.db, retention=cfg.store.retention) as store,
+            AsyncStore(
+                cfg.server.db,
+                retention=cfg.store.retention,
+                writer_lock=cfg.server.db + "-writer" if self.inherited is not None else "",
+            ) as store,
             self._signal_receiver() as signals,
         ):
             # Always wired: the policy refuses names while allow_hostnames is off, so a
@@ -260,10 +269,13 @@ class Registry:
                         await front.start(AdminServer(daemon_view(runtime)).serve, admin_listeners)
                     if signals is not None:
                         front.start_soon(self._signals, runtime, signals)
+                    if self.inherited is not None:  # a worker: its gauges to the supervisor
+                        probes = daemon_view(runtime).probes
+                        front.start_soon(report_probes, self.notifier, probes)
                     if self.notifier.watchdog_interval:
                         front.start_soon(self._watchdog, self.notifier.watchdog_interval)
                     log.info(
-                        "listening",
+                        "listening" if self.inherited is None else "worker_ready",
                         tcp=[str(e) for e in runtime.tcp],
                         udp=[str(e) for e in runtime.udp],
                         admin=str(runtime.admin) if runtime.admin else "off",
@@ -309,6 +321,8 @@ class Registry:
         """UDP sockets on each registration listener's address and actual port (server.udp)."""
         if not self.cfg.server.udp:
             return []
+        if self.inherited is not None:
+            return [trio.socket.from_stdlib_socket(s) for s in self.inherited.udp]
         try:
             # Kernel-chosen ports (tests): the same UDP port may be someone else's.
             ephemeral = all(parse_hostport(spec)[1] == 0 for spec in self.cfg.server.listen)
@@ -327,6 +341,13 @@ class Registry:
 
     async def _open_listeners(self) -> list[trio.SocketListener]:
         listeners: list[trio.SocketListener] = []
+        if self.inherited is not None:
+            for sock in self.inherited.tcp:
+                detach_inherited(sock)  # a dead predecessor's bans leave with it
+                lst = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+                self.deferral[lst] = defer_accept(lst.socket, self.cfg.server.defer_accept)
+                listeners.append(lst)
+            return listeners
         defaults = self.cfg.server.listen == config_mod.DEFAULT.server.listen
         for spec in self.cfg.server.listen:
             host, port = parse_hostport(spec)
@@ -545,7 +566,15 @@ class Registry:
             log.error("reload_failed", path=self.config_path, problems=e.problems)
             self.notifier.ready("reload failed; old config kept")
             return
-        unchanged = ("listen", "udp", "backlog", "defer_accept", "db", "admin")  # bound at start
+        unchanged = (
+            "listen",
+            "udp",
+            "backlog",
+            "defer_accept",
+            "db",
+            "admin",
+            "workers",
+        )  # bound at start
         moved = [k for k in unchanged if getattr(new.server, k) != getattr(self.cfg.server, k)]
         if moved:
             log.warning("reload_needs_restart", keys=[f"server.{k}" for k in moved])

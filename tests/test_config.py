@@ -432,6 +432,7 @@ BOTH = {
 WAS = {
     "lab.toml": {
         **BOTH,
+        "callback.max_response_bytes": 4096,
         "ratelimit.error_fine": 0,
         "limits.ban_after": 0,
         "limits.ban_duration": 60.0,
@@ -439,6 +440,7 @@ WAS = {
     },
     "internet.toml": {
         **BOTH,
+        "callback.max_response_bytes": 1024,
         "ratelimit.error_fine": 30,
         "limits.ban_after": 10,
         "limits.ban_duration": 300.0,

@@ -40,10 +40,16 @@ OPEN_RATES = {
 
 
 def _cfg(**sections: dict[str, Any]) -> Config:
-    # quiet_period is a constant of limits.profile: a test sets it through [tuning]
-    protocol = dict(sections.pop("protocol", {}))
-    tuning = {"quiet_period": protocol.pop("quiet_period")} if "quiet_period" in protocol else {}
-    return config_mod.from_dict({**sections, "protocol": protocol, "tuning": tuning})
+    # quiet_period and max_response_bytes are constants of limits.profile: a test
+    # sets them through [tuning]
+    tuning: dict[str, Any] = {}
+    for section in ("protocol", "callback"):
+        table = dict(sections.pop(section, {}))
+        for name in ("quiet_period", "max_response_bytes"):
+            if name in table:
+                tuning[name] = table.pop(name)
+        sections[section] = table
+    return config_mod.from_dict({**sections, "tuning": tuning})
 
 
 class _Handler:

@@ -17,6 +17,7 @@ checkpoint (see ``AsyncStore``).
 
 from __future__ import annotations
 
+import fcntl
 import os
 import secrets
 import sqlite3
@@ -179,6 +180,8 @@ def _create_private(path: str) -> None:
 # --- rows <-> records -------------------------------------------------------
 
 _SELECT = f"SELECT {', '.join(COLUMNS)} FROM registrations"
+_AFTER = f"SELECT seq, {', '.join(COLUMNS)} FROM registrations WHERE seq > ? ORDER BY seq LIMIT ?"
+_LAST_SEQ = "SELECT coalesce(max(seq), 0) FROM registrations"
 _INSERT = (
     f"INSERT INTO registrations ({', '.join(COLUMNS)}) VALUES ({', '.join('?' for _ in COLUMNS)})"
 )
@@ -262,14 +265,17 @@ class Store:
         self._db = db
         self.path = path
         self.readonly = readonly
+        # A worker group's writers queue on its flock (woken at once; SQLite's busy handler sleeps)
+        self._writer_lock: int | None = None
 
     @classmethod
-    def open(cls, path: str, *, autocheckpoint: bool = True) -> Store:
+    def open(cls, path: str, *, autocheckpoint: bool = True, writer_lock: str = "") -> Store:
         """Open (creating if needed) and migrate the database at ``path`` for writing.
 
         ``autocheckpoint=False`` turns off SQLite's automatic WAL checkpoint: it
         runs inside the commit that crosses 1,000 WAL pages, so that commit waits
         for two more syncs. The caller then runs ``checkpoint()`` itself.
+        ``writer_lock``: a file every process writing ``path`` locks around its writes.
         """
         _create_private(path)
         try:
@@ -278,6 +284,10 @@ class Store:
             raise StoreError(f"{path}: cannot open results database: {e}") from e
         store = cls(db, path, readonly=False)
         try:
+            if writer_lock:
+                store._writer_lock = os.open(
+                    writer_lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+                )
             db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             db.execute("PRAGMA journal_mode = WAL")
             db.execute("PRAGMA synchronous = FULL")
@@ -285,10 +295,13 @@ class Store:
                 db.execute("PRAGMA wal_autocheckpoint = 0")
             store._migrate()
         except sqlite3.DatabaseError as e:
-            db.close()
+            store.close()
             raise StoreError(f"{path}: not a usable results database: {e}") from e
+        except OSError as e:
+            store.close()
+            raise StoreError(f"{writer_lock}: cannot open the writers' lock: {e.strerror}") from e
         except BaseException:
-            db.close()
+            store.close()
             raise
         return store
 
@@ -338,15 +351,21 @@ class Store:
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:
-        self._db.execute("BEGIN IMMEDIATE")
+        if self._writer_lock is not None:
+            fcntl.flock(self._writer_lock, fcntl.LOCK_EX)
         try:
-            yield
-            self._db.execute("COMMIT")
-        except BaseException:
-            # A failed COMMIT may or may not have ended the transaction already.
-            if self._db.in_transaction:
-                self._db.execute("ROLLBACK")
-            raise
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+                self._db.execute("COMMIT")
+            except BaseException:
+                # A failed COMMIT may or may not have ended the transaction already.
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+        finally:
+            if self._writer_lock is not None:
+                fcntl.flock(self._writer_lock, fcntl.LOCK_UN)
 
     @property
     def schema_version(self) -> int:
@@ -401,6 +420,17 @@ class Store:
             params.append(max(0, limit))
         return [_from_row(row) for row in self._db.execute(sql, params)]
 
+    def last_seq(self) -> int:
+        """The newest row's seq (0: none): where a reader of new rows starts."""
+        return int(self._db.execute(_LAST_SEQ).fetchone()[0])
+
+    def after(self, seq: int, limit: int = 1000) -> tuple[int, list[Record]]:
+        """Rows committed after row ``seq`` (oldest first, at most ``limit``) and the last
+        seq seen: a later commit always has a larger seq (AUTOINCREMENT), so a reader
+        polling with it never misses a row another process wrote."""
+        rows = self._db.execute(_AFTER, (seq, limit)).fetchall()
+        return (rows[-1][0] if rows else seq), [_from_row(row[1:]) for row in rows]
+
     def summary(
         self, *, since: float | None = None, student: str | None = None
     ) -> list[StudentSummary]:
@@ -449,6 +479,9 @@ class Store:
 
     def close(self) -> None:
         self._db.close()
+        lock, self._writer_lock = self._writer_lock, None
+        if lock is not None:
+            os.close(lock)
 
 
 from registry.store.aio import AsyncStore  # noqa: E402  (it builds on Store, above)

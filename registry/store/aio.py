@@ -117,8 +117,10 @@ class AsyncStore:
         max_queue: int = 4096,
         checkpoint_idle: int = 160,
         checkpoint_max: int = 480,
+        writer_lock: str = "",
     ) -> None:
         self.path = path
+        self.writer_lock = writer_lock  # Store.open's: one of a worker group's writers
         self.retention = retention
         # Often enough that the table never holds much more than `retention`,
         # rarely enough that the DELETE is no load: between a minute and an hour.
@@ -164,7 +166,9 @@ class AsyncStore:
         self._thread = _SqliteThread()
         try:
             self._store = await self._run(
-                functools.partial(Store.open, self.path, autocheckpoint=False)
+                functools.partial(
+                    Store.open, self.path, autocheckpoint=False, writer_lock=self.writer_lock
+                )
             )
         except BaseException:
             self._thread.stop()
@@ -296,6 +300,13 @@ class AsyncStore:
     ) -> list[Record]:
         """``Store.query`` in the store's thread."""
         return await self._call(self._require().query, since=since, student=student, limit=limit)
+
+    async def last_seq(self) -> int:
+        return await self._call(self._require().last_seq)
+
+    async def after(self, seq: int, limit: int = 1000) -> tuple[int, list[Record]]:
+        """``Store.after`` in the store's thread."""
+        return await self._call(self._require().after, seq=seq, limit=limit)
 
     async def summary(
         self, *, since: float | None = None, student: str | None = None

@@ -1,0 +1,500 @@
+"""``server.workers = N``: a supervisor and N registry processes on shared ports.
+
+The supervisor (the ``registry serve`` the operator started) opens every
+registration socket as a reuseport group (``net/kernel/reuseport.py``: a source is
+always steered to the same socket), opens the database first (migrations run
+once) and starts N workers: the same executable, told by ``REGISTRY_WORKER``
+which inherited descriptors are theirs. Each worker is a whole registry on its
+share (``Registry(inherited=...)``), admin off. The supervisor serves the one
+admin endpoint: registrations reach it from the database by row
+(``Store.after``: every worker's rows, once each, after their commit); its
+gauges are the sums of the probes each worker sends every second on its
+sd_notify socket (``X_PROBES=``), a socket of the supervisor's.
+
+It reports READY=1 when every worker has, forwards SIGHUP (RELOADING=1, then
+READY=1 once every worker has reloaded) and SIGTERM (STOPPING=1; the workers
+drain), and runs the watchdog. A worker that dies is logged and restarted on
+the same sockets (connections steered to it wait in its backlog); one that
+dies before it was ever ready stops the group with its exit status. Limits
+counted over all sources are split: each worker enforces 1/N, rounded up
+(``split_limits``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import io
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import msgspec
+import structlog
+import trio
+
+from registry.config import Config
+from registry.defense.bans import BanList
+from registry.metrics import Probes
+from registry.model import Endpoint, Rate
+from registry.net.kernel.reuseport import attach_steering, open_group
+from registry.net.sdnotify import Notifier
+from registry.net.tcp import endpoint_of
+from registry.store import Record
+
+log = structlog.get_logger(component="group")
+
+WORKER_ENV = "REGISTRY_WORKER"  # "INDEX/N PARENT_PID TCP_FDS UDP_FDS"
+PROBE_INTERVAL_S = 1.0
+POLL_INTERVAL_S = 0.2  # how often the supervisor reads new rows for metrics and events
+# A worker that dies within a minute of its start is restarted after 1 s, then 2, 4...
+RESTART_DELAYS_S = (1.0, 60.0)  # up to a minute (a config file broken since the start)
+READY_TIMEOUT_S = 30.0
+
+
+def resolved_workers(cfg: Config) -> int:
+    """``server.workers``, 0 meaning one per core this process may run on."""
+    if cfg.server.workers:
+        return cfg.server.workers
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _share(value: int, n: int) -> int:
+    return max(1, math.ceil(value / n)) if value > 0 else value  # 0 stays "off"
+
+
+def _rate(rate: Rate, n: int) -> Rate:
+    return Rate(_share(rate.count, n), rate.period)
+
+
+def split_limits(cfg: Config, n: int) -> Config:
+    """A worker's config: every limit counted over all sources divided by ``n``
+    (rounded up), per-source limits whole (a source reaches one worker), admin off."""
+    rl, lim, udp = cfg.ratelimit, cfg.limits, cfg.udp
+    return msgspec.structs.replace(
+        cfg,
+        server=msgspec.structs.replace(cfg.server, admin="off"),
+        ratelimit=msgspec.structs.replace(
+            rl,
+            global_=_rate(rl.global_, n),
+            errors_global=_rate(rl.errors_global, n),
+            max_entries=_share(rl.max_entries, n),
+        ),
+        limits=msgspec.structs.replace(
+            lim,
+            max_connections=max(_share(lim.max_connections, n), lim.max_connections_per_source),
+            max_callbacks_in_flight=_share(lim.max_callbacks_in_flight, n),
+            max_callback_queue=_share(lim.max_callback_queue, n),
+            max_refusals_held=_share(lim.max_refusals_held, n),
+            silent_drop_after=_share(lim.silent_drop_after, n),
+        ),
+        udp=msgspec.structs.replace(udp, unproven_global=_rate(udp.unproven_global, n)),
+    )
+
+
+# --- the worker's side -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorkerSeat:
+    index: int
+    count: int
+    tcp: list[socket.socket]
+    udp: list[socket.socket]
+
+
+def worker_seat(environ: dict[str, str] | None = None) -> WorkerSeat | None:
+    """This process's place in a group (None: not a worker). Starts the orphan watch."""
+    env = os.environ if environ is None else environ
+    spec = env.get(WORKER_ENV)
+    if not spec:
+        return None
+    where, parent, tcp, udp = (spec.split(" ") + ["", "", ""])[:4]
+    index, count = (int(x) for x in where.split("/"))
+
+    def adopt(fds: str) -> list[socket.socket]:
+        return [socket.socket(fileno=int(fd)) for fd in fds.split(",") if fd]
+
+    seat = WorkerSeat(index, count, adopt(tcp), adopt(udp))
+    if environ is None:
+        _watch_parent(int(parent))
+        structlog.contextvars.bind_contextvars(worker=index)
+    return seat
+
+
+def whole_lines() -> None:
+    """stderr written one whole line per write(): lines of the group's processes
+    sharing it never interleave (print() writes a line and its newline apart)."""
+    raw = open(2, "wb", buffering=1 << 16, closefd=False)  # noqa: SIM115 (lives as stderr)
+    sys.stderr = io.TextIOWrapper(
+        raw, encoding="utf-8", errors="backslashreplace", line_buffering=True
+    )
+
+
+def _watch_parent(parent: int) -> None:
+    """Drain (SIGTERM to ourselves) if the supervisor is gone: no orphaned workers."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+# fmt: off
+_GAUGES = ("open_connections", "callbacks_in_flight", "callbacks_waiting", "limiter_entries",
+           "bans_active", "bans_total", "silent_drop")
+# fmt: on
+
+
+async def report_probes(notifier: Notifier, probes: Probes) -> None:
+    """A worker's gauges to its supervisor, every PROBE_INTERVAL_S (run in a nursery)."""
+    while True:
+        snapshot = {name: int(getattr(probes, name)()) for name in _GAUGES}
+        snapshot["door_refusals"] = probes.door_refusals()
+        snapshot["udp_dropped"] = probes.udp_dropped()
+        notifier.notify("X_PROBES=" + json.dumps(snapshot, separators=(",", ":")))
+        await trio.sleep(PROBE_INTERVAL_S)
+
+
+def summed_probes(
+    snapshots: dict[int, dict], draining: Callable[[], bool], mode: Callable[[], str]
+) -> Probes:
+    """Probes over the latest snapshot of every worker."""
+
+    def total(name: str) -> Callable[[], int]:
+        return lambda: sum(int(s.get(name, 0)) for s in list(snapshots.values()))
+
+    def merged(name: str) -> Callable[[], dict[str, int]]:
+        def read() -> dict[str, int]:
+            out: dict[str, int] = {}
+            for s in list(snapshots.values()):
+                for key, value in s.get(name, {}).items():
+                    out[key] = out.get(key, 0) + int(value)
+            return out
+
+        return read
+
+    silent = total("silent_drop")
+    return Probes(
+        **{name: total(name) for name in _GAUGES if name != "silent_drop"},
+        silent_drop=lambda: silent() > 0,
+        door_refusals=merged("door_refusals"),
+        udp_dropped=merged("udp_dropped"),
+        draining=draining,
+        policy_mode=mode,
+    )
+
+
+# --- the supervisor --------------------------------------------------------------------
+
+
+@dataclass
+class _Worker:
+    index: int
+    process: trio.Process | None = None
+    started: float = 0.0
+    ready: trio.Event = field(default_factory=trio.Event)
+    ever_ready: bool = False
+    restarts: int = 0
+    delay: float = 0.0  # before its next restart
+
+
+class GroupFailed(Exception):
+    """A worker exited before it was ever ready: the group stops with its status."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"a worker exited with status {status} before it was ready")
+        self.status = status
+
+
+class Supervisor:
+    """``await Supervisor(cfg, n, argv, ...).run()``: the group until SIGTERM/SIGINT."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        n: int,
+        argv: Sequence[str],
+        *,
+        config_path: str | None = None,
+        loader: Callable[[], Config] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.n = n
+        self.argv = list(argv)
+        self.config_path = config_path
+        self.loader = loader
+        self.notifier = Notifier()
+        self.workers = [_Worker(i) for i in range(n)]
+        self.snapshots: dict[int, dict] = {}
+        self.observers: list[Callable[[Record], None]] = []
+        self.stopping = False
+        self.tcp: list[Endpoint] = []
+        self.groups: list[list[socket.socket]] = []  # tcp and udp, held for the whole run
+        self.failed: GroupFailed | None = None
+
+    def _open_sockets(self) -> tuple[list[list[socket.socket]], list[list[socket.socket]]]:
+        from registry import config as config_mod
+        from registry.server import parse_hostport
+
+        cfg, prefix = self.cfg, self.cfg.ratelimit.ipv6_prefix
+        tcp: list[list[socket.socket]] = []
+        udp: list[list[socket.socket]] = []
+        defaults = cfg.server.listen == config_mod.DEFAULT.server.listen
+        try:
+            for spec in cfg.server.listen:
+                host, port = parse_hostport(spec)
+                try:
+                    socks = open_group(
+                        host,
+                        port,
+                        self.n,
+                        kind=socket.SOCK_STREAM,
+                        backlog=cfg.server.backlog,
+                        v6_prefix=prefix,
+                    )
+                except OSError as e:
+                    if defaults and e.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+                        log.warning("listen_skipped", address=spec, error=e.strerror)
+                        continue
+                    raise OSError(e.errno, f"cannot listen on {spec}: {e.strerror}") from e
+                tcp.append(socks)
+                if cfg.server.udp:
+                    bound = socks[0].getsockname()[1]
+                    try:
+                        udp.append(
+                            open_group(
+                                host, bound, self.n, kind=socket.SOCK_DGRAM, v6_prefix=prefix
+                            )
+                        )
+                    except OSError as e:  # kernel-chosen TCP ports: the UDP one may be taken
+                        if not (port == 0 and e.errno == errno.EADDRINUSE):
+                            raise OSError(
+                                e.errno, f"cannot listen on udp {spec}: {e.strerror}"
+                            ) from e
+                        log.warning("udp_skipped", address=f"{host}:{bound}", error=e.strerror)
+        except OSError:
+            for sock in [s for g in tcp + udp for s in g]:
+                sock.close()
+            raise
+        return tcp, udp
+
+    async def run(self) -> None:
+        from registry.admin.core.grading import load_roster
+        from registry.admin.http import AdminServer
+        from registry.admin.http import open_listeners as open_admin_listeners
+        from registry.admin.view import DaemonView
+        from registry.server import parse_hostport
+        from registry.store import AsyncStore
+
+        self.roster = load_roster(self.cfg)
+        tcp, udp = self._open_sockets()
+        self.groups = tcp + udp
+        self.tcp = [endpoint_of(g[0].getsockname()) for g in tcp]
+        workdir = tempfile.mkdtemp(prefix="registry-group-")
+        admin_listeners: list[trio.SocketListener] = []
+        try:
+            if self.cfg.server.admin != "off":
+                admin_listeners = await open_admin_listeners(*parse_hostport(self.cfg.server.admin))
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as sigs:
+                async with (
+                    # migrated here, once; read here; written (and purged) by the workers
+                    AsyncStore(
+                        self.cfg.server.db, writer_lock=self.cfg.server.db + "-writer"
+                    ) as store,
+                    trio.open_nursery() as nursery,
+                ):
+                    notices = []
+                    for w in self.workers:
+                        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                        await sock.bind(os.path.join(workdir, str(w.index)))
+                        notices.append(sock)
+                        nursery.start_soon(self._notices, w, sock)
+                    # from now on: the rows of this run
+                    nursery.start_soon(self._poll, store, await store.last_seq())
+                    for w in self.workers:
+                        nursery.start_soon(self._keep, w, tcp, udp, workdir, nursery.cancel_scope)
+                    with trio.fail_after(READY_TIMEOUT_S):
+                        for w in self.workers:
+                            await w.ready.wait()
+                    admin = "off"
+                    if admin_listeners:
+                        view = DaemonView(
+                            store=store,
+                            config=lambda: self.cfg,
+                            roster=lambda: self.roster,
+                            probes=summed_probes(
+                                self.snapshots, lambda: self.stopping, lambda: self.cfg.policy.mode
+                            ),
+                            subscribe=self.observers.append,
+                            listening=lambda: self.tcp,
+                            draining=lambda: self.stopping,
+                            bans=BanList(
+                                0, 60.0, 1
+                            ),  # each worker keeps its own (sums in /metrics)
+                            ban_filter=lambda: None,
+                            silent_until=lambda: 0.0,
+                            silent_after=lambda: self.cfg.limits.silent_drop_after,
+                        )
+                        await nursery.start(AdminServer(view).serve, admin_listeners)
+                        admin = str(endpoint_of(admin_listeners[0].socket.getsockname()))
+                    if self.notifier.watchdog_interval:
+                        nursery.start_soon(self._watchdog, self.notifier.watchdog_interval)
+                    log.info(
+                        "listening",
+                        tcp=[str(e) for e in self.tcp],
+                        udp=[str(endpoint_of(g[0].getsockname())) for g in udp],
+                        admin=admin,
+                        db=self.cfg.server.db,
+                        policy=self.cfg.policy.mode,
+                        workers=self.n,
+                    )
+                    self.notifier.ready(
+                        f"listening on {', '.join(map(str, self.tcp))}, {self.n} workers"
+                    )
+                    await self._signals(sigs, nursery.cancel_scope)
+        finally:
+            for sock in [s for g in tcp + udp for s in g]:
+                sock.close()
+            shutil.rmtree(workdir, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                os.unlink(self.cfg.server.db + "-writer")  # the workers' writer_lock
+        if self.failed is not None:
+            raise self.failed
+        log.info("stopped", workers=self.n)
+
+    async def _signals(self, signals: object, scope: trio.CancelScope) -> None:
+        async for signum in signals:  # type: ignore[attr-defined]
+            if signum == signal.SIGHUP:
+                await self._reload()
+                continue
+            log.info("signal", signal=signal.Signals(signum).name)
+            self.stopping = True
+            self.notifier.stopping()
+            self._signal_all(signal.SIGTERM)
+            with trio.move_on_after(self.cfg.server.grace_period + 10.0):
+                for w in self.workers:
+                    if w.process is not None:
+                        await w.process.wait()
+            self._signal_all(signal.SIGKILL)  # a worker still there past its grace period
+            scope.cancel()
+            return
+
+    def _signal_all(self, sig: int) -> None:
+        for w in self.workers:
+            if w.process is not None and w.process.returncode is None:
+                w.process.send_signal(sig)
+
+    async def _reload(self) -> None:
+        from registry.admin.core.grading import load_roster
+        from registry.errors import ConfigError
+
+        self.notifier.reloading()
+        if self.config_path and self.loader is not None:
+            try:
+                new = self.loader()
+                self.roster = load_roster(new)
+                # what is bound at start stays (each worker warns of a change)
+                bound = ("listen", "udp", "backlog", "db", "admin", "workers")
+                kept = {k: getattr(self.cfg.server, k) for k in bound}
+                server = msgspec.structs.replace(new.server, **kept)
+                prefix = new.ratelimit.ipv6_prefix
+                if prefix != self.cfg.ratelimit.ipv6_prefix:  # the workers key sources anew
+                    for group in self.groups:
+                        attach_steering(group[0], self.n, prefix)
+                self.cfg = msgspec.structs.replace(new, server=server)
+            except ConfigError as e:  # each worker logs reload_failed too, and keeps its config
+                log.error("reload_failed", path=self.config_path, problems=e.problems)
+        for w in self.workers:
+            w.ready = trio.Event()
+        self._signal_all(signal.SIGHUP)
+        with trio.move_on_after(READY_TIMEOUT_S):
+            for w in self.workers:
+                await w.ready.wait()
+        log.info("group_reloaded", workers=self.n)
+        self.notifier.ready("config reloaded")
+
+    async def _keep(
+        self,
+        w: _Worker,
+        tcp: list[list[socket.socket]],
+        udp: list[list[socket.socket]],
+        workdir: str,
+        scope: trio.CancelScope,
+    ) -> None:
+        """Run worker ``w``; restart it whenever it dies, until the group stops."""
+        mine_tcp = [g[w.index].fileno() for g in tcp]
+        mine_udp = [g[w.index].fileno() for g in udp]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("WATCHDOG_")}
+        env[WORKER_ENV] = (
+            f"{w.index}/{self.n} {os.getpid()} "
+            f"{','.join(map(str, mine_tcp))} {','.join(map(str, mine_udp))}"
+        )
+        env["NOTIFY_SOCKET"] = os.path.join(workdir, str(w.index))
+        cmd = [sys.executable, "-m", "registry.cli", *self.argv]
+        while not self.stopping:
+            w.started = trio.current_time()
+            w.process = await trio.lowlevel.open_process(
+                cmd, env=env, pass_fds=(*mine_tcp, *mine_udp), stdin=subprocess.DEVNULL
+            )
+            log.info("worker_started", worker=w.index, pid=w.process.pid, restarts=w.restarts)
+            status = await w.process.wait()
+            self.snapshots.pop(w.index, None)
+            if self.stopping:
+                return
+            if not w.ever_ready:
+                log.error("worker_failed", worker=w.index, status=status)
+                self.failed = GroupFailed(status if status > 0 else 1)
+                self.stopping = True
+                self._signal_all(signal.SIGTERM)
+                scope.cancel()
+                return
+            w.restarts += 1
+            log.error("worker_exited", worker=w.index, status=status, restarts=w.restarts)
+            quick = trio.current_time() - w.started < RESTART_DELAYS_S[1]
+            w.delay = min(w.delay * 2, RESTART_DELAYS_S[1]) if quick and w.delay else 1.0
+            await trio.sleep(w.delay if quick else 0.0)
+
+    async def _notices(self, w: _Worker, sock: trio.socket.SocketType) -> None:
+        """sd_notify datagrams from worker ``w``: READY, and its probes."""
+        while True:
+            data = await sock.recv(65536)
+            for line in data.decode(errors="replace").splitlines():
+                if line == "READY=1":
+                    w.ever_ready = True
+                    w.ready.set()
+                elif line.startswith("X_PROBES="):
+                    try:
+                        self.snapshots[w.index] = json.loads(line[len("X_PROBES=") :])
+                    except ValueError:
+                        pass
+
+    async def _poll(self, store: object, seq: int) -> None:
+        """Every worker's committed rows, in order, to the admin's observers."""
+        while True:
+            seq, records = await store.after(seq)  # type: ignore[attr-defined]
+            for record in records:
+                for observe in self.observers:
+                    observe(record)
+            if len(records) < 1000:
+                await trio.sleep(POLL_INTERVAL_S)
+
+    async def _watchdog(self, interval: float) -> None:
+        while True:
+            self.notifier.watchdog()
+            await trio.sleep(interval)

@@ -1,0 +1,342 @@
+"""``server.workers = N``: the real ``registry serve`` as a supervisor and N workers
+sharing the ports, each source steered to one worker by a reuseport BPF program.
+
+Traffic goes to 127.0.0.0/8 only: sources are loopback addresses bound by the
+clients, and every callback target is a listener this module runs on the
+source's own address (the strict policy dials the address it saw). Every wait
+is bounded; processes are stopped by PID.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import signal
+import socket
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
+from pathlib import Path
+
+import pytest
+import trio
+
+from registry import config as config_mod
+from registry.net.group import GroupFailed, Supervisor
+from registry.net.kernel.reuseport import worker_index
+from tests.support import RegistryProcess, free_port, http_get, run_registry
+from tests.test_lifecycle import _wait_for, notify_socket
+
+N = 2
+
+
+def sources_by_worker(n: int = N, per_worker: int = 1) -> dict[int, list[str]]:
+    """Loopback sources the kernel steers to each worker (the hash, in Python)."""
+    found: dict[int, list[str]] = {i: [] for i in range(n)}
+    for last in range(2, 250):
+        src = f"127.0.0.{last}"
+        seat = worker_index(ipaddress.ip_address(src), n, 64)
+        if len(found[seat]) < per_worker:
+            found[seat].append(src)
+        if all(len(v) == per_worker for v in found.values()):
+            return found
+    raise AssertionError(found)
+
+
+@contextmanager
+def echo_target(host: str) -> Iterator[int]:
+    """A callback target on ``host`` that echoes the CALLBACK line; yields its port."""
+    stop = threading.Event()
+    sock = socket.socket()
+    sock.bind((host, 0))
+    sock.listen(256)
+    sock.settimeout(0.1)
+
+    def conn(c: socket.socket) -> None:
+        with c:
+            c.settimeout(5)
+            data = b""
+            try:
+                while b"\n" not in data and (chunk := c.recv(4096)):
+                    data += chunk
+                c.sendall(data)
+            except OSError:
+                pass
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                c, _ = sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            threading.Thread(target=conn, args=(c,), daemon=True).start()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join(timeout=2)
+        sock.close()
+
+
+def register(port: int, src: str, target_port: int, timeout: float = 10.0) -> bytes:
+    """One registration from ``src`` for its own ``target_port``; the whole reply."""
+    with socket.socket() as s:
+        s.settimeout(timeout)
+        s.bind((src, 0))
+        s.connect(("127.0.0.1", port))
+        s.sendall(f"{src}:{target_port}\n".encode())
+        data = b""
+        try:
+            while chunk := s.recv(4096):
+                data += chunk
+        except OSError:
+            pass
+        return data
+
+
+def workers_of(reg: RegistryProcess, event: str = "registration") -> dict[str, set[int]]:
+    """peer host -> the workers whose log lines name it."""
+    out: dict[str, set[int]] = {}
+    for e in reg.events(event):
+        peer = str(e.get("peer", "")).rsplit(":", 1)[0]
+        out.setdefault(peer, set()).add(e["worker"])
+    return out
+
+
+def assert_whole_lines(reg: RegistryProcess) -> None:
+    """The group's processes share stderr: every line must still be one JSON object."""
+    for line in list(reg.raw):
+        assert line.startswith("{") and line.endswith("}"), line
+
+
+def group_config(extra: str = "") -> str:
+    return f"[server]\nworkers = {N}\n\n[tuning]\n" + extra
+
+
+# --- the group, end to end ------------------------------------------------------------
+
+
+def test_per_source_limits_are_exact_across_workers(tmp_path: Path) -> None:
+    config = group_config('[ratelimit]\nper_source = "3/minute"\n')
+    picks = sources_by_worker(per_worker=2)
+    with run_registry(tmp_path, config=config) as reg:
+        for sources in picks.values():
+            for src in sources:
+                with echo_target(src) as tport:
+                    replies = [register(reg.port, src, tport) for _ in range(5)]
+                codes = [r.split(b" ", 2)[:2] for r in replies]
+                assert codes[:3] == [[b"OK", b"connected"]] * 3, (src, replies)
+                assert all(c[0] == b"BUSY" for c in codes[3:]), (src, replies)
+        reg.wait_event("registration", count=12)  # the BUSY ones are refused at the door
+        served = workers_of(reg)
+        for seat, sources in picks.items():
+            for src in sources:
+                assert served[src] == {seat}, (src, served)
+        assert_whole_lines(reg)
+        assert reg.stop() == 0
+    reg.wait_event("stopped")
+
+
+def test_sigkill_of_a_worker_loses_no_acknowledged_row_and_it_is_restarted(
+    tmp_path: Path,
+) -> None:
+    config = group_config(
+        '[ratelimit]\nper_source = "100000/second"\nper_target = "100000/second"\n'
+        'per_target_port = "100000/second"\nglobal = "100000/second"\n'
+    )
+    src = sources_by_worker()[0][0]
+    replies: list[bytes] = []
+    with echo_target(src) as tport, run_registry(tmp_path, config=config) as reg:
+        pid = next(e["pid"] for e in reg.events("worker_started") if e["worker"] == 0)
+        end = time.monotonic() + 3.0
+        killed = False
+
+        def client() -> None:
+            while time.monotonic() < end:
+                try:
+                    replies.append(register(reg.port, src, tport))
+                except OSError:
+                    replies.append(b"")
+
+        clients = [threading.Thread(target=client, daemon=True) for _ in range(6)]
+        for c in clients:
+            c.start()
+        while time.monotonic() < end - 2.0:
+            time.sleep(0.05)
+        os.kill(pid, signal.SIGKILL)
+        killed = True
+        for c in clients:
+            c.join(timeout=30)
+        assert killed and not any(c.is_alive() for c in clients)
+        (exited,) = reg.wait_event("worker_exited")
+        assert exited["worker"] == 0 and exited["status"] == -signal.SIGKILL
+        again = [e for e in reg.wait_event("worker_started", count=N + 1) if e["restarts"]]
+        assert again[0]["worker"] == 0 and again[0]["pid"] != pid
+        reg.wait_event("worker_ready", count=N + 1)
+        assert register(reg.port, src, tport).startswith(b"OK connected")
+        assert reg.stop() == 0
+    acknowledged = {
+        m.group(1).decode() for r in replies if (m := re.search(rb"\bid=([0-9a-f]+)", r))
+    }
+    assert len(acknowledged) >= 8, f"the flood barely ran: {len(replies)} replies"
+    with closing(sqlite3.connect(tmp_path / "registry.db")) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        rows = {r[0] for r in db.execute("SELECT id FROM registrations")}
+    missing = acknowledged - rows
+    assert not missing, f"{len(missing)} acknowledged registrations lost"
+
+
+def test_sighup_reaches_every_worker(tmp_path: Path) -> None:
+    picks = {seat: s[0] for seat, s in sources_by_worker().items()}
+    with run_registry(tmp_path, config=group_config('[ratelimit]\nper_source = "1/hour"\n')) as reg:
+        path = tmp_path / "registry.toml"
+        with echo_target(picks[0]) as p0, echo_target(picks[1]) as p1:
+            ports = {0: p0, 1: p1}
+            for seat, src in picks.items():
+                assert register(reg.port, src, ports[seat]).startswith(b"OK connected")
+                assert register(reg.port, src, ports[seat]).startswith(b"BUSY")
+            path.write_text(group_config('[ratelimit]\nper_source = "100/second"\n'))
+            reg.proc.send_signal(signal.SIGHUP)
+            reg.wait_event("group_reloaded")
+            assert {e["worker"] for e in reg.events("reloaded")} == set(range(N))
+            assert_whole_lines(reg)
+            time.sleep(0.05)  # one token of the new rate refills the old debt
+            for seat, src in picks.items():
+                assert register(reg.port, src, ports[seat]).startswith(b"OK connected"), src
+        assert reg.stop() == 0
+        assert len(reg.events("stopped")) == N + 1  # each worker drained, then the supervisor
+
+
+def test_one_admin_endpoint_counts_every_workers_registrations(tmp_path: Path) -> None:
+    picks = {seat: s[0] for seat, s in sources_by_worker().items()}
+    with run_registry(tmp_path, config=group_config(), admin="127.0.0.1:0") as reg:
+        assert reg.admin is not None
+        admin_port = int(reg.admin.rsplit(":", 1)[1])
+        for src in picks.values():
+            with echo_target(src) as tport:
+                assert register(reg.port, src, tport).startswith(b"OK connected")
+        deadline = time.monotonic() + 10
+        total = 0.0
+        while time.monotonic() < deadline:
+            status, body = http_get(admin_port, "/metrics")
+            assert status == 200
+            total = sum(
+                float(m.group(1))
+                for m in re.finditer(rb"^registry_registrations_total\{[^}]*\} (\S+)$", body, re.M)
+            )
+            if total >= N:
+                break
+            time.sleep(0.1)
+        assert total == N, body.decode()
+        status, body = http_get(admin_port, "/api/registrations")
+        assert status == 200 and all(src.encode() in body for src in picks.values())
+        assert reg.stop() == 0
+
+
+def test_group_speaks_sd_notify_for_all_workers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    port = free_port()
+    with notify_socket(port) as (path, messages):
+        monkeypatch.setenv("NOTIFY_SOCKET", path)
+        monkeypatch.setenv("WATCHDOG_USEC", "200000")
+        monkeypatch.delenv("WATCHDOG_PID", raising=False)
+        with run_registry(tmp_path, listen=(f"127.0.0.1:{port}",), config=group_config()) as reg:
+            ready = _wait_for(messages, "READY=1")
+            assert _wait_for(messages, "PROBE=open") == ready + 1, messages
+            assert len(reg.wait_event("worker_ready", count=N)) == N
+            time.sleep(0.5)  # the supervisor's watchdog: every 100 ms
+            assert len([m for _, m in messages if m == "WATCHDOG=1"]) >= 3, messages
+            # the workers' own READY=1 (and probes) go to the supervisor, never here
+            assert sum("READY=1" in m.splitlines() for _, m in messages) == 1, messages
+            assert not [m for _, m in messages if "X_PROBES" in m]
+
+            mark = len(messages)
+            reg.proc.send_signal(signal.SIGHUP)
+            reloading = _wait_for(messages, "RELOADING=1", after=mark)
+            again = _wait_for(messages, "READY=1", after=reloading + 1)
+            assert len(reg.events("reloaded")) == N, "READY=1 only once every worker reloaded"
+            assert again > reloading
+
+            mark = len(messages)
+            reg.proc.send_signal(signal.SIGTERM)
+            _wait_for(messages, "STOPPING=1", after=mark)
+            assert reg.proc.wait(timeout=30) == 0
+
+
+def _gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return True
+    return state in ("Z", "X")
+
+
+def test_workers_of_a_killed_supervisor_drain_and_exit(tmp_path: Path) -> None:
+    with run_registry(tmp_path, config=group_config()) as reg:
+        pids = [e["pid"] for e in reg.wait_event("worker_started", count=N)]
+        reg.wait_event("worker_ready", count=N)
+        reg.proc.send_signal(signal.SIGKILL)
+        assert reg.proc.wait(timeout=10) == -signal.SIGKILL
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not all(_gone(p) for p in pids):
+            time.sleep(0.1)
+        assert all(_gone(p) for p in pids), "a worker outlived its supervisor"
+        assert len(reg.wait_event("stopped", count=N)) == N  # each drained, not killed
+
+
+def test_a_worker_that_cannot_start_stops_the_group_with_its_status(tmp_path: Path) -> None:
+    """Workers whose first start fails (here: their --config is missing, exit 78) make
+    the supervisor stop the group with that status instead of restarting them forever."""
+    cfg = config_mod.from_dict(
+        {"server": {"listen": ["127.0.0.1:0"], "admin": "off", "db": str(tmp_path / "r.db")}}
+    )
+    argv = ["serve", "--config", str(tmp_path / "missing.toml"), "--log-format", "json"]
+    with pytest.raises(GroupFailed) as failed:
+        trio.run(Supervisor(cfg, N, argv).run)
+    assert failed.value.status == 78
+
+
+def _connects(port: int, src: str, timeout: float = 1.0) -> bool:
+    """Whether a handshake from ``src`` completes (a banned source's SYN is dropped)."""
+    with socket.socket() as s:
+        s.settimeout(timeout)
+        s.bind((src, 0))
+        try:
+            s.connect(("127.0.0.1", port))
+        except TimeoutError:
+            return False
+        return True
+
+
+def test_a_restarted_worker_starts_without_its_predecessors_bans(tmp_path: Path) -> None:
+    """The socket outlives the worker, and so would its kernel filter: the restarted
+    worker takes it off (its ban list is empty), so no source stays banned for nothing."""
+    config = group_config(
+        'refusal_delay = "50ms"\nmax_refusal_delay = "50ms"\nban_after = 2\n'
+        '[ratelimit]\nper_source = "1/hour"\n'
+    )
+    src = sources_by_worker()[0][0]
+    with echo_target(src) as tport, run_registry(tmp_path, config=config) as reg:
+        for _ in range(3):  # served once, then refused twice: banned
+            register(reg.port, src, tport)
+        (banned,) = reg.wait_event("source_banned")
+        assert banned["worker"] == 0 and banned["source"] == src
+        deadline = time.monotonic() + 5
+        while _connects(reg.port, src) and time.monotonic() < deadline:
+            time.sleep(0.1)  # the filter is updated on the ban task's next turn
+        assert not _connects(reg.port, src), "the ban did not reach the kernel"
+        pid = next(e["pid"] for e in reg.events("worker_started") if e["worker"] == 0)
+        os.kill(pid, signal.SIGKILL)
+        reg.wait_event("worker_ready", count=N + 1)
+        assert _connects(reg.port, src, timeout=5.0)  # (its token: the next one is BUSY)
+        assert register(reg.port, src, tport).startswith(b"BUSY rate_limited")
+        assert reg.stop() == 0
