@@ -30,6 +30,8 @@ from registry.net.kernel.reuseport import worker_index
 from tests.support import RegistryProcess, free_port, http_get, run_registry
 from tests.test_lifecycle import _wait_for, notify_socket
 
+pytestmark = pytest.mark.slow  # a supervisor and its workers per test
+
 N = 2
 
 
