@@ -8,15 +8,11 @@ finish them before it is cancelled.
 
 from __future__ import annotations
 
-import errno
-import ipaddress
 import os
 import signal
 import socket
-from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -26,10 +22,8 @@ import trio
 
 from registry import config as config_mod
 from registry import log as log_mod
-from registry.admin.core.grading import Roster, load_roster
+from registry.admin.core.grading import load_roster
 from registry.admin.http import AdminServer
-from registry.admin.http import open_listeners as open_admin_listeners
-from registry.admin.view import DaemonView
 from registry.config import Config
 from registry.defense.bans import Ban, BanList
 from registry.defense.conncaps import ConnectionCaps
@@ -46,21 +40,27 @@ from registry.defense.ratelimit import debt_threshold
 from registry.defense.silence import SilentGuard
 from registry.defense.tally import WINDOW_S, RefusalTally
 from registry.errors import ConfigError, ProtocolError
-from registry.metrics import Probes
-from registry.model import Code, Endpoint, Protocol, Request
-from registry.net.accept import accept_loop, defer_accept, held_silent
+from registry.model import Code, Protocol, Request
+from registry.net.accept import accept_loop, held_silent
 from registry.net.connector import TcpConnector
 from registry.net.doorway import Doorway, send_and_close
 from registry.net.group import report_probes
 from registry.net.interfaces import is_local_address
 from registry.net.kernel.banfilter import BanFilter, detach_inherited
 from registry.net.kernel.reuseport import Inherited
+from registry.net.listeners import (
+    deferral_for_log,
+    open_admin,
+    open_listeners,
+    open_udp,
+    sockname,
+)
 from registry.net.resolver import TrioResolver
+from registry.net.runtime import Runtime, daemon_view
 from registry.net.sdnotify import Notifier
 from registry.net.tcp import RawStream, TcpHandler, endpoint_of, reject_unread
-from registry.net.udp import new_reply_budget, open_udp_sockets, serve_udp, udp_endpoint
+from registry.net.udp import new_reply_budget, serve_udp, udp_endpoint
 from registry.net.waiting import Waiting, WaitingRoom
-from registry.policy.addresses import Address
 from registry.protocol.cookies import CookieJar
 from registry.service import Connector, Service
 from registry.store import AsyncStore
@@ -71,69 +71,6 @@ log = structlog.get_logger(component="server")
 # bans_made line at the interval's end (one line per ban, a wave of 4,000 bans
 # would cost ~0.3 s of the event loop)
 LOGGED_BANS = 10
-
-
-def parse_hostport(text: str) -> tuple[str, int]:
-    """``"0.0.0.0:9000"`` / ``"[::]:9000"`` -> (host, port); ValueError with the reason."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not (0 <= int(port) <= 65535):
-        raise ValueError(f"expected HOST:PORT like 0.0.0.0:9000 or [::]:9000, got {text!r}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    ipaddress.ip_address(host)  # listeners take literal addresses only
-    return host, int(port)
-
-
-@dataclass
-class Runtime:
-    """What a running registry exposes to tests and to the admin endpoint."""
-
-    config: Config
-    service: Service
-    caps: ConnectionCaps
-    store: AsyncStore
-    tally: RefusalTally = field(default_factory=RefusalTally)
-    bans: BanList = field(default_factory=lambda: BanList(0, 60.0, 1))
-    ban_filter: BanFilter | None = None
-    tcp: list[Endpoint] = field(default_factory=list)
-    udp: list[Endpoint] = field(default_factory=list)
-    # UDP datagrams dropped unanswered, by loopguard.DropReason (a metric's counters)
-    udp_dropped: Counter[str] = field(default_factory=Counter)
-    admin: Endpoint | None = None
-    roster: Roster | None = None  # [class] roster, reloaded with the config
-    started_at: float = 0.0
-    draining: bool = False
-    shutdown: Callable[[], None] = lambda: None
-    reload: Callable[[], None] = lambda: None
-
-
-def daemon_view(rt: Runtime) -> DaemonView:
-    """What the admin endpoint may see of a running registry (registry/admin/view.py)."""
-    return DaemonView(
-        store=rt.store,
-        config=lambda: rt.config,
-        roster=lambda: rt.roster,
-        probes=Probes(
-            open_connections=lambda: rt.caps.total,
-            callbacks_in_flight=lambda: rt.service.slots.in_flight,
-            callbacks_waiting=lambda: rt.service.slots.waiting,
-            limiter_entries=lambda: rt.service.limiter.entries,
-            door_refusals=lambda: rt.tally.totals,
-            udp_dropped=lambda: dict(rt.udp_dropped),
-            bans_active=lambda: len(rt.bans),
-            bans_total=lambda: rt.bans.total,
-            silent_drop=lambda: rt.ban_filter is not None and rt.ban_filter.dropping_now,
-            draining=lambda: rt.draining,
-            policy_mode=lambda: rt.config.policy.mode,
-        ),
-        subscribe=rt.service.observers.append,
-        listening=lambda: rt.tcp,
-        draining=lambda: rt.draining,
-        bans=rt.bans,
-        ban_filter=lambda: rt.ban_filter,
-        silent_until=lambda: rt.ban_filter.silent.until if rt.ban_filter is not None else 0.0,
-        silent_after=lambda: rt.ban_filter.silent.after if rt.ban_filter is not None else 0,
-    )
 
 
 class Registry:
@@ -183,11 +120,11 @@ class Registry:
         self, *, task_status: trio.TaskStatus[Runtime] = trio.TASK_STATUS_IGNORED
     ) -> None:
         cfg = self.cfg
-        listeners = await self._open_listeners()
-        own = frozenset(_sockname(lst) for lst in listeners)
-        admin_listeners = await self._open_admin(listeners)
-        admin_own = frozenset(_sockname(lst) for lst in admin_listeners)
-        udp_socks = await self._open_udp(listeners, admin_listeners)
+        listeners = await open_listeners(cfg, self.inherited, self.deferral)
+        own = frozenset(sockname(lst) for lst in listeners)
+        admin_listeners = await open_admin(cfg, listeners)
+        admin_own = frozenset(sockname(lst) for lst in admin_listeners)
+        udp_socks = await open_udp(cfg, self.inherited, listeners, admin_listeners)
         async with (
             AsyncStore(
                 cfg.server.db,
@@ -282,7 +219,7 @@ class Registry:
                         db=cfg.server.db,
                         policy=cfg.policy.mode,
                         # what the kernel does (None: no TCP_DEFER_ACCEPT on this system)
-                        defer_accept_s=self._deferral_for_log(listeners),
+                        defer_accept_s=deferral_for_log(self.deferral, listeners),
                         ban_filter=self.ban_filter.kind,  # ebpf, or classic (~2,000 bans)
                     )
                     self.notifier.ready(f"listening on {', '.join(map(str, runtime.tcp))}")
@@ -303,85 +240,10 @@ class Registry:
                 sock.close()
         log.info("stopped", outcomes={k.value: v for k, v in service.outcomes.items()})
 
-    async def _open_admin(self, listeners: list[trio.SocketListener]) -> list[trio.SocketListener]:
-        """The admin endpoint's listener(s) (none when server.admin is "off")."""
-        if self.cfg.server.admin == "off":
-            return []
-        host, port = parse_hostport(self.cfg.server.admin)
-        try:
-            return await open_admin_listeners(host, port)
-        except OSError:
-            for lst in listeners:
-                await trio.aclose_forcefully(lst)
-            raise
-
-    async def _open_udp(
-        self, listeners: list[trio.SocketListener], others: list[trio.SocketListener]
-    ) -> list[trio.socket.SocketType]:
-        """UDP sockets on each registration listener's address and actual port (server.udp)."""
-        if not self.cfg.server.udp:
-            return []
-        if self.inherited is not None:
-            return [trio.socket.from_stdlib_socket(s) for s in self.inherited.udp]
-        try:
-            # Kernel-chosen ports (tests): the same UDP port may be someone else's.
-            ephemeral = all(parse_hostport(spec)[1] == 0 for spec in self.cfg.server.listen)
-            return await open_udp_sockets(
-                (_sockname(lst) for lst in listeners), skip_in_use=ephemeral
-            )
-        except OSError:
-            for lst in [*listeners, *others]:
-                await trio.aclose_forcefully(lst)
-            raise
-
     async def _watchdog(self, interval: float) -> None:
         while True:
             self.notifier.watchdog()
             await trio.sleep(interval)
-
-    async def _open_listeners(self) -> list[trio.SocketListener]:
-        listeners: list[trio.SocketListener] = []
-        if self.inherited is not None:
-            for sock in self.inherited.tcp:
-                detach_inherited(sock)  # a dead predecessor's bans leave with it
-                lst = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
-                self.deferral[lst] = defer_accept(lst.socket, self.cfg.server.defer_accept)
-                listeners.append(lst)
-            return listeners
-        defaults = self.cfg.server.listen == config_mod.DEFAULT.server.listen
-        for spec in self.cfg.server.listen:
-            host, port = parse_hostport(spec)
-            try:
-                opened = await trio.open_tcp_listeners(
-                    port, host=host, backlog=self.cfg.server.backlog
-                )
-                listeners += opened
-                for lst in opened:
-                    self.deferral[lst] = defer_accept(lst.socket, self.cfg.server.defer_accept)
-                refused = any(self.deferral[lst] is None for lst in opened)
-                if refused and self.cfg.server.defer_accept > 0:
-                    log.warning(  # silent connections are then held by the registry itself
-                        "defer_accept_unavailable", address=spec, asked=self.cfg.server.defer_accept
-                    )
-            except OSError as e:
-                # The embedded defaults include [::]; a host without IPv6 still serves IPv4.
-                if (
-                    defaults
-                    and e.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL)
-                    and host == "::"
-                ):
-                    log.warning("listen_skipped", address=spec, error=e.strerror)
-                    continue
-                for lst in listeners:
-                    await lst.aclose()
-                raise OSError(e.errno, f"cannot listen on {spec}: {e.strerror}") from e
-        return listeners
-
-    def _deferral_for_log(self, listeners: list[trio.SocketListener]) -> object:
-        """The seconds the kernel defers for: one figure, or one per listener when they differ."""
-        found = {str(_sockname(lst)): self.deferral.get(lst) for lst in listeners}
-        values = set(found.values())
-        return values.pop() if len(values) == 1 else found
 
     def _at_door(
         self,
@@ -616,8 +478,3 @@ def _ban_settings(cfg: Config) -> dict[str, Any]:
         "long_wait": debt_threshold(cfg.ratelimit.per_source, lim.max_refusal_delay),
         "spread": lim.ban_spread,
     }
-
-
-def _sockname(listener: trio.SocketListener) -> Endpoint:
-    host, port = listener.socket.getsockname()[:2]
-    return Endpoint(Address.of(host), port)

@@ -23,7 +23,7 @@ import structlog
 import trio
 
 from registry import config as config_mod
-from registry import server as server_mod
+from registry.net import listeners as listeners_mod
 from registry.defense.door import SILENT
 from registry.net.accept import TCP_DEFER_ACCEPT, defer_accept, held_silent
 from registry.server import Registry
@@ -150,7 +150,7 @@ async def test_without_the_option_the_registry_warns_and_serves(
 ) -> None:
     # A stack that refuses TCP_DEFER_ACCEPT: the registry says so once per listener
     # and holds silent connections itself (the read deadline cuts this one).
-    monkeypatch.setattr(server_mod, "defer_accept", lambda sock, seconds: None)
+    monkeypatch.setattr(listeners_mod, "defer_accept", lambda sock, seconds: None)
     cfg = config_mod.from_dict(
         {
             "server": {"listen": ["127.0.0.1:0"], "admin": "off", "db": str(tmp_path / "r.db")},
@@ -308,12 +308,12 @@ async def test_each_listener_keeps_its_own_deferral(
     # is opened last. A silent IPv4 connection the kernel held through its wait
     # is still judged by the IPv4 listener's deferral: refused at the door as
     # silent, with no row (not admitted as if nobody had held it).
-    real = server_mod.defer_accept
+    real = listeners_mod.defer_accept
 
     def v4_only(sock: socket.socket, seconds: float) -> int | None:
         return None if sock.family == socket.AF_INET6 else real(sock, seconds)
 
-    monkeypatch.setattr(server_mod, "defer_accept", v4_only)
+    monkeypatch.setattr(listeners_mod, "defer_accept", v4_only)
     db = tmp_path / "r.db"
     server = {
         "listen": ["127.0.0.1:0", "[::1]:0"],

@@ -250,7 +250,7 @@ class Supervisor:
 
     def _open_sockets(self) -> tuple[list[list[socket.socket]], list[list[socket.socket]]]:
         from registry import config as config_mod
-        from registry.server import parse_hostport
+        from registry.net.listeners import parse_hostport
 
         cfg, prefix = self.cfg, self.cfg.ratelimit.ipv6_prefix
         tcp: list[list[socket.socket]] = []
@@ -299,7 +299,7 @@ class Supervisor:
         from registry.admin.http import AdminServer
         from registry.admin.http import open_listeners as open_admin_listeners
         from registry.admin.view import DaemonView
-        from registry.server import parse_hostport
+        from registry.net.listeners import parse_hostport
         from registry.store import AsyncStore
 
         self.roster = load_roster(self.cfg)
