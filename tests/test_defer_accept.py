@@ -23,8 +23,8 @@ import structlog
 import trio
 
 from registry import config as config_mod
-from registry.net import listeners as listeners_mod
 from registry.defense.door import SILENT
+from registry.net import listeners as listeners_mod
 from registry.net.accept import TCP_DEFER_ACCEPT, defer_accept, held_silent
 from registry.server import Registry
 
