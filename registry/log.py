@@ -83,7 +83,17 @@ def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = No
     )
 
 
-_encoder = msgspec.json.Encoder(enc_hook=repr)  # what structlog's fallback does: repr()
+def _fallback(value: Any) -> Any:
+    # As json.dumps sees them: a float or int subclass (a Duration, an IntEnum) is a
+    # number; anything else gets structlog's fallback, repr().
+    if isinstance(value, float):
+        return float(value)
+    if isinstance(value, int):
+        return int(value)
+    return repr(value)
+
+
+_encoder = msgspec.json.Encoder(enc_hook=_fallback)
 
 
 def _json_dumps(event: dict[str, Any], **_: Any) -> str:
