@@ -24,6 +24,7 @@ from registry import config as config_mod
 from registry import log as log_mod
 from registry.admin.core.grading import load_roster
 from registry.admin.http import AdminServer
+from registry.admin.http import open_listeners as open_admin_listeners
 from registry.config import Config
 from registry.defense.bans import Ban, BanList
 from registry.defense.conncaps import ConnectionCaps
@@ -56,12 +57,12 @@ from registry.net.listeners import (
     sockname,
 )
 from registry.net.resolver import TrioResolver
-from registry.net.runtime import Runtime, daemon_view
 from registry.net.sdnotify import Notifier
 from registry.net.tcp import RawStream, TcpHandler, endpoint_of, reject_unread
 from registry.net.udp import new_reply_budget, serve_udp, udp_endpoint
 from registry.net.waiting import Waiting, WaitingRoom
 from registry.protocol.cookies import CookieJar
+from registry.runtime import Runtime, daemon_view
 from registry.service import Connector, Service
 from registry.store import AsyncStore
 
@@ -122,7 +123,7 @@ class Registry:
         cfg = self.cfg
         listeners = await open_listeners(cfg, self.inherited, self.deferral)
         own = frozenset(sockname(lst) for lst in listeners)
-        admin_listeners = await open_admin(cfg, listeners)
+        admin_listeners = await open_admin(cfg, listeners, open_admin_listeners)
         admin_own = frozenset(sockname(lst) for lst in admin_listeners)
         udp_socks = await open_udp(cfg, self.inherited, listeners, admin_listeners)
         async with (

@@ -1,6 +1,6 @@
 """The narrow view of a running registry that the admin endpoint is given.
 
-The server builds one ``DaemonView`` (``registry.net.runtime.daemon_view``) from
+The server builds one ``DaemonView`` (``registry.runtime.daemon_view``) from
 its runtime; the admin side reads live state only through these callables,
 so it never needs the server's classes and the import runs one way:
 server -> admin.

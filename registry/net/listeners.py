@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+from collections.abc import Awaitable, Callable
 
 import structlog
 import trio
 
 from registry import config as config_mod
-from registry.admin.http import open_listeners as open_admin_listeners
 from registry.config import Config
 from registry.model import Endpoint
 from registry.net.accept import defer_accept
@@ -80,14 +80,17 @@ def deferral_for_log(
 
 
 async def open_admin(
-    cfg: Config, listeners: list[trio.SocketListener]
+    cfg: Config,
+    listeners: list[trio.SocketListener],
+    opener: Callable[[str, int], Awaitable[list[trio.SocketListener]]],
 ) -> list[trio.SocketListener]:
-    """The admin endpoint's listener(s) (none when server.admin is "off")."""
+    """The admin endpoint's listener(s) (none when server.admin is "off"), opened by the
+    admin package's ``opener`` (handed in: net/ does not import the admin side)."""
     if cfg.server.admin == "off":
         return []
     host, port = parse_hostport(cfg.server.admin)
     try:
-        return await open_admin_listeners(host, port)
+        return await opener(host, port)
     except OSError:
         for lst in listeners:
             await trio.aclose_forcefully(lst)
