@@ -184,6 +184,9 @@ li { display: grid; grid-template-columns: minmax(6rem, 14rem) 1fr auto; gap: .2
 .what { font-size: .9rem; }
 .when { font-size: .9rem; color: var(--wait); white-space: nowrap; }
 .stuck .who { color: var(--bad); } .waiting .who { color: var(--wait); }
+/* The row a teacher must spot from the back of the room: a red band, not just red ink. */
+.stuck { background: #b423181f; border-left: .45rem solid var(--bad); }
+.stuck .what { font-size: 1rem; }
 .done .who { color: var(--ok); }
 .meta { font-size: .8rem; color: var(--wait); margin-top: 1rem; }
 @media (max-width: 700px) { li { grid-template-columns: 1fr; } }
