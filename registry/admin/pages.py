@@ -197,20 +197,30 @@ def _body_attrs(page: Page) -> str:
     return attrs
 
 
+def _head(title: str, style: str, extra: str = "") -> str:
+    """The document's start, up to ``</head>``: the same for every page."""
+    return (
+        '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">\n'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+        '<meta name="referrer" content="no-referrer">\n'
+        f"<title>{title}</title>\n{extra}<style>{style}</style></head>"
+    )
+
+
+def _narrowed(page: Page) -> str:
+    """What the page's filter narrows it to, for a heading ("" when nothing)."""
+    if page.student is None and not page.since:
+        return ""
+    return f" (filtered: student={_e(page.student or '*')}, since={_e(page.since or '*')})"
+
+
 def render_dashboard(page: Page) -> str:
     """The whole dashboard document (escaped; see the module docstring)."""
     newest_first = [_registration_row(r) for r in reversed(page.records)]
     summaries = [_summary_row(s) for s in page.summaries]
     state = "draining: shutting down" if page.draining else "running"
-    narrowed = ""
-    if page.student is not None or page.since:
-        narrowed = f" (filtered: student={_e(page.student or '*')}, since={_e(page.since or '*')})"
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<meta name="referrer" content="no-referrer">
-<title>Callback registry: registrations</title>
-<style>{STYLE}</style></head>
+    narrowed = _narrowed(page)
+    return f"""{_head("Callback registry: registrations", STYLE)}
 <body {_body_attrs(page)}>
 <h1>Callback registry</h1>
 <p class="meta">version {_e(page.version)} &middot; policy {_e(page.policy_mode)} &middot;
@@ -299,16 +309,10 @@ def render_class(page: ClassPage) -> str:
         lists[where].append(item)
     k = page.klass
     state = " &middot; draining: shutting down" if page.draining else ""
-    narrowed = ""
-    if page.student is not None or page.since:
-        narrowed = f" (filtered: student={_e(page.student or '*')}, since={_e(page.since or '*')})"
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<meta name="referrer" content="no-referrer">
-<title>Callback lab: the class</title>
-<noscript><meta http-equiv="refresh" content="30"></noscript>
-<style>{CLASS_STYLE}</style></head>
+    narrowed = _narrowed(page)
+    # Without JavaScript the class view reloads itself; with it, it updates live.
+    refresh = '<noscript><meta http-equiv="refresh" content="30"></noscript>\n'
+    return f"""{_head("Callback lab: the class", CLASS_STYLE, refresh)}
 <body>
 {_send_banner(page.send_to)}
 <h1 id="headline"><span id="connected">{int(k.get("connected", 0))}</span> of
