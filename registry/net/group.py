@@ -329,9 +329,16 @@ class Supervisor:
                     nursery.start_soon(self._poll, store, await store.last_seq())
                     for w in self.workers:
                         nursery.start_soon(self._keep, w, tcp, udp, workdir, nursery.cancel_scope)
-                    with trio.fail_after(READY_TIMEOUT_S):
+                    with trio.move_on_after(READY_TIMEOUT_S) as waited:
                         for w in self.workers:
                             await w.ready.wait()
+                    if waited.cancelled_caught:
+                        log.error("workers_not_ready", seconds=READY_TIMEOUT_S)
+                        self.failed = GroupFailed(1)
+                        self.stopping = True
+                        self._signal_all(signal.SIGTERM)
+                        nursery.cancel_scope.cancel()
+                        return
                     admin = "off"
                     if admin_listeners:
                         view = DaemonView(
@@ -420,11 +427,15 @@ class Supervisor:
                 self.cfg = msgspec.structs.replace(new, server=server)
             except ConfigError as e:  # each worker logs reload_failed too, and keeps its config
                 log.error("reload_failed", path=self.config_path, problems=e.problems)
-        for w in self.workers:
+        # Only workers that are up: one still starting has no SIGHUP handler yet (the
+        # signal would kill it) and reads the new config file when it starts anyway.
+        live = [w for w in self.workers if w.ready.is_set() and w.process is not None]
+        for w in live:
             w.ready = trio.Event()
-        self._signal_all(signal.SIGHUP)
+            if w.process is not None and w.process.returncode is None:
+                w.process.send_signal(signal.SIGHUP)
         with trio.move_on_after(READY_TIMEOUT_S):
-            for w in self.workers:
+            for w in live:
                 await w.ready.wait()
         log.info("group_reloaded", workers=self.n)
         self.notifier.ready("config reloaded")
@@ -454,6 +465,7 @@ class Supervisor:
             )
             log.info("worker_started", worker=w.index, pid=w.process.pid, restarts=w.restarts)
             status = await w.process.wait()
+            w.ready = trio.Event()  # ready again only when its successor says READY=1
             self.snapshots.pop(w.index, None)
             if self.stopping:
                 return
