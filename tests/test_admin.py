@@ -203,10 +203,21 @@ async def test_dashboard_filters_and_bad_parameters(tmp_path: Path) -> None:
         page = (await admin.get("/registrations?student=bob&since=1h&limit=5"))[2].decode()
         assert 'data-student="bob"' in page and 'data-student="alice"' not in page
         for path in ("/", "/registrations", "/api/summary"):
-            for query in ("limit=0", "limit=abc", "limit=1001", "since=yesterday"):
+            bad = ("limit=0", "limit=abc", "limit=1001", "limit=%C2%B2", "since=yesterday")
+            bad += ("student=a%E2%80%AEb", "student=" + "x" * 201)
+            for query in bad:
                 status, _, body = await admin.get(f"{path}?{query}")
                 assert status == 400, (path, query)
                 assert query.split("=")[0].encode() in body
+
+
+async def test_student_filter_finds_a_name_however_it_is_typed(tmp_path: Path) -> None:
+    """?student= is normalised as registrations are: josé typed decomposed finds josé."""
+    async with admin_server(tmp_path) as admin:
+        await admin.register("jos\u00e9")
+        status, _, body = await admin.get("/api/registrations?student=jose%CC%81")
+        assert status == 200
+        assert [r["student"] for r in json.loads(body)] == ["jos\u00e9"]
 
 
 # --- JSON API --------------------------------------------------------------------------

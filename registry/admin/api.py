@@ -25,6 +25,7 @@ from registry.admin.results import grade_json, parse_since, record_json, render_
 from registry.admin.view import DaemonView
 from registry.metrics import Metrics
 from registry.net.interfaces import reachable
+from registry.protocol.names import BadName, normalise
 
 JSON = "application/json; charset=utf-8"
 TEXT = "text/plain; charset=utf-8"
@@ -87,12 +88,16 @@ def parse_filters(query: dict[str, str], now: float, default_limit: int, max_lim
     text = query.get("limit", "").strip()
     limit = default_limit
     if text:
-        if not text.isdigit() or not 1 <= int(text) <= max_limit:
+        # isdigit() is true for "²" too, which int() refuses: ASCII digits only
+        if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= max_limit:
             raise BadRequest(f"limit: expected a whole number from 1 to {max_limit}, got {text!r}")
         limit = int(text)
     student = query.get("student") or None
-    if student is not None and len(student) > 200:
-        raise BadRequest("student: longer than 200 characters")
+    if student is not None:
+        try:  # the stored form (NFC), as registrations and `registry results --student` have it
+            student = normalise(student, spaces=True)
+        except BadName as e:
+            raise BadRequest(f"student: {e}") from None
     since_text = query.get("since", "").strip() or None
     since = None
     if since_text is not None:
