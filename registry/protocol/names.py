@@ -79,12 +79,20 @@ def describe(ch: str) -> str:
     return f"{code} ({label})" if label else code
 
 
+# Letters and marks by category that still draw nothing: Hangul fillers, the
+# combining grapheme joiner, variation selectors. "alice" + one of them would be a
+# second student who looks the same.
+INVISIBLE = frozenset(
+    [0x034F, 0x115F, 0x1160, 0x3164, 0xFFA0, *range(0xFE00, 0xFE10), *range(0xE0100, 0xE01F0)]
+)
+
+
 def _character_problem(ch: str) -> str | None:
     """What is wrong with one character, or None when a name may hold it."""
     category = unicodedata.category(ch)
     if category == "Cc":
         return f"the control character {describe(ch)}"
-    if category == "Cf":
+    if category == "Cf" or ord(ch) in INVISIBLE:
         return f"the invisible character {describe(ch)}"
     if category == "Cs":
         if 0xDC80 <= ord(ch) <= 0xDCFF:  # how Python carries undecodable argv bytes
