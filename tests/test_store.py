@@ -497,3 +497,28 @@ async def test_record_many_on_a_closed_store_is_a_store_error(db: Path) -> None:
     store = AsyncStore(str(db))
     with pytest.raises(StoreError):
         await store.record_many([rec(1)])
+
+
+def test_a_held_writers_lock_fails_the_record_instead_of_hanging(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker stopped inside its transaction (SIGSTOP, a hung disk) holds the
+    writers' lock: the others give up after busy_timeout, as SQLite would."""
+    import fcntl
+
+    import registry.store as store_mod
+
+    monkeypatch.setattr(store_mod, "BUSY_TIMEOUT_MS", 100)
+    path = str(tmp_path / "r.db")
+    store = Store.open(path, writer_lock=path + "-writer")
+    holder = os.open(path + "-writer", os.O_RDWR)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        with pytest.raises(sqlite3.OperationalError, match="writers' lock"):
+            store.record(rec(1))
+        fcntl.flock(holder, fcntl.LOCK_UN)
+        store.record(rec(2))  # free again: the next record goes through
+        assert [r.id for r in store.query()] == ["r2"]
+    finally:
+        os.close(holder)
+        store.close()
