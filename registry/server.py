@@ -129,7 +129,8 @@ class Registry:
         async with (
             AsyncStore(
                 cfg.server.db,
-                retention=cfg.store.retention,
+                # in a group the supervisor purges, once for all workers
+                retention=cfg.store.retention if self.inherited is None else 0,
                 writer_lock=cfg.server.db + "-writer" if self.inherited is not None else "",
             ) as store,
             self._signal_receiver() as signals,

@@ -315,7 +315,9 @@ class Supervisor:
                 async with (
                     # migrated here, once; read here; written (and purged) by the workers
                     AsyncStore(
-                        self.cfg.server.db, writer_lock=self.cfg.server.db + "-writer"
+                        self.cfg.server.db,
+                        retention=self.cfg.store.retention,
+                        writer_lock=self.cfg.server.db + "-writer",
                     ) as store,
                     trio.open_nursery() as nursery,
                 ):
