@@ -147,7 +147,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             inherited=Inherited(seat.tcp, seat.udp),
         ).run
     elif n > 1:
-        argv = getattr(args, "argv", None) or sys.argv[1:]  # the workers' command line
+        argv = args.argv  # the workers' command line
         run = workers.Supervisor(
             cfg, n, argv, config_path=args.config, loader=lambda: load_config(args)
         ).run

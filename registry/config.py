@@ -434,9 +434,13 @@ def roster_text(cfg: Config) -> tuple[str, str] | None:
     path = cfg.class_.roster
     if not path:
         return None
+    limit = 4 * 1024 * 1024  # characters: thousands of students, never a whole row cut off
     try:
         with open(path, encoding="utf-8") as f:
-            return path, f.read(4 * 1024 * 1024)
+            text = f.read(limit + 1)
+        if len(text) > limit:
+            raise ConfigError([f"class.roster: {path}: larger than 4 MiB; is it the roster?"])
+        return path, text
     except OSError as e:
         raise ConfigError([f"class.roster: cannot read {path}: {e.strerror}"]) from None
     except UnicodeDecodeError:

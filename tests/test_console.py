@@ -286,3 +286,11 @@ def test_registration_lines() -> None:
         line = registration_line(event)
         assert re.fullmatch(r"\d\d:\d\d:\d\d", line[:8]), line
         assert line[9:] == expected
+
+
+def test_every_failure_code_has_words_on_the_console() -> None:
+    """A new reply code must get its short reason, not show its raw name to the teacher."""
+    from registry.log import REASONS
+    from registry.model import Code
+
+    assert {c.value for c in Code} - {"connected"} <= REASONS.keys()

@@ -108,6 +108,15 @@ def test_config_roster_path_is_relative_to_the_config_file(tmp_path: Path) -> No
         grading.load_roster(config_mod.load(str(cfg_file)))
 
 
+def test_a_roster_too_large_is_refused_not_cut_mid_row(tmp_path: Path) -> None:
+    rows = "".join(f"student{i}\n" for i in range(400_000))  # about 5 MB
+    (tmp_path / "class.csv").write_text("student\n" + rows)
+    cfg_file = tmp_path / "registry.toml"
+    cfg_file.write_text('[class]\nroster = "class.csv"\n')
+    with pytest.raises(ConfigError, match=r"class.csv: larger than 4 MiB"):
+        grading.load_roster(config_mod.load(str(cfg_file)))
+
+
 # --- grade rows ---------------------------------------------------------------------------
 
 

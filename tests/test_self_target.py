@@ -99,6 +99,19 @@ def test_the_predicate_is_asked_only_about_our_ports() -> None:
     assert asked == [OTHER]
 
 
+def test_a_predicate_that_cannot_tell_refuses_our_port_only() -> None:
+    """Fail-closed: when asking the host fails, our own port is refused, others are not."""
+
+    def broken(addr: object) -> bool:
+        raise OSError("probe failed")
+
+    peer = Endpoint(OTHER, 40000)
+    d = decide(_request(str(OTHER), 9000), peer, PolicyConfig(), WILDCARD, broken)
+    assert isinstance(d, Deny) and d.code is Code.SELF_TARGET, d
+    d = decide(_request(str(OTHER), 15000), peer, PolicyConfig(), WILDCARD, broken)
+    assert isinstance(d, Allow), d
+
+
 def test_a_resolved_name_pointing_at_us_is_self_target() -> None:
     policy = PolicyConfig(allow_hostnames=True)
     request = Request("lab.example", 9000)

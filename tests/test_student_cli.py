@@ -77,6 +77,13 @@ def test_usage_errors_exit_64(argv: list[str], capsys: pytest.CaptureFixture[str
     assert "error:" in capsys.readouterr().err
 
 
+def test_a_name_with_spaces_needs_json(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        run(["client", "--registry", "127.0.0.1:9", "--student", "Ana Lima"])
+    assert exc.value.code == 64
+    assert "needs --json" in capsys.readouterr().err
+
+
 def test_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         run(["client", "--help"])
