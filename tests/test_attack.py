@@ -685,7 +685,11 @@ async def test_the_real_registry_bans_a_looping_source_in_the_kernel_and_lets_it
 async def test_rapid_registrations_from_one_source_get_busy_rate_limited(
     tmp_path: Path,
 ) -> None:
-    cfg = config(ratelimit={**OPEN_RATES, "per_source": "5/minute"})
+    cfg = config(
+        ratelimit={**OPEN_RATES, "per_source": "5/minute"},
+        # answered at once: the hold of a refusal has its own tests (test_door.py, above)
+        tuning={"refusal_delay": "0s", "max_refusal_delay": "0s"},
+    )
     closed = _closed_port("127.0.0.6")
     with run_registry(tmp_path, config=cfg) as reg:
         replies = [
