@@ -76,10 +76,13 @@ def accept_queue(port: int) -> int:
 
 
 def deferred_by_kernel(port: int, clients: set[tuple[str, int]]) -> int:
-    """How many of ``clients`` the kernel still holds for 127.0.0.1:``port`` (SYN_RECV)."""
+    """How many of ``clients`` the kernel still holds for 127.0.0.1:``port`` (SYN_RECV).
+
+    Distinct clients, not rows: a read of /proc/net/tcp that races changes to the
+    table may list a row twice."""
     me = _proc_tcp("127.0.0.1", port)
     theirs = {_proc_tcp(ip, p) for ip, p in clients}
-    return sum(1 for r in _proc_tcp_rows() if r[1] == me and r[3] == "03" and r[2] in theirs)
+    return len({r[2] for r in _proc_tcp_rows() if r[1] == me and r[3] == "03" and r[2] in theirs})
 
 
 def rss_mb(pid: int) -> float:
