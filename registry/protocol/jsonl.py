@@ -34,12 +34,10 @@ from typing import Any
 
 from registry.errors import ProtocolError
 from registry.model import Code, IPAddress, Outcome, Request
-from registry.protocol.names import BadName, normalise
 from registry.protocol.reply import quote_input, safe_text, safe_value
 
-# The text parser's host rules, reused so the two protocols cannot drift apart.
-# They are module-private there; see the report asking for public names.
-from registry.protocol.text import NeedData, OneRequestReceiver, parse_host, parse_ipv6
+# The text parser's host and field rules, reused so the two protocols cannot drift apart.
+from registry.protocol.text import OneRequestReceiver, check_value, decode, parse_host, parse_ipv6
 
 DEFAULT_MAX_BYTES = 512
 # A request is a flat object (depth 1). A little room above that lets a nested
@@ -63,8 +61,6 @@ REPLY_KEYS = (
     "explanation",
 )
 
-_WHITESPACE = b" \t\r\n"
-_SECRET = re.compile(r"[\x21-\x7e]{1,128}", re.ASCII)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
@@ -134,14 +130,7 @@ def parse_json(body: bytes | str, *, max_depth: int = MAX_DEPTH) -> Request:
     offending field, or describes why the bytes are not one JSON object.
     """
     if isinstance(body, bytes):
-        try:
-            text = body.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise _bad(
-                f"request is not valid UTF-8 (byte 0x{body[exc.start]:02x} at offset "
-                f"{exc.start}); send one JSON object like {EXAMPLE}"
-            ) from None
-        raw = body
+        text, raw = decode(body, Code.BAD_JSON, f"one JSON object like {EXAMPLE}"), body
     else:
         text, raw = body, body.encode("utf-8", "surrogatepass")
     deepest, _ = scan_depth(raw, max_depth)
@@ -282,87 +271,35 @@ def _option(key: str, value: Any) -> object:
         return value
     if not isinstance(value, str):
         raise _field_error(key, f"expected a string, got {_type_name(value)}")
-    if key == "student":
-        try:
-            return normalise(value, spaces=True)
-        except BadName as exc:
-            raise _field_error(key, f"{quote_input(value, 30)} {exc}") from None
-    # token: a secret, never echoed back, not even in part.
-    if not _SECRET.fullmatch(value):
-        raise _field_error(key, "must be 1-128 printable ASCII characters without spaces")
-    return value
+    try:
+        return check_value(key, value, spaces=True)
+    except ValueError as exc:
+        raise _field_error(key, str(exc)) from None
 
 
 # ------------------------------------------------------------------------- framing
 
 
 class JsonReceiver(OneRequestReceiver):
-    """Frame one JSON request from a byte stream (same interface as ``TextReceiver``).
+    """Frame one JSON request (see ``text.OneRequestReceiver``). Whitespace and blank
+    lines before the object are skipped; the quiet period ends the request only when
+    its brackets balance: an object cut in the middle by a slow client keeps waiting
+    (until the caller's total deadline) instead of being parsed half-way."""
 
-    Whitespace before the object is skipped. The object ends at the first LF
-    (later bytes are ignored), at EOF, or when the caller's quiet period
-    passes *and* the brackets seen so far are balanced: an object cut in the
-    middle by a slow client keeps waiting (until the caller's total deadline)
-    instead of being parsed half-way. More than ``max_bytes`` before the LF
-    is ``TOO_LONG`` at once, and no more than ``max_bytes`` are ever held.
-    """
+    _SKIP = b" \t\r\n"
+    _EMPTY = (Code.BAD_JSON, f"empty request; send one JSON object like {EXAMPLE}")
+    _SEND = f"send one short JSON object on one line, like {EXAMPLE}"
 
     def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES, *, max_depth: int = MAX_DEPTH) -> None:
-        super().__init__(max_bytes)  # ``buffered`` excludes leading whitespace here too
+        super().__init__(max_bytes)
         self._max_depth = max_depth
-        self._seen = 0  # every byte before the terminator, leading whitespace included
 
-    def receive_data(self, data: bytes) -> None:
-        """Add bytes from the peer; ``b""`` means the peer closed or half-closed."""
-        if self._result is not None:
-            return  # one request per connection
-        if not data:
-            self._finish()
-            return
-        if not self._buf:
-            skipped = len(data) - len(data.lstrip(_WHITESPACE))
-            self._seen += skipped
-            data = data[skipped:]
-            if not data:
-                self._check_size(0)
-                return
-        cut = data.find(b"\n")
-        chunk = data if cut < 0 else data[:cut]
-        if not self._check_size(len(chunk)):
-            return
-        self._buf += chunk
-        self._seen += len(chunk)
-        if cut >= 0:
-            self._finish()
+    def _complete(self) -> bool:
+        deepest, balanced = scan_depth(bytes(self._buf), self._max_depth)
+        return balanced or deepest > self._max_depth
 
-    def _check_size(self, incoming: int) -> bool:
-        if self._seen + incoming <= self._max:
-            return True
-        self._result = ProtocolError(
-            Code.TOO_LONG,
-            f"request longer than {self._max} bytes; send one short JSON object on one line, "
-            f"like {EXAMPLE}",
-        )
-        return False
-
-    def quiet(self) -> Request | NeedData:
-        """The quiet period passed: take the object if it looks complete, else keep waiting."""
-        if self._result is None and self._buf:
-            deepest, balanced = scan_depth(bytes(self._buf), self._max_depth)
-            if balanced or deepest > self._max_depth:
-                self._finish()
-        return self.next_event()
-
-    def _finish(self) -> None:
-        body = bytes(self._buf).removesuffix(b"\r")
-        try:
-            if not body.strip(_WHITESPACE):
-                raise _bad(f"empty request; send one JSON object like {EXAMPLE}")
-            self._result = parse_json(body, max_depth=self._max_depth)
-        except ProtocolError as exc:
-            # Without its traceback: kept, it would tie this receiver and the parser's
-            # frames into a reference cycle that only the garbage collector frees.
-            self._result = exc.with_traceback(None)
+    def _parse(self, body: bytes) -> Request:
+        return parse_json(body, max_depth=self._max_depth)
 
 
 # --------------------------------------------------------------------------- reply
