@@ -1,28 +1,11 @@
 """JSON lines on the registration port: one request object, one reply object, sans-io.
 
-The request (SPEC)::
-
-    {"host": "192.168.1.105", "port": 15000, "student": "alice", "token": "t", "verify": true}
-
-Strict, because a lenient JSON reader is where ambiguity creeps in:
-
-- exactly one JSON object, UTF-8, at most ``max_bytes`` bytes, nested at most
-  ``MAX_DEPTH`` deep (counted on the raw bytes *before* ``json.loads``, so a
-  deeply nested bomb never reaches the recursive parser);
-- no duplicate keys (``{"port": 1, "port": 15000}`` means different things to
-  different parsers), no ``NaN``/``Infinity`` (not JSON), no trailing data;
-- ``host`` (string) and ``port`` (integer, and ``true`` is not an integer)
-  are required; ``student``, ``token`` (strings) and ``verify`` (boolean) are
-  optional, and ``null`` for an optional field means the field is absent;
-  any other field is an error that names it;
-- ``host`` follows the text parser's rules: canonical dotted-decimal IPv4,
-  IPv6 with or without brackets (no zone id), or an RFC 1123 hostname; other
-  IPv4 spellings are refused, never reinterpreted.
-
-Every problem with the object is ``ERROR bad_json``, and the explanation
-starts by naming the field (``"port": ...``); an oversized request is
-``too_long``. ``JsonReceiver`` frames the object from a byte stream with the
-interface of ``text.TextReceiver``; ``format_json_reply`` writes the reply.
+Strict (docs/protocol.md, "JSON lines over TCP"), because a lenient JSON
+reader is where ambiguity creeps in: a repeated key means different things to
+different parsers, NaN is not JSON, and nesting is counted on the raw bytes
+before ``json.loads``, so a nested bomb never reaches the recursive parser.
+``host`` follows the text parser's rules. Every problem with the object is
+``bad_json`` naming the field first (``"port": ...``); too many bytes is ``too_long``.
 """
 
 from __future__ import annotations
@@ -48,17 +31,8 @@ EXAMPLE = '{"host": "192.168.1.105", "port": 15000, "student": "alice"}'
 REQUIRED = ("host", "port")
 OPTIONAL = ("student", "token", "verify")
 FIELDS = REQUIRED + OPTIONAL
-REPLY_KEYS = (
-    "status",
-    "code",
-    "id",
-    "target",
-    "observed",
-    "diagnosis",
-    "rtt_ms",
-    "verified",
-    "retry_after",
-    "explanation",
+REPLY_KEYS = tuple(
+    "status code id target observed diagnosis rtt_ms verified retry_after explanation".split()
 )
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -74,16 +48,8 @@ def _field_error(name: str, problem: str) -> ProtocolError:
     return _bad(f"{json.dumps(shown, ensure_ascii=True)}: {problem}")
 
 
-class _Duplicate(Exception):
-    def __init__(self, key: str) -> None:
-        super().__init__(key)
-        self.key = key
-
-
-class _Constant(Exception):
-    def __init__(self, name: str) -> None:
-        super().__init__(name)
-        self.name = name
+class _Refused(Exception):
+    """Out of ``json.loads``'s hooks: ("twice", a repeated key) or ("constant", NaN...)."""
 
 
 # ------------------------------------------------------------------------ scanning
@@ -150,11 +116,12 @@ def parse_json(body: bytes | str, *, max_depth: int = MAX_DEPTH) -> Request:
 def _loads(text: str) -> Any:
     try:
         return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
-    except _Duplicate as dup:
-        raise _field_error(dup.key, "given twice; give each field once") from None
-    except _Constant as const:
+    except _Refused as refused:
+        kind, name = refused.args
+        if kind == "twice":
+            raise _field_error(name, "given twice; give each field once") from None
         raise _bad(
-            f"{const.name} is not a JSON value (JSON has no NaN or Infinity); "
+            f"{name} is not a JSON value (JSON has no NaN or Infinity); "
             f"send one object like {EXAMPLE}"
         ) from None
     except json.JSONDecodeError as exc:
@@ -169,13 +136,13 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     obj: dict[str, Any] = {}
     for key, value in pairs:
         if key in obj:
-            raise _Duplicate(key)
+            raise _Refused("twice", key)
         obj[key] = value
     return obj
 
 
 def _no_constant(name: str) -> Any:
-    raise _Constant(name)
+    raise _Refused("constant", name)
 
 
 def _type_name(value: object) -> str:
