@@ -159,6 +159,27 @@ def parse_port(text: str, *, allow_zero: bool) -> int:
 _SAFE_VALUE = re.compile(r"[^\s\x00-\x1f\x7f]+")
 
 
+# The registry's rule (registry/protocol/names.py: INVISIBLE, _character_problem),
+# mirrored because student/ imports nothing from registry/; tests/test_names.py ties
+# the two. Letters and marks that draw nothing: Hangul fillers, the combining
+# grapheme joiner, variation selectors.
+INVISIBLE = frozenset(
+    [0x034F, 0x115F, 0x1160, 0x3164, 0xFFA0, *range(0xFE00, 0xFE10), *range(0xE0100, 0xE01F0)]
+)
+
+
+def refused_character(ch: str) -> str | None:
+    """What kind of character a name may not hold (``control``...), or None."""
+    kind = unicodedata.category(ch)
+    if kind == "Cc":
+        return "control"
+    if kind in ("Zl", "Zp"):
+        return "line break"
+    if kind in ("Cf", "Cs") or ord(ch) in INVISIBLE:
+        return "invisible"
+    return None
+
+
 def check_name(value: str) -> str:
     """``--student``: NFC (the registry's form), and no invisible or control characters.
 
@@ -167,9 +188,8 @@ def check_name(value: str) -> str:
     still has the last word on everything else a name may hold.
     """
     for ch in value:
-        kind = unicodedata.category(ch)
-        if kind in ("Cc", "Cf", "Cs"):
-            what = "control" if kind == "Cc" else "invisible"
+        what = refused_character(ch)
+        if what is not None:
             label = unicodedata.name(ch, "")
             shown = f"U+{ord(ch):04X}" + (f" ({label})" if label else "")
             raise ValueError(f"--student contains the {what} character {shown}; retype the name")
