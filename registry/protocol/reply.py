@@ -118,43 +118,30 @@ class ParsedReply:
     explanation: str = ""
 
 
-STANDARD_KEYS = (
-    "id",
-    "target",
-    "observed",
-    "diagnosis",
-    "verified",
-    "rtt_ms",
-    "retry_after",
-    "corrected",
-)
+# The reply's keys, in their documented order; an extra key never takes one of these names.
+STANDARD_KEYS = tuple("id target observed diagnosis verified rtt_ms retry_after corrected".split())
 
 
 def _fields(outcome: Outcome) -> list[tuple[str, str]]:
     """The reply's key=value pairs, in the documented order."""
-    pairs: list[tuple[str, str]] = []
-    if outcome.id is not None:
-        pairs.append(("id", outcome.id))
-    if outcome.target is not None:
-        pairs.append(("target", outcome.target))
-    if outcome.observed is not None:
-        pairs.append(("observed", outcome.observed))
-    if outcome.diagnosis is not None:
-        pairs.append(("diagnosis", outcome.diagnosis.value))
-    if outcome.verified is not None:
-        pairs.append(("verified", "yes" if outcome.verified else "no"))
-    if outcome.rtt_ms is not None:
-        pairs.append(("rtt_ms", f"{outcome.rtt_ms:.1f}"))
-    if outcome.retry_after is not None:
-        pairs.append(("retry_after", str(int(outcome.retry_after))))
-    if outcome.corrected:
-        pairs.append(("corrected", "yes"))
-    # An extra key never takes a standard field's name, set or not: "id=" in a
-    # reply is always the registration's id (an extra "ID" would read as "id").
+    o = outcome
+    values = (
+        o.id,
+        o.target,
+        o.observed,
+        None if o.diagnosis is None else o.diagnosis.value,
+        None if o.verified is None else ("yes" if o.verified else "no"),
+        None if o.rtt_ms is None else f"{o.rtt_ms:.1f}",
+        None if o.retry_after is None else str(int(o.retry_after)),
+        "yes" if o.corrected else None,
+    )
+    pairs = [(key, v) for key, v in zip(STANDARD_KEYS, values, strict=True) if v is not None]
+    # Not even an unset one: "id=" in a reply is always the registration's id (an
+    # extra "ID" would read as "id"); a repeated key would make the reply ambiguous.
     seen = set(STANDARD_KEYS)
-    for key, value in outcome.extra:
+    for key, value in o.extra:
         clean = _safe_key(key)
-        if clean not in seen:  # a repeated key would make the reply ambiguous
+        if clean not in seen:
             seen.add(clean)
             pairs.append((clean, value))
     return pairs
@@ -179,13 +166,9 @@ def _explanation(text: str) -> str:
 
 
 def format_reply(outcome: Outcome) -> bytes:
-    """Format ``outcome`` as one reply line: ``b"STATUS CODE k=v ... explanation\\n"``.
-
-    Keys appear in this order when set: id, target, observed, diagnosis,
-    verified (yes|no), rtt_ms (one decimal), retry_after (int), corrected=yes,
-    then ``outcome.extra``. The result is printable ASCII with exactly one
-    newline, at the end, whatever text the outcome holds.
-    """
+    """``outcome`` as one reply line ``b"STATUS CODE k=v ... explanation\\n"`` (keys in
+    ``STANDARD_KEYS`` order when set, then ``outcome.extra``): printable ASCII with
+    exactly one newline, at the end, whatever text the outcome holds."""
     parts = [outcome.status.value, outcome.code.value]
     parts.extend(f"{key}={safe_value(value)}" for key, value in _fields(outcome))
     parts.append(_explanation(outcome.explanation))
