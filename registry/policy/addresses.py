@@ -138,11 +138,8 @@ _TEREDO = _NET("2001::/32")
 
 
 class Unwrapped(NamedTuple):
-    """An embedding found in an IPv6 address: its kind and the IPv4 inside.
-
-    ``also`` holds further IPv4 addresses the form carries (the Teredo server),
-    which are checked against denied classes but never dialled.
-    """
+    """An embedding found in an IPv6 address: its kind, the IPv4 inside, and ``also``
+    any further IPv4 it carries (the Teredo server: judged, never dialled)."""
 
     kind: Embedding
     inner: IPv4
@@ -295,16 +292,10 @@ _NUMERIC = re.compile(r"^(?:0x[0-9a-f]*|[0-9]+)$")
 
 
 def normalise_hostname(name: str) -> str:
-    """Lower-case ``name`` and drop one trailing dot; raise ValueError if it is no hostname.
-
-    Refused: brackets (an IPv6 literal is never a name), empty labels, labels
-    over 63 or names over 253 characters, characters outside letters, digits,
-    ``-`` and ``_`` (IDNs must come as punycode ``xn--``), and names whose last
-    label is numeric: resolvers read ``127.1`` or ``0x7f.1`` as IPv4, the
-    spellings the protocol refuses.
-    """
-    if not isinstance(name, str):
-        raise ValueError("a hostname must be text")
+    """Lower-case ``name`` and drop one trailing dot; ValueError if it is no hostname:
+    brackets, empty or long labels, anything but letters, digits, ``-`` and ``_``
+    (IDNs come as punycode), or a numeric last label (``127.1``, ``0x7f.1``: IPv4
+    to resolvers, spellings the protocol refuses)."""
     if "[" in name or "]" in name:
         raise ValueError("brackets belong to IPv6 literals, not hostnames")
     host = name.lower()
@@ -330,22 +321,11 @@ def ascii_safe(text: str, limit: int = 64) -> str:
     return safe if len(safe) <= limit else safe[: limit - 3] + "..."
 
 
-_DOTTED_TAIL = frozenset(
-    {
-        Embedding.MAPPED,
-        Embedding.TRANSLATED,
-        Embedding.COMPATIBLE,
-        Embedding.NAT64,
-        Embedding.NAT64_LOCAL,
-    }
-)
-
-
 def _display(addr: IPAddress, found: Unwrapped | None) -> str:
     """The address as a person writes it: zone dropped, IPv6 compressed, and an
     IPv4 in the low 32 bits shown dotted (``::ffff:127.0.0.1``, RFC 5952 s5), so
     students recognise the address they wrote."""
-    if found is None or found.kind not in _DOTTED_TAIL:
+    if found is None or found.kind in (Embedding.SIX_TO_FOUR, Embedding.TEREDO):
         return addr.compressed
     high = IPv6(int(addr) & ~_MASK32).compressed
     if high.endswith("::"):

@@ -61,6 +61,15 @@ class NeedsResolution:
 Decision = Allow | Deny
 
 
+@dataclass(frozen=True, slots=True)
+class _Rules:
+    """What a request is judged against: the policy and the registry's own sockets."""
+
+    policy: PolicyConfig
+    own: frozenset[Endpoint]
+    is_local: IsLocal
+
+
 def decide(
     request: Request,
     observed: Endpoint,
@@ -68,7 +77,7 @@ def decide(
     own: frozenset[Endpoint] = frozenset(),
     is_local: IsLocal = no_host_addresses,
 ) -> Decision | NeedsResolution:
-    """Judge one request against the policy; see the module docstring for the order."""
+    """Judge one request against the policy (docs/architecture.md, "Callback policy")."""
     try:
         host = getattr(request, "host", None)
         if isinstance(host, str):
@@ -77,7 +86,7 @@ def decide(
         if isinstance(seen, Deny):
             return seen
         port = getattr(request, "port", None)
-        return _decide_ip(host, port, seen, policy, own, is_local)
+        return _decide_ip(host, port, seen, _Rules(policy, own, is_local))
     except Exception as e:  # totality: a bug here must refuse, never crash the handler
         return _internal(e)
 
@@ -104,25 +113,17 @@ def decide_resolved(
                 f"{name} did not resolve to any address; advertise an IP address instead.",
                 Diagnosis.HOSTNAME,
             )
-        return _pick(name, answers, request, seen, policy, own, is_local)
+        return _pick(name, answers, request.port, seen, _Rules(policy, own, is_local))
     except Exception as e:  # totality, as in decide()
         return _internal(e)
 
 
-def _pick(
-    name: str,
-    answers: list[IPAddress],
-    request: Request,
-    seen: Address,
-    policy: PolicyConfig,
-    own: frozenset[Endpoint],
-    is_local: IsLocal,
-) -> Decision:
+def _pick(name: str, answers: list[IPAddress], port: int, seen: Address, rules: _Rules) -> Decision:
     allowed: list[Allow] = []
     mismatch: Deny | None = None
     for answer in answers:
         addr = Address.of(answer)
-        d = _decide_ip(addr, request.port, seen, policy, own, is_local)
+        d = _decide_ip(addr, port, seen, rules)
         if isinstance(d, Allow):
             allowed.append(d)
         elif d.code is Code.SOURCE_MISMATCH:
@@ -173,14 +174,7 @@ def _peer(observed: Endpoint) -> Address | Deny:
     return Address.of(host)
 
 
-def _decide_ip(
-    host: Any,
-    port: Any,
-    seen: Address,
-    policy: PolicyConfig,
-    own: frozenset[Endpoint],
-    is_local: IsLocal,
-) -> Decision:
+def _decide_ip(host: Any, port: Any, seen: Address, rules: _Rules) -> Decision:
     if not isinstance(host, _IP_TYPES):
         return Deny(Code.ADDRESS_NOT_ALLOWED, "The advertised host is not an IP address.")
     addr = Address.of(host)
@@ -191,13 +185,14 @@ def _decide_ip(
     problem = _check_class(addr, port, seen, diag)
     if problem is not None:
         return problem
+    policy = rules.policy
     mode = policy.mode if policy.mode in MODES else "strict"
     dialled = seen if mode == "nat-observed" else addr
     dial = Endpoint(dialled.norm, port)
     if mode == "nat-observed":
         # The dialled peer gets step 3 too; no diagnosis text applies to it.
         problem = _check_class(dialled, port, seen, Diagnosis.DIRECT)
-    problem = problem or _check_dial(dialled, dial, policy, own, is_local, diag)
+    problem = problem or _check_dial(dialled, dial, rules, diag)
     if problem is not None:
         return problem
     notes = tuple(
@@ -258,13 +253,8 @@ def _check_class(addr: Address, port: int, seen: Address, diag: Diagnosis) -> De
     return Deny(Code.ADDRESS_NOT_ALLOWED, _class_text(addr, cls), diag)
 
 
-_ADVERTISED_CASES = frozenset(
-    {
-        Diagnosis.LOOPBACK_ADVERTISED,
-        Diagnosis.UNSPECIFIED_ADVERTISED,
-        Diagnosis.LINK_LOCAL_ADVERTISED,
-    }
-)
+_D = Diagnosis
+_ADVERTISED_CASES = {_D.LOOPBACK_ADVERTISED, _D.UNSPECIFIED_ADVERTISED, _D.LINK_LOCAL_ADVERTISED}
 
 
 def _class_text(addr: Address, cls: AddrClass) -> str:
@@ -280,16 +270,10 @@ def _class_text(addr: Address, cls: AddrClass) -> str:
     )
 
 
-def _check_dial(
-    dialled: Address,
-    dial: Endpoint,
-    policy: PolicyConfig,
-    own: frozenset[Endpoint],
-    is_local: IsLocal,
-    diag: Diagnosis,
-) -> Deny | None:
+def _check_dial(dialled: Address, dial: Endpoint, rules: _Rules, diag: Diagnosis) -> Deny | None:
     """Steps 4-7 on the address that would be dialled."""
-    if _is_self(dialled.norm, dial, own, is_local):
+    policy = rules.policy
+    if _is_self(dialled.norm, dial, rules):
         return Deny(
             Code.SELF_TARGET,
             f"{dial} is one of the registry's own sockets; run your server on another port.",
@@ -310,16 +294,15 @@ def _check_dial(
     return None
 
 
-def _is_self(host: Address, dial: Endpoint, own: frozenset[Endpoint], is_local: IsLocal) -> bool:
-    own_ports = {e.port for e in own}
-    if dial.port not in own_ports:
+def _is_self(host: Address, dial: Endpoint, rules: _Rules) -> bool:
+    if dial.port not in {e.port for e in rules.own}:
         return False
     if host.cls in (AddrClass.LOOPBACK, AddrClass.UNSPECIFIED):
         return True
-    if any(host == Address.of(e.host).norm for e in own):
+    if any(host == Address.of(e.host).norm for e in rules.own):
         return True
     try:
-        return bool(is_local(dial.host))
+        return bool(rules.is_local(dial.host))
     except Exception:  # cannot tell: refusing our own port costs a student nothing
         return True
 

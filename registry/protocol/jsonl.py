@@ -145,21 +145,20 @@ def _no_constant(name: str) -> Any:
     raise _Refused("constant", name)
 
 
+_TYPE_NAMES = {
+    type(None): "null",
+    bool: "a boolean",
+    int: "an integer",
+    float: "a number with a fraction or exponent",
+    str: "a string",
+    list: "an array",
+    dict: "an object",
+}
+
+
 def _type_name(value: object) -> str:
     """What a JSON value is, with its article: "an integer", "a string", "null"."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a number with a fraction or exponent"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    return "an object"
+    return _TYPE_NAMES.get(type(value), "an object")
 
 
 def _request(obj: dict[str, Any]) -> Request:
