@@ -23,6 +23,7 @@ EXAMPLE = "192.168.1.105:15000"
 EXAMPLE6 = "[2001:db8::1]:15000"
 _FIX, _FIX6 = f"write HOST:PORT, like {EXAMPLE}", f"write [IPv6]:PORT, like {EXAMPLE6}"
 DEFAULT_MAX_BYTES = 512
+KEYS = ("student", "token", "verify")  # what a request may add to HOST:PORT (UDP: and cookie)
 
 _SEP = re.compile(r"[ \t]+")
 # C0 controls except TAB (a separator), DEL, and the C1 range: none belongs in a
@@ -342,9 +343,7 @@ def _inet_aton(parts: list[str]) -> ipaddress.IPv4Address | None:
 
 def _parse_keys(tokens: list[str], allow_cookie: bool) -> dict[str, object]:
     """Parse the ``key=value`` tokens after HOST:PORT into Request keyword arguments."""
-    known = (
-        ("student", "token", "verify", "cookie") if allow_cookie else ("student", "token", "verify")
-    )
+    known = KEYS + ("cookie",) if allow_cookie else KEYS
     found: dict[str, object] = {}
     for token in tokens:
         key, eq, value = token.partition("=")
@@ -408,8 +407,8 @@ class OneRequestReceiver:
     """
 
     _SKIP = b""  # bytes skipped before the request starts (they still count to the cap)
-    _EMPTY = (Code.MALFORMED, f"empty request; send one line HOST:PORT, like {EXAMPLE}")
-    _SEND = f"send one short line HOST:PORT[ key=value ...], like {EXAMPLE}"
+    _EMPTY: tuple[Code, str]  # the error for a request of only whitespace
+    _SEND: str  # what to send instead of too long a request
 
     def __init__(self, max_bytes: int) -> None:
         if max_bytes < 1:
@@ -482,6 +481,9 @@ class OneRequestReceiver:
 
 class TextReceiver(OneRequestReceiver):
     """Frame one text request (see ``OneRequestReceiver``)."""
+
+    _EMPTY = (Code.MALFORMED, f"empty request; send one line HOST:PORT, like {EXAMPLE}")
+    _SEND = f"send one short line HOST:PORT[ key=value ...], like {EXAMPLE}"
 
     def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES, *, allow_cookie: bool = False) -> None:
         super().__init__(max_bytes)
