@@ -1,14 +1,9 @@
 """Reply lines: ``STATUS CODE [key=value ...] free text explanation``.
 
-Every reply is exactly one ASCII line ending in ``\\n``. Field values and the
-explanation may carry text that came from a student (a name, a token, the
-bytes they sent), so everything is sanitised here, in one place, so that no
-input can split the line, add a field, or smuggle terminal control bytes to the
-person reading the reply.
-
-The escaping helpers (``quote_input``, ``safe_value``, ``safe_text``) are also
-used by the request parser and the callback line, so every byte that leaves
-the registry goes through the same rules.
+Every reply is one ASCII line ending in ``\\n``. Values and explanations may
+carry a student's text, so it is sanitised here, in one place (the parsers and
+the callback line use the same helpers): no input can split the line, add a
+field, or drive the terminal of whoever reads the reply.
 """
 
 from __future__ import annotations
@@ -184,22 +179,24 @@ def parse_reply(line: str | bytes) -> ParsedReply:
     explanation. A repeated key keeps its first value.
     """
     text = line.decode("utf-8", "replace") if isinstance(line, bytes) else line
-    text = text.removesuffix("\n").removesuffix("\r")
-    head = text.split(None, 1)
-    status = head[0] if head else ""
-    rest = head[1] if len(head) > 1 else ""
-    code = ""
-    nxt = rest.split(None, 1)
-    if nxt and "=" not in nxt[0]:
-        code, rest = nxt[0], (nxt[1] if len(nxt) > 1 else "")
+    status, rest = _word(text.removesuffix("\n").removesuffix("\r"))
+    code, after = _word(rest)
+    if "=" not in code:
+        rest = after
+    else:
+        code = ""
     fields: dict[str, str] = {}
     while rest:
-        token_rest = rest.split(None, 1)
-        token = token_rest[0]
-        after = token_rest[1] if len(token_rest) > 1 else ""
+        token, after = _word(rest)
         if "=" not in token:
             break
         key, _, value = token.partition("=")
         fields.setdefault(key, value)
         rest = after
     return ParsedReply(status=status, code=code, fields=fields, explanation=rest.strip())
+
+
+def _word(text: str) -> tuple[str, str]:
+    """The first whitespace-separated word of ``text`` and what follows it."""
+    parts = text.split(None, 1)
+    return (parts[0] if parts else ""), (parts[1] if len(parts) > 1 else "")
