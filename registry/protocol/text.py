@@ -32,6 +32,7 @@ _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
 _DEC_OCTET = re.compile(r"(?:0|[1-9][0-9]{0,2})", re.ASCII)
 _DIGITS = re.compile(r"[0-9]+", re.ASCII)
 _HEX_PART = re.compile(r"0[xX][0-9a-fA-F]*", re.ASCII)
+_OCTAL_BAD = re.compile(r"0[0-7]*[89][0-9]*", re.ASCII)  # a leading zero, then 8 or 9
 _LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?", re.ASCII)
 _SECRET = re.compile(r"[\x21-\x7e]{1,128}", re.ASCII)
 _HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH", "CONNECT"})
@@ -315,27 +316,16 @@ def _explain_ipv4(text: str) -> str:
 
 def _inet_aton(parts: list[str]) -> ipaddress.IPv4Address | None:
     """What BSD ``inet_aton`` would make of numeric ``parts`` (for explanations only)."""
-    if len(parts) > 4:
+    # Over 12 characters is far beyond 32 bits in any base: skip the big-int work.
+    if len(parts) > 4 or any(len(p) > 12 or _OCTAL_BAD.fullmatch(p) for p in parts):
         return None
-    values: list[int] = []
-    for part in parts:
-        if len(part) > 12:  # far beyond 32 bits in any base; skip the big-int work
-            return None
-        if _HEX_PART.fullmatch(part):
-            values.append(int(part[2:] or "0", 16))
-        elif len(part) > 1 and part.startswith("0"):
-            if not re.fullmatch(r"0[0-7]+", part):
-                return None
-            values.append(int(part, 8))
-        else:
-            values.append(int(part))
-    *head, last = values
+    *head, last = [
+        int(p[2:] or "0", 16) if _HEX_PART.fullmatch(p) else int(p, 8 if p[:1] == "0" else 10)
+        for p in parts
+    ]
     if any(v > 255 for v in head) or last >= 1 << (8 * (4 - len(head))):
         return None
-    number = last
-    for i, v in enumerate(head):
-        number |= v << (8 * (3 - i))
-    return ipaddress.IPv4Address(number)
+    return ipaddress.IPv4Address(sum(v << (8 * (3 - i)) for i, v in enumerate(head)) + last)
 
 
 # ---------------------------------------------------------------------------- keys
