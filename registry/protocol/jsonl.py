@@ -271,10 +271,11 @@ class JsonReceiver(OneRequestReceiver):
 # --------------------------------------------------------------------------- reply
 
 
-def reply_object(outcome: Outcome) -> dict[str, Any]:
-    """The reply as a dict with every key of ``REPLY_KEYS`` (``None`` when absent)."""
+def format_json_reply(outcome: Outcome) -> bytes:
+    """One JSON object and ``\\n``, printable ASCII: every key of ``REPLY_KEYS``, in order,
+    ``null`` when it does not apply."""
     rtt = outcome.rtt_ms
-    return {
+    reply = {
         "status": outcome.status.value,
         "code": outcome.code.value,
         "id": _value(outcome.id),
@@ -286,14 +287,8 @@ def reply_object(outcome: Outcome) -> dict[str, Any]:
         "retry_after": int(outcome.retry_after) if outcome.retry_after is not None else None,
         "explanation": safe_text(outcome.explanation) or None,
     }
+    return (json.dumps(reply, ensure_ascii=True, allow_nan=False) + "\n").encode("ascii")
 
 
 def _value(text: str | None) -> str | None:
     return safe_value(text) if text is not None else None
-
-
-def format_json_reply(outcome: Outcome) -> bytes:
-    """One JSON object and ``\\n``: printable ASCII (``ensure_ascii``), keys in ``REPLY_KEYS`` order."""
-    return (json.dumps(reply_object(outcome), ensure_ascii=True, allow_nan=False) + "\n").encode(
-        "ascii"
-    )
