@@ -43,29 +43,19 @@ def _plain(text: str) -> bool:
 
 
 def _escape_capped(text: str, limit: int, escape: dict[str, str] | None = None) -> str:
-    """Escape ``text`` char by char; if the result exceeds ``limit`` chars, cut it with ``...``.
-
-    The cap applies to the output, not the input, so a string of emoji cannot
-    grow ten-fold through escaping; work stops after ``limit`` output chars.
-    """
+    """Escape ``text`` char by char; if the result exceeds ``limit`` chars, cut it with
+    ``...``. The cap is on the output: emoji cannot grow it ten-fold, and work stops there."""
     pieces: list[str] = []
-    used = 0
+    used = fits = 0  # fits: how many pieces leave room for the ellipsis
     for ch in text:
         piece = escape[ch] if escape and ch in escape else _escape_char(ch)
-        pieces.append(piece)
         used += len(piece)
         if used > limit:
-            break
-    else:
-        return "".join(pieces)
-    kept: list[str] = []
-    used = 0
-    for piece in pieces:
-        if used + len(piece) > limit - len(_ELLIPSIS):
-            break
-        kept.append(piece)
-        used += len(piece)
-    return "".join(kept) + _ELLIPSIS
+            return "".join(pieces[:fits]) + _ELLIPSIS
+        pieces.append(piece)
+        if used <= limit - len(_ELLIPSIS):
+            fits = len(pieces)
+    return "".join(pieces)
 
 
 def quote_input(text: str, limit: int = QUOTE_LIMIT) -> str:
