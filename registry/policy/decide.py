@@ -150,7 +150,8 @@ def _hostname(
 ) -> Decision | NeedsResolution:
     raw = str(request.host)
     if not policy.allow_hostnames:
-        seen = _seen(observed)
+        peer = _peer(observed)
+        seen = peer.display if isinstance(peer, Address) else "an unknown address"
         return Deny(
             Code.HOSTNAME_NOT_ALLOWED,
             f"This registry does not resolve names; you sent {ascii_safe(raw)!r}. "
@@ -310,11 +311,6 @@ def _is_self(host: Address, dial: Endpoint, rules: _Rules) -> bool:
 def _matches(addr: Address, networks: tuple[CIDR, ...]) -> list[CIDR]:
     """The networks holding ``addr`` as sent or any address embedded in it."""
     return [net for net in networks if any(form in net for form in addr.inner)]
-
-
-def _seen(observed: Endpoint) -> str:
-    host = getattr(observed, "host", None)
-    return Address.of(host).display if isinstance(host, _IP_TYPES) else "an unknown address"
 
 
 def _internal(e: Exception) -> Deny:
