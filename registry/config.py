@@ -413,38 +413,28 @@ def loads(text: str) -> Config:
     return from_dict(data)
 
 
-def load(path: str) -> Config:
+def read_text(path: str, key: str = "", limit: int = 1 << 30) -> str:
+    """The UTF-8 text of ``path``; ConfigError names the key (if any), the file and why."""
+    where = f"{key}: {path}" if key else path
     try:
         with open(path, encoding="utf-8") as f:
-            text = f.read()
+            text = f.read(limit + 1)
     except OSError as e:
-        raise ConfigError([f"{path}: cannot read: {e.strerror}"]) from None
+        raise ConfigError([f"{where}: cannot read: {e.strerror}"]) from None
     except UnicodeDecodeError:
-        raise ConfigError([f"{path}: not UTF-8 text"]) from None
-    cfg = loads(text)
+        raise ConfigError([f"{where}: not UTF-8 text"]) from None
+    if len(text) > limit:  # never parse a file cut mid-row
+        raise ConfigError([f"{where}: larger than {limit >> 20} MiB; is it the right file?"])
+    return text
+
+
+def load(path: str) -> Config:
+    cfg = loads(read_text(path))
     roster = cfg.class_.roster
     if roster and not os.path.isabs(roster):
         where = os.path.join(os.path.dirname(os.path.abspath(path)), roster)
         cfg = msgspec.structs.replace(cfg, class_=ClassConfig(roster=where))
     return cfg
-
-
-def roster_text(cfg: Config) -> tuple[str, str] | None:
-    """(path, text) of the class roster file, None without one; ConfigError names the file."""
-    path = cfg.class_.roster
-    if not path:
-        return None
-    limit = 4 * 1024 * 1024  # characters: thousands of students, never a whole row cut off
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read(limit + 1)
-        if len(text) > limit:
-            raise ConfigError([f"class.roster: {path}: larger than 4 MiB; is it the roster?"])
-        return path, text
-    except OSError as e:
-        raise ConfigError([f"class.roster: cannot read {path}: {e.strerror}"]) from None
-    except UnicodeDecodeError:
-        raise ConfigError([f"class.roster: {path}: not UTF-8 text"]) from None
 
 
 def auth_secret(cfg: Config) -> bytes:

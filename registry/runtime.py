@@ -16,7 +16,7 @@ from registry.metrics import Probes
 from registry.model import Endpoint
 from registry.net.kernel.banfilter import BanFilter
 from registry.service import Service
-from registry.store import AsyncStore
+from registry.store.aio import AsyncStore
 
 
 @dataclass

@@ -300,7 +300,7 @@ class Supervisor:
         from registry.admin.http import open_listeners as open_admin_listeners
         from registry.admin.view import DaemonView
         from registry.net.listeners import parse_hostport
-        from registry.store import AsyncStore
+        from registry.store.aio import AsyncStore
 
         self.roster = load_roster(self.cfg)
         tcp, udp = self._open_sockets()
