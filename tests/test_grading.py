@@ -253,10 +253,11 @@ def test_serve_loads_the_roster_and_sighup_reloads_it(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_serve_refuses_to_start_with_a_bad_roster(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_serve_refuses_to_start_with_a_bad_roster(tmp_path: Path, workers: int) -> None:
     (tmp_path / "class.csv").write_text("student\nali\nali\n")
     cfg = tmp_path / "registry.toml"
-    cfg.write_text('[class]\nroster = "class.csv"\n')
+    cfg.write_text(f'[server]\nworkers = {workers}\n\n[class]\nroster = "class.csv"\n')
     cmd = [exe("registry"), "serve", "--config", str(cfg), "--db", str(tmp_path / "r.db")]
     cmd += ["--listen", "127.0.0.1:0", "--admin", "off"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=30, cwd=tmp_path)
