@@ -6,9 +6,7 @@ import argparse
 import gc
 import sys
 from collections.abc import Sequence
-from typing import Any
 
-import msgspec
 import trio
 
 from registry import config as config_mod
@@ -80,28 +78,14 @@ def version_line() -> str:
 
 
 def load_config(args: argparse.Namespace) -> config_mod.Config:
-    """The config file (or defaults) with command-line overrides applied."""
-    cfg = config_mod.load(args.config) if getattr(args, "config", None) else config_mod.Config()
-    server: dict[str, Any] = {}
-    if getattr(args, "listen", None):
-        server["listen"] = tuple(args.listen)
-    if getattr(args, "admin", None):
-        server["admin"] = args.admin
-    if getattr(args, "db", None):
-        server["db"] = args.db
-    log: dict[str, Any] = {}
-    if getattr(args, "log_format", None):
-        log["format"] = args.log_format
-    if getattr(args, "log_level", None):
-        log["level"] = args.log_level
-    if server or log:
-        cfg = msgspec.structs.replace(
-            cfg,
-            server=msgspec.structs.replace(cfg.server, **server),
-            log=msgspec.structs.replace(cfg.log, **log),
-        )
-        config_mod.validate(cfg)
-    return cfg
+    """The config file (or defaults) with the command line's options over its keys."""
+    server = {"listen": args.listen, "admin": args.admin, "db": args.db}
+    log = {"format": args.log_format, "level": args.log_level}
+    overrides = {
+        "server": {k: v for k, v in server.items() if v},
+        "log": {k: v for k, v in log.items() if v},
+    }
+    return config_mod.load(args.config, overrides)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -251,7 +235,7 @@ def cmd_token(args: argparse.Namespace) -> int:
     from registry.policy import auth
 
     try:
-        cfg = config_mod.load(args.config) if args.config else config_mod.Config()
+        cfg = config_mod.load(args.config)
         secret = config_mod.auth_secret(cfg)
     except ConfigError as e:
         for problem in e.problems:
