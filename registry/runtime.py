@@ -63,9 +63,6 @@ def daemon_view(rt: Runtime) -> DaemonView:
         ),
         subscribe=rt.service.observers.append,
         listening=lambda: rt.tcp,
-        draining=lambda: rt.draining,
         bans=rt.bans,
         ban_filter=lambda: rt.ban_filter,
-        silent_until=lambda: rt.ban_filter.silent.until if rt.ban_filter is not None else 0.0,
-        silent_after=lambda: rt.ban_filter.silent.after if rt.ban_filter is not None else 0,
     )
