@@ -327,7 +327,7 @@ def test_run_with_a_config_reads_its_database_and_its_roster(
     config.write_text(f'[server]\ndb = "{path}"\n\n[class]\nroster = "class.csv"\n')
     capsys.readouterr()
     loads = []
-    monkeypatch.setattr(results.config_mod, "loads", lambda text: loads.append(text) or real(text))
+    monkeypatch.setattr(results.config_mod, "loads", lambda *a: loads.append(a) or real(*a))
     assert results.run(parse("--config", str(config), "--summary", "--format", "csv")) == 0
     assert len(loads) == 1  # one reading of the config gives both the database and the roster
     sheet = read_csv(capsys.readouterr().out)

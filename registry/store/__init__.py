@@ -193,12 +193,9 @@ _INSERT = (
 
 def _to_row(record: Record) -> tuple[Any, ...]:
     # getattr, not dataclasses.astuple: astuple deep-copies every field, and this
-    # runs once per registration (holding the GIL the event loop needs).
-    row = [getattr(record, name) for name in COLUMNS]
-    verified = COLUMNS.index("verified")
-    row[verified] = None if record.verified is None else int(record.verified)
-    row[COLUMNS.index("corrected")] = int(record.corrected)
-    return tuple(row)
+    # runs once per registration (holding the GIL the event loop needs). sqlite3
+    # stores the booleans as 1 and 0.
+    return tuple([getattr(record, name) for name in COLUMNS])
 
 
 def _from_row(row: Sequence[Any]) -> Record:
@@ -440,27 +437,10 @@ class Store:
         "grading"): attempts, successes, best outcome, first success, last attempt."""
         where, params = _where(since, student)
         sql = _SUMMARY_SQL.format(rank=_RANK_SQL, source=_SOURCE_SQL, where=where)
-        rows = self._db.execute(sql, params)
         return [
-            StudentSummary(
-                student=name,
-                attempts=attempts,
-                successes=successes or 0,
-                best_status=_RANK_NAME.get(rank, "?"),
-                best_code=code,
-                first_success_at=first_ok,
-                last_attempt_at=last,
-                verified_ever=bool(verified),
-                source=source,
-                last_status=last_status,
-                last_code=last_code,
-                last_explanation=last_explanation,
-            )
-            for (
-                name, attempts, successes, rank, code, first_ok, last, verified,
-                source, last_status, last_code, last_explanation,
-            ) in rows
-        ]  # fmt: skip
+            StudentSummary(name, n, ok, _RANK_NAME.get(rank, "?"), code, first, last, bool(v), *now)
+            for name, n, ok, rank, code, first, last, v, *now in self._db.execute(sql, params)
+        ]
 
     def purge_older_than(self, cutoff: float) -> int:
         """Delete records received before ``cutoff`` (epoch seconds); return how many."""
