@@ -16,7 +16,7 @@ from registry.metrics import Probes
 from registry.model import Endpoint
 from registry.net.kernel.banfilter import BanFilter
 from registry.service import Service
-from registry.store import AsyncStore
+from registry.store.aio import AsyncStore
 
 
 @dataclass
@@ -63,9 +63,6 @@ def daemon_view(rt: Runtime) -> DaemonView:
         ),
         subscribe=rt.service.observers.append,
         listening=lambda: rt.tcp,
-        draining=lambda: rt.draining,
         bans=rt.bans,
         ban_filter=lambda: rt.ban_filter,
-        silent_until=lambda: rt.ban_filter.silent.until if rt.ban_filter is not None else 0.0,
-        silent_after=lambda: rt.ban_filter.silent.after if rt.ban_filter is not None else 0,
     )

@@ -64,7 +64,7 @@ from registry.net.waiting import Waiting, WaitingRoom
 from registry.protocol.cookies import CookieJar
 from registry.runtime import Runtime, daemon_view
 from registry.service import Connector, Service
-from registry.store import AsyncStore
+from registry.store.aio import AsyncStore
 
 log = structlog.get_logger(component="server")
 
