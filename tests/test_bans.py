@@ -30,7 +30,6 @@ import trio
 import trio.testing
 
 from registry import config as config_mod
-from registry import server as server_mod
 from registry.defense.bans import BanList, spread_share
 from registry.defense.door import RATE_LIMITED, Refused
 from registry.model import Code, Outcome
@@ -94,17 +93,16 @@ def test_after_zero_never_bans() -> None:
     assert len(bans) == 0 and bans.version == 0
 
 
-# (repeat, wait told): a source told to wait longer than long_wait (5 s) and back
-# a third time within the window is banned for that wait (at most duration 60 s)
+# (repeat, wait owed): a source in debt (told to wait longer than a token and a hold:
+# test_door.py) and back a third time within the window is banned for that wait (at
+# most duration 60 s)
 IGNORED = [
     ("first long refusal", 1, 40.0, None),
     ("second long refusal", 2, 40.0, None),
     ("third: banned for the wait", 3, 40.0, 40.0),
     ("a wait past duration: capped", 3, 3600.0, 60.0),
-    ("a short wait is a person's rate limit", 3, 2.0, None),
-    ("exactly long_wait is still a hold", 3, 5.0, None),
-    ("no wait (per_source cap)", 3, 0.0, None),
-    ("at ban_after the usual ban, whatever the wait", 20, 2.0, 60.0),
+    ("not in debt (a rate limit, a hold, the per_source cap)", 3, 0.0, None),
+    ("at ban_after the usual ban, whatever the wait", 20, 0.0, 60.0),
 ]
 
 
@@ -114,15 +112,15 @@ IGNORED = [
 def test_a_source_ignoring_a_long_wait_is_banned_for_it(
     name: str, repeat: int, wait: float, want: float | None
 ) -> None:
-    bans = BanList(after=20, duration=60.0, max_entries=10, ignored_after=3, long_wait=5.0)
+    bans = BanList(after=20, duration=60.0, max_entries=10, ignored_after=3)
     ban = bans.consider(v4("127.2.0.1"), repeat, 100.0, wait)
     assert (None if ban is None else ban.until - ban.since) == want
 
 
 def test_the_ignored_wait_rule_is_off_at_zero_and_with_bans_off() -> None:
-    rule_off = BanList(after=20, duration=60.0, max_entries=10, ignored_after=0, long_wait=5.0)
+    rule_off = BanList(after=20, duration=60.0, max_entries=10, ignored_after=0)
     assert rule_off.consider(v4("127.2.0.1"), 19, 0.0, 3600.0) is None
-    bans_off = BanList(after=0, duration=60.0, max_entries=10, ignored_after=3, long_wait=5.0)
+    bans_off = BanList(after=0, duration=60.0, max_entries=10, ignored_after=3)
     assert bans_off.consider(v4("127.2.0.1"), 19, 0.0, 3600.0) is None
     exempt = BanList(
         after=20,
@@ -130,10 +128,9 @@ def test_the_ignored_wait_rule_is_off_at_zero_and_with_bans_off() -> None:
         max_entries=10,
         exempt=[ipaddress.ip_network("127.2.0.0/16")],
         ignored_after=3,
-        long_wait=5.0,
     )
     assert exempt.consider(v4("127.2.0.1"), 3, 0.0, 3600.0) is None
-    lifted = rule_off.reconfigure(20, 60.0, 10, ignored_after=3, long_wait=5.0)
+    lifted = rule_off.reconfigure(20, 60.0, 10, ignored_after=3)
     assert lifted == [] and rule_off.consider(v4("127.2.0.1"), 3, 0.0, 3600.0) is not None
 
 
@@ -174,7 +171,7 @@ def test_bans_expire_at_their_exact_time() -> None:
 
 def test_bans_of_different_lengths_expire_in_their_own_order() -> None:
     # an ignored-wait ban lasts the wait it ignored: made later, it may end sooner
-    bans = BanList(after=20, duration=60.0, max_entries=10, ignored_after=1, long_wait=5.0)
+    bans = BanList(after=20, duration=60.0, max_entries=10, ignored_after=1)
     bans.consider(v4("127.2.0.1"), 20, 0.0)  # the usual 60 s
     bans.consider(v4("127.2.0.2"), 1, 1.0, 30.0)  # until 31
     bans.consider(v4("127.2.0.3"), 1, 2.0, 10.0)  # until 12
@@ -791,33 +788,6 @@ async def test_a_serial_source_ignoring_its_retry_after_is_banned_for_that_wait(
         assert not any(blocked) and b"blocked" not in dropped
 
 
-@pytest.mark.parametrize(
-    ("per_source", "max_refusal_delay", "long_wait"),
-    [
-        ("30/minute", "5s", 5.0),  # the default: a token every 2 s, the hold is longer
-        ("5/minute", "5s", 12.0),  # the internet profile: an empty bucket tells 12 s
-        ("7/minute", "5s", 9.0),  # 8.6 s, told as 9
-        ("5/minute", "30s", 30.0),
-    ],
-)
-def test_only_a_wait_beyond_a_token_and_a_hold_counts_as_ignored(
-    per_source: str, max_refusal_delay: str, long_wait: float
-) -> None:
-    # A student merely rate limited is told at most one token's time (rounded up):
-    # coming back early is not ignoring a fine, and must never ban them.
-    cfg = config_mod.from_dict(
-        {
-            "ratelimit": {"per_source": per_source},
-            "tuning": {"max_refusal_delay": max_refusal_delay},
-        }
-    )
-    bans = BanList(**server_mod._ban_settings(cfg))
-    assert bans.long_wait == long_wait
-    key = v4("127.2.0.1")
-    assert bans.consider(key, 5, 0.0, long_wait) is None  # told no more than that: no ban
-    assert bans.consider(key, 2, 0.0, long_wait + 1) is not None  # beyond it, twice: banned
-
-
 def test_a_wave_of_bans_is_logged_as_ten_lines_and_one_sum(tmp_path: Path) -> None:
     cfg = config_mod.from_dict(
         {"server": {"db": str(tmp_path / "b.db")}, "tuning": {"ban_spread": 0}}
@@ -827,9 +797,9 @@ def test_a_wave_of_bans_is_logged_as_ten_lines_and_one_sum(tmp_path: Path) -> No
     with structlog.testing.capture_logs() as logs:
         for n in range(15):
             key = v4(f"127.2.0.{n + 1}")
-            registry._consider_ban(Refused(RATE_LIMITED, long_wait, key), 3, 0.0)
+            registry._consider_ban(Refused(RATE_LIMITED, long_wait, key, 50), 3, 0.0)
         registry._log_refusals()
-        registry._consider_ban(Refused(RATE_LIMITED, long_wait, v4("127.2.1.1")), 3, 1.0)
+        registry._consider_ban(Refused(RATE_LIMITED, long_wait, v4("127.2.1.1"), 50), 3, 1.0)
         registry._log_refusals()  # a new interval: its first ban has its own line again
     events = [e["event"] for e in logs]
     assert events == ["source_banned"] * 10 + ["bans_made", "source_banned"], events

@@ -1,6 +1,6 @@
 """The front door (registry/defense/door.py and its edge): refusals on arrival, before any byte.
 
-Pure tables for ``Door`` and ``RefusalTally`` (time passed in); real loopback
+Pure tables for ``Door`` and ``Window`` (time passed in); real loopback
 sockets for ``Doorway`` (the edge that answers refusals); an in-process ``Registry`` for the whole path
 (a refused connection gets its line, holds nothing afterwards, and leaves no
 row, only counters).
@@ -33,7 +33,7 @@ from registry.defense.door import (
     told_of_ban,
 )
 from registry.defense.ratelimit import RateLimiter, source_key
-from registry.defense.tally import RefusalTally
+from registry.defense.window import Window
 from registry.model import Code, Outcome, Status
 from registry.net.doorway import REAP_CHUNK, Doorway
 from registry.server import Registry, Runtime
@@ -44,7 +44,7 @@ OPEN = {"per_target": "1000/second", "per_target_port": "1000/second", "global":
 
 def door(per_source: str, max_total: int = 100, max_per_source: int = 100) -> Door:
     cfg = config_mod.from_dict({"ratelimit": {**OPEN, "per_source": per_source}})
-    return Door(ConnectionCaps(max_total, max_per_source), RateLimiter(cfg.ratelimit))
+    return Door(ConnectionCaps(max_total, max_per_source), RateLimiter(cfg.ratelimit), 5.0)
 
 
 def ip(text: str) -> Any:
@@ -136,6 +136,44 @@ def test_door_uses_the_limiters_source_key() -> None:
 
 
 @pytest.mark.parametrize(
+    ("per_source", "hold", "longest"),
+    [
+        ("30/minute", 5.0, 5),  # the default: a token every 2 s, the hold is longer
+        ("5/minute", 5.0, 12),  # the internet profile: an empty bucket tells 12 s
+        ("7/minute", 5.0, 9),  # 8.6 s, told as 9
+        ("5/minute", 30.0, 30),
+    ],
+)
+def test_in_debt_only_past_a_token_and_the_longest_hold(
+    per_source: str, hold: float, longest: int
+) -> None:
+    # A student merely rate limited is told at most one token's time (rounded up),
+    # and one held at the door waits at most the longest hold: neither is in debt,
+    # and coming back early must never ban them.
+    limiter = door(per_source).limiter
+    assert not limiter.in_debt(longest, hold) and limiter.in_debt(longest + 1, hold)
+
+
+def test_a_refusal_owes_its_wait_only_when_in_debt() -> None:
+    cfg = config_mod.from_dict(
+        {
+            "ratelimit": {**OPEN, "per_source": "10/minute"},
+            "tuning": {"errors_global": "1/hour", "error_fine": 30},
+        }
+    )
+    d = Door(ConnectionCaps(100, 100), RateLimiter(cfg.ratelimit), 5.0)
+    src = ip("10.0.0.1")
+    assert all(isinstance(d.arrive(src, 0.0), Admitted) for _ in range(10))
+    plain = d.arrive(src, 0.0)  # an empty bucket: a token's time, 6 s
+    assert isinstance(plain, Refused) and (plain.outcome.retry_after, plain.owed) == (6, 0)
+    d.limiter.penalize(ip("10.0.0.2"), 0.0)  # the pressure budget's one error
+    d.limiter.penalize(src, 0.0)  # under pressure: fined into debt (capped: 66 s)
+    fined = d.arrive(src, 0.0)
+    assert isinstance(fined, Refused) and (fined.outcome.retry_after, fined.owed) == (66, 66)
+    assert d.silent(src, 31).owed == 0
+
+
+@pytest.mark.parametrize(
     ("source", "waited", "key"),
     [("10.0.0.1", 31, "10.0.0.1"), ("::ffff:10.0.0.1", 7, "10.0.0.1"),
      ("2001:db8:1:2::5", 63, "2001:db8:1:2::/64")],
@@ -169,11 +207,11 @@ def test_the_refusal_that_bans_says_so_and_for_how_long(seconds: float, told: in
     assert out.with_(explanation=refused.outcome.explanation) == refused.outcome
 
 
-# --- RefusalTally ------------------------------------------------------------------
+# --- Window: refusals ------------------------------------------------------------------
 
 
 def test_tally_counts_a_window_and_keeps_totals() -> None:
-    tally = RefusalTally()
+    tally = Window()
     assert tally.flush() is None  # nothing refused: nothing to log
     assert [tally.add("10.0.0.1", RATE_LIMITED) for _ in range(3)] == [1, 2, 3]  # repeats
     assert tally.add("10.0.0.2", PER_SOURCE) == 1
@@ -196,7 +234,7 @@ def test_tally_counts_a_window_and_keeps_totals() -> None:
 
 
 def test_tally_window_is_bounded_under_a_spray() -> None:
-    tally = RefusalTally(max_sources=50)
+    tally = Window(max_sources=50)
     for n in range(10_000):
         tally.add(f"10.1.{n // 250}.{n % 250}", RATE_LIMITED)
     assert tally.add("10.1.0.0", RATE_LIMITED) == 2  # a tracked source still counts as itself
@@ -206,13 +244,13 @@ def test_tally_window_is_bounded_under_a_spray() -> None:
     assert summary["refused"] == 10_002 and summary["by_reason"] == {RATE_LIMITED: 10_002}
     assert summary["sources"] == 50 and summary["untracked"] == 10_000 - 50 + 1
     assert summary["top"][0] == ["10.1.0.0", RATE_LIMITED, 2]
-    assert len(tally._window) == 0
+    assert len(tally._sources) == 0
 
 
 def test_tally_tracks_the_repeats_of_an_attack_from_5000_addresses() -> None:
     # The doubling hold and the bans read these repeats: an address past the cap
     # would always count as new (the shortest hold, never banned).
-    tally = RefusalTally()
+    tally = Window()
     sources = [f"10.2.{n // 250}.{n % 250}" for n in range(5000)]
     for _ in range(3):
         repeats = [tally.add(s, RATE_LIMITED) for s in sources]
