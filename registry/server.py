@@ -306,7 +306,7 @@ class Registry:
             return ban  # counted: _log_refusals sums them up
         log.warning(
             "source_banned",
-            source=str(ban.key),
+            source=str(ban.network),
             reason=decision.reason,
             refusals=repeat,
             seconds=round(ban.until - ban.since, 1),

@@ -32,7 +32,7 @@ from registry.defense.door import (
     Refused,
     told_of_ban,
 )
-from registry.defense.ratelimit import RateLimiter, source_key
+from registry.defense.ratelimit import RateLimiter, source_network, source_of
 from registry.defense.window import Window
 from registry.model import Code, Outcome, Status
 from registry.net.doorway import REAP_CHUNK, Doorway
@@ -126,11 +126,12 @@ def test_door_scripts(name: str) -> None:
     assert d.caps.total == total  # refusals hold nothing
 
 
-def test_door_uses_the_limiters_source_key() -> None:
+def test_door_uses_the_limiters_source_identity() -> None:
     d = door("1/minute")
     admitted = d.arrive(ip("2001:db8::1"), 0.0)
     assert isinstance(admitted, Admitted)
-    assert admitted.key == source_key(ip("2001:db8::1"), 64)
+    assert admitted.key == source_of(ip("2001:db8::1"), 64)
+    assert str(source_network(admitted.key)) == "2001:db8::/64"
     d.leave(admitted.key)
     assert d.caps.total == 0 and d.caps.sources == 0
 
@@ -183,7 +184,7 @@ def test_a_connection_silent_through_the_kernels_wait_is_a_read_timeout_at_the_d
 ) -> None:
     d = door("1/minute", max_per_source=1)
     refused = d.silent(ip(source), waited)
-    assert refused.reason == SILENT and str(refused.key) == key
+    assert refused.reason == SILENT and str(source_network(refused.key)) == key
     assert refused.outcome.code is Code.READ_TIMEOUT and refused.outcome.status is Status.ERROR
     assert refused.outcome.retry_after is None
     assert refused.outcome.explanation.startswith(f"no request arrived within {waited} s ")
@@ -210,11 +211,15 @@ def test_the_refusal_that_bans_says_so_and_for_how_long(seconds: float, told: in
 # --- Window: refusals ------------------------------------------------------------------
 
 
+def k(text: str) -> int:
+    return source_of(ip(text), 64)
+
+
 def test_tally_counts_a_window_and_keeps_totals() -> None:
     tally = Window()
     assert tally.flush() is None  # nothing refused: nothing to log
-    assert [tally.add("10.0.0.1", RATE_LIMITED) for _ in range(3)] == [1, 2, 3]  # repeats
-    assert tally.add("10.0.0.2", PER_SOURCE) == 1
+    assert [tally.add(k("10.0.0.1"), RATE_LIMITED) for _ in range(3)] == [1, 2, 3]  # repeats
+    assert tally.add(k("10.0.0.2"), PER_SOURCE) == 1
     assert tally.flush() == {
         "refused": 4,
         "by_reason": {RATE_LIMITED: 3, PER_SOURCE: 1},
@@ -224,21 +229,21 @@ def test_tally_counts_a_window_and_keeps_totals() -> None:
     }
     # repeats count in this window and the one before: three refusals that straddle
     # a flush are three
-    assert tally.add("10.0.0.1", RATE_LIMITED) == 4
+    assert tally.add(k("10.0.0.1"), RATE_LIMITED) == 4
     assert tally.flush() is not None
     assert tally.flush() is None  # a quiet window: the one before is now a quiet one
-    assert tally.add("10.0.0.1", RATE_LIMITED) == 1
-    tally.add("10.0.0.3", TOTAL)
-    assert tally.add("10.0.0.3", SILENT) == 1  # counted per reason
+    assert tally.add(k("10.0.0.1"), RATE_LIMITED) == 1
+    tally.add(k("10.0.0.3"), TOTAL)
+    assert tally.add(k("10.0.0.3"), SILENT) == 1  # counted per reason
     assert tally.totals == {RATE_LIMITED: 5, PER_SOURCE: 1, TOTAL: 1, SILENT: 1}  # only grow
 
 
 def test_tally_window_is_bounded_under_a_spray() -> None:
     tally = Window(max_sources=50)
     for n in range(10_000):
-        tally.add(f"10.1.{n // 250}.{n % 250}", RATE_LIMITED)
-    assert tally.add("10.1.0.0", RATE_LIMITED) == 2  # a tracked source still counts as itself
-    assert tally.add("10.1.39.249", RATE_LIMITED) == 1  # an untracked one: as if new
+        tally.add(k(f"10.1.{n // 250}.{n % 250}"), RATE_LIMITED)
+    assert tally.add(k("10.1.0.0"), RATE_LIMITED) == 2  # a tracked source still counts as itself
+    assert tally.add(k("10.1.39.249"), RATE_LIMITED) == 1  # an untracked one: as if new
     summary = tally.flush(top=3)
     assert summary is not None
     assert summary["refused"] == 10_002 and summary["by_reason"] == {RATE_LIMITED: 10_002}
@@ -251,7 +256,7 @@ def test_tally_tracks_the_repeats_of_an_attack_from_5000_addresses() -> None:
     # The doubling hold and the bans read these repeats: an address past the cap
     # would always count as new (the shortest hold, never banned).
     tally = Window()
-    sources = [f"10.2.{n // 250}.{n % 250}" for n in range(5000)]
+    sources = [k(f"10.2.{n // 250}.{n % 250}") for n in range(5000)]
     for _ in range(3):
         repeats = [tally.add(s, RATE_LIMITED) for s in sources]
     assert set(repeats) == {3}

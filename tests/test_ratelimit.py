@@ -17,7 +17,8 @@ from registry.defense.ratelimit import (
     Busy,
     RateLimiter,
     TokenBucketTable,
-    source_key,
+    source_network,
+    source_of,
 )
 from registry.errors import ConfigError
 from registry.model import Endpoint
@@ -136,8 +137,11 @@ def test_zero_count_refuses_everything() -> None:
         ("2001:db8:1:2:aaaa::1", 0, IPv6Network("::/0")),
     ],
 )
-def test_source_key(addr: str, prefix: int, key: object) -> None:
-    assert source_key(ip(addr), prefix) == key
+def test_source_identity(addr: str, prefix: int, key: object) -> None:
+    source = source_of(ip(addr), prefix)
+    assert type(source) is int and source_network(source) == key
+    # the families never collide: IPv4 sources are >= 0, IPv6 networks below
+    assert (source >= 0) is (key.version == 4)  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize(

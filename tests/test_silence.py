@@ -37,7 +37,7 @@ from registry.net.kernel.classic import ACCEPT, BPF_MAXINSNS, DROP, attach, drop
 from registry.net.kernel.ebpf import EbpfBans, program
 from registry.net.kernel.rules import NEXT, compile_rule
 from registry.server import Registry
-from tests.test_bans import RecordingSock, ipv4_header, listener, run_bpf, v4
+from tests.test_bans import RecordingSock, ipv4_header, key_of, listener, run_bpf, v4
 from tests.test_ebpf import MAP_FD, run_ebpf
 
 linux = pytest.mark.skipif(sys.platform != "linux", reason="Linux socket filters")
@@ -94,7 +94,7 @@ def test_guard_counts_in_the_shared_attack_window() -> None:
     window = Window(max_sources=2)
     guard = SilentGuard(3, 60.0, window)
     for n in range(10):
-        window.add(f"10.0.0.{n}", SILENT)
+        window.add(n, SILENT)
     assert not guard.note(0.0, 2)
     assert window.flush() is not None
     assert guard.note(1.0)  # 2 before the roll and 1 after
@@ -400,7 +400,7 @@ async def test_the_ebpf_filter_swaps_programs_and_keeps_its_bans(
     plain, silent = bpf.prog_fd, bpf.silent_fd  # run() closes them when it ends
     async with trio.open_nursery() as nursery:
         nursery.start_soon(bf.run)
-        bans.consider(v4("127.2.0.1"), 1, trio.current_time())
+        bans.consider(key_of("127.2.0.1"), 1, trio.current_time())
         guard.note(trio.current_time())
         bf.poke()
         await trio.sleep(20)

@@ -16,16 +16,23 @@ import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from registry.defense.ratelimit import SourceKey as Key  # the door's identity of a source
+from registry.defense.ratelimit import SourceNetwork, source_network
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass(frozen=True, slots=True)
 class Ban:
-    key: Key
+    key: int  # the source (ratelimit.source_of)
     since: float
     until: float
     refusals: int  # the refusals in the window that triggered it
+
+    @property
+    def network(self) -> SourceNetwork:
+        return source_network(self.key)
 
 
 class BanList:
@@ -38,29 +45,18 @@ class BanList:
     (docs/benchmarks.md, "Why each defence is there").
     """
 
-    def __init__(
-        self,
-        after: int,
-        duration: float,
-        max_entries: int,
-        exempt: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network] = (),
-        *,
-        ignored_after: int = 0,
-        spread: float = 0.0,
-    ) -> None:
-        self.after, self.duration, self.max_entries = after, duration, max_entries
-        self.exempt = tuple(exempt)  # never banned: a campus NAT, the instructor's own hosts
-        self.ignored_after = ignored_after
-        self.spread = spread  # a ban lasts up to this fraction longer (spread_share)
-        self._bans: dict[Key, Ban] = {}
+    def __init__(self, *settings: Any, **named: Any) -> None:
+        """The settings are ``reconfigure``'s."""
+        self._bans: dict[int, Ban] = {}
         # (until, n, ban) by expiry; entries of bans lifted otherwise (a reload) are
         # stale and skipped: a ban counts only while it is the one in _bans.
         self._expiries: list[tuple[float, int, Ban]] = []
         self._seq = itertools.count()
-        self._changed: dict[Key, None] = {}  # banned or lifted since take_changes()
+        self._changed: dict[int, None] = {}  # banned or lifted since take_changes()
         self.total = 0  # bans made since start (a Prometheus counter)
         self.skipped = 0  # bans not made because the list was full
         self.version = 0  # bumped on every change: the edge re-attaches the filter
+        self.reconfigure(*settings, **named)
 
     def __len__(self) -> int:
         return len(self._bans)
@@ -68,7 +64,7 @@ class BanList:
     def __contains__(self, key: object) -> bool:
         return key in self._bans
 
-    def consider(self, key: Key, repeat: int, now: float, owed: float = 0.0) -> Ban | None:
+    def consider(self, key: int, repeat: int, now: float, owed: float = 0.0) -> Ban | None:
         """A refusal of ``key``, its ``repeat``-th in the window, of a source in debt
         told to wait ``owed`` seconds (0: not in debt): the new ban, or None."""
         if self.after <= 0 or key in self._bans:  # after 0: no bans at all
@@ -89,18 +85,11 @@ class BanList:
         self.version += 1
         return ban
 
-    def is_exempt(self, key: Key) -> bool:
-        """Is ``key`` (an address, or an IPv6 source network) inside an exempt network?
-        A source network counts when it overlaps one: part of it is exempt."""
-        for net in self.exempt:
-            if net.version != key.version:
-                continue
-            if isinstance(key, ipaddress.IPv4Address):
-                if key in net:
-                    return True
-            elif key.overlaps(net):  # type: ignore[arg-type]
-                return True
-        return False
+    def is_exempt(self, key: int) -> bool:
+        """Is the source inside an exempt network? An IPv6 source network counts when it
+        overlaps one: part of it is exempt."""
+        net = ipaddress.ip_network(source_network(key))
+        return any(e.version == net.version and e.overlaps(net) for e in self.exempt)  # type: ignore[arg-type]
 
     def expire(self, now: float) -> list[Ban]:
         """Lift the bans whose time is up; return them (soonest first)."""
@@ -121,7 +110,7 @@ class BanList:
             heapq.heappop(heap)  # lifted by a reload
         return heap[0][0] if heap else math.inf
 
-    def take_changes(self) -> list[Key]:
+    def take_changes(self) -> list[int]:
         """The keys banned or lifted since the last call, in that order (ask ``key in
         self`` which); for one consumer, the kernel filter."""
         changed, self._changed = list(self._changed), {}
@@ -136,14 +125,15 @@ class BanList:
         after: int,
         duration: float,
         max_entries: int,
-        exempt: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network] = (),
+        exempt: Sequence[Network] = (),
         *,
         ignored_after: int = 0,
         spread: float = 0.0,
     ) -> list[Ban]:
         """SIGHUP. ``after`` 0 lifts every ban; a newly exempt source is lifted; a
         smaller cap lifts the newest beyond it. Live bans keep their expiry.
-        Returns the bans lifted."""
+        Returns the bans lifted. ``exempt``: never banned (a campus NAT, the
+        instructor's hosts); ``spread``: a ban lasts up to this fraction longer."""
         self.after, self.duration, self.max_entries = after, duration, max_entries
         self.exempt = tuple(exempt)
         self.ignored_after, self.spread = ignored_after, spread
@@ -160,13 +150,12 @@ class BanList:
         return lifted
 
 
-def spread_share(key: Key) -> float:
+def spread_share(key: int) -> float:
     """A fixed number in [0, 1) for ``key``, even over neighbouring addresses (Fibonacci
     hashing): a ban lasts ``1 + spread x share`` times its duration, so the sources an
     attack's onset banned in one wave are not let back in one wave."""
-    if isinstance(key, ipaddress.IPv4Address):
-        bits = int(key)
-    else:  # the network's own bits (a /64's low half is all zero), folded to 64
-        bits = int(key.network_address) >> (128 - key.prefixlen)
+    bits = key
+    if key < 0:  # an IPv6 network's own bits (not its all-zero low half), folded to 64
+        bits = (-1 - key) >> 8
         bits ^= bits >> 64
     return ((bits * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF) / 2.0**64

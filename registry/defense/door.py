@@ -14,11 +14,10 @@ write and one close, and is not a registration: ``Window`` counts it
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable
 from dataclasses import dataclass
 
 from registry.defense.conncaps import PER_SOURCE, TOTAL, ConnectionCaps
-from registry.defense.ratelimit import Busy, RateLimiter, SourceKey, source_key
+from registry.defense.ratelimit import Busy, RateLimiter, source_of
 from registry.model import Code, IPAddress, Outcome
 
 # Why a connection was refused: PER_SOURCE, TOTAL (conncaps.py), or:
@@ -31,7 +30,7 @@ REASONS = (RATE_LIMITED, PER_SOURCE, TOTAL, SILENT)
 class Admitted:
     """Come in. ``key`` holds a connection slot: give it back with ``Door.leave(key)``."""
 
-    key: Hashable
+    key: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,7 +41,7 @@ class Refused:
 
     reason: str
     outcome: Outcome
-    key: SourceKey
+    key: int
     owed: int = 0
 
 
@@ -63,7 +62,7 @@ class Door:
         self.caps, self.limiter, self.longest_hold = caps, limiter, longest_hold
 
     def arrive(self, source: IPAddress, now: float) -> Admitted | Refused:
-        key = source_key(source, self.limiter.config.ipv6_prefix)
+        key = source_of(source, self.limiter.config.ipv6_prefix)
         reason = self.caps.acquire(key)
         if reason is not None:  # checked first: a refused connection costs no token
             explanation = (
@@ -96,7 +95,7 @@ class Door:
             "send HOST:PORT, e.g. 192.168.1.105:15000"
         )
         outcome = Outcome(code=Code.READ_TIMEOUT, explanation=explanation)
-        return Refused(SILENT, outcome, source_key(source, self.limiter.config.ipv6_prefix))
+        return Refused(SILENT, outcome, source_of(source, self.limiter.config.ipv6_prefix))
 
-    def leave(self, key: Hashable) -> None:
+    def leave(self, key: int) -> None:
         self.caps.release(key)

@@ -1,6 +1,6 @@
 """Bounded token-bucket rate limiting (SPEC policy promise 5). Pure: ``now`` is passed in.
 
-Four limits apply to a registration: per source (``pack_source``), per target
+Four limits apply to a registration: per source (``source_of``), per target
 address, per target address and port, and one global bucket. A request passes
 only when every applicable bucket has a token, and then takes one from each;
 when any refuses, none is touched, and the reply names the longest wait.
@@ -49,24 +49,26 @@ class Busy:
     scope: Scope
 
 
-SourceKey = ipaddress.IPv4Address | ipaddress.IPv6Network  # what one "source" is
+SourceNetwork = ipaddress.IPv4Address | ipaddress.IPv6Network
 
 
-def source_key(addr: IPAddress, ipv6_prefix: int) -> SourceKey:
-    """The identity a source is limited under: the IPv4 address, or its IPv6 /prefix network."""
+def source_of(addr: IPAddress, ipv6_prefix: int) -> int:
+    """A source's one identity (limits, caps, the attack window, bans): an IPv4 address
+    as an int (>= 0), or its IPv6 /ipv6_prefix network packed below zero with its prefix
+    length (one IPv6 host usually owns a whole /64). A compact key, and the families
+    never collide; a host (a target) is its /128."""
     addr = Address.of(addr).peer
     if addr.version == 4:
-        return addr  # type: ignore[return-value]
-    return ipaddress.IPv6Network((int(addr), ipv6_prefix), strict=False)
-
-
-def _pack(addr: IPAddress, drop_bits: int = 0) -> int:
-    """A compact key: IPv4 >= 0, IPv6 < 0 (the families never collide); ``drop_bits``
-    aggregates an IPv6 address to its network (128 - prefix bits)."""
-    addr = Address.of(addr).peer
-    if isinstance(addr, ipaddress.IPv4Address):
         return int(addr)
-    return -1 - (int(addr) >> drop_bits)
+    return -1 - ((int(addr) >> (128 - ipv6_prefix)) << 8 | ipv6_prefix)
+
+
+def source_network(source: int) -> SourceNetwork:
+    """What ``source`` stands for: for the kernel's filters, and ``str`` for display."""
+    if source >= 0:
+        return ipaddress.IPv4Address(source)
+    bits, prefix = divmod(-1 - source, 256)
+    return ipaddress.IPv6Network((bits << (128 - prefix), prefix))
 
 
 def _with_port(host_key: int, port: int) -> int:
@@ -239,7 +241,6 @@ class RateLimiter:
     def __init__(self, cfg: RateLimitConfig) -> None:
         _validate(cfg)
         self._cfg = cfg
-        self._drop = 128 - cfg.ipv6_prefix
         self._source = TokenBucketTable(cfg.per_source, cfg.max_entries)
         self._target = TokenBucketTable(cfg.per_target, cfg.max_entries)
         self._target_port = TokenBucketTable(cfg.per_target_port, cfg.max_entries)
@@ -283,10 +284,10 @@ class RateLimiter:
         return wait > max(longest_hold, math.ceil(token_time))
 
     def _source_check(self, source: IPAddress) -> _Check:
-        return (self._source, _pack(source, self._drop), "source")
+        return (self._source, source_of(source, self._cfg.ipv6_prefix), "source")
 
     def _callback_checks(self, target: Endpoint) -> tuple[_Check, ...]:
-        host = _pack(target.host)
+        host = source_of(target.host, 128)
         return (
             (self._target, host, "target"),
             (self._target_port, _with_port(host, target.port), "target_port"),
@@ -300,7 +301,7 @@ class RateLimiter:
         (never into debt). Under pressure (``fining``) it is fined ``error_fine``
         tokens beyond an empty bucket instead: its next connections are refused at
         the door for up to two periods (docs/limits.md, "The door")."""
-        key = _pack(source, self._drop)
+        key = source_of(source, self._cfg.ipv6_prefix)
         self.note_error(now)
         if not self.fining:
             return self._source.take(key, now) == 0.0
@@ -325,15 +326,11 @@ class RateLimiter:
         return self.under_pressure
 
     def reconfigure(self, cfg: RateLimitConfig) -> None:
-        """SIGHUP: new rates and caps take effect; tokens already used stay used. A new
-        ``ipv6_prefix`` changes what a source *is*: the source table starts empty.
-        Raises ConfigError (state untouched) on invalid values."""
+        """SIGHUP: new rates and caps take effect; tokens already used stay used (a new
+        ``ipv6_prefix`` makes new IPv6 sources: the old ones age out). Raises
+        ConfigError (state untouched) on invalid values."""
         _validate(cfg)
-        if cfg.ipv6_prefix != self._cfg.ipv6_prefix:
-            self._source = TokenBucketTable(cfg.per_source, cfg.max_entries)
-            self._drop = 128 - cfg.ipv6_prefix
-        else:
-            self._source.reconfigure(cfg.per_source, cfg.max_entries)
+        self._source.reconfigure(cfg.per_source, cfg.max_entries)
         self._target.reconfigure(cfg.per_target, cfg.max_entries)
         self._target_port.reconfigure(cfg.per_target_port, cfg.max_entries)
         self._global.reconfigure(cfg.global_, 1)
@@ -364,32 +361,27 @@ class ReplyBudget:
 
     def __init__(self, per_source: Rate, global_: Rate, ipv6_prefix: int, max_entries: int) -> None:
         self._settings = (per_source, global_, ipv6_prefix, max_entries)
-        self._drop = 128 - ipv6_prefix
         self._source = TokenBucketTable(per_source, max_entries)
         self._global = TokenBucketTable(global_, 1)
 
     def take(self, source: IPAddress, now: float) -> Scope | None:
         """Take one token for answering ``source``: None when taken, else the scope that
         refused ("source" or "global")."""
-        checks = ((self._source, _pack(source, self._drop), "source"), (self._global, 0, "global"))
+        key = source_of(source, self._settings[2])
+        checks = ((self._source, key, "source"), (self._global, 0, "global"))
         verdict = _take(checks, now)
         return verdict.scope if isinstance(verdict, Busy) else None
 
     def configure(
         self, per_source: Rate, global_: Rate, ipv6_prefix: int, max_entries: int
     ) -> None:
-        """Adopt new settings (a SIGHUP), keeping used tokens; a no-op when unchanged.
-        A new ``ipv6_prefix`` changes what a source is: the source table starts empty."""
+        """Adopt new settings (a SIGHUP), keeping used tokens; a no-op when unchanged
+        (asked per datagram)."""
         settings = (per_source, global_, ipv6_prefix, max_entries)
-        if settings == self._settings:
-            return
-        if ipv6_prefix != self._settings[2]:
-            self._source = TokenBucketTable(per_source, max_entries)
-            self._drop = 128 - ipv6_prefix
-        else:
+        if settings != self._settings:
+            self._settings = settings
             self._source.reconfigure(per_source, max_entries)
-        self._global.reconfigure(global_, 1)
-        self._settings = settings
+            self._global.reconfigure(global_, 1)
 
     @property
     def entries(self) -> int:

@@ -37,8 +37,10 @@ class SilentGuard:
             return False
         self.window.forget(SILENT_CONNECTIONS)
         was_on, self.until = self.active(now), now + self.duration
-        self.switched_on += not was_on
-        return not was_on
+        if was_on:
+            return False
+        self.switched_on += 1
+        return True
 
     def reconfigure(self, after: int, duration: float, now: float) -> None:
         """SIGHUP: ``after`` 0 ends it at once; a shorter duration shortens it."""

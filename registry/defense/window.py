@@ -11,9 +11,9 @@ source (the doubling hold, ``BanList``) and silent connections (``SilentGuard``)
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Hashable
 
 from registry.defense.door import REASONS
+from registry.defense.ratelimit import source_network
 
 WINDOW_S = 10.0
 
@@ -32,8 +32,8 @@ class Window:
         self.max_sources = max_sources
         self.totals: dict[str, int] = dict.fromkeys(REASONS, 0)  # only grow: metrics
         self._counts: Counter[str] = Counter()  # this window, by name (refusal reasons...)
-        self._sources: Counter[tuple[Hashable, str]] = Counter()  # (source, reason)
-        self._before: tuple[Counter[str], Counter[tuple[Hashable, str]]] = (Counter(), Counter())
+        self._sources: Counter[tuple[int, str]] = Counter()  # (source, reason)
+        self._before: tuple[Counter[str], Counter[tuple[int, str]]] = (Counter(), Counter())
         self._untracked = 0
 
     def count(self, name: str, n: int = 1) -> int:
@@ -46,8 +46,8 @@ class Window:
         self._counts.pop(name, None)
         self._before[0].pop(name, None)
 
-    def add(self, source: Hashable, reason: str) -> int:
-        """Count one door refusal of ``source`` (the door's key); return how many it has had
+    def add(self, source: int, reason: str) -> int:
+        """Count one door refusal of ``source`` (``source_of``); return how many it has had
         for ``reason`` in this window and the one before (1 for an untracked source)."""
         self.totals[reason] += 1
         self.count(reason)
@@ -67,7 +67,9 @@ class Window:
                 "refused": sum(by_reason.values()),
                 "by_reason": by_reason,
                 "sources": len({source for source, _ in self._sources}),
-                "top": [[str(s), r, n] for (s, r), n in self._sources.most_common(top)],
+                "top": [
+                    [str(source_network(s)), r, n] for (s, r), n in self._sources.most_common(top)
+                ],
                 "untracked": self._untracked,  # refusals from sources past max_sources
             }
         self._before = (self._counts, self._sources)

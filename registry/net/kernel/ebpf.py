@@ -32,7 +32,7 @@ import struct
 import sys
 from typing import Protocol
 
-from registry.defense.ratelimit import SourceKey as Key
+from registry.defense.ratelimit import SourceNetwork as Key
 from registry.net.kernel.rules import BARE_ACK, NEXT, SKF_NET_OFF, compile_rule
 
 SO_ATTACH_BPF = getattr(socket, "SO_ATTACH_BPF", 50)  # the Linux value
