@@ -36,8 +36,7 @@ from registry.defense.door import (
     Refused,
     told_of_ban,
 )
-from registry.defense.silence import SilentGuard
-from registry.defense.window import WINDOW_S, Window
+from registry.defense.window import WINDOW_S, SilentGuard, Window
 from registry.errors import ConfigError, ProtocolError
 from registry.model import Code, Protocol, Request
 from registry.net.accept import accept_loop, held_silent
@@ -292,7 +291,7 @@ class Registry:
             self._start(handlers, handler, waiting, None)
 
     def _note_silent(self, now: float, n: int) -> None:
-        """``n`` connections sent nothing before their read deadline (registry/defense/silence.py)."""
+        """``n`` connections sent nothing before their read deadline (registry/defense/window.py)."""
         if self.silent.note(now, n):
             self.ban_filter.poke()  # the filter starts dropping bare ACKs
 

@@ -1,4 +1,4 @@
-"""Silent connections under attack (registry/defense/silence.py and the filters' silent drop).
+"""Silent connections under attack (registry/defense/window.py and the filters' silent drop).
 
 Three layers, as for bans: ``SilentGuard`` table-driven with exact times; the
 ``SILENT_DROP`` block of both filter programs run by the interpreters of
@@ -30,8 +30,7 @@ import trio.testing
 from registry import config as config_mod
 from registry.defense.bans import BanList
 from registry.defense.door import SILENT
-from registry.defense.silence import SilentGuard
-from registry.defense.window import Window
+from registry.defense.window import SilentGuard, Window
 from registry.net.kernel.banfilter import BanFilter, detach_inherited
 from registry.net.kernel.classic import ACCEPT, BPF_MAXINSNS, DROP, attach, drop_program, pack
 from registry.net.kernel.ebpf import EbpfBans, program

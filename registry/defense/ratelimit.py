@@ -82,17 +82,6 @@ class TokenBucketTable:
     """One keyed table of token buckets (capacity ``rate.count``, refill ``rate.per_second``),
     at most ``max_entries`` keys. A count of 0 refuses everything."""
 
-    __slots__ = (
-        "_tats",
-        "_interval",
-        "_period",
-        "_count",
-        "_max",
-        "_clock",
-        "_since_sweep",
-        "_soonest",
-    )
-
     def __init__(self, rate: Rate, max_entries: int) -> None:
         self._tats: OrderedDict[Hashable, float] = OrderedDict()
         self._clock = -math.inf  # latest `now` seen, for reconfigure()

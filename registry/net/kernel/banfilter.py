@@ -34,7 +34,7 @@ import trio
 
 from registry.defense.bans import Ban, BanList
 from registry.defense.ratelimit import source_network
-from registry.defense.silence import SilentGuard
+from registry.defense.window import SilentGuard
 from registry.net.kernel.classic import attach, drop_program, insn_budget, pack
 from registry.net.kernel.ebpf import EbpfBans
 
@@ -82,7 +82,7 @@ class BanFilter:
     ):
         self.socks = list(socks)
         self.bans = bans
-        # When it is on, the filter also drops bare handshake ACKs (registry/defense/silence.py).
+        # When it is on, the filter also drops bare handshake ACKs (registry/defense/window.py).
         self.silent = silent or SilentGuard(0, 0.0)
         self.dropping = False  # what the next apply puts in the kernel
         self._dropped = False  # what the listeners' filter does now
