@@ -326,10 +326,6 @@ class RateLimiter:
         self._errors.reconfigure(cfg.errors_global, 1)
         self._cfg = cfg
 
-    def expire(self, now: float) -> int:
-        """Drop every full bucket in every table (optional housekeeping); return the count."""
-        return sum(t.expire(now) for t in self._tables())
-
     def _tables(self) -> tuple[TokenBucketTable, ...]:
         return (self._source, self._target, self._target_port, self._global)
 
@@ -371,8 +367,3 @@ class ReplyBudget:
             self._settings = settings
             self._source.reconfigure(per_source, max_entries)
             self._global.reconfigure(global_, 1)
-
-    @property
-    def entries(self) -> int:
-        """Sources held (for tests and memory bounds)."""
-        return len(self._source)
