@@ -799,6 +799,54 @@ async def test_a_serial_source_ignoring_its_retry_after_is_banned_for_that_wait(
         assert not any(blocked) and b"blocked" not in dropped
 
 
+@pytest.mark.slow
+@linux
+async def test_in_debt_follows_the_configured_longest_hold_and_a_reload(tmp_path: Path) -> None:
+    # Under pressure 127.2.0.9's junk is fined 5 tokens of 10/minute from an empty
+    # bucket: told ~36 s. With max_refusal_delay 40 s that is no longer than a hold
+    # (a held student may come back that late): refused, not banned. Reloaded to 5 s,
+    # the same wait is a debt it ignores: its next refusal bans it (ban_after_ignored 1).
+    path = tmp_path / "registry.toml"
+    text = f"""
+[server]
+listen = ["127.0.0.1:0"]
+admin = "off"
+db = "{tmp_path / "debt.db"}"
+[ratelimit]
+per_source = "10/minute"
+[tuning]
+errors_global = "1/hour"
+error_fine = 5
+refusal_delay = "50ms"
+max_refusal_delay = "40s"
+ban_after = 20
+ban_after_ignored = 1
+ban_duration = "1500ms"
+ban_spread = 0
+"""
+    path.write_text(text)
+    cfg = config_mod.load(str(path))
+    async with trio.open_nursery() as nursery:
+        runtime: Runtime = await nursery.start(
+            Registry(cfg, config_path=str(path), handle_signals=False).run  # type: ignore[arg-type]
+        )
+        port = runtime.tcp[0].port
+        await _exchange(port, "127.2.0.8", b"hello\n")  # the pressure budget's one error
+        fined = await _exchange(port, "127.2.0.9", b"hello\n")
+        held = await _exchange(port, "127.2.0.9", b"hello\n")
+        before = len(runtime.bans)
+        path.write_text(text.replace('max_refusal_delay = "40s"', 'max_refusal_delay = "5s"'))
+        runtime.reload()
+        banning = await _exchange(port, "127.2.0.9", b"hello\n")
+        bans = runtime.bans.active()
+        runtime.shutdown()
+    assert fined is not None and b"retry_after=36 " in fined, fined
+    assert held is not None and held.startswith(b"BUSY rate_limited retry_after=36 "), held
+    assert before == 0 and b"blocked" not in held
+    assert banning is not None and b"your address is now blocked" in banning, banning
+    assert [str(ban.network) for ban in bans] == ["127.2.0.9"]
+
+
 def test_a_wave_of_bans_is_logged_as_ten_lines_and_one_sum(tmp_path: Path) -> None:
     cfg = config_mod.from_dict(
         {"server": {"db": str(tmp_path / "b.db")}, "tuning": {"ban_spread": 0}}
