@@ -11,7 +11,6 @@ import contextlib
 import errno
 import os
 import socket
-from typing import Protocol
 
 import trio
 
@@ -21,18 +20,12 @@ from registry.net.tcp import RawStream
 from registry.protocol.callback import EchoScanner, callback_line
 from registry.service import CallResult
 
-# errno -> FAILED code: the one mapping of I/O errors to reply codes.
+# errno -> reply code, the one mapping of I/O errors to reply codes. Any other
+# error (ENETUNREACH, EHOSTUNREACH, EADDRNOTAVAIL, EACCES or EPERM from a local
+# firewall rule, ...) is UNREACHABLE.
 _ERRNO_CODES: dict[int, Code] = {
     errno.ECONNREFUSED: Code.CONNECTION_REFUSED,
     errno.ETIMEDOUT: Code.TIMEOUT,
-    errno.ENETUNREACH: Code.UNREACHABLE,
-    errno.EHOSTUNREACH: Code.UNREACHABLE,
-    errno.EHOSTDOWN: Code.UNREACHABLE,
-    errno.ENETDOWN: Code.UNREACHABLE,
-    errno.EADDRNOTAVAIL: Code.UNREACHABLE,
-    errno.EAFNOSUPPORT: Code.UNREACHABLE,
-    errno.EACCES: Code.UNREACHABLE,  # a local firewall rule refused the dial
-    errno.EPERM: Code.UNREACHABLE,
     errno.ECONNRESET: Code.RESET,
     errno.EPIPE: Code.RESET,
     errno.ECONNABORTED: Code.RESET,
@@ -45,21 +38,7 @@ _ERRNO_CODES: dict[int, Code] = {
 
 
 def map_os_error(e: OSError) -> Code:
-    """The reply code for a socket error: a FAILED code, or OVERLOADED when the
-    registry itself is out of descriptors or memory (unknown errors: unreachable)."""
     return _ERRNO_CODES.get(e.errno or 0, Code.UNREACHABLE)
-
-
-class _Stream(Protocol):
-    """What the conversation needs of a connection (tests script one in memory)."""
-
-    async def send_all(self, data: bytes) -> None: ...
-
-    async def send_eof(self) -> None: ...
-
-    async def receive_some(self, max_bytes: int) -> bytes: ...
-
-    async def aclose(self) -> None: ...
 
 
 class TcpConnector:
@@ -111,7 +90,7 @@ class TcpConnector:
 
     async def _converse(
         self,
-        stream: _Stream,
+        stream: RawStream,  # or any stream with its four methods (tests script one)
         reg_id: str,
         nonce: str,
         rtt_ms: float,
@@ -146,7 +125,7 @@ class TcpConnector:
         await stream.aclose()
         return CallResult(Code.CONNECTED, "connected", rtt_ms, verified)
 
-    async def _read_echo(self, stream: _Stream, nonce: str) -> bool:
+    async def _read_echo(self, stream: RawStream, nonce: str) -> bool:
         """Read until the nonce is seen, EOF, or the byte cap (the caller's deadline bounds it)."""
         scanner = EchoScanner(nonce, self.config.max_response_bytes)
         try:
