@@ -11,7 +11,7 @@ from registry.admin.view import DaemonView
 from registry.config import Config
 from registry.defense.bans import BanList
 from registry.defense.conncaps import ConnectionCaps
-from registry.defense.tally import RefusalTally
+from registry.defense.window import Window
 from registry.metrics import Probes
 from registry.model import Endpoint
 from registry.net.kernel.banfilter import BanFilter
@@ -27,7 +27,7 @@ class Runtime:
     service: Service
     caps: ConnectionCaps
     store: AsyncStore
-    tally: RefusalTally = field(default_factory=RefusalTally)
+    tally: Window = field(default_factory=Window)
     bans: BanList = field(default_factory=lambda: BanList(0, 60.0, 1))
     ban_filter: BanFilter | None = None
     tcp: list[Endpoint] = field(default_factory=list)

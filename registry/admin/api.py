@@ -233,7 +233,7 @@ class Views:
                 },
                 "bans": [
                     {
-                        "source": str(ban.key),
+                        "source": str(ban.network),
                         "refusals": ban.refusals,
                         "banned_for_s": round(now - ban.since, 1),
                         "seconds_left": round(max(0.0, ban.until - now), 1),
