@@ -37,7 +37,7 @@ class StoreReader(Protocol):
 
 
 class Silence(Protocol):
-    """What ``/api/bans`` reports of ``defense.silence.SilentGuard``."""
+    """What ``/api/bans`` reports of ``defense.window.SilentGuard``."""
 
     after: int
     until: float  # the silent drop's end (trio time)
