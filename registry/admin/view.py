@@ -12,12 +12,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from registry.admin.core.grading import Roster
+from registry.admin.core.grading import GradeRow, Roster
 from registry.config import Config
 from registry.defense.bans import BanList
 from registry.metrics import Probes
 from registry.model import Endpoint
-from registry.store import Record, StudentSummary
+from registry.store import Record
 
 
 class StoreReader(Protocol):
@@ -29,7 +29,7 @@ class StoreReader(Protocol):
 
     async def summary(
         self, *, since: float | None = None, student: str | None = None
-    ) -> list[StudentSummary]: ...
+    ) -> list[GradeRow]: ...
 
     async def count_by_status(
         self, *, since: float | None = None, student: str | None = None

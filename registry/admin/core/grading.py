@@ -17,8 +17,7 @@ import csv
 import io
 import ipaddress
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, fields, replace
-from typing import Protocol
+from dataclasses import dataclass, replace
 
 from registry.config import Config, read_text
 from registry.errors import ConfigError
@@ -139,26 +138,11 @@ def load_roster(cfg: Config) -> Roster | None:
 # --- grade rows ---------------------------------------------------------------------------
 
 
-class Group(Protocol):
-    """One group's aggregates, as ``store.StudentSummary`` carries them."""
-
-    student: str | None
-    source: str | None
-    attempts: int
-    successes: int
-    best_status: str
-    best_code: str
-    first_success_at: float | None
-    last_attempt_at: float
-    verified_ever: bool
-    last_status: str | None
-    last_code: str | None
-    last_explanation: str | None
-
-
 @dataclass(frozen=True, slots=True)
 class GradeRow:
-    """One student's standing (a roster student, a name, or a nameless source IP)."""
+    """One student's standing (a roster student, a name, or a nameless source IP); the
+    store's summary gives one per group. ``best_code``: the most recent attempt that
+    reached ``best_status``."""
 
     student: str | None
     source: str | None  # the observed IP of a nameless row, else None
@@ -181,13 +165,6 @@ class GradeRow:
     @property
     def done(self) -> bool:
         return self.best_status == "OK"
-
-
-def _row(s: Group) -> GradeRow:
-    row = GradeRow(
-        **{f.name: getattr(s, f.name) for f in fields(GradeRow) if f.name != "on_roster"}
-    )
-    return row if s.student is None else replace(row, source=None)
 
 
 def _rank(status: str | None) -> int:
@@ -225,7 +202,7 @@ def _source_key(source: str | None) -> tuple[int, int, str]:
     return (ip.version, int(ip), "")
 
 
-def grade(groups: Iterable[Group], roster: Roster | None = None) -> list[GradeRow]:
+def grade(groups: Iterable[GradeRow], roster: Roster | None = None) -> list[GradeRow]:
     """One row per student: roster students first in roster order (with their
     machine's nameless attempts), then other names (A-Z), then nameless sources."""
     by_name: dict[str, GradeRow] = {}
@@ -239,8 +216,7 @@ def grade(groups: Iterable[Group], roster: Roster | None = None) -> list[GradeRo
                 by_address[entry.address] = entry.student
     others: dict[str, GradeRow] = {}
     nameless: list[GradeRow] = []
-    for group in groups:
-        row = _row(group)
+    for row in groups:
         if row.student is None:
             owner = _owner(row.source, by_address)
             if owner is None:
