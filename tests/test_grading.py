@@ -13,7 +13,6 @@ import pytest
 from registry import config as config_mod
 from registry.admin.core import grading
 from registry.admin.core.grading import (
-    GradeRow,
     ago,
     class_counts,
     grade,
@@ -21,6 +20,7 @@ from registry.admin.core.grading import (
     stuck_first,
 )
 from registry.errors import ConfigError
+from registry.model import GradeRow
 from tests.support import exe, run_registry
 from tests.test_admin import fetch
 

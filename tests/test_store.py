@@ -20,8 +20,7 @@ import pytest
 import trio
 import trio.testing
 
-from registry.admin.core.grading import GradeRow
-from registry.model import Code, Diagnosis, Outcome, Protocol
+from registry.model import Code, Diagnosis, GradeRow, Outcome, Protocol
 from registry.store import SCHEMA_VERSION, Record, Store, StoreError
 from registry.store.aio import AsyncStore
 

@@ -27,8 +27,8 @@ from typing import Any
 
 from registry import config as config_mod
 from registry.admin.core import grading
-from registry.admin.core.grading import GradeRow
 from registry.errors import ConfigError
+from registry.model import GradeRow
 from registry.store import Record, Store, StoreError
 
 FORMATS = ("table", "csv", "json")

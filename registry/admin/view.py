@@ -12,11 +12,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from registry.admin.core.grading import GradeRow, Roster
+from registry.admin.core.grading import Roster
 from registry.config import Config
 from registry.defense.bans import BanList
 from registry.metrics import Probes
-from registry.model import Endpoint
+from registry.model import Endpoint, GradeRow
 from registry.store import Record
 
 

@@ -20,9 +20,8 @@ from typing import Any
 
 import structlog
 
-from registry.admin.core.grading import STATUS_RANK, GradeRow
 from registry.errors import RegistryError
-from registry.model import Outcome, Protocol
+from registry.model import STATUS_RANK, GradeRow, Outcome, Protocol
 
 log = structlog.get_logger(component="store")
 

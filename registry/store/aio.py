@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import structlog
 import trio
 
-from registry.admin.core.grading import GradeRow
+from registry.model import GradeRow
 from registry.store import Record, Store, StoreError
 
 log = structlog.get_logger(component="store")

@@ -21,11 +21,10 @@ from dataclasses import dataclass, replace
 
 from registry.config import Config, read_text
 from registry.errors import ConfigError
+from registry.model import STATUS_RANK, GradeRow
 from registry.policy.addresses import Address
 from registry.protocol.names import BadName, normalise
 
-# Best first: a student's best attempt (here, and in the store's summary SQL).
-STATUS_RANK: dict[str, int] = {"OK": 0, "FAILED": 1, "DENIED": 2, "BUSY": 3, "ERROR": 4}
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 MAX_ROSTER_ROWS = 5000
 
@@ -138,35 +137,6 @@ def load_roster(cfg: Config) -> Roster | None:
 # --- grade rows ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class GradeRow:
-    """One student's standing (a roster student, a name, or a nameless source IP); the
-    store's summary gives one per group. ``best_code``: the most recent attempt that
-    reached ``best_status``."""
-
-    student: str | None
-    source: str | None  # the observed IP of a nameless row, else None
-    attempts: int = 0
-    successes: int = 0
-    best_status: str | None = None
-    best_code: str | None = None
-    first_success_at: float | None = None
-    last_attempt_at: float | None = None
-    verified_ever: bool = False
-    last_status: str | None = None
-    last_code: str | None = None
-    last_explanation: str | None = None  # the last outcome in plain words
-    on_roster: bool = False
-
-    @property
-    def label(self) -> str:
-        return self.student if self.student is not None else f"(no name) {self.source}"
-
-    @property
-    def done(self) -> bool:
-        return self.best_status == "OK"
-
-
 def _rank(status: str | None) -> int:
     return len(STATUS_RANK) + 1 if status is None else STATUS_RANK.get(status, len(STATUS_RANK))
 
@@ -277,7 +247,6 @@ def ago(seconds: float) -> str:
 
 
 __all__ = [
-    "GradeRow",
     "Roster",
     "RosterEntry",
     "ago",
