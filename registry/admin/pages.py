@@ -299,14 +299,3 @@ def render_class(page: ClassPage) -> str:
 <script>{CLASS_SCRIPT}</script>
 </body></html>
 """
-
-
-__all__ = [
-    "CSP",
-    "STATUSES",
-    "ClassPage",
-    "Page",
-    "render_class",
-    "render_dashboard",
-    "render_message",
-]

@@ -239,10 +239,9 @@ ORDER BY student IS NULL, student COLLATE NOCASE, student, source
 class Store:
     """Synchronous store over one connection. Use from one thread at a time."""
 
-    def __init__(self, db: sqlite3.Connection, path: str, *, readonly: bool) -> None:
+    def __init__(self, db: sqlite3.Connection, path: str) -> None:
         self._db = db
         self.path = path
-        self.readonly = readonly
         # A worker group's writers queue on its flock (woken at once; SQLite's busy handler sleeps)
         self._writer_lock: int | None = None
 
@@ -260,7 +259,7 @@ class Store:
             db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as e:
             raise StoreError(f"{path}: cannot open results database: {e}") from e
-        store = cls(db, path, readonly=False)
+        store = cls(db, path)
         try:
             if writer_lock:
                 store._writer_lock = os.open(
@@ -308,16 +307,12 @@ class Store:
                 f"{path}: not a registry results database at schema version {SCHEMA_VERSION} "
                 f"(found {version}); `registry serve --db {path}` creates or upgrades it"
             )
-        return cls(db, path, readonly=True)
+        return cls(db, path)
 
     def _migrate(self) -> None:
-        version = _user_version(self._db)
-        if version > SCHEMA_VERSION:
-            raise _newer_error(self.path, version)
-        if version == SCHEMA_VERSION:
+        if _user_version(self._db) == SCHEMA_VERSION:
             return
-        # IMMEDIATE: two processes starting together must not both migrate.
-        with self._transaction():
+        with self._transaction():  # IMMEDIATE: two processes starting at once migrate once
             version = _user_version(self._db)
             if version > SCHEMA_VERSION:
                 raise _newer_error(self.path, version)
@@ -441,13 +436,3 @@ class Store:
         lock, self._writer_lock = self._writer_lock, None
         if lock is not None:
             os.close(lock)
-
-
-__all__ = [
-    "COLUMNS",
-    "MIGRATIONS",
-    "SCHEMA_VERSION",
-    "Record",
-    "Store",
-    "StoreError",
-]

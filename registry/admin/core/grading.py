@@ -244,16 +244,3 @@ def ago(seconds: float) -> str:
     if seconds < 86400:
         return f"{int(seconds // 3600)} h ago"
     return f"{int(seconds // 86400)} d ago"
-
-
-__all__ = [
-    "Roster",
-    "RosterEntry",
-    "ago",
-    "class_counts",
-    "grade",
-    "load_roster",
-    "merge",
-    "parse_roster",
-    "stuck_first",
-]
