@@ -79,7 +79,8 @@ def deferred_by_kernel(port: int, clients: set[tuple[str, int]]) -> int:
     """How many of ``clients`` the kernel still holds for 127.0.0.1:``port`` (SYN_RECV)."""
     me = _proc_tcp("127.0.0.1", port)
     theirs = {_proc_tcp(ip, p) for ip, p in clients}
-    return sum(1 for r in _proc_tcp_rows() if r[1] == me and r[3] == "03" and r[2] in theirs)
+    # distinct clients: /proc/net/tcp read while the table changes can repeat a row
+    return len({r[2] for r in _proc_tcp_rows() if r[1] == me and r[3] == "03" and r[2] in theirs})
 
 
 def rss_mb(pid: int) -> float:
