@@ -15,6 +15,7 @@ import json
 from enum import StrEnum
 
 from registry.model import Status
+from registry.protocol.callback import CALLBACK_WORD
 
 FIRST_UNPRIVILEGED_PORT = 1024
 _REPLY_WORDS = frozenset(s.value.encode() for s in Status) | {b"COOKIE"}
@@ -45,7 +46,7 @@ def classify(data: bytes, source_port: int) -> DropReason | None:
     first = words[0].upper()
     if first in _REPLY_WORDS:
         return DropReason.REPLY
-    if first == b"CALLBACK":  # the line protocol/callback.py writes
+    if first == CALLBACK_WORD.encode():
         return DropReason.CALLBACK
     if any(word.lower().startswith(b"nonce=") for word in words):
         return DropReason.ECHO
