@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from registry.protocol.reply import safe_text, safe_value
 
+CALLBACK_WORD = "CALLBACK"
 GREETING_LIMIT = 200
 
 
@@ -26,7 +27,7 @@ def make_nonce(random_bytes: bytes) -> str:
 def callback_line(reg_id: str, nonce: str, greeting: str) -> bytes:
     """``b"CALLBACK id=ID nonce=NONCE greeting\\n"``: id and nonce are single tokens,
     the greeting one short line of printable ASCII."""
-    parts = ["CALLBACK", f"id={safe_value(reg_id)}", f"nonce={safe_value(nonce)}"]
+    parts = [CALLBACK_WORD, f"id={safe_value(reg_id)}", f"nonce={safe_value(nonce)}"]
     text = safe_text(greeting, GREETING_LIMIT)
     if text:
         parts.append(text)
