@@ -21,8 +21,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from registry.admin.core.grading import STATUS_RANK, GradeRow, ago, stuck_first
+from registry.admin.core.grading import ago, stuck_first
 from registry.admin.results import cell, iso_utc, when
+from registry.model import STATUS_RANK, GradeRow
 from registry.store import Record
 
 STATUSES: tuple[str, ...] = tuple(STATUS_RANK)  # OK FAILED DENIED BUSY ERROR: best first

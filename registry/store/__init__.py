@@ -20,9 +20,8 @@ from typing import Any
 
 import structlog
 
-from registry.admin.core.grading import STATUS_RANK
 from registry.errors import RegistryError
-from registry.model import Outcome, Protocol
+from registry.model import STATUS_RANK, GradeRow, Outcome, Protocol
 
 log = structlog.get_logger(component="store")
 
@@ -101,26 +100,6 @@ class Record:
 
 
 COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(Record))
-
-
-@dataclass(frozen=True, slots=True)
-class StudentSummary:
-    """One student's standing for grading. ``best_code`` is the code of the most
-    recent attempt that reached ``best_status``."""
-
-    student: str | None  # None: registrations sent without student=NAME
-    attempts: int
-    successes: int
-    best_status: str
-    best_code: str
-    first_success_at: float | None
-    last_attempt_at: float
-    verified_ever: bool
-    # A nameless group is one observed source IP (SPEC "grading"); None for a named one.
-    source: str | None = None
-    last_status: str | None = None  # the most recent attempt, for "stuck on what"
-    last_code: str | None = None
-    last_explanation: str | None = None
 
 
 # --- schema -----------------------------------------------------------------
@@ -247,9 +226,9 @@ WITH f AS (
             AS newest
     FROM f
 )
-SELECT student, COUNT(*), SUM(status = 'OK'), MIN(rank), MAX(CASE WHEN best = 1 THEN code END),
-       MIN(CASE WHEN status = 'OK' THEN received_at END), MAX(received_at),
-       MAX(COALESCE(verified, 0)), source, MAX(CASE WHEN newest = 1 THEN status END),
+SELECT student, source, COUNT(*), SUM(status = 'OK'), MIN(rank),
+       MAX(CASE WHEN best = 1 THEN code END), MIN(CASE WHEN status = 'OK' THEN received_at END),
+       MAX(received_at), MAX(COALESCE(verified, 0)), MAX(CASE WHEN newest = 1 THEN status END),
        MAX(CASE WHEN newest = 1 THEN code END), MAX(CASE WHEN newest = 1 THEN explanation END)
 FROM n
 GROUP BY student, source
@@ -430,16 +409,14 @@ class Store:
         rows = self._db.execute(_AFTER, (seq, limit)).fetchall()
         return (rows[-1][0] if rows else seq), [_from_row(row[1:]) for row in rows]
 
-    def summary(
-        self, *, since: float | None = None, student: str | None = None
-    ) -> list[StudentSummary]:
+    def summary(self, *, since: float | None = None, student: str | None = None) -> list[GradeRow]:
         """Per student name, then per source IP for nameless registrations (SPEC
         "grading"): attempts, successes, best outcome, first success, last attempt."""
         where, params = _where(since, student)
         sql = _SUMMARY_SQL.format(rank=_RANK_SQL, source=_SOURCE_SQL, where=where)
         return [
-            StudentSummary(name, n, ok, _RANK_NAME.get(rank, "?"), code, first, last, bool(v), *now)
-            for name, n, ok, rank, code, first, last, v, *now in self._db.execute(sql, params)
+            GradeRow(name, ip, n, ok, _RANK_NAME.get(rank, "?"), code, first, last, bool(v), *now)
+            for name, ip, n, ok, rank, code, first, last, v, *now in self._db.execute(sql, params)
         ]
 
     def purge_older_than(self, cutoff: float) -> int:
@@ -473,5 +450,4 @@ __all__ = [
     "Record",
     "Store",
     "StoreError",
-    "StudentSummary",
 ]
