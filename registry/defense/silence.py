@@ -11,7 +11,7 @@ accept queue (docs/benchmarks.md).
 
 Past ``after`` silent connections within one ``WINDOW_S`` window,
 ``SilentGuard`` switches on for ``duration`` seconds, and the edge
-(registry/net/kernel/banfilter.py) puts the bare-ACK rule (net/kernel/rules.py) in the listeners'
+(registry/net/kernel/banfilter.py) puts the bare-ACK rule (SILENT_DROP, net/kernel/bpf.py) in the listeners'
 filter: the kernel drops every bare handshake ACK, so a connection is made
 only by its client's first bytes (or its FIN). A client that sends at once
 does not notice; a silent one is never accepted, never answered, and

@@ -20,23 +20,28 @@ say which worker a source reaches.
 
 from __future__ import annotations
 
-import ctypes
 import ipaddress
 import socket
-import struct
 from dataclasses import dataclass
 
-from registry.net.kernel.classic import pack
+from registry.net.kernel.bpf import (
+    AND_K,
+    LD_W_ABS,
+    MOD_K,
+    MUL_K,
+    RET_A,
+    RSH_K,
+    TAX,
+    XOR_X,
+    Insn,
+    attach,
+    net,
+    prefix_masks,
+)
 
 SO_REUSEPORT = getattr(socket, "SO_REUSEPORT", 15)
 SO_ATTACH_REUSEPORT_CBPF = 51  # linux/asm-generic/socket.h
-SKF_NET_OFF = -0x100000
 GOLDEN = 0x9E3779B1  # Fibonacci hashing: 2^32 / phi, odd
-
-LD_W_ABS, TAX, RET_A = 0x20, 0x07, 0x16
-AND_K, MUL_K, RSH_K, MOD_K, XOR_X = 0x54, 0x24, 0x74, 0x94, 0xAC
-
-Insn = tuple[int, int, int, int]
 
 
 @dataclass(frozen=True)
@@ -47,18 +52,9 @@ class Inherited:
     udp: list[socket.socket]
 
 
-def _net(offset: int) -> int:
-    return (SKF_NET_OFF + offset) & 0xFFFFFFFF
-
-
 def _v6_masks(prefix: int) -> list[int]:
-    """The 32-bit masks of the source address words the IPv6 key covers."""
-    masks = []
-    for i in range(4):
-        covered = min(32, max(0, prefix - 32 * i))
-        if covered:
-            masks.append((0xFFFFFFFF << (32 - covered)) & 0xFFFFFFFF)
-    return masks or [0]
+    """The masks of the source address words the IPv6 key covers (/0: one word, all masked)."""
+    return prefix_masks(prefix) or [0]
 
 
 def _mix(word: int, n: int) -> int:
@@ -82,13 +78,13 @@ def worker_index(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, n: int, v6_p
 def steering_program(family: int, n: int, v6_prefix: int) -> list[Insn]:
     """Return hash(source) % n: the socket index in the group (classic BPF, 32-bit ALU)."""
     if family == socket.AF_INET:
-        body: list[Insn] = [(LD_W_ABS, 0, 0, _net(12))]  # the IPv4 source address
+        body: list[Insn] = [(LD_W_ABS, 0, 0, net(12))]  # the IPv4 source address
     else:  # the IPv6 source's words under the prefix, folded by xor
         body = []
         for i, mask in enumerate(_v6_masks(v6_prefix)):
             if i:
                 body.append((TAX, 0, 0, 0))
-            body.append((LD_W_ABS, 0, 0, _net(8 + 4 * i)))
+            body.append((LD_W_ABS, 0, 0, net(8 + 4 * i)))
             if mask != 0xFFFFFFFF:
                 body.append((AND_K, 0, 0, mask))
             if i:
@@ -98,11 +94,7 @@ def steering_program(family: int, n: int, v6_prefix: int) -> list[Insn]:
 
 def attach_steering(sock: socket.socket, n: int, v6_prefix: int) -> None:
     """Attach the program to ``sock``'s reuseport group (any one member will do)."""
-    program = steering_program(sock.family, n, v6_prefix)
-    code = pack(program)
-    buf = ctypes.create_string_buffer(code, len(code))
-    fprog = struct.pack("@HP", len(program), ctypes.addressof(buf))  # the kernel copies it
-    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, fprog)
+    attach(sock, steering_program(sock.family, n, v6_prefix), SO_ATTACH_REUSEPORT_CBPF)
 
 
 def open_group(
