@@ -1,13 +1,9 @@
-"""The edge of the ban list: keep the listeners' kernel filter in step with it.
-
-``registry/defense/bans.py`` decides who is banned and ``defense/silence.py`` when
-bare handshake ACKs are dropped; this task puts both in the kernel, lifts bans
-when they expire and reports what did not fit. Changes are coalesced, so a burst
-of bans is applied at most every ``REFRESH_S``, ``STEP`` kernel calls between two
-checkpoints (short steps, docs/architecture.md). The filter is one of two ways,
-chosen once when the listeners exist (``bind``): eBPF (ebpf.py: a map, up to
-``max_bans`` sources) where the kernel lets us load it, else classic (classic.py:
-no privilege needed, about 2,000 IPv4 bans).
+"""The edge of the ban list: keep the listeners' kernel filter in step with it and
+with the silent drop (defense/bans.py, defense/silence.py decide), lift bans when
+they expire and report what did not fit. Changes are coalesced (at most every
+``REFRESH_S``) and applied ``STEP`` kernel calls between two checkpoints. The
+filter is eBPF where the kernel lets us load it, else classic, chosen once by
+``bind`` (docs/limits.md, "Two kernel filters").
 """
 
 from __future__ import annotations
@@ -36,20 +32,18 @@ STEP = 64  # kernel calls between two checkpoints (an eBPF map change: ~15 us)
 
 
 class ListenerFilter(Protocol):
-    """One way of filtering the listeners (ClassicFilter, EbpfFilter)."""
+    """One way of filtering the listeners (ClassicFilter, EbpfFilter). ``sync`` brings
+    ``socks`` in step with ``bans`` (``changed``: the keys banned or lifted since the
+    last pass) and ``dropping``, one item per kernel call; OSError: the kernel refused."""
 
     kind: str
 
     @property
-    def filtered(self) -> int:
-        """The bans the kernel drops now."""
+    def filtered(self) -> int: ...  # the bans the kernel drops now
 
     def sync(
         self, socks: Sequence[Sock], bans: BanList, changed: list[SourceKey], dropping: bool
-    ) -> Iterator[None]:
-        """Bring ``socks`` in step with ``bans`` (``changed``: the keys banned or lifted
-        since the last pass) and ``dropping``: one item per kernel call; OSError when
-        the kernel refuses one."""
+    ) -> Iterator[None]: ...
 
     def close(self) -> None: ...
 

@@ -1,24 +1,16 @@
-"""The eBPF ban filter: banned sources in a kernel map, one small socket filter.
+"""The eBPF ban filter: the bans in a kernel map, one small constant program on the
+listeners (docs/limits.md, "Two kernel filters", says why and what it holds).
 
-Why: the classic filter (classic.py) compares every packet with every ban, is
-re-attached on each change and holds about 2,000 IPv4 bans; an attack from 5,000
-addresses does not fit. Here the program is 36 instructions whatever the bans (47
-with the silent drop: a second program, swapped in and out), and the bans live in
-a longest-prefix-match trie changed one entry at a time: a ban is one ``bpf()``
-call, a packet one lookup, and the map holds up to ``MAX_ENTRIES`` sources.
-
-Keys are 16-byte addresses: an IPv4 source as ``::ffff:a.b.c.d/128``, an IPv6
-source as its network (``ipv6_prefix``, say ``2001:db8::/64``). The program looks
-the packet's source up as a /128, so a /64 ban matches every address in it.
-
-Linux only, and the kernel must let us load it: root or ``CAP_BPF`` where
-unprivileged BPF is disabled (the default on current distributions). When it
-will not, ``EbpfFilter.create`` raises OSError and banfilter.py uses the classic
-filter.
+Map keys are 16-byte addresses: an IPv4 source as ``::ffff:a.b.c.d/128``, an IPv6
+source as its network (``ipv6_prefix``). The program looks the packet's source up
+as a /128 in the longest-prefix-match trie, so a /64 ban matches every address in
+it. Loading needs root or ``CAP_BPF`` where unprivileged BPF is off (the default on
+current distributions); else ``EbpfFilter.create`` raises OSError.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import ipaddress
@@ -40,8 +32,7 @@ MAX_ENTRIES = 100_000  # the most max_bans allows; LPM tries allocate per entry
 
 _SYS_BPF = {"x86_64": 321, "aarch64": 280, "armv7l": 386, "riscv64": 280, "ppc64le": 361}
 _MAP_CREATE, _MAP_UPDATE_ELEM, _MAP_DELETE_ELEM, _PROG_LOAD = 0, 2, 3, 5
-_MAP_TYPE_LPM_TRIE, _F_NO_PREALLOC = 11, 1
-_PROG_TYPE_SOCKET_FILTER = 1
+_MAP_TYPE_LPM_TRIE, _F_NO_PREALLOC, _PROG_TYPE_SOCKET_FILTER = 11, 1, 1
 _KEY = struct.Struct("=I16s")  # struct bpf_lpm_trie_key: prefixlen, then the address
 _V4_MAPPED = bytes(10) + b"\xff\xff"  # ::ffff:0:0/96
 _ATTR_SIZE = 128  # larger than every bpf_attr variant used here; the tail stays zero
@@ -169,34 +160,17 @@ def _bpf(cmd: int, attr: bytes) -> int:
 
 
 def _load(code: bytes) -> int:
+    """A loaded socket filter's descriptor; the verifier's last words in the OSError."""
     license_ = ctypes.create_string_buffer(b"GPL")
     insns = ctypes.create_string_buffer(code, len(code))
     log = ctypes.create_string_buffer(65536)
-
-    def attr(level: int) -> bytes:
-        logged = (len(log), ctypes.addressof(log)) if level else (0, 0)
-        return struct.pack(
-            "=IIQQIIQII",
-            _PROG_TYPE_SOCKET_FILTER,
-            len(code) // 8,
-            ctypes.addressof(insns),
-            ctypes.addressof(license_),
-            level,
-            *logged,
-            0,
-            0,
-        )
-
+    prog = (_PROG_TYPE_SOCKET_FILTER, len(code) // 8, *map(ctypes.addressof, (insns, license_)))
+    attr = struct.pack("=IIQQIIQ", *prog, 1, len(log), ctypes.addressof(log))  # log level 1
     try:
-        return _bpf(_PROG_LOAD, attr(0))
+        return _bpf(_PROG_LOAD, attr)
     except OSError as e:
-        if e.errno not in (errno.EINVAL, errno.EACCES):
-            raise  # EPERM: not allowed to load at all
-        try:  # the verifier refused it: say why
-            return _bpf(_PROG_LOAD, attr(1))
-        except OSError as again:
-            text = log.value.decode("ascii", "replace").strip().splitlines()
-            raise OSError(again.errno, f"{again.strerror}: {' | '.join(text[-3:])}") from None
+        said = log.value.decode("ascii", "replace").strip().splitlines()[-3:]
+        raise OSError(e.errno, " | ".join([e.strerror or "", *said])) from None
 
 
 class EbpfFilter:
@@ -302,8 +276,6 @@ class EbpfFilter:
     def close(self) -> None:
         """Our descriptors; sockets that carry the program keep it (and the map) alive."""
         for fd in (self.prog_fd, self.silent_fd, self.map_fd):
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
         self.prog_fd = self.silent_fd = self.map_fd = -1
