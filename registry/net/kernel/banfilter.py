@@ -101,11 +101,11 @@ class BanFilter:
         which keeps refusing them instead)."""
         return self.available and not self._truncated
 
-    def bind(self, socks: Sequence[Sock], *, ebpf: bool = True) -> str:
+    def bind(self, socks: Sequence[Sock]) -> str:
         """The listeners, before any ban: the eBPF filter goes on them when the kernel
-        lets us (``ebpf``), else the classic one will. Returns the kind."""
+        lets us, else the classic one will. Returns the kind."""
         self.socks = list(socks)
-        if ebpf and self.available and self.socks:
+        if self.available and self.socks:
             try:
                 self.kernel = EbpfFilter.on(self.socks)
             except OSError as e:

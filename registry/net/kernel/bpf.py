@@ -27,16 +27,15 @@ BPF_MAXINSNS = 4096
 SO_ATTACH_FILTER = getattr(socket, "SO_ATTACH_FILTER", 26)  # the Linux values
 SO_DETACH_FILTER = getattr(socket, "SO_DETACH_FILTER", 27)
 
-# The TCP flags that matter here: FIN, SYN, RST, ACK.
-TCP_FLAGS_MASK, TCP_ACK = 0x17, 0x10
+TCP_FLAGS_MASK, TCP_ACK = 0x17, 0x10  # the flags that matter here: FIN, SYN, RST, ACK
 
-# Drop a bare ACK: only the ACK flag and no payload. Positive offsets are from the
-# TCP header (where the packet's data starts when a TCP socket's filter runs) and
-# the packet's length is the TCP header and payload. On a listener a bare ACK is
-# the client's last handshake step: dropped, the kernel never makes the connection,
-# and the client's first bytes (or its FIN) make it instead, in one step. A client
-# that sends nothing stays a half-open entry in the kernel until its SYN-ACK retries
-# run out (about a minute), and costs us nothing. Anything else falls through.
+# Drop a bare ACK (the ACK flag alone, no payload), else fall through. Positive
+# offsets are from the TCP header, where a TCP socket filter's data starts, and the
+# length is the TCP header and payload. On a listener a bare ACK is the client's
+# last handshake step: dropped, the kernel never makes the connection, and the
+# client's first bytes (or its FIN) make it instead. A client that sends nothing
+# stays a half-open entry in the kernel until its SYN-ACK retries run out (about a
+# minute), at no cost to us (docs/limits.md, "Silent drop").
 SILENT_DROP: list[Insn] = [
     (LD_B_ABS, 0, 0, 13),  # the flags
     (AND_K, 0, 0, TCP_FLAGS_MASK),

@@ -184,7 +184,7 @@ class EbpfFilter:
         self.map_fd, self.prog_fd, self.silent_fd = map_fd, prog_fd, silent_fd
         self.dropping = False  # which program the listeners carry
         self._in_map: set[Key] = set()
-        self._unfitted: dict[Key, None] = {}  # banned, but the map was full (oldest first)
+        self._waiting: dict[Key, None] = {}  # banned, not in the map yet (oldest first)
 
     @classmethod
     def create(cls, max_entries: int = MAX_ENTRIES) -> EbpfFilter:
@@ -249,29 +249,25 @@ class EbpfFilter:
                 self.attach(sock, drop_silent=dropping)
             self.dropping = dropping
         for key in changed:  # lifts first: they make room in a full map
-            if key not in bans:
-                self._unfitted.pop(key, None)
-                if key in self._in_map:
-                    self.remove(key)
-                    self._in_map.discard(key)
-                    yield None
-        # bans that did not fit before go first, if there is room now
-        wanted = [*self._unfitted, *(key for key in changed if key in bans)]
-        self._unfitted = {}
-        for key in wanted:
-            if key in self._in_map:
+            if key in bans:
+                if key not in self._in_map:
+                    self._waiting[key] = None
                 continue
-            if not self._unfitted:  # once the map is full, the rest stay listed only
-                try:
-                    self.add(key)
-                except OSError as e:
-                    if e.errno not in (errno.E2BIG, errno.ENOMEM, errno.ENOSPC):
-                        raise
-                else:
-                    self._in_map.add(key)
-                    yield None
-                    continue
-            self._unfitted[key] = None
+            self._waiting.pop(key, None)
+            if key in self._in_map:
+                self.remove(key)
+                self._in_map.discard(key)
+                yield None
+        for key in list(self._waiting):  # the oldest first, until the map is full
+            try:
+                self.add(key)
+            except OSError as e:
+                if e.errno in (errno.E2BIG, errno.ENOMEM, errno.ENOSPC):
+                    break  # the rest stay listed only, and wait for room
+                raise
+            del self._waiting[key]
+            self._in_map.add(key)
+            yield None
 
     def close(self) -> None:
         """Our descriptors; sockets that carry the program keep it (and the map) alive."""
