@@ -30,19 +30,9 @@ import trio.testing
 from registry import config as config_mod
 from registry.defense.bans import BanList
 from registry.defense.silence import SilentGuard
+from registry.net.kernel import bpf
 from registry.net.kernel.banfilter import BanFilter, detach_inherited
-from registry.net.kernel.bpf import (
-    ACCEPT,
-    BPF_MAXINSNS,
-    DROP,
-    JA,
-    JEQ_K,
-    JEQ_X,
-    LD_B_ABS,
-    RET_K,
-    TAX,
-    attach,
-)
+from registry.net.kernel.bpf import ACCEPT, BPF_MAXINSNS, DROP, attach
 from registry.net.kernel.classic import drop_program
 from registry.net.kernel.ebpf import EbpfFilter, from_classic, program
 from registry.server import Registry
@@ -160,14 +150,14 @@ def test_the_block_drops_bare_acks_only(runner: str, name: str, segment: bytes, 
 # A classic block converted: each jump lands on the instruction it landed on (a
 # ``ret`` is two eBPF instructions), one past the end on what follows the block.
 CONVERTED = [
-    ((LD_B_ABS, 0, 0, 13), (0x30, 0, 0, 0, 13)),
-    ((JEQ_K, 0, 2, 0x10), (0x55, 0, 0, 3, 0x10)),  # false: over the ret (2) and the ja
-    ((RET_K, 0, 0, DROP), (0xB4, 0, 0, 0, 0)),
+    ((bpf.LD_B_ABS, 0, 0, 13), (0x30, 0, 0, 0, 13)),
+    ((bpf.JEQ_K, 0, 2, 0x10), (0x55, 0, 0, 3, 0x10)),  # false: over the ret (2) and the ja
+    ((bpf.RET_K, 0, 0, DROP), (0xB4, 0, 0, 0, 0)),
     (None, (0x95, 0, 0, 0, 0)),
-    ((JA, 0, 0, 2), (0x05, 0, 0, 2, 0)),  # over the mov and the jne, to the ret
-    ((TAX, 0, 0, 0), (0xBF, 7, 0, 0, 0)),
-    ((JEQ_X, 0, 1, 0), (0x5D, 0, 7, 2, 0)),  # A != X: past the end
-    ((RET_K, 0, 0, ACCEPT), (0xB4, 0, 0, 0, -1)),
+    ((bpf.JA, 0, 0, 2), (0x05, 0, 0, 2, 0)),  # over the mov and the jne, to the ret
+    ((bpf.TAX, 0, 0, 0), (0xBF, 7, 0, 0, 0)),
+    ((bpf.JEQ_X, 0, 1, 0), (0x5D, 0, 7, 2, 0)),  # A != X: past the end
+    ((bpf.RET_K, 0, 0, ACCEPT), (0xB4, 0, 0, 0, -1)),
     (None, (0x95, 0, 0, 0, 0)),
 ]
 
@@ -176,7 +166,7 @@ def test_a_classic_block_converts_to_ebpf_with_its_jumps_on_target() -> None:
     block = [classic for classic, _ in CONVERTED if classic is not None]
     assert from_classic(block) == [insn for _, insn in CONVERTED]
     with pytest.raises(ValueError, match="no eBPF"):
-        from_classic([(JEQ_K, 1, 0, 0x10)])  # true must fall through
+        from_classic([(bpf.JEQ_K, 1, 0, 0x10)])  # true must fall through
 
 
 @pytest.mark.parametrize("runner", RUNNERS)
