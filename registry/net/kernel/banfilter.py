@@ -1,9 +1,9 @@
 """The edge of the ban list: keep the listeners' kernel filter in step with it and
 with the silent drop (defense/bans.py, defense/silence.py decide), lift bans when
 they expire and report what did not fit. Changes are coalesced (at most every
-``REFRESH_S``) and applied ``STEP`` kernel calls between two checkpoints. The
-filter is eBPF where the kernel lets us load it, else classic, chosen once by
-``bind`` (docs/limits.md, "Two kernel filters").
+``REFRESH_S``), ``STEP`` kernel calls between two checkpoints (docs/architecture.md,
+"Short steps"). The filter is eBPF where the kernel lets us load it, else classic,
+chosen once by ``bind`` (docs/limits.md, "Two kernel filters").
 """
 
 from __future__ import annotations
