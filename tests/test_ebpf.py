@@ -276,17 +276,13 @@ class FailingMap(EbpfFilter):
     """An eBPF filter whose map stops taking changes (the kernel says EPERM)."""
 
     def __init__(self) -> None:
-        super().__init__(-1, -1, -1)
-        self.closed = False
+        super().__init__(-1, -1, -1)  # no descriptors: closing them is a no-op
 
     def add(self, key: Any) -> None:
         raise OSError(errno.EPERM, "Operation not permitted")
 
     def remove(self, key: Any) -> None:
         raise OSError(errno.EPERM, "Operation not permitted")
-
-    def close(self) -> None:
-        self.closed = True
 
 
 def test_a_map_that_fails_is_detached_so_it_can_drop_nobody() -> None:
