@@ -11,12 +11,12 @@ from registry.admin.view import DaemonView
 from registry.config import Config
 from registry.defense.bans import BanList
 from registry.defense.conncaps import ConnectionCaps
-from registry.defense.tally import RefusalTally
+from registry.defense.window import Window
 from registry.metrics import Probes
 from registry.model import Endpoint
 from registry.net.kernel.banfilter import BanFilter
 from registry.service import Service
-from registry.store import AsyncStore
+from registry.store.aio import AsyncStore
 
 
 @dataclass
@@ -27,7 +27,7 @@ class Runtime:
     service: Service
     caps: ConnectionCaps
     store: AsyncStore
-    tally: RefusalTally = field(default_factory=RefusalTally)
+    tally: Window = field(default_factory=Window)
     bans: BanList = field(default_factory=lambda: BanList(0, 60.0, 1))
     ban_filter: BanFilter | None = None
     tcp: list[Endpoint] = field(default_factory=list)
@@ -63,9 +63,6 @@ def daemon_view(rt: Runtime) -> DaemonView:
         ),
         subscribe=rt.service.observers.append,
         listening=lambda: rt.tcp,
-        draining=lambda: rt.draining,
         bans=rt.bans,
         ban_filter=lambda: rt.ban_filter,
-        silent_until=lambda: rt.ban_filter.silent.until if rt.ban_filter is not None else 0.0,
-        silent_after=lambda: rt.ban_filter.silent.after if rt.ban_filter is not None else 0,
     )

@@ -29,7 +29,6 @@ from registry.config import Config
 from registry.defense.bans import Ban, BanList
 from registry.defense.conncaps import ConnectionCaps
 from registry.defense.door import (
-    RATE_LIMITED,
     SILENT,
     TOTAL,
     Admitted,
@@ -37,9 +36,7 @@ from registry.defense.door import (
     Refused,
     told_of_ban,
 )
-from registry.defense.ratelimit import debt_threshold
-from registry.defense.silence import SilentGuard
-from registry.defense.tally import WINDOW_S, RefusalTally
+from registry.defense.window import WINDOW_S, SilentGuard, Window
 from registry.errors import ConfigError, ProtocolError
 from registry.model import Code, Protocol, Request
 from registry.net.accept import accept_loop, held_silent
@@ -64,7 +61,7 @@ from registry.net.waiting import Waiting, WaitingRoom
 from registry.protocol.cookies import CookieJar
 from registry.runtime import Runtime, daemon_view
 from registry.service import Connector, Service
-from registry.store import AsyncStore
+from registry.store.aio import AsyncStore
 
 log = structlog.get_logger(component="server")
 
@@ -102,10 +99,12 @@ class Registry:
         self.caps = ConnectionCaps(
             cfg.limits.max_connections, cfg.limits.max_connections_per_source
         )
-        self.tally = RefusalTally()
+        self.tally = Window()  # the attack window: refusals, repeats, silent connections
         self.bans = BanList(**_ban_settings(cfg))
         self._bans_in_interval = 0  # bans made since the last door_refusals line
-        self.silent = SilentGuard(cfg.limits.silent_drop_after, cfg.limits.silent_drop_duration)
+        self.silent = SilentGuard(
+            cfg.limits.silent_drop_after, cfg.limits.silent_drop_duration, self.tally
+        )
         # its sockets are set when they exist
         self.ban_filter = BanFilter([], self.bans, silent=self.silent)
         self.room: WaitingRoom | None = None
@@ -159,7 +158,7 @@ class Registry:
                 async with trio.open_nursery() as front:
                     runtime.shutdown = front.cancel_scope.cancel
                     runtime.reload = lambda: self._reload(runtime)
-                    self.door = Door(self.caps, service.limiter)
+                    self.door = Door(self.caps, service.limiter, cfg.limits.max_refusal_delay)
                     if WaitingRoom.supported():
                         self.room = WaitingRoom(lambda: self.cfg.protocol)
                         handlers.start_soon(
@@ -292,13 +291,12 @@ class Registry:
             self._start(handlers, handler, waiting, None)
 
     def _note_silent(self, now: float, n: int) -> None:
-        """``n`` connections sent nothing before their read deadline (registry/defense/silence.py)."""
+        """``n`` connections sent nothing before their read deadline (registry/defense/window.py)."""
         if self.silent.note(now, n):
             self.ban_filter.poke()  # the filter starts dropping bare ACKs
 
     def _consider_ban(self, decision: Refused, repeat: int, now: float) -> Ban | None:
-        wait = decision.outcome.retry_after if decision.reason == RATE_LIMITED else 0
-        ban = self.bans.consider(decision.key, repeat, now, float(wait or 0))
+        ban = self.bans.consider(decision.key, repeat, now, decision.owed)
         if ban is None:
             return None
         self.ban_filter.poke()
@@ -307,7 +305,7 @@ class Registry:
             return ban  # counted: _log_refusals sums them up
         log.warning(
             "source_banned",
-            source=str(ban.key),
+            source=str(ban.network),
             reason=decision.reason,
             refusals=repeat,
             seconds=round(ban.until - ban.since, 1),
@@ -455,6 +453,7 @@ class Registry:
         runtime.service.reconfigure(new)
         self.admission.total_tokens = new.limits.max_connections
         self.caps.reconfigure(new.limits.max_connections, new.limits.max_connections_per_source)
+        self.door.longest_hold = new.limits.max_refusal_delay
         self.doorway.reconfigure(
             new.limits.refusal_delay, new.limits.max_refusal_delay, new.limits.max_refusals_held
         )
@@ -477,6 +476,5 @@ def _ban_settings(cfg: Config) -> dict[str, Any]:
         "max_entries": lim.max_bans,
         "exempt": [cidr.network for cidr in lim.ban_exempt_networks],
         "ignored_after": lim.ban_after_ignored,
-        "long_wait": debt_threshold(cfg.ratelimit.per_source, lim.max_refusal_delay),
         "spread": lim.ban_spread,
     }

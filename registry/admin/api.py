@@ -8,7 +8,6 @@ the ``DaemonView`` the server passed in.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -122,11 +121,10 @@ class Views:
         self,
         view: DaemonView,
         metrics: Metrics,
-        *,
         version: str,
         default_limit: int,
         max_limit: int,
-        wallclock: Callable[[], float] = time.time,
+        wallclock: Callable[[], float],
     ) -> None:
         self.view = view
         self.metrics = metrics
@@ -169,7 +167,7 @@ class Views:
             generated_at=self.wallclock(),
             send_to=reachable([(str(e.host), e.port) for e in self.view.listening()]),
             version=self.version,
-            draining=self.view.draining(),
+            draining=self.view.probes.draining(),
             student=f.student,
             since=f.since_text,
         )
@@ -190,7 +188,7 @@ class Views:
             limit=f.limit,
             student=f.student,
             since=f.since_text,
-            draining=self.view.draining(),
+            draining=self.view.probes.draining(),
         )
         return Response(200, pages.render_dashboard(page).encode(), HTML)
 
@@ -215,28 +213,27 @@ class Views:
 
     async def bans(self, req: HttpRequest) -> Response:
         """Sources banned now (registry/defense/bans.py), oldest first, with the time left."""
-        bans, now = self.view.bans, trio.current_time()
-        ban_filter = self.view.ban_filter()
+        bans, now, kernel = self.view.bans, trio.current_time(), self.view.ban_filter()
         return json_response(
             {
                 "banned": len(bans),
-                "kernel_filtered": ban_filter.filtered if ban_filter is not None else 0,
+                "kernel_filtered": kernel.filtered if kernel is not None else 0,
                 # "ebpf" (a kernel map, up to max_bans) or "classic" (~2,000 bans)
-                "kernel_filter": ban_filter.kind if ban_filter is not None else None,
+                "kernel_filter": kernel.kind if kernel is not None else None,
                 "total": bans.total,
                 "skipped_list_full": bans.skipped,
                 "ban_after": bans.after,
                 # the kernel drops bare handshake ACKs: only a client's bytes connect
-                "silent_drop": {
-                    "active": ban_filter is not None and ban_filter.dropping_now,
-                    "seconds_left": round(max(0.0, self.view.silent_until() - now), 1)
-                    if ban_filter is not None
-                    else 0.0,
-                    "after": self.view.silent_after() if ban_filter is not None else 0,
+                "silent_drop": {"active": False, "seconds_left": 0.0, "after": 0}
+                if kernel is None
+                else {
+                    "active": kernel.dropping_now,
+                    "seconds_left": round(max(0.0, kernel.silent.until - now), 1),
+                    "after": kernel.silent.after,
                 },
                 "bans": [
                     {
-                        "source": str(ban.key),
+                        "source": str(ban.network),
                         "refusals": ban.refusals,
                         "banned_for_s": round(now - ban.since, 1),
                         "seconds_left": round(max(0.0, ban.until - now), 1),
@@ -254,6 +251,6 @@ class Views:
         return Response(200, b"ok\n")
 
     async def readyz(self, req: HttpRequest) -> Response:
-        if self.view.draining():
+        if self.view.probes.draining():
             return Response(503, b"draining\n")
         return Response(200, b"ready\n")

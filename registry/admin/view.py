@@ -36,11 +36,19 @@ class StoreReader(Protocol):
     ) -> dict[str, int]: ...
 
 
+class Silence(Protocol):
+    """What ``/api/bans`` reports of ``defense.silence.SilentGuard``."""
+
+    after: int
+    until: float  # the silent drop's end (trio time)
+
+
 class KernelFilter(Protocol):
     """What ``/api/bans`` reports of ``net.kernel.banfilter.BanFilter``."""
 
     kind: str
     filtered: int
+    silent: Silence
 
     @property
     def dropping_now(self) -> bool: ...
@@ -51,11 +59,8 @@ class DaemonView:
     store: StoreReader
     config: Callable[[], Config]  # the config in force (a SIGHUP replaces it)
     roster: Callable[[], Roster | None]  # the class roster in force, if any
-    probes: Probes  # live gauges for /metrics (event_clients is the admin's own)
+    probes: Probes  # live gauges for /metrics (event_clients is the admin's own), draining
     subscribe: Callable[[Callable[[Record], None]], None]  # called per recorded registration
     listening: Callable[[], Sequence[Endpoint]]  # registration endpoints (may be wildcards)
-    draining: Callable[[], bool]
     bans: BanList
     ban_filter: Callable[[], KernelFilter | None]
-    silent_until: Callable[[], float]  # the silent drop's end (trio time)
-    silent_after: Callable[[], int]

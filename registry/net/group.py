@@ -300,7 +300,7 @@ class Supervisor:
         from registry.admin.http import open_listeners as open_admin_listeners
         from registry.admin.view import DaemonView
         from registry.net.listeners import parse_hostport
-        from registry.store import AsyncStore
+        from registry.store.aio import AsyncStore
 
         self.roster = load_roster(self.cfg)
         tcp, udp = self._open_sockets()
@@ -352,13 +352,10 @@ class Supervisor:
                             ),
                             subscribe=self.observers.append,
                             listening=lambda: self.tcp,
-                            draining=lambda: self.stopping,
                             bans=BanList(
                                 0, 60.0, 1
                             ),  # each worker keeps its own (sums in /metrics)
                             ban_filter=lambda: None,
-                            silent_until=lambda: 0.0,
-                            silent_after=lambda: self.cfg.limits.silent_drop_after,
                         )
                         await nursery.start(AdminServer(view).serve, admin_listeners)
                         admin = str(endpoint_of(admin_listeners[0].socket.getsockname()))

@@ -1,5 +1,5 @@
 """The edge of the ban list: keep the listeners' kernel filter in step with it and
-with the silent drop (defense/bans.py, defense/silence.py decide), lift bans when
+with the silent drop (defense/bans.py, defense/window.py decide), lift bans when
 they expire and report what did not fit. Changes are coalesced (at most every
 ``REFRESH_S``), ``STEP`` kernel calls between two checkpoints (docs/architecture.md,
 "Short steps"). The filter is eBPF where the kernel lets us load it, else classic,
@@ -18,8 +18,7 @@ import structlog
 import trio
 
 from registry.defense.bans import Ban, BanList
-from registry.defense.ratelimit import SourceKey
-from registry.defense.silence import SilentGuard
+from registry.defense.window import SilentGuard
 from registry.net.kernel.bpf import SO_DETACH_FILTER, Sock, detach
 from registry.net.kernel.classic import ClassicFilter, insn_budget
 from registry.net.kernel.ebpf import EbpfFilter
@@ -42,7 +41,7 @@ class ListenerFilter(Protocol):
     def filtered(self) -> int: ...  # the bans the kernel drops now
 
     def sync(
-        self, socks: Sequence[Sock], bans: BanList, changed: list[SourceKey], dropping: bool
+        self, socks: Sequence[Sock], bans: BanList, changed: list[int], dropping: bool
     ) -> Iterator[None]: ...
 
     def close(self) -> None: ...
@@ -146,7 +145,7 @@ class BanFilter:
                 "bans_lifted",
                 reason=reason,
                 count=len(lifted),
-                sources=[str(ban.key) for ban in lifted[:LOGGED_SOURCES]],
+                sources=[str(ban.network) for ban in lifted[:LOGGED_SOURCES]],
                 banned=len(self.bans),
             )
 

@@ -10,7 +10,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from registry.defense.bans import BanList
-from registry.defense.ratelimit import SourceKey as Key
+from registry.defense.ratelimit import SourceNetwork as Key
 from registry.net.kernel import bpf
 
 OPTMEM_MAX = Path("/proc/sys/net/core/optmem_max")
@@ -103,9 +103,9 @@ class ClassicFilter:
         self.filtered = 0  # the bans the program holds
 
     def sync(
-        self, socks: Sequence[bpf.Sock], bans: BanList, changed: list[Key], dropping: bool
+        self, socks: Sequence[bpf.Sock], bans: BanList, changed: list[int], dropping: bool
     ) -> Iterator[None]:
-        keys = [ban.key for ban in bans.active()]  # ``changed`` unused: compiled whole
+        keys = [ban.network for ban in bans.active()]  # ``changed`` unused: compiled whole
         program, self.filtered = drop_program(keys, self.budget, drop_silent=dropping)
         for sock in socks:
             if keys or dropping:

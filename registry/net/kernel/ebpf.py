@@ -23,7 +23,8 @@ import sys
 from collections.abc import Iterator, Sequence
 
 from registry.defense.bans import BanList
-from registry.defense.ratelimit import SourceKey as Key
+from registry.defense.ratelimit import SourceNetwork as Key
+from registry.defense.ratelimit import source_network
 from registry.net.kernel import bpf
 from registry.net.kernel.bpf import AND_K, JA, JEQ_K, LD_B_ABS, LD_W_ABS, SKF_NET_OFF, Sock
 
@@ -183,8 +184,8 @@ class EbpfFilter:
     def __init__(self, map_fd: int, prog_fd: int, silent_fd: int) -> None:
         self.map_fd, self.prog_fd, self.silent_fd = map_fd, prog_fd, silent_fd
         self.dropping = False  # which program the listeners carry
-        self._in_map: set[Key] = set()
-        self._waiting: dict[Key, None] = {}  # banned, not in the map yet (oldest first)
+        self._in_map: set[int] = set()  # sources (ratelimit.source_of)
+        self._waiting: dict[int, None] = {}  # banned, not in the map yet (oldest first)
 
     @classmethod
     def create(cls, max_entries: int = MAX_ENTRIES) -> EbpfFilter:
@@ -241,7 +242,7 @@ class EbpfFilter:
                 raise
 
     def sync(
-        self, socks: Sequence[Sock], bans: BanList, changed: list[Key], dropping: bool
+        self, socks: Sequence[Sock], bans: BanList, changed: list[int], dropping: bool
     ) -> Iterator[None]:
         """One item per map change. Bans made or lifted meanwhile are the next pass's."""
         if dropping != self.dropping:  # one program for the other, on every listener
@@ -255,12 +256,12 @@ class EbpfFilter:
                 continue
             self._waiting.pop(key, None)
             if key in self._in_map:
-                self.remove(key)
+                self.remove(source_network(key))
                 self._in_map.discard(key)
                 yield None
         for key in list(self._waiting):  # the oldest first, until the map is full
             try:
-                self.add(key)
+                self.add(source_network(key))
             except OSError as e:
                 if e.errno in (errno.E2BIG, errno.ENOMEM, errno.ENOSPC):
                     break  # the rest stay listed only, and wait for room
