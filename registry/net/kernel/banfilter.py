@@ -9,7 +9,6 @@ chosen once by ``bind`` (docs/limits.md, "Two kernel filters").
 from __future__ import annotations
 
 import contextlib
-import socket
 import sys
 from collections.abc import Iterator, Sequence
 from typing import Protocol
@@ -19,7 +18,7 @@ import trio
 
 from registry.defense.bans import Ban, BanList
 from registry.defense.window import SilentGuard
-from registry.net.kernel.bpf import SO_DETACH_FILTER, Sock, detach
+from registry.net.kernel.bpf import Sock, detach
 from registry.net.kernel.classic import ClassicFilter, insn_budget
 from registry.net.kernel.ebpf import EbpfFilter
 
@@ -51,8 +50,8 @@ def detach_inherited(conn: Sock) -> None:
     """Take the listener's filter off a socket ``accept()`` returned (it inherits a
     copy). The filter is for handshakes: on a connection, the silent drop would
     drop the client's ACKs of our reply. Never raises."""
-    with contextlib.suppress(OSError):  # ENOENT: it had none
-        conn.setsockopt(socket.SOL_SOCKET, SO_DETACH_FILTER, 0)
+    with contextlib.suppress(OSError):
+        detach(conn)
 
 
 class BanFilter:
