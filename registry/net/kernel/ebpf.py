@@ -43,7 +43,7 @@ _ATTR_SIZE = 128  # larger than every bpf_attr variant used here; the tail stays
 Insn = tuple[int, int, int, int, int]  # code, dst, src, off, imm
 R0, R1, R2, R6, R7, R10 = 0, 1, 2, 6, 7, 10
 MOV64_X, MOV32_K, ADD64_K, LDX_W, ST_W, STX_W = 0xBF, 0xB4, 0x07, 0x61, 0x62, 0x63
-JNE_K, JNE_X, TO_BE, CALL, EXIT, LD_IMM64 = 0x55, 0x5D, 0xDC, 0x85, 0x95, 0x18
+JNE_K, TO_BE, CALL, EXIT, LD_IMM64 = 0x55, 0xDC, 0x85, 0x95, 0x18
 _PSEUDO_MAP_FD, _MAP_LOOKUP_ELEM = 1, 1  # the helper's number
 KEEP = -1  # a socket filter returns how many bytes to keep: -1 (as u32) is all of them
 
