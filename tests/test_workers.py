@@ -201,7 +201,9 @@ def test_sigkill_of_a_worker_loses_no_acknowledged_row_and_it_is_restarted(
 
 def test_sighup_reaches_every_worker(tmp_path: Path) -> None:
     picks = {seat: s[0] for seat, s in sources_by_worker().items()}
-    with run_registry(tmp_path, config=group_config('[ratelimit]\nper_source = "1/hour"\n')) as reg:
+    # refusals answered at once: the hold of a refusal has its own tests (test_door.py)
+    first = group_config('refusal_delay = "0s"\n[ratelimit]\nper_source = "1/hour"\n')
+    with run_registry(tmp_path, config=first) as reg:
         path = tmp_path / "registry.toml"
         with echo_target(picks[0]) as p0, echo_target(picks[1]) as p1:
             ports = {0: p0, 1: p1}
