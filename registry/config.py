@@ -168,9 +168,7 @@ class StoreConfig(_Section):
     retention: Duration = Duration(0.0)  # 0: keep forever
 
 
-class UdpConfig(_Section):
-    """UDP registrations (enabled by ``server.udp``): all profile constants."""
-
+class UdpConfig(_Section):  # all profile constants
     cookie_window: Positive = Positive(30.0)
     max_datagram_bytes: Annotated[int, msgspec.Meta(ge=64, le=65507)] = 512
     unproven_per_source: Rate = Rate(10, 60.0)
@@ -178,11 +176,7 @@ class UdpConfig(_Section):
 
 
 class ClassConfig(_Section):
-    """The class being graded (docs/grading.md)."""
-
-    # CSV with a header row: student (required), address (optional). A relative path is
-    # taken from the config file's directory.
-    roster: str = ""
+    roster: str = ""  # CSV (docs/grading.md), relative to the config file's directory
 
 
 class Config(_Section):
