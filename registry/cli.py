@@ -85,7 +85,7 @@ def load_config(args: argparse.Namespace) -> config_mod.Config:
         "server": {k: v for k, v in server.items() if v},
         "log": {k: v for k, v in log.items() if v},
     }
-    return config_mod.load(args.config, overrides)
+    return config_mod.load(args.config or None, overrides)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -230,7 +230,7 @@ def cmd_token(args: argparse.Namespace) -> int:
     from registry.policy import auth
 
     try:
-        cfg = config_mod.load(args.config)
+        cfg = config_mod.load(args.config or None)
         secret = config_mod.auth_secret(cfg)
     except ConfigError as e:
         for problem in e.problems:

@@ -318,7 +318,7 @@ def _sources(args: argparse.Namespace) -> tuple[str, grading.Roster | None]:
     """The database (--db, else the config's server.db, as `registry serve` opens it) and
     the roster (--roster, else the config's [class] roster)."""
     cfg = config_mod.load(args.config) if getattr(args, "config", None) else None
-    db = args.db or (cfg.server.db if cfg is not None else "registry.db")
+    db = args.db if args.db is not None else cfg.server.db if cfg is not None else "registry.db"
     if getattr(args, "roster", None):
         return db, grading.read_roster(args.roster)
     return db, grading.load_roster(cfg) if cfg is not None else None
