@@ -120,16 +120,10 @@ class AdminServer:
         """Accept and serve until cancelled; the listeners are closed on the way out."""
         try:
             async with trio.open_nursery() as nursery:
+                accepted = partial(self._accepted, nursery)
                 for listener in listeners:
-                    nursery.start_soon(
-                        partial(
-                            accept_loop,
-                            listener,
-                            self.admission,
-                            partial(self._accepted, nursery),
-                            name="admin",
-                        )
-                    )
+                    loop = partial(accept_loop, listener, self.admission, accepted, name="admin")
+                    nursery.start_soon(loop)
                 task_status.started()
         finally:
             for listener in listeners:
