@@ -52,6 +52,10 @@ def _address(text: str) -> IPAddress:
     return Address.of(text).peer  # a roster's ::ffff:a.b.c.d is the IPv4 student a.b.c.d
 
 
+def _cell(row: list[str], at: int | None) -> str:
+    return row[at].strip() if at is not None and at < len(row) else ""
+
+
 def parse_roster(text: str, path: str) -> Roster:
     """The roster in ``text`` (read from ``path``); ConfigError with one ``path:line:``
     problem per bad row."""
@@ -90,17 +94,14 @@ def parse_roster(text: str, path: str) -> Roster:
             # The same rule as a registration's student= (a roster name must be one
             # a student can send), so the same message names what is wrong.
             try:
-                name = normalise(row[name_at].strip() if name_at < len(row) else "", spaces=True)
+                name = normalise(_cell(row, name_at), spaces=True)
             except BadName as e:
                 problems.append(f"{where}:{line}: student name {e}")
                 continue
             if name in names:
                 problems.append(f"{where}:{line}: student {name!r} already on line {names[name]}")
                 continue
-            address = None
-            cell = (
-                row[address_at].strip() if address_at is not None and address_at < len(row) else ""
-            )
+            address, cell = None, _cell(row, address_at)
             if cell:
                 try:
                     address = _address(cell)
