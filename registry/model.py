@@ -95,9 +95,8 @@ class Endpoint:
     port: int
 
     def __str__(self) -> str:
-        if self.host.version == 6:
-            return f"[{self.host.compressed}]:{self.port}"
-        return f"{self.host}:{self.port}"
+        text = str(self.host)  # not format(): ipaddress parses a format spec there first
+        return f"[{text}]:{self.port}" if self.host.version == 6 else f"{text}:{self.port}"
 
 
 @dataclass(frozen=True, slots=True)
