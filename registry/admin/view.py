@@ -16,8 +16,8 @@ from registry.admin.core.grading import Roster
 from registry.config import Config
 from registry.defense.bans import BanList
 from registry.metrics import Probes
-from registry.model import Endpoint
-from registry.store import Record, StudentSummary
+from registry.model import Endpoint, GradeRow
+from registry.store import Record
 
 
 class StoreReader(Protocol):
@@ -29,7 +29,7 @@ class StoreReader(Protocol):
 
     async def summary(
         self, *, since: float | None = None, student: str | None = None
-    ) -> list[StudentSummary]: ...
+    ) -> list[GradeRow]: ...
 
     async def count_by_status(
         self, *, since: float | None = None, student: str | None = None
@@ -37,7 +37,7 @@ class StoreReader(Protocol):
 
 
 class Silence(Protocol):
-    """What ``/api/bans`` reports of ``defense.silence.SilentGuard``."""
+    """What ``/api/bans`` reports of ``defense.window.SilentGuard``."""
 
     after: int
     until: float  # the silent drop's end (trio time)
