@@ -96,6 +96,8 @@ class RegistryProcess:
 def wait_exit(proc: subprocess.Popen[str], timeout: float) -> int:
     """``proc.wait(timeout)`` without its polling ``time.sleep``, so an async test may
     call it: the process's pidfd becomes readable when it exits."""
+    if not hasattr(os, "pidfd_open"):  # not Linux: Popen's own (polling) wait
+        return proc.wait(timeout)
     if proc.poll() is None:
         fd = os.pidfd_open(proc.pid)
         try:
