@@ -115,9 +115,8 @@ def load_config(args: argparse.Namespace) -> config_mod.Config:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from registry import group as workers
     from registry.admin.core.grading import load_roster
-    from registry.net import group as workers
-    from registry.net.kernel.reuseport import Inherited
     from registry.server import Registry
     from registry.store import StoreError
 
@@ -144,7 +143,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             cfg,
             config_path=args.config,
             loader=lambda: workers.split_limits(load_config(args), n),
-            inherited=Inherited(seat.tcp, seat.udp),
+            inherited=seat.sockets,
         ).run
     elif n > 1:
         argv = args.argv  # the workers' command line

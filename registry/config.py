@@ -178,6 +178,17 @@ class Config(_Section):
 
 DEFAULT = Config()
 
+# server keys bound when the sockets and the store open: a reload keeps them
+BOUND_AT_START = ("listen", "udp", "backlog", "defer_accept", "db", "admin", "workers")
+
+
+def keep_bound(old: Config, new: Config) -> tuple[Config, list[str]]:
+    """``new`` with ``old``'s BOUND_AT_START keys, and the keys that differed."""
+    moved = [k for k in BOUND_AT_START if getattr(new.server, k) != getattr(old.server, k)]
+    server = msgspec.structs.replace(new.server, **{k: getattr(old.server, k) for k in moved})
+    return msgspec.structs.replace(new, server=server), moved
+
+
 # limits.profile: the defence constants, as (classroom, internet, what it is).
 # "classroom": a class on one LAN, often all behind one NAT address, where a
 # ban or a fine of that address would lock the whole class out (config/lab.toml).

@@ -11,20 +11,22 @@ from __future__ import annotations
 import os
 import signal
 import socket
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-import msgspec
 import structlog
 import trio
 
 from registry import config as config_mod
 from registry import log as log_mod
-from registry.admin.core.grading import load_roster
+from registry.admin.core.grading import Roster, load_roster
 from registry.admin.http import AdminServer
 from registry.admin.http import open_listeners as open_admin_listeners
+from registry.admin.view import DaemonView
 from registry.config import Config
 from registry.defense.bans import Ban, BanList
 from registry.defense.conncaps import ConnectionCaps
@@ -37,32 +39,32 @@ from registry.defense.door import (
     Refused,
     told_of_ban,
 )
-from registry.defense.ratelimit import debt_threshold
+from registry.defense.ratelimit import ReplyBudget, debt_threshold
 from registry.defense.silence import SilentGuard
 from registry.defense.tally import WINDOW_S, RefusalTally
 from registry.errors import ConfigError, ProtocolError
-from registry.model import Code, Protocol, Request
+from registry.group import report_probes
+from registry.metrics import Probes
+from registry.model import Code, Endpoint, Protocol, Request
 from registry.net.accept import accept_loop, held_silent
 from registry.net.connector import TcpConnector
 from registry.net.doorway import Doorway, send_and_close
-from registry.net.group import report_probes
 from registry.net.interfaces import is_local_address
 from registry.net.kernel.banfilter import BanFilter, detach_inherited
 from registry.net.kernel.reuseport import Inherited
 from registry.net.listeners import (
+    as_listeners,
     deferral_for_log,
-    open_admin,
-    open_listeners,
-    open_udp,
+    open_sockets,
+    parse_hostport,
     sockname,
 )
 from registry.net.resolver import TrioResolver
 from registry.net.sdnotify import Notifier
 from registry.net.tcp import RawStream, TcpHandler, endpoint_of, reject_unread
-from registry.net.udp import new_reply_budget, serve_udp, udp_endpoint
+from registry.net.udp import budget_settings, serve_udp
 from registry.net.waiting import Waiting, WaitingRoom
 from registry.protocol.cookies import CookieJar
-from registry.runtime import Runtime, daemon_view
 from registry.service import Connector, Service
 from registry.store import AsyncStore
 
@@ -72,6 +74,83 @@ log = structlog.get_logger(component="server")
 # bans_made line at the interval's end (one line per ban, a wave of 4,000 bans
 # would cost ~0.3 s of the event loop)
 LOGGED_BANS = 10
+
+
+@dataclass
+class Runtime:
+    """What a running registry exposes to tests and to the admin endpoint."""
+
+    config: Config
+    service: Service
+    caps: ConnectionCaps
+    store: AsyncStore
+    tally: RefusalTally = field(default_factory=RefusalTally)
+    bans: BanList = field(default_factory=lambda: BanList(0, 60.0, 1))
+    ban_filter: BanFilter | None = None
+    tcp: list[Endpoint] = field(default_factory=list)
+    udp: list[Endpoint] = field(default_factory=list)
+    # UDP datagrams dropped unanswered, by loopguard.DropReason (a metric's counters)
+    udp_dropped: Counter[str] = field(default_factory=Counter)
+    admin: Endpoint | None = None
+    roster: Roster | None = None  # [class] roster, reloaded with the config
+    started_at: float = 0.0
+    draining: bool = False
+    shutdown: Callable[[], None] = lambda: None
+    reload: Callable[[], None] = lambda: None
+
+
+def daemon_view(rt: Runtime) -> DaemonView:
+    """What the admin endpoint may see of a running registry (registry/admin/view.py)."""
+    return DaemonView(
+        store=rt.store,
+        config=lambda: rt.config,
+        roster=lambda: rt.roster,
+        probes=Probes(
+            open_connections=lambda: rt.caps.total,
+            callbacks_in_flight=lambda: rt.service.slots.in_flight,
+            callbacks_waiting=lambda: rt.service.slots.waiting,
+            limiter_entries=lambda: rt.service.limiter.entries,
+            door_refusals=lambda: rt.tally.totals,
+            udp_dropped=lambda: dict(rt.udp_dropped),
+            bans_active=lambda: len(rt.bans),
+            bans_total=lambda: rt.bans.total,
+            silent_drop=lambda: rt.ban_filter is not None and rt.ban_filter.dropping_now,
+            draining=lambda: rt.draining,
+            policy_mode=lambda: rt.config.policy.mode,
+        ),
+        subscribe=rt.service.observers.append,
+        listening=lambda: rt.tcp,
+        draining=lambda: rt.draining,
+        bans=lambda: ban_report(rt.bans, rt.ban_filter, trio.current_time()),
+    )
+
+
+def ban_report(bans: BanList, f: BanFilter | None, now: float) -> dict[str, Any]:
+    """The ``/api/bans`` body (defense/bans.py; the silent drop, defense/silence.py)."""
+    return {
+        "banned": len(bans),
+        "kernel_filtered": f.filtered if f is not None else 0,
+        # "ebpf" (a kernel map, up to max_bans) or "classic" (~2,000 bans)
+        "kernel_filter": f.kind if f is not None else None,
+        "total": bans.total,
+        "skipped_list_full": bans.skipped,
+        "ban_after": bans.after,
+        # the kernel drops bare handshake ACKs: only a client's bytes connect
+        "silent_drop": {
+            "active": f is not None and f.dropping_now,
+            "seconds_left": round(max(0.0, f.silent.until - now), 1) if f is not None else 0.0,
+            "after": f.silent.after if f is not None else 0,
+        },
+        "bans": [  # oldest first
+            {
+                "source": str(ban.key),
+                "refusals": ban.refusals,
+                "banned_for_s": round(now - ban.since, 1),
+                "seconds_left": round(max(0.0, ban.until - now), 1),
+            }
+            for ban in bans.active()
+        ],
+    }
 
 
 class Registry:
@@ -116,16 +195,27 @@ class Registry:
         self.doorway = Doorway(
             cfg.limits.refusal_delay, cfg.limits.max_refusal_delay, cfg.limits.max_refusals_held
         )
+        self.budget = ReplyBudget(*budget_settings(cfg))  # UDP's unproven answers
 
     async def run(
         self, *, task_status: trio.TaskStatus[Runtime] = trio.TASK_STATUS_IGNORED
     ) -> None:
         cfg = self.cfg
-        listeners = await open_listeners(cfg, self.inherited, self.deferral)
+        mine = self.inherited
+        if mine is None:
+            tcp, udp = open_sockets(cfg, 1)
+            mine = Inherited([g[0] for g in tcp], [g[0] for g in udp])
+        try:
+            admin = parse_hostport(cfg.server.admin) if cfg.server.admin != "off" else None
+            admin_listeners = await open_admin_listeners(*admin) if admin else []
+        except (OSError, ValueError):
+            for sock in [*mine.tcp, *mine.udp]:
+                sock.close()
+            raise
+        listeners = as_listeners(cfg, mine.tcp, self.deferral)
+        udp_socks = [trio.socket.from_stdlib_socket(s) for s in mine.udp]
         own = frozenset(sockname(lst) for lst in listeners)
-        admin_listeners = await open_admin(cfg, listeners, open_admin_listeners)
         admin_own = frozenset(sockname(lst) for lst in admin_listeners)
-        udp_socks = await open_udp(cfg, self.inherited, listeners, admin_listeners)
         async with (
             AsyncStore(
                 cfg.server.db,
@@ -144,7 +234,7 @@ class Registry:
                 resolver=TrioResolver(),
                 # The admin and UDP ports are ours too: never a callback target, on any
                 # address of this host (a bind probe: current, fail-closed).
-                own=own | admin_own | {udp_endpoint(sock) for sock in udp_socks},
+                own=own | admin_own | {endpoint_of(s.getsockname()) for s in udp_socks},
                 is_local=is_local_address,
             )
             handler = TcpHandler(service)
@@ -154,7 +244,7 @@ class Registry:
             )
             runtime.roster = self.roster
             runtime.started_at = trio.current_time()
-            runtime.udp = [udp_endpoint(sock) for sock in udp_socks]
+            runtime.udp = [endpoint_of(s.getsockname()) for s in udp_socks]
             async with trio.open_nursery() as handlers:
                 async with trio.open_nursery() as front:
                     runtime.shutdown = front.cancel_scope.cancel
@@ -196,7 +286,7 @@ class Registry:
                         handlers=handlers,
                         caps=self.caps,
                         admission=self.admission,
-                        budget=new_reply_budget(cfg),  # shared: a source reaches either socket
+                        budget=self.budget,  # shared: a source reaches either socket
                         dropped=runtime.udp_dropped,
                     )
                     for sock in udp_socks:  # self.cfg per datagram: a SIGHUP applies to UDP too
@@ -208,11 +298,11 @@ class Registry:
                         await front.start(AdminServer(daemon_view(runtime)).serve, admin_listeners)
                     if signals is not None:
                         front.start_soon(self._signals, runtime, signals)
-                    if self.inherited is not None:  # a worker: its gauges to the supervisor
-                        probes = daemon_view(runtime).probes
-                        front.start_soon(report_probes, self.notifier, probes)
+                    if self.inherited is not None:  # a worker: its state to the supervisor
+                        view = daemon_view(runtime)
+                        front.start_soon(report_probes, self.notifier, view.probes, view.bans)
                     if self.notifier.watchdog_interval:
-                        front.start_soon(self._watchdog, self.notifier.watchdog_interval)
+                        front.start_soon(self.notifier.run_watchdog)
                     log.info(
                         "listening" if self.inherited is None else "worker_ready",
                         tcp=[str(e) for e in runtime.tcp],
@@ -241,11 +331,6 @@ class Registry:
             for sock in udp_socks:  # only now: in-flight UDP registrations reply on them
                 sock.close()
         log.info("stopped", outcomes={k.value: v for k, v in service.outcomes.items()})
-
-    async def _watchdog(self, interval: float) -> None:
-        while True:
-            self.notifier.watchdog()
-            await trio.sleep(interval)
 
     def _at_door(
         self,
@@ -430,21 +515,10 @@ class Registry:
             log.error("reload_failed", path=self.config_path, problems=e.problems)
             self.notifier.ready("reload failed; old config kept")
             return
-        unchanged = (
-            "listen",
-            "udp",
-            "backlog",
-            "defer_accept",
-            "db",
-            "admin",
-            "workers",
-        )  # bound at start
-        moved = [k for k in unchanged if getattr(new.server, k) != getattr(self.cfg.server, k)]
+        # Keep what is really in force, so runtime.config never claims otherwise.
+        new, moved = config_mod.keep_bound(self.cfg, new)
         if moved:
             log.warning("reload_needs_restart", keys=[f"server.{k}" for k in moved])
-            # Keep what is really in force, so runtime.config never claims otherwise.
-            kept = {k: getattr(self.cfg.server, k) for k in moved}
-            new = msgspec.structs.replace(new, server=msgspec.structs.replace(new.server, **kept))
         if new.log != self.cfg.log:
             log_mod.configure(new.log.format, new.log.level)
         if isinstance(self.connector, TcpConnector):
@@ -465,6 +539,7 @@ class Registry:
         if lifted:
             self.ban_filter.report_lifted(lifted, reason="reload")
         self.ban_filter.poke()  # the silent drop, or bans, may have changed
+        self.budget.configure(*budget_settings(new))
         log.info("reloaded", path=self.config_path)
         self.notifier.ready("config reloaded")
 

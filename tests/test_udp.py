@@ -674,3 +674,30 @@ def test_request_with_cookie_parses_as_udp_text() -> None:
 
     got = parse_line(_pad("127.0.0.1:15000 cookie=AAAAAAAAAAAAAAAA", 100), allow_cookie=True)
     assert got == Request(ipaddress.ip_address("127.0.0.1"), 15000, cookie="A" * 16)
+
+
+async def test_a_reload_reconfigures_the_udp_reply_budget(tmp_path: Path) -> None:
+    """The answers to unproven datagrams follow a SIGHUP's budget at once."""
+    from registry.server import Registry
+
+    path = tmp_path / "registry.toml"
+    text = (
+        f'[server]\nlisten = ["127.0.0.1:0"]\nadmin = "off"\ndb = "{tmp_path / "r.db"}"\n'
+        '[tuning]\nunproven_per_source = "1/minute"\n'
+    )
+    path.write_text(text)
+    registry = Registry(config_mod.load(str(path)), config_path=str(path), handle_signals=False)
+    junk = b"this is not a request".ljust(100)
+    async with trio.open_nursery() as nursery:
+        runtime = await nursery.start(registry.run)
+        client = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        await client.bind(("127.0.0.1", 0))
+        addr = ("127.0.0.1", runtime.udp[0].port)
+        with client, trio.fail_after(10):
+            await client.sendto(junk, addr)
+            assert (await client.recv(4096)).startswith(b"ERROR malformed")
+            path.write_text(text.replace("1/minute", "3/minute"))
+            runtime.reload()  # a burst of 3: two more answers for this source
+            await client.sendto(junk, addr)
+            assert (await client.recv(4096)).startswith(b"ERROR malformed")
+        runtime.shutdown()

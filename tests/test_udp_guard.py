@@ -26,7 +26,7 @@ from registry.defense.ratelimit import ReplyBudget
 from registry.metrics import Metrics, Probes
 from registry.model import Code, Outcome
 from registry.net.interfaces import is_local_address
-from registry.net.udp import UdpConnector, serve_udp
+from registry.net.udp import UdpConnector, budget_settings, serve_udp
 from registry.protocol.callback import callback_line
 from registry.protocol.cookies import CookieJar
 from registry.protocol.jsonl import format_json_reply
@@ -341,7 +341,7 @@ def test_a_udp_registration_does_not_get_a_tcp_client_refused_for_total(tmp_path
 
 
 async def test_edge_budget_follows_a_reload() -> None:
-    """The edge reads the config per datagram: a SIGHUP's new budget applies at once."""
+    """The server reconfigures the edges' shared budget on SIGHUP: it applies at once."""
     configs = [config_mod.loads('[tuning]\nunproven_per_source = "1/minute"\n')]
     cfg = configs[0]
     service = Service(
@@ -369,6 +369,7 @@ async def test_edge_budget_follows_a_reload() -> None:
             await other.sendto(junk, addr)
             assert (await other.recv(4096)).startswith(b"ERROR malformed")
             configs.append(config_mod.loads('[tuning]\nunproven_per_source = "3/minute"\n'))
+            edge.budget.configure(*budget_settings(configs[-1]))  # as Registry._reload does
             await client.sendto(junk, addr)  # a burst of 3: two more
             assert (await client.recv(4096)).startswith(b"ERROR malformed")
             nursery.cancel_scope.cancel()

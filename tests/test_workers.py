@@ -10,6 +10,7 @@ is bounded; processes are stopped by PID.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
 import signal
@@ -25,12 +26,12 @@ import pytest
 import trio
 
 from registry import config as config_mod
-from registry.net.group import GroupFailed, Supervisor
+from registry.group import GroupFailed, Supervisor, merged_bans, restart_delay
 from registry.net.kernel.reuseport import worker_index
 from tests.support import RegistryProcess, free_port, http_get, run_registry
 from tests.test_lifecycle import _wait_for, notify_socket
 
-pytestmark = pytest.mark.slow  # a supervisor and its workers per test
+slow = pytest.mark.slow  # a supervisor and its workers
 
 N = 2
 
@@ -126,6 +127,7 @@ def group_config(extra: str = "") -> str:
 # --- the group, end to end ------------------------------------------------------------
 
 
+@slow
 def test_per_source_limits_are_exact_across_workers(tmp_path: Path) -> None:
     config = group_config('[ratelimit]\nper_source = "3/minute"\n')
     picks = sources_by_worker(per_worker=2)
@@ -147,6 +149,7 @@ def test_per_source_limits_are_exact_across_workers(tmp_path: Path) -> None:
     reg.wait_event("stopped")
 
 
+@slow
 def test_sigkill_of_a_worker_loses_no_acknowledged_row_and_it_is_restarted(
     tmp_path: Path,
 ) -> None:
@@ -196,6 +199,7 @@ def test_sigkill_of_a_worker_loses_no_acknowledged_row_and_it_is_restarted(
     assert not missing, f"{len(missing)} acknowledged registrations lost"
 
 
+@slow
 def test_sighup_reaches_every_worker(tmp_path: Path) -> None:
     picks = {seat: s[0] for seat, s in sources_by_worker().items()}
     with run_registry(tmp_path, config=group_config('[ratelimit]\nper_source = "1/hour"\n')) as reg:
@@ -217,6 +221,7 @@ def test_sighup_reaches_every_worker(tmp_path: Path) -> None:
         assert len(reg.events("stopped")) == N + 1  # each worker drained, then the supervisor
 
 
+@slow
 def test_one_admin_endpoint_counts_every_workers_registrations(tmp_path: Path) -> None:
     picks = {seat: s[0] for seat, s in sources_by_worker().items()}
     with run_registry(tmp_path, config=group_config(), admin="127.0.0.1:0") as reg:
@@ -243,6 +248,7 @@ def test_one_admin_endpoint_counts_every_workers_registrations(tmp_path: Path) -
         assert reg.stop() == 0
 
 
+@slow
 def test_group_speaks_sd_notify_for_all_workers(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -282,6 +288,7 @@ def _gone(pid: int) -> bool:
     return state in ("Z", "X")
 
 
+@slow
 def test_workers_of_a_killed_supervisor_drain_and_exit(tmp_path: Path) -> None:
     with run_registry(tmp_path, config=group_config()) as reg:
         pids = [e["pid"] for e in reg.wait_event("worker_started", count=N)]
@@ -295,6 +302,7 @@ def test_workers_of_a_killed_supervisor_drain_and_exit(tmp_path: Path) -> None:
         assert len(reg.wait_event("stopped", count=N)) == N  # each drained, not killed
 
 
+@slow
 def test_a_worker_that_cannot_start_stops_the_group_with_its_status(tmp_path: Path) -> None:
     """Workers whose first start fails (here: their --config is missing, exit 78) make
     the supervisor stop the group with that status instead of restarting them forever."""
@@ -319,6 +327,7 @@ def _connects(port: int, src: str, timeout: float = 1.0) -> bool:
         return True
 
 
+@slow
 def test_a_restarted_worker_starts_without_its_predecessors_bans(tmp_path: Path) -> None:
     """The socket outlives the worker, and so would its kernel filter: the restarted
     worker takes it off (its ban list is empty), so no source stays banned for nothing."""
@@ -342,3 +351,131 @@ def test_a_restarted_worker_starts_without_its_predecessors_bans(tmp_path: Path)
         assert _connects(reg.port, src, timeout=5.0)  # (its token: the next one is BUSY)
         assert register(reg.port, src, tport).startswith(b"BUSY rate_limited")
         assert reg.stop() == 0
+
+
+@slow
+def test_banned_sources_of_every_worker_are_in_the_one_api_bans(tmp_path: Path) -> None:
+    """The workers hold the bans; the supervisor's /api/bans lists each worker's."""
+    config = group_config(
+        'refusal_delay = "50ms"\nmax_refusal_delay = "50ms"\nban_after = 2\n'
+        '[ratelimit]\nper_source = "1/hour"\n'
+    )
+    picks = {seat: s[0] for seat, s in sources_by_worker().items()}
+    with run_registry(tmp_path, config=config, admin="127.0.0.1:0") as reg:
+        assert reg.admin is not None
+        admin_port = int(reg.admin.rsplit(":", 1)[1])
+        for src in picks.values():
+            with echo_target(src) as tport:
+                for _ in range(3):  # served once, then refused twice: banned
+                    register(reg.port, src, tport)
+        banned = reg.wait_event("source_banned", count=N)
+        assert {(e["worker"], e["source"]) for e in banned} == set(picks.items())
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            status, body = http_get(admin_port, "/api/bans")
+            report = json.loads(body)
+            if report["banned"] == N:
+                break
+            time.sleep(0.2)  # the workers report every second
+        assert status == 200 and report["banned"] == N and report["total"] == N, report
+        assert {b["source"] for b in report["bans"]} == set(picks.values()), report
+        assert all(0 < b["seconds_left"] <= 450 for b in report["bans"]), report  # 5 min, +50 %
+        assert report["ban_after"] == 2 and report["kernel_filter"] in ("ebpf", "classic")
+        assert report["silent_drop"]["after"] == 50  # the group's, not a worker's half
+        status, metrics = http_get(admin_port, "/metrics")
+        assert re.search(rb"^registry_banned_sources 2(\.0)?$", metrics, re.M), metrics.decode()
+        assert reg.stop() == 0
+
+
+# --- the supervisor's decisions, without processes -------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("previous", "lived", "delay"),
+    [
+        (0.0, 0.5, 1.0),  # the first quick death: 1 s
+        (1.0, 0.5, 2.0),
+        (2.0, 59.9, 4.0),
+        (32.0, 1.0, 60.0),  # up to a minute
+        (60.0, 1.0, 60.0),
+        (60.0, 60.0, 0.0),  # a long life: at once, and the next quick death waits 1 s again
+        (0.0, 3600.0, 0.0),
+    ],
+)
+def test_restart_delay(previous: float, lived: float, delay: float) -> None:
+    assert restart_delay(previous, lived) == delay
+
+
+class _FakeProcess:
+    """A worker process that lives ``life`` virtual seconds, then exits 1."""
+
+    pid = 4242
+    returncode: int | None = None
+
+    def __init__(self, life: float) -> None:
+        self.life = life
+
+    async def wait(self) -> int:
+        await trio.sleep(self.life)
+        self.returncode = 1
+        return 1
+
+    def send_signal(self, sig: int) -> None:
+        raise AssertionError("no signal expected")
+
+
+async def test_a_dying_worker_is_restarted_after_1_2_4_s_and_at_once_after_a_long_life(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    lives = [0.5, 0.5, 0.5, 120.0, 0.5, 0.5]
+    starts: list[float] = []
+    sup = Supervisor(config_mod.DEFAULT, 1, ["serve"])
+
+    async def spawn(cmd: list[str], **kwargs: object) -> _FakeProcess:
+        starts.append(trio.current_time())
+        if len(starts) > len(lives):
+            sup.stopping = True  # the group stops while this one runs
+            return _FakeProcess(0.0)
+        return _FakeProcess(lives[len(starts) - 1])
+
+    sup.spawn = spawn  # type: ignore[assignment]
+    worker = sup.workers[0]
+    worker.ever_ready = True  # it was ready once: a death is restarted, not fatal
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sup._keep, worker, [], [], "/nonexistent", nursery.cancel_scope)
+    waits = [b - (a + life) for a, b, life in zip(starts, starts[1:], lives, strict=False)]
+    assert waits == [1.0, 2.0, 4.0, 0.0, 1.0, 2.0]
+    assert worker.restarts == len(lives)
+
+
+def _report(*bans: tuple[str, float, float], silent: float = 0.0) -> dict:
+    return {
+        "banned": len(bans),
+        "kernel_filtered": 3,
+        "kernel_filter": "ebpf",
+        "total": len(bans) + 1,
+        "skipped_list_full": 0,
+        "ban_after": 10,
+        "silent_drop": {"active": silent > 0, "seconds_left": silent, "after": 25},
+        "bans": [
+            {"source": s, "refusals": 10, "banned_for_s": since, "seconds_left": left}
+            for s, since, left in bans
+        ],
+    }
+
+
+def test_merged_bans_sums_the_workers_and_ages_each_report() -> None:
+    reports = [
+        (0.0, _report(("192.0.2.1", 5.0, 55.0))),
+        (1.5, _report(("192.0.2.2", 20.0, 40.0), ("192.0.2.3", 59.0, 1.0), silent=30.0)),
+    ]
+    out = merged_bans(reports, after=50)
+    assert out["banned"] == 3 and out["total"] == 5 and out["kernel_filtered"] == 6
+    assert out["kernel_filter"] == "ebpf" and out["ban_after"] == 10
+    assert out["silent_drop"] == {"active": True, "seconds_left": 28.5, "after": 50}
+    # aged by its report's age, oldest first; a ban that ran out since is gone
+    assert [(b["source"], b["banned_for_s"], b["seconds_left"]) for b in out["bans"]] == [
+        ("192.0.2.2", 21.5, 38.5),
+        ("192.0.2.1", 5.0, 55.0),
+    ]
+    assert merged_bans([], after=50)["bans"] == []

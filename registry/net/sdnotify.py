@@ -12,6 +12,8 @@ import os
 import socket
 import time
 
+import trio
+
 
 class Notifier:
     """Sends sd_notify datagrams; a no-op when $NOTIFY_SOCKET is unset."""
@@ -54,3 +56,9 @@ class Notifier:
 
     def watchdog(self) -> bool:
         return self.notify("WATCHDOG=1")
+
+    async def run_watchdog(self) -> None:
+        """WATCHDOG=1 every watchdog_interval, until cancelled (run it when one is set)."""
+        while self.watchdog_interval:
+            self.watchdog()
+            await trio.sleep(self.watchdog_interval)

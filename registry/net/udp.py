@@ -53,7 +53,7 @@ import os
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import structlog
 import trio
@@ -139,47 +139,6 @@ def error_reply(error: ProtocolError, limit: int) -> bytes | None:
     return fit_reply(format_reply(Outcome(code=error.code, explanation=error.explanation)), limit)
 
 
-# ------------------------------------------------------------------------- sockets
-
-
-async def open_udp_sockets(
-    endpoints: Iterable[Endpoint], *, skip_in_use: bool = False
-) -> list[trio.socket.SocketType]:
-    """One bound UDP socket per endpoint (IPv6 ones V6ONLY, as the TCP listeners are).
-
-    Raises OSError naming the address; sockets already opened are closed first.
-    ``skip_in_use``: an address whose UDP port is taken is skipped with a
-    warning instead (for kernel-chosen TCP ports, where the same UDP port may
-    belong to someone else by chance).
-    """
-    socks: list[trio.socket.SocketType] = []
-    try:
-        for ep in endpoints:
-            family = socket.AF_INET6 if ep.host.version == 6 else socket.AF_INET
-            sock = trio.socket.socket(family, socket.SOCK_DGRAM)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            try:
-                await sock.bind((ep.host.compressed, ep.port))
-            except OSError as e:
-                sock.close()
-                if skip_in_use and e.errno == errno.EADDRINUSE:
-                    log.warning("udp_skipped", address=str(ep), error=e.strerror)
-                    continue
-                raise OSError(e.errno, f"cannot listen on udp {ep}: {e.strerror}") from e
-            socks.append(sock)
-    except BaseException:
-        for sock in socks:
-            sock.close()
-        raise
-    return socks
-
-
-def udp_endpoint(sock: trio.socket.SocketType) -> Endpoint:
-    """The address a UDP socket is bound to."""
-    return endpoint_of(sock.getsockname())
-
-
 # ----------------------------------------------------------------------- connector
 
 
@@ -253,18 +212,10 @@ def _describe(e: OSError) -> str:
 # ---------------------------------------------------------------------------- edge
 
 
-def _budget_settings(cfg: Config) -> tuple:  # type: ignore[type-arg]
-    return (
-        cfg.udp.unproven_per_source,
-        cfg.udp.unproven_global,
-        cfg.ratelimit.ipv6_prefix,
-        cfg.ratelimit.max_entries,
-    )
-
-
-def new_reply_budget(cfg: Config) -> ReplyBudget:
-    """The unproven-reply budget for ``cfg`` (one per registry: all its UDP sockets share it)."""
-    return ReplyBudget(*_budget_settings(cfg))
+def budget_settings(cfg: Config) -> tuple:  # type: ignore[type-arg]
+    """``ReplyBudget``'s settings in ``cfg`` (the server applies them at start and reload)."""
+    u, r = cfg.udp, cfg.ratelimit
+    return (u.unproven_per_source, u.unproven_global, r.ipv6_prefix, r.max_entries)
 
 
 class UdpEdge:
@@ -291,11 +242,11 @@ class UdpEdge:
         self.connector = connector or UdpConnector(lambda: cfg_getter().callback)
         self.caps = caps
         self.admission = admission
-        self.budget = budget or new_reply_budget(cfg_getter())
+        self.budget = budget or ReplyBudget(*budget_settings(cfg_getter()))
         # Datagrams dropped unanswered, by DropReason (registry_udp_dropped_total).
         self.dropped: Counter[str] = dropped if dropped is not None else Counter()
         self.random_bytes = random_bytes
-        bound = udp_endpoint(sock)
+        bound = endpoint_of(sock.getsockname())
         # Behind a wildcard the concrete local address is unknown (no IP_PKTINFO):
         # the policy's own-sockets rule then relies on the port alone.
         self.local = None if bound.host.is_unspecified else bound
@@ -355,7 +306,6 @@ class UdpEdge:
             return
         peer = endpoint_of(addr)  # ::ffff:a.b.c.d is the IPv4 peer; replies go to raw addr
         now = trio.current_time()
-        self.budget.configure(*_budget_settings(cfg))
         if size > cfg.udp.max_datagram_bytes:
             error = ProtocolError(
                 Code.TOO_LONG,

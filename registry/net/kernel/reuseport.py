@@ -8,7 +8,7 @@ or of its ``ratelimit.ipv6_prefix`` network (IPv6) modulo N. One source, or
 one IPv6 network the rate limiter counts as one, therefore always reaches the
 same worker, so per-source limits, bans, cookies and the door stay exact.
 
-The supervisor (``registry/net/group.py``) holds every socket for the whole
+The supervisor (``registry/group.py``) holds every socket for the whole
 run and hands worker ``i`` the ``i``-th socket of each group. A socket is never
 closed while the group lives, so the group's order (the kernel's index) never
 changes; connections steered to a worker that died wait in its backlog until
@@ -118,7 +118,8 @@ def open_group(
             socks.append(sock)
             if kind == socket.SOCK_STREAM:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.SOL_SOCKET, SO_REUSEPORT, 1)
+            if n > 1:  # one process alone keeps its port to itself
+                sock.setsockopt(socket.SOL_SOCKET, SO_REUSEPORT, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind((host, port))
