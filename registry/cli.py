@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--db", metavar="PATH", help="SQLite results file (default registry.db)")
     serve.add_argument(
+        "--workers", metavar="N", type=int, choices=range(65), help="processes; 0: one per core"
+    )
+    serve.add_argument(
         "--log-format", choices=log_mod.FORMATS, help="default: console on a TTY, else json"
     )
     serve.add_argument("--log-level", choices=log_mod.LEVELS)
@@ -99,6 +102,8 @@ def load_config(args: argparse.Namespace) -> config_mod.Config:
         server["admin"] = args.admin
     if getattr(args, "db", None):
         server["db"] = args.db
+    if getattr(args, "workers", None) is not None:
+        server["workers"] = args.workers
     log: dict[str, Any] = {}
     if getattr(args, "log_format", None):
         log["format"] = args.log_format
@@ -144,6 +149,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             config_path=args.config,
             loader=lambda: workers.split_limits(load_config(args), n),
             inherited=seat.sockets,
+            group_admin=seat.admin,
         ).run
     elif n > 1:
         argv = args.argv  # the workers' command line

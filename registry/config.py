@@ -72,7 +72,7 @@ class ServerConfig(_Section):
     grace_period: Duration = Duration(10.0)
     backlog: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 4096
     defer_accept: DeferAccept = DeferAccept(30.0)  # profile
-    workers: Annotated[int, msgspec.Meta(ge=0, le=64)] = 1  # 0: one per core
+    workers: Annotated[int, msgspec.Meta(ge=0, le=64)] = 0  # 0: one per core; classroom: 1
 
 
 class LogConfig(_Section):
@@ -257,6 +257,9 @@ def _with_profile(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     limits = data.get("limits")
     profile = limits.get("profile") if isinstance(limits, dict) else None
     column = PROFILES.index(profile) if profile in PROFILES else 1
+    server = data.setdefault("server", {})
+    if isinstance(server, dict):  # a key whose default is the profile's (docs/deployment.md)
+        server.setdefault("workers", (1, 0)[column])
     for key, values in CONSTANTS.items():
         section, name = key.split(".")
         table = data.setdefault(section, {})

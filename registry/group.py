@@ -37,15 +37,16 @@ import trio
 
 from registry.config import Config, keep_bound
 from registry.metrics import Probes
-from registry.model import Rate
+from registry.model import Endpoint, Rate
 from registry.net.kernel.reuseport import Inherited, attach_steering
+from registry.net.listeners import open_sockets, parse_hostport
 from registry.net.sdnotify import Notifier
 from registry.net.tcp import endpoint_of
 from registry.store import Record
 
 log = structlog.get_logger(component="group")
 
-WORKER_ENV = "REGISTRY_WORKER"  # "INDEX/N PARENT_PID TCP_FDS UDP_FDS"
+WORKER_ENV = "REGISTRY_WORKER"  # "INDEX/N PARENT_PID TCP_FDS UDP_FDS ADMIN"
 PROBE_INTERVAL_S = 1.0
 POLL_INTERVAL_S = 0.2  # how often the supervisor reads new rows for metrics and events
 QUICK_S = 60.0  # a worker dead sooner after its start waits before its restart...
@@ -111,6 +112,7 @@ class WorkerSeat:
     index: int
     count: int
     sockets: Inherited
+    admin: Endpoint | None  # the supervisor's: never a callback target either
 
 
 def worker_seat(environ: dict[str, str] | None = None) -> WorkerSeat | None:
@@ -119,7 +121,7 @@ def worker_seat(environ: dict[str, str] | None = None) -> WorkerSeat | None:
     spec = env.get(WORKER_ENV)
     if not spec:
         return None
-    where, parent, tcp, udp = (spec.split(" ") + ["", "", ""])[:4]
+    where, parent, tcp, udp, admin = (spec.split(" ") + ["", "", "", ""])[:5]
     index, count = (int(x) for x in where.split("/"))
 
     def adopt(fds: str) -> list[socket.socket]:
@@ -128,7 +130,8 @@ def worker_seat(environ: dict[str, str] | None = None) -> WorkerSeat | None:
     if environ is None:
         _watch_parent(int(parent))
         structlog.contextvars.bind_contextvars(worker=index)
-    return WorkerSeat(index, count, Inherited(adopt(tcp), adopt(udp)))
+    at = endpoint_of(parse_hostport(admin)) if admin else None
+    return WorkerSeat(index, count, Inherited(adopt(tcp), adopt(udp)), at)
 
 
 def whole_lines() -> None:
@@ -271,6 +274,7 @@ class Supervisor:
         self.stopping = False
         self.groups: list[list[socket.socket]] = []  # tcp and udp, held for the whole run
         self.failed: GroupFailed | None = None
+        self.admin: Endpoint | None = None
         self.spawn = trio.lowlevel.open_process  # a test's fake processes
 
     async def run(self) -> None:
@@ -278,7 +282,6 @@ class Supervisor:
         from registry.admin.http import AdminServer
         from registry.admin.http import open_listeners as open_admin_listeners
         from registry.admin.view import DaemonView
-        from registry.net.listeners import open_sockets, parse_hostport
         from registry.store import AsyncStore
 
         self.roster = load_roster(self.cfg)
@@ -290,6 +293,7 @@ class Supervisor:
         try:
             if self.cfg.server.admin != "off":
                 admin_listeners = await open_admin_listeners(*parse_hostport(self.cfg.server.admin))
+                self.admin = endpoint_of(admin_listeners[0].socket.getsockname())
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as sigs:
                 async with (
                     # migrated here, once; read and purged here; written by the workers
@@ -315,7 +319,6 @@ class Supervisor:
                         log.error("workers_not_ready", seconds=READY_TIMEOUT_S)
                         self._fail(1, nursery.cancel_scope)
                         return
-                    admin = "off"
                     if admin_listeners:
                         view = DaemonView(
                             store=store,
@@ -330,14 +333,13 @@ class Supervisor:
                             bans=self._bans,
                         )
                         await nursery.start(AdminServer(view).serve, admin_listeners)
-                        admin = str(endpoint_of(admin_listeners[0].socket.getsockname()))
                     if self.notifier.watchdog_interval:
                         nursery.start_soon(self.notifier.run_watchdog)
                     log.info(
                         "listening",
                         tcp=[str(e) for e in listening],
                         udp=[str(endpoint_of(g[0].getsockname())) for g in udp],
-                        admin=admin,
+                        admin=str(self.admin or "off"),
                         db=self.cfg.server.db,
                         policy=self.cfg.policy.mode,
                         workers=self.n,
@@ -432,7 +434,7 @@ class Supervisor:
         env = {k: v for k, v in os.environ.items() if not k.startswith("WATCHDOG_")}
         env[WORKER_ENV] = (
             f"{w.index}/{self.n} {os.getpid()} "
-            f"{','.join(map(str, mine_tcp))} {','.join(map(str, mine_udp))}"
+            f"{','.join(map(str, mine_tcp))} {','.join(map(str, mine_udp))} {self.admin or ''}"
         )
         env["NOTIFY_SOCKET"] = os.path.join(workdir, str(w.index))
         cmd = [sys.executable, "-m", "registry.cli", *self.argv]

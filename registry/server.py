@@ -165,10 +165,12 @@ class Registry:
         handle_signals: bool = True,
         loader: Callable[[], Config] | None = None,
         inherited: Inherited | None = None,
+        group_admin: Endpoint | None = None,
     ) -> None:
         self.cfg = cfg
         # A worker of a group (server.workers > 1) serves sockets its supervisor opened.
         self.inherited = inherited
+        self.group_admin = group_admin  # a worker's supervisor's admin endpoint
         self.config_path = config_path
         # How SIGHUP re-reads the config: the CLI passes one that re-applies its
         # command-line overrides (--listen, --db...), which the file alone lacks.
@@ -216,6 +218,7 @@ class Registry:
         udp_socks = [trio.socket.from_stdlib_socket(s) for s in mine.udp]
         own = frozenset(sockname(lst) for lst in listeners)
         admin_own = frozenset(sockname(lst) for lst in admin_listeners)
+        admin_own |= {self.group_admin} if self.group_admin else set()
         async with (
             AsyncStore(
                 cfg.server.db,

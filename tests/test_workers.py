@@ -19,8 +19,9 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import closing, contextmanager
+from contextlib import AbstractContextManager, closing, contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -121,7 +122,11 @@ def assert_whole_lines(reg: RegistryProcess) -> None:
 
 
 def group_config(extra: str = "") -> str:
-    return f"[server]\nworkers = {N}\n\n[tuning]\n" + extra
+    return "[tuning]\n" + extra
+
+
+def run_group(tmp_path: Path, **kwargs: Any) -> AbstractContextManager[RegistryProcess]:
+    return run_registry(tmp_path, "--workers", str(N), **kwargs)
 
 
 # --- the group, end to end ------------------------------------------------------------
@@ -131,7 +136,7 @@ def group_config(extra: str = "") -> str:
 def test_per_source_limits_are_exact_across_workers(tmp_path: Path) -> None:
     config = group_config('[ratelimit]\nper_source = "3/minute"\n')
     picks = sources_by_worker(per_worker=2)
-    with run_registry(tmp_path, config=config) as reg:
+    with run_group(tmp_path, config=config) as reg:
         for sources in picks.values():
             for src in sources:
                 with echo_target(src) as tport:
@@ -159,7 +164,7 @@ def test_sigkill_of_a_worker_loses_no_acknowledged_row_and_it_is_restarted(
     )
     src = sources_by_worker()[0][0]
     replies: list[bytes] = []
-    with echo_target(src) as tport, run_registry(tmp_path, config=config) as reg:
+    with echo_target(src) as tport, run_group(tmp_path, config=config) as reg:
         pid = next(e["pid"] for e in reg.events("worker_started") if e["worker"] == 0)
         end = time.monotonic() + 3.0
         killed = False
@@ -202,7 +207,7 @@ def test_sigkill_of_a_worker_loses_no_acknowledged_row_and_it_is_restarted(
 @slow
 def test_sighup_reaches_every_worker(tmp_path: Path) -> None:
     picks = {seat: s[0] for seat, s in sources_by_worker().items()}
-    with run_registry(tmp_path, config=group_config('[ratelimit]\nper_source = "1/hour"\n')) as reg:
+    with run_group(tmp_path, config=group_config('[ratelimit]\nper_source = "1/hour"\n')) as reg:
         path = tmp_path / "registry.toml"
         with echo_target(picks[0]) as p0, echo_target(picks[1]) as p1:
             ports = {0: p0, 1: p1}
@@ -224,7 +229,7 @@ def test_sighup_reaches_every_worker(tmp_path: Path) -> None:
 @slow
 def test_one_admin_endpoint_counts_every_workers_registrations(tmp_path: Path) -> None:
     picks = {seat: s[0] for seat, s in sources_by_worker().items()}
-    with run_registry(tmp_path, config=group_config(), admin="127.0.0.1:0") as reg:
+    with run_group(tmp_path, config=group_config(), admin="127.0.0.1:0") as reg:
         assert reg.admin is not None
         admin_port = int(reg.admin.rsplit(":", 1)[1])
         for src in picks.values():
@@ -257,7 +262,7 @@ def test_group_speaks_sd_notify_for_all_workers(
         monkeypatch.setenv("NOTIFY_SOCKET", path)
         monkeypatch.setenv("WATCHDOG_USEC", "200000")
         monkeypatch.delenv("WATCHDOG_PID", raising=False)
-        with run_registry(tmp_path, listen=(f"127.0.0.1:{port}",), config=group_config()) as reg:
+        with run_group(tmp_path, listen=(f"127.0.0.1:{port}",), config=group_config()) as reg:
             ready = _wait_for(messages, "READY=1")
             assert _wait_for(messages, "PROBE=open") == ready + 1, messages
             assert len(reg.wait_event("worker_ready", count=N)) == N
@@ -290,7 +295,7 @@ def _gone(pid: int) -> bool:
 
 @slow
 def test_workers_of_a_killed_supervisor_drain_and_exit(tmp_path: Path) -> None:
-    with run_registry(tmp_path, config=group_config()) as reg:
+    with run_group(tmp_path, config=group_config()) as reg:
         pids = [e["pid"] for e in reg.wait_event("worker_started", count=N)]
         reg.wait_event("worker_ready", count=N)
         reg.proc.send_signal(signal.SIGKILL)
@@ -336,7 +341,7 @@ def test_a_restarted_worker_starts_without_its_predecessors_bans(tmp_path: Path)
         '[ratelimit]\nper_source = "1/hour"\n'
     )
     src = sources_by_worker()[0][0]
-    with echo_target(src) as tport, run_registry(tmp_path, config=config) as reg:
+    with echo_target(src) as tport, run_group(tmp_path, config=config) as reg:
         for _ in range(3):  # served once, then refused twice: banned
             register(reg.port, src, tport)
         (banned,) = reg.wait_event("source_banned")
@@ -361,7 +366,7 @@ def test_banned_sources_of_every_worker_are_in_the_one_api_bans(tmp_path: Path) 
         '[ratelimit]\nper_source = "1/hour"\n'
     )
     picks = {seat: s[0] for seat, s in sources_by_worker().items()}
-    with run_registry(tmp_path, config=config, admin="127.0.0.1:0") as reg:
+    with run_group(tmp_path, config=config, admin="127.0.0.1:0") as reg:
         assert reg.admin is not None
         admin_port = int(reg.admin.rsplit(":", 1)[1])
         for src in picks.values():
@@ -479,3 +484,31 @@ def test_merged_bans_sums_the_workers_and_ages_each_report() -> None:
         ("192.0.2.1", 5.0, 55.0),
     ]
     assert merged_bans([], after=50)["bans"] == []
+
+
+@pytest.mark.parametrize(
+    ("text", "args", "workers"),
+    [
+        ("", [], 0),  # "internet", the default profile: one per core
+        ('[limits]\nprofile = "classroom"\n', [], 1),
+        ('[limits]\nprofile = "classroom"\n[server]\nworkers = 3\n', [], 3),
+        ('[limits]\nprofile = "internet"\n[server]\nworkers = 2\n', ["--workers", "1"], 1),
+        ("", ["--workers", "0"], 0),
+    ],
+)
+def test_workers_default_follows_the_profile_and_the_command_line_wins(
+    tmp_path: Path, text: str, args: list[str], workers: int
+) -> None:
+    from registry.cli import build_parser, load_config
+
+    path = tmp_path / "registry.toml"
+    path.write_text(text)
+    parsed = build_parser().parse_args(["serve", "--config", str(path), *args])
+    assert load_config(parsed).server.workers == workers
+
+
+def test_workers_on_the_command_line_are_checked() -> None:
+    from registry.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--workers", "65"])
