@@ -34,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from registry.config import Rate, RateLimitConfig  # noqa: E402
-from registry.defense.ratelimit import Allowed, Busy, RateLimiter, source_key  # noqa: E402
+from registry.defense.ratelimit import Allowed, Busy, RateLimiter, source_of  # noqa: E402
 from registry.model import Endpoint, IPAddress  # noqa: E402
 
 BASE = int(ipaddress.IPv4Address("10.0.0.0"))
@@ -60,7 +60,7 @@ class DictLimiter:
         return bucket
 
     def callback(self, source: IPAddress, target: Endpoint, now: float) -> Allowed | Busy:
-        keys: list[tuple[int, object]] = [(0, source_key(source, self.cfg.ipv6_prefix)), (3, 0)]
+        keys: list[tuple[int, object]] = [(0, source_of(source, self.cfg.ipv6_prefix)), (3, 0)]
         keys += [(1, target.host), (2, (target.host, target.port))]
         buckets = [(i, self._tokens(i, k, now)) for i, k in keys]
         short = [(1 - b[0]) / self.rates[i].per_second for i, b in buckets if b[0] < 1]

@@ -6,13 +6,13 @@ import argparse
 import gc
 import sys
 from collections.abc import Sequence
-from typing import Any
 
-import msgspec
 import trio
 
 from registry import config as config_mod
 from registry import log as log_mod
+from registry.admin import results
+from registry.admin.results import student_name as token_name
 from registry.config import Config
 from registry.errors import ConfigError
 
@@ -30,8 +30,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from registry.admin import results
-
     parser = _Parser(prog="registry", description="The Callback Connection lab's Registry Server.")
     parser.add_argument("--version", action="version", version=version_line())
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -50,9 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--admin", metavar="HOST:PORT|off", help="admin HTTP (default 127.0.0.1:9100)"
     )
     serve.add_argument("--db", metavar="PATH", help="SQLite results file (default registry.db)")
-    serve.add_argument(
-        "--workers", metavar="N", type=int, choices=range(65), help="processes; 0: one per core"
-    )
+    serve.add_argument("--workers", metavar="N", type=int, help="processes; 0: one per core")
     serve.add_argument(
         "--log-format", choices=log_mod.FORMATS, help="default: console on a TTY, else json"
     )
@@ -82,57 +78,27 @@ def version_line() -> str:
         return "callback-lab (not installed: run it through run.py or pip install .)"
 
 
-def token_name(text: str) -> str:
-    """A student name as the parsers hand it to auth (NFC), so the token matches."""
-    from registry.protocol.names import BadName, normalise
-
-    try:
-        return normalise(text, spaces=True)  # JSON requests may carry "Ana Lima"
-    except BadName as exc:
-        raise argparse.ArgumentTypeError(f"student name {text!r} {exc}") from None
-
-
 def load_config(args: argparse.Namespace) -> config_mod.Config:
-    """The config file (or defaults) with command-line overrides applied."""
-    cfg = config_mod.load(args.config) if getattr(args, "config", None) else config_mod.Config()
-    server: dict[str, Any] = {}
-    if getattr(args, "listen", None):
-        server["listen"] = tuple(args.listen)
-    if getattr(args, "admin", None):
-        server["admin"] = args.admin
-    if getattr(args, "db", None):
-        server["db"] = args.db
-    if getattr(args, "workers", None) is not None:
-        server["workers"] = args.workers
-    log: dict[str, Any] = {}
-    if getattr(args, "log_format", None):
-        log["format"] = args.log_format
-    if getattr(args, "log_level", None):
-        log["level"] = args.log_level
-    if server or log:
-        cfg = msgspec.structs.replace(
-            cfg,
-            server=msgspec.structs.replace(cfg.server, **server),
-            log=msgspec.structs.replace(cfg.log, **log),
-        )
-        config_mod.validate(cfg)
-    return cfg
+    """The config file (or defaults) with the command line's options over its keys."""
+    server = {"listen": args.listen, "admin": args.admin, "db": args.db, "workers": args.workers}
+    log = {"format": args.log_format, "level": args.log_level}
+    overrides = {
+        "server": {k: v for k, v in server.items() if v is not None},
+        "log": {k: v for k, v in log.items() if v is not None},
+    }
+    return config_mod.load(args.config, overrides)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from registry import group as workers
-    from registry.admin.core.grading import load_roster
     from registry.server import Registry
     from registry.store import StoreError
 
     try:
         cfg = load_config(args)
         config_mod.auth_secret(cfg)  # an unreadable auth.secret_file is a config error too
-        load_roster(cfg)  # and so is a bad [class] roster (Registry loads it again)
     except ConfigError as e:
-        for problem in e.problems:
-            print(f"registry: config: {problem}", file=sys.stderr)
-        return EXIT_CONFIG
+        return _config_problems(e)
     seat = workers.worker_seat()
     n = seat.count if seat is not None else workers.resolved_workers(cfg)
     if n > 1:  # several processes write to one stderr
@@ -142,25 +108,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _raise_fd_limit()
     _calm_the_garbage_collector()
     status = 0
-    if seat is not None:  # one of a group's workers, on the sockets its supervisor opened
-        cfg = workers.split_limits(cfg, n)
-        run = Registry(
-            cfg,
-            config_path=args.config,
-            loader=lambda: workers.split_limits(load_config(args), n),
-            inherited=seat.sockets,
-            group_admin=seat.admin,
-        ).run
-    elif n > 1:
-        argv = args.argv  # the workers' command line
-        run = workers.Supervisor(
-            cfg, n, argv, config_path=args.config, loader=lambda: load_config(args)
-        ).run
-    else:
-        run = Registry(cfg, config_path=args.config, loader=lambda: load_config(args)).run
-    try:
+    try:  # a bad [class] roster is a ConfigError from the registry's (or group's) start
+        if seat is not None:  # one of a group's workers, on the sockets its supervisor opened
+            run = Registry(
+                workers.split_limits(cfg, n),
+                config_path=args.config,
+                loader=lambda: workers.split_limits(load_config(args), n),
+                inherited=seat.sockets,
+                group_admin=seat.admin,
+            ).run
+        elif n > 1:  # args.argv: the workers' command line
+            run = workers.Supervisor(
+                cfg, n, args.argv, config_path=args.config, loader=lambda: load_config(args)
+            ).run
+        else:
+            run = Registry(cfg, config_path=args.config, loader=lambda: load_config(args)).run
         trio.run(run)
     # except*: errors from inside nurseries arrive wrapped in exception groups.
+    except* ConfigError as group:
+        status = _config_problems(_first(group))  # type: ignore[arg-type]
     except* StoreError as group:
         print(f"registry: results database: {_first(group)}", file=sys.stderr)
         status = EXIT_CONFIG
@@ -173,6 +139,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except* workers.GroupFailed as failed:  # a worker could not start: its status
         status = failed.exceptions[0].status  # type: ignore[attr-defined]
     return status
+
+
+def _config_problems(e: ConfigError) -> int:
+    for problem in e.problems:
+        print(f"registry: config: {problem}", file=sys.stderr)
+    return EXIT_CONFIG
 
 
 def _calm_the_garbage_collector() -> None:
@@ -264,7 +236,7 @@ def cmd_token(args: argparse.Namespace) -> int:
     from registry.policy import auth
 
     try:
-        cfg = config_mod.load(args.config) if args.config else config_mod.Config()
+        cfg = config_mod.load(args.config)
         secret = config_mod.auth_secret(cfg)
     except ConfigError as e:
         for problem in e.problems:
@@ -291,8 +263,6 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Console-script entry point."""
-    from registry.admin import results
-
     args = build_parser().parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]
     commands = {

@@ -1,17 +1,12 @@
 """Configuration: TOML -> validated, frozen objects.
 
-msgspec does the type checking, the ranges (``Meta``) and the choices
-(``Literal``), and rejects unknown keys; the few value types with units
-(durations, rates, port ranges, networks, in ``registry.model``) parse
-themselves, and msgspec reports their errors with the key's path. An empty file is a
-valid config: every key has the default documented in
-``config/registry.example.toml``.
-
-The defence constants no operator sets are not keys: ``limits.profile`` picks
-a set of them (``PROFILES``, docs/limits.md). They still live in the sections
-that use them, filled in from the profile when a file is loaded; a file that
-sets one gets an error naming the profile instead. ``[tuning]`` overrides them
-for tests and benchmarks, which need a ban of 2 s rather than 5 minutes.
+Every key and its default: config/registry.example.toml; the profiles'
+constants: docs/limits.md. msgspec checks types, ranges (``Meta``) and
+choices (``Literal``) and rejects unknown keys; the values with units or
+addresses parse themselves; every problem is reported with its key's path.
+The defence constants no operator sets are not keys: ``limits.profile`` fills
+them in, a file that sets one is told its replacement, and ``[tuning]``
+overrides them for tests and benchmarks (a ban of 2 s, not 5 minutes).
 """
 
 from __future__ import annotations
@@ -45,8 +40,35 @@ UpToAMinute = _bounded(False, 60.0, "expected a duration from 0 to 60s")
 DeferAccept = _bounded(False, 120.0, "expected a duration from 0 (off) to 120s")
 
 
+class HostPort(str):
+    """``HOST:PORT`` with a literal IP (``[::]:9000`` for IPv6); ``off``: may be "off"."""
+
+    off = False
+
+    @classmethod
+    def parse(cls, value: object) -> HostPort:
+        if not isinstance(value, str):
+            raise TypeError(f"expected a HOST:PORT string, got {type(value).__name__}")
+        if cls.off and value == "off":
+            return cls(value)
+        host, sep, port = value.rpartition(":")
+        if not sep or not port.isdigit() or int(port) > 65535:
+            why = "expected HOST:PORT like 0.0.0.0:9000 or [::]:9000"
+        else:
+            try:
+                ipaddress.ip_address(host[1:-1] if host[:1] + host[-1:] == "[]" else host)
+                return cls(value)
+            except ValueError:
+                why = "expected an IP address before the port"
+        raise ValueError(f"{why}, got {value!r}" + (' (or "off")' if cls.off else ""))
+
+
+class AdminAddress(HostPort):
+    off = True
+
+
 def _dec_hook(typ: type, value: Any) -> Any:
-    if isinstance(typ, type) and issubclass(typ, Duration | Rate | PortRange | CIDR):
+    if isinstance(typ, type) and issubclass(typ, Duration | Rate | PortRange | CIDR | HostPort):
         return typ.parse(value)
     raise NotImplementedError(typ)
 
@@ -57,6 +79,7 @@ class _Section(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=
 
 Count = Annotated[int, msgspec.Meta(ge=0)]
 AtLeastOne = Annotated[int, msgspec.Meta(ge=1)]
+NotEmpty = msgspec.Meta(min_length=1)
 
 
 # Fields marked "profile" are limits.profile's constants (CONSTANTS below), not
@@ -64,9 +87,9 @@ AtLeastOne = Annotated[int, msgspec.Meta(ge=1)]
 
 
 class ServerConfig(_Section):
-    listen: tuple[str, ...] = ("0.0.0.0:9000", "[::]:9000")
+    listen: Annotated[tuple[HostPort, ...], NotEmpty] = ("0.0.0.0:9000", "[::]:9000")  # type: ignore[assignment]
     udp: bool = True
-    admin: str = "127.0.0.1:9100"  # "off" disables the admin endpoint
+    admin: AdminAddress = "127.0.0.1:9100"  # type: ignore[assignment]
     admin_token: str = ""  # bearer token for the admin endpoint; empty: none
     db: Annotated[str, msgspec.Meta(min_length=1)] = "registry.db"
     grace_period: Duration = Duration(10.0)
@@ -97,7 +120,7 @@ class CallbackConfig(_Section):
 
 class PolicyConfig(_Section):
     mode: Literal["strict", "nat-observed", "advertised"] = "strict"
-    ports: tuple[PortRange, ...] = (PortRange(1024, 65535),)
+    ports: Annotated[tuple[PortRange, ...], NotEmpty] = (PortRange(1024, 65535),)
     allow_networks: tuple[CIDR, ...] = ()  # empty: any address the mode permits
     deny_networks: tuple[CIDR, ...] = ()
     report_only_deny_networks: tuple[CIDR, ...] = ()
@@ -189,57 +212,45 @@ def keep_bound(old: Config, new: Config) -> tuple[Config, list[str]]:
     return msgspec.structs.replace(new, server=server), moved
 
 
-# limits.profile: the defence constants, as (classroom, internet, what it is).
-# "classroom": a class on one LAN, often all behind one NAT address, where a
-# ban or a fine of that address would lock the whole class out (config/lab.toml).
-# "internet": a registry anyone can reach (config/internet.toml); the default,
-# because a registry whose operator chose nothing may well be exposed, and a
-# class behind one NAT address is told to pick "classroom" (docs/limits.md).
+# limits.profile's constants, (classroom, internet), each explained in docs/limits.md.
+# "classroom": a class on one LAN, often behind one NAT address that a ban or a fine
+# would lock out (config/lab.toml). "internet": a registry anyone can reach; the
+# default, because a registry whose operator chose nothing may well be exposed.
 PROFILES = ("classroom", "internet")
-CONSTANTS: dict[str, tuple[Any, Any, str]] = {
-    "server.defer_accept": (
-        "30s",
-        "30s",
-        "TCP_DEFER_ACCEPT: silent connections wait in the kernel",
-    ),
-    "protocol.quiet_period": (
-        "250ms",
-        "250ms",
-        "a request without a newline ends after this quiet",
-    ),
-    "callback.max_response_bytes": (
-        4096,
-        1024,
-        "bytes read from a callback target before the conversation is cut",
-    ),
-    "policy.resolve_timeout": ("2s", "2s", "longest wait for a hostname's resolution"),
-    "ratelimit.errors_global": ("200/second", "200/second", "protocol errors before pressure"),
-    "ratelimit.error_fine": (0, 30, "tokens fined per protocol error under pressure; 0: never"),
-    "limits.refusal_delay": ("500ms", "500ms", "a source's first refusal is answered this late"),
-    "limits.max_refusal_delay": ("5s", "5s", "... doubling per repeat, up to this"),
-    "limits.max_refusals_held": (8192, 8192, "refused connections waiting for their answer"),
-    "limits.ban_after": (0, 10, "refusals of a source within 10 s that ban it; 0: never"),
-    "limits.ban_after_ignored": (1, 1, "refusals inside a told wait that ban for that wait"),
-    "limits.ban_duration": ("60s", "5m", "how long the kernel drops a banned source's SYNs"),
-    "limits.ban_spread": (0.5, 0.5, "each ban lasts up to this fraction longer, per source"),
-    "limits.max_bans": (10000, 10000, "sources banned at once"),
-    "limits.silent_drop_after": (50, 50, "silent connections within 10 s that start the drop"),
-    "limits.silent_drop_duration": ("60s", "60s", "how long the kernel drops bare handshakes"),
-    "udp.cookie_window": ("30s", "30s", "a UDP cookie lives one to two windows"),
-    "udp.max_datagram_bytes": (512, 512, "larger request datagrams: ERROR too_long"),
-    "udp.unproven_per_source": ("1200/minute", "10/minute", "cookieless answers per source"),
-    "udp.unproven_global": ("500/second", "500/second", "answers to cookieless datagrams in total"),
+CONSTANTS: dict[str, tuple[Any, Any]] = {
+    "server.defer_accept": ("30s", "30s"),
+    "protocol.quiet_period": ("250ms", "250ms"),
+    "callback.max_response_bytes": (4096, 1024),
+    "policy.resolve_timeout": ("2s", "2s"),
+    "ratelimit.errors_global": ("200/second", "200/second"),
+    "ratelimit.error_fine": (0, 30),
+    "limits.refusal_delay": ("500ms", "500ms"),
+    "limits.max_refusal_delay": ("5s", "5s"),
+    "limits.max_refusals_held": (8192, 8192),
+    "limits.ban_after": (0, 10),
+    "limits.ban_after_ignored": (1, 1),
+    "limits.ban_duration": ("60s", "5m"),
+    "limits.ban_spread": (0.5, 0.5),
+    "limits.max_bans": (10000, 10000),
+    "limits.silent_drop_after": (50, 50),
+    "limits.silent_drop_duration": ("60s", "60s"),
+    "udp.cookie_window": ("30s", "30s"),
+    "udp.max_datagram_bytes": (512, 512),
+    "udp.unproven_per_source": ("1200/minute", "10/minute"),
+    "udp.unproven_global": ("500/second", "500/second"),
 }
 _TUNABLE = {key.split(".")[1]: key for key in CONSTANTS}
 
 
 def _removed(key: str) -> str:
-    classroom, internet, what = (f'"{v}"' if isinstance(v, str) else v for v in CONSTANTS[key])
+    classroom, internet = (f'"{v}"' if isinstance(v, str) else v for v in CONSTANTS[key])
     if classroom == internet:
-        return f"{key}: removed: a constant now, {internet} in every limits.profile ({what[1:-1]})"
+        return (
+            f"{key}: removed: a constant now, {internet} in every limits.profile (docs/limits.md)"
+        )
     return (
         f'{key}: removed: set limits.profile = "internet" ({internet}) or "classroom" '
-        f"({classroom}) ({what[1:-1]})"
+        f"({classroom}) (docs/limits.md)"
     )
 
 
@@ -288,6 +299,8 @@ def _problem(err: msgspec.ValidationError, prefix: str = "") -> str:
     if unknown:
         key = ".".join(p for p in (key, unknown.group(1)) if p)
         return f"{key}: unknown key"
+    if message == "Expected `array` of length >= 1":
+        message = "expected at least one"
     bad = re.match(r"Invalid enum value (.*)", message)
     if bad and _choices(key):
         message = f"expected one of {', '.join(f'{c!r}' for c in _choices(key))}, got {bad[1]}"
@@ -336,63 +349,22 @@ def _key_problems(typ: type, section: str, key: str, item: Any) -> list[str]:
 
 
 def _semantic_problems(cfg: Config) -> list[str]:
-    """Checks msgspec's types cannot express: one key against another, addresses."""
-    problems: list[str] = []
-
-    def need(ok: bool, key: str, message: str) -> None:
-        if not ok:
-            problems.append(
-                f"{'tuning.' + key.split('.')[1] if key in CONSTANTS else key}: {message}"
-            )
-
-    need(
-        cfg.auth.mode != "token" or bool(cfg.auth.secret or cfg.auth.secret_file),
-        "auth.secret",
-        'auth.mode = "token" needs auth.secret or auth.secret_file',
-    )
-    need(bool(cfg.server.listen), "server.listen", "expected at least one HOST:PORT")
-    for i, spec in enumerate(cfg.server.listen):
-        why = _hostport_problem(spec)
-        need(why is None, f"server.listen[{i}]", why or "")
-    if cfg.server.admin != "off":
-        why = _hostport_problem(cfg.server.admin)
-        need(why is None, "server.admin", (why or "") + ' (or "off")')
-    need(
-        cfg.protocol.quiet_period < cfg.protocol.read_deadline,
-        "protocol.quiet_period",
-        "expected a duration > 0 and shorter than protocol.read_deadline",
-    )
-    need(bool(cfg.policy.ports), "policy.ports", "expected at least one port range")
-    need(
-        cfg.limits.refusal_delay <= cfg.limits.max_refusal_delay,
-        "limits.max_refusal_delay",
-        "expected a duration from limits.refusal_delay to 60s",
-    )
+    """What msgspec's types cannot say: one key against another."""
+    problems = []
+    if cfg.auth.mode == "token" and not (cfg.auth.secret or cfg.auth.secret_file):
+        problems.append('auth.secret: auth.mode = "token" needs auth.secret or auth.secret_file')
+    if cfg.protocol.quiet_period >= cfg.protocol.read_deadline:  # [tuning] sets quiet_period
+        problems.append(
+            "tuning.quiet_period: expected a duration > 0 and shorter than protocol.read_deadline"
+        )
+    if cfg.limits.refusal_delay > cfg.limits.max_refusal_delay:
+        problems.append(
+            "tuning.max_refusal_delay: expected a duration from limits.refusal_delay to 60s"
+        )
     return problems
 
 
-def _hostport_problem(spec: str) -> str | None:
-    host, sep, port = spec.rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
-        return f"expected HOST:PORT like 0.0.0.0:9000 or [::]:9000, got {spec!r}"
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return f"expected an IP address before the port, got {spec!r}"
-    return None
-
-
 _SECTIONS: dict[str, type] = {f.encode_name: f.type for f in msgspec.structs.fields(Config)}  # type: ignore[misc]
-
-
-def validate(cfg: Config) -> Config:
-    """Raise ConfigError listing every semantic problem; return cfg when valid."""
-    problems = _semantic_problems(cfg)
-    if problems:
-        raise ConfigError(problems)
-    return cfg
 
 
 def from_dict(data: dict[str, Any]) -> Config:
@@ -419,46 +391,43 @@ def from_dict(data: dict[str, Any]) -> Config:
     return cfg
 
 
-def loads(text: str) -> Config:
+def loads(text: str, overrides: dict[str, dict[str, Any]] | None = None) -> Config:
+    """The config in TOML ``text``, with ``overrides`` (the command line's) over its keys."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError([f"TOML syntax: {e}"]) from None
+    for name, values in (overrides or {}).items():
+        if values and isinstance(data.get(name, {}), dict):
+            data[name] = {**data.get(name, {}), **values}
     return from_dict(data)
 
 
-def load(path: str) -> Config:
+def read_text(path: str, key: str = "", limit: int = 1 << 30) -> str:
+    """The UTF-8 text of ``path``; ConfigError names the key (if any), the file and why."""
+    where = f"{key}: {path}" if key else path
     try:
         with open(path, encoding="utf-8") as f:
-            text = f.read()
+            text = f.read(limit + 1)
     except OSError as e:
-        raise ConfigError([f"{path}: cannot read: {e.strerror}"]) from None
+        raise ConfigError([f"{where}: cannot read: {e.strerror}"]) from None
     except UnicodeDecodeError:
-        raise ConfigError([f"{path}: not UTF-8 text"]) from None
-    cfg = loads(text)
+        raise ConfigError([f"{where}: not UTF-8 text"]) from None
+    if len(text) > limit:  # never parse a file cut mid-row
+        raise ConfigError([f"{where}: larger than {limit >> 20} MiB; is it the right file?"])
+    return text
+
+
+def load(path: str | None, overrides: dict[str, dict[str, Any]] | None = None) -> Config:
+    """The config file at ``path`` (none: the defaults), with ``overrides``; ConfigError."""
+    cfg = loads(read_text(path) if path is not None else "", overrides)
+    if path is None:
+        return cfg
     roster = cfg.class_.roster
     if roster and not os.path.isabs(roster):
         where = os.path.join(os.path.dirname(os.path.abspath(path)), roster)
         cfg = msgspec.structs.replace(cfg, class_=ClassConfig(roster=where))
     return cfg
-
-
-def roster_text(cfg: Config) -> tuple[str, str] | None:
-    """(path, text) of the class roster file, None without one; ConfigError names the file."""
-    path = cfg.class_.roster
-    if not path:
-        return None
-    limit = 4 * 1024 * 1024  # characters: thousands of students, never a whole row cut off
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read(limit + 1)
-        if len(text) > limit:
-            raise ConfigError([f"class.roster: {path}: larger than 4 MiB; is it the roster?"])
-        return path, text
-    except OSError as e:
-        raise ConfigError([f"class.roster: cannot read {path}: {e.strerror}"]) from None
-    except UnicodeDecodeError:
-        raise ConfigError([f"class.roster: {path}: not UTF-8 text"]) from None
 
 
 def auth_secret(cfg: Config) -> bytes:

@@ -282,7 +282,7 @@ class Supervisor:
         from registry.admin.http import AdminServer
         from registry.admin.http import open_listeners as open_admin_listeners
         from registry.admin.view import DaemonView
-        from registry.store import AsyncStore
+        from registry.store.aio import AsyncStore
 
         self.roster = load_roster(self.cfg)
         tcp, udp = open_sockets(self.cfg, self.n)
@@ -329,7 +329,6 @@ class Supervisor:
                             ),
                             subscribe=self.observers.append,
                             listening=lambda: listening,
-                            draining=lambda: self.stopping,
                             bans=self._bans,
                         )
                         await nursery.start(AdminServer(view).serve, admin_listeners)

@@ -1,14 +1,10 @@
 """structlog set-up: one pipeline, the instructor's console on a TTY and JSON elsewhere.
 
-Per structlog's best practices: shared processors, context bound through
-``structlog.contextvars`` (``conn_id``, ``peer``, ``protocol``), and one
-canonical ``registration`` event per request carrying the whole outcome.
-
-Only the renderer differs. JSON (files, journald, pipes) keeps every key. The
-console (``ClassConsole``) is for an instructor watching a class: the
-``listening`` event becomes a banner saying where students send and where the
-dashboard is, each ``registration`` one short line, every other event
-structlog's usual console line.
+Shared processors, context bound through ``structlog.contextvars``
+(``conn_id``, ``peer``, ``protocol``), one canonical ``registration`` event
+per request. Only the renderer differs: JSON keeps every key; the console
+(``ClassConsole``) turns ``listening`` into a banner (where students send,
+the dashboard) and each ``registration`` into one short line.
 """
 
 from __future__ import annotations

@@ -25,25 +25,20 @@ class Status(StrEnum):
 
 
 class Code(StrEnum):
-    # OK
     CONNECTED = "connected"
-    # DENIED: nothing was attempted
     SOURCE_MISMATCH = "source_mismatch"
     ADDRESS_NOT_ALLOWED = "address_not_allowed"
     PORT_NOT_ALLOWED = "port_not_allowed"
     SELF_TARGET = "self_target"
     HOSTNAME_NOT_ALLOWED = "hostname_not_allowed"
     UNAUTHORIZED = "unauthorized"
-    # FAILED: the callback was attempted
     CONNECTION_REFUSED = "connection_refused"
     TIMEOUT = "timeout"
     UNREACHABLE = "unreachable"
     RESET = "reset"
     NOT_VERIFIED = "not_verified"
-    # BUSY
     RATE_LIMITED = "rate_limited"
     OVERLOADED = "overloaded"
-    # ERROR: the message itself is bad
     MALFORMED = "malformed"
     TOO_LONG = "too_long"
     READ_TIMEOUT = "read_timeout"
@@ -54,36 +49,16 @@ class Code(StrEnum):
         return CODE_STATUS[self]
 
 
-CODE_STATUS: dict[Code, Status] = {
-    Code.CONNECTED: Status.OK,
-    **{
-        c: Status.DENIED
-        for c in (
-            Code.SOURCE_MISMATCH,
-            Code.ADDRESS_NOT_ALLOWED,
-            Code.PORT_NOT_ALLOWED,
-            Code.SELF_TARGET,
-            Code.HOSTNAME_NOT_ALLOWED,
-            Code.UNAUTHORIZED,
-        )
-    },
-    **{
-        c: Status.FAILED
-        for c in (
-            Code.CONNECTION_REFUSED,
-            Code.TIMEOUT,
-            Code.UNREACHABLE,
-            Code.RESET,
-            Code.NOT_VERIFIED,
-        )
-    },
-    Code.RATE_LIMITED: Status.BUSY,
-    Code.OVERLOADED: Status.BUSY,
-    Code.MALFORMED: Status.ERROR,
-    Code.TOO_LONG: Status.ERROR,
-    Code.READ_TIMEOUT: Status.ERROR,
-    Code.BAD_JSON: Status.ERROR,
+# DENIED: nothing was attempted; FAILED: the callback was; ERROR: the message is bad.
+_CODES_OF = {
+    Status.OK: "connected",
+    Status.DENIED: "source_mismatch address_not_allowed port_not_allowed self_target "
+    "hostname_not_allowed unauthorized",
+    Status.FAILED: "connection_refused timeout unreachable reset not_verified",
+    Status.BUSY: "rate_limited overloaded",
+    Status.ERROR: "malformed too_long read_timeout bad_json",
 }
+CODE_STATUS = {Code(code): status for status, codes in _CODES_OF.items() for code in codes.split()}
 
 
 class Diagnosis(StrEnum):
@@ -109,10 +84,8 @@ class Protocol(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Endpoint:
-    """An address and port, always in canonical form (never the raw input text).
-
-    The edge builds ``host`` as a ``registry.policy.addresses.Address``: parsed
-    once, its analysis kept for policy, limits and cookies."""
+    """An address and port, always in canonical form (never the raw input text); the
+    edge builds ``host`` as a ``policy.addresses.Address`` (parsed once, analysis kept)."""
 
     host: IPAddress
     port: int

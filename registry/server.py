@@ -31,7 +31,6 @@ from registry.config import Config
 from registry.defense.bans import Ban, BanList
 from registry.defense.conncaps import ConnectionCaps
 from registry.defense.door import (
-    RATE_LIMITED,
     SILENT,
     TOTAL,
     Admitted,
@@ -39,9 +38,8 @@ from registry.defense.door import (
     Refused,
     told_of_ban,
 )
-from registry.defense.ratelimit import ReplyBudget, debt_threshold
-from registry.defense.silence import SilentGuard
-from registry.defense.tally import WINDOW_S, RefusalTally
+from registry.defense.ratelimit import ReplyBudget
+from registry.defense.window import WINDOW_S, SilentGuard, Window
 from registry.errors import ConfigError, ProtocolError
 from registry.group import report_probes
 from registry.metrics import Probes
@@ -66,7 +64,7 @@ from registry.net.udp import budget_settings, serve_udp
 from registry.net.waiting import Waiting, WaitingRoom
 from registry.protocol.cookies import CookieJar
 from registry.service import Connector, Service
-from registry.store import AsyncStore
+from registry.store.aio import AsyncStore
 
 log = structlog.get_logger(component="server")
 
@@ -84,7 +82,7 @@ class Runtime:
     service: Service
     caps: ConnectionCaps
     store: AsyncStore
-    tally: RefusalTally = field(default_factory=RefusalTally)
+    tally: Window = field(default_factory=Window)
     bans: BanList = field(default_factory=lambda: BanList(0, 60.0, 1))
     ban_filter: BanFilter | None = None
     tcp: list[Endpoint] = field(default_factory=list)
@@ -120,7 +118,6 @@ def daemon_view(rt: Runtime) -> DaemonView:
         ),
         subscribe=rt.service.observers.append,
         listening=lambda: rt.tcp,
-        draining=lambda: rt.draining,
         bans=lambda: ban_report(rt.bans, rt.ban_filter, trio.current_time()),
     )
 
@@ -143,7 +140,7 @@ def ban_report(bans: BanList, f: BanFilter | None, now: float) -> dict[str, Any]
         },
         "bans": [  # oldest first
             {
-                "source": str(ban.key),
+                "source": str(ban.network),
                 "refusals": ban.refusals,
                 "banned_for_s": round(now - ban.since, 1),
                 "seconds_left": round(max(0.0, ban.until - now), 1),
@@ -183,10 +180,12 @@ class Registry:
         self.caps = ConnectionCaps(
             cfg.limits.max_connections, cfg.limits.max_connections_per_source
         )
-        self.tally = RefusalTally()
+        self.tally = Window()  # the attack window: refusals, repeats, silent connections
         self.bans = BanList(**_ban_settings(cfg))
         self._bans_in_interval = 0  # bans made since the last door_refusals line
-        self.silent = SilentGuard(cfg.limits.silent_drop_after, cfg.limits.silent_drop_duration)
+        self.silent = SilentGuard(
+            cfg.limits.silent_drop_after, cfg.limits.silent_drop_duration, self.tally
+        )
         # its sockets are set when they exist
         self.ban_filter = BanFilter([], self.bans, silent=self.silent)
         self.room: WaitingRoom | None = None
@@ -252,7 +251,7 @@ class Registry:
                 async with trio.open_nursery() as front:
                     runtime.shutdown = front.cancel_scope.cancel
                     runtime.reload = lambda: self._reload(runtime)
-                    self.door = Door(self.caps, service.limiter)
+                    self.door = Door(self.caps, service.limiter, cfg.limits.max_refusal_delay)
                     if WaitingRoom.supported():
                         self.room = WaitingRoom(lambda: self.cfg.protocol)
                         handlers.start_soon(
@@ -380,13 +379,12 @@ class Registry:
             self._start(handlers, handler, waiting, None)
 
     def _note_silent(self, now: float, n: int) -> None:
-        """``n`` connections sent nothing before their read deadline (registry/defense/silence.py)."""
+        """``n`` connections sent nothing before their read deadline (registry/defense/window.py)."""
         if self.silent.note(now, n):
             self.ban_filter.poke()  # the filter starts dropping bare ACKs
 
     def _consider_ban(self, decision: Refused, repeat: int, now: float) -> Ban | None:
-        wait = decision.outcome.retry_after if decision.reason == RATE_LIMITED else 0
-        ban = self.bans.consider(decision.key, repeat, now, float(wait or 0))
+        ban = self.bans.consider(decision.key, repeat, now, decision.owed)
         if ban is None:
             return None
         self.ban_filter.poke()
@@ -395,7 +393,7 @@ class Registry:
             return ban  # counted: _log_refusals sums them up
         log.warning(
             "source_banned",
-            source=str(ban.key),
+            source=str(ban.network),
             reason=decision.reason,
             refusals=repeat,
             seconds=round(ban.until - ban.since, 1),
@@ -532,6 +530,7 @@ class Registry:
         runtime.service.reconfigure(new)
         self.admission.total_tokens = new.limits.max_connections
         self.caps.reconfigure(new.limits.max_connections, new.limits.max_connections_per_source)
+        self.door.longest_hold = new.limits.max_refusal_delay
         self.doorway.reconfigure(
             new.limits.refusal_delay, new.limits.max_refusal_delay, new.limits.max_refusals_held
         )
@@ -555,6 +554,5 @@ def _ban_settings(cfg: Config) -> dict[str, Any]:
         "max_entries": lim.max_bans,
         "exempt": [cidr.network for cidr in lim.ban_exempt_networks],
         "ignored_after": lim.ban_after_ignored,
-        "long_wait": debt_threshold(cfg.ratelimit.per_source, lim.max_refusal_delay),
         "spread": lim.ban_spread,
     }

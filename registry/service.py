@@ -1,11 +1,9 @@
 """The registration service: policy -> limits -> callback -> record -> outcome.
 
-Everything with side effects arrives injected (``Connector``, ``Recorder``,
-``Resolver`` and the clocks), so the same code runs under ``autojump_clock``
-with a recording connector in unit tests and with real sockets in the daemon.
-Every path returns an ``Outcome`` that has been recorded before it is
-returned: the edge replies only with what the store already holds (SPEC
-promise 6).
+Side effects arrive injected (``Connector``, ``Recorder``, ``Resolver``, the
+clocks): unit tests run it under ``autojump_clock`` with a recording
+connector. Every ``Outcome`` is recorded before it is returned: the edge
+replies only with what the store already holds (SPEC promise 6).
 """
 
 from __future__ import annotations
@@ -50,8 +48,6 @@ class Connector(TypingProtocol):
 
 
 class Recorder(TypingProtocol):
-    async def record(self, record: Record) -> None: ...
-
     async def record_many(self, records: Sequence[Record]) -> None: ...
 
 
@@ -77,9 +73,19 @@ _FAILED_EXPLANATION = {
     "verification was required: your server must write back a line containing nonce=...",
 }
 
+# One rejected request: error, peer, protocol, arrival (wall clock), conn_id for its log line.
+Rejected = tuple[ProtocolError, Endpoint, Protocol, float, int]
+
 
 class Service:
-    """Turns one parsed request (or one protocol error) into one recorded Outcome."""
+    """Turns one parsed request (or one protocol error) into one recorded Outcome.
+
+    ``is_local`` (always injected: asking the host is the edge's work,
+    net/interfaces.py) says whether an address is this host's, which behind a
+    wildcard listener reaches our ports (self_target). ``observers`` get every
+    recorded Record (metrics, the dashboard's feed): they run on the request
+    path, so they must be quick and must not raise.
+    """
 
     def __init__(
         self,
@@ -98,9 +104,6 @@ class Service:
         self.recorder = recorder
         self.resolver = resolver
         self.own = own
-        # Is an address this host's? Behind a wildcard listener every host address
-        # reaches our ports (self_target). Always injected: asking the host is the
-        # edge's work (net/interfaces.py), and there is no safe guess without it.
         self.is_local = is_local
         self.clock = clock
         self.wallclock = wallclock
@@ -113,13 +116,8 @@ class Service:
         self.config = config
         self.secret = config_mod.auth_secret(config)
         self.outcomes: dict[Status, int] = dict.fromkeys(Status, 0)
-        # Under pressure, protocol errors past the first LOGGED_ERRORS of a log window
-        # are recorded (row, id, observers) but counted here instead of logged one by
-        # one: take_unlogged() sums them up for the server's periodic line.
-        self._logged_errors = 0
+        self._logged_errors = 0  # see _recorded
         self._unlogged: dict[str, int] = {}
-        # Called with every recorded Record (metrics, the dashboard's live feed).
-        # Observers must be quick and must not raise: they run on the request path.
         self.observers: list[Callable[[Record], None]] = []
 
     def reconfigure(self, config: Config) -> None:
@@ -148,13 +146,10 @@ class Service:
     ) -> Outcome:
         """Run one registration to its recorded outcome. Never raises but StoreUnavailable.
 
-        ``local`` is the registry's own address on this connection, counted as
-        ours for self_target even where no ``is_local`` predicate knows it (the
-        injected one covers every other address of this host). ``connector``
-        overrides the default dialler (UDP registrations are called back over UDP).
-        ``source_paid``: the connection already took its source's rate-limit
-        token at the door (registry/defense/door.py), so only the target and global
-        buckets are checked here.
+        ``local``: the registry's address on this connection, ours for
+        self_target whatever ``is_local`` knows. ``connector`` overrides the
+        default (UDP registrations are called back over UDP). ``source_paid``:
+        the source's token was taken at the door (registry/defense/door.py).
         """
         started = self.clock()
         reg_id = self.new_id()
@@ -162,13 +157,15 @@ class Service:
         outcome = await self._decide_and_call(
             request, peer, reg_id, own, connector or self.connector, source_paid
         )
+        observed = str(peer)
         outcome = outcome.with_(
-            id=reg_id,
-            advertised=request.advertised,
-            observed=str(peer),
-            student=request.student,
+            id=reg_id, advertised=request.advertised, observed=observed, student=request.student
         )
-        return await self._finish(outcome, peer, protocol, received_at, started)
+        duration_ms = (self.clock() - started) * 1000.0
+        await self._commit(
+            [(outcome, _record(outcome, observed, protocol, received_at, duration_ms), None)]
+        )
+        return outcome
 
     async def reject(
         self,
@@ -182,25 +179,42 @@ class Service:
         """Record and return the ERROR outcome of a request that could not be parsed.
 
         A bad request costs its source a token like any other; one whose source
-        already paid at the door (``source_paid``) costs it a second one, if
-        there is one left (``RateLimiter.penalize``).
+        paid at the door costs a second one, if there is one left
+        (``RateLimiter.penalize``), and may be fined (``_error_outcome``).
         """
         started = self.clock()
-        if source_paid:  # it paid at the door; junk pays a second token (penalize)
-            self.limiter.penalize(peer.host, started)
-            busy = None
-        else:
-            busy = self.limiter.admit(peer.host, started)
-            if not isinstance(busy, Busy):  # recorded as an error: it counts toward pressure
-                self.limiter.note_error(started)
-        if isinstance(busy, Busy):
-            outcome = _busy(busy)
-        elif source_paid:  # penalized: perhaps fined
+        if source_paid:
             outcome = self._error_outcome(error, peer, started)
+        elif isinstance(busy := self.limiter.admit(peer.host, started), Busy):
+            outcome = _busy(busy)
         else:
+            self.limiter.note_error(started)  # recorded as an error: it counts toward pressure
             outcome = Outcome(code=error.code, explanation=error.explanation)
-        outcome = outcome.with_(id=self.new_id(), observed=str(peer))
-        return await self._finish(outcome, peer, protocol, received_at, started)
+        observed = str(peer)
+        outcome = outcome.with_(id=self.new_id(), observed=observed)
+        duration_ms = (self.clock() - started) * 1000.0
+        await self._commit(
+            [(outcome, _record(outcome, observed, protocol, received_at, duration_ms), None)]
+        )
+        return outcome
+
+    async def reject_many(self, rejected: Sequence[Rejected]) -> list[Outcome]:
+        """``reject`` (source paid) for many connections at once; raises StoreUnavailable.
+
+        For the waiting room (registry/net/waiting.py): a wave of junk or
+        stalls falls due together, and one store batch keeps the wave short.
+        Each still gets its own id, row and log line, recorded before any reply.
+        """
+        started = self.clock()
+        done = []
+        for error, peer, protocol, received_at, conn_id in rejected:
+            observed = str(peer)
+            outcome = self._error_outcome(error, peer, started).with_(
+                id=self.new_id(), observed=observed
+            )
+            done.append((outcome, _record(outcome, observed, protocol, received_at, 0.0), conn_id))
+        await self._commit(done)
+        return [outcome for outcome, _, _ in done]
 
     async def _decide_and_call(
         self,
@@ -217,10 +231,11 @@ class Service:
         )
         if isinstance(decision, Busy):
             return _busy(decision)
-        target = decision.target if isinstance(decision, Allow) else None
         # The global bucket bounds callbacks; a refused request makes none, so it
         # pays only its source's token and cannot starve honest students.
-        busy = self._charge(peer.host, target, source_paid)
+        busy = self._charge(
+            peer.host, decision.target if isinstance(decision, Allow) else None, source_paid
+        )
         if isinstance(busy, Busy):
             return _busy(busy)
         if isinstance(decision, Deny):
@@ -249,13 +264,10 @@ class Service:
         decision = decide(request, peer, policy, own, self.is_local)
         if not isinstance(decision, NeedsResolution):
             return decision
-        # A source that is already limited must not make us send DNS queries:
-        # look (without taking) before resolving; the real check follows. (A
-        # source that paid at the door was admitted there, under this same limit.)
-        if not source_paid:
-            busy = self.limiter.peek(peer.host, self.clock())
-            if isinstance(busy, Busy):
-                return busy
+        # A limited source must not make us send DNS queries: look (without taking)
+        # first. A source that paid at the door was admitted there, under this limit.
+        if not source_paid and isinstance(busy := self.limiter.peek(peer.host, self.clock()), Busy):
+            return busy
         if self.resolver is None:
             return Deny(
                 Code.HOSTNAME_NOT_ALLOWED,
@@ -277,12 +289,13 @@ class Service:
         self, request: Request, allow: Allow, reg_id: str, connector: Connector
     ) -> Outcome:
         target = allow.target
+        shown = str(target)
         if not self.slots.admit():
             return Outcome(
                 code=Code.OVERLOADED,
                 retry_after=5,
                 explanation="too many callbacks are queued right now; try again in a few seconds",
-                target=str(target),
+                target=shown,
                 diagnosis=allow.diagnosis,
             )
         required = request.verify is True or (
@@ -290,98 +303,58 @@ class Service:
         )
         nonce = make_nonce(self.random_bytes(8))
         try:
-            async with self.dialing:
+            try:  # no scheduler round when a dialling slot is free
+                self.dialing.acquire_nowait()
+            except trio.WouldBlock:
+                await self.dialing.acquire()
+            try:
                 result = await connector.call(
                     target, reg_id, nonce, wait_echo=request.verify is not False
                 )
+            finally:
+                self.dialing.release()
         finally:
             self.slots.done()
-        common = {
-            "target": str(target),
-            "diagnosis": allow.diagnosis,
-            "corrected": allow.corrected,
-            "rtt_ms": result.rtt_ms,
-        }
-        if result.code is Code.OVERLOADED:  # we ran out of sockets, not the student's fault
+
+        def outcome(code: Code, explanation: str, **more: object) -> Outcome:
             return Outcome(
-                code=Code.OVERLOADED,
-                retry_after=10,
-                explanation="the registry is out of sockets for callbacks right now "
+                code=code,
+                explanation=explanation,
+                target=shown,
+                diagnosis=allow.diagnosis,
+                corrected=allow.corrected,
+                rtt_ms=result.rtt_ms,
+                **more,  # type: ignore[arg-type]
+            )
+
+        if result.code is Code.OVERLOADED:  # we ran out of sockets, not the student's fault
+            return outcome(
+                Code.OVERLOADED,
+                "the registry is out of sockets for callbacks right now "
                 f"({result.detail}); try again in a few seconds",
-                **common,  # type: ignore[arg-type]
+                retry_after=10,
             )
         if result.code is not Code.CONNECTED:
             text = _FAILED_EXPLANATION.get(result.code, "{target}: callback failed")
-            if allow.corrected:
-                # nat-observed: we dialled the router, so the likely fix is a port forward.
+            if allow.corrected:  # nat-observed: we dialled the router: a port forward fixes it
                 text = (
                     f"you advertised {request.advertised}; the registry called the address it "
                     "saw, {target}, which is probably your NAT router: forward port {port} on "
                     "the router to your server. Detail: " + text
                 )
-            return Outcome(
-                code=result.code,
-                explanation=text.format(target=target, port=target.port) + f" ({result.detail})",
-                **common,  # type: ignore[arg-type]
-            )
+            text = text.format(target=shown, port=target.port)
+            return outcome(result.code, f"{text} ({result.detail})")
         if required and not result.verified:
-            return Outcome(
-                code=Code.NOT_VERIFIED,
-                verified=False,
-                explanation=_FAILED_EXPLANATION[Code.NOT_VERIFIED].format(target=target),
-                **common,  # type: ignore[arg-type]
-            )
-        corrected = (
-            f" (you advertised {request.advertised}; the registry called the address it saw)"
-            if allow.corrected
-            else ""
-        )
+            text = _FAILED_EXPLANATION[Code.NOT_VERIFIED].format(target=shown)
+            return outcome(Code.NOT_VERIFIED, text, verified=False)
         how = "and your server echoed the nonce" if result.verified else "(no nonce echo)"
-        return Outcome(
-            code=Code.CONNECTED,
+        if allow.corrected:
+            how += f" (you advertised {request.advertised}; the registry called the address it saw)"
+        return outcome(
+            Code.CONNECTED,
+            f"the registry connected to {shown} {how}",
             verified=result.verified,
-            explanation=f"the registry connected to {target} {how}{corrected}",
-            **common,  # type: ignore[arg-type]
         )
-
-    async def _finish(
-        self,
-        outcome: Outcome,
-        peer: Endpoint,
-        protocol: Protocol,
-        received_at: float,
-        started: float,
-    ) -> Outcome:
-        duration_ms = (self.clock() - started) * 1000.0
-        record = _record(outcome, peer, protocol, received_at, duration_ms)
-        await self._commit([(outcome, record, None)])
-        return outcome
-
-    async def reject_many(
-        self, rejected: Sequence[tuple[ProtocolError, Endpoint, Protocol, float, int]]
-    ) -> list[Outcome]:
-        """``reject`` for many connections at once (each: error, peer, protocol,
-        arrival wall time, conn_id for the log line); raises StoreUnavailable.
-
-        For the waiting room (registry/net/waiting.py), which reads requests
-        without a task per connection: junk and stalls arrive together (a wave
-        of stalled connections reaches its read deadline at once), and one
-        store batch keeps that wave short. Each still gets its own id, row and
-        ``registration`` log line, recorded before any reply is sent. Each
-        source paid its token at the door; a protocol error costs it a second
-        one (``RateLimiter.penalize``).
-        """
-        started = self.clock()
-        done = []
-        for error, peer, protocol, received_at, conn_id in rejected:
-            self.limiter.penalize(peer.host, started)
-            outcome = self._error_outcome(error, peer, started).with_(
-                id=self.new_id(), observed=str(peer)
-            )
-            record = _record(outcome, peer, protocol, received_at, 0.0)
-            done.append((outcome, record, conn_id))
-        await self._commit(done)
-        return [outcome for outcome, _, _ in done]
 
     async def _commit(self, done: list[tuple[Outcome, Record, int | None]]) -> None:
         """Record every outcome (one store batch), then count, observe and log each.
@@ -407,15 +380,15 @@ class Service:
                 await trio.lowlevel.checkpoint()
 
     def _error_outcome(self, error: ProtocolError, peer: Endpoint, now: float) -> Outcome:
-        """The ERROR reply to a bad request, after its price was taken. A source fined
-        under pressure (``RateLimiter.penalize``) is told its wait here, with
-        ``retry_after``, so its first refusal at the door is already one it was told
-        about (``ban_after_ignored`` counts those)."""
+        """The ERROR reply to a bad request whose source paid at the door: it pays a
+        second token (``RateLimiter.penalize``). A source fined under pressure is told
+        its wait here, so its first refusal at the door is one it was told about
+        (``ban_after_ignored`` counts those)."""
+        self.limiter.penalize(peer.host, now)
         outcome = Outcome(code=error.code, explanation=error.explanation)
-        if not self.limiter.fining:
-            return outcome
-        busy = self.limiter.owed(peer.host, now)
-        if not isinstance(busy, Busy):
+        if not self.limiter.fining or not isinstance(
+            busy := self.limiter.owed(peer.host, now), Busy
+        ):
             return outcome
         return outcome.with_(
             retry_after=busy.retry_after,
@@ -433,10 +406,10 @@ class Service:
         """After the commit: counters, observers and the one canonical log line.
 
         Under pressure (``RateLimiter.under_pressure``: junk from thousands of
-        addresses) a protocol error's line is the one cost left to cut: ~50 us
-        of the ~150 us a recorded error costs, and thousands of lines a second
-        that bury the rest of the log. Past ``LOGGED_ERRORS`` in a window they
-        are summed instead (``take_unlogged``); the row and its id stay.
+        addresses) a protocol error's line is the one cost left to cut (~50 of
+        its ~150 us), and thousands of lines a second would bury the log: past
+        ``LOGGED_ERRORS`` a window they are summed (``take_unlogged``); the row
+        and its id stay.
         """
         self.outcomes[outcome.status] += 1
         for observer in self.observers:
@@ -466,10 +439,10 @@ class Service:
 
 
 def _record(
-    outcome: Outcome, peer: Endpoint, protocol: Protocol, received_at: float, duration_ms: float
+    outcome: Outcome, peer: str, protocol: Protocol, received_at: float, duration_ms: float
 ) -> Record:
     return Record.from_outcome(
-        outcome, protocol=protocol, peer=str(peer), received_at=received_at, duration_ms=duration_ms
+        outcome, protocol=protocol, peer=peer, received_at=received_at, duration_ms=duration_ms
     )
 
 

@@ -4,15 +4,9 @@ Bytes and strings in, values out: no sockets, no trio, no clock. It is written
 from the SPEC alone and imports nothing from ``registry/``, so the student
 tools and the registry are two independent implementations of one contract
 and an end-to-end test catches a bug in either.
-
-What lives here:
-- the registration request: text (``HOST:PORT key=value...``) and JSON lines;
-- the registry's reply: text (``STATUS CODE key=value ... explanation``) and
-  JSON, both parsed into one ``Reply`` value;
-- the UDP cookie challenge (``COOKIE cookie=VALUE pad=N ...``) and request padding;
-- the callback line (``CALLBACK id=ID nonce=NONCE greeting``) and its echo;
-- ``LineAssembler``: a capped line buffer in the h11 style;
-- the exit-status table shared by ``student client`` and ``student lab``.
+Here: the request (text and JSON lines), the reply (both parsed into one
+``Reply``), the UDP cookie challenge and padding, the callback line and its
+echo, ``LineAssembler`` (a capped line buffer) and the exit-status table.
 """
 
 from __future__ import annotations
@@ -159,17 +153,28 @@ def parse_port(text: str, *, allow_zero: bool) -> int:
 _SAFE_VALUE = re.compile(r"[^\s\x00-\x1f\x7f]+")
 
 
-def check_name(value: str) -> str:
-    """``--student``: NFC (the registry's form), and no invisible or control characters.
+# The registry's rule (protocol/names.py), mirrored since student/ imports nothing from
+# registry/; tests/test_names.py ties the two. Hangul fillers, U+034F, variation selectors:
+INVISIBLE = frozenset(
+    [0x034F, 0x115F, 0x1160, 0x3164, 0xFFA0, *range(0xFE00, 0xFE10), *range(0xE0100, 0xE01F0)]
+)
 
-    Refused here, before anything is sent, with the character named: a name
-    pasted from a chat can carry a zero-width space nobody sees. The registry
-    still has the last word on everything else a name may hold.
-    """
+
+def refused_character(ch: str) -> str | None:
+    """What kind of character a name may not hold (``control``...), or None."""
+    kind = unicodedata.category(ch)
+    if kind in ("Cc", "Zl", "Zp"):
+        return "control" if kind == "Cc" else "line break"
+    return "invisible" if kind in ("Cf", "Cs") or ord(ch) in INVISIBLE else None
+
+
+def check_name(value: str) -> str:
+    """``--student`` in NFC (the registry's form), refused before anything is sent if
+    it holds a character that draws nothing (a name pasted from a chat can carry a
+    zero-width space); the registry has the last word on the rest."""
     for ch in value:
-        kind = unicodedata.category(ch)
-        if kind in ("Cc", "Cf", "Cs"):
-            what = "control" if kind == "Cc" else "invisible"
+        what = refused_character(ch)
+        if what is not None:
             label = unicodedata.name(ch, "")
             shown = f"U+{ord(ch):04X}" + (f" ({label})" if label else "")
             raise ValueError(f"--student contains the {what} character {shown}; retype the name")

@@ -62,6 +62,7 @@ class RegistryProcess:
     logs: list[dict] = field(default_factory=list)
     admin: str | None = None  # "127.0.0.1:PORT" of the admin endpoint, when started with one
     raw: list[str] = field(default_factory=list)
+    reader: threading.Thread | None = None  # reads stderr into logs/raw until EOF
 
     @property
     def port(self) -> int:
@@ -82,9 +83,13 @@ class RegistryProcess:
         )
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        """Signal, wait for the exit, and for its last log lines to be read (so events() has them)."""
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
-        return self.proc.wait(timeout=timeout)
+        code = self.proc.wait(timeout=timeout)
+        if self.reader is not None:
+            self.reader.join(timeout)
+        return code
 
 
 def _drain(proc: subprocess.Popen[str], reg: RegistryProcess, ready: threading.Event) -> None:
@@ -150,7 +155,8 @@ def run_registry(
     )
     reg = RegistryProcess(proc, db, [])
     ready = threading.Event()
-    threading.Thread(target=_drain, args=(proc, reg, ready), daemon=True).start()
+    reg.reader = threading.Thread(target=_drain, args=(proc, reg, ready), daemon=True)
+    reg.reader.start()
     try:
         if not ready.wait(timeout) or not reg.tcp:
             raise AssertionError(f"registry did not start: rc={proc.poll()} log={reg.raw[-20:]}")

@@ -38,7 +38,8 @@ from registry.model import Endpoint, Protocol, Request
 from registry.net.interfaces import is_local_address
 from registry.server import Runtime, daemon_view
 from registry.service import Service
-from registry.store import AsyncStore, Record
+from registry.store import Record
+from registry.store.aio import AsyncStore
 from tests.fakes import ScriptedConnector
 from tests.support import exe, free_port, run_registry, send_line
 

@@ -355,10 +355,10 @@ async def test_silent_stalls_wait_in_the_kernel_then_are_refused_at_the_door(
         # answered at the door when handed over (no row, counted silent: below)
         assert stalled.codes() == {"ERROR read_timeout": 1000}
         assert len(reg.events("registration")) == 1  # the honest one: stalls leave no row
-        await poll_until(lambda: bool(reg.events("door_refusals")), 15)  # one line per 10 s
+        assert await settle(pid, lambda n: n <= base_fds + 2, 5) <= base_fds + 2
+        assert reg.stop() == 0  # one door_refusals line per 10 s window, the last one at stop
         silent = sum(e["by_reason"].get("silent", 0) for e in reg.events("door_refusals"))
         assert silent == 1000, reg.events("door_refusals")
-        assert await settle(pid, lambda n: n <= base_fds + 2, 5) <= base_fds + 2
 
 
 async def test_stalls_from_one_source_are_refused_past_the_per_source_cap(
@@ -376,10 +376,11 @@ async def test_stalls_from_one_source_are_refused_past_the_per_source_cap(
         async with trio.open_nursery() as nursery:
             await open_stalled(nursery, stalled, reg.port, [("127.0.0.9", b"")] * 300)
             await poll_until(lambda: len(stalled.replies) >= 300 - 16, 15)
-            # the refused ones were answered at once, the 16 admitted are still held
+            # the refused ones were answered while the 16 admitted are still held: at once
+            # (refusal_delay 0; "at once" in virtual time: test_door.py)
             assert len(stalled.replies) == 300 - 16
             fast = [t for t, d in stalled.replies if d.startswith(b"BUSY overloaded ")]
-            assert len(fast) == 300 - 16 and max(fast) < 1.5
+            assert len(fast) == 300 - 16
             reply, _ = await honest_cycle(reg.port)  # another source is not affected
             assert reply.startswith("OK connected"), reply
             await poll_until(lambda: len(stalled.replies) == 300, 10)
@@ -411,8 +412,8 @@ async def test_a_source_refused_again_and_again_is_held_longer_up_to_the_cap(
             assert len(stalled.replies) == 36
             times = sorted(t for t, d in stalled.replies if d.startswith(b"BUSY overloaded "))
             assert len(times) == 36
-            assert times[0] < 0.7  # the first refusal: 0.25 s
-            assert 0.9 < times[-1] < 2.5  # the later ones: held the cap, 1 s, not more
+            # held: the later ones at least the cap (each exact hold: the virtual-time twin below)
+            assert times[-1] > 0.9
             nursery.cancel_scope.cancel()
         assert reg.stop() == 0
         [summary] = reg.events("door_refusals")  # one line for the window, at the latest at stop
@@ -803,3 +804,36 @@ async def test_connector_out_of_descriptors_is_an_outcome_not_a_crash() -> None:
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert result.code is Code.OVERLOADED and "EMFILE" in result.detail, result
+
+
+async def test_repeat_refusals_are_held_doubling_to_the_cap_in_virtual_time(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # The test above on the real executable, in-process and in virtual time: the exact
+    # holds (0.25 s, doubling per repeat, the cap 1 s), free of this machine's load.
+    cfg = config_mod.from_dict(
+        {
+            "server": {"listen": ["127.0.0.1:0"], "admin": "off", "db": str(tmp_path / "r.db")},
+            "protocol": {"read_deadline": "5s"},
+            "limits": {"max_connections_per_source": 4},
+            "tuning": {
+                **HELD_BY_US,
+                "refusal_delay": "250ms",
+                "max_refusal_delay": "1s",
+                "ban_after": 0,
+            },
+        }
+    )
+    async with trio.open_nursery() as nursery:
+        runtime: Runtime = await nursery.start(
+            Registry(cfg, handle_signals=False).run  # type: ignore[arg-type]
+        )
+        stalled = Stalled()
+        async with trio.open_nursery() as clients:
+            await open_stalled(clients, stalled, runtime.tcp[0].port, [("127.0.0.9", b"")] * 40)
+        nursery.cancel_scope.cancel()
+    held = sorted(t for t, d in stalled.replies if d.startswith(b"BUSY overloaded "))
+    assert held == pytest.approx([0.25, 0.5] + [1.0] * 34)
+    # The 4 admitted end at the read deadline; when is not exact here (their row is
+    # written in a thread, while the mock clock jumps).
+    assert stalled.codes() == {"BUSY overloaded": 36, "ERROR read_timeout": 4}

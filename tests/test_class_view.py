@@ -7,8 +7,7 @@ import re
 import pytest
 
 from registry.admin.core.grading import GradeRow
-from registry.admin.pages import CSP, ClassPage, render_class
-from registry.admin.static import CLASS_SCRIPT, CLASS_STYLE
+from registry.admin.pages import CLASS_SCRIPT, CLASS_STYLE, CSP, ClassPage, render_class
 from tests.test_dashboard import HOSTILE, parse, sha256_source
 
 NOW = 1_800_000_000.0
@@ -32,7 +31,7 @@ ROWS = [
     GradeRow(
         None, "192.168.1.105", 3, 0, "FAILED", "timeout", None, NOW - 180, False,
         last_status="DENIED", last_code="port_not_allowed",
-        last_words="port 80 is outside the allowed range 1024-65535",
+        last_explanation="port 80 is outside the allowed range 1024-65535",
     ),
 ]  # fmt: skip
 

@@ -502,7 +502,7 @@ def test_a_removed_key_names_its_replacement(
 
 
 def test_every_constant_is_a_removed_key_and_tunable() -> None:
-    for key, (_, internet, _) in config_mod.CONSTANTS.items():
+    for key, (_, internet) in config_mod.CONSTANTS.items():
         section, name = key.split(".")
         value = f'"{internet}"' if isinstance(internet, str) else internet
         with pytest.raises(ConfigError) as caught:

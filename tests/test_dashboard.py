@@ -10,17 +10,31 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
+import shutil
+import subprocess
+import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
+from pathlib import Path
 
 import pytest
 
 from registry.admin import pages as dashboard
 from registry.admin.core.grading import GradeRow
-from registry.admin.pages import CSP, SCRIPT, STYLE, Page, render_dashboard, status_counts
-from registry.admin.static import CLASS_SCRIPT, CLASS_STYLE
+from registry.admin.pages import (
+    CLASS_SCRIPT,
+    CLASS_STYLE,
+    CSP,
+    SCRIPT,
+    STYLE,
+    Page,
+    complete_counts,
+    render_dashboard,
+)
 from registry.store import Record
 
+ROOT = Path(__file__).resolve().parent.parent
 HOSTILE = (
     "<script>alert(1)</script>",
     '"><img src=x onerror=alert(2)>',
@@ -109,7 +123,7 @@ def page(**kw: object) -> Page:
     values: dict[str, object] = {
         "records": [],
         "summaries": [],
-        "counts": status_counts([]),
+        "counts": complete_counts({}),
         "generated_at": 1_795_000_200.0,
         "version": "0.1.0",
         "policy_mode": "strict",
@@ -194,8 +208,7 @@ def test_empty_page_has_placeholders_and_zero_counts() -> None:
     ],
 )  # fmt: skip
 def test_status_counts(statuses: list[str], expected: dict[str, int]) -> None:
-    records = [record(i, status=s) for i, s in enumerate(statuses)]
-    assert status_counts(records) == expected
+    assert complete_counts(Counter(statuses)) == expected
     markup = render_dashboard(page(counts=expected))
     for key, value in expected.items():
         assert f'<b id="count-{key}">{value}</b>' in markup
@@ -240,3 +253,23 @@ def test_message_page_escapes() -> None:
     parsed = parse(dashboard.render_message(HOSTILE[0], HOSTILE[1]))
     assert parsed.scripts == []
     assert HOSTILE[0] in parsed.text and HOSTILE[1] in parsed.text
+
+
+@pytest.mark.slow
+def test_the_pages_files_are_package_data(tmp_path: Path) -> None:
+    """An installed registry (not an editable checkout) has the static/ files beside pages.py:
+    setuptools' build_py, which wheels are made from, copies them (from a clean copy of the
+    sources: an egg-info left by an earlier build would list them whatever pyproject says)."""
+    src, out = tmp_path / "src", tmp_path / "build"
+    shutil.copytree(
+        ROOT / "registry", src / "registry", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    build = [sys.executable, "-c", "from setuptools import setup; setup()", "-q", "build_py"]
+    subprocess.run([*build, "-d", str(out)], cwd=src, check=True, capture_output=True)
+    shipped = out / "registry" / "admin" / "static"
+    assert sorted(p.name for p in shipped.glob("*")) == [
+        "class.css", "class.js", "dashboard.css", "dashboard.js"
+    ]  # fmt: skip
+    assert (shipped / "dashboard.js").read_text() == SCRIPT

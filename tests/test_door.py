@@ -1,6 +1,6 @@
 """The front door (registry/defense/door.py and its edge): refusals on arrival, before any byte.
 
-Pure tables for ``Door`` and ``RefusalTally`` (time passed in); real loopback
+Pure tables for ``Door`` and ``Window`` (time passed in); real loopback
 sockets for ``Doorway`` (the edge that answers refusals); an in-process ``Registry`` for the whole path
 (a refused connection gets its line, holds nothing afterwards, and leaves no
 row, only counters).
@@ -32,8 +32,8 @@ from registry.defense.door import (
     Refused,
     told_of_ban,
 )
-from registry.defense.ratelimit import RateLimiter, source_key
-from registry.defense.tally import RefusalTally
+from registry.defense.ratelimit import RateLimiter, source_network, source_of
+from registry.defense.window import Window
 from registry.model import Code, Outcome, Status
 from registry.net.doorway import REAP_CHUNK, Doorway
 from registry.server import Registry, Runtime
@@ -44,7 +44,7 @@ OPEN = {"per_target": "1000/second", "per_target_port": "1000/second", "global":
 
 def door(per_source: str, max_total: int = 100, max_per_source: int = 100) -> Door:
     cfg = config_mod.from_dict({"ratelimit": {**OPEN, "per_source": per_source}})
-    return Door(ConnectionCaps(max_total, max_per_source), RateLimiter(cfg.ratelimit))
+    return Door(ConnectionCaps(max_total, max_per_source), RateLimiter(cfg.ratelimit), 5.0)
 
 
 def ip(text: str) -> Any:
@@ -126,13 +126,52 @@ def test_door_scripts(name: str) -> None:
     assert d.caps.total == total  # refusals hold nothing
 
 
-def test_door_uses_the_limiters_source_key() -> None:
+def test_door_uses_the_limiters_source_identity() -> None:
     d = door("1/minute")
     admitted = d.arrive(ip("2001:db8::1"), 0.0)
     assert isinstance(admitted, Admitted)
-    assert admitted.key == source_key(ip("2001:db8::1"), 64)
+    assert admitted.key == source_of(ip("2001:db8::1"), 64)
+    assert str(source_network(admitted.key)) == "2001:db8::/64"
     d.leave(admitted.key)
     assert d.caps.total == 0 and d.caps.sources == 0
+
+
+@pytest.mark.parametrize(
+    ("per_source", "hold", "longest"),
+    [
+        ("30/minute", 5.0, 5),  # the default: a token every 2 s, the hold is longer
+        ("5/minute", 5.0, 12),  # the internet profile: an empty bucket tells 12 s
+        ("7/minute", 5.0, 9),  # 8.6 s, told as 9
+        ("5/minute", 30.0, 30),
+    ],
+)
+def test_in_debt_only_past_a_token_and_the_longest_hold(
+    per_source: str, hold: float, longest: int
+) -> None:
+    # A student merely rate limited is told at most one token's time (rounded up),
+    # and one held at the door waits at most the longest hold: neither is in debt,
+    # and coming back early must never ban them.
+    limiter = door(per_source).limiter
+    assert not limiter.in_debt(longest, hold) and limiter.in_debt(longest + 1, hold)
+
+
+def test_a_refusal_owes_its_wait_only_when_in_debt() -> None:
+    cfg = config_mod.from_dict(
+        {
+            "ratelimit": {**OPEN, "per_source": "10/minute"},
+            "tuning": {"errors_global": "1/hour", "error_fine": 30},
+        }
+    )
+    d = Door(ConnectionCaps(100, 100), RateLimiter(cfg.ratelimit), 5.0)
+    src = ip("10.0.0.1")
+    assert all(isinstance(d.arrive(src, 0.0), Admitted) for _ in range(10))
+    plain = d.arrive(src, 0.0)  # an empty bucket: a token's time, 6 s
+    assert isinstance(plain, Refused) and (plain.outcome.retry_after, plain.owed) == (6, 0)
+    d.limiter.penalize(ip("10.0.0.2"), 0.0)  # the pressure budget's one error
+    d.limiter.penalize(src, 0.0)  # under pressure: fined into debt (capped: 66 s)
+    fined = d.arrive(src, 0.0)
+    assert isinstance(fined, Refused) and (fined.outcome.retry_after, fined.owed) == (66, 66)
+    assert d.silent(src, 31).owed == 0
 
 
 @pytest.mark.parametrize(
@@ -145,7 +184,7 @@ def test_a_connection_silent_through_the_kernels_wait_is_a_read_timeout_at_the_d
 ) -> None:
     d = door("1/minute", max_per_source=1)
     refused = d.silent(ip(source), waited)
-    assert refused.reason == SILENT and str(refused.key) == key
+    assert refused.reason == SILENT and str(source_network(refused.key)) == key
     assert refused.outcome.code is Code.READ_TIMEOUT and refused.outcome.status is Status.ERROR
     assert refused.outcome.retry_after is None
     assert refused.outcome.explanation.startswith(f"no request arrived within {waited} s ")
@@ -169,14 +208,18 @@ def test_the_refusal_that_bans_says_so_and_for_how_long(seconds: float, told: in
     assert out.with_(explanation=refused.outcome.explanation) == refused.outcome
 
 
-# --- RefusalTally ------------------------------------------------------------------
+# --- Window: refusals ------------------------------------------------------------------
+
+
+def k(text: str) -> int:
+    return source_of(ip(text), 64)
 
 
 def test_tally_counts_a_window_and_keeps_totals() -> None:
-    tally = RefusalTally()
+    tally = Window()
     assert tally.flush() is None  # nothing refused: nothing to log
-    assert [tally.add("10.0.0.1", RATE_LIMITED) for _ in range(3)] == [1, 2, 3]  # repeats
-    assert tally.add("10.0.0.2", PER_SOURCE) == 1
+    assert [tally.add(k("10.0.0.1"), RATE_LIMITED) for _ in range(3)] == [1, 2, 3]  # repeats
+    assert tally.add(k("10.0.0.2"), PER_SOURCE) == 1
     assert tally.flush() == {
         "refused": 4,
         "by_reason": {RATE_LIMITED: 3, PER_SOURCE: 1},
@@ -186,34 +229,34 @@ def test_tally_counts_a_window_and_keeps_totals() -> None:
     }
     # repeats count in this window and the one before: three refusals that straddle
     # a flush are three
-    assert tally.add("10.0.0.1", RATE_LIMITED) == 4
+    assert tally.add(k("10.0.0.1"), RATE_LIMITED) == 4
     assert tally.flush() is not None
     assert tally.flush() is None  # a quiet window: the one before is now a quiet one
-    assert tally.add("10.0.0.1", RATE_LIMITED) == 1
-    tally.add("10.0.0.3", TOTAL)
-    assert tally.add("10.0.0.3", SILENT) == 1  # counted per reason
+    assert tally.add(k("10.0.0.1"), RATE_LIMITED) == 1
+    tally.add(k("10.0.0.3"), TOTAL)
+    assert tally.add(k("10.0.0.3"), SILENT) == 1  # counted per reason
     assert tally.totals == {RATE_LIMITED: 5, PER_SOURCE: 1, TOTAL: 1, SILENT: 1}  # only grow
 
 
 def test_tally_window_is_bounded_under_a_spray() -> None:
-    tally = RefusalTally(max_sources=50)
+    tally = Window(max_sources=50)
     for n in range(10_000):
-        tally.add(f"10.1.{n // 250}.{n % 250}", RATE_LIMITED)
-    assert tally.add("10.1.0.0", RATE_LIMITED) == 2  # a tracked source still counts as itself
-    assert tally.add("10.1.39.249", RATE_LIMITED) == 1  # an untracked one: as if new
+        tally.add(k(f"10.1.{n // 250}.{n % 250}"), RATE_LIMITED)
+    assert tally.add(k("10.1.0.0"), RATE_LIMITED) == 2  # a tracked source still counts as itself
+    assert tally.add(k("10.1.39.249"), RATE_LIMITED) == 1  # an untracked one: as if new
     summary = tally.flush(top=3)
     assert summary is not None
     assert summary["refused"] == 10_002 and summary["by_reason"] == {RATE_LIMITED: 10_002}
     assert summary["sources"] == 50 and summary["untracked"] == 10_000 - 50 + 1
     assert summary["top"][0] == ["10.1.0.0", RATE_LIMITED, 2]
-    assert len(tally._window) == 0
+    assert len(tally._sources) == 0
 
 
 def test_tally_tracks_the_repeats_of_an_attack_from_5000_addresses() -> None:
     # The doubling hold and the bans read these repeats: an address past the cap
     # would always count as new (the shortest hold, never banned).
-    tally = RefusalTally()
-    sources = [f"10.2.{n // 250}.{n % 250}" for n in range(5000)]
+    tally = Window()
+    sources = [k(f"10.2.{n // 250}.{n % 250}") for n in range(5000)]
     for _ in range(3):
         repeats = [tally.add(s, RATE_LIMITED) for s in sources]
     assert set(repeats) == {3}

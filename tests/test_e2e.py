@@ -596,6 +596,7 @@ def test_sigterm_lets_an_inflight_callback_finish(tmp_path: Path) -> None:
 CAPPED_CONFIG = """
 [tuning]
 defer_accept = 0  # the silent connection that holds the one slot must reach the registry
+max_refusal_delay = "500ms"  # each refusal still held (500 ms), not doubled per repeat
 
 [limits]
 max_connections_per_source = 1

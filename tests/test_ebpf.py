@@ -35,6 +35,7 @@ from tests.test_bans import (
     OptionsSock,
     ipv4_header,
     ipv6_listener,
+    key_of,
     listener,
     reaches,
     v4,
@@ -214,7 +215,7 @@ async def test_ban_filter_binds_ebpf_applies_bans_and_lifts_them(kernel_bans: Eb
         bf = BanFilter([], bans)
         assert bf.bind([lst]) == "ebpf"
         assert await trio.to_thread.run_sync(reaches, lst, "127.2.0.1")
-        bans.consider(v4("127.2.0.1"), 1, trio.current_time())
+        bans.consider(key_of("127.2.0.1"), 1, trio.current_time())
         bf.apply()
         assert bf.filtered == 1
         assert not await trio.to_thread.run_sync(reaches, lst, "127.2.0.1")
@@ -229,7 +230,7 @@ async def test_a_wave_of_bans_is_applied_in_short_steps(kernel_bans: EbpfBans) -
     kernel_bans.close()
     bans = BanList(after=1, duration=60.0, max_entries=10_000)
     for n in range(10 * EBPF_STEP):
-        bans.consider(v4(f"127.3.{n // 250}.{n % 250 + 1}"), 1, 0.0)
+        bans.consider(key_of(f"127.3.{n // 250}.{n % 250 + 1}"), 1, 0.0)
     ticks = 0
 
     async def ticker() -> None:
@@ -264,7 +265,7 @@ def test_without_the_right_to_load_bpf_the_classic_filter_is_used(
     with listener() as lst, structlog.testing.capture_logs() as logs:
         bf = BanFilter([], bans)
         assert bf.bind([lst]) == "classic"
-        bans.consider(v4("127.2.0.1"), 1, 0.0)
+        bans.consider(key_of("127.2.0.1"), 1, 0.0)
         bf.apply()
         assert bf.filtered == 1 and not reaches(lst, "127.2.0.1")
     assert [(e["event"], e["kind"], e["ebpf_refused"]) for e in logs] == [
@@ -293,10 +294,10 @@ def test_a_map_that_fails_is_detached_so_it_can_drop_nobody() -> None:
     sock = OptionsSock()
     bf = BanFilter([sock], bans)
     bf._ebpf = FailingMap()  # type: ignore[assignment]
-    bans.consider(v4("127.2.0.1"), 1, 0.0)
+    bans.consider(key_of("127.2.0.1"), 1, 0.0)
     with structlog.testing.capture_logs() as logs:
         bf.apply()
-        bans.consider(v4("127.2.0.2"), 1, 0.0)
+        bans.consider(key_of("127.2.0.2"), 1, 0.0)
         bf.apply()  # not tried again
     assert [e["event"] for e in logs] == ["ban_filter_failed"]
     assert sock.options == [banfilter.SO_DETACH_FILTER]
@@ -324,7 +325,7 @@ def test_a_full_map_keeps_the_oldest_bans_and_reports_once() -> None:
     assert bf.kind == banfilter.EBPF
     with structlog.testing.capture_logs() as logs:
         for n in range(4):
-            bans.consider(v4(f"127.2.0.{n + 1}"), 1, float(n))
+            bans.consider(key_of(f"127.2.0.{n + 1}"), 1, float(n))
             bf.apply()
     assert {str(k) for k in small.keys} == {"127.2.0.1", "127.2.0.2"} and bf.filtered == 2
     assert [(e["event"], e["bans"], e["filtered"]) for e in logs] == [("bans_not_filtered", 3, 2)]
@@ -352,8 +353,8 @@ class CountingMap(FailingMap):
         self.keys.remove(key)
 
 
-class CountedKey(ipaddress.IPv4Address):
-    """A source address that counts how often it is hashed: every dict or set
+class CountedKey(int):
+    """A source (``source_of``) that counts how often it is hashed: every dict or set
     lookup of a key does, so the count is the work done over the bans."""
 
     hashed = 0
@@ -368,11 +369,11 @@ def test_a_pass_touches_only_the_bans_that_changed() -> None:
     bf = BanFilter([OptionsSock()], bans)
     bf._ebpf = kernel_map = CountingMap()  # type: ignore[assignment]
     for n in range(2000):
-        bans.consider(CountedKey(f"127.3.{n // 250}.{n % 250 + 1}"), 1, float(n) / 100)
+        bans.consider(CountedKey(key_of(f"127.3.{n // 250}.{n % 250 + 1}")), 1, float(n) / 100)
     bf.apply()
     assert kernel_map.calls == 2000 and bf.filtered == 2000
     kernel_map.calls, CountedKey.hashed = 0, 0
-    bans.consider(CountedKey("127.4.0.1"), 1, 20.0)
+    bans.consider(CountedKey(key_of("127.4.0.1")), 1, 20.0)
     bf.lift(60.0)  # the first one's time is up
     assert bans.next_expiry() == 60.01
     bf.apply()
@@ -391,7 +392,7 @@ def test_bans_that_did_not_fit_go_in_when_a_lift_makes_room() -> None:
     bf._ebpf = kernel_map = CountingMap(room=2)  # type: ignore[assignment]
     with structlog.testing.capture_logs():
         for n in range(4):  # .1 and .2 fit; .3 and .4 are listed only
-            bans.consider(v4(f"127.2.0.{n + 1}"), 1, float(n))
+            bans.consider(key_of(f"127.2.0.{n + 1}"), 1, float(n))
         bf.apply()
         assert {str(k) for k in kernel_map.keys} == {"127.2.0.1", "127.2.0.2"}
         bans.expire(60.0)  # .1 lifted: room for one, the oldest waiting (.3)
@@ -404,6 +405,6 @@ def test_the_classic_filter_takes_the_changes_it_does_not_need() -> None:
     bans = BanList(after=1, duration=60.0, max_entries=10)
     bf = BanFilter([OptionsSock()], bans, budget=BPF_MAXINSNS)
     bf.available = True
-    bans.consider(v4("127.2.0.1"), 1, 0.0)
+    bans.consider(key_of("127.2.0.1"), 1, 0.0)
     bf.apply()
     assert bans.take_changes() == []  # else a classic registry's list would grow forever

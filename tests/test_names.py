@@ -132,6 +132,44 @@ def test_student_tool_sends_nfc_and_refuses_invisible_characters() -> None:
             check_name(bad)
 
 
+@pytest.mark.parametrize(
+    ("char", "why"),
+    [
+        ("\u3164", "invisible character U+3164 (HANGUL FILLER)"),
+        ("\u115f", "invisible character U+115F (HANGUL CHOSEONG FILLER)"),
+        ("\u1160", "invisible character U+1160 (HANGUL JUNGSEONG FILLER)"),
+        ("\uffa0", "invisible character U+FFA0 (HALFWIDTH HANGUL FILLER)"),
+        ("\u034f", "invisible character U+034F (COMBINING GRAPHEME JOINER)"),
+        ("\ufe0f", "invisible character U+FE0F (VARIATION SELECTOR-16)"),
+        ("\U000e0100", "invisible character U+E0100 (VARIATION SELECTOR-17)"),
+        ("\u2028", "line break character U+2028 (LINE SEPARATOR)"),
+    ],
+)
+def test_student_tool_refuses_the_characters_that_draw_nothing(char: str, why: str) -> None:
+    """``alice`` + a Hangul filler would be a second student who looks the same."""
+    from student.wire import check_name
+
+    with pytest.raises(ValueError, match=re.escape(why)):
+        check_name("alice" + char)
+    with pytest.raises(BadName):
+        normalise("alice" + char)
+
+
+@pytest.mark.slow  # every code point: about a second
+def test_the_student_tool_refuses_exactly_the_characters_the_registry_does() -> None:
+    """One rule on both sides: the student's mirror of names.py, checked on every code point."""
+    from registry.protocol import names
+    from student import wire
+
+    assert wire.INVISIBLE == names.INVISIBLE
+    differ = [
+        f"U+{cp:04X}"
+        for cp in range(0x110000)
+        if (wire.refused_character(chr(cp)) is None) != (names._character_problem(chr(cp)) is None)
+    ]
+    assert not differ, differ[:20]
+
+
 def test_student_tool_takes_a_name_with_spaces_only_for_json(
     capsys: pytest.CaptureFixture[str],
 ) -> None:

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from registry.config import PolicyConfig, from_dict
 from registry.model import Code, Diagnosis, Endpoint, Request
-from registry.policy.addresses import ALWAYS_DENIED, classify, is_loopback, normalise
+from registry.policy.addresses import ALWAYS_DENIED, AddrClass, Address
 from registry.policy.decide import Allow, Deny, decide
 
 ip = ipaddress.ip_address
@@ -490,7 +490,7 @@ def _peer(choice: str, addr: V4 | V6) -> V4 | V6:
     if choice == "same":
         return addr
     if choice == "inner":
-        return normalise(addr)
+        return Address.of(addr).norm
     return ip(choice)
 
 
@@ -549,11 +549,12 @@ def test_every_allow_is_safe(addr: Any, peer: Any, mode: str, allow: list[str], 
     if not isinstance(d, Allow):
         return
     target = d.target
-    assert classify(target.host) not in ALWAYS_DENIED
-    assert target.host == normalise(target.host)
-    assert not is_loopback(target.host) or is_loopback(peer)
+    host, loopback = Address.of(target.host), AddrClass.LOOPBACK
+    assert host.cls not in ALWAYS_DENIED
+    assert host == host.norm
+    assert host.cls is not loopback or Address.of(peer).cls is loopback
     assert 1024 <= target.port <= 65535
     if target.port in (9000, 9100):
-        assert not is_loopback(target.host) and target.host != ip("198.51.100.1")
+        assert host.cls is not loopback and target.host != ip("198.51.100.1")
     if mode == "strict":
-        assert target.host == normalise(peer) and not d.corrected
+        assert target.host == Address.of(peer).norm and not d.corrected

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from registry.config import PolicyConfig, from_dict
 from registry.model import Code, Diagnosis, Endpoint, Request
-from registry.policy.addresses import normalise
+from registry.policy.addresses import Address
 from registry.policy.decide import (
     MODES,
     Allow,
@@ -253,7 +253,7 @@ def test_modes(
     assert d.diagnosis is diag  # type: ignore[union-attr]
     if isinstance(d, Allow):
         assert d.corrected is corrected
-        dialled = normalise(ip(obs) if corrected else ip(adv))
+        dialled = Address.of(obs if corrected else adv).norm
         assert d.target == Endpoint(dialled, 15000)
 
 

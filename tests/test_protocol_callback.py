@@ -6,12 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from registry.protocol.callback import (
-    EchoScanner,
-    callback_line,
-    make_nonce,
-    parse_callback_line,
-)
+from registry.protocol.callback import EchoScanner, callback_line, make_nonce
+from student.wire import parse_callback
 
 NONCE = "00112233aabbccdd"
 NEEDLE = b"nonce=" + NONCE.encode()
@@ -52,32 +48,14 @@ def test_callback_line_is_one_ascii_line(reg_id: str, greeting: str) -> None:
     line = callback_line(reg_id or "x", NONCE, greeting)
     assert line.endswith(b"\n") and line.count(b"\n") == 1
     assert line[:-1].decode("ascii").isprintable()
-    parsed = parse_callback_line(line)
-    assert parsed is not None and parsed[1] == NONCE
-
-
-@pytest.mark.parametrize(
-    ("line", "expected"),
-    [
-        (b"CALLBACK id=r42 nonce=abc hello\n", ("r42", "abc")),
-        ("CALLBACK nonce=abc id=r42", ("r42", "abc")),
-        (b"CALLBACK id=r1 nonce=abc id=evil nonce=evil\n", ("r1", "abc")),
-        (b"CALLBACK id=r1 hello nonce=abc\n", None),
-        (b"CALLBACK id=r1\n", None),
-        (b"CALLBACK id= nonce=abc\n", None),
-        (b"OK connected id=r1 nonce=abc\n", None),
-        (b"callback id=r1 nonce=abc\n", None),
-        (b"", None),
-        (b"\xff\xfe", None),
-    ],
-)
-def test_parse_callback_line(line: bytes | str, expected: tuple[str, str] | None) -> None:
-    assert parse_callback_line(line) == expected
+    parsed = parse_callback(line)  # as the student's server reads it
+    assert parsed is not None and parsed.nonce == NONCE
 
 
 def test_callback_round_trip() -> None:
     line = callback_line("r-7", NONCE, "id=spoofed nonce=spoofed")
-    assert parse_callback_line(line) == ("r-7", NONCE)
+    parsed = parse_callback(line)  # a greeting cannot override the id or the nonce
+    assert parsed is not None and (parsed.id, parsed.nonce) == ("r-7", NONCE)
 
 
 # ---------------------------------------------------------------- echo scanner

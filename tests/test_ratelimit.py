@@ -17,7 +17,8 @@ from registry.defense.ratelimit import (
     Busy,
     RateLimiter,
     TokenBucketTable,
-    source_key,
+    source_network,
+    source_of,
 )
 from registry.errors import ConfigError
 from registry.model import Endpoint
@@ -136,8 +137,11 @@ def test_zero_count_refuses_everything() -> None:
         ("2001:db8:1:2:aaaa::1", 0, IPv6Network("::/0")),
     ],
 )
-def test_source_key(addr: str, prefix: int, key: object) -> None:
-    assert source_key(ip(addr), prefix) == key
+def test_source_identity(addr: str, prefix: int, key: object) -> None:
+    source = source_of(ip(addr), prefix)
+    assert type(source) is int and source_network(source) == key
+    # the families never collide: IPv4 sources are >= 0, IPv6 networks below
+    assert (source >= 0) is (key.version == 4)  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize(
@@ -280,9 +284,13 @@ def test_idle_entries_expire() -> None:
     lim = RateLimiter(cfg(per_source=Rate(30, PER_MIN)))  # interval 2 s
     for i in range(100):
         lim.admit(IPv4Address(i + 1), 0.0)
-    assert lim.expire(1.9) == 0  # no source bucket has refilled yet
+
+    def expire(now: float) -> int:  # what eviction does when a table is full
+        return sum(table.expire(now) for table in lim._tables())
+
+    assert expire(1.9) == 0  # no source bucket has refilled yet
     assert lim.table_sizes()["source"] == 100
-    assert lim.expire(2.0) == 100  # one interval later the source buckets are full again
+    assert expire(2.0) == 100  # one interval later the source buckets are full again
     assert lim.entries == 0
 
 

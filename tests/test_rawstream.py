@@ -67,3 +67,18 @@ async def test_receive_eof_and_errors_as_trio_streams_report_them() -> None:
     await stream.aclose()
     assert ours.fileno() == -1
     stream.close()  # closing twice is harmless
+
+
+def test_send_now_takes_what_fits_and_leaves_errors_to_send_all() -> None:
+    ours, peer = socket.socketpair()
+    ours.setblocking(True)  # like an accepted socket: send_now must not block on it
+    stream = RawStream(ours)
+    assert stream.send_now(b"line\n") == 5
+    assert peer.recv(10) == b"line\n"
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    taken = stream.send_now(b"x" * (8 << 20))
+    assert 0 < taken < 8 << 20  # a full buffer: part of it, at once
+    assert stream.send_now(b"more") == 0  # nothing fits now
+    peer.close()
+    assert stream.send_now(b"more") == 0  # an error takes nothing
+    ours.close()

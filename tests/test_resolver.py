@@ -30,7 +30,7 @@ from registry.net.resolver import (
     TrioResolver,
     addresses_from_getaddrinfo,
 )
-from registry.policy.addresses import is_loopback
+from registry.policy.addresses import AddrClass, Address
 from registry.service import Service
 from tests.fakes import ListRecorder, ScriptedConnector
 from tests.support import run_registry, send_line
@@ -92,7 +92,7 @@ async def test_localhost_resolves_to_loopback_only() -> None:
     with trio.fail_after(5):
         got = await TrioResolver().resolve("localhost", 15000)
     assert got, "localhost did not resolve"
-    assert all(is_loopback(a) for a in got), got
+    assert all(Address.of(a).cls is AddrClass.LOOPBACK for a in got), got
     assert len(got) == len(set(got))
 
 

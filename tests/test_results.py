@@ -11,6 +11,8 @@ import io
 import json
 import os
 import sqlite3
+import subprocess
+import sys
 from datetime import datetime
 from pathlib import Path
 
@@ -161,7 +163,7 @@ def test_unknown_format_is_an_error() -> None:
 SUMMARIES = [
     GradeRow("=ann", None, 3, 1, "OK", "connected", T0, T0 + 5, True),
     GradeRow(None, "192.168.1.105", 1, 0, "FAILED", "timeout", None, T0 + 9, False,
-             last_status="FAILED", last_code="timeout", last_words="nobody answered"),
+             last_status="FAILED", last_code="timeout", last_explanation="nobody answered"),
     GradeRow("zoë", None, on_roster=True),  # on the roster, not started
 ]  # fmt: skip
 
@@ -227,8 +229,8 @@ def filled_db(tmp_path: Path) -> Path:
 
 def test_defaults() -> None:
     args = parse()
-    assert (results._db(args), args.format, args.since, args.student, args.summary) == (
-        "registry.db", "table", None, None, False
+    assert (results._sources(args), args.format, args.since, args.student, args.summary) == (
+        ("registry.db", None), "table", None, None, False
     )  # fmt: skip
 
 
@@ -312,9 +314,10 @@ def test_run_summary_nameless_by_source_and_with_a_roster(
 
 
 def test_run_with_a_config_reads_its_database_and_its_roster(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """--config alone is the grade sheet of that registry: its server.db and its roster."""
+    real = results.config_mod.loads
     path = tmp_path / "class.db"
     store = Store.open(str(path))
     store.record_many([rec(1, student=None, peer="192.168.1.105:40001")])
@@ -323,7 +326,10 @@ def test_run_with_a_config_reads_its_database_and_its_roster(
     config = tmp_path / "registry.toml"
     config.write_text(f'[server]\ndb = "{path}"\n\n[class]\nroster = "class.csv"\n')
     capsys.readouterr()
+    loads = []
+    monkeypatch.setattr(results.config_mod, "loads", lambda *a: loads.append(a) or real(*a))
     assert results.run(parse("--config", str(config), "--summary", "--format", "csv")) == 0
+    assert len(loads) == 1  # one reading of the config gives both the database and the roster
     sheet = read_csv(capsys.readouterr().out)
     assert [(r[0], r[2]) for r in sheet[1:]] == [("ali", "OK"), ("bea", "")]
     # --db still wins over the config's database
@@ -339,3 +345,12 @@ def test_run_reads_without_changing_the_database(
     assert results.run(parse("--db", str(filled_db))) == 0
     assert capsys.readouterr().out.splitlines()[-1] == "3 registrations"
     assert (sorted(os.listdir(filled_db.parent)), filled_db.read_bytes()) == before
+
+
+def test_results_imports_no_trio() -> None:
+    """`registry results` is a plain read of a file: the daemon's event loop stays out of it."""
+    probe = "import sys, registry.admin.results; print(sorted(sys.modules))"
+    loaded = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    )
+    assert "trio" not in loaded.stdout.split("'") and "registry.store.aio" not in loaded.stdout

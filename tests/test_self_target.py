@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from registry import config as config_mod
 from registry.config import PolicyConfig
 from registry.model import Code, Endpoint, Request
-from registry.policy.addresses import normalise
+from registry.policy.addresses import Address
 from registry.policy.decide import Allow, Deny, decide, decide_resolved
 from tests.netns import NetnsLab, RegistryInNs, netns_lab, require_netns
 from tests.support import exe
@@ -133,7 +133,7 @@ def test_a_resolved_name_pointing_at_us_is_self_target() -> None:
 def test_no_mode_dials_an_address_of_ours_on_our_ports(
     addr: Any, peer: Any, mode: str, allow: list[str], port: int, peer_is_ours: bool
 ) -> None:
-    ours = normalise(peer if peer_is_ours else addr)
+    ours = Address.of(peer if peer_is_ours else addr).norm
     policy = config_mod.from_dict({"policy": {"mode": mode, "allow_networks": allow}}).policy
     d = decide(Request(addr, port), Endpoint(peer, 40000), policy, WILDCARD, lambda a: a == ours)
     if isinstance(d, Allow):

@@ -1,4 +1,4 @@
-"""Silent connections under attack (registry/defense/silence.py and the filters' silent drop).
+"""Silent connections under attack (registry/defense/window.py and the filters' silent drop).
 
 Three layers, as for bans: ``SilentGuard`` table-driven with exact times; the
 ``SILENT_DROP`` block of both filter programs run by the interpreters of
@@ -29,20 +29,22 @@ import trio.testing
 
 from registry import config as config_mod
 from registry.defense.bans import BanList
-from registry.defense.silence import SilentGuard
+from registry.defense.door import SILENT
+from registry.defense.window import SilentGuard, Window
 from registry.net.kernel.banfilter import BanFilter, detach_inherited
 from registry.net.kernel.classic import ACCEPT, BPF_MAXINSNS, DROP, attach, drop_program, pack
 from registry.net.kernel.ebpf import EbpfBans, program
 from registry.net.kernel.rules import NEXT, compile_rule
 from registry.server import Registry
-from tests.test_bans import RecordingSock, ipv4_header, listener, run_bpf, v4
+from tests.test_bans import RecordingSock, ipv4_header, key_of, listener, run_bpf, v4
 from tests.test_ebpf import MAP_FD, run_ebpf
 
 linux = pytest.mark.skipif(sys.platform != "linux", reason="Linux socket filters")
 
 # --- SilentGuard: (step, now, n) -> switched on?, active after? ---------------------------
 
-# Each script: after, duration, then steps ("note", now, n, switched_on) or ("active", now, bool).
+# Each script: after, duration, then steps ("note", now, n, switched_on), ("active", now,
+# bool) or ("roll",): the attack window's timer (every 10 s in the registry).
 SCRIPTS: dict[str, tuple[int, float, list[tuple[Any, ...]]]] = {
     "on at the after-th within a window, for the duration": (
         3, 60.0,
@@ -50,19 +52,20 @@ SCRIPTS: dict[str, tuple[int, float, list[tuple[Any, ...]]]] = {
          ("note", 9.9, 1, True), ("active", 9.9, True), ("active", 69.8, True),
          ("active", 69.9, False)],
     ),
-    "a window is 10 s: older ones do not count": (
+    "this window and the one before count; older ones do not": (
         3, 60.0,
-        [("note", 0.0, 2, False), ("note", 10.0, 1, False), ("note", 15.0, 1, False),
-         ("note", 19.9, 1, True)],
+        [("note", 0.0, 2, False), ("roll",), ("roll",), ("note", 20.0, 1, False),
+         ("note", 25.0, 1, False), ("roll",), ("note", 30.0, 1, True)],
     ),
     "a batch counts as many": (
         50, 30.0, [("note", 1.0, 16, False), ("note", 1.5, 34, True), ("active", 31.4, True),
                    ("active", 31.5, False)],
     ),
     "more while on extend it, and do not switch it on again": (
-        2, 10.0,
-        [("note", 0.0, 2, True), ("note", 5.0, 2, False), ("active", 14.9, True),
-         ("active", 15.0, False), ("note", 20.0, 2, True)],
+        2, 30.0,
+        [("note", 0.0, 2, True), ("note", 5.0, 1, False), ("active", 29.9, True),
+         ("roll",), ("note", 12.0, 1, False), ("active", 41.9, True), ("active", 42.0, False),
+         ("roll",), ("roll",), ("note", 50.0, 2, True)],
     ),
     "after 0: never": (0, 60.0, [("note", 0.0, 1000, False), ("active", 0.0, False)]),
 }  # fmt: skip
@@ -71,15 +74,29 @@ SCRIPTS: dict[str, tuple[int, float, list[tuple[Any, ...]]]] = {
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_guard_scripts(name: str) -> None:
     after, duration, steps = SCRIPTS[name]
-    guard = SilentGuard(after, duration)
+    guard = SilentGuard(after, duration, Window())
     for step in steps:
-        if step[0] == "note":
+        if step[0] == "roll":
+            guard.window.flush()
+        elif step[0] == "note":
             _, now, n, switched = step
             assert guard.note(now, n) is switched, step
         else:
             _, now, active = step
             assert guard.active(now) is active, step
     assert guard.switched_on == sum(1 for s in steps if s[0] == "note" and s[3])
+
+
+def test_guard_counts_in_the_shared_attack_window() -> None:
+    # The door's window: a spray of refused sources past its cap does not crowd out
+    # the silent count, and its roll is the guard's.
+    window = Window(max_sources=2)
+    guard = SilentGuard(3, 60.0, window)
+    for n in range(10):
+        window.add(n, SILENT)
+    assert not guard.note(0.0, 2)
+    assert window.flush() is not None
+    assert guard.note(1.0)  # 2 before the roll and 1 after
 
 
 def test_guard_reconfigure() -> None:
@@ -382,7 +399,7 @@ async def test_the_ebpf_filter_swaps_programs_and_keeps_its_bans(
     plain, silent = bpf.prog_fd, bpf.silent_fd  # run() closes them when it ends
     async with trio.open_nursery() as nursery:
         nursery.start_soon(bf.run)
-        bans.consider(v4("127.2.0.1"), 1, trio.current_time())
+        bans.consider(key_of("127.2.0.1"), 1, trio.current_time())
         guard.note(trio.current_time())
         bf.poke()
         await trio.sleep(20)

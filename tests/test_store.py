@@ -21,14 +21,8 @@ import trio
 import trio.testing
 
 from registry.model import Code, Diagnosis, Outcome, Protocol
-from registry.store import (
-    SCHEMA_VERSION,
-    AsyncStore,
-    Record,
-    Store,
-    StoreError,
-    StudentSummary,
-)
+from registry.store import SCHEMA_VERSION, Record, Store, StoreError, StudentSummary
+from registry.store.aio import AsyncStore
 
 T0 = 1_800_000_000.0  # a fixed epoch second: tests never read the real clock
 

@@ -22,8 +22,8 @@ import structlog.testing
 import trio
 import trio.testing
 
-from registry.store import AsyncStore, Store, StoreError
-from registry.store.aio import checkpoint_due
+from registry.store import Store, StoreError
+from registry.store.aio import AsyncStore, checkpoint_due
 from tests.test_store import committed_ids, rec
 
 

@@ -156,6 +156,44 @@ async def test_the_room_reads_like_read_request(
     assert len(r.room) == 0
 
 
+@pytest.mark.parametrize(
+    ("sent", "waits", "expected"),
+    [
+        # the whole request came with the connection: handed over inside add(),
+        # never registered in epoll
+        (b"127.0.0.1:15000\n", False, ("ready", 0.5, "text 127.0.0.1:15000")),
+        # decided wrong at once: recorded with run()'s next batch, no epoll either
+        (b"hello\n", False, ("reject", 0.5, "malformed")),
+        ("EOF", False, ("reject", 0.5, "malformed")),
+        # a part: it waits in the room like any other (the quiet period frames it)
+        (b"127.0.0.1:1", True, ("ready", 0.75, "text 127.0.0.1:1")),
+    ],
+)
+async def test_a_connection_that_arrives_with_its_request_is_read_in_add(
+    autojump_clock: trio.testing.MockClock,
+    pairs: list,
+    sent: bytes | str,
+    waits: bool,
+    expected: tuple[str, float, str],
+) -> None:
+    r = Room()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(r.run)
+        await trio.sleep(0.5)
+        conn, client = pair(pairs)
+        if sent == "EOF":
+            client.shutdown(socket.SHUT_WR)
+        else:
+            client.send(sent)
+        r.add("c", conn)
+        assert len(r.room) == waits
+        if expected[0] == "ready" and not waits:
+            assert r.log == [("ready", 0.5, "c", expected[2])]  # at once, in add()
+        await trio.sleep(1.0)
+        r.room.close()
+    assert [(how, when, what) for how, when, _, what in r.log] == [expected]
+
+
 @pytest.mark.parametrize("name", READER_CASES)
 async def test_the_room_decides_like_the_reader_table(
     autojump_clock: trio.testing.MockClock, pairs: list, name: str

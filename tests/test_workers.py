@@ -27,6 +27,7 @@ import pytest
 import trio
 
 from registry import config as config_mod
+from registry.errors import ConfigError
 from registry.group import GroupFailed, Supervisor, merged_bans, restart_delay
 from registry.net.kernel.reuseport import worker_index
 from tests.support import RegistryProcess, free_port, http_get, run_registry
@@ -134,7 +135,10 @@ def run_group(tmp_path: Path, **kwargs: Any) -> AbstractContextManager[RegistryP
 
 @slow
 def test_per_source_limits_are_exact_across_workers(tmp_path: Path) -> None:
-    config = group_config('[ratelimit]\nper_source = "3/minute"\n')
+    config = group_config(
+        # refusals answered at once: their hold is tested in test_door.py and test_attack.py
+        'refusal_delay = "0s"\nmax_refusal_delay = "0s"\n[ratelimit]\nper_source = "3/minute"\n'
+    )
     picks = sources_by_worker(per_worker=2)
     with run_group(tmp_path, config=config) as reg:
         for sources in picks.values():
@@ -347,9 +351,9 @@ def test_a_restarted_worker_starts_without_its_predecessors_bans(tmp_path: Path)
         (banned,) = reg.wait_event("source_banned")
         assert banned["worker"] == 0 and banned["source"] == src
         deadline = time.monotonic() + 5
-        while _connects(reg.port, src) and time.monotonic() < deadline:
+        while (connected := _connects(reg.port, src)) and time.monotonic() < deadline:
             time.sleep(0.1)  # the filter is updated on the ban task's next turn
-        assert not _connects(reg.port, src), "the ban did not reach the kernel"
+        assert not connected, "the ban did not reach the kernel"
         pid = next(e["pid"] for e in reg.events("worker_started") if e["worker"] == 0)
         os.kill(pid, signal.SIGKILL)
         reg.wait_event("worker_ready", count=N + 1)
@@ -508,7 +512,7 @@ def test_workers_default_follows_the_profile_and_the_command_line_wins(
 
 
 def test_workers_on_the_command_line_are_checked() -> None:
-    from registry.cli import build_parser
+    from registry.cli import build_parser, load_config
 
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(["serve", "--workers", "65"])
+    with pytest.raises(ConfigError, match="server.workers"):
+        load_config(build_parser().parse_args(["serve", "--workers", "65"]))

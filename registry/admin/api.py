@@ -8,7 +8,6 @@ the ``DaemonView`` the server passed in.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -121,11 +120,10 @@ class Views:
         self,
         view: DaemonView,
         metrics: Metrics,
-        *,
         version: str,
         default_limit: int,
         max_limit: int,
-        wallclock: Callable[[], float] = time.time,
+        wallclock: Callable[[], float],
     ) -> None:
         self.view = view
         self.metrics = metrics
@@ -168,7 +166,7 @@ class Views:
             generated_at=self.wallclock(),
             send_to=reachable([(str(e.host), e.port) for e in self.view.listening()]),
             version=self.version,
-            draining=self.view.draining(),
+            draining=self.view.probes.draining(),
             student=f.student,
             since=f.since_text,
         )
@@ -189,7 +187,7 @@ class Views:
             limit=f.limit,
             student=f.student,
             since=f.since_text,
-            draining=self.view.draining(),
+            draining=self.view.probes.draining(),
         )
         return Response(200, pages.render_dashboard(page).encode(), HTML)
 
@@ -224,6 +222,6 @@ class Views:
         return Response(200, b"ok\n")
 
     async def readyz(self, req: HttpRequest) -> Response:
-        if self.view.draining():
+        if self.view.probes.draining():
             return Response(503, b"draining\n")
         return Response(200, b"ready\n")

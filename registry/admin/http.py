@@ -1,29 +1,11 @@
-"""Admin HTTP endpoint (SPEC "Admin HTTP"): the sockets of the dashboard, JSON API,
-live events, metrics and probes (routes: ``api.py``; access: ``access.py``).
+"""Admin HTTP endpoint (SPEC "Admin HTTP"): h11 on trio; routes in ``api.py``, who may
+in ``core/access.py``, who is closed when crowded in ``core/slots.py``.
 
-A deliberately small HTTP/1.1 server: h11 does the parsing (sans-io), trio
-the sockets. One request per connection (every response says
-``Connection: close``): the only long-lived client is the event stream,
-which is one request anyway, and it keeps the state machine trivial.
-
-Bounds, so a hostile or broken client costs a fixed amount:
-
-- connections: at most ``max_connections`` at once, the slot taken *before*
-  ``accept()``; at most ``max_per_source`` from one address. Past either,
-  the oldest connection that has not yet sent a whole request head is closed
-  (``slots.py``), so ~70 idle connections cannot keep ``/healthz`` or the
-  dashboard out;
-- the first byte of a request within ``first_byte_timeout``, the whole head
-  (``max_head_bytes``, 431 beyond) within ``read_timeout``, else the socket is
-  closed;
-- every write: ``write_timeout``; a client that does not read is dropped;
-- event streams: at most ``max_event_clients``; each has a bounded queue of
-  ``event_queue`` encoded events, and a client whose queue is full is dropped
-  (``EventHub.publish`` never waits and never grows memory).
-
-Garbage HTTP gets 400 (431 for an oversized head), unknown paths 404, other
-methods than GET/HEAD 405. A bug in one request is logged and that one
-connection closed: nothing here may raise into the server's nursery.
+One request per connection (``Connection: close``; the only long-lived client,
+the event stream, is one request anyway). A hostile or broken client costs a
+bounded amount (``AdminSettings``). Garbage HTTP gets 400 (431 for an oversized
+head), unknown paths 404, methods other than GET/HEAD 405; a bug in one request
+is logged and costs that connection, never the registry.
 """
 
 from __future__ import annotations
@@ -41,14 +23,7 @@ import structlog
 import trio
 
 from registry.admin import pages
-from registry.admin.api import (
-    HTML,
-    TEXT,
-    BadRequest,
-    HttpRequest,
-    Response,
-    Views,
-)
+from registry.admin.api import HTML, TEXT, BadRequest, HttpRequest, Response, Views
 from registry.admin.core import access
 from registry.admin.core.slots import AdminSlots
 from registry.admin.events import EventHub
@@ -66,15 +41,19 @@ _API_CSP = "default-src 'none'; frame-ancestors 'none'"
 class AdminSettings:
     """Resource bounds of the admin server (defaults suit one instructor and a scraper)."""
 
-    first_byte_timeout: float = 2.0
+    first_byte_timeout: float = 2.0  # else closed; once it speaks, read_timeout for the head
     read_timeout: float = 10.0
-    write_timeout: float = 10.0
-    heartbeat: float = 15.0
+    write_timeout: float = 10.0  # every write: a client that does not read is dropped
+    heartbeat: float = 15.0  # a comment on an idle event stream
+    # The slot is taken before accept(); past either cap the oldest connection without a
+    # whole request head is closed, so idle ones never keep /healthz out.
     max_connections: int = 64
     max_per_source: int = 16
+    # Each stream has a queue of this many events; a client whose queue is full is
+    # dropped, so EventHub.publish never waits and never grows memory.
     max_event_clients: int = 32
     event_queue: int = 256
-    max_head_bytes: int = 16 * 1024
+    max_head_bytes: int = 16 * 1024  # 431 beyond
     default_limit: int = 100
     max_limit: int = 1000
 
@@ -128,12 +107,7 @@ class AdminServer:
         self.slots = AdminSlots(s.max_connections, s.max_per_source)
         self._scopes: dict[object, trio.CancelScope] = {}
         self.views = Views(
-            view,
-            self.metrics,
-            version=self.version,
-            default_limit=s.default_limit,
-            max_limit=s.max_limit,
-            wallclock=wallclock,
+            view, self.metrics, self.version, s.default_limit, s.max_limit, wallclock
         )
 
     async def serve(
@@ -326,15 +300,10 @@ class AdminServer:
     async def _until_client_leaves(
         self, stream: trio.SocketStream, scope: trio.CancelScope
     ) -> None:
-        """End the stream as soon as the client closes (frees its slot without waiting
-        for the next heartbeat); a client that sends more than 64 KiB is dropped too."""
-        received = 0
+        """End the stream as soon as the client closes (its slot is free at once, not at
+        the next heartbeat), or sends more than it should."""
         try:
-            while received < 64 * 1024:
-                chunk = await stream.receive_some(8192)
-                if not chunk:
-                    break
-                received += len(chunk)
+            await _drain(stream)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         scope.cancel()
@@ -386,14 +355,19 @@ class AdminServer:
         try:
             await stream.send_eof()
             with trio.move_on_after(1.0):
-                received = 0
-                while received < 64 * 1024:
-                    chunk = await stream.receive_some(8192)
-                    if not chunk:
-                        break
-                    received += len(chunk)
+                await _drain(stream)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
+
+
+async def _drain(stream: trio.SocketStream) -> None:
+    """Read and discard until the client closes, 64 KiB at the most."""
+    received = 0
+    while received < 64 * 1024:
+        chunk = await stream.receive_some(8192)
+        if not chunk:
+            return
+        received += len(chunk)
 
 
 __all__ = ["AdminServer", "AdminSettings", "open_listeners"]

@@ -1,30 +1,15 @@
-"""The instructor's pages: pure HTML rendering, no I/O.
+"""The instructor's pages: HTML rendering of values, no I/O but reading ``static/`` once.
 
-``render_class(page)`` is the class view at ``/``, made to be projected: a
-banner saying where to send, "N of M students connected", the students still
-working first (their last outcome in plain words, "last tried 3 min ago"),
-then those who are done. No ids or ephemeral ports. Without JavaScript it is
-complete (times in UTC, ISO 8601) and reloads itself every 30 s; its script
-converts times to the viewer's zone and, on every event from ``/api/events``,
-re-reads ``/api/summary``.
+``render_class`` is the class view at ``/``, made to be projected (who is
+connected, who is stuck, in plain words; no ids or ports). Without JavaScript
+it is complete, in UTC, and reloads itself every 30 s; its script shows local
+times and re-reads ``/api/summary`` on every event. ``render_dashboard`` is the
+detailed view at ``/registrations``; its script adds each new registration.
 
-``render_dashboard(page)`` is the detailed view at ``/registrations``
-(counts per status, the per-student summary, the latest registrations, a
-filter form). Its script, per registration, prepends a row, bumps the counts
-and updates that student's summary row.
-
-Safety rules, because every student string here is attacker-controlled
-(names, advertised addresses, explanations that quote them):
-
-- server side, every dynamic value passes ``html.escape(..., quote=True)``
-  (``_e``), in text and in attributes alike;
-- client side, student text only ever reaches the DOM through
-  ``textContent`` / ``setAttribute`` (never ``innerHTML``), and event data is
-  parsed with ``JSON.parse``;
-- the page carries no inline event handlers or style attributes, so the
-  Content-Security-Policy (``CSP``) can allow exactly this one script and this
-  one stylesheet by their SHA-256 hashes and nothing else (no CDN, no
-  external assets, ``connect-src 'self'`` for the event stream).
+Every student string is attacker-controlled: server side every dynamic value
+passes ``_e`` (``html.escape``, quotes too); client side student text reaches
+the DOM only through ``textContent``/``setAttribute``. No inline handlers or
+style attributes, so the CSP allows exactly the ``static/`` files, by hash.
 """
 
 from __future__ import annotations
@@ -32,14 +17,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import html
-from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
-from registry.admin.core.grading import GradeRow, ago, stuck_first
-from registry.admin.results import iso_utc
-from registry.admin.static import CLASS_SCRIPT, CLASS_STYLE, SCRIPT, STYLE
-from registry.store import STATUS_RANK, Record
+from registry.admin.core.grading import STATUS_RANK, GradeRow, ago, stuck_first
+from registry.admin.results import cell, iso_utc, when
+from registry.store import Record
 
 STATUSES: tuple[str, ...] = tuple(STATUS_RANK)  # OK FAILED DENIED BUSY ERROR: best first
 
@@ -48,7 +32,11 @@ def _sha256_source(text: str) -> str:
     return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
 
 
-# Only the blocks in static.py may run or style the page; everything else is refused.
+STYLE, SCRIPT, CLASS_STYLE, CLASS_SCRIPT = (
+    (Path(__file__).parent / "static" / name).read_text(encoding="utf-8")
+    for name in ("dashboard.css", "dashboard.js", "class.css", "class.js")
+)
+# Only these may run or style a page; everything else is refused.
 CSP = "; ".join(
     (
         "default-src 'none'",
@@ -80,11 +68,6 @@ class Page:
     draining: bool = False
 
 
-def status_counts(records: Iterable[Record]) -> dict[str, int]:
-    """Records per status (every known status present, zero when absent) plus ``total``."""
-    return complete_counts(Counter(r.status for r in records))
-
-
 def complete_counts(counted: Mapping[str, int]) -> dict[str, int]:
     """Every known status (zero when absent) plus ``total``, from per-status counts."""
     counts = {s: counted.get(s, 0) for s in STATUSES}
@@ -95,18 +78,6 @@ def complete_counts(counted: Mapping[str, int]) -> dict[str, int]:
 def _e(value: object) -> str:
     """Escape for HTML text and double-quoted attributes; None is empty."""
     return "" if value is None else html.escape(str(value), quote=True)
-
-
-def _when(ts: float | None) -> str:
-    return "" if ts is None else iso_utc(ts)[:19].replace("T", " ")
-
-
-def _num(x: float | None) -> str:
-    return "" if x is None else f"{x:.3f}".rstrip("0").rstrip(".")
-
-
-def _yes_no(x: bool | None) -> str:
-    return "" if x is None else ("yes" if x else "no")
 
 
 def _status(value: str) -> str:
@@ -125,15 +96,15 @@ def _counts(counts: Mapping[str, int]) -> str:
 
 def _registration_row(r: Record) -> str:
     cells = (
-        f'<td class="t">{_e(_when(r.received_at))}</td>',
+        f'<td class="t">{_e(when(r.received_at))}</td>',
         f"<td>{_e(r.student) if r.student is not None else '(no name)'}</td>",
         _status(r.status),
         f"<td>{_e(r.code)}</td>",
         f"<td>{_e(r.peer)}</td>",
         f"<td>{_e(r.target)}</td>",
         f"<td>{_e(r.diagnosis)}</td>",
-        f'<td class="n">{_e(_num(r.rtt_ms))}</td>',
-        f"<td>{_e(_yes_no(r.verified))}</td>",
+        f'<td class="n">{_e(cell(r.rtt_ms))}</td>',
+        f"<td>{_e(cell(r.verified))}</td>",
         f'<td class="x">{_e(r.explanation)}</td>',
         f"<td>{_e(r.id)}</td>",
     )
@@ -148,9 +119,9 @@ def _summary_row(s: GradeRow) -> str:
         f"<td>{_e(s.best_code)}</td>",
         f'<td class="n">{int(s.attempts)}</td>',
         f'<td class="n">{int(s.successes)}</td>',
-        f'<td class="t">{_e(_when(s.first_success_at))}</td>',
-        f'<td class="t">{_e(_when(s.last_attempt_at))}</td>',
-        f"<td>{_e(_yes_no(s.verified_ever))}</td>",
+        f'<td class="t">{_e(when(s.first_success_at))}</td>',
+        f'<td class="t">{_e(when(s.last_attempt_at))}</td>',
+        f"<td>{_e(cell(s.verified_ever))}</td>",
     )
     nameless = " data-nameless" if s.student is None else ""
     return (
@@ -225,7 +196,7 @@ def render_dashboard(page: Page) -> str:
 <h1>Callback registry</h1>
 <p class="meta">version {_e(page.version)} &middot; policy {_e(page.policy_mode)} &middot;
 registrations on {_e(", ".join(page.listening) or "-")} &middot; {_e(state)} &middot;
-page rendered {_e(_when(page.generated_at))} UTC &middot;
+page rendered {_e(when(page.generated_at))} UTC &middot;
 <span id="live">static page: reload for new registrations</span></p>
 <p class="meta"><a href="/">&larr; class view</a> &middot;
 <a href="/api/summary.csv">grade sheet (CSV)</a></p>
@@ -247,9 +218,7 @@ JSON: <a href="/api/registrations">/api/registrations</a>, <a href="/api/summary
 def render_message(title: str, message: str) -> str:
     """A minimal escaped HTML page for errors (401, 404...) under the same CSP."""
     return (
-        '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
-        f"<title>{_e(title)}</title><style>{STYLE}</style></head>"
-        f"<body><h1>{_e(title)}</h1><p>{_e(message)}</p></body></html>\n"
+        f"{_head(_e(title), STYLE)}<body><h1>{_e(title)}</h1><p>{_e(message)}</p></body></html>\n"
     )
 
 
@@ -284,7 +253,7 @@ def _class_row(r: GradeRow, now: float) -> tuple[str, str]:
         state, words, when = "waiting", "not started", ""
     else:
         state = "stuck"
-        words = f"{r.last_status or ''}: {r.last_words or r.last_code or ''}"
+        words = f"{r.last_status or ''}: {r.last_explanation or r.last_code or ''}"
         at = r.last_attempt_at or now
         when = f'<time datetime="{_iso(at)}" data-kind="ago">last tried {_e(ago(now - at))}</time>'
     item = (

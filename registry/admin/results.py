@@ -31,6 +31,7 @@ import sqlite3
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import fields
 from datetime import UTC, datetime
 from typing import Any
 
@@ -87,12 +88,22 @@ def iso_utc(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _number(x: float | None) -> str:
-    return "" if x is None else f"{x:.3f}".rstrip("0").rstrip(".")
+def _number(x: float) -> str:
+    return f"{x:.3f}".rstrip("0").rstrip(".")
 
 
-def _yes_no(x: bool | None) -> str:
-    return "" if x is None else ("yes" if x else "no")
+def cell(value: object) -> str:
+    """A JSON value as display text: empty for null, yes/no, numbers without trailing zeros."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return _number(value) if isinstance(value, float) else str(value)
+
+
+def when(ts: float | None) -> str:
+    """``2026-11-25 10:00:00`` (UTC, to the second; the headers say UTC)."""
+    return "" if ts is None else iso_utc(ts)[:19].replace("T", " ")
 
 
 def csv_safe(text: str) -> str:
@@ -107,81 +118,20 @@ def _printable(text: str) -> str:
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
-def _record_cells(r: Record) -> dict[str, str]:
-    """Every column as display text (no guard, no truncation)."""
-    return {
-        "id": r.id,
-        "received_at": iso_utc(r.received_at),
-        "protocol": r.protocol,
-        "student": r.student or "",
-        "peer": r.peer,
-        "target": r.target or "",
-        "status": r.status,
-        "code": r.code,
-        "diagnosis": r.diagnosis or "",
-        "rtt_ms": _number(r.rtt_ms),
-        "verified": _yes_no(r.verified),
-        "advertised": r.advertised or "",
-        "explanation": r.explanation,
-        "duration_ms": _number(r.duration_ms),
-        "corrected": _yes_no(r.corrected),
-    }
-
-
 def record_json(r: Record) -> dict[str, Any]:
-    return {
-        "id": r.id,
-        "received_at": iso_utc(r.received_at),
-        "protocol": r.protocol,
-        "student": r.student,
-        "peer": r.peer,
-        "target": r.target,
-        "status": r.status,
-        "code": r.code,
-        "diagnosis": r.diagnosis,
-        "rtt_ms": None if r.rtt_ms is None else round(r.rtt_ms, 3),
-        "verified": r.verified,
-        "advertised": r.advertised,
-        "explanation": r.explanation,
-        "duration_ms": None if r.duration_ms is None else round(r.duration_ms, 3),
-        "corrected": r.corrected,
-    }
-
-
-def _iso_or_empty(ts: float | None) -> str:
-    return "" if ts is None else iso_utc(ts)
-
-
-def _summary_cells(s: GradeRow) -> dict[str, str]:
-    return {
-        "student": s.student or "",
-        "source": s.source or "",
-        "attempts": str(s.attempts),
-        "successes": str(s.successes),
-        "best_status": s.best_status or "",
-        "best_code": s.best_code or "",
-        "first_success_at": _iso_or_empty(s.first_success_at),
-        "last_attempt_at": _iso_or_empty(s.last_attempt_at),
-        "verified_ever": _yes_no(s.verified_ever),
-    }
+    item: dict[str, Any] = {c: getattr(r, c) for c in CSV_COLUMNS}
+    item["received_at"] = iso_utc(r.received_at)
+    for key in ("rtt_ms", "duration_ms"):
+        item[key] = None if item[key] is None else round(item[key], 3)
+    return item
 
 
 def grade_json(s: GradeRow) -> dict[str, Any]:
     """SPEC "grading": ``student`` (or null) and ``source`` (the IP of a nameless row)."""
-    return {
-        "student": s.student,
-        "source": s.source,
-        "attempts": s.attempts,
-        "successes": s.successes,
-        "best_status": s.best_status,
-        "best_code": s.best_code,
-        "first_success_at": None if s.first_success_at is None else iso_utc(s.first_success_at),
-        "last_attempt_at": None if s.last_attempt_at is None else iso_utc(s.last_attempt_at),
-        "verified_ever": s.verified_ever,
-        "last_status": s.last_status,
-        "last_code": s.last_code,
-        "last_explanation": s.last_words,
-    }
+    item = {f.name: getattr(s, f.name) for f in fields(GradeRow) if f.name != "on_roster"}
+    for key in ("first_success_at", "last_attempt_at"):
+        item[key] = None if item[key] is None else iso_utc(item[key])
+    return item
 
 
 # --- the three formats -------------------------------------------------------------
@@ -194,10 +144,6 @@ def _csv(rows: Sequence[dict[str, str]], columns: Sequence[str]) -> str:
     for row in rows:
         writer.writerow(csv_safe(row[c]) for c in columns)
     return buf.getvalue()
-
-
-def _json(items: list[dict[str, Any]]) -> str:
-    return json.dumps(items, indent=2, ensure_ascii=False) + "\n"
 
 
 # (column, header, max width, right-aligned); widths fit an IPv6 endpoint.
@@ -249,44 +195,45 @@ def _table(
     return "\n".join(out) + "\n"
 
 
-def _table_time(cells: dict[str, str], *keys: str) -> dict[str, str]:
-    """``2026-11-25T10:00:00.123Z`` -> ``2026-11-25 10:00:00`` (the header says UTC)."""
-    return {**cells, **{k: cells[k][:19].replace("T", " ") for k in keys}}
+def _render(
+    items: list[dict[str, Any]],
+    fmt: str,
+    columns: Sequence[str],
+    spec: Sequence[tuple[str, str, int, bool]],
+    noun: str,
+) -> str:
+    if fmt == "json":
+        return json.dumps(items, indent=2, ensure_ascii=False) + "\n"
+    cells = [{k: cell(v) for k, v in item.items()} for item in items]
+    if fmt == "csv":
+        return _csv(cells, columns)
+    if fmt == "table":  # 2026-11-25T10:00:00.123Z -> 2026-11-25 10:00:00 (the header says UTC)
+        times = [
+            {k: v[:19].replace("T", " ") for k, v in c.items() if k.endswith("_at")} for c in cells
+        ]
+        return _table([c | t for c, t in zip(cells, times, strict=True)], spec, noun)
+    raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
 
 
 def render(records: list[Record], fmt: str) -> str:
     """Records as ``table``, ``csv`` or ``json`` text (see the module docstring)."""
-    if fmt == "json":
-        return _json([record_json(r) for r in records])
-    rows = [_record_cells(r) for r in records]
-    if fmt == "csv":
-        return _csv(rows, CSV_COLUMNS)
-    if fmt == "table":
-        return _table([_table_time(c, "received_at") for c in rows], _TABLE, "registration")
-    raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    return _render([record_json(r) for r in records], fmt, CSV_COLUMNS, _TABLE, "registration")
 
 
 def render_grades(rows: list[GradeRow], fmt: str) -> str:
     """Grade rows (grading.grade) as ``table``, ``csv`` (the grade sheet) or ``json``."""
-    if fmt == "json":
-        return _json([grade_json(r) for r in rows])
-    cells = [_summary_cells(r) for r in rows]
-    if fmt == "csv":
-        return _csv(cells, SUMMARY_COLUMNS)
+    items = [grade_json(r) for r in rows]
     if fmt == "table":
-        shown = [
-            _table_time({**c, "student": r.label}, "first_success_at", "last_attempt_at")
-            for c, r in zip(cells, rows, strict=True)
-        ]
-        return _table(shown, _SUMMARY_TABLE, "student")
-    raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+        items = [{**i, "student": r.label} for i, r in zip(items, rows, strict=True)]
+    return _render(items, fmt, SUMMARY_COLUMNS, _SUMMARY_TABLE, "student")
 
 
 # --- the command ---------------------------------------------------------------------
 
 
-def _student(text: str) -> str:
-    """The name as the parsers stored it (NFC), so a decomposed josé still finds josé."""
+def student_name(text: str) -> str:
+    """A student name as the parsers store it (NFC): a decomposed josé still finds josé,
+    and ``registry token`` derives the token the registry will check."""
     from registry.protocol.names import BadName, normalise
 
     try:
@@ -312,7 +259,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--student",
         metavar="NAME",
-        type=_student,
+        type=student_name,
         help="only this student (exact name, in either Unicode spelling)",
     )
     parser.add_argument(
@@ -350,8 +297,7 @@ def run(args: argparse.Namespace, *, clock: Callable[[], float] = time.time) -> 
         except ValueError as e:
             return _fail(f"--since: {e}", EXIT_USAGE)
     try:
-        roster = _roster(args)
-        db = _db(args)
+        db, roster = _sources(args)
     except ConfigError as e:
         for problem in e.problems:
             print(f"registry results: {problem}", file=sys.stderr)
@@ -378,27 +324,14 @@ def run(args: argparse.Namespace, *, clock: Callable[[], float] = time.time) -> 
     return _write(text)
 
 
-def _db(args: argparse.Namespace) -> str:
-    """--db, else the database the config's registry writes (as `registry serve` opens it)."""
-    if args.db is not None:
-        return str(args.db)
-    if getattr(args, "config", None):
-        return config_mod.load(args.config).server.db
-    return "registry.db"
-
-
-def _roster(args: argparse.Namespace) -> grading.Roster | None:
+def _sources(args: argparse.Namespace) -> tuple[str, grading.Roster | None]:
+    """The database (--db, else the config's server.db, as `registry serve` opens it) and
+    the roster (--roster, else the config's [class] roster)."""
+    cfg = config_mod.load(args.config) if getattr(args, "config", None) else None
+    db = args.db or (cfg.server.db if cfg is not None else "registry.db")
     if getattr(args, "roster", None):
-        path = args.roster
-        try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read(4 * 1024 * 1024)
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError([f"--roster: cannot read {path}: {e}"]) from None
-        return grading.parse_roster(text, path)
-    if getattr(args, "config", None):
-        return grading.load_roster(config_mod.load(args.config))
-    return None
+        return db, grading.read_roster(args.roster)
+    return db, grading.load_roster(cfg) if cfg is not None else None
 
 
 def _write(text: str) -> int:

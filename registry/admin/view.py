@@ -40,8 +40,7 @@ class DaemonView:
     store: StoreReader
     config: Callable[[], Config]  # the config in force (a SIGHUP replaces it)
     roster: Callable[[], Roster | None]  # the class roster in force, if any
-    probes: Probes  # live gauges for /metrics (event_clients is the admin's own)
+    probes: Probes  # live gauges for /metrics (event_clients is the admin's own), draining
     subscribe: Callable[[Callable[[Record], None]], None]  # called per recorded registration
     listening: Callable[[], Sequence[Endpoint]]  # registration endpoints (may be wildcards)
-    draining: Callable[[], bool]
     bans: Callable[[], dict[str, Any]]  # the /api/bans body (server.ban_report)

@@ -1,29 +1,11 @@
 """Bans: sources that keep coming back after refusals, dropped by the kernel a while.
 
-Pure (``now`` is passed in). The door refuses a source over its limits and
-the doorway answers it late (registry/net/doorway.py); that still costs an
-``accept()``, a descriptor and an answer per attempt. A source refused
-``after`` times within one refusal window (``RefusalTally``: 10-20 s) is not a
-student retrying by hand (the doubling hold lets a serial client be refused
-about four times in 10 s): it is a loop with many connections in parallel.
-``BanList`` bans it for ``duration`` seconds, and the edge puts the bans in
-the registration listeners' socket filter (registry/net/kernel/): the kernel
-then drops the source's SYNs before they become connections, so a banned
-source costs the registry nothing at all. Its connect attempts time out.
-
-A second rule catches the loop that runs one connection at a time. A source
-refused ``rate_limited`` with a wait longer than ``long_wait``
-(``ratelimit.debt_threshold``: longer than any hold or token's time) is in
-debt: it was fined for junk during an attack (the profile's ``error_fine``), and
-told so, with the time, in ``retry_after``. Coming back ``ignored_after`` times within the window
-anyway is not a person reading the reply: it is banned for what it was told
-to wait (at most ``duration``). Measured (docs/benchmarks.md): 5,000 one-byte
-stalls from 5,000 addresses, each reconnecting serially, were otherwise
-refused ~700 times a second for as long as the attack lasted.
-
-The filter is the listeners' own (an eBPF map where the kernel lets us load
-one, else ``SO_ATTACH_FILTER``, which needs no privilege): it touches no host
-firewall and goes away with the registry.
+Pure (``now`` is passed in). A source refused ``after`` times within the attack
+window (``Window``) is a loop with many connections, not a student retrying by
+hand; a source in debt (``Refused.owed``) refused ``ignored_after`` times is a
+loop that ignores the wait it was told. ``BanList`` bans it, and the edge puts
+the bans in the registration listeners' own socket filter (registry/net/kernel/),
+so the kernel drops its SYNs (docs/limits.md, "Bans").
 """
 
 from __future__ import annotations
@@ -34,57 +16,47 @@ import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from registry.defense.ratelimit import SourceKey as Key  # the door's identity of a source
+from registry.defense.ratelimit import SourceNetwork, source_network
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass(frozen=True, slots=True)
 class Ban:
-    key: Key
+    key: int  # the source (ratelimit.source_of)
     since: float
     until: float
     refusals: int  # the refusals in the window that triggered it
+
+    @property
+    def network(self) -> SourceNetwork:
+        return source_network(self.key)
 
 
 class BanList:
     """Banned sources, bounded, each until its own expiry.
 
     Full (``max_entries``), a new ban is not made (``skipped`` counts them):
-    evicting a live ban would let its source back in just as it is most
-    active, and the filter would churn. The door's hold and rate limits still
-    apply to a source that could not be banned.
-
-    Every operation the event loop repeats during a wave costs O(log n) or
-    O(changes), not O(bans): expiries are kept in a heap, and the keys whose
-    state changed are kept for ``take_changes`` (the eBPF filter applies just
-    those). Measured: with 5,000 bans, one O(n) pass of the filter every 0.1 s
-    was a 5-10 ms step of the event loop each time (docs/benchmarks.md).
+    evicting a live ban would let its source back in when it is most active.
+    What the event loop repeats in a wave costs O(log n) or O(changes), not
+    O(bans): expiries in a heap, changed keys for ``take_changes``
+    (docs/benchmarks.md, "Why each defence is there").
     """
 
-    def __init__(
-        self,
-        after: int,
-        duration: float,
-        max_entries: int,
-        exempt: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network] = (),
-        *,
-        ignored_after: int = 0,
-        long_wait: float = math.inf,
-        spread: float = 0.0,
-    ) -> None:
-        self.after, self.duration, self.max_entries = after, duration, max_entries
-        self.exempt = tuple(exempt)  # never banned: a campus NAT, the instructor's own hosts
-        self.ignored_after, self.long_wait = ignored_after, long_wait
-        self.spread = spread  # a ban lasts up to this fraction longer (spread_share)
-        self._bans: dict[Key, Ban] = {}
+    def __init__(self, *settings: Any, **named: Any) -> None:
+        """The settings are ``reconfigure``'s."""
+        self._bans: dict[int, Ban] = {}
         # (until, n, ban) by expiry; entries of bans lifted otherwise (a reload) are
         # stale and skipped: a ban counts only while it is the one in _bans.
         self._expiries: list[tuple[float, int, Ban]] = []
         self._seq = itertools.count()
-        self._changed: dict[Key, None] = {}  # banned or lifted since take_changes()
+        self._changed: dict[int, None] = {}  # banned or lifted since take_changes()
         self.total = 0  # bans made since start (a Prometheus counter)
         self.skipped = 0  # bans not made because the list was full
         self.version = 0  # bumped on every change: the edge re-attaches the filter
+        self.reconfigure(*settings, **named)
 
     def __len__(self) -> int:
         return len(self._bans)
@@ -92,18 +64,18 @@ class BanList:
     def __contains__(self, key: object) -> bool:
         return key in self._bans
 
-    def consider(self, key: Key, repeat: int, now: float, wait: float = 0.0) -> Ban | None:
-        """A refusal of ``key``, its ``repeat``-th in the window, telling it to ``wait``
-        seconds (rate_limited; 0 for other reasons): the new ban, or None."""
+    def consider(self, key: int, repeat: int, now: float, owed: float = 0.0) -> Ban | None:
+        """A refusal of ``key``, its ``repeat``-th in the window, of a source in debt
+        told to wait ``owed`` seconds (0: not in debt): the new ban, or None."""
         if self.after <= 0 or key in self._bans:  # after 0: no bans at all
             return None
-        ignored = 0 < self.ignored_after <= repeat and wait > self.long_wait
+        ignored = 0 < self.ignored_after <= repeat and owed > 0
         if (repeat < self.after and not ignored) or self.is_exempt(key):
             return None
         if len(self._bans) >= self.max_entries:
             self.skipped += 1
             return None
-        duration = self.duration if repeat >= self.after else min(wait, self.duration)
+        duration = self.duration if repeat >= self.after else min(owed, self.duration)
         duration *= 1 + self.spread * spread_share(key)
         ban = Ban(key, now, now + duration, repeat)
         self._bans[key] = ban
@@ -113,18 +85,11 @@ class BanList:
         self.version += 1
         return ban
 
-    def is_exempt(self, key: Key) -> bool:
-        """Is ``key`` (an address, or an IPv6 source network) inside an exempt network?
-        A source network counts when it overlaps one: part of it is exempt."""
-        for net in self.exempt:
-            if net.version != key.version:
-                continue
-            if isinstance(key, ipaddress.IPv4Address):
-                if key in net:
-                    return True
-            elif key.overlaps(net):  # type: ignore[arg-type]
-                return True
-        return False
+    def is_exempt(self, key: int) -> bool:
+        """Is the source inside an exempt network? An IPv6 source network counts when it
+        overlaps one: part of it is exempt."""
+        net = ipaddress.ip_network(source_network(key))
+        return any(e.version == net.version and e.overlaps(net) for e in self.exempt)  # type: ignore[arg-type]
 
     def expire(self, now: float) -> list[Ban]:
         """Lift the bans whose time is up; return them (soonest first)."""
@@ -145,7 +110,7 @@ class BanList:
             heapq.heappop(heap)  # lifted by a reload
         return heap[0][0] if heap else math.inf
 
-    def take_changes(self) -> list[Key]:
+    def take_changes(self) -> list[int]:
         """The keys banned or lifted since the last call, in that order (ask ``key in
         self`` which); for one consumer, the kernel filter."""
         changed, self._changed = list(self._changed), {}
@@ -160,18 +125,18 @@ class BanList:
         after: int,
         duration: float,
         max_entries: int,
-        exempt: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network] = (),
+        exempt: Sequence[Network] = (),
         *,
         ignored_after: int = 0,
-        long_wait: float = math.inf,
         spread: float = 0.0,
     ) -> list[Ban]:
         """SIGHUP. ``after`` 0 lifts every ban; a newly exempt source is lifted; a
         smaller cap lifts the newest beyond it. Live bans keep their expiry.
-        Returns the bans lifted."""
+        Returns the bans lifted. ``exempt``: never banned (a campus NAT, the
+        instructor's hosts); ``spread``: a ban lasts up to this fraction longer."""
         self.after, self.duration, self.max_entries = after, duration, max_entries
         self.exempt = tuple(exempt)
-        self.ignored_after, self.long_wait, self.spread = ignored_after, long_wait, spread
+        self.ignored_after, self.spread = ignored_after, spread
         bans = self.active()
         keep = [ban for ban in bans if not self.is_exempt(ban.key)][
             : max_entries if after > 0 else 0
@@ -185,16 +150,12 @@ class BanList:
         return lifted
 
 
-def spread_share(key: Key) -> float:
-    """A fixed number in [0, 1) for ``key``, even over neighbouring addresses.
-
-    Why: sources banned in one wave (an attack's onset) would all be let back
-    in one wave, and come back together. Each ban lasts ``1 + spread x share``
-    times its duration instead: fixed per source (a test or an operator can
-    predict it), spread evenly (Fibonacci hashing of the address bits)."""
-    if isinstance(key, ipaddress.IPv4Address):
-        bits = int(key)
-    else:  # the network's own bits (a /64's low half is all zero), folded to 64
-        bits = int(key.network_address) >> (128 - key.prefixlen)
+def spread_share(key: int) -> float:
+    """A fixed number in [0, 1) for ``key``, even over neighbouring addresses (Fibonacci
+    hashing): a ban lasts ``1 + spread x share`` times its duration, so the sources an
+    attack's onset banned in one wave are not let back in one wave."""
+    bits = key
+    if key < 0:  # an IPv6 network's own bits (not its all-zero low half), folded to 64
+        bits = (-1 - key) >> 8
         bits ^= bits >> 64
     return ((bits * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF) / 2.0**64

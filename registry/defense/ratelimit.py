@@ -1,25 +1,15 @@
 """Bounded token-bucket rate limiting (SPEC policy promise 5). Pure: ``now`` is passed in.
 
-Four limits apply to a registration: per source (an IPv4 address, or an IPv6
-network of ``ipv6_prefix`` bits, because one IPv6 host usually owns a whole
-/64), per target address, per target address and port, and one global bucket.
-A request passes only when every applicable bucket has a token; it then takes
-one from each. When any bucket refuses, none is touched, so refused requests
-cannot drain a neighbour's budget, and the reply names the longest wait.
+Four limits apply to a registration: per source (``source_of``), per target
+address, per target address and port, and one global bucket. A request passes
+only when every applicable bucket has a token, and then takes one from each;
+when any refuses, none is touched, and the reply names the longest wait.
 
-Each bucket is stored as one float, its *theoretical arrival time* (the GCRA
-form of a token bucket): ``tat`` is the moment at which the bucket would be
-full again. With ``interval = period / count``, taking a token moves ``tat``
-forward by ``interval``, and a take is allowed while ``tat`` stays within
-``period`` (= ``count`` tokens) of ``now``. This is exactly a token bucket of
-capacity ``count`` refilled at ``count / period`` per second, but it needs no
-second field, and "the bucket is full" is simply ``tat <= now``. For the SPEC's
-example, 10/minute, the arithmetic is exact: the interval is 6.0 s.
-
-Memory is bounded per table (``max_entries`` keys). A full bucket carries no
-information (a missing key *is* a full bucket), so full entries are dropped
-first; only then is the least recently used entry evicted. Keys are packed
-into plain ints to keep each entry small.
+Each bucket is one float, its *theoretical arrival time* (GCRA): ``tat`` is when
+the bucket would be full again, a token moves it on by ``period / count``, and
+a take is allowed while ``tat`` stays within ``period`` of ``now``. A missing
+key is a full bucket, so tables drop full entries first, then the least
+recently used (docs/limits.md, "Rates").
 """
 
 from __future__ import annotations
@@ -36,8 +26,7 @@ from registry.model import Endpoint, IPAddress
 from registry.policy.addresses import Address
 
 # Float slack: sums of intervals such as 0.01 drift by ~1e-16 per step; without
-# the slack, the 100th token of "100/second" could be refused by 7e-16 s and
-# reported as a 1 s wait.
+# it the 100th token of "100/second" could be refused by 7e-16 s.
 _EPS = 1e-9
 
 Scope = str  # "source" | "target" | "target_port" | "global"
@@ -60,26 +49,26 @@ class Busy:
     scope: Scope
 
 
-SourceKey = ipaddress.IPv4Address | ipaddress.IPv6Network  # what one "source" is
+SourceNetwork = ipaddress.IPv4Address | ipaddress.IPv6Network
 
 
-def source_key(addr: IPAddress, ipv6_prefix: int) -> SourceKey:
-    """The identity a source is limited under: the IPv4 address, or its IPv6 /prefix network."""
+def source_of(addr: IPAddress, ipv6_prefix: int) -> int:
+    """A source's one identity (limits, caps, the attack window, bans): an IPv4 address
+    as an int (>= 0), or its IPv6 /ipv6_prefix network packed below zero with its prefix
+    length (one IPv6 host usually owns a whole /64). A compact key, and the families
+    never collide; a host (a target) is its /128."""
     addr = Address.of(addr).peer
     if addr.version == 4:
-        return addr  # type: ignore[return-value]
-    return ipaddress.IPv6Network((int(addr), ipv6_prefix), strict=False)
-
-
-def _pack(addr: IPAddress, drop_bits: int = 0) -> int:
-    """A compact int key: IPv4 keys are >= 0, IPv6 keys < 0, so the families never collide.
-
-    ``drop_bits`` aggregates an IPv6 address to its network (128 - prefix bits).
-    """
-    addr = Address.of(addr).peer
-    if isinstance(addr, ipaddress.IPv4Address):
         return int(addr)
-    return -1 - (int(addr) >> drop_bits)
+    return -1 - ((int(addr) >> (128 - ipv6_prefix)) << 8 | ipv6_prefix)
+
+
+def source_network(source: int) -> SourceNetwork:
+    """What ``source`` stands for: for the kernel's filters, and ``str`` for display."""
+    if source >= 0:
+        return ipaddress.IPv4Address(source)
+    bits, prefix = divmod(-1 - source, 256)
+    return ipaddress.IPv6Network((bits << (128 - prefix), prefix))
 
 
 def _with_port(host_key: int, port: int) -> int:
@@ -90,28 +79,14 @@ def _with_port(host_key: int, port: int) -> int:
 
 
 class TokenBucketTable:
-    """One keyed table of token buckets (capacity ``rate.count``, refill ``rate.per_second``).
-
-    Holds at most ``max_entries`` keys. A count of 0 refuses everything.
-    """
-
-    __slots__ = (
-        "_tats",
-        "_interval",
-        "_period",
-        "_count",
-        "_max",
-        "_clock",
-        "_since_sweep",
-        "_soonest",
-    )
+    """One keyed table of token buckets (capacity ``rate.count``, refill ``rate.per_second``),
+    at most ``max_entries`` keys. A count of 0 refuses everything."""
 
     def __init__(self, rate: Rate, max_entries: int) -> None:
         self._tats: OrderedDict[Hashable, float] = OrderedDict()
         self._clock = -math.inf  # latest `now` seen, for reconfigure()
         self._since_sweep = 0
-        # No bucket is full before this time (a lower bound on every tat): lets a
-        # spray of fresh keys skip sweeps that could not find anything.
+        # A lower bound on every tat: a spray of fresh keys skips sweeps that would find nothing.
         self._soonest = math.inf
         self._set_rate(rate)
         self._max = max_entries
@@ -127,25 +102,17 @@ class TokenBucketTable:
     def __contains__(self, key: Hashable) -> bool:
         return key in self._tats
 
-    @property
-    def rate(self) -> Rate:
-        return Rate(self._count, self._period)
-
     def wait(self, key: Hashable, now: float) -> float:
-        """Seconds until ``key`` could take a token (0.0: now). Takes nothing, stores nothing.
-
-        A present key is marked recently used: a source that keeps getting refused
-        is an active one, and must not age out of the table and come back full.
-        """
+        """Seconds until ``key`` could take a token (0.0: now). Takes nothing, but marks a
+        present key recently used: a source that keeps being refused must not age out
+        and come back full."""
         if self._count <= 0:
             return self._period
         tat = self._tats.get(key)
         if tat is None:
             return 0.0
         self._tats.move_to_end(key)
-        if tat < now:
-            tat = now
-        wait = tat + self._interval - now - self._period
+        wait = max(tat, now) + self._interval - now - self._period
         return wait if wait > _EPS else 0.0
 
     def full(self, key: Hashable, now: float) -> bool:
@@ -156,78 +123,43 @@ class TokenBucketTable:
     def take(self, key: Hashable, now: float) -> float:
         """Take one token for ``key``: 0.0 if taken, else seconds until one is available."""
         wait = self.wait(key, now)
-        if wait > 0.0:
-            return wait
-        self._commit(key, now)
-        return 0.0
+        if wait == 0.0:
+            self._set(key, now, max(self._tats.get(key, now), now) + self._interval)
+        return wait
 
     def fine(self, key: Hashable, now: float, tokens: int) -> None:
-        """Empty ``key``'s bucket and take ``tokens`` more, into debt, but never more
-        than one full period beyond an empty bucket (the wait stays under two periods).
+        """Empty ``key``'s bucket and take ``tokens`` more, into debt, but never more than
+        one period beyond an empty bucket. From the empty bucket, not from what is left:
+        see docs/limits.md, "The door"."""
+        if self._count > 0:  # else it refuses everything already
+            empty = now + self._period  # the tat of a bucket with no token left
+            tat = max(self._tats.get(key, empty), empty) + tokens * self._interval
+            self._set(key, now, min(tat, now + 2 * self._period))
 
-        From the empty bucket, not from what is left: a source with most of its
-        burst unused (an attacker's address on its first junk request) would
-        otherwise pay a fine of a full burst with a few seconds' wait (30 tokens
-        of 30/minute: ~6 s), come back, and be recorded again."""
-        if self._count <= 0:
-            return  # refuses everything already
-        if now > self._clock:
-            self._clock = now
+    def _set(self, key: Hashable, now: float, tat: float) -> None:
+        self._clock = max(self._clock, now)
         tats = self._tats
-        tat = tats.get(key)
-        if tat is None and len(tats) >= self._max:
+        if key not in tats and len(tats) >= self._max:
             self._make_room(now)
-        empty = now + self._period  # the tat of a bucket with no token left
-        base = empty if tat is None or tat < empty else tat
-        tat = tats[key] = min(base + tokens * self._interval, now + 2 * self._period)
+        tats[key] = tat
         tats.move_to_end(key)
-        if tat < self._soonest:
-            self._soonest = tat
-
-    def _commit(self, key: Hashable, now: float) -> None:
-        """Take the token that ``wait(key, now)`` just found; the caller checked it is there."""
-        if now > self._clock:
-            self._clock = now
-        tats = self._tats
-        tat = tats.get(key)
-        if tat is None:
-            if len(tats) >= self._max:
-                self._make_room(now)
-            tat = tats[key] = now + self._interval
-            if tat < self._soonest:
-                self._soonest = tat
-        else:
-            tats[key] = (tat if tat > now else now) + self._interval
+        self._soonest = min(self._soonest, tat)
 
     def _make_room(self, now: float) -> None:
-        """Free one slot: full buckets first, then the least recently used.
-
-        Why LRU eviction under a spray is safe enough: an evicted key is
-        forgotten, so if it returns it starts with a FULL bucket again. An
-        attacker spraying more than ``max_entries`` distinct sources within one
-        refill period can therefore get about one extra burst per source per
-        ``max_entries`` new keys: per-source limiting degrades to "count per
-        max_entries requests". That is the price of bounded memory. What still
-        holds: every one of those requests also needs a global token, so the
-        global bucket caps the total rate whatever the spray; and a source that
-        keeps knocking stays recently used (``wait`` refreshes it), so the
-        entries evicted are the idle ones.
-        """
+        """Free one slot: full buckets first, then the least recently used. An evicted key
+        returns with a full bucket (the price of bounded memory); the global bucket still
+        caps the total, and a source that keeps knocking stays recent (``wait``)."""
         tats = self._tats
-        # Cheap and usual case: the oldest entries are idle, and idle means full.
-        while tats and next(iter(tats.values())) <= now + _EPS:
+        while tats and next(iter(tats.values())) <= now + _EPS:  # idle at the front: full
             tats.popitem(last=False)
         if len(tats) < self._max:
             return
-        # A full bucket may hide behind a recently used one; a whole sweep finds it.
-        # At most one sweep per max/8 insertions keeps the cost amortised O(1),
-        # and none while no bucket can be full yet.
+        # A full bucket may hide behind a recent one: a whole sweep at most once per
+        # max/8 insertions (amortised O(1)), and none while no bucket can be full yet.
         self._since_sweep += 1
         if self._since_sweep >= max(1, self._max // 8) and now + _EPS >= self._soonest:
             self._since_sweep = 0
             self.expire(now)
-            if len(tats) < self._max:
-                return
         while len(tats) >= self._max:
             tats.popitem(last=False)
 
@@ -259,7 +191,26 @@ class TokenBucketTable:
         self._soonest = min(self._tats.values(), default=math.inf)
 
 
-_Check = tuple[TokenBucketTable, int, Scope]  # a bucket, its key, and its scope's name
+_Check = tuple[TokenBucketTable, Hashable, Scope]  # a bucket, its key, and its scope's name
+
+
+def _wait(checks: tuple[_Check, ...], now: float) -> Allowed | Busy:
+    """ALLOWED, or Busy with the largest wait, rounded up to whole seconds, at least 1."""
+    worst, scope = 0.0, ""
+    for table, key, name in checks:
+        wait = table.wait(key, now)
+        if wait > worst:
+            worst, scope = wait, name
+    return Busy(max(1, math.ceil(worst - _EPS)), scope) if worst > 0.0 else ALLOWED
+
+
+def _take(checks: tuple[_Check, ...], now: float) -> Allowed | Busy:
+    """A token from every bucket of ``checks``, or, when any has none, from none."""
+    verdict = _wait(checks, now)
+    if verdict is ALLOWED:
+        for table, key, _ in checks:
+            table.take(key, now)  # same `now`, checked above: a token is there
+    return verdict
 
 
 def _validate(cfg: RateLimitConfig) -> None:
@@ -273,19 +224,18 @@ def _validate(cfg: RateLimitConfig) -> None:
 
 
 class RateLimiter:
-    """The four limits of SPEC promise 5, checked and consumed atomically."""
+    """The four limits of SPEC promise 5, checked and consumed atomically, and the
+    pressure of protocol errors (``errors_global``)."""
 
     def __init__(self, cfg: RateLimitConfig) -> None:
         _validate(cfg)
         self._cfg = cfg
-        self._drop = 128 - cfg.ipv6_prefix
         self._source = TokenBucketTable(cfg.per_source, cfg.max_entries)
         self._target = TokenBucketTable(cfg.per_target, cfg.max_entries)
         self._target_port = TokenBucketTable(cfg.per_target_port, cfg.max_entries)
         self._global = TokenBucketTable(cfg.global_, 1)
-        self._errors = TokenBucketTable(cfg.errors_global, 1)  # pressure: errors recorded
-        # True from when protocol errors outran errors_global until its bucket refilled
-        # (as of the last error)
+        self._errors = TokenBucketTable(cfg.errors_global, 1)  # protocol errors recorded
+        # From when errors emptied the errors bucket until it refilled (as of the last error)
         self.under_pressure = False
 
     @property
@@ -295,72 +245,52 @@ class RateLimiter:
     def admit(self, source: IPAddress, now: float) -> Allowed | Busy:
         """The source's token alone: a connection at the door, or a request that calls
         nobody back (the global bucket guards callbacks: bad requests must not drain it)."""
-        wait = self._source.take(_pack(source, self._drop), now)
-        return Busy(max(1, math.ceil(wait - _EPS)), "source") if wait > 0.0 else ALLOWED
+        return _take((self._source_check(source),), now)
 
     def callback(self, source: IPAddress, target: Endpoint, now: float) -> Allowed | Busy:
         """A callback's tokens: source, target, target and port, and global, or none."""
-        return self._take((self._source_check(source), *self._callback_checks(target)), now)
+        return _take((self._source_check(source), *self._callback_checks(target)), now)
 
     def paid_callback(self, target: Endpoint, now: float) -> Allowed | Busy:
         """A callback whose source paid at the door: target, target and port, global."""
-        return self._take(self._callback_checks(target), now)
+        return _take(self._callback_checks(target), now)
 
     def peek(self, source: IPAddress, now: float) -> Allowed | Busy:
         """The source's and global wait, taking nothing (asked before a DNS lookup)."""
-        return self._wait((self._source_check(source), (self._global, 0, "global")), now)
+        return _wait((self._source_check(source), (self._global, 0, "global")), now)
 
     def owed(self, source: IPAddress, now: float) -> Allowed | Busy:
         """The source's own wait, taking nothing: what a source fined into debt is told."""
-        return self._wait((self._source_check(source),), now)
+        return _wait((self._source_check(source),), now)
+
+    def in_debt(self, wait: float, longest_hold: float) -> bool:
+        """Is a source told to wait ``wait`` s in debt (fined: ``penalize``)? One merely
+        rate limited is told at most a token's time, rounded up, and one held at the
+        door at most ``longest_hold``; coming back before a longer wait is a loop
+        (``BanList.consider``)."""
+        rate = self._cfg.per_source
+        token_time = rate.period / rate.count if rate.count > 0 else 0.0
+        return wait > max(longest_hold, math.ceil(token_time))
 
     def _source_check(self, source: IPAddress) -> _Check:
-        return (self._source, _pack(source, self._drop), "source")
+        return (self._source, source_of(source, self._cfg.ipv6_prefix), "source")
 
     def _callback_checks(self, target: Endpoint) -> tuple[_Check, ...]:
-        host = _pack(target.host)
+        host = source_of(target.host, 128)
         return (
             (self._target, host, "target"),
             (self._target_port, _with_port(host, target.port), "target_port"),
             (self._global, 0, "global"),
         )
 
-    @staticmethod
-    def _wait(checks: tuple[_Check, ...], now: float) -> Allowed | Busy:
-        """ALLOWED, or Busy with the largest wait, rounded up to whole seconds, at least 1."""
-        worst, scope = 0.0, ""
-        for table, key, name in checks:
-            wait = table.wait(key, now)
-            if wait > worst:
-                worst, scope = wait, name
-        if worst > 0.0:
-            return Busy(max(1, math.ceil(worst - _EPS)), scope)
-        return ALLOWED
-
-    def _take(self, checks: tuple[_Check, ...], now: float) -> Allowed | Busy:
-        """A token from every bucket of ``checks``, or, when any has none, from none."""
-        verdict = self._wait(checks, now)
-        if verdict is ALLOWED:
-            for table, key, _ in checks:
-                table._commit(key, now)  # same `now`, each key checked above: a token is there
-        return verdict
-
     def penalize(self, source: IPAddress, now: float) -> bool:
         """The price of a protocol error (junk, a stall) from ``source``; True if it paid.
 
-        It paid its token at the door. Normally it pays one more here, if it has
-        one (never into debt), so a source sending junk runs out twice as fast
-        as one sending registrations. Under pressure, from when the registry has
-        recorded more than ``errors_global`` errors until they have stayed under
-        that rate for a whole burst (5,000 addresses each inside its own budget
-        can still send thousands a second), the source is
-        fined ``error_fine`` tokens beyond an empty bucket, into debt: its next
-        connections are refused at the door, cheaply, for up to two periods
-        (about a minute by default). Honest students send
-        valid requests and never pay it; one who sends a malformed line during
-        an attack waits about a minute (told by ``retry_after``).
-        """
-        key = _pack(source, self._drop)
+        It paid its token at the door; normally it pays one more here if it has one
+        (never into debt). Under pressure (``fining``) it is fined ``error_fine``
+        tokens beyond an empty bucket instead: its next connections are refused at
+        the door for up to two periods (docs/limits.md, "The door")."""
+        key = source_of(source, self._cfg.ipv6_prefix)
         self.note_error(now)
         if not self.fining:
             return self._source.take(key, now) == 0.0
@@ -374,13 +304,9 @@ class RateLimiter:
 
     def note_error(self, now: float) -> bool:
         """Count one recorded protocol error against ``errors_global``; return
-        ``under_pressure`` as it now stands (``penalize`` does this itself).
-
-        Pressure starts when errors outrun errors_global (the bucket is empty) and
-        ends only when they have stayed under it long enough to refill the whole
-        burst. Following the bucket alone, its refill (200 errors a second) let as
-        many attacking addresses a second through unfined, each recorded again when
-        it came back: ~1,700 of an attack from 5,000 (docs/benchmarks.md)."""
+        ``under_pressure``. Pressure starts when the errors bucket is empty and ends
+        only when it is full again: following the bucket alone let its refill's worth
+        of attacking addresses through unfined (docs/benchmarks.md)."""
         calm = self._errors.full(0, now)
         if self._errors.take(0, now) > 0.0:
             self.under_pressure = True
@@ -389,26 +315,16 @@ class RateLimiter:
         return self.under_pressure
 
     def reconfigure(self, cfg: RateLimitConfig) -> None:
-        """SIGHUP: new rates and caps take effect; tokens already used stay used.
-
-        A new ``ipv6_prefix`` changes what a source *is*, so the source table
-        starts empty then. Raises ConfigError (state untouched) on invalid values.
-        """
+        """SIGHUP: new rates and caps take effect; tokens already used stay used (a new
+        ``ipv6_prefix`` makes new IPv6 sources: the old ones age out). Raises
+        ConfigError (state untouched) on invalid values."""
         _validate(cfg)
-        if cfg.ipv6_prefix != self._cfg.ipv6_prefix:
-            self._source = TokenBucketTable(cfg.per_source, cfg.max_entries)
-            self._drop = 128 - cfg.ipv6_prefix
-        else:
-            self._source.reconfigure(cfg.per_source, cfg.max_entries)
+        self._source.reconfigure(cfg.per_source, cfg.max_entries)
         self._target.reconfigure(cfg.per_target, cfg.max_entries)
         self._target_port.reconfigure(cfg.per_target_port, cfg.max_entries)
         self._global.reconfigure(cfg.global_, 1)
         self._errors.reconfigure(cfg.errors_global, 1)
         self._cfg = cfg
-
-    def expire(self, now: float) -> int:
-        """Drop every full bucket in every table (optional housekeeping); return the count."""
-        return sum(t.expire(now) for t in self._tables())
 
     def _tables(self) -> tuple[TokenBucketTable, ...]:
         return (self._source, self._target, self._target_port, self._global)
@@ -423,65 +339,31 @@ class RateLimiter:
         return dict(zip(SCOPES, (len(t) for t in self._tables()), strict=True))
 
 
-def debt_threshold(per_source: Rate, longest_hold: float) -> float:
-    """The longest wait told to a source that is not in debt (fined for junk under
-    pressure: ``RateLimiter.penalize``). A student merely rate limited is told at
-    most one token's time, rounded up, and one held at the door at most the longest
-    hold; a source that comes back before a longer wait is a loop (defense/bans.py)."""
-    token_time = per_source.period / per_source.count if per_source.count > 0 else 0.0
-    return max(longest_hold, math.ceil(token_time))
-
-
 class ReplyBudget:
-    """How many unproven UDP datagrams are answered: per source and in total (DNS RRL-like).
-
-    An unproven datagram (no valid cookie) may carry a forged source, so each
-    answer to one goes to whoever the sender chose. Every answer takes a token
-    from its source's bucket (an IPv4 address, or an IPv6 network of
-    ``ipv6_prefix`` bits) and from the global one; past either, the datagram is
-    dropped unanswered. A loop through a reflector the loop guard cannot
-    recognise costs its (forged) source one token per exchange, so it dies
-    when the source's burst is spent. A refused datagram takes no token from
-    either bucket, so one flooded source cannot spend the global budget.
-    """
+    """How many unproven UDP datagrams (no valid cookie: the source may be forged) are
+    answered, per source and in total (DNS RRL-like). A refused datagram takes no
+    token from either bucket, so one flooded source cannot spend the global budget."""
 
     def __init__(self, per_source: Rate, global_: Rate, ipv6_prefix: int, max_entries: int) -> None:
         self._settings = (per_source, global_, ipv6_prefix, max_entries)
-        self._drop = 128 - ipv6_prefix
         self._source = TokenBucketTable(per_source, max_entries)
         self._global = TokenBucketTable(global_, 1)
 
     def take(self, source: IPAddress, now: float) -> Scope | None:
         """Take one token for answering ``source``: None when taken, else the scope that
         refused ("source" or "global")."""
-        key = _pack(source, self._drop)
-        if self._source.wait(key, now) > 0.0:
-            return "source"
-        if self._global.wait(0, now) > 0.0:
-            return "global"
-        self._source._commit(key, now)
-        self._global._commit(0, now)
-        return None
+        key = source_of(source, self._settings[2])
+        checks = ((self._source, key, "source"), (self._global, 0, "global"))
+        verdict = _take(checks, now)
+        return verdict.scope if isinstance(verdict, Busy) else None
 
     def configure(
         self, per_source: Rate, global_: Rate, ipv6_prefix: int, max_entries: int
     ) -> None:
-        """Adopt new settings (a SIGHUP), keeping used tokens; a no-op when unchanged.
-
-        A new ``ipv6_prefix`` changes what a source is: the source table starts empty.
-        """
+        """Adopt new settings (a SIGHUP), keeping used tokens; a no-op when unchanged
+        (asked per datagram)."""
         settings = (per_source, global_, ipv6_prefix, max_entries)
-        if settings == self._settings:
-            return
-        if ipv6_prefix != self._settings[2]:
-            self._source = TokenBucketTable(per_source, max_entries)
-            self._drop = 128 - ipv6_prefix
-        else:
+        if settings != self._settings:
+            self._settings = settings
             self._source.reconfigure(per_source, max_entries)
-        self._global.reconfigure(global_, 1)
-        self._settings = settings
-
-    @property
-    def entries(self) -> int:
-        """Sources held (for tests and memory bounds)."""
-        return len(self._source)
+            self._global.reconfigure(global_, 1)

@@ -1,19 +1,14 @@
-"""The accept loop shared by the registration and admin listeners.
+"""The accept loop shared by the registration and admin listeners, and the kernel's
+deferral of silent connections (``TCP_DEFER_ACCEPT``).
 
-A connection slot is taken BEFORE accept(): beyond the cap, clients wait in
-the kernel's listen backlog and cost us no file descriptor. accept() errors
-that mean "out of some resource" (EMFILE and friends) back off briefly
-instead of spinning, as trio's serve_listeners does.
-
-Connections are accepted in batches, synchronously: once the listening
+A connection slot is taken BEFORE accept(): beyond the cap, clients wait in the
+listen backlog and cost no descriptor. Out-of-resource errors (EMFILE...) back
+off briefly instead of spinning, as trio's serve_listeners does. Once the
 socket is readable, up to ``BATCH`` connections are taken with plain
 non-blocking accept() calls and handed to ``on_accept`` as stdlib sockets
-with the peer address accept() returned, and only then does the loop yield.
-Under a flood this is most of the cost of a connection refused at the door
-(registry/defense/door.py): one scheduler round and one trio socket object per
-connection cost more than the refusal itself. ``BATCH`` also bounds how long
-one step can keep other tasks waiting: ~8 connections, ~0.5 ms (see
-docs/architecture.md, "short steps").
+before the loop yields: under a flood a scheduler round and a trio socket per
+connection cost more than the refusal at the door, and the batch bounds one
+step (docs/architecture.md, "short steps").
 """
 
 from __future__ import annotations
@@ -106,18 +101,10 @@ class _SockOpts(Protocol):
 
 
 def defer_accept(sock: _SockOpts, seconds: float) -> int | None:
-    """Keep connections that have sent nothing in the kernel for ``seconds``.
-
-    With ``TCP_DEFER_ACCEPT`` the kernel completes the handshake but hands the
-    connection to accept() only when its first bytes arrive, or, for one that
-    stays silent, after about ``seconds`` (rounded up to its SYN-ACK retransmit
-    schedule: 1, 3, 7, 15, 31, 63, 127 s). A silent stall then costs a small
-    kernel entry and no descriptor, task or timer of ours, and a client that
-    reconnects whenever it is cut comes back that much less often. Returns the
-    seconds the kernel will wait (0: off), or None where the option does not
-    exist or is refused (a client that sends at once is never delayed either
-    way; without it the registry holds silent connections itself).
-    """
+    """Keep connections that have sent nothing in the kernel for about ``seconds``
+    (rounded up to its SYN-ACK retransmit schedule: docs/limits.md, "Deferred
+    accept"). Returns the seconds the kernel will wait (0: off), or None where the
+    option does not exist or is refused (the registry holds silent ones itself)."""
     if TCP_DEFER_ACCEPT is None:
         return None
     try:
@@ -128,16 +115,13 @@ def defer_accept(sock: _SockOpts, seconds: float) -> int | None:
 
 
 def held_silent(conn: socket.socket) -> bool:
-    """Did the kernel hold ``conn`` for its whole ``TCP_DEFER_ACCEPT`` wait without
-    a byte arriving? (Only meaningful on a listener with the option on.)
+    """Did the kernel hold ``conn`` for its whole ``TCP_DEFER_ACCEPT`` wait without a
+    byte arriving? (Meaningful on a listener with the option on.) Never raises.
 
-    Such a connection is handed to accept() with nothing to read. The kernel
-    drops the client's bare ACKs while it defers and re-sends its SYN-ACK, and
-    the new socket inherits the count of those re-sends (``tcpi_total_retrans``),
-    so a count of at least one with nothing to read means the wait ran out. A
-    client that did send is readable; one that closed is readable (EOF); one
-    admitted by a SYN cookie, which the kernel never defers (a full backlog),
-    has a count of 0 and is served like any other connection. Never raises.
+    While it defers, the kernel drops the client's bare ACKs and re-sends its
+    SYN-ACK; the socket inherits the count (``tcpi_total_retrans``). At least one
+    with nothing to read (not even EOF) means the wait ran out; one let in by a
+    SYN cookie (never deferred) has a count of 0.
     """
     if TCP_INFO is None:
         return False

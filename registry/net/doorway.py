@@ -1,32 +1,14 @@
 """The edge of the front door: answer refused connections without a task each.
 
 ``registry/defense/door.py`` decides; this module owns the sockets. A refused
-connection is held for a while (``refusal_delay``, doubling for each
-further refusal of the same source up to ``max_refusal_delay``), then
-answered with one line by a non-blocking write (a short line always fits a
-fresh socket's empty send buffer), closed with FIN, and forgotten. One
-reaper task serves every held connection, so a flood still costs no task or
-timer per connection.
-
-Why wait before answering:
-
-- A refusal that comes back at once invites a closed-loop client (a script
-  retrying in a loop, or an attacker keeping N connections busy) to come
-  straight back: answered in ~0.1 ms, a 64-connection flood from one source
-  ran at ~4,500 connections a second, and 5,000 stalls that reconnect a
-  second after each answer kept the attacker's own core busy as well as a
-  third of ours. Held, a loop of N connections makes at most N attempts per
-  delay (docs/benchmarks.md). The first delays are small next to the
-  ``retry_after`` they announce, so a student retrying by hand loses little.
-- By then the client's request has arrived: it is read before the answer
-  (it tells a JSON client from a text one) and nothing is left unread at
-  close. Closing a socket with unread data, or one that data reaches later,
-  makes the kernel send RST, and some TCP stacks discard a reply still unread
-  when the RST lands: the student would see "connection reset" instead of
-  "BUSY rate_limited retry_after=...".
-
-Held connections are bounded (``max_held``): beyond it the one due soonest is
-answered at once, so the delay never costs more than ``max_held`` descriptors.
+connection is held a while (``refusal_delay``, doubling for each further
+refusal of its source in the attack window, up to ``max_refusal_delay``),
+then answered with one line by a non-blocking write, closed with FIN, and
+forgotten; one reaper task serves them all. Held, a loop of N connections
+makes at most N attempts per delay, and the client's request has arrived by
+then: it is read first (JSON or text) so that nothing unread turns the close
+into an RST that could destroy the reply (docs/limits.md, "The door"). At
+most ``max_held`` are held: beyond it the one due soonest is answered at once.
 """
 
 from __future__ import annotations
@@ -48,13 +30,7 @@ REAP_CHUNK = 8  # refusals answered between two checkpoints (~35 us each: ~0.3 m
 
 
 class Doorway:
-    """Refused connections: held a while, then answered and closed.
-
-    A source's first refusal waits ``delay``; each further one in the same
-    refusal window (``RefusalTally``) waits twice as long as the one before,
-    up to ``max_delay``: a student retrying by hand waits 0.5, 1, 2 s; a
-    loop is held ``max_delay`` each time, and makes that few attempts.
-    """
+    """Refused connections: held a while (``delay_for``), then answered and closed."""
 
     def __init__(self, delay: float = 0.5, max_delay: float = 5.0, max_held: int = 8192) -> None:
         self.delay, self.max_delay, self.max_held = delay, max_delay, max_held
@@ -94,16 +70,18 @@ class Doorway:
         return how many."""
         n = 0
         while n < limit and self._held and self._held[0][0] <= now:
-            _, _, conn, outcome = heapq.heappop(self._held)
-            _answer(conn, outcome)
+            self._answer_soonest()
             n += 1
         return n
 
     def answer_all(self) -> None:
         """Answer everything held now (shutdown: nobody is left waiting)."""
         while self._held:
-            _, _, conn, outcome = heapq.heappop(self._held)
-            _answer(conn, outcome)
+            self._answer_soonest()
+
+    def _answer_soonest(self) -> None:
+        _, _, conn, outcome = heapq.heappop(self._held)
+        _answer(conn, outcome)
 
     async def run(self) -> None:
         """Reap until cancelled; then answer whatever is still held."""
@@ -121,18 +99,12 @@ class Doorway:
 
     def _trim(self) -> None:
         while len(self._held) > self.max_held:  # the soonest due goes first
-            _, _, conn, outcome = heapq.heappop(self._held)
-            _answer(conn, outcome)
+            self._answer_soonest()
 
 
 def _answer(conn: socket.socket, outcome: Outcome) -> None:
     """Read what the client sent (it tells JSON from text), answer in kind, close."""
-    first = b""
-    try:
-        while len(first) < READ_LIMIT and (chunk := conn.recv(4096, socket.MSG_DONTWAIT)):
-            first += chunk
-    except OSError:  # BlockingIOError: nothing (more) sent; or the peer reset
-        pass
+    first = _read(conn)
     try:
         conn.send(_reply(sniff(first) if first else Protocol.TEXT, outcome), socket.MSG_DONTWAIT)
     except OSError:  # the client is gone: nobody to tell
@@ -144,23 +116,28 @@ def send_and_close(conn: socket.socket, line: bytes) -> None:
     """Write one reply line, FIN, read what the client sent, close. Never raises.
 
     For sockets with no task: the line always fits a fresh socket's empty send
-    buffer, so one non-blocking send takes it whole. FIN goes out before the
-    close so that a client's late bytes, which make the kernel answer RST,
-    arrive after our reply and EOF (Linux clients then still read both), and
-    whatever the client sent is read first so close() itself sends FIN, not RST.
+    buffer. FIN goes out before the close so that a client's late bytes (which
+    make the kernel answer RST) arrive after our reply and EOF, and what the
+    client sent is read first so close() itself sends FIN, not RST.
     """
     try:
         conn.send(line, socket.MSG_DONTWAIT)
         conn.shutdown(socket.SHUT_WR)
     except OSError:  # the client is gone: nobody to tell
         pass
-    got = 0
-    try:
-        while got < READ_LIMIT and (chunk := conn.recv(4096, socket.MSG_DONTWAIT)):
-            got += len(chunk)
-    except OSError:  # BlockingIOError: nothing (more) sent; or reset
-        pass
+    _read(conn)
     conn.close()
+
+
+def _read(conn: socket.socket) -> bytes:
+    """What the client has sent, up to READ_LIMIT, without waiting."""
+    got = b""
+    try:
+        while len(got) < READ_LIMIT and (chunk := conn.recv(4096, socket.MSG_DONTWAIT)):
+            got += chunk
+    except OSError:  # BlockingIOError: nothing (more) sent; or the peer reset
+        pass
+    return got
 
 
 @functools.lru_cache(maxsize=256)

@@ -22,7 +22,7 @@ from registry.policy.addresses import Address
 from registry.protocol.jsonl import format_json_reply
 from registry.protocol.reader import RequestReader
 from registry.protocol.reply import format_reply
-from registry.service import Service, StoreUnavailable, store_failure_outcome
+from registry.service import Rejected, Service, StoreUnavailable, store_failure_outcome
 
 log = structlog.get_logger(component="tcp")
 _conn_ids = itertools.count(1)
@@ -34,22 +34,28 @@ def next_conn_id() -> int:
 
 
 class RawStream:
-    """A connection as the handler and the callback need it, on a plain non-blocking socket.
+    """A connection (the registration's, the callback's) on a plain non-blocking socket.
 
-    Each registration makes two connections; ``trio.SocketStream`` costs each
-    of them two socket options and ``trio.socket`` a scheduler round around
-    every call. Here a call that the kernel completes at once (a reply or a
-    callback line that fits the send buffer) returns without one; socket
-    errors become ``trio.BrokenResourceError`` as with ``trio.SocketStream``.
-    Every call is MSG_DONTWAIT: an accepted socket's descriptor is blocking.
-    No TCP_NODELAY: each side of ours writes once (a line, then FIN or close),
-    so Nagle never holds a segment back.
+    ``trio.SocketStream`` costs each connection two socket options, and
+    ``trio.socket`` a scheduler round around every call: here a call the
+    kernel completes at once returns without one. Socket errors become
+    ``trio.BrokenResourceError``. Every call is MSG_DONTWAIT (an accepted
+    socket's descriptor is blocking). No TCP_NODELAY: each side writes once
+    (a line, then FIN or close), so Nagle never holds a segment back.
     """
 
     __slots__ = ("socket",)
 
     def __init__(self, sock: socket.socket) -> None:
         self.socket = sock
+
+    def send_now(self, data: bytes) -> int:
+        """How much of ``data`` the kernel takes at once: no wait, so no deadline to
+        set. An error takes nothing; the next ``send_all`` reports it."""
+        try:
+            return self.socket.send(data, socket.MSG_DONTWAIT)
+        except OSError:
+            return 0
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
@@ -90,44 +96,21 @@ class RawStream:
 
 def default_encode(protocol: Protocol, outcome: Outcome) -> bytes:
     """A JSON client gets a JSON reply (its errors too); everyone else the text line."""
-    if protocol is Protocol.JSON:
-        return format_json_reply(outcome)
-    return format_reply(outcome)
+    return format_json_reply(outcome) if protocol is Protocol.JSON else format_reply(outcome)
 
 
 @functools.lru_cache(maxsize=16384)
 def _host(text: str) -> Address:
-    # Cached: parsing an address string is a visible share of a connection's CPU
-    # (7.6 us a miss, 1.2 us a hit), and our own address and the busiest peers
-    # repeat. 16,384 entries (~3 MB) hold the 5,000 cycling sources of the
-    # benchmark's wide stalls; 4,096 missed on every one. The values are immutable.
-    # The one value policy, limits and cookies read. A dual-stack socket reports
-    # IPv4 peers as ::ffff:a.b.c.d: that is the IPv4 peer itself.
+    # Cached (immutable values): parsing costs 7.6 us a miss, 1.2 us a hit, and our
+    # own address and the busiest peers repeat; 16,384 entries (~3 MB) hold the
+    # benchmark's 5,000 cycling sources. A dual-stack socket's ::ffff:a.b.c.d is
+    # the IPv4 peer itself (``Address.peer``).
     return Address.of(text.split("%", 1)[0]).peer
 
 
 def endpoint_of(addr: tuple) -> Endpoint:  # type: ignore[type-arg]
     """A socket address as accept()/getpeername() return it, as an Endpoint."""
     return Endpoint(_host(addr[0]), int(addr[1]))
-
-
-def _close(stream: trio.SocketStream | RawStream) -> None:
-    # What aclose_forcefully(stream) does, without the cancelled checkpoint it
-    # needs for other streams.
-    if isinstance(stream, RawStream):
-        stream.close()
-    else:
-        stream.socket.close()
-
-
-def peer_endpoint(stream: trio.SocketStream | RawStream) -> Endpoint:
-    """The observed peer, as an Endpoint (host as the OS reported it)."""
-    return endpoint_of(stream.socket.getpeername())
-
-
-def local_endpoint(stream: trio.SocketStream | RawStream) -> Endpoint:
-    """Our own address on this connection (concrete even behind a wildcard listener)."""
-    return endpoint_of(stream.socket.getsockname())
 
 
 async def read_request(
@@ -147,33 +130,22 @@ async def read_request(
     return reader.protocol, decision
 
 
-async def reject_unread(
-    service: Service, rejected: Sequence[tuple[ProtocolError, Endpoint, Protocol, float, int]]
-) -> list[bytes]:
-    """The replies for requests the waiting room refused (error, peer, protocol,
-    arrival, conn_id).
-
-    Every outcome is recorded (one store batch) before its reply exists; if
-    the store fails, each gets the store-failure BUSY instead.
-    """
+async def reject_unread(service: Service, rejected: Sequence[Rejected]) -> list[bytes]:
+    """The replies for requests the waiting room refused, each recorded (one store
+    batch) before its reply exists; if the store fails, each is the store-failure BUSY."""
     try:
         with trio.CancelScope(shield=True):  # like handle(): the records complete
             outcomes = await service.reject_many(rejected)
     except StoreUnavailable:
         outcomes = [store_failure_outcome(None)] * len(rejected)
-    return [
-        default_encode(protocol, outcome)
-        for (_, _, protocol, _, _), outcome in zip(rejected, outcomes, strict=True)
-    ]
+    return [default_encode(r[2], outcome) for r, outcome in zip(rejected, outcomes, strict=True)]
 
 
 class TcpHandler:
     """Serve one registration connection; construct once, call per connection."""
 
     def __init__(
-        self,
-        service: Service,
-        encode: Callable[[Protocol, Outcome], bytes] | None = None,
+        self, service: Service, encode: Callable[[Protocol, Outcome], bytes] | None = None
     ) -> None:
         self.service = service
         self.encode = encode or default_encode
@@ -183,36 +155,24 @@ class TcpHandler:
         stream: trio.SocketStream | RawStream,
         peer: Endpoint | None = None,
         *,
-        source_paid: bool = False,
-        arrived: float | None = None,
-        received_at: float | None = None,
-        request: tuple[Protocol, Request] | None = None,
         conn_id: int | None = None,
+        **known: object,
     ) -> None:
         """Serve one accepted connection. ``peer``: as accept() reported it (saves a
-        getpeername); ``source_paid``: the door already took the source's token;
-        ``arrived`` / ``received_at``: when it was accepted (trio / wall clock),
-        if that was before now; ``request``: already read (the waiting room)."""
+        getpeername); ``known``: ``handle``'s keywords."""
         try:
-            peer = peer or peer_endpoint(stream)
-            local = local_endpoint(stream)
+            peer = peer or endpoint_of(stream.socket.getpeername())
+            local = endpoint_of(stream.socket.getsockname())
         except OSError:  # the client is already gone
             _close(stream)
             return
-        conn_id = conn_id or next_conn_id()
-        # bind/reset by hand: the same as bound_contextvars() without a generator
-        # context manager per connection (measurable at thousands a second).
-        tokens = structlog.contextvars.bind_contextvars(conn_id=conn_id, peer=str(peer))
+        # bind/reset by hand: bound_contextvars() without a generator context manager
+        # per connection (measurable at thousands a second).
+        tokens = structlog.contextvars.bind_contextvars(
+            conn_id=conn_id or next_conn_id(), peer=str(peer)
+        )
         try:
-            await self.handle(
-                stream,
-                peer,
-                local,
-                source_paid=source_paid,
-                arrived=arrived,
-                received_at=received_at,
-                request=request,
-            )
+            await self.handle(stream, peer, local, **known)  # type: ignore[arg-type]
         except Exception as e:  # last resort: never let one client take the server down
             log.exception("handler_crashed", error=repr(e))
         finally:
@@ -230,7 +190,12 @@ class TcpHandler:
         received_at: float | None = None,
         request: tuple[Protocol, Request] | None = None,
     ) -> None:
-        """Serve one connection whose peer is known (tests pass memory streams here)."""
+        """Serve one connection whose peer is known (tests pass memory streams here).
+
+        ``source_paid``: the door took the source's token; ``arrived`` /
+        ``received_at``: when it was accepted (trio / wall clock), if before
+        now; ``request``: already read (the waiting room).
+        """
         cfg = self.service.config.protocol
         received_at = time.time() if received_at is None else received_at
         protocol = Protocol.TEXT
@@ -259,14 +224,26 @@ class TcpHandler:
                 outcome = store_failure_outcome(None)
         except StoreUnavailable:
             outcome = store_failure_outcome(None)
-        await self._reply(stream, self.encode(protocol, outcome), cfg.write_timeout)
+        await _reply(stream, self.encode(protocol, outcome), cfg.write_timeout)
 
-    async def _reply(
-        self, stream: trio.abc.HalfCloseableStream, data: bytes, timeout: float
-    ) -> None:
+
+def _close(stream: trio.SocketStream | RawStream) -> None:
+    # aclose_forcefully() without the cancelled checkpoint other streams need
+    if isinstance(stream, RawStream):
+        stream.close()
+    else:
+        stream.socket.close()
+
+
+async def _reply(stream: trio.abc.HalfCloseableStream, data: bytes, timeout: float) -> None:
+    if isinstance(stream, RawStream):  # a reply nearly always fits the send buffer
+        data = data[stream.send_now(data) :]
+    try:
+        if not data:
+            await stream.send_eof()
+            return
         with trio.move_on_after(timeout):
-            try:
-                await stream.send_all(data)
-                await stream.send_eof()
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                log.debug("client_gone_before_reply")
+            await stream.send_all(data)
+            await stream.send_eof()
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        log.debug("client_gone_before_reply")

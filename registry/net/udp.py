@@ -60,7 +60,7 @@ import trio
 
 from registry.config import CallbackConfig, Config
 from registry.defense.conncaps import ConnectionCaps
-from registry.defense.ratelimit import ReplyBudget, source_key
+from registry.defense.ratelimit import ReplyBudget, source_of
 from registry.errors import ProtocolError
 from registry.model import Code, Endpoint, Outcome, Protocol, Request
 from registry.net.connector import map_os_error
@@ -328,7 +328,7 @@ class UdpEdge:
         key = (peer, data)
         if key in self.in_flight:
             return  # a retransmission: the first copy's reply answers it
-        slot = source_key(peer.host, cfg.ratelimit.ipv6_prefix)
+        slot = source_of(peer.host, cfg.ratelimit.ipv6_prefix)
         token = self._admit(slot)
         if token is None:
             busy = Outcome(

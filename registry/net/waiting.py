@@ -1,31 +1,13 @@
 """The waiting room: admitted connections whose request has not arrived yet.
 
-A connection the door admits does not get a task straight away. It waits
-here, in one epoll set owned by one task, which reads what arrives
-(non-blocking) into the same sans-io reader as ``tcp.read_request``
-(protocol/reader.py: LF, EOF, the quiet period, the size cap, the total read
-deadline counted from ``accept()``), and only then decides:
-
-- a complete request leaves through ``ready``: it gets its task and the TCP
-  handler, which registers it and replies;
-- a protocol error (malformed, too long, bad JSON, closed before a byte,
-  nothing in time) leaves through ``reject``, together with every other one
-  due at the same moment: their outcomes are recorded in one store batch, in
-  chunks of ``REJECT_CHUNK``, each with its own id, row and log line before
-  its reply (SPEC promise 6), and with no task, stream, cancel scope or timer
-  of its own.
-
-Why: junk and stalls would cost a task, timers and a full pass through the
-handler each (~1 ms of CPU). A thousand stalls that connect together expire
-together, and a thousand one-byte requests are framed together by the quiet
-period; such a wave kept the event loop busy long enough to delay every
-honest student behind it (docs/benchmarks.md). Between two chunks of a wave
-the room reads the connections that did send, so a student's request does not
-wait for the wave to be recorded.
-
-Linux only (``select.epoll``); elsewhere ``WaitingRoom.supported()`` is
-false and the server gives every connection its task at once, whose handler
-drives the same reader over its stream.
+One epoll set and one task feed every waiting connection's sans-io reader
+(protocol/reader.py: the same rules as ``tcp.read_request``). A complete
+request leaves through ``ready`` and only then gets a task; protocol errors
+leave through ``reject``, a wave of them recorded in store batches of
+``REJECT_CHUNK`` (each its own id, row and log line before its reply), with
+no task, stream or timer of their own. Why: docs/architecture.md ("A task
+only for a connection that speaks"). Linux only (``select.epoll``):
+elsewhere every connection gets its task at once.
 """
 
 from __future__ import annotations
@@ -98,15 +80,31 @@ class WaitingRoom:
         self._due_heap: list[tuple[float, int, Waiting]] = []
         self._closing = False
         self._wait = trio.CancelScope()  # run()'s current wait: add/close move its deadline
+        self._ready: Ready | None = None  # run()'s, once it runs
+        self._failed: list[tuple[Waiting, ProtocolError]] = []  # decided in add()
 
     def __len__(self) -> int:
         return len(self._by_fd)
 
     def add(self, w: Waiting) -> None:
+        w.reader = RequestReader(self.config(), w.arrived)
+        if self._ready is not None:  # running: read what came with the connection
+            try:  # (TCP_DEFER_ACCEPT hands most over with their request)
+                decision = w.reader.feed(w.conn.recv(4096, socket.MSG_DONTWAIT), w.arrived)
+            except BlockingIOError:
+                decision = None
+            except OSError:  # reset by the peer: it has closed
+                decision = w.reader.feed(b"", w.arrived)
+            if isinstance(decision, ProtocolError):
+                self._failed.append((w, decision))
+                self._wait.cancel()  # run() records it with the next batch
+                return
+            if decision is not None:  # whole: no epoll registration, no heap entry
+                self._ready(w, w.reader.protocol, decision)
+                return
         fd = w.conn.fileno()
         self._epoll.register(fd, _EVENTS)
         self._by_fd[fd] = w
-        w.reader = RequestReader(self.config(), w.arrived)
         self._schedule(w)
         if w.due < self._wait.deadline:  # moving a deadline costs trio real work:
             self._wait.deadline = w.due  # only when run() must wake earlier
@@ -118,11 +116,13 @@ class WaitingRoom:
 
     async def run(self, ready: Ready, reject: Reject, drop: Callable[[Waiting], None]) -> None:
         """Until closed and empty, or cancelled (the grace period is over)."""
+        self._ready = ready
         try:
-            while self._by_fd or not self._closing:
+            while self._by_fd or self._failed or not self._closing:
                 with trio.CancelScope(deadline=self._next_deadline()) as self._wait:
                     await trio.lowlevel.wait_readable(self._epoll.fileno())
-                failed = self._read(ready)
+                failed, self._failed = self._failed, []
+                failed += self._read(ready)
                 failed += self._due(ready, trio.current_time())
                 while failed:
                     chunk, failed = failed[:REJECT_CHUNK], failed[REJECT_CHUNK:]
@@ -131,8 +131,10 @@ class WaitingRoom:
                     # read: a student's request does not wait for the wave's records.
                     failed += self._read(ready)
         finally:
-            for w in self._by_fd.values():
+            self._ready = None
+            for w in [*self._by_fd.values(), *(w for w, _ in self._failed)]:
                 drop(w)
+            self._failed.clear()
             self._by_fd.clear()
             self._due_heap.clear()
             self._epoll.close()
@@ -195,7 +197,7 @@ class WaitingRoom:
         heap = self._due_heap
         while heap and (heap[0][0] != heap[0][2].due or not self._waiting(heap[0][2])):
             heapq.heappop(heap)  # stale
-        if self._closing and not self._by_fd:
+        if self._failed or (self._closing and not self._by_fd):
             return -math.inf
         return heap[0][0] if heap else math.inf
 

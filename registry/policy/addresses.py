@@ -1,40 +1,10 @@
 """The Address value: normalisation and classification from explicit range tables.
 
-Pure: stdlib ``ipaddress`` plus ``registry.model``. The edge builds one
-:class:`Address` per address it meets; every policy check runs on its
-*normalised* form (``norm``), so an IPv4 address wrapped in an IPv6 form is
-judged as the IPv4 address it reaches. The module functions (``normalise``,
-``classify``, ``display`` ...) read the same value for a plain address.
-
-Why our own tables and not ``ipaddress``'s ``is_global`` / ``is_private``
-(Python 3.11): ``is_global`` is True for ``::ffff:0:a00:1`` (IPv4-translated
-10.0.0.1), ``64:ff9b::a00:1`` (NAT64 of 10.0.0.1) and ``2002:a00:1::`` (6to4
-of 10.0.0.1); ``::ffff:127.0.0.1`` is not ``is_loopback``; 100.64.0.0/10 is
-neither private nor global; and the answers change between Python releases.
-A security decision must not move when the interpreter is upgraded, so the
-ranges live here, each with the reason it is listed.
-
-Embeddings unwrapped into ``norm`` (the inner IPv4 is what gets judged):
-
-============================  ======================  ==========================
-form                          prefix                  inner IPv4 taken from
-============================  ======================  ==========================
-IPv4-mapped                   ``::ffff:0:0/96``       low 32 bits
-IPv4-translated (SIIT)        ``::ffff:0:0:0/96``     low 32 bits
-IPv4-compatible (deprecated)  ``::/96`` minus ::, ::1 low 32 bits
-NAT64 well-known              ``64:ff9b::/96``        low 32 bits
-NAT64 local-use               ``64:ff9b:1::/48``      low 32 bits, only when bits
-                                                      48-95 are zero (a /96 inside
-                                                      the /48); any other layout is
-                                                      ambiguous and left RESERVED
-6to4                          ``2002::/16``           bits 16-47
-Teredo                        ``2001::/32``           client: ~low 32 bits; the
-                                                      server (bits 32-63) is also
-                                                      checked by always_denied
-============================  ======================  ==========================
-
-6to4 and Teredo are tunnels: the normalised address is the IPv4 tunnel
-endpoint, which is what the registry would dial (see decide.py).
+Pure. The edge builds one :class:`Address` per address it meets; every policy
+check runs on its normalised form (``norm``), so an IPv4 address wrapped in an
+IPv6 form is judged as the IPv4 address it reaches. Why our own tables and not
+``ipaddress.is_global``, and which embeddings are unwrapped how:
+docs/architecture.md, "Addresses".
 """
 
 from __future__ import annotations
@@ -69,20 +39,14 @@ class AddrClass(StrEnum):
     METADATA = "metadata"  # cloud instance-metadata services outside link-local
 
 
+_C = AddrClass
 #: Classes that are never a callback target, whatever the mode or allow list.
-ALWAYS_DENIED: frozenset[AddrClass] = frozenset(
-    {
-        AddrClass.UNSPECIFIED,
-        AddrClass.BROADCAST,
-        AddrClass.MULTICAST,
-        AddrClass.LINK_LOCAL,
-        AddrClass.RESERVED,
-        AddrClass.METADATA,
-    }
+ALWAYS_DENIED = frozenset(
+    {_C.UNSPECIFIED, _C.BROADCAST, _C.MULTICAST, _C.LINK_LOCAL, _C.RESERVED, _C.METADATA}
 )
 
 #: Classes that act as "the public internet" for NAT diagnosis.
-PUBLIC: frozenset[AddrClass] = frozenset({AddrClass.GLOBAL, AddrClass.DOCUMENTATION})
+PUBLIC = frozenset({_C.GLOBAL, _C.DOCUMENTATION})
 
 
 class Range(NamedTuple):
@@ -93,7 +57,6 @@ class Range(NamedTuple):
     note: str
 
 
-_C = AddrClass
 # Longest prefix wins, so a row may carve an exception out of a wider one
 # (255.255.255.255 out of 240/4, 192.0.0.0/29 out of 192.0.0.0/24).
 _V4_ROWS: tuple[tuple[str, AddrClass, str], ...] = (
@@ -175,33 +138,22 @@ _TEREDO = _NET("2001::/32")
 
 
 class Unwrapped(NamedTuple):
-    """An embedding found in an IPv6 address: its kind and the IPv4 inside.
-
-    ``also`` holds further IPv4 addresses the form carries (the Teredo server),
-    which are checked against denied classes but never dialled.
-    """
+    """An embedding found in an IPv6 address: its kind, the IPv4 inside, and ``also``
+    any further IPv4 it carries (the Teredo server: judged, never dialled)."""
 
     kind: Embedding
     inner: IPv4
     also: tuple[IPv4, ...] = ()
 
 
-def strip_zone(addr: IPAddress) -> IPAddress:
-    """The address without an IPv6 zone id (``fe80::1%eth0`` -> ``fe80::1``)."""
-    if isinstance(addr, IPv6) and addr.scope_id is not None:
-        return IPv6(int(addr))
-    return addr
-
-
 def _low32(value: int) -> IPv4:
     return IPv4(value & _MASK32)
 
 
-def unwrap(addr: IPAddress) -> Unwrapped | None:
-    """The IPv4 embedded in ``addr`` (one level), or None for a plain address."""
+def _unwrap(addr: IPAddress) -> Unwrapped | None:
+    """The IPv4 embedded in ``addr`` (one level, no zone id), or None for a plain address."""
     if not isinstance(addr, IPv6):
         return None
-    addr = strip_zone(addr)  # type: ignore[assignment]
     value = int(addr)
     if addr in _MAPPED:
         return Unwrapped(Embedding.MAPPED, _low32(value))
@@ -234,14 +186,12 @@ class Address:
     """One address as the registry knows it: built once at the edge, then only read.
 
     An :class:`Address4` or :class:`Address6` *is* the stdlib address (zone id
-    stripped, kept in ``zone``), so sockets, networks and ``int()`` take it
-    as it is. What policy, diagnosis, limits and cookies ask of it is worked
-    out on first use (``_analyse``), once per value however many checks read
-    it: ``norm`` (the address judged and dialled: the IPv4 inside any
-    embedding, else itself), ``embedding`` (the outermost form, or None),
-    ``inner`` (itself and every IPv4 it carries), ``row`` (the table row of
-    ``norm``), ``denied`` (the always-denied class of any of its forms) with
-    ``culprit`` (that form and its row), and ``display``.
+    stripped, kept in ``zone``), so sockets and networks take it as it is. The
+    rest is worked out on first read, once per value: ``norm`` (the address
+    judged and dialled: the IPv4 inside any embedding, else itself),
+    ``embedding`` (or None), ``inner`` (itself and every IPv4 it carries),
+    ``row`` (the table row of ``norm``), ``denied`` (the always-denied class of
+    any of its forms) with ``culprit`` (that form and its row), ``display``.
     """
 
     __slots__ = ()
@@ -271,19 +221,14 @@ class Address:
         return getattr(self, name)
 
     def _analyse(self) -> None:
-        forms: list[IPAddress] = [self]  # type: ignore[list-item]
-        current: IPAddress = self  # type: ignore[assignment]
-        self.embedding = None
-        for _ in range(4):  # every embedding holds an IPv4: one round; the bound guards nesting
-            step = unwrap(current)
-            if step is None:
-                break
-            self.embedding = self.embedding or step
-            forms += [*step.also, step.inner]
-            current = step.inner
-        self.row = _row(current)
-        self.norm = self if current is self else _settled(current, self.row)
-        self.inner = tuple(dict.fromkeys(forms))
+        # Every embedding holds an IPv4, which embeds nothing: one level is all there is.
+        found = self.embedding = _unwrap(self)
+        if found is None:
+            self.row, self.norm, self.inner = _row(self), self, (self,)
+        else:
+            self.row = _row(found.inner)
+            self.norm = _settled(found.inner, self.row)
+            self.inner = tuple(dict.fromkeys([self, *found.also, self.norm]))
         self.culprit = (self.norm, self.row)
         self.denied = None
         for form in (self.norm, *self.inner[1:]):
@@ -291,7 +236,7 @@ class Address:
             if row.cls in ALWAYS_DENIED:
                 self.denied, self.culprit = row.cls, (form, row)
                 break
-        self.display = _display(self, self.embedding)
+        self.display = _display(self, found)
 
     @property
     def cls(self) -> AddrClass:
@@ -301,11 +246,6 @@ class Address:
     def family(self) -> int:
         """4 or 6: the family the registry would call, so ``::ffff:a.b.c.d`` is 4."""
         return self.norm.version  # type: ignore[attr-defined, no-any-return]
-
-    @property
-    def dial(self) -> str:
-        """The host string a socket connects to."""
-        return str(self.norm)
 
     @property
     def peer(self) -> Address:
@@ -345,37 +285,6 @@ def _settled(ip: IPAddress, row: Range) -> Address:
     return addr
 
 
-# The same questions about a plain address, for callers that hold no Address.
-
-
-def normalise(addr: IPAddress) -> IPAddress:
-    return Address.of(addr).norm  # type: ignore[return-value]
-
-
-def inner_addresses(addr: IPAddress) -> tuple[IPAddress, ...]:
-    return Address.of(addr).inner
-
-
-def lookup(addr: IPAddress) -> Range:
-    return Address.of(addr).row
-
-
-def classify(addr: IPAddress) -> AddrClass:
-    return Address.of(addr).cls
-
-
-def always_denied(addr: IPAddress) -> AddrClass | None:
-    return Address.of(addr).denied  # not loopback: a loopback requester may use it
-
-
-def is_loopback(addr: IPAddress) -> bool:
-    return Address.of(addr).cls is AddrClass.LOOPBACK
-
-
-def display(addr: IPAddress) -> str:
-    return Address.of(addr).display
-
-
 # --- hostnames -------------------------------------------------------------
 
 _LABEL = re.compile(r"^[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?$")
@@ -383,16 +292,10 @@ _NUMERIC = re.compile(r"^(?:0x[0-9a-f]*|[0-9]+)$")
 
 
 def normalise_hostname(name: str) -> str:
-    """Lower-case ``name`` and drop one trailing dot; raise ValueError if it is no hostname.
-
-    Refused: brackets (an IPv6 literal is never a name), empty labels, labels
-    over 63 or names over 253 characters, characters outside letters, digits,
-    ``-`` and ``_`` (IDNs must come as punycode ``xn--``), and names whose last
-    label is numeric: resolvers read ``127.1`` or ``0x7f.1`` as IPv4, the
-    spellings the protocol refuses.
-    """
-    if not isinstance(name, str):
-        raise ValueError("a hostname must be text")
+    """Lower-case ``name`` and drop one trailing dot; ValueError if it is no hostname:
+    brackets, empty or long labels, anything but letters, digits, ``-`` and ``_``
+    (IDNs come as punycode), or a numeric last label (``127.1``, ``0x7f.1``: IPv4
+    to resolvers, spellings the protocol refuses)."""
     if "[" in name or "]" in name:
         raise ValueError("brackets belong to IPv6 literals, not hostnames")
     host = name.lower()
@@ -418,22 +321,11 @@ def ascii_safe(text: str, limit: int = 64) -> str:
     return safe if len(safe) <= limit else safe[: limit - 3] + "..."
 
 
-_DOTTED_TAIL = frozenset(
-    {
-        Embedding.MAPPED,
-        Embedding.TRANSLATED,
-        Embedding.COMPATIBLE,
-        Embedding.NAT64,
-        Embedding.NAT64_LOCAL,
-    }
-)
-
-
 def _display(addr: IPAddress, found: Unwrapped | None) -> str:
     """The address as a person writes it: zone dropped, IPv6 compressed, and an
     IPv4 in the low 32 bits shown dotted (``::ffff:127.0.0.1``, RFC 5952 s5), so
     students recognise the address they wrote."""
-    if found is None or found.kind not in _DOTTED_TAIL:
+    if found is None or found.kind in (Embedding.SIX_TO_FOUR, Embedding.TEREDO):
         return addr.compressed
     high = IPv6(int(addr) & ~_MASK32).compressed
     if high.endswith("::"):

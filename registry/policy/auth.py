@@ -1,22 +1,8 @@
-"""Optional per-student tokens (``[auth] mode = "token"``).
+"""Optional per-student tokens (``[auth] mode = "token"``). Pure.
 
-Pure. A token is derived from the instructor's secret and the student name,
-so the registry stores no table of tokens: the instructor hands each student
-``derive_token(secret, name)`` and the registry recomputes it on every
-request.
-
-    token = base64url(HMAC-SHA256(secret, b"callback-lab/student-token/v1\\0" + name))[:22]
-
-22 base64url characters carry 132 bits, beyond guessing; the fixed prefix
-keeps these MACs apart from any other use of the same secret (UDP cookies
-use their own). Names arrive in Unicode NFC (the parsers and ``registry
-token`` normalise them, registry/protocol/names.py), so ``josé`` typed either
-way has one token; otherwise they are compared exactly (case matters). The
-comparison is :func:`hmac.compare_digest`, whose time does not depend on
-where the first differing character is.
-
-The secret bytes come from ``registry.config.auth_secret`` (it reads
-``auth.secret_file``, which is I/O).
+A token is an HMAC of the student's (NFC) name under the instructor's
+secret, so the registry stores no table of tokens and recomputes it per
+request; the construction: docs/architecture.md, "Student tokens".
 """
 
 from __future__ import annotations

@@ -1,54 +1,10 @@
 """The callback policy: may the registry call the advertised endpoint back?
 
 Pure and total: :func:`decide` and :func:`decide_resolved` return a value for
-every input and never raise (a bug inside fails closed as a Deny).
-
-Order of checks (first failure wins; SPEC "Policy promises"):
-
-1. hostname: a name is ``hostname_not_allowed`` unless ``policy.allow_hostnames``;
-   then the port is checked and :class:`NeedsResolution` asks the edge to resolve
-   once and call :func:`decide_resolved` (no DNS for a request that cannot pass).
-2. format: zone ids (``fe80::1%eth0``) and ports outside 1-65535 are refused.
-3. always-denied classes of the advertised address and of every IPv4 embedded
-   in it (unspecified, broadcast, multicast, link-local, reserved, cloud
-   metadata), then loopback unless the observed peer is loopback too
-   -> ``address_not_allowed`` naming the class.
-4. self_target (rule below), 5. deny_networks (``address_not_allowed``),
-6. port range (``port_not_allowed``), 7. allow_networks (``address_not_allowed``);
-   4-7 run on the address that would be dialled.
-8. source match per mode (``source_mismatch`` with a diagnosis), else Allow.
-
-Modes (``policy.mode``; an unknown value acts as ``strict``, failing closed):
-
-- ``strict``: the advertised host must equal the observed peer after
-  normalisation (``::ffff:203.0.113.5`` equals ``203.0.113.5``).
-- ``nat-observed``: dial the observed peer at the advertised port, like SIP
-  received/rport. Steps 1-3 still judge the advertised host (an impossible
-  address is a mistake to report, not to correct); steps 3-7 also judge the
-  dialled peer. ``Allow.corrected`` is True when the two differed.
-- ``advertised``: a non-matching advertised host is trusted when
-  ``allow_networks`` is set (step 7 has already put it inside). With an empty
-  ``allow_networks`` this mode behaves exactly like ``strict``.
-
-No mode can reach an always-denied class: step 3 runs on whatever is dialled.
-``allow_networks`` is matched against the normalised address only, so
-``::/0`` never admits ``::ffff:10.0.0.1``; ``deny_networks`` and
-``report_only_deny_networks`` match the address as sent *or* any IPv4 inside it.
-
-Self rule (the registry's own sockets, ``own``: its TCP, UDP and admin
-endpoints): a target is ``self_target`` when its port equals the port of any
-own endpoint and its host is loopback, unspecified, an own endpoint's explicit
-host, or any address of this host. A wildcard listener (``0.0.0.0:9000``)
-accepts on every local address, which this pure code cannot list: the caller
-injects ``is_local`` (the daemon's is a bind probe,
-``registry.net.interfaces.is_local_address``, current as addresses come and go
-and fail-closed), asked only about targets on one of our ports. Whatever the
-listeners are bound to, the registry's own ports on any of its addresses are
-refused.
-
-The dialled address is the normalised one: the IPv4 inside a mapped,
-compatible, translated or NAT64 form; for 6to4 and Teredo, the IPv4 tunnel
-endpoint. The address that was checked is the address that is connected to.
+every input and never raise (a bug inside fails closed as a Deny). The order
+of the checks (first failure wins), the three modes and the self rule are in
+docs/architecture.md, "Callback policy"; the address dialled is always the
+normalised one that was checked.
 """
 
 from __future__ import annotations
@@ -63,17 +19,6 @@ from registry.model import Code, Diagnosis, Endpoint, IPAddress, Request
 from registry.policy.addresses import AddrClass, Address, ascii_safe, normalise_hostname
 from registry.policy.diagnosis import diagnose, explain
 
-__all__ = [
-    "MODES",
-    "Allow",
-    "Decision",
-    "Deny",
-    "NeedsResolution",
-    "decide",
-    "decide_resolved",
-    "normalise_hostname",
-]
-
 # config.py validates policy.mode against the same names; a PolicyConfig built in
 # code skips that, so an unknown mode still acts as strict here.
 MODES = ("strict", "nat-observed", "advertised")
@@ -82,8 +27,7 @@ _IP_TYPES = (ipaddress.IPv4Address, ipaddress.IPv6Address)
 IsLocal = Callable[[IPAddress], bool]
 
 
-def no_host_addresses(_host: IPAddress) -> bool:
-    """The default ``is_local``: only loopback, unspecified and explicit hosts are ours."""
+def no_host_addresses(_host: IPAddress) -> bool:  # only loopback and explicit hosts are ours
     return False
 
 
@@ -117,6 +61,15 @@ class NeedsResolution:
 Decision = Allow | Deny
 
 
+@dataclass(frozen=True, slots=True)
+class _Rules:
+    """What a request is judged against: the policy and the registry's own sockets."""
+
+    policy: PolicyConfig
+    own: frozenset[Endpoint]
+    is_local: IsLocal
+
+
 def decide(
     request: Request,
     observed: Endpoint,
@@ -124,7 +77,7 @@ def decide(
     own: frozenset[Endpoint] = frozenset(),
     is_local: IsLocal = no_host_addresses,
 ) -> Decision | NeedsResolution:
-    """Judge one request against the policy; see the module docstring for the order."""
+    """Judge one request against the policy (docs/architecture.md, "Callback policy")."""
     try:
         host = getattr(request, "host", None)
         if isinstance(host, str):
@@ -133,7 +86,7 @@ def decide(
         if isinstance(seen, Deny):
             return seen
         port = getattr(request, "port", None)
-        return _decide_ip(host, port, seen, policy, own, is_local)
+        return _decide_ip(host, port, seen, _Rules(policy, own, is_local))
     except Exception as e:  # totality: a bug here must refuse, never crash the handler
         return _internal(e)
 
@@ -146,15 +99,8 @@ def decide_resolved(
     own: frozenset[Endpoint] = frozenset(),
     is_local: IsLocal = no_host_addresses,
 ) -> Decision:
-    """Judge every resolved answer for ``request.host``; return the one address to dial.
-
-    Every answer must pass steps 2-7: one denied answer denies the whole
-    request, so a name cannot smuggle an internal address next to a good one.
-    Among the passing answers the one matching the observed peer is dialled
-    (first in order); with none matching, the mode decides as for an IP
-    (``strict``: source_mismatch). The returned target is the checked address,
-    so there is no second lookup and no rebinding window.
-    """
+    """Judge every resolved answer for ``request.host``; return the one address to
+    dial (every answer must pass; docs/architecture.md, "Callback policy")."""
     try:
         name = ascii_safe(str(getattr(request, "host", "")))
         seen = _peer(observed)
@@ -167,25 +113,17 @@ def decide_resolved(
                 f"{name} did not resolve to any address; advertise an IP address instead.",
                 Diagnosis.HOSTNAME,
             )
-        return _pick(name, answers, request, seen, policy, own, is_local)
+        return _pick(name, answers, request.port, seen, _Rules(policy, own, is_local))
     except Exception as e:  # totality, as in decide()
         return _internal(e)
 
 
-def _pick(
-    name: str,
-    answers: list[IPAddress],
-    request: Request,
-    seen: Address,
-    policy: PolicyConfig,
-    own: frozenset[Endpoint],
-    is_local: IsLocal,
-) -> Decision:
+def _pick(name: str, answers: list[IPAddress], port: int, seen: Address, rules: _Rules) -> Decision:
     allowed: list[Allow] = []
     mismatch: Deny | None = None
     for answer in answers:
         addr = Address.of(answer)
-        d = _decide_ip(addr, request.port, seen, policy, own, is_local)
+        d = _decide_ip(addr, port, seen, rules)
         if isinstance(d, Allow):
             allowed.append(d)
         elif d.code is Code.SOURCE_MISMATCH:
@@ -212,7 +150,8 @@ def _hostname(
 ) -> Decision | NeedsResolution:
     raw = str(request.host)
     if not policy.allow_hostnames:
-        seen = _seen(observed)
+        peer = _peer(observed)
+        seen = peer.display if isinstance(peer, Address) else "an unknown address"
         return Deny(
             Code.HOSTNAME_NOT_ALLOWED,
             f"This registry does not resolve names; you sent {ascii_safe(raw)!r}. "
@@ -236,14 +175,7 @@ def _peer(observed: Endpoint) -> Address | Deny:
     return Address.of(host)
 
 
-def _decide_ip(
-    host: Any,
-    port: Any,
-    seen: Address,
-    policy: PolicyConfig,
-    own: frozenset[Endpoint],
-    is_local: IsLocal,
-) -> Decision:
+def _decide_ip(host: Any, port: Any, seen: Address, rules: _Rules) -> Decision:
     if not isinstance(host, _IP_TYPES):
         return Deny(Code.ADDRESS_NOT_ALLOWED, "The advertised host is not an IP address.")
     addr = Address.of(host)
@@ -254,16 +186,19 @@ def _decide_ip(
     problem = _check_class(addr, port, seen, diag)
     if problem is not None:
         return problem
+    policy = rules.policy
     mode = policy.mode if policy.mode in MODES else "strict"
     dialled = seen if mode == "nat-observed" else addr
     dial = Endpoint(dialled.norm, port)
     if mode == "nat-observed":
         # The dialled peer gets step 3 too; no diagnosis text applies to it.
         problem = _check_class(dialled, port, seen, Diagnosis.DIRECT)
-    problem = problem or _check_dial(dialled, dial, policy, own, is_local, diag)
+    problem = problem or _check_dial(dialled, dial, rules, diag)
     if problem is not None:
         return problem
-    notes = _report_only(dialled, policy.report_only_deny_networks)
+    notes = tuple(
+        f"would deny: in {n}" for n in _matches(dialled, policy.report_only_deny_networks)
+    )
     if addr.norm == seen.norm:
         return Allow(dial, Diagnosis.DIRECT, report_only=notes)
     if mode == "nat-observed":
@@ -319,13 +254,8 @@ def _check_class(addr: Address, port: int, seen: Address, diag: Diagnosis) -> De
     return Deny(Code.ADDRESS_NOT_ALLOWED, _class_text(addr, cls), diag)
 
 
-_ADVERTISED_CASES = frozenset(
-    {
-        Diagnosis.LOOPBACK_ADVERTISED,
-        Diagnosis.UNSPECIFIED_ADVERTISED,
-        Diagnosis.LINK_LOCAL_ADVERTISED,
-    }
-)
+_D = Diagnosis
+_ADVERTISED_CASES = {_D.LOOPBACK_ADVERTISED, _D.UNSPECIFIED_ADVERTISED, _D.LINK_LOCAL_ADVERTISED}
 
 
 def _class_text(addr: Address, cls: AddrClass) -> str:
@@ -341,25 +271,19 @@ def _class_text(addr: Address, cls: AddrClass) -> str:
     )
 
 
-def _check_dial(
-    dialled: Address,
-    dial: Endpoint,
-    policy: PolicyConfig,
-    own: frozenset[Endpoint],
-    is_local: IsLocal,
-    diag: Diagnosis,
-) -> Deny | None:
+def _check_dial(dialled: Address, dial: Endpoint, rules: _Rules, diag: Diagnosis) -> Deny | None:
     """Steps 4-7 on the address that would be dialled."""
-    if _is_self(dialled.norm, dial, own, is_local):
+    policy = rules.policy
+    if _is_self(dialled.norm, dial, rules):
         return Deny(
             Code.SELF_TARGET,
             f"{dial} is one of the registry's own sockets; run your server on another port.",
             diag,
         )
     shown = dialled.norm.display
-    hit = _first_match(dialled, policy.deny_networks)
-    if hit is not None:
-        return Deny(Code.ADDRESS_NOT_ALLOWED, f"{shown} is in {hit}, denied here.", diag)
+    hits = _matches(dialled, policy.deny_networks)
+    if hits:
+        return Deny(Code.ADDRESS_NOT_ALLOWED, f"{shown} is in {hits[0]}, denied here.", diag)
     bad_port = _check_port(dial.port, policy)
     if bad_port is not None:
         return Deny(bad_port.code, bad_port.explanation, diag)
@@ -371,37 +295,22 @@ def _check_dial(
     return None
 
 
-def _is_self(host: Address, dial: Endpoint, own: frozenset[Endpoint], is_local: IsLocal) -> bool:
-    own_ports = {e.port for e in own}
-    if dial.port not in own_ports:
+def _is_self(host: Address, dial: Endpoint, rules: _Rules) -> bool:
+    if dial.port not in {e.port for e in rules.own}:
         return False
     if host.cls in (AddrClass.LOOPBACK, AddrClass.UNSPECIFIED):
         return True
-    if any(host == Address.of(e.host).norm for e in own):
+    if any(host == Address.of(e.host).norm for e in rules.own):
         return True
     try:
-        return bool(is_local(dial.host))
+        return bool(rules.is_local(dial.host))
     except Exception:  # cannot tell: refusing our own port costs a student nothing
         return True
 
 
-def _first_match(addr: Address, networks: tuple[CIDR, ...]) -> CIDR | None:
-    """The first network holding ``addr`` as sent or any address embedded in it."""
-    forms = (*addr.inner, addr.norm)
-    for net in networks:
-        if any(f in net for f in forms):
-            return net
-    return None
-
-
-def _report_only(addr: Address, networks: tuple[CIDR, ...]) -> tuple[str, ...]:
-    forms = (*addr.inner, addr.norm)
-    return tuple(f"would deny: in {n}" for n in networks if any(f in n for f in forms))
-
-
-def _seen(observed: Endpoint) -> str:
-    host = getattr(observed, "host", None)
-    return Address.of(host).display if isinstance(host, _IP_TYPES) else "an unknown address"
+def _matches(addr: Address, networks: tuple[CIDR, ...]) -> list[CIDR]:
+    """The networks holding ``addr`` as sent or any address embedded in it."""
+    return [net for net in networks if any(form in net for form in addr.inner)]
 
 
 def _internal(e: Exception) -> Deny:

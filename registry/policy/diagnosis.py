@@ -1,25 +1,9 @@
 """NAT and mis-advertisement diagnosis: how the advertised address relates to the peer.
 
 Pure. :func:`diagnose` names the case (SPEC "NAT and mis-advertisement
-cases"); :func:`explain` turns it into one ASCII line (< 400 characters) that
-says what was sent, what the registry saw, and what to do. The lines answer
-the lab's discussion questions, so they are written for students.
-
-Precedence in :func:`diagnose`, first match wins (documented because several
-cases can hold at once, e.g. a loopback address advertised over IPv6 from an
-IPv4 peer):
-
-1. same host after normalisation              -> direct
-2. advertised 0.0.0.0 / ::                    -> unspecified_advertised
-3. advertised loopback (any embedding)        -> loopback_advertised
-4. advertised link-local                      -> link_local_advertised
-5. different IP versions                      -> family_mismatch
-6. either side in 100.64.0.0/10 or 192.0.0.0/29 -> cgnat
-7. advertised a container network, observed a private/loopback address
-   outside that container network             -> container_nat
-8. advertised private, observed public        -> private_behind_nat
-9. anything else (both private, both public, public advertised from a
-   private peer)                              -> different_host
+cases"; the precedence when several hold is in docs/architecture.md, "NAT
+diagnosis"); :func:`explain` turns it into one ASCII line (< 400 characters)
+for students: what was sent, what the registry saw, and what to do.
 """
 
 from __future__ import annotations
@@ -92,9 +76,8 @@ def _host(host: Shown) -> str:
 
 
 def _family(host: Shown) -> str:
-    """The family the registry would use: an IPv4 carried in an IPv6 form
-    (``::ffff:198.51.100.5``) is IPv4, as :func:`diagnose` judges it. Text
-    is not parsed back into an address: only its look is left to go by."""
+    """The family the registry would use (``::ffff:198.51.100.5`` is IPv4); a text
+    is never parsed back into an address: only its look is left to go by."""
     if isinstance(host, Address):
         return f"IPv{host.family}"
     return "IPv6" if ":" in str(host) else "IPv4"

@@ -1,23 +1,9 @@
 """Stateless UDP cookies: proof that a request's source address can receive.
 
-UDP source addresses are not authenticated: anyone can send a datagram that
-claims to come from a victim. A registry that called back (or answered at
-length) whatever address a datagram claims would be a reflector. So a UDP
-request causes a callback only if it carries a cookie the registry sent to
-that very address and port a short while ago, the DNS-cookie / QUIC-retry
-idea (RFC 7873, RFC 9000 section 8.1):
-
-    cookie = base64url(HMAC-SHA256(secret, family | ip | port | window)[:12])
-
-``window`` is ``floor(now / window_seconds)``. Nothing is stored per client:
-``check`` recomputes the MAC for the current and the previous window, under
-the current and the previous secret, and compares in constant time. A cookie
-is therefore valid for at least one and less than two windows, and rotating
-the secret every window (``rotate``) makes an old cookie useless even to
-someone who later learns the secret.
-
-IPv4-mapped IPv6 sources (``::ffff:a.b.c.d``, from a dual-stack socket) are
-unmapped first, so one client gets the same cookie on either kind of socket.
+A UDP source can be forged, so a UDP request causes a callback only with a
+cookie the registry sent to that very address and port a short while ago
+(the DNS-cookie / QUIC-retry idea). Nothing is stored per client; the
+construction, its lifetime and rotation: docs/architecture.md, "UDP cookies".
 Pure: time and randomness are passed in.
 """
 
@@ -49,11 +35,8 @@ def _mac(secret: bytes, source: Endpoint, window: int) -> str:
 
 
 class CookieJar:
-    """Issue and check cookies for UDP sources; see the module docstring.
-
-    ``window`` is the window length in seconds (> 0). ``secret`` must hold at
-    least ``MIN_SECRET_BYTES`` bytes (the edge passes ``os.urandom(32)``).
-    """
+    """Issue and check cookies; ``window`` in seconds, ``secret`` at least
+    ``MIN_SECRET_BYTES`` bytes (the edge passes ``os.urandom(32)``)."""
 
     def __init__(self, secret: bytes, window: float, *, now: float = 0.0) -> None:
         if not (window > 0 and math.isfinite(window)):
@@ -78,11 +61,7 @@ class CookieJar:
 
     def check(self, cookie: str | None, source: Endpoint, now: float) -> bool:
         """True if ``cookie`` was issued to ``source`` in this or the previous window.
-
-        Every candidate is computed and compared (constant time per candidate,
-        same work whatever the input), so timing says nothing about which part
-        of a guess was right.
-        """
+        Every candidate is compared in constant time: timing tells nothing of a guess."""
         if not cookie or len(cookie) != COOKIE_CHARS or not cookie.isascii():
             return False
         given = cookie.encode("ascii")

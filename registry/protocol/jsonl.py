@@ -1,28 +1,11 @@
 """JSON lines on the registration port: one request object, one reply object, sans-io.
 
-The request (SPEC)::
-
-    {"host": "192.168.1.105", "port": 15000, "student": "alice", "token": "t", "verify": true}
-
-Strict, because a lenient JSON reader is where ambiguity creeps in:
-
-- exactly one JSON object, UTF-8, at most ``max_bytes`` bytes, nested at most
-  ``MAX_DEPTH`` deep (counted on the raw bytes *before* ``json.loads``, so a
-  deeply nested bomb never reaches the recursive parser);
-- no duplicate keys (``{"port": 1, "port": 15000}`` means different things to
-  different parsers), no ``NaN``/``Infinity`` (not JSON), no trailing data;
-- ``host`` (string) and ``port`` (integer, and ``true`` is not an integer)
-  are required; ``student``, ``token`` (strings) and ``verify`` (boolean) are
-  optional, and ``null`` for an optional field means the field is absent;
-  any other field is an error that names it;
-- ``host`` follows the text parser's rules: canonical dotted-decimal IPv4,
-  IPv6 with or without brackets (no zone id), or an RFC 1123 hostname; other
-  IPv4 spellings are refused, never reinterpreted.
-
-Every problem with the object is ``ERROR bad_json``, and the explanation
-starts by naming the field (``"port": ...``); an oversized request is
-``too_long``. ``JsonReceiver`` frames the object from a byte stream with the
-interface of ``text.TextReceiver``; ``format_json_reply`` writes the reply.
+Strict (docs/protocol.md, "JSON lines over TCP"), because a lenient JSON
+reader is where ambiguity creeps in: a repeated key means different things to
+different parsers, NaN is not JSON, and nesting is counted on the raw bytes
+before ``json.loads``, so a nested bomb never reaches the recursive parser.
+``host`` follows the text parser's rules. Every problem with the object is
+``bad_json`` naming the field first (``"port": ...``); too many bytes is ``too_long``.
 """
 
 from __future__ import annotations
@@ -34,12 +17,10 @@ from typing import Any
 
 from registry.errors import ProtocolError
 from registry.model import Code, IPAddress, Outcome, Request
-from registry.protocol.names import BadName, normalise
 from registry.protocol.reply import quote_input, safe_text, safe_value
 
-# The text parser's host rules, reused so the two protocols cannot drift apart.
-# They are module-private there; see the report asking for public names.
-from registry.protocol.text import NeedData, OneRequestReceiver, parse_host, parse_ipv6
+# The text parser's host and field rules, reused so the two protocols cannot drift apart.
+from registry.protocol.text import OneRequestReceiver, check_value, decode, parse_host, parse_ipv6
 
 DEFAULT_MAX_BYTES = 512
 # A request is a flat object (depth 1). A little room above that lets a nested
@@ -50,21 +31,10 @@ EXAMPLE = '{"host": "192.168.1.105", "port": 15000, "student": "alice"}'
 REQUIRED = ("host", "port")
 OPTIONAL = ("student", "token", "verify")
 FIELDS = REQUIRED + OPTIONAL
-REPLY_KEYS = (
-    "status",
-    "code",
-    "id",
-    "target",
-    "observed",
-    "diagnosis",
-    "rtt_ms",
-    "verified",
-    "retry_after",
-    "explanation",
+REPLY_KEYS = tuple(
+    "status code id target observed diagnosis rtt_ms verified retry_after explanation".split()
 )
 
-_WHITESPACE = b" \t\r\n"
-_SECRET = re.compile(r"[\x21-\x7e]{1,128}", re.ASCII)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
@@ -78,16 +48,8 @@ def _field_error(name: str, problem: str) -> ProtocolError:
     return _bad(f"{json.dumps(shown, ensure_ascii=True)}: {problem}")
 
 
-class _Duplicate(Exception):
-    def __init__(self, key: str) -> None:
-        super().__init__(key)
-        self.key = key
-
-
-class _Constant(Exception):
-    def __init__(self, name: str) -> None:
-        super().__init__(name)
-        self.name = name
+class _Refused(Exception):
+    """Out of ``json.loads``'s hooks: ("twice", a repeated key) or ("constant", NaN...)."""
 
 
 # ------------------------------------------------------------------------ scanning
@@ -134,14 +96,7 @@ def parse_json(body: bytes | str, *, max_depth: int = MAX_DEPTH) -> Request:
     offending field, or describes why the bytes are not one JSON object.
     """
     if isinstance(body, bytes):
-        try:
-            text = body.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise _bad(
-                f"request is not valid UTF-8 (byte 0x{body[exc.start]:02x} at offset "
-                f"{exc.start}); send one JSON object like {EXAMPLE}"
-            ) from None
-        raw = body
+        text, raw = decode(body, Code.BAD_JSON, f"one JSON object like {EXAMPLE}"), body
     else:
         text, raw = body, body.encode("utf-8", "surrogatepass")
     deepest, _ = scan_depth(raw, max_depth)
@@ -161,11 +116,12 @@ def parse_json(body: bytes | str, *, max_depth: int = MAX_DEPTH) -> Request:
 def _loads(text: str) -> Any:
     try:
         return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
-    except _Duplicate as dup:
-        raise _field_error(dup.key, "given twice; give each field once") from None
-    except _Constant as const:
+    except _Refused as refused:
+        kind, name = refused.args
+        if kind == "twice":
+            raise _field_error(name, "given twice; give each field once") from None
         raise _bad(
-            f"{const.name} is not a JSON value (JSON has no NaN or Infinity); "
+            f"{name} is not a JSON value (JSON has no NaN or Infinity); "
             f"send one object like {EXAMPLE}"
         ) from None
     except json.JSONDecodeError as exc:
@@ -180,30 +136,29 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     obj: dict[str, Any] = {}
     for key, value in pairs:
         if key in obj:
-            raise _Duplicate(key)
+            raise _Refused("twice", key)
         obj[key] = value
     return obj
 
 
 def _no_constant(name: str) -> Any:
-    raise _Constant(name)
+    raise _Refused("constant", name)
+
+
+_TYPE_NAMES = {
+    type(None): "null",
+    bool: "a boolean",
+    int: "an integer",
+    float: "a number with a fraction or exponent",
+    str: "a string",
+    list: "an array",
+    dict: "an object",
+}
 
 
 def _type_name(value: object) -> str:
     """What a JSON value is, with its article: "an integer", "a string", "null"."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a number with a fraction or exponent"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    return "an object"
+    return _TYPE_NAMES.get(type(value), "an object")
 
 
 def _request(obj: dict[str, Any]) -> Request:
@@ -282,96 +237,45 @@ def _option(key: str, value: Any) -> object:
         return value
     if not isinstance(value, str):
         raise _field_error(key, f"expected a string, got {_type_name(value)}")
-    if key == "student":
-        try:
-            return normalise(value, spaces=True)
-        except BadName as exc:
-            raise _field_error(key, f"{quote_input(value, 30)} {exc}") from None
-    # token: a secret, never echoed back, not even in part.
-    if not _SECRET.fullmatch(value):
-        raise _field_error(key, "must be 1-128 printable ASCII characters without spaces")
-    return value
+    try:
+        return check_value(key, value, spaces=True)
+    except ValueError as exc:
+        raise _field_error(key, str(exc)) from None
 
 
 # ------------------------------------------------------------------------- framing
 
 
 class JsonReceiver(OneRequestReceiver):
-    """Frame one JSON request from a byte stream (same interface as ``TextReceiver``).
+    """Frame one JSON request (see ``text.OneRequestReceiver``). Whitespace and blank
+    lines before the object are skipped; the quiet period ends the request only when
+    its brackets balance: an object cut in the middle by a slow client keeps waiting
+    (until the caller's total deadline) instead of being parsed half-way."""
 
-    Whitespace before the object is skipped. The object ends at the first LF
-    (later bytes are ignored), at EOF, or when the caller's quiet period
-    passes *and* the brackets seen so far are balanced: an object cut in the
-    middle by a slow client keeps waiting (until the caller's total deadline)
-    instead of being parsed half-way. More than ``max_bytes`` before the LF
-    is ``TOO_LONG`` at once, and no more than ``max_bytes`` are ever held.
-    """
+    _SKIP = b" \t\r\n"
+    _EMPTY = (Code.BAD_JSON, f"empty request; send one JSON object like {EXAMPLE}")
+    _SEND = f"send one short JSON object on one line, like {EXAMPLE}"
 
     def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES, *, max_depth: int = MAX_DEPTH) -> None:
-        super().__init__(max_bytes)  # ``buffered`` excludes leading whitespace here too
+        super().__init__(max_bytes)
         self._max_depth = max_depth
-        self._seen = 0  # every byte before the terminator, leading whitespace included
 
-    def receive_data(self, data: bytes) -> None:
-        """Add bytes from the peer; ``b""`` means the peer closed or half-closed."""
-        if self._result is not None:
-            return  # one request per connection
-        if not data:
-            self._finish()
-            return
-        if not self._buf:
-            skipped = len(data) - len(data.lstrip(_WHITESPACE))
-            self._seen += skipped
-            data = data[skipped:]
-            if not data:
-                self._check_size(0)
-                return
-        cut = data.find(b"\n")
-        chunk = data if cut < 0 else data[:cut]
-        if not self._check_size(len(chunk)):
-            return
-        self._buf += chunk
-        self._seen += len(chunk)
-        if cut >= 0:
-            self._finish()
+    def _complete(self) -> bool:
+        deepest, balanced = scan_depth(bytes(self._buf), self._max_depth)
+        return balanced or deepest > self._max_depth
 
-    def _check_size(self, incoming: int) -> bool:
-        if self._seen + incoming <= self._max:
-            return True
-        self._result = ProtocolError(
-            Code.TOO_LONG,
-            f"request longer than {self._max} bytes; send one short JSON object on one line, "
-            f"like {EXAMPLE}",
-        )
-        return False
-
-    def quiet(self) -> Request | NeedData:
-        """The quiet period passed: take the object if it looks complete, else keep waiting."""
-        if self._result is None and self._buf:
-            deepest, balanced = scan_depth(bytes(self._buf), self._max_depth)
-            if balanced or deepest > self._max_depth:
-                self._finish()
-        return self.next_event()
-
-    def _finish(self) -> None:
-        body = bytes(self._buf).removesuffix(b"\r")
-        try:
-            if not body.strip(_WHITESPACE):
-                raise _bad(f"empty request; send one JSON object like {EXAMPLE}")
-            self._result = parse_json(body, max_depth=self._max_depth)
-        except ProtocolError as exc:
-            # Without its traceback: kept, it would tie this receiver and the parser's
-            # frames into a reference cycle that only the garbage collector frees.
-            self._result = exc.with_traceback(None)
+    def _parse(self, body: bytes) -> Request:
+        return parse_json(body, max_depth=self._max_depth)
 
 
 # --------------------------------------------------------------------------- reply
 
 
-def reply_object(outcome: Outcome) -> dict[str, Any]:
-    """The reply as a dict with every key of ``REPLY_KEYS`` (``None`` when absent)."""
+def format_json_reply(outcome: Outcome) -> bytes:
+    """One JSON object and ``\\n``, printable ASCII: every key of ``REPLY_KEYS``, in order,
+    ``null`` when it does not apply."""
     rtt = outcome.rtt_ms
-    return {
+    reply = {
         "status": outcome.status.value,
         "code": outcome.code.value,
         "id": _value(outcome.id),
@@ -383,14 +287,8 @@ def reply_object(outcome: Outcome) -> dict[str, Any]:
         "retry_after": int(outcome.retry_after) if outcome.retry_after is not None else None,
         "explanation": safe_text(outcome.explanation) or None,
     }
+    return (json.dumps(reply, ensure_ascii=True, allow_nan=False) + "\n").encode("ascii")
 
 
 def _value(text: str | None) -> str | None:
     return safe_value(text) if text is not None else None
-
-
-def format_json_reply(outcome: Outcome) -> bytes:
-    """One JSON object and ``\\n``: printable ASCII (``ensure_ascii``), keys in ``REPLY_KEYS`` order."""
-    return (json.dumps(reply_object(outcome), ensure_ascii=True, allow_nan=False) + "\n").encode(
-        "ascii"
-    )

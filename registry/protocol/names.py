@@ -1,17 +1,10 @@
 """Student names, pure: which names are accepted, in which form, and why not.
 
-A class writes its names in many scripts (``josé``, ``李雷``, ``Ωmega``), so a
-name is letters and digits of any script plus the separators ``. _ @ -``
-(JSON names may also hold single inner spaces). It is normalised to Unicode
-NFC first: ``josé`` typed on a Mac (``e`` + combining acute, NFD) and on
-Linux (one precomposed ``é``) is one student, in the results and in the token
-the instructor hands out.
-
-Control and format characters are refused by name: a right-to-left override
-(U+202E) makes ``alice`` display as someone else's name in the instructor's
-terminal and grade sheet, and a zero-width space makes two names that look
-the same count as two students. The explanation says which character it is,
-as ``U+XXXX (NAME)``, in printable ASCII, so it survives every reply format.
+Letters and digits of any script plus ``. _ @ -``, in Unicode NFC, so
+``josé`` typed on a Mac and on Linux is one student (docs/protocol.md,
+"Student names"). Control and invisible characters are refused by name
+(``U+202E (RIGHT-TO-LEFT OVERRIDE)``, printable ASCII in every reply format):
+they make one name display as another's, or one student count as two.
 """
 
 from __future__ import annotations

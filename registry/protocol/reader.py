@@ -1,26 +1,15 @@
 """One registration request read from a stream, handed the time (sans-io).
 
-Both TCP drivers run the same reader: the per-connection path (net/tcp.py,
-one task awaiting its stream) and the waiting room (net/waiting.py, one epoll
-set for every admitted connection). A driver reads bytes, calls
-``feed(data, now)``, and otherwise sleeps until ``next_deadline`` and calls
-``tick(now)``. Each call returns ``None`` (not decided yet), the ``Request``,
-or the ``ProtocolError`` to answer; once decided, the reader is done. The
-rules, written once:
-
-- the first bytes choose the protocol (``sniff``);
-- the receiver frames the request: LF, EOF, the size cap (text.py, jsonl.py);
-- a request with no terminator (the lab's C++ client waits for the reply) is
-  framed once no byte has come for the quiet period, counted from the last
-  byte; a second look without a new byte would see the same buffer, so there
-  is none;
-- the total read deadline counts from ``arrived`` (accept, or connect for a
-  connection the kernel held) and wins a tie with the quiet period;
-- EOF before any byte is malformed.
-
-Errors come back as values with no traceback: kept (the waiting room holds a
-wave of them), a traceback would tie the caller's frames into a cycle that
-only the garbage collector frees.
+Both TCP drivers run it: net/tcp.py (a task awaiting its stream) and the
+waiting room (one epoll set). A driver calls ``feed(data, now)`` with what it
+read, else ``tick(now)`` at ``next_deadline``; each returns ``None`` (not yet),
+the ``Request`` or the ``ProtocolError`` to answer. The rules: the first bytes
+choose the protocol (``sniff``); LF, EOF or the size cap frame a request; one
+with no terminator (the lab's C++ client waits for the reply) is framed after
+the quiet period with no new byte; the total read deadline counts from
+``arrived`` (accept, or connect for one the kernel held) and wins a tie; EOF
+before any byte is malformed. Errors come back without a traceback: kept (the
+waiting room holds a wave), it would tie the caller's frames into a cycle.
 """
 
 from __future__ import annotations
@@ -37,13 +26,8 @@ Decision = Request | ProtocolError | None
 
 
 def sniff(first: bytes) -> Protocol:
-    """``Protocol.JSON`` if the first non-whitespace byte is ``{``, else ``Protocol.TEXT``.
-
-    JSON lines and the text format share the registration port; a JSON request
-    is an object, and no text request can start with ``{`` (a host is a digit,
-    a letter or ``[``). With only whitespace to look at, the answer is TEXT:
-    the text parser then reports the empty request.
-    """
+    """JSON if the first non-whitespace byte is ``{`` (no text request starts so: a
+    host is a digit, a letter or ``[``), else TEXT, whose parser reports an empty one."""
     return Protocol.JSON if first.lstrip(_WHITESPACE)[:1] == b"{" else Protocol.TEXT
 
 

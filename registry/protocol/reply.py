@@ -1,14 +1,9 @@
 """Reply lines: ``STATUS CODE [key=value ...] free text explanation``.
 
-Every reply is exactly one ASCII line ending in ``\\n``. Field values and the
-explanation may carry text that came from a student (a name, a token, the
-bytes they sent), so everything is sanitised here, in one place, so that no
-input can split the line, add a field, or smuggle terminal control bytes to the
-person reading the reply.
-
-The escaping helpers (``quote_input``, ``safe_value``, ``safe_text``) are also
-used by the request parser and the callback line, so every byte that leaves
-the registry goes through the same rules.
+Every reply is one ASCII line ending in ``\\n``. Values and explanations may
+carry a student's text, so it is sanitised here, in one place (the parsers and
+the callback line use the same helpers): no input can split the line, add a
+field, or drive the terminal of whoever reads the reply.
 """
 
 from __future__ import annotations
@@ -48,29 +43,19 @@ def _plain(text: str) -> bool:
 
 
 def _escape_capped(text: str, limit: int, escape: dict[str, str] | None = None) -> str:
-    """Escape ``text`` char by char; if the result exceeds ``limit`` chars, cut it with ``...``.
-
-    The cap applies to the output, not the input, so a string of emoji cannot
-    grow ten-fold through escaping; work stops after ``limit`` output chars.
-    """
+    """Escape ``text`` char by char; if the result exceeds ``limit`` chars, cut it with
+    ``...``. The cap is on the output: emoji cannot grow it ten-fold, and work stops there."""
     pieces: list[str] = []
-    used = 0
+    used = fits = 0  # fits: how many pieces leave room for the ellipsis
     for ch in text:
         piece = escape[ch] if escape and ch in escape else _escape_char(ch)
-        pieces.append(piece)
         used += len(piece)
         if used > limit:
-            break
-    else:
-        return "".join(pieces)
-    kept: list[str] = []
-    used = 0
-    for piece in pieces:
-        if used + len(piece) > limit - len(_ELLIPSIS):
-            break
-        kept.append(piece)
-        used += len(piece)
-    return "".join(kept) + _ELLIPSIS
+            return "".join(pieces[:fits]) + _ELLIPSIS
+        pieces.append(piece)
+        if used <= limit - len(_ELLIPSIS):
+            fits = len(pieces)
+    return "".join(pieces)
 
 
 def quote_input(text: str, limit: int = QUOTE_LIMIT) -> str:
@@ -118,43 +103,30 @@ class ParsedReply:
     explanation: str = ""
 
 
-STANDARD_KEYS = (
-    "id",
-    "target",
-    "observed",
-    "diagnosis",
-    "verified",
-    "rtt_ms",
-    "retry_after",
-    "corrected",
-)
+# The reply's keys, in their documented order; an extra key never takes one of these names.
+STANDARD_KEYS = tuple("id target observed diagnosis verified rtt_ms retry_after corrected".split())
 
 
 def _fields(outcome: Outcome) -> list[tuple[str, str]]:
     """The reply's key=value pairs, in the documented order."""
-    pairs: list[tuple[str, str]] = []
-    if outcome.id is not None:
-        pairs.append(("id", outcome.id))
-    if outcome.target is not None:
-        pairs.append(("target", outcome.target))
-    if outcome.observed is not None:
-        pairs.append(("observed", outcome.observed))
-    if outcome.diagnosis is not None:
-        pairs.append(("diagnosis", outcome.diagnosis.value))
-    if outcome.verified is not None:
-        pairs.append(("verified", "yes" if outcome.verified else "no"))
-    if outcome.rtt_ms is not None:
-        pairs.append(("rtt_ms", f"{outcome.rtt_ms:.1f}"))
-    if outcome.retry_after is not None:
-        pairs.append(("retry_after", str(int(outcome.retry_after))))
-    if outcome.corrected:
-        pairs.append(("corrected", "yes"))
-    # An extra key never takes a standard field's name, set or not: "id=" in a
-    # reply is always the registration's id (an extra "ID" would read as "id").
+    o = outcome
+    values = (
+        o.id,
+        o.target,
+        o.observed,
+        None if o.diagnosis is None else o.diagnosis.value,
+        None if o.verified is None else ("yes" if o.verified else "no"),
+        None if o.rtt_ms is None else f"{o.rtt_ms:.1f}",
+        None if o.retry_after is None else str(int(o.retry_after)),
+        "yes" if o.corrected else None,
+    )
+    pairs = [(key, v) for key, v in zip(STANDARD_KEYS, values, strict=True) if v is not None]
+    # Not even an unset one: "id=" in a reply is always the registration's id (an
+    # extra "ID" would read as "id"); a repeated key would make the reply ambiguous.
     seen = set(STANDARD_KEYS)
-    for key, value in outcome.extra:
+    for key, value in o.extra:
         clean = _safe_key(key)
-        if clean not in seen:  # a repeated key would make the reply ambiguous
+        if clean not in seen:
             seen.add(clean)
             pairs.append((clean, value))
     return pairs
@@ -179,13 +151,9 @@ def _explanation(text: str) -> str:
 
 
 def format_reply(outcome: Outcome) -> bytes:
-    """Format ``outcome`` as one reply line: ``b"STATUS CODE k=v ... explanation\\n"``.
-
-    Keys appear in this order when set: id, target, observed, diagnosis,
-    verified (yes|no), rtt_ms (one decimal), retry_after (int), corrected=yes,
-    then ``outcome.extra``. The result is printable ASCII with exactly one
-    newline, at the end, whatever text the outcome holds.
-    """
+    """``outcome`` as one reply line ``b"STATUS CODE k=v ... explanation\\n"`` (keys in
+    ``STANDARD_KEYS`` order when set, then ``outcome.extra``): printable ASCII with
+    exactly one newline, at the end, whatever text the outcome holds."""
     parts = [outcome.status.value, outcome.code.value]
     parts.extend(f"{key}={safe_value(value)}" for key, value in _fields(outcome))
     parts.append(_explanation(outcome.explanation))
@@ -201,22 +169,24 @@ def parse_reply(line: str | bytes) -> ParsedReply:
     explanation. A repeated key keeps its first value.
     """
     text = line.decode("utf-8", "replace") if isinstance(line, bytes) else line
-    text = text.removesuffix("\n").removesuffix("\r")
-    head = text.split(None, 1)
-    status = head[0] if head else ""
-    rest = head[1] if len(head) > 1 else ""
-    code = ""
-    nxt = rest.split(None, 1)
-    if nxt and "=" not in nxt[0]:
-        code, rest = nxt[0], (nxt[1] if len(nxt) > 1 else "")
+    status, rest = _word(text.removesuffix("\n").removesuffix("\r"))
+    code, after = _word(rest)
+    if "=" not in code:
+        rest = after
+    else:
+        code = ""
     fields: dict[str, str] = {}
     while rest:
-        token_rest = rest.split(None, 1)
-        token = token_rest[0]
-        after = token_rest[1] if len(token_rest) > 1 else ""
+        token, after = _word(rest)
         if "=" not in token:
             break
         key, _, value = token.partition("=")
         fields.setdefault(key, value)
         rest = after
     return ParsedReply(status=status, code=code, fields=fields, explanation=rest.strip())
+
+
+def _word(text: str) -> tuple[str, str]:
+    """The first whitespace-separated word of ``text`` and what follows it."""
+    parts = text.split(None, 1)
+    return (parts[0] if parts else ""), (parts[1] if len(parts) > 1 else "")

@@ -1,17 +1,11 @@
 """The lab's own registration format: ``HOST:PORT[ key=value ...]``, sans-io.
 
-Two layers, like h11: ``parse_line`` turns one complete line into a
-``Request`` (or raises ``ProtocolError`` with the reply code and an
-explanation a student can act on); ``TextReceiver`` frames bytes from a
-stream into that one line (LF, CR LF, EOF, or a quiet period chosen by the
-caller) with a hard size cap.
-
-Address spellings are taken literally. ``127.1``, ``0177.0.0.1``,
-``0x7f.0.0.1`` and ``2130706433`` all mean 127.0.0.1 to *some* resolvers and
-something else (or nothing) to others; a registry that reinterprets them can
-be steered somewhere its policy did not look. So only the canonical four-part
-decimal form is an IPv4 address here, and every other spelling is refused
-with the reason.
+``parse_line`` turns one line into a ``Request`` or raises ``ProtocolError``
+with the reply code and an explanation a student can act on;
+``TextReceiver`` frames it from a stream. Address spellings are taken
+literally: only the canonical four-part decimal form is IPv4, every other
+spelling (``127.1``, ``0x7f.0.0.1`` ...) is refused with the reason, never
+reinterpreted (SECURITY.md, "Parse strictly").
 """
 
 from __future__ import annotations
@@ -27,7 +21,9 @@ from registry.protocol.reply import quote_input
 
 EXAMPLE = "192.168.1.105:15000"
 EXAMPLE6 = "[2001:db8::1]:15000"
+_FIX, _FIX6 = f"write HOST:PORT, like {EXAMPLE}", f"write [IPv6]:PORT, like {EXAMPLE6}"
 DEFAULT_MAX_BYTES = 512
+KEYS = ("student", "token", "verify")  # what a request may add to HOST:PORT (UDP: and cookie)
 
 _SEP = re.compile(r"[ \t]+")
 # C0 controls except TAB (a separator), DEL, and the C1 range: none belongs in a
@@ -36,6 +32,7 @@ _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
 _DEC_OCTET = re.compile(r"(?:0|[1-9][0-9]{0,2})", re.ASCII)
 _DIGITS = re.compile(r"[0-9]+", re.ASCII)
 _HEX_PART = re.compile(r"0[xX][0-9a-fA-F]*", re.ASCII)
+_OCTAL_BAD = re.compile(r"0[0-7]*[89][0-9]*", re.ASCII)  # a leading zero, then 8 or 9
 _LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?", re.ASCII)
 _SECRET = re.compile(r"[\x21-\x7e]{1,128}", re.ASCII)
 _HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH", "CONNECT"})
@@ -67,14 +64,9 @@ def _malformed(explanation: str) -> ProtocolError:
 
 
 def parse_line(line: str | bytes, *, allow_cookie: bool = False) -> Request:
-    """Parse one registration line into a ``Request``.
-
-    One trailing ``"\\n"`` or ``"\\r\\n"`` is stripped. Raises ``ProtocolError``
-    (``Code.MALFORMED``) for anything that is not ``HOST:PORT[ key=value ...]``;
-    the explanation is one line of printable ASCII that quotes at most a short,
-    escaped piece of the input. ``cookie=`` is accepted only with
-    ``allow_cookie`` (the UDP transport).
-    """
+    """One registration line (one trailing LF or CR LF stripped) as a ``Request``;
+    ``ProtocolError(MALFORMED)`` explains in printable ASCII, quoting little of the
+    input. ``cookie=`` only with ``allow_cookie`` (the UDP transport)."""
     if isinstance(line, bytes):
         if line.endswith(b"\n"):
             line = line[:-1].removesuffix(b"\r")
@@ -85,15 +77,21 @@ def parse_line(line: str | bytes, *, allow_cookie: bool = False) -> Request:
 
 
 def _parse_body(body: bytes, allow_cookie: bool) -> Request:
-    """Decode the bytes of one request (terminator already removed) and parse them."""
+    return _parse_text(
+        decode(body, Code.MALFORMED, f"plain ASCII text like {EXAMPLE}"), allow_cookie
+    )
+
+
+def decode(body: bytes, code: Code, shape: str) -> str:
+    """``body`` as UTF-8, else ``ProtocolError(code)`` naming the first bad byte."""
     try:
-        text = body.decode("utf-8")
+        return body.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise _malformed(
+        raise ProtocolError(
+            code,
             f"request is not valid UTF-8 (byte 0x{body[exc.start]:02x} at offset {exc.start}); "
-            f"send plain ASCII text like {EXAMPLE}"
+            f"send {shape}",
         ) from None
-    return _parse_text(text, allow_cookie)
 
 
 def _parse_text(text: str, allow_cookie: bool) -> Request:
@@ -145,18 +143,14 @@ def _parse_hostport(token: str) -> tuple[IPAddress | str, int]:
             f"write for example {EXAMPLE} student=NAME"
         )
     if ":" not in token:
-        raise _malformed(f"{quote_input(token)} has no port; write HOST:PORT, like {EXAMPLE}")
+        raise _malformed(f"{quote_input(token)} has no port; {_FIX}")
     if token.count(":") > 1:
         raise _malformed(_explain_colons(token))
     host_text, _, port_text = token.partition(":")
     if not host_text:
-        raise _malformed(
-            f"missing host before {quote_input(token)}; write HOST:PORT, like {EXAMPLE}"
-        )
+        raise _malformed(f"missing host before {quote_input(token)}; {_FIX}")
     if not port_text:
-        raise _malformed(
-            f"missing port after {quote_input(token)}; write HOST:PORT, like {EXAMPLE}"
-        )
+        raise _malformed(f"missing port after {quote_input(token)}; {_FIX}")
     return parse_host(host_text), _parse_port(port_text)
 
 
@@ -164,17 +158,14 @@ def _explain_colons(token: str) -> str:
     """More than one ':' without brackets: usually an IPv6 address written bare."""
     host, _, _ = token.rpartition(":")
     if _is_ipv6(token):
-        return (
-            f"{quote_input(token)} looks like an IPv6 address without brackets or port; "
-            f"write [IPv6]:PORT, like {EXAMPLE6}"
-        )
+        return f"{quote_input(token)} looks like an IPv6 address without brackets or port; {_FIX6}"
     if _is_ipv6(host):
         return (
             f"IPv6 addresses must be in brackets so the port can be told apart: "
             f"write {quote_input(token)} as [IPv6]:PORT, like {EXAMPLE6}"
         )
     return (
-        f"{quote_input(token)} has more than one ':'; write HOST:PORT, like {EXAMPLE}, "
+        f"{quote_input(token)} has more than one ':'; {_FIX}, "
         f"with IPv6 in brackets, like {EXAMPLE6}"
     )
 
@@ -191,19 +182,13 @@ def _parse_bracketed(token: str) -> tuple[IPAddress, int]:
     """``[IPv6]:PORT``: no zone ids, no IPv4 in brackets."""
     inner, closed, after = token[1:].partition("]")
     if not closed:
-        raise _malformed(
-            f"{quote_input(token)} has no closing ']'; write [IPv6]:PORT, like {EXAMPLE6}"
-        )
+        raise _malformed(f"{quote_input(token)} has no closing ']'; {_FIX6}")
     if not after:
-        raise _malformed(f"{quote_input(token)} has no port; write [IPv6]:PORT, like {EXAMPLE6}")
+        raise _malformed(f"{quote_input(token)} has no port; {_FIX6}")
     if not after.startswith(":"):
-        raise _malformed(
-            f"expected ':' after ']' in {quote_input(token)}; write [IPv6]:PORT, like {EXAMPLE6}"
-        )
+        raise _malformed(f"expected ':' after ']' in {quote_input(token)}; {_FIX6}")
     if not after[1:]:
-        raise _malformed(
-            f"missing port after {quote_input(token)}; write [IPv6]:PORT, like {EXAMPLE6}"
-        )
+        raise _malformed(f"missing port after {quote_input(token)}; {_FIX6}")
     return parse_ipv6(inner), _parse_port(after[1:])
 
 
@@ -216,7 +201,7 @@ def parse_ipv6(inner: str) -> Address:
             "without a zone (not link-local fe80::)"
         )
     if not inner:
-        raise _malformed(f"empty brackets; write [IPv6]:PORT, like {EXAMPLE6}")
+        raise _malformed(f"empty brackets; {_FIX6}")
     if _DIGITS.fullmatch(inner.replace(".", "")) and "." in inner:
         raise _malformed(
             f"brackets are for IPv6 only; write IPv4 {quote_input(inner)} without them, "
@@ -226,8 +211,7 @@ def parse_ipv6(inner: str) -> Address:
         return Address6(inner)
     except ValueError:
         raise _malformed(
-            f"{quote_input('[' + inner + ']')} is not a valid IPv6 address; "
-            f"write [IPv6]:PORT, like {EXAMPLE6}"
+            f"{quote_input('[' + inner + ']')} is not a valid IPv6 address; {_FIX6}"
         ) from None
 
 
@@ -269,7 +253,7 @@ def parse_host(text: str) -> IPAddress | str:
     if problem:
         raise _malformed(
             f"{quote_input(text)} is neither an IPv4 address nor a valid hostname ({problem}); "
-            f"write HOST:PORT, like {EXAMPLE}"
+            f"{_FIX}"
         )
     return name.lower()
 
@@ -332,27 +316,16 @@ def _explain_ipv4(text: str) -> str:
 
 def _inet_aton(parts: list[str]) -> ipaddress.IPv4Address | None:
     """What BSD ``inet_aton`` would make of numeric ``parts`` (for explanations only)."""
-    if len(parts) > 4:
+    # Over 12 characters is far beyond 32 bits in any base: skip the big-int work.
+    if len(parts) > 4 or any(len(p) > 12 or _OCTAL_BAD.fullmatch(p) for p in parts):
         return None
-    values: list[int] = []
-    for part in parts:
-        if len(part) > 12:  # far beyond 32 bits in any base; skip the big-int work
-            return None
-        if _HEX_PART.fullmatch(part):
-            values.append(int(part[2:] or "0", 16))
-        elif len(part) > 1 and part.startswith("0"):
-            if not re.fullmatch(r"0[0-7]+", part):
-                return None
-            values.append(int(part, 8))
-        else:
-            values.append(int(part))
-    *head, last = values
+    *head, last = [
+        int(p[2:] or "0", 16) if _HEX_PART.fullmatch(p) else int(p, 8 if p[:1] == "0" else 10)
+        for p in parts
+    ]
     if any(v > 255 for v in head) or last >= 1 << (8 * (4 - len(head))):
         return None
-    number = last
-    for i, v in enumerate(head):
-        number |= v << (8 * (3 - i))
-    return ipaddress.IPv4Address(number)
+    return ipaddress.IPv4Address(sum(v << (8 * (3 - i)) for i, v in enumerate(head)) + last)
 
 
 # ---------------------------------------------------------------------------- keys
@@ -360,9 +333,7 @@ def _inet_aton(parts: list[str]) -> ipaddress.IPv4Address | None:
 
 def _parse_keys(tokens: list[str], allow_cookie: bool) -> dict[str, object]:
     """Parse the ``key=value`` tokens after HOST:PORT into Request keyword arguments."""
-    known = (
-        ("student", "token", "verify", "cookie") if allow_cookie else ("student", "token", "verify")
-    )
+    known = KEYS + ("cookie",) if allow_cookie else KEYS
     found: dict[str, object] = {}
     for token in tokens:
         key, eq, value = token.partition("=")
@@ -385,18 +356,27 @@ def _parse_keys(tokens: list[str], allow_cookie: bool) -> dict[str, object]:
 
 
 def _parse_value(key: str, value: str) -> object:
-    if key == "student":
-        try:
-            return normalise(value)
-        except BadName as exc:
-            raise _malformed(f"student name {quote_input(value, 30)} {exc}") from None
     if key == "verify":
         if value not in ("yes", "no"):
             raise _malformed(f"verify={quote_input(value, 20)} must be verify=yes or verify=no")
         return value == "yes"
+    try:
+        return check_value(key, value)
+    except ValueError as exc:
+        raise _malformed(f"{'student name' if key == 'student' else key} {exc}") from None
+
+
+def check_value(key: str, value: str, *, spaces: bool = False) -> str:
+    """A ``student`` (NFC), ``token`` or ``cookie`` value, the same rule in every
+    grammar; ``ValueError`` says what is wrong, for the grammar to put its way."""
+    if key == "student":
+        try:
+            return normalise(value, spaces=spaces)
+        except BadName as exc:
+            raise ValueError(f"{quote_input(value, 30)} {exc}") from None
     # token and cookie are secrets: never echo them back, not even in part.
     if not _SECRET.fullmatch(value):
-        raise _malformed(f"{key} must be 1-128 printable ASCII characters without spaces")
+        raise ValueError("must be 1-128 printable ASCII characters without spaces")
     return value
 
 
@@ -404,23 +384,33 @@ def _parse_value(key: str, value: str) -> object:
 
 
 class OneRequestReceiver:
-    """What every registration receiver shares: one request per connection.
+    """Frame one request per connection from a byte stream (h11-style); the base of
+    ``TextReceiver`` and ``jsonl.JsonReceiver``, which add only their grammar.
 
-    Subclasses fill ``_buf`` and set ``_result`` once; after that the result
-    is fixed: ``next_event`` returns the same ``Request`` (or raises an equal
+    ``receive_data`` adds bytes (``b""``: EOF or half-close); ``next_event``
+    gives the result. The request ends at the first LF (CR LF accepted, later
+    bytes ignored), at EOF, or at ``quiet`` (the caller's quiet period passed)
+    when ``_complete`` says the buffer may hold a request. More than
+    ``max_bytes`` before the LF is ``TOO_LONG`` at once, and no more are ever
+    held. Once complete, the result is fixed: the same ``Request`` (or an equal
     ``ProtocolError``) on every call.
     """
+
+    _SKIP = b""  # bytes skipped before the request starts (they still count to the cap)
+    _EMPTY: tuple[Code, str]  # the error for a request of only whitespace
+    _SEND: str  # what to send instead of too long a request
 
     def __init__(self, max_bytes: int) -> None:
         if max_bytes < 1:
             raise ValueError("max_bytes must be at least 1")
         self._max = max_bytes
         self._buf = bytearray()
+        self._seen = 0  # every byte before the terminator, skipped ones included
         self._result: Request | ProtocolError | None = None
 
     @property
     def buffered(self) -> int:
-        """How many request bytes are held (terminator excluded)."""
+        """How many request bytes are held (terminator and skipped bytes excluded)."""
         return len(self._buf)
 
     def next_event(self) -> Request | NeedData:
@@ -432,24 +422,6 @@ class OneRequestReceiver:
             raise ProtocolError(result.code, result.explanation)
         return result
 
-
-class TextReceiver(OneRequestReceiver):
-    """Frame one text request from a byte stream (h11-style, one request per connection).
-
-    Feed bytes with ``receive_data`` (``b""`` = EOF or half-close) and ask
-    ``next_event`` for the result. The request ends at the first LF (CR LF
-    accepted; later bytes are ignored), at EOF, or when the caller's quiet
-    period passes (``quiet``). More than ``max_bytes`` before the LF is
-    ``TOO_LONG`` at once, and no more than ``max_bytes`` are ever held.
-
-    Once complete, the result is fixed: ``next_event`` returns the same
-    ``Request`` (or raises an equal ``ProtocolError``) on every call.
-    """
-
-    def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES, *, allow_cookie: bool = False) -> None:
-        super().__init__(max_bytes)
-        self._allow_cookie = allow_cookie
-
     def receive_data(self, data: bytes) -> None:
         """Add bytes from the peer; ``b""`` means the peer closed or half-closed."""
         if self._result is not None:
@@ -457,40 +429,55 @@ class TextReceiver(OneRequestReceiver):
         if not data:
             self._finish(lf=False)
             return
+        if self._SKIP and not self._buf:
+            kept = data.lstrip(self._SKIP)
+            self._seen += len(data) - len(kept)
+            data = kept
         cut = data.find(b"\n")
         chunk = data if cut < 0 else data[:cut]
-        room = self._max - len(self._buf)
-        if len(chunk) > room:
-            self._buf += chunk[:room]
-            self._result = ProtocolError(
-                Code.TOO_LONG,
-                f"request longer than {self._max} bytes; send one short line "
-                f"HOST:PORT[ key=value ...], like {EXAMPLE}",
-            )
+        self._seen += len(chunk)
+        if self._seen > self._max:
+            why = f"request longer than {self._max} bytes; {self._SEND}"
+            self._result = ProtocolError(Code.TOO_LONG, why)
             return
         self._buf += chunk
         if cut >= 0:
             self._finish(lf=True)
 
     def quiet(self) -> Request | NeedData:
-        """The quiet period passed with no new byte: take what is buffered as the request.
-
-        Only whitespace (or nothing) buffered is not a request yet: ``NEED_DATA``,
-        and the caller keeps waiting until its total deadline.
-        """
-        if self._result is None and self._buf.strip(_WHITESPACE):
+        """The quiet period passed with no new byte: take the buffer if it may be a
+        request; else ``NEED_DATA``, and the caller waits until its total deadline."""
+        if self._result is None and self._complete():
             self._finish(lf=False)
         return self.next_event()
 
+    def _complete(self) -> bool:
+        return bool(self._buf.strip(_WHITESPACE))  # only whitespace is no request yet
+
+    def _parse(self, body: bytes) -> Request:
+        raise NotImplementedError
+
     def _finish(self, *, lf: bool) -> None:
-        body = bytes(self._buf)
-        if lf:
-            body = body.removesuffix(b"\r")
+        body = bytes(self._buf).removesuffix(b"\r") if lf else bytes(self._buf)
         try:
             if not body.strip(_WHITESPACE):
-                raise _malformed(f"empty request; send one line HOST:PORT, like {EXAMPLE}")
-            self._result = _parse_body(body, self._allow_cookie)
+                raise ProtocolError(*self._EMPTY)
+            self._result = self._parse(body)
         except ProtocolError as exc:
             # Without its traceback: kept, it would tie this receiver and the parser's
             # frames into a reference cycle that only the garbage collector frees.
             self._result = exc.with_traceback(None)
+
+
+class TextReceiver(OneRequestReceiver):
+    """Frame one text request (see ``OneRequestReceiver``)."""
+
+    _EMPTY = (Code.MALFORMED, f"empty request; send one line HOST:PORT, like {EXAMPLE}")
+    _SEND = f"send one short line HOST:PORT[ key=value ...], like {EXAMPLE}"
+
+    def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES, *, allow_cookie: bool = False) -> None:
+        super().__init__(max_bytes)
+        self._allow_cookie = allow_cookie
+
+    def _parse(self, body: bytes) -> Request:
+        return _parse_body(body, self._allow_cookie)

@@ -1,18 +1,8 @@
 """SQLite results store: one row per registration, committed before its reply.
 
-``Store`` is the synchronous core: one ``sqlite3`` connection, WAL journal,
-``synchronous=FULL`` (an acknowledged reply survives SIGKILL and power loss),
-a ``busy_timeout``, and a schema upgraded through ``PRAGMA user_version``.
-
-``AsyncStore`` (``store/aio.py``) is the trio face the daemon uses. Threading
-choice: every call on the connection runs on one dedicated thread (cheaper
-per call than ``trio.to_thread``), never on the event loop, holding a
-``CapacityLimiter(1)`` that a test can take to pause the store. Writes are
-group-committed: one writer task drains a memory channel and writes
-everything queued in one transaction, then wakes every waiter; ``record()`` returns only after its
-row has committed (SPEC promise 6). The same writer checkpoints the WAL
-between commits, after it has woken the waiters, so no reply waits for a
-checkpoint (see ``AsyncStore``).
+One ``sqlite3`` connection, WAL journal, ``synchronous=FULL`` (an acknowledged
+reply survives SIGKILL and power loss), a ``busy_timeout``, and a schema
+upgraded through ``PRAGMA user_version``. ``store/aio.py`` is the trio face.
 """
 
 from __future__ import annotations
@@ -30,6 +20,7 @@ from typing import Any
 
 import structlog
 
+from registry.admin.core.grading import STATUS_RANK
 from registry.errors import RegistryError
 from registry.model import Outcome, Protocol
 
@@ -37,9 +28,6 @@ log = structlog.get_logger(component="store")
 
 
 BUSY_TIMEOUT_MS = 5000
-
-# Best first: the grading summary ranks a student's attempts by these.
-STATUS_RANK: dict[str, int] = {"OK": 0, "FAILED": 1, "DENIED": 2, "BUSY": 3, "ERROR": 4}
 
 
 def _lock_within(fd: int, seconds: float) -> None:
@@ -205,12 +193,9 @@ _INSERT = (
 
 def _to_row(record: Record) -> tuple[Any, ...]:
     # getattr, not dataclasses.astuple: astuple deep-copies every field, and this
-    # runs once per registration (holding the GIL the event loop needs).
-    row = [getattr(record, name) for name in COLUMNS]
-    verified = COLUMNS.index("verified")
-    row[verified] = None if record.verified is None else int(record.verified)
-    row[COLUMNS.index("corrected")] = int(record.corrected)
-    return tuple(row)
+    # runs once per registration (holding the GIL the event loop needs). sqlite3
+    # stores the booleans as 1 and 0.
+    return tuple([getattr(record, name) for name in COLUMNS])
 
 
 def _from_row(row: Sequence[Any]) -> Record:
@@ -247,30 +232,28 @@ _SOURCE_SQL = (
 )
 
 # f: the filtered rows with their rank and group (the name, or for a nameless row its
-# source IP); b: each group's best row (best rank, then the most recent); l: each
-# group's most recent row.
+# source IP); n: each row numbered within its group twice, best first (best rank, then
+# the most recent) and newest first; then one row per group.
 _SUMMARY_SQL = """
 WITH f AS (
     SELECT student, status, code, explanation, received_at, verified, seq, {rank} AS rank,
            CASE WHEN student IS NULL THEN {source} END AS source
     FROM registrations{where}
-), b AS (
-    SELECT student, source, code, rank, ROW_NUMBER() OVER (
-        PARTITION BY student, source ORDER BY rank, received_at DESC, seq DESC) AS n
-    FROM f
-), l AS (
-    SELECT student, source, status, code, explanation, ROW_NUMBER() OVER (
-        PARTITION BY student, source ORDER BY received_at DESC, seq DESC) AS n
+), n AS (
+    SELECT *,
+        ROW_NUMBER() OVER (PARTITION BY student, source ORDER BY rank, received_at DESC, seq DESC)
+            AS best,
+        ROW_NUMBER() OVER (PARTITION BY student, source ORDER BY received_at DESC, seq DESC)
+            AS newest
     FROM f
 )
-SELECT f.student, COUNT(*), SUM(f.status = 'OK'), b.rank, b.code,
-       MIN(CASE WHEN f.status = 'OK' THEN f.received_at END), MAX(f.received_at),
-       MAX(COALESCE(f.verified, 0)), f.source, l.status, l.code, l.explanation
-FROM f
-JOIN b ON b.student IS f.student AND b.source IS f.source AND b.n = 1
-JOIN l ON l.student IS f.student AND l.source IS f.source AND l.n = 1
-GROUP BY f.student, f.source
-ORDER BY f.student IS NULL, f.student COLLATE NOCASE, f.student, f.source
+SELECT student, COUNT(*), SUM(status = 'OK'), MIN(rank), MAX(CASE WHEN best = 1 THEN code END),
+       MIN(CASE WHEN status = 'OK' THEN received_at END), MAX(received_at),
+       MAX(COALESCE(verified, 0)), source, MAX(CASE WHEN newest = 1 THEN status END),
+       MAX(CASE WHEN newest = 1 THEN code END), MAX(CASE WHEN newest = 1 THEN explanation END)
+FROM n
+GROUP BY student, source
+ORDER BY student IS NULL, student COLLATE NOCASE, student, source
 """
 
 
@@ -454,27 +437,10 @@ class Store:
         "grading"): attempts, successes, best outcome, first success, last attempt."""
         where, params = _where(since, student)
         sql = _SUMMARY_SQL.format(rank=_RANK_SQL, source=_SOURCE_SQL, where=where)
-        rows = self._db.execute(sql, params)
         return [
-            StudentSummary(
-                student=name,
-                attempts=attempts,
-                successes=successes or 0,
-                best_status=_RANK_NAME.get(rank, "?"),
-                best_code=code,
-                first_success_at=first_ok,
-                last_attempt_at=last,
-                verified_ever=bool(verified),
-                source=source,
-                last_status=last_status,
-                last_code=last_code,
-                last_explanation=last_explanation,
-            )
-            for (
-                name, attempts, successes, rank, code, first_ok, last, verified,
-                source, last_status, last_code, last_explanation,
-            ) in rows
-        ]  # fmt: skip
+            StudentSummary(name, n, ok, _RANK_NAME.get(rank, "?"), code, first, last, bool(v), *now)
+            for name, n, ok, rank, code, first, last, v, *now in self._db.execute(sql, params)
+        ]
 
     def purge_older_than(self, cutoff: float) -> int:
         """Delete records received before ``cutoff`` (epoch seconds); return how many."""
@@ -500,14 +466,10 @@ class Store:
             os.close(lock)
 
 
-from registry.store.aio import AsyncStore  # noqa: E402  (it builds on Store, above)
-
 __all__ = [
     "COLUMNS",
     "MIGRATIONS",
     "SCHEMA_VERSION",
-    "STATUS_RANK",
-    "AsyncStore",
     "Record",
     "Store",
     "StoreError",

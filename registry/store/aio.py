@@ -15,7 +15,6 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from types import TracebackType
 from typing import Any, TypeVar
 
 import structlog
@@ -36,18 +35,11 @@ def checkpoint_due(commits: int, idle: bool, *, idle_after: int, max_after: int)
     return commits >= max_after or (idle and commits >= idle_after)
 
 
-# --- trio wrapper -------------------------------------------------------------
-
-
 class _SqliteThread:
-    """One dedicated thread that runs every sqlite call, one at a time.
-
-    Cheaper per call than ``trio.to_thread.run_sync`` (measured pinned to one
-    core: ~36 against ~55 µs of CPU for an empty call), and each registration
-    makes one: the job goes over a SimpleQueue and the result comes back
-    through the trio token. Not abortable, like ``to_thread``'s default: a
-    sqlite call cannot be stopped midway, so a cancelled caller waits for it.
-    """
+    """One dedicated thread that runs every sqlite call, one at a time: jobs over a
+    SimpleQueue, results back through the trio token (~36 against ``to_thread``'s
+    ~55 µs of CPU a call, pinned). Not abortable, like ``to_thread``'s default: a
+    sqlite call cannot be stopped midway, so a cancelled caller waits for it."""
 
     def __init__(self) -> None:
         self._token = trio.lowlevel.current_trio_token()
@@ -73,7 +65,7 @@ class _SqliteThread:
         await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
         if job.error is not None:
             raise job.error
-        return job.value  # type: ignore[no-any-return]
+        return job.value
 
     def stop(self) -> None:
         self._jobs.put(None)
@@ -100,10 +92,11 @@ class _Waiter:
 class AsyncStore:
     """The store for trio code: sqlite runs in one thread of its own, one call at a time.
 
-    ``async with AsyncStore(path) as store:`` opens (and migrates) the file on the
-    store's thread and runs the writer task, and the purge task when
-    ``retention`` (seconds) is positive, in a nursery it owns. Leaving the block
-    writes whatever is still queued, then closes the connection.
+    ``async with AsyncStore(path) as store:`` opens (and migrates) the file and
+    runs the writer task, and the purge task when ``retention`` (seconds) is
+    positive. Leaving the block writes whatever is queued, then closes. Each
+    query method is its ``Store`` namesake, run on the store's thread; holding
+    ``limiter`` (every sqlite call passes it) pauses the store.
     """
 
     def __init__(
@@ -138,28 +131,18 @@ class AsyncStore:
         self._uncheckpointed = 0  # commits since the last checkpoint
         self.batches = 0  # write transactions attempted by the writer (group-commit evidence)
         self.purges = 0  # retention purges completed
-        self._limiter = trio.CapacityLimiter(1)
+        self.limiter = trio.CapacityLimiter(1)
         self._thread: _SqliteThread | None = None
         self._store: Store | None = None
         self._send: trio.MemorySendChannel[tuple[Record, _Waiter]] | None = None
         self._cm: Any = None
 
-    @property
-    def limiter(self) -> trio.CapacityLimiter:
-        """The CapacityLimiter(1) every sqlite call passes; holding it pauses the store."""
-        return self._limiter
-
     async def __aenter__(self) -> AsyncStore:
         self._cm = self._lifetime()
-        return await self._cm.__aenter__()  # type: ignore[no-any-return]
+        return await self._cm.__aenter__()
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool | None:
-        return await self._cm.__aexit__(exc_type, exc, tb)  # type: ignore[no-any-return]
+    async def __aexit__(self, *exc: object) -> bool | None:
+        return await self._cm.__aexit__(*exc)
 
     @asynccontextmanager
     async def _lifetime(self) -> AsyncIterator[AsyncStore]:
@@ -200,18 +183,19 @@ class AsyncStore:
         """``fn()`` on the store's thread, holding the limiter."""
         assert self._thread is not None
         try:
-            self._limiter.acquire_nowait()  # no scheduler round when it is free
+            self.limiter.acquire_nowait()  # no scheduler round when it is free
         except trio.WouldBlock:
-            await self._limiter.acquire()
+            await self.limiter.acquire()
         try:
             return await self._thread.run(fn)
         finally:
-            self._limiter.release()
+            self.limiter.release()
 
-    async def _call(self, fn: Callable[..., T], /, **kwargs: Any) -> T:
+    async def _call(self, name: str, /, **kwargs: Any) -> Any:
+        """``Store.name(**kwargs)`` on the store's thread."""
         if self._store is None:
             raise StoreError("the results store is not open")
-        return await self._run(functools.partial(fn, **kwargs) if kwargs else fn)
+        return await self._run(functools.partial(getattr(self._store, name), **kwargs))
 
     async def _writer(self, receive: trio.MemoryReceiveChannel[tuple[Record, _Waiter]]) -> None:
         async with receive:
@@ -234,20 +218,18 @@ class AsyncStore:
     async def _checkpoint(self) -> None:
         # The batch's waiters are already woken: their replies go out while this
         # runs; only a record queued meanwhile waits for it.
-        assert self._store is not None
         self._uncheckpointed = 0
         try:
-            await self._call(self._store.checkpoint)
+            await self._call("checkpoint")
         except sqlite3.Error as e:  # housekeeping: the rows are already committed
             log.error("store_checkpoint_failed", error=repr(e))
             return
         self.checkpoints += 1
 
     async def _commit(self, batch: list[tuple[Record, _Waiter]]) -> None:
-        assert self._store is not None
         error: BaseException | None = StoreError("the results store shut down before writing")
         try:
-            await self._call(self._store.record_many, records=[r for r, _ in batch])
+            await self._call("record_many", records=[r for r, _ in batch])
             error = None
         except Exception as e:
             error = e
@@ -260,19 +242,12 @@ class AsyncStore:
                 waiter.done.set()
 
     async def record(self, record: Record) -> None:
-        """Queue ``record``; return once its transaction has committed.
-
-        Raises StoreError (its ``__cause__`` the sqlite error) if the batch it
-        was written in failed, or if the store is closed.
-        """
         await self.record_many((record,))
 
     async def record_many(self, records: Sequence[Record]) -> None:
-        """Queue every record; return once all of them have committed (one await).
-
-        The writer groups them into as few transactions as ``max_batch``
-        allows. Raises StoreError for the first record that failed.
-        """
+        """Queue every record; return once all of them have committed (in as few
+        transactions as ``max_batch`` allows). Raises StoreError (its ``__cause__``
+        the sqlite error) for the first that failed, or if the store is closed."""
         if self._send is None:
             raise StoreError("the results store is not open")
         waiters = []
@@ -292,45 +267,31 @@ class AsyncStore:
                 raise StoreError(f"could not record {record.id}: {waiter.error}") from waiter.error
 
     async def query(
-        self,
-        *,
-        since: float | None = None,
-        student: str | None = None,
-        limit: int | None = None,
+        self, *, since: float | None = None, student: str | None = None, limit: int | None = None
     ) -> list[Record]:
-        """``Store.query`` in the store's thread."""
-        return await self._call(self._require().query, since=since, student=student, limit=limit)
+        return await self._call("query", since=since, student=student, limit=limit)
 
     async def last_seq(self) -> int:
-        return await self._call(self._require().last_seq)
+        return await self._call("last_seq")
 
     async def after(self, seq: int, limit: int = 1000) -> tuple[int, list[Record]]:
-        """``Store.after`` in the store's thread."""
-        return await self._call(self._require().after, seq=seq, limit=limit)
+        return await self._call("after", seq=seq, limit=limit)
 
     async def summary(
         self, *, since: float | None = None, student: str | None = None
     ) -> list[StudentSummary]:
-        """``Store.summary`` in the store's thread."""
-        return await self._call(self._require().summary, since=since, student=student)
+        return await self._call("summary", since=since, student=student)
 
     async def purge_older_than(self, cutoff: float) -> int:
-        """``Store.purge_older_than`` in the store's thread."""
-        return await self._call(self._require().purge_older_than, cutoff=cutoff)
+        return await self._call("purge_older_than", cutoff=cutoff)
 
     async def count(self) -> int:
-        return await self._call(self._require().count)
+        return await self._call("count")
 
     async def count_by_status(
         self, *, since: float | None = None, student: str | None = None
     ) -> dict[str, int]:
-        """``Store.count_by_status`` in the store's thread."""
-        return await self._call(self._require().count_by_status, since=since, student=student)
-
-    def _require(self) -> Store:
-        if self._store is None:
-            raise StoreError("the results store is not open")
-        return self._store
+        return await self._call("count_by_status", since=since, student=student)
 
     async def _purge_once(self) -> None:
         cutoff = self.wallclock() - self.retention

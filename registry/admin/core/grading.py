@@ -17,15 +17,15 @@ import csv
 import io
 import ipaddress
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Protocol
 
-from registry.config import Config, roster_text
+from registry.config import Config, read_text
 from registry.errors import ConfigError
 from registry.policy.addresses import Address
 from registry.protocol.names import BadName, normalise
 
-# Best first, as store.STATUS_RANK (a test keeps the two equal; this module stays pure).
+# Best first: a student's best attempt (here, and in the store's summary SQL).
 STATUS_RANK: dict[str, int] = {"OK": 0, "FAILED": 1, "DENIED": 2, "BUSY": 3, "ERROR": 4}
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 MAX_ROSTER_ROWS = 5000
@@ -125,11 +125,15 @@ def parse_roster(text: str, path: str) -> Roster:
     return Roster(path, tuple(entries))
 
 
+def read_roster(path: str) -> Roster:
+    """The roster file at ``path``; ConfigError names the file, and the line of every bad
+    row. Over 4 MiB is refused, never cut mid-row (thousands of students fit)."""
+    return parse_roster(read_text(path, "class.roster", 4 << 20), path)
+
+
 def load_roster(cfg: Config) -> Roster | None:
-    """The roster named by ``[class] roster`` (None without one); ConfigError names the
-    file, and the line of every bad row."""
-    found = roster_text(cfg)
-    return None if found is None else parse_roster(found[1], found[0])
+    """The roster named by ``[class] roster``, None without one."""
+    return read_roster(cfg.class_.roster) if cfg.class_.roster else None
 
 
 # --- grade rows ---------------------------------------------------------------------------
@@ -167,7 +171,7 @@ class GradeRow:
     verified_ever: bool = False
     last_status: str | None = None
     last_code: str | None = None
-    last_words: str | None = None  # the last outcome in plain words (the explanation)
+    last_explanation: str | None = None  # the last outcome in plain words
     on_roster: bool = False
 
     @property
@@ -180,20 +184,10 @@ class GradeRow:
 
 
 def _row(s: Group) -> GradeRow:
-    return GradeRow(
-        student=s.student,
-        source=s.source if s.student is None else None,
-        attempts=s.attempts,
-        successes=s.successes,
-        best_status=s.best_status,
-        best_code=s.best_code,
-        first_success_at=s.first_success_at,
-        last_attempt_at=s.last_attempt_at,
-        verified_ever=s.verified_ever,
-        last_status=s.last_status,
-        last_code=s.last_code,
-        last_words=s.last_explanation,
+    row = GradeRow(
+        **{f.name: getattr(s, f.name) for f in fields(GradeRow) if f.name != "on_roster"}
     )
+    return row if s.student is None else replace(row, source=None)
 
 
 def _rank(status: str | None) -> int:
@@ -219,7 +213,7 @@ def merge(a: GradeRow, b: GradeRow) -> GradeRow:
         verified_ever=a.verified_ever or b.verified_ever,
         last_status=last.last_status,
         last_code=last.last_code,
-        last_words=last.last_words,
+        last_explanation=last.last_explanation,
     )
 
 

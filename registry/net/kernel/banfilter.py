@@ -33,8 +33,8 @@ import structlog
 import trio
 
 from registry.defense.bans import Ban, BanList
-from registry.defense.ratelimit import SourceKey
-from registry.defense.silence import SilentGuard
+from registry.defense.ratelimit import source_network
+from registry.defense.window import SilentGuard
 from registry.net.kernel.classic import attach, drop_program, insn_budget, pack
 from registry.net.kernel.ebpf import EbpfBans
 
@@ -82,7 +82,7 @@ class BanFilter:
     ):
         self.socks = list(socks)
         self.bans = bans
-        # When it is on, the filter also drops bare handshake ACKs (registry/defense/silence.py).
+        # When it is on, the filter also drops bare handshake ACKs (registry/defense/window.py).
         self.silent = silent or SilentGuard(0, 0.0)
         self.dropping = False  # what the next apply puts in the kernel
         self._dropped = False  # what the listeners' filter does now
@@ -92,8 +92,8 @@ class BanFilter:
         self._truncated = False  # some bans did not fit the filter last time
         self._applied = 0  # the BanList version the sockets carry (0: no filter, no bans)
         self._ebpf: EbpfBans | None = None
-        self._in_map: set[SourceKey] = set()  # the eBPF map's keys
-        self._unfitted: dict[SourceKey, None] = {}  # banned, but the map was full
+        self._in_map: set[int] = set()  # the eBPF map's keys
+        self._unfitted: dict[int, None] = {}  # banned, but the map was full
         self._wait = trio.CancelScope()
 
     @property
@@ -174,7 +174,7 @@ class BanFilter:
                 "bans_lifted",
                 reason=reason,
                 count=len(lifted),
-                sources=[str(ban.key) for ban in lifted[:LOGGED_SOURCES]],
+                sources=[str(ban.network) for ban in lifted[:LOGGED_SOURCES]],
                 banned=len(self.bans),
             )
 
@@ -189,7 +189,7 @@ class BanFilter:
         if not self.available:
             self._dropped = self.dropping  # nothing to change: the wish is all there is
             return
-        keys = [ban.key for ban in self.bans.active()]
+        keys = [ban.network for ban in self.bans.active()]
         program, held = drop_program(keys, self.budget, drop_silent=self.dropping)
         packed = pack(program)
         try:
@@ -235,7 +235,7 @@ class BanFilter:
             if key not in self._in_map:
                 continue
             try:
-                self._ebpf.remove(key)
+                self._ebpf.remove(source_network(key))
             except OSError as e:
                 self._failed(e)
                 return
@@ -251,7 +251,7 @@ class BanFilter:
                 self._unfitted[key] = None
                 continue
             try:
-                self._ebpf.add(key)
+                self._ebpf.add(source_network(key))
             except OSError as e:
                 if e.errno not in (errno.E2BIG, errno.ENOMEM, errno.ENOSPC):
                     self._failed(e)

@@ -15,7 +15,7 @@ import struct
 from pathlib import Path
 from typing import Protocol
 
-from registry.defense.ratelimit import SourceKey as Key
+from registry.defense.ratelimit import SourceNetwork as Key
 from registry.net.kernel.rules import ACCEPT, BARE_ACK, DROP, NEXT, SKF_NET_OFF, compile_rule
 
 BPF_MAXINSNS = 4096

@@ -4,7 +4,7 @@ Why: the classic filter (classic.py) compares every packet with every ban in
 turn, is rebuilt and re-attached on each change, and must fit 4,096
 instructions and ``optmem_max`` on every accepted socket: about 2,000 IPv4 bans. An attack from 5,000 addresses does not fit. Here the program
 is 36 instructions whatever the bans (47 with ``silent_drop``, which
-``registry/defense/silence.py`` switches on: a second program, swapped in and out),
+``registry/defense/window.py`` switches on: a second program, swapped in and out),
 and the bans live in a longest-prefix-match trie (``BPF_MAP_TYPE_LPM_TRIE``)
 that is changed one entry at a time: a ban is one ``bpf()`` call, a packet
 costs one lookup, and the map holds up to ``MAX_ENTRIES`` sources.
@@ -32,7 +32,7 @@ import struct
 import sys
 from typing import Protocol
 
-from registry.defense.ratelimit import SourceKey as Key
+from registry.defense.ratelimit import SourceNetwork as Key
 from registry.net.kernel.rules import BARE_ACK, NEXT, SKF_NET_OFF, compile_rule
 
 SO_ATTACH_BPF = getattr(socket, "SO_ATTACH_BPF", 50)  # the Linux value

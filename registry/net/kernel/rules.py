@@ -1,7 +1,7 @@
 """What the listeners' filter decides, written once for both of its programs.
 
 It runs on every packet a listener gets (SYNs, handshake ACKs) and drops a bare
-ACK while the silent drop is on (defense/silence.py), then a packet from a
+ACK while the silent drop is on (defense/window.py), then a packet from a
 banned source (defense/bans.py), and keeps the rest. The bare-ACK test is the
 same in both programs, so it is described once (``BARE_ACK``) and compiled by
 each: classic BPF (classic.py) and eBPF (ebpf.py). The ban test differs by
