@@ -114,8 +114,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 workers.split_limits(cfg, n),
                 config_path=args.config,
                 loader=lambda: workers.split_limits(load_config(args), n),
-                inherited=seat.sockets,
-                group_admin=seat.admin,
+                seat=seat,
             ).run
         elif n > 1:  # args.argv: the workers' command line
             run = workers.Supervisor(

@@ -41,7 +41,7 @@ from registry.defense.door import (
 from registry.defense.ratelimit import ReplyBudget
 from registry.defense.window import WINDOW_S, SilentGuard, Window
 from registry.errors import ConfigError, ProtocolError
-from registry.group import report_probes
+from registry.group import WorkerSeat, report_probes
 from registry.metrics import Probes
 from registry.model import Code, Endpoint, Protocol, Request
 from registry.net.accept import accept_loop, held_silent
@@ -60,7 +60,7 @@ from registry.net.listeners import (
 from registry.net.resolver import TrioResolver
 from registry.net.sdnotify import Notifier
 from registry.net.tcp import RawStream, TcpHandler, endpoint_of, reject_unread
-from registry.net.udp import budget_settings, serve_udp
+from registry.net.udp import UdpEdge, budget_settings
 from registry.net.waiting import Waiting, WaitingRoom
 from registry.protocol.cookies import CookieJar
 from registry.service import Connector, Service
@@ -161,13 +161,10 @@ class Registry:
         connector: Connector | None = None,
         handle_signals: bool = True,
         loader: Callable[[], Config] | None = None,
-        inherited: Inherited | None = None,
-        group_admin: Endpoint | None = None,
+        seat: WorkerSeat | None = None,
     ) -> None:
         self.cfg = cfg
-        # A worker of a group (server.workers > 1) serves sockets its supervisor opened.
-        self.inherited = inherited
-        self.group_admin = group_admin  # a worker's supervisor's admin endpoint
+        self.seat = seat  # a worker of a group: sockets and admin are its supervisor's
         self.config_path = config_path
         # How SIGHUP re-reads the config: the CLI passes one that re-applies its
         # command-line overrides (--listen, --db...), which the file alone lacks.
@@ -202,10 +199,11 @@ class Registry:
         self, *, task_status: trio.TaskStatus[Runtime] = trio.TASK_STATUS_IGNORED
     ) -> None:
         cfg = self.cfg
-        mine = self.inherited
-        if mine is None:
+        if self.seat is None:
             tcp, udp = open_sockets(cfg, 1)
             mine = Inherited([g[0] for g in tcp], [g[0] for g in udp])
+        else:
+            mine = self.seat.sockets
         try:
             admin = parse_hostport(cfg.server.admin) if cfg.server.admin != "off" else None
             admin_listeners = await open_admin_listeners(*admin) if admin else []
@@ -217,15 +215,17 @@ class Registry:
         udp_socks = [trio.socket.from_stdlib_socket(s) for s in mine.udp]
         own = frozenset(sockname(lst) for lst in listeners)
         admin_own = frozenset(sockname(lst) for lst in admin_listeners)
-        admin_own |= {self.group_admin} if self.group_admin else set()
+        admin_own |= {self.seat.admin} if self.seat and self.seat.admin else set()
         async with (
             AsyncStore(
                 cfg.server.db,
                 # in a group the supervisor purges, once for all workers
-                retention=cfg.store.retention if self.inherited is None else 0,
-                writer_lock=cfg.server.db + "-writer" if self.inherited is not None else "",
+                retention=cfg.store.retention if self.seat is None else 0,
+                writer_lock=cfg.server.db + "-writer" if self.seat is not None else "",
             ) as store,
-            self._signal_receiver() as signals,
+            # From before READY=1 until the drain has ended: a signal sent the moment we
+            # report ready is queued, not fatal; a second one during the drain is ignored.
+            _signal_receiver(self.handle_signals) as signals,
         ):
             # Always wired: the policy refuses names while allow_hostnames is off, so a
             # SIGHUP that turns names on (or off) takes effect without a restart.
@@ -239,7 +239,7 @@ class Registry:
                 own=own | admin_own | {endpoint_of(s.getsockname()) for s in udp_socks},
                 is_local=is_local_address,
             )
-            handler = TcpHandler(service)
+            self._handler = TcpHandler(service)
             self.service = service
             runtime = Runtime(
                 cfg, service, self.caps, store, self.tally, self.bans, tcp=sorted(own, key=str)
@@ -256,8 +256,8 @@ class Registry:
                         self.room = WaitingRoom(lambda: self.cfg.protocol)
                         handlers.start_soon(
                             self.room.run,
-                            lambda w, protocol, request: self._start(
-                                handlers, handler, w, (protocol, request)
+                            lambda w, protocol, request: handlers.start_soon(
+                                self._serve, w, (protocol, request)
                             ),
                             partial(self._reject, service),
                             self._drop,
@@ -268,9 +268,7 @@ class Registry:
                                 accept_loop,
                                 listener,
                                 self.admission,
-                                partial(
-                                    self._at_door, handlers, handler, self.deferral.get(listener)
-                                ),
+                                partial(self._at_door, handlers, self.deferral.get(listener)),
                                 name="tcp",
                             )
                         )
@@ -283,16 +281,18 @@ class Registry:
                     cookies = CookieJar(
                         os.urandom(32), cfg.udp.cookie_window, now=trio.current_time()
                     )
-                    udp = partial(
-                        serve_udp,
-                        handlers=handlers,
-                        caps=self.caps,
-                        admission=self.admission,
-                        budget=self.budget,  # shared: a source reaches either socket
-                        dropped=runtime.udp_dropped,
-                    )
                     for sock in udp_socks:  # self.cfg per datagram: a SIGHUP applies to UDP too
-                        front.start_soon(udp, sock, service, cookies, lambda: self.cfg)
+                        edge = UdpEdge(
+                            sock,
+                            service,
+                            cookies,
+                            lambda: self.cfg,
+                            caps=self.caps,
+                            admission=self.admission,
+                            budget=self.budget,
+                            dropped=runtime.udp_dropped,
+                        )
+                        front.start_soon(edge.serve, handlers)
                     if admin_listeners:
                         # In `front`: the admin endpoint closes when the drain starts
                         # (its event streams would otherwise hold the drain open).
@@ -300,13 +300,13 @@ class Registry:
                         await front.start(AdminServer(daemon_view(runtime)).serve, admin_listeners)
                     if signals is not None:
                         front.start_soon(self._signals, runtime, signals)
-                    if self.inherited is not None:  # a worker: its state to the supervisor
+                    if self.seat is not None:  # a worker: its state to the supervisor
                         view = daemon_view(runtime)
                         front.start_soon(report_probes, self.notifier, view.probes, view.bans)
                     if self.notifier.watchdog_interval:
                         front.start_soon(self.notifier.run_watchdog)
                     log.info(
-                        "listening" if self.inherited is None else "worker_ready",
+                        "listening" if self.seat is None else "worker_ready",
                         tcp=[str(e) for e in runtime.tcp],
                         udp=[str(e) for e in runtime.udp],
                         admin=str(runtime.admin) if runtime.admin else "off",
@@ -337,7 +337,6 @@ class Registry:
     def _at_door(
         self,
         handlers: trio.Nursery,
-        handler: TcpHandler,
         deferral: int | None,
         conn: socket.socket,
         addr: object,
@@ -376,7 +375,7 @@ class Registry:
         if self.room is not None:
             self.room.add(waiting)  # its task starts once its request is complete
         else:
-            self._start(handlers, handler, waiting, None)
+            handlers.start_soon(self._serve, waiting, None)
 
     def _note_silent(self, now: float, n: int) -> None:
         """``n`` connections sent nothing before their read deadline (registry/defense/window.py)."""
@@ -402,25 +401,10 @@ class Registry:
         )
         return ban
 
-    def _start(
-        self,
-        handlers: trio.Nursery,
-        handler: TcpHandler,
-        w: Waiting,
-        request: tuple[Protocol, Request] | None,
-    ) -> None:
-        handlers.start_soon(self._serve, handler, RawStream(w.conn), w, request)
-
-    async def _serve(
-        self,
-        handler: TcpHandler,
-        stream: RawStream,
-        w: Waiting,
-        request: tuple[Protocol, Request] | None,
-    ) -> None:
+    async def _serve(self, w: Waiting, request: tuple[Protocol, Request] | None) -> None:
         try:
-            await handler(
-                stream,
+            await self._handler(
+                RawStream(w.conn),
                 w.peer,
                 source_paid=True,
                 arrived=w.arrived,
@@ -479,21 +463,6 @@ class Registry:
             )
         self._bans_in_interval = 0
 
-    @asynccontextmanager
-    async def _signal_receiver(self) -> AsyncIterator[AsyncIterator[int] | None]:
-        """Catch SIGINT/SIGTERM/SIGHUP from before READY=1 until the drain has ended.
-
-        Installed before the listeners are announced, so a signal sent the moment
-        we report ready is queued for ``_signals`` instead of taking the default
-        (fatal) action; still installed during the drain, so a second SIGTERM or
-        a SIGHUP then is ignored rather than killing in-flight callbacks.
-        """
-        if not self.handle_signals:
-            yield None
-            return
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
-            yield signals
-
     async def _signals(self, runtime: Runtime, signals: AsyncIterator[int]) -> None:
         async for signum in signals:
             if signum == signal.SIGHUP:
@@ -544,6 +513,15 @@ class Registry:
         self.budget.configure(*budget_settings(new))
         log.info("reloaded", path=self.config_path)
         self.notifier.ready("config reloaded")
+
+
+@asynccontextmanager
+async def _signal_receiver(wanted: bool) -> AsyncIterator[AsyncIterator[int] | None]:
+    if not wanted:
+        yield None
+        return
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+        yield signals
 
 
 def _ban_settings(cfg: Config) -> dict[str, Any]:

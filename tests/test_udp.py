@@ -35,7 +35,7 @@ from registry.model import Code, Endpoint, Request
 from registry.net.connector import TcpConnector
 from registry.net.interfaces import is_local_address
 from registry.net.tcp import TcpHandler
-from registry.net.udp import UdpConnector, challenge_reply, fit_reply, serve_udp
+from registry.net.udp import UdpConnector, UdpEdge, challenge_reply, fit_reply
 from registry.protocol.cookies import CookieJar
 from registry.service import Service
 from tests.fakes import ListRecorder
@@ -577,7 +577,7 @@ async def test_v4_mapped_udp_peer_on_a_dual_stack_socket() -> None:
     await client.bind(("127.0.0.1", 0))
     with sock, target, client, trio.fail_after(10):
         async with trio.open_nursery() as nursery:
-            await nursery.start(serve_udp, sock, service, jar, lambda: service.config)
+            await nursery.start(UdpEdge(sock, service, jar, lambda: service.config).serve)
             request = f"127.0.0.1:{tport}"
             await client.sendto(_pad(request), ("127.0.0.1", port))
             challenge = await client.recv(4096)

@@ -64,7 +64,7 @@ class TcpConnector:
                 family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
             )
         except OSError as e:
-            return CallResult(map_os_error(e), _describe(e))
+            return CallResult(map_os_error(e), describe(e))
         stream = RawStream(sock)
         try:
             err = sock.connect_ex((target.host.compressed, target.port))
@@ -76,7 +76,7 @@ class TcpConnector:
                     return CallResult(Code.TIMEOUT, f"no answer within {cfg.connect_timeout:g} s")
             if err:
                 e = OSError(err, os.strerror(err))
-                return CallResult(map_os_error(e), _describe(e))
+                return CallResult(map_os_error(e), describe(e))
             rtt_ms = (trio.current_time() - started) * 1000.0
             line = callback_line(reg_id, nonce, cfg.greeting)
             rest = line[stream.send_now(line) :]
@@ -139,7 +139,7 @@ class TcpConnector:
         return scanner.verified
 
 
-def _describe(e: OSError) -> str:
+def describe(e: OSError) -> str:
     if not e.errno:
         return str(e)
     return f"{errno.errorcode.get(e.errno, 'error')}: {os.strerror(e.errno)}"

@@ -41,7 +41,7 @@ Insn = tuple[int, int, int, int]
 
 @dataclass(frozen=True)
 class Inherited:
-    """A worker's share of its group's sockets: the ``i``-th of each (``Registry(inherited=)``)."""
+    """A worker's share of its group's sockets: the ``i``-th of each (``WorkerSeat.sockets``)."""
 
     tcp: list[socket.socket]
     udp: list[socket.socket]
