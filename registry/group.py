@@ -175,7 +175,7 @@ async def report_probes(
 
 
 def merged_bans(reports: Sequence[tuple[float, dict[str, Any]]], after: int) -> dict[str, Any]:
-    """One ``/api/bans`` body (server.ban_report) from ``(age in s, report)`` per worker;
+    """One ``/api/bans`` body (BanFilter.report) from ``(age in s, report)`` per worker;
     ``after``: the group's silent-drop threshold."""
     out: dict[str, Any] = {"banned": 0, "kernel_filtered": 0, "kernel_filter": None, "total": 0}
     out |= {"skipped_list_full": 0, "ban_after": 0, "bans": []}

@@ -30,14 +30,7 @@ from registry.admin.view import DaemonView
 from registry.config import Config
 from registry.defense.bans import Ban, BanList
 from registry.defense.conncaps import ConnectionCaps
-from registry.defense.door import (
-    SILENT,
-    TOTAL,
-    Admitted,
-    Door,
-    Refused,
-    told_of_ban,
-)
+from registry.defense.door import SILENT, TOTAL, Admitted, Door, Refused, told_of_ban
 from registry.defense.ratelimit import ReplyBudget
 from registry.defense.window import WINDOW_S, SilentGuard, Window
 from registry.errors import ConfigError, ProtocolError
@@ -118,36 +111,8 @@ def daemon_view(rt: Runtime) -> DaemonView:
         ),
         subscribe=rt.service.observers.append,
         listening=lambda: rt.tcp,
-        bans=lambda: ban_report(rt.bans, rt.ban_filter, trio.current_time()),
+        bans=lambda: (rt.ban_filter or BanFilter([], rt.bans)).report(trio.current_time()),
     )
-
-
-def ban_report(bans: BanList, f: BanFilter | None, now: float) -> dict[str, Any]:
-    """The ``/api/bans`` body (defense/bans.py; the silent drop, defense/silence.py)."""
-    return {
-        "banned": len(bans),
-        "kernel_filtered": f.filtered if f is not None else 0,
-        # "ebpf" (a kernel map, up to max_bans) or "classic" (~2,000 bans)
-        "kernel_filter": f.kind if f is not None else None,
-        "total": bans.total,
-        "skipped_list_full": bans.skipped,
-        "ban_after": bans.after,
-        # the kernel drops bare handshake ACKs: only a client's bytes connect
-        "silent_drop": {
-            "active": f is not None and f.dropping_now,
-            "seconds_left": round(max(0.0, f.silent.until - now), 1) if f is not None else 0.0,
-            "after": f.silent.after if f is not None else 0,
-        },
-        "bans": [  # oldest first
-            {
-                "source": str(ban.network),
-                "refusals": ban.refusals,
-                "banned_for_s": round(now - ban.since, 1),
-                "seconds_left": round(max(0.0, ban.until - now), 1),
-            }
-            for ban in bans.active()
-        ],
-    }
 
 
 class Registry:
@@ -506,9 +471,7 @@ class Registry:
         self.silent.reconfigure(
             new.limits.silent_drop_after, new.limits.silent_drop_duration, trio.current_time()
         )
-        lifted = self.bans.reconfigure(**_ban_settings(new))
-        if lifted:
-            self.ban_filter.report_lifted(lifted, reason="reload")
+        self.ban_filter.report_lifted(self.bans.reconfigure(**_ban_settings(new)), reason="reload")
         self.ban_filter.poke()  # the silent drop, or bans, may have changed
         self.budget.configure(*budget_settings(new))
         log.info("reloaded", path=self.config_path)

@@ -43,4 +43,4 @@ class DaemonView:
     probes: Probes  # live gauges for /metrics (event_clients is the admin's own), draining
     subscribe: Callable[[Callable[[Record], None]], None]  # called per recorded registration
     listening: Callable[[], Sequence[Endpoint]]  # registration endpoints (may be wildcards)
-    bans: Callable[[], dict[str, Any]]  # the /api/bans body (server.ban_report)
+    bans: Callable[[], dict[str, Any]]  # the /api/bans body (BanFilter.report)
