@@ -13,9 +13,11 @@ import ipaddress
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import sqlite3
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -28,8 +30,17 @@ import trio
 
 from registry import config as config_mod
 from registry.errors import ConfigError
-from registry.group import GroupFailed, Supervisor, merged_bans, restart_delay
+from registry.group import (
+    BANS_SENT,
+    GroupFailed,
+    Supervisor,
+    merged_bans,
+    report_probes,
+    restart_delay,
+)
+from registry.metrics import Probes
 from registry.net.kernel.reuseport import worker_index
+from registry.net.sdnotify import Notifier
 from tests.support import RegistryProcess, free_port, http_get, run_registry
 from tests.test_lifecycle import _wait_for, notify_socket
 
@@ -516,3 +527,45 @@ def test_workers_on_the_command_line_are_checked() -> None:
 
     with pytest.raises(ConfigError, match="server.workers"):
         load_config(build_parser().parse_args(["serve", "--workers", "65"]))
+
+
+async def test_a_snapshot_with_the_most_bans_fits_one_datagram(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A worker under a ban wave still reaches its supervisor: its snapshot (bans cut
+    to BANS_SENT, the longest sources) is one sd_notify datagram, read whole."""
+    bans = [(f"2001:db8:{i:x}:ffff::/64", 12345.6, 12345.6) for i in range(3 * BANS_SENT)]
+    report = _report(*bans)
+    workdir = tempfile.mkdtemp(prefix="grp-")  # short: a unix socket path has 108 bytes
+    try:
+        path = os.path.join(workdir, "0")
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        await sock.bind(path)
+        sup = Supervisor(config_mod.DEFAULT, 1, ["serve"])
+        with sock, trio.move_on_after(0.5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(sup._notices, sup.workers[0], sock)
+                notifier = Notifier({"NOTIFY_SOCKET": path})
+                nursery.start_soon(report_probes, notifier, Probes(), lambda: dict(report))
+    finally:
+        shutil.rmtree(workdir)
+    got = sup.snapshots[0]["bans"]
+    assert got["banned"] == 3 * BANS_SENT and len(got["bans"]) == BANS_SENT
+    assert got["bans"][0] == report["bans"][0]
+
+
+@slow
+def test_a_bad_file_on_sighup_keeps_every_workers_config(tmp_path: Path) -> None:
+    picks = {seat: s[0] for seat, s in sources_by_worker().items()}
+    with run_group(tmp_path, config=group_config('[ratelimit]\nper_source = "1/hour"\n')) as reg:
+        (tmp_path / "registry.toml").write_text('[ratelimit]\nper_source = "often"\n')
+        reg.proc.send_signal(signal.SIGHUP)
+        reg.wait_event("group_reloaded")
+        failed = reg.wait_event("reload_failed", count=N + 1)  # the supervisor and each worker
+        assert sorted(str(e.get("worker", "-")) for e in failed) == ["-", "0", "1"]
+        assert not reg.events("reloaded")
+        for seat, src in picks.items():
+            with echo_target(src) as tport:
+                assert register(reg.port, src, tport).startswith(b"OK connected"), seat
+                assert register(reg.port, src, tport).startswith(b"BUSY rate_limited"), seat
+        assert reg.stop() == 0
