@@ -27,6 +27,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -207,11 +208,10 @@ def summed_probes(
 
     def merged(name: str) -> Callable[[], dict[str, int]]:
         def read() -> dict[str, int]:
-            out: dict[str, int] = {}
+            out: Counter[str] = Counter()
             for s in _of(snapshots):
-                for key, value in s[name].items():
-                    out[key] = out.get(key, 0) + int(value)
-            return out
+                out.update(s[name])
+            return dict(out)
 
         return read
 

@@ -37,6 +37,7 @@ from registry.group import (
     merged_bans,
     report_probes,
     restart_delay,
+    summed_probes,
 )
 from registry.metrics import Probes
 from registry.net.kernel.reuseport import worker_index
@@ -569,3 +570,25 @@ def test_a_bad_file_on_sighup_keeps_every_workers_config(tmp_path: Path) -> None
                 assert register(reg.port, src, tport).startswith(b"OK connected"), seat
                 assert register(reg.port, src, tport).startswith(b"BUSY rate_limited"), seat
         assert reg.stop() == 0
+
+
+def test_summed_probes_add_up_every_workers_latest_snapshot() -> None:
+    def snapshot(n: int, refusals: dict[str, int], dropped: dict[str, int], bans: dict) -> dict:
+        gauges = ("open_connections", "callbacks_in_flight", "callbacks_waiting", "limiter_entries")
+        return dict.fromkeys(gauges, n) | {
+            "door_refusals": refusals,
+            "udp_dropped": dropped,
+            "bans": bans,
+        }
+
+    snapshots = {
+        0: snapshot(1, {"rate_limited": 2}, {}, _report(("192.0.2.1", 1.0, 9.0))),
+        1: snapshot(2, {"rate_limited": 1, "total": 4}, {"reply": 3}, _report(silent=5.0)),
+    }
+    probes = summed_probes(snapshots, lambda: False, lambda: "strict")
+    assert probes.open_connections() == probes.limiter_entries() == 3
+    assert probes.door_refusals() == {"rate_limited": 3, "total": 4}
+    assert probes.udp_dropped() == {"reply": 3}
+    assert (probes.bans_active(), probes.bans_total(), probes.silent_drop()) == (1, 3, True)
+    del snapshots[1]  # a worker that died: its successor starts afresh
+    assert probes.open_connections() == 1 and probes.silent_drop() is False

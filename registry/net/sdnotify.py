@@ -29,10 +29,6 @@ class Notifier:
         wanted = usec.isdigit() and int(usec) > 0 and (not pid or pid == str(os.getpid()))
         self.watchdog_interval = int(usec) / 2_000_000 if wanted else None
 
-    @property
-    def enabled(self) -> bool:
-        return bool(self.address)
-
     def notify(self, *lines: str) -> bool:
         """Send one datagram; False (never an exception) when it cannot be delivered."""
         if not self.address:
