@@ -57,13 +57,14 @@ BANS_SENT = 1000  # bans per worker snapshot (its counts are whole): one datagra
 
 
 def resolved_workers(cfg: Config) -> int:
-    """``server.workers``, 0 meaning one per core this process may run on."""
+    """``server.workers``, 0 meaning one per core this process may run on (at most 64,
+    the key's own maximum: each worker holds 1/N of the global limits)."""
     if cfg.server.workers:
         return cfg.server.workers
     try:
-        return len(os.sched_getaffinity(0))
+        return min(len(os.sched_getaffinity(0)), 64)
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        return min(os.cpu_count() or 1, 64)
 
 
 def _share(value: int, n: int) -> int:

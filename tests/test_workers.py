@@ -36,6 +36,7 @@ from registry.group import (
     Supervisor,
     merged_bans,
     report_probes,
+    resolved_workers,
     restart_delay,
     summed_probes,
 )
@@ -592,3 +593,12 @@ def test_summed_probes_add_up_every_workers_latest_snapshot() -> None:
     assert (probes.bans_active(), probes.bans_total(), probes.silent_drop()) == (1, 3, True)
     del snapshots[1]  # a worker that died: its successor starts afresh
     assert probes.open_connections() == 1 and probes.silent_drop() is False
+
+
+@pytest.mark.parametrize(("cores", "workers"), [(1, 1), (2, 2), (48, 48), (128, 64)])
+def test_one_worker_per_core_this_process_may_use_at_most_64(
+    monkeypatch: pytest.MonkeyPatch, cores: int, workers: int
+) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    assert resolved_workers(config_mod.DEFAULT) == workers
+    assert resolved_workers(config_mod.loads("[server]\nworkers = 3\n")) == 3
