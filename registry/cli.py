@@ -86,7 +86,7 @@ def load_config(args: argparse.Namespace) -> config_mod.Config:
         "server": {k: v for k, v in server.items() if v is not None},
         "log": {k: v for k, v in log.items() if v is not None},
     }
-    return config_mod.load(args.config, overrides)
+    return config_mod.load(args.config or None, overrides)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -147,20 +147,15 @@ def _config_problems(e: ConfigError) -> int:
 
 
 def _calm_the_garbage_collector() -> None:
-    """Keep full garbage collections short: they stop every connection at once.
-
-    Everything alive now (modules, config, the code) lives as long as the
-    process: ``gc.freeze()`` moves it out of the collector's sight, so a full
-    collection scans only what connections create. Measured under a stall
-    attack (docs/benchmarks.md): without it full collections took 40-100 ms,
-    each one a visible step in honest students' p99; with it, a few ms.
-    """
+    """Keep full collections short: they stop every connection at once. Everything alive
+    now lives as long as the process; frozen, it is out of the collector's sight
+    (40-100 ms full collections became a few ms: docs/benchmarks.md)."""
     gc.collect()
     gc.freeze()
 
 
 def _raise_fd_limit() -> None:
-    """Use the hard RLIMIT_NOFILE: each open registration costs a descriptor."""
+    """Use the hard RLIMIT_NOFILE: each open registration costs a descriptor (docs/limits.md)."""
     try:
         import resource
 
@@ -235,7 +230,7 @@ def cmd_token(args: argparse.Namespace) -> int:
     from registry.policy import auth
 
     try:
-        cfg = config_mod.load(args.config)
+        cfg = config_mod.load(args.config or None)
         secret = config_mod.auth_secret(cfg)
     except ConfigError as e:
         for problem in e.problems:

@@ -168,9 +168,7 @@ class StoreConfig(_Section):
     retention: Duration = Duration(0.0)  # 0: keep forever
 
 
-class UdpConfig(_Section):
-    """UDP registrations (enabled by ``server.udp``): all profile constants."""
-
+class UdpConfig(_Section):  # all profile constants
     cookie_window: Positive = Positive(30.0)
     max_datagram_bytes: Annotated[int, msgspec.Meta(ge=64, le=65507)] = 512
     unproven_per_source: Rate = Rate(10, 60.0)
@@ -178,11 +176,7 @@ class UdpConfig(_Section):
 
 
 class ClassConfig(_Section):
-    """The class being graded (docs/grading.md)."""
-
-    # CSV with a header row: student (required), address (optional). A relative path is
-    # taken from the config file's directory.
-    roster: str = ""
+    roster: str = ""  # CSV (docs/grading.md), relative to the config file's directory
 
 
 class Config(_Section):
@@ -310,27 +304,6 @@ def _problem(err: msgspec.ValidationError, prefix: str = "") -> str:
     return f"{key}: {message}" if key else message
 
 
-def _section_problems(name: str, value: Any) -> tuple[list[str], dict[str, Any] | None]:
-    """Every type problem in one section, and the section with the bad keys left out.
-
-    msgspec stops at the first problem, so each key (and each list item) is
-    retried on its own; the cleaned section lets the semantic checks run too.
-    """
-    typ = _SECTIONS.get(name)
-    if typ is None:
-        return [f"{name}: unknown section (expected one of {', '.join(_SECTIONS)})"], None
-    if not isinstance(value, dict):
-        return [f"{name}: expected a [{name}] table, got {type(value).__name__}"], None
-    problems: list[str] = []
-    clean: dict[str, Any] = {}
-    for key, item in value.items():
-        found = _key_problems(typ, name, key, item)
-        problems += found
-        if not found:
-            clean[key] = item
-    return problems, clean
-
-
 def _key_problems(typ: type, section: str, key: str, item: Any) -> list[str]:
     try:
         msgspec.convert({key: item}, typ, dec_hook=_dec_hook)
@@ -368,24 +341,28 @@ _SECTIONS: dict[str, type] = {f.encode_name: f.type for f in msgspec.structs.fie
 
 
 def from_dict(data: dict[str, Any]) -> Config:
-    """Validate a TOML-shaped dict; raise ConfigError naming the key of every problem."""
-    data, removed = _with_profile(data)
-    try:
-        cfg = msgspec.convert(data, Config, dec_hook=_dec_hook)
-    except msgspec.ValidationError as e:
-        problems: list[str] = []
-        clean: dict[str, Any] = {}
-        for name, value in data.items():
-            found, section = _section_problems(name, value)
-            problems += found
-            if section is not None:
-                clean[name] = section
-        try:  # what is left still gets the semantic checks, so one run lists everything
-            problems += _semantic_problems(msgspec.convert(clean, Config, dec_hook=_dec_hook))
-        except msgspec.ValidationError:
-            pass
-        raise ConfigError(removed + (problems or [_problem(e)])) from None
-    problems = removed + _semantic_problems(cfg)
+    """Validate a TOML-shaped dict; raise ConfigError naming the key of every problem.
+
+    msgspec stops at its first problem, so each key (and each list item) is checked on
+    its own; the good keys still get the checks across keys: one run lists everything.
+    """
+    data, problems = _with_profile(data)
+    clean: dict[str, dict[str, Any]] = {}
+    for name, value in data.items():
+        typ = _SECTIONS.get(name)
+        if typ is None:
+            problems.append(f"{name}: unknown section (expected one of {', '.join(_SECTIONS)})")
+        elif not isinstance(value, dict):
+            problems.append(f"{name}: expected a [{name}] table, got {type(value).__name__}")
+        else:
+            clean[name] = {}
+            for key, item in value.items():
+                found = _key_problems(typ, name, key, item)
+                problems += found
+                if not found:
+                    clean[name][key] = item
+    cfg = msgspec.convert(clean, Config, dec_hook=_dec_hook)
+    problems += _semantic_problems(cfg)
     if problems:
         raise ConfigError(problems)
     return cfg

@@ -1,23 +1,11 @@
-"""Prometheus metrics for the admin endpoint's ``/metrics``.
+"""Prometheus metrics for the admin endpoint's ``/metrics``, in their own
+``CollectorRegistry`` (never the process-global one: tests run several registries
+in one process, and nothing a library registers globally leaks in).
 
-Everything lives in this module's own ``CollectorRegistry`` (never the
-process-global ``REGISTRY``): two registries in one process (tests run
-several) must not collide, and nothing a library registers globally leaks
-into the registry's exposition.
-
-Two kinds of metric:
-
-- event metrics, fed by ``Metrics.observe`` (appended to ``Service.observers``,
-  so it runs once per recorded registration): the ``registrations_total``
-  counter and the callback-RTT and registration-duration histograms;
-- state metrics, read at scrape time by ``_StateCollector`` from zero-argument
-  probes (open connections, callbacks in flight, rate-limiter entries,
-  draining, the info labels, the bans, the door's refusal counters, which
-  live in ``RefusalTally`` because refusals are not records, and the UDP
-  datagrams dropped unanswered), so they can never go stale.
-
-Names carry the ``registry_`` prefix (Prometheus naming practice: one
-application prefix); times are in seconds, the Prometheus base unit.
+Event metrics are fed by ``Metrics.observe`` (a ``Service.observers`` callback,
+once per recorded registration); state metrics are read from ``Probes`` at
+scrape time, so they can never go stale. Names carry the ``registry_`` prefix;
+times are in seconds.
 """
 
 from __future__ import annotations
@@ -76,50 +64,25 @@ class _StateCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         p = self.probes
         gauges = (
-            ("registry_open_connections", "Registration connections open now", p.open_connections),
-            (
-                "registry_callbacks_in_flight",
-                "Callbacks dialling or waiting for the nonce echo now",
-                p.callbacks_in_flight,
-            ),
-            (
-                "registry_callbacks_waiting",
-                "Admitted callbacks queued for a dialling slot",
-                p.callbacks_waiting,
-            ),
-            (
-                "registry_ratelimit_entries",
-                "Keys held across the rate limiter's tables",
-                p.limiter_entries,
-            ),
-            ("registry_banned_sources", "Sources banned now (SYNs dropped)", p.bans_active),
-            (
-                "registry_silent_drop",
-                "1 while the kernel drops silent handshakes (the profile's silent_drop_after)",
-                p.silent_drop,
-            ),
-            ("registry_event_clients", "Admin /api/events streams open now", p.event_clients),
-            ("registry_draining", "1 while the registry drains for shutdown", p.draining),
-        )
+            ("open_connections", "Registration connections open now", p.open_connections),
+            ("callbacks_in_flight", "Callbacks dialling or waiting for the nonce echo now", p.callbacks_in_flight),
+            ("callbacks_waiting", "Admitted callbacks queued for a dialling slot", p.callbacks_waiting),
+            ("ratelimit_entries", "Keys held across the rate limiter's tables", p.limiter_entries),
+            ("banned_sources", "Sources banned now (SYNs dropped)", p.bans_active),
+            ("silent_drop", "1 while the kernel drops silent handshakes (the profile's silent_drop_after)", p.silent_drop),
+            ("event_clients", "Admin /api/events streams open now", p.event_clients),
+            ("draining", "1 while the registry drains for shutdown", p.draining),
+        )  # fmt: skip
         for name, doc, probe in gauges:
-            yield GaugeMetricFamily(name, doc, value=float(probe()))
-        refusals = CounterMetricFamily(
-            "registry_door_refusals",
-            "Connections refused on arrival, before any request was read (not registrations)",
-            labels=("reason",),
-        )
-        for reason, count in sorted(p.door_refusals().items()):
-            refusals.add_metric((reason,), float(count))
-        yield refusals
-        dropped = CounterMetricFamily(
-            "registry_udp_dropped",
-            "UDP datagrams dropped unanswered: replies, callbacks or echoes (a loop), "
-            "privileged source ports, or past the unproven-reply budget",
-            labels=("reason",),
-        )
-        for reason, count in sorted(p.udp_dropped().items()):
-            dropped.add_metric((reason,), float(count))
-        yield dropped
+            yield GaugeMetricFamily(f"registry_{name}", doc, value=float(probe()))
+        for name, doc, probe in (
+            ("door_refusals", "Connections refused on arrival, before any request was read (not registrations)", p.door_refusals),
+            ("udp_dropped", "UDP datagrams dropped unanswered: replies, callbacks or echoes (a loop), privileged source ports, or past the unproven-reply budget", p.udp_dropped),
+        ):  # fmt: skip
+            family = CounterMetricFamily(f"registry_{name}", doc, labels=("reason",))
+            for reason, count in sorted(probe().items()):
+                family.add_metric((reason,), float(count))
+            yield family
         yield CounterMetricFamily(
             "registry_bans",
             "Sources banned for being refused the profile's ban_after times within 10 s",

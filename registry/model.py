@@ -24,6 +24,10 @@ class Status(StrEnum):
     ERROR = "ERROR"
 
 
+# Best first: a student's best attempt (grading, and the store's summary SQL).
+STATUS_RANK: dict[str, int] = {"OK": 0, "FAILED": 1, "DENIED": 2, "BUSY": 3, "ERROR": 4}
+
+
 class Code(StrEnum):
     CONNECTED = "connected"
     SOURCE_MISMATCH = "source_mismatch"
@@ -91,9 +95,8 @@ class Endpoint:
     port: int
 
     def __str__(self) -> str:
-        if self.host.version == 6:
-            return f"[{self.host.compressed}]:{self.port}"
-        return f"{self.host}:{self.port}"
+        text = str(self.host)  # not format(): ipaddress parses a format spec there first
+        return f"[{text}]:{self.port}" if self.host.version == 6 else f"{text}:{self.port}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +146,35 @@ class Outcome:
 
     def with_(self, **changes: object) -> Outcome:
         return replace(self, **changes)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True, slots=True)
+class GradeRow:
+    """One student's standing (a roster student, a name, or a nameless source IP); the
+    store's summary gives one per group. ``best_code``: the most recent attempt that
+    reached ``best_status``."""
+
+    student: str | None
+    source: str | None  # the observed IP of a nameless row, else None
+    attempts: int = 0
+    successes: int = 0
+    best_status: str | None = None
+    best_code: str | None = None
+    first_success_at: float | None = None
+    last_attempt_at: float | None = None
+    verified_ever: bool = False
+    last_status: str | None = None
+    last_code: str | None = None
+    last_explanation: str | None = None  # the last outcome in plain words
+    on_roster: bool = False
+
+    @property
+    def label(self) -> str:
+        return self.student if self.student is not None else f"(no name) {self.source}"
+
+    @property
+    def done(self) -> bool:
+        return self.best_status == "OK"
 
 
 # --- the config's values with units, parsed from TOML by registry.config -------

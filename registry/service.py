@@ -9,7 +9,6 @@ replies only with what the store already holds (SPEC promise 6).
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol as TypingProtocol
@@ -97,7 +96,6 @@ class Service:
         own: frozenset[Endpoint] = frozenset(),
         is_local: IsLocal,
         clock: Callable[[], float] = trio.current_time,
-        wallclock: Callable[[], float] = time.time,
         random_bytes: Callable[[int], bytes] = os.urandom,
     ) -> None:
         self.connector = connector
@@ -106,7 +104,6 @@ class Service:
         self.own = own
         self.is_local = is_local
         self.clock = clock
-        self.wallclock = wallclock
         self.random_bytes = random_bytes
         self.limiter = RateLimiter(config.ratelimit)
         self.slots = CallbackSlots(

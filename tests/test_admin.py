@@ -468,6 +468,11 @@ async def test_405_names_the_allowed_methods_and_head_has_no_body(tmp_path: Path
         status, headers, body = await admin.get("/api/summary", method="HEAD")
         assert status == 200 and body == b""
         assert headers["content-length"] == get_headers["content-length"]
+        # the event stream's headers, and no stream: the answer ends
+        status, headers, body = await admin.get("/api/events", method="HEAD")
+        assert status == 200 and body == b"" and headers["content-type"] == "text/event-stream"
+        assert admin.server.hub.clients == 0
+        assert (await admin.get("/api/events", method="POST"))[0] == 405
 
 
 async def test_incomplete_request_head_is_cut_off(

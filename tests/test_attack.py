@@ -76,10 +76,13 @@ def accept_queue(port: int) -> int:
 
 
 def deferred_by_kernel(port: int, clients: set[tuple[str, int]]) -> int:
-    """How many of ``clients`` the kernel still holds for 127.0.0.1:``port`` (SYN_RECV)."""
+    """How many of ``clients`` the kernel still holds for 127.0.0.1:``port`` (SYN_RECV).
+
+    Distinct clients, not rows: a read of /proc/net/tcp that races changes to the
+    table may list a row twice."""
     me = _proc_tcp("127.0.0.1", port)
     theirs = {_proc_tcp(ip, p) for ip, p in clients}
-    return sum(1 for r in _proc_tcp_rows() if r[1] == me and r[3] == "03" and r[2] in theirs)
+    return len({r[2] for r in _proc_tcp_rows() if r[1] == me and r[3] == "03" and r[2] in theirs})
 
 
 def rss_mb(pid: int) -> float:
@@ -685,7 +688,11 @@ async def test_the_real_registry_bans_a_looping_source_in_the_kernel_and_lets_it
 async def test_rapid_registrations_from_one_source_get_busy_rate_limited(
     tmp_path: Path,
 ) -> None:
-    cfg = config(ratelimit={**OPEN_RATES, "per_source": "5/minute"})
+    cfg = config(
+        ratelimit={**OPEN_RATES, "per_source": "5/minute"},
+        # answered at once: the hold of a refusal has its own tests (test_door.py, above)
+        tuning={"refusal_delay": "0s", "max_refusal_delay": "0s"},
+    )
     closed = _closed_port("127.0.0.6")
     with run_registry(tmp_path, config=cfg) as reg:
         replies = [

@@ -34,8 +34,8 @@ from registry.defense.bans import BanList, spread_share
 from registry.defense.door import RATE_LIMITED, Refused
 from registry.defense.ratelimit import source_network, source_of
 from registry.model import Code, Outcome
-from registry.net.kernel.banfilter import BanFilter, detach
-from registry.net.kernel.classic import (
+from registry.net.kernel.banfilter import BanFilter
+from registry.net.kernel.bpf import (
     ACCEPT,
     AND_K,
     BPF_MAXINSNS,
@@ -55,11 +55,10 @@ from registry.net.kernel.classic import (
     TAX,
     Insn,
     attach,
-    drop_program,
-    entry_cost,
-    insn_budget,
+    detach,
     pack,
 )
+from registry.net.kernel.classic import drop_program, entry_cost, insn_budget
 from registry.server import Registry, Runtime
 from tests.support import exchange_from, http_get
 
@@ -432,7 +431,7 @@ def reaches(lst: socket.socket, src: str, timeout: float = 0.4) -> bool:
 
 def kernel_attach(lst: socket.socket, keys: list[Any], budget: int = BPF_MAXINSNS) -> int:
     program, held = drop_program(keys, budget)
-    attach(lst, pack(program), len(program))
+    attach(lst, program)
     return held
 
 

@@ -65,15 +65,14 @@ def test_class_view_stuck_first_live_headline_and_no_sideways_scroll(tmp_path: P
         assert send_line("127.0.0.1", reg.port, refused).startswith("FAILED")
 
         # Without JavaScript: complete, times in UTC (ISO 8601).
-        with browser(tmp_path / "nojs", javascript=False) as page:
-            page.open(url)
+        with browser(tmp_path / "profile") as page:
+            page.open(url, javascript=False)
             static = page.wait_for_html("</ol>")
             assert "1</span> of\n<span" in static and "students connected" in static
             assert "connected at 20" in static and "Z</time>" in static  # UTC, ISO
             assert "last tried just now" in static
 
-        with browser(tmp_path / "js") as page:
-            page.open(url)
+            page.open(url)  # another tab, scripts on
             viewport(page, 1024, 768)
             page.wait_for(LIVE)
             assert page.js(HEADLINE) == "1 of 4 students connected"

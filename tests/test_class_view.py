@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from registry.admin.core.grading import GradeRow
 from registry.admin.pages import CLASS_SCRIPT, CLASS_STYLE, CSP, ClassPage, render_class
+from registry.model import GradeRow
 from tests.test_dashboard import HOSTILE, parse, sha256_source
 
 NOW = 1_800_000_000.0

@@ -21,7 +21,6 @@ from pathlib import Path
 import pytest
 
 from registry.admin import pages as dashboard
-from registry.admin.core.grading import GradeRow
 from registry.admin.pages import (
     CLASS_SCRIPT,
     CLASS_STYLE,
@@ -32,6 +31,7 @@ from registry.admin.pages import (
     complete_counts,
     render_dashboard,
 )
+from registry.model import GradeRow
 from registry.store import Record
 
 ROOT = Path(__file__).resolve().parent.parent

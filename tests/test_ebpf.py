@@ -25,10 +25,10 @@ import structlog.testing
 import trio
 
 from registry.defense.bans import BanList
-from registry.net.kernel import banfilter, ebpf
-from registry.net.kernel.banfilter import EBPF_STEP, BanFilter
-from registry.net.kernel.classic import ACCEPT, BPF_MAXINSNS, DROP
-from registry.net.kernel.ebpf import SKF_NET_OFF, EbpfBans, lpm_key, program
+from registry.net.kernel import ebpf
+from registry.net.kernel.banfilter import STEP, BanFilter
+from registry.net.kernel.bpf import ACCEPT, BPF_MAXINSNS, DROP, SKF_NET_OFF, SO_DETACH_FILTER
+from registry.net.kernel.ebpf import EbpfFilter, lpm_key, program
 from tests.test_bans import (
     BANNED,
     PACKETS,
@@ -60,8 +60,8 @@ def run_ebpf(
         pc += 1
         if code == 0xBF:  # mov64 dst, src
             reg[dst] = reg[src]
-        elif code in (0xB7, 0xB4):  # mov64/mov32 dst, imm
-            reg[dst] = imm & (0xFFFFFFFF if code == 0xB4 else (1 << 64) - 1)
+        elif code == 0xB4:  # mov32 dst, imm
+            reg[dst] = imm & 0xFFFFFFFF
         elif code in (0x30, 0x20):  # r0 = packet[imm], host order; uses r6 as ctx
             assert reg[6] == "ctx", "packet loads need the context in r6"
             size = 1 if code == 0x30 else 4
@@ -78,18 +78,18 @@ def run_ebpf(
         elif code == 0x61:  # dst = *(u32 *)(src + off): the context's first word, skb->len
             assert reg[src] == "ctx" and off == 0
             reg[dst] = len(transport)
-        elif code == 0x77:
-            reg[dst] >>= imm
-        elif code == 0x67:
-            reg[dst] = (reg[dst] << imm) & ((1 << 64) - 1)
+        elif code == 0x74:  # 32-bit ALU: dst >>= imm, <<=, &= (the upper half zeroed)
+            reg[dst] = (reg[dst] & 0xFFFFFFFF) >> imm
+        elif code == 0x64:
+            reg[dst] = (reg[dst] << imm) & 0xFFFFFFFF
+        elif code == 0x54:
+            reg[dst] &= imm & 0xFFFFFFFF
         elif code == 0x55:  # if dst != imm goto +off
             if reg[dst] != imm:
                 pc += off
-        elif code == 0x1D:  # if dst == src goto +off
-            if reg[dst] == reg[src]:
+        elif code == 0x5D:  # if dst != src goto +off
+            if reg[dst] != reg[src]:
                 pc += off
-        elif code == 0x57:
-            reg[dst] &= imm
         elif code == 0x07:
             reg[dst] += imm
         elif code == 0xDC:  # to big endian: the bytes in memory come out in network order
@@ -162,16 +162,16 @@ def test_program_is_small_and_packs_to_bpf_insn() -> None:
 
 
 @pytest.fixture
-def kernel_bans() -> Iterator[EbpfBans]:
+def kernel_bans() -> Iterator[EbpfFilter]:
     try:
-        bans = EbpfBans.create()
+        bans = EbpfFilter.create()
     except OSError as e:
         pytest.skip(f"the kernel will not load BPF here: {e}")
     yield bans
     bans.close()
 
 
-def test_kernel_drops_a_banned_source_and_lets_it_back(kernel_bans: EbpfBans) -> None:
+def test_kernel_drops_a_banned_source_and_lets_it_back(kernel_bans: EbpfFilter) -> None:
     with listener() as lst:
         kernel_bans.attach(lst)
         assert reaches(lst, "127.2.0.1")  # attached, nothing banned
@@ -183,7 +183,7 @@ def test_kernel_drops_a_banned_source_and_lets_it_back(kernel_bans: EbpfBans) ->
         assert reaches(lst, "127.2.0.1")
 
 
-def test_kernel_ipv6_prefix_ban(kernel_bans: EbpfBans) -> None:
+def test_kernel_ipv6_prefix_ban(kernel_bans: EbpfFilter) -> None:
     with ipv6_listener() as lst:
         kernel_bans.attach(lst)
         kernel_bans.add(v6("2001:db8::/64"))
@@ -193,7 +193,7 @@ def test_kernel_ipv6_prefix_ban(kernel_bans: EbpfBans) -> None:
 
 
 @pytest.mark.slow
-def test_kernel_holds_more_bans_than_the_classic_filter(kernel_bans: EbpfBans) -> None:
+def test_kernel_holds_more_bans_than_the_classic_filter(kernel_bans: EbpfFilter) -> None:
     keys = [v4(f"127.3.{n // 250}.{n % 250 + 1}") for n in range(5000)]
     with listener() as lst:
         kernel_bans.attach(lst)
@@ -208,7 +208,7 @@ def test_kernel_holds_more_bans_than_the_classic_filter(kernel_bans: EbpfBans) -
 # --- BanFilter's eBPF way ---------------------------------------------------------------
 
 
-async def test_ban_filter_binds_ebpf_applies_bans_and_lifts_them(kernel_bans: EbpfBans) -> None:
+async def test_ban_filter_binds_ebpf_applies_bans_and_lifts_them(kernel_bans: EbpfFilter) -> None:
     kernel_bans.close()  # only the right to load was checked: BanFilter makes its own
     bans = BanList(after=1, duration=60.0, max_entries=10_000)
     with listener() as lst:
@@ -226,10 +226,10 @@ async def test_ban_filter_binds_ebpf_applies_bans_and_lifts_them(kernel_bans: Eb
         assert await trio.to_thread.run_sync(reaches, lst, "127.2.0.1")
 
 
-async def test_a_wave_of_bans_is_applied_in_short_steps(kernel_bans: EbpfBans) -> None:
+async def test_a_wave_of_bans_is_applied_in_short_steps(kernel_bans: EbpfFilter) -> None:
     kernel_bans.close()
     bans = BanList(after=1, duration=60.0, max_entries=10_000)
-    for n in range(10 * EBPF_STEP):
+    for n in range(10 * STEP):
         bans.consider(key_of(f"127.3.{n // 250}.{n % 250 + 1}"), 1, 0.0)
     ticks = 0
 
@@ -246,10 +246,10 @@ async def test_a_wave_of_bans_is_applied_in_short_steps(kernel_bans: EbpfBans) -
             nursery.start_soon(ticker)
             await trio.lowlevel.checkpoint()
             before = ticks
-            await bf._apply_ebpf()
+            await bf._apply_in_steps()
             during = ticks - before
             nursery.cancel_scope.cancel()
-        assert bf.filtered == 10 * EBPF_STEP
+        assert bf.filtered == 10 * STEP
         assert during >= 9  # the other task ran between the steps, not only after
         assert not await trio.to_thread.run_sync(reaches, lst, "127.3.0.1")
 
@@ -257,10 +257,10 @@ async def test_a_wave_of_bans_is_applied_in_short_steps(kernel_bans: EbpfBans) -
 def test_without_the_right_to_load_bpf_the_classic_filter_is_used(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    def refuse(cls: type, max_entries: int = 0) -> EbpfBans:
+    def refuse(cls: type, max_entries: int = 0) -> EbpfFilter:
         raise OSError(errno.EPERM, "Operation not permitted")
 
-    monkeypatch.setattr(EbpfBans, "create", classmethod(refuse))
+    monkeypatch.setattr(EbpfFilter, "create", classmethod(refuse))
     bans = BanList(after=1, duration=60.0, max_entries=10)
     with listener() as lst, structlog.testing.capture_logs() as logs:
         bf = BanFilter([], bans)
@@ -273,11 +273,11 @@ def test_without_the_right_to_load_bpf_the_classic_filter_is_used(
     ]
 
 
-class FailingMap:
-    """An eBPF map that stops taking changes (the kernel says EPERM)."""
+class FailingMap(EbpfFilter):
+    """An eBPF filter whose map stops taking changes (the kernel says EPERM)."""
 
     def __init__(self) -> None:
-        self.closed = False
+        super().__init__(-1, -1, -1)  # no descriptors: closing them is a no-op
 
     def add(self, key: Any) -> None:
         raise OSError(errno.EPERM, "Operation not permitted")
@@ -285,22 +285,19 @@ class FailingMap:
     def remove(self, key: Any) -> None:
         raise OSError(errno.EPERM, "Operation not permitted")
 
-    def close(self) -> None:
-        self.closed = True
-
 
 def test_a_map_that_fails_is_detached_so_it_can_drop_nobody() -> None:
     bans = BanList(after=1, duration=60.0, max_entries=10)
     sock = OptionsSock()
     bf = BanFilter([sock], bans)
-    bf._ebpf = FailingMap()  # type: ignore[assignment]
+    bf.kernel = FailingMap()
     bans.consider(key_of("127.2.0.1"), 1, 0.0)
     with structlog.testing.capture_logs() as logs:
         bf.apply()
         bans.consider(key_of("127.2.0.2"), 1, 0.0)
         bf.apply()  # not tried again
     assert [e["event"] for e in logs] == ["ban_filter_failed"]
-    assert sock.options == [banfilter.SO_DETACH_FILTER]
+    assert sock.options == [SO_DETACH_FILTER]
     assert not bf.available and bf.filtered == 0 and len(bans) == 2
 
 
@@ -321,8 +318,8 @@ def test_a_full_map_keeps_the_oldest_bans_and_reports_once() -> None:
     bans = BanList(after=1, duration=60.0, max_entries=10)
     bf = BanFilter([OptionsSock()], bans)
     small = SmallMap()
-    bf._ebpf = small  # type: ignore[assignment]
-    assert bf.kind == banfilter.EBPF
+    bf.kernel = small
+    assert bf.kind == "ebpf"
     with structlog.testing.capture_logs() as logs:
         for n in range(4):
             bans.consider(key_of(f"127.2.0.{n + 1}"), 1, float(n))
@@ -367,7 +364,7 @@ class CountedKey(int):
 def test_a_pass_touches_only_the_bans_that_changed() -> None:
     bans = BanList(after=1, duration=60.0, max_entries=10_000)
     bf = BanFilter([OptionsSock()], bans)
-    bf._ebpf = kernel_map = CountingMap()  # type: ignore[assignment]
+    bf.kernel = kernel_map = CountingMap()
     for n in range(2000):
         bans.consider(CountedKey(key_of(f"127.3.{n // 250}.{n % 250 + 1}")), 1, float(n) / 100)
     bf.apply()
@@ -389,7 +386,7 @@ def test_a_pass_touches_only_the_bans_that_changed() -> None:
 def test_bans_that_did_not_fit_go_in_when_a_lift_makes_room() -> None:
     bans = BanList(after=1, duration=60.0, max_entries=10)
     bf = BanFilter([OptionsSock()], bans)
-    bf._ebpf = kernel_map = CountingMap(room=2)  # type: ignore[assignment]
+    bf.kernel = kernel_map = CountingMap(room=2)
     with structlog.testing.capture_logs():
         for n in range(4):  # .1 and .2 fit; .3 and .4 are listed only
             bans.consider(key_of(f"127.2.0.{n + 1}"), 1, float(n))

@@ -13,7 +13,6 @@ import pytest
 from registry import config as config_mod
 from registry.admin.core import grading
 from registry.admin.core.grading import (
-    GradeRow,
     ago,
     class_counts,
     grade,
@@ -21,14 +20,14 @@ from registry.admin.core.grading import (
     stuck_first,
 )
 from registry.errors import ConfigError
-from registry.store import StudentSummary
+from registry.model import GradeRow
 from tests.support import exe, run_registry
 from tests.test_admin import fetch
 
 T0 = 1_800_000_000.0
 
 
-def group(student: str | None, source: str | None = None, **kw: object) -> StudentSummary:
+def group(student: str | None, source: str | None = None, **kw: object) -> GradeRow:
     values: dict[str, object] = {
         "student": student,
         "attempts": 1,
@@ -44,7 +43,7 @@ def group(student: str | None, source: str | None = None, **kw: object) -> Stude
         "last_explanation": "nobody answered",
     }
     values.update(kw)
-    return StudentSummary(**values)  # type: ignore[arg-type]
+    return GradeRow(**values)  # type: ignore[arg-type]
 
 
 # --- the roster ---------------------------------------------------------------------------

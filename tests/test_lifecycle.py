@@ -286,7 +286,8 @@ def test_tiny_grace_period_cuts_the_drain_and_still_exits_0(tmp_path: Path) -> N
 def test_sighup_applies_a_good_file_and_keeps_the_old_config_on_a_bad_one(
     tmp_path: Path,
 ) -> None:
-    strict = '[ratelimit]\nper_source = "1/hour"\n'
+    # refusals answered at once: the hold of a refusal has its own tests (test_door.py)
+    strict = '[tuning]\nrefusal_delay = "0s"\n[ratelimit]\nper_source = "1/hour"\n'
     with target() as t, run_registry(tmp_path, config=strict) as reg:
         path = tmp_path / "registry.toml"
         line = f"127.0.0.1:{t.port} verify=no\n".encode()

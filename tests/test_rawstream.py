@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import threading
 
 import pytest
 import trio
+import trio.testing
 
-from registry.net.tcp import RawStream
+from registry import config as config_mod
+from registry.model import Code, Endpoint
+from registry.net.connector import TcpConnector
+from registry.net.tcp import RawStream, _reply
+from registry.protocol.callback import callback_line
 
 
 def _drain_unless(stop: threading.Event, sock: socket.socket) -> None:
@@ -82,3 +88,39 @@ def test_send_now_takes_what_fits_and_leaves_errors_to_send_all() -> None:
     peer.close()
     assert stream.send_now(b"more") == 0  # an error takes nothing
     ours.close()
+
+
+@pytest.mark.parametrize("wait_echo", [False, True])
+async def test_a_callback_the_kernel_connects_at_once_goes_out_without_a_wait(
+    wait_echo: bool,
+) -> None:
+    # On loopback the handshake completes inside connect(): the line goes out with
+    # no epoll registration, no scheduler round and no deadline; with nothing to
+    # wait for (no echo) the whole callback runs without a checkpoint.
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        target = Endpoint(ipaddress.ip_address("127.0.0.1"), listener.getsockname()[1])
+        connector = TcpConnector(config_mod.DEFAULT.callback)
+        if wait_echo:
+            with trio.move_on_after(0.05):  # nobody echoes: the read waits, the line went
+                await connector.call(target, "r1", "n1", wait_echo=True)
+        else:
+            with trio.testing.assert_no_checkpoints():
+                result = await connector.call(target, "r1", "n1", wait_echo=False)
+            assert (result.code, result.verified) == (Code.CONNECTED, False)
+        conn, _ = listener.accept()
+        with conn:
+            line = callback_line("r1", "n1", config_mod.DEFAULT.callback.greeting)
+            assert conn.recv(4096) == line
+            assert conn.recv(10) == b""  # then our FIN
+
+
+async def test_a_reply_that_fits_is_sent_and_half_closed_without_a_checkpoint() -> None:
+    ours, peer = socket.socketpair()
+    with trio.testing.assert_no_checkpoints():  # no deadline to set, no scheduler round
+        await _reply(RawStream(ours), b"OK connected\n", 5.0)
+    assert peer.recv(100) == b"OK connected\n"
+    assert peer.recv(10) == b""  # our FIN
+    ours.close()
+    peer.close()

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from registry.admin import results
-from registry.admin.core.grading import GradeRow
 from registry.admin.results import CSV_COLUMNS, iso_utc, parse_since, render, render_grades
+from registry.model import GradeRow
 from registry.store import Store
 from tests.test_store import T0, rec
 

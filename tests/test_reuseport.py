@@ -9,7 +9,6 @@ Traffic goes to 127.0.0.0/8 only, or to a namespace the test creates (IPv6 sourc
 from __future__ import annotations
 
 import ipaddress
-import os
 import select
 import socket
 import sys
@@ -23,7 +22,7 @@ from registry.group import split_limits
 from registry.model import Rate
 from registry.net.kernel.reuseport import open_group, steering_program, worker_index
 from registry.store import Store
-from tests.netns import require_netns, run_cmd
+from tests.netns import netns_lab, require_netns
 from tests.test_store import T0, rec
 
 # --- the steering program, against the kernel -----------------------------------------
@@ -168,18 +167,13 @@ def test_kernel_steers_ipv6_sources_by_their_prefix(prefix: int) -> None:
     the host's loopback): the kernel's choice is worker_index's, and one network's
     addresses share a worker, after the program was replaced (a reload's re-attach)."""
     require_netns("workers")
-    ns = f"workers-v6-{os.getpid()}-{prefix}"
     sources = [f"2001:db8:{a:x}:{b:x}::{c:x}" for a in (1, 2) for b in range(1, 9) for c in (1, 2)]
-    run_cmd(["ip", "netns", "add", ns])
-    try:
-        run_cmd(["ip", "-n", ns, "link", "set", "lo", "up"])
+    with netns_lab("kernel-workers") as lab:
+        lab.add(f"v6-{prefix}")
         for src in sources:
-            run_cmd(["ip", "-n", ns, "addr", "add", f"{src}/128", "dev", "lo", "nodad"])
-        out = run_cmd(
-            ["ip", "netns", "exec", ns, sys.executable, "-c", _V6_PROBE, "3", str(prefix), *sources]
-        )
-    finally:
-        run_cmd(["ip", "netns", "del", ns], check=False)
+            lab.ip(f"v6-{prefix}", "addr", "add", f"{src}/128", "dev", "lo", "nodad")
+        probe = [sys.executable, "-c", _V6_PROBE, "3", str(prefix), *sources]
+        out = lab.exec_ok(f"v6-{prefix}", *probe)
     rows = [line.split() for line in out.splitlines()]
     assert len(rows) == len(sources)
     assert all(got == expected for _, got, expected in rows), rows

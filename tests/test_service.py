@@ -38,7 +38,6 @@ def make(
         connector=conn,
         recorder=rec,
         random_bytes=lambda n: next(counter).to_bytes(n, "big"),
-        wallclock=lambda: 1_700_000_000.0,
     )
     return service, conn, rec
 

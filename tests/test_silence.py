@@ -31,10 +31,11 @@ from registry import config as config_mod
 from registry.defense.bans import BanList
 from registry.defense.door import SILENT
 from registry.defense.window import SilentGuard, Window
+from registry.net.kernel import bpf
 from registry.net.kernel.banfilter import BanFilter, detach_inherited
-from registry.net.kernel.classic import ACCEPT, BPF_MAXINSNS, DROP, attach, drop_program, pack
-from registry.net.kernel.ebpf import EbpfBans, program
-from registry.net.kernel.rules import NEXT, compile_rule
+from registry.net.kernel.bpf import ACCEPT, BPF_MAXINSNS, DROP, attach
+from registry.net.kernel.classic import drop_program
+from registry.net.kernel.ebpf import EbpfFilter, from_classic, program
 from registry.server import Registry
 from tests.test_bans import RecordingSock, ipv4_header, key_of, listener, run_bpf, v4
 from tests.test_ebpf import MAP_FD, run_ebpf
@@ -163,17 +164,26 @@ def test_the_block_drops_bare_acks_only(runner: str, name: str, segment: bytes, 
         assert run(False, [], "127.2.0.1", segment) == ACCEPT
 
 
-def test_a_jump_to_next_lands_past_the_step_in_either_instruction_set() -> None:
-    # rules.BARE_ACK is written once and compiled by both filters (the runners above
-    # check what each compiled program does); a jump to NEXT must end the step.
-    rule = (("load",), ("next_unless",), ("load",), ("drop",))
-    emit = {
-        "load": lambda: [("ld", 0)],
-        "next_unless": lambda: [("jne", NEXT)],
-        "drop": lambda: [("jeq", NEXT), ("ret", 0)],
-    }
-    out = compile_rule(rule, emit, lambda insn, dist: (insn[0], dist))
-    assert out == [("ld", 0), ("jne", 3), ("ld", 0), ("jeq", 1), ("ret", 0)]
+# A classic block converted: each jump lands on the instruction it landed on (a
+# ``ret`` is two eBPF instructions), one past the end on what follows the block.
+CONVERTED = [
+    ((bpf.LD_B_ABS, 0, 0, 13), (0x30, 0, 0, 0, 13)),
+    ((bpf.JEQ_K, 0, 2, 0x10), (0x55, 0, 0, 3, 0x10)),  # false: over the ret (2) and the ja
+    ((bpf.RET_K, 0, 0, DROP), (0xB4, 0, 0, 0, 0)),
+    (None, (0x95, 0, 0, 0, 0)),
+    ((bpf.JA, 0, 0, 2), (0x05, 0, 0, 2, 0)),  # over the mov and the jne, to the ret
+    ((bpf.TAX, 0, 0, 0), (0xBF, 7, 0, 0, 0)),
+    ((bpf.JEQ_X, 0, 1, 0), (0x5D, 0, 7, 2, 0)),  # A != X: past the end
+    ((bpf.RET_K, 0, 0, ACCEPT), (0xB4, 0, 0, 0, -1)),
+    (None, (0x95, 0, 0, 0, 0)),
+]
+
+
+def test_a_classic_block_converts_to_ebpf_with_its_jumps_on_target() -> None:
+    block = [classic for classic, _ in CONVERTED if classic is not None]
+    assert from_classic(block) == [insn for _, insn in CONVERTED]
+    with pytest.raises(ValueError, match="no eBPF"):
+        from_classic([(bpf.JEQ_K, 1, 0, 0x10)])  # true must fall through
 
 
 @pytest.mark.parametrize("runner", RUNNERS)
@@ -202,11 +212,11 @@ def dropping_listener(kind: str) -> Iterator[socket.socket]:
     with listener() as lst:
         if kind == "classic":
             insns, _ = drop_program([], drop_silent=True)
-            attach(lst, pack(insns), len(insns))
+            attach(lst, insns)
             yield lst
             return
         try:
-            bpf = EbpfBans.create()
+            bpf = EbpfFilter.create()
         except OSError as e:
             pytest.skip(f"the kernel will not load BPF here: {e}")
         try:
@@ -388,14 +398,14 @@ async def test_the_ebpf_filter_swaps_programs_and_keeps_its_bans(
     # eBPF: the block is a second program; switching attaches it, then the plain
     # one again, on every listener; the map of bans is not touched by it.
     try:
-        bpf = EbpfBans.create()
+        bpf = EbpfFilter.create()
     except OSError as e:
         pytest.skip(f"the kernel will not load BPF here: {e}")
     bans = BanList(after=1, duration=600.0, max_entries=10)
     guard = SilentGuard(1, 10.0)
     socks = [RecordingSock(), RecordingSock()]
     bf = BanFilter(socks, bans, silent=guard)
-    bf._ebpf, bf.available = bpf, True  # as bind() leaves it, without real listeners
+    bf.kernel, bf.available = bpf, True  # as bind() leaves it, without real listeners
     plain, silent = bpf.prog_fd, bpf.silent_fd  # run() closes them when it ends
     async with trio.open_nursery() as nursery:
         nursery.start_soon(bf.run)

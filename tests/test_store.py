@@ -20,8 +20,8 @@ import pytest
 import trio
 import trio.testing
 
-from registry.model import Code, Diagnosis, Outcome, Protocol
-from registry.store import SCHEMA_VERSION, Record, Store, StoreError, StudentSummary
+from registry.model import Code, Diagnosis, GradeRow, Outcome, Protocol
+from registry.store import SCHEMA_VERSION, Record, Store, StoreError
 from registry.store.aio import AsyncStore
 
 T0 = 1_800_000_000.0  # a fixed epoch second: tests never read the real clock
@@ -257,19 +257,19 @@ def test_summary_ranks_best_outcome_per_student(db: Path) -> None:
     try:
         store.record_many(SUMMARY_ROWS)
         assert store.summary() == [
-            StudentSummary("ann", 4, 2, "OK", "connected", T0 + 2, T0 + 12, True,
-                           **_last("OK", "connected")),
-            StudentSummary("ben", 5, 0, "FAILED", "timeout", None, T0 + 8, False,
-                           **_last("DENIED", "port_not_allowed")),
-            StudentSummary("cat", 2, 0, "BUSY", "overloaded", None, T0 + 10, False,
-                           **_last("BUSY", "overloaded")),
-            StudentSummary(None, 1, 1, "OK", "connected", T0 + 11, T0 + 11, True,
-                           source="127.0.0.1", **_last("OK", "connected")),
+            GradeRow("ann", None, 4, 2, "OK", "connected", T0 + 2, T0 + 12, True,
+                     **_last("OK", "connected")),
+            GradeRow("ben", None, 5, 0, "FAILED", "timeout", None, T0 + 8, False,
+                     **_last("DENIED", "port_not_allowed")),
+            GradeRow("cat", None, 2, 0, "BUSY", "overloaded", None, T0 + 10, False,
+                     **_last("BUSY", "overloaded")),
+            GradeRow(None, "127.0.0.1", 1, 1, "OK", "connected", T0 + 11, T0 + 11, True,
+                     **_last("OK", "connected")),
         ]  # fmt: skip
         # Filters apply before ranking: since +3, ann has one OK (verified) and one FAILED.
         assert store.summary(since=T0 + 3, student="ann") == [
-            StudentSummary("ann", 2, 1, "OK", "connected", T0 + 12, T0 + 12, True,
-                           **_last("OK", "connected"))
+            GradeRow("ann", None, 2, 1, "OK", "connected", T0 + 12, T0 + 12, True,
+                     **_last("OK", "connected"))
         ]  # fmt: skip
     finally:
         store.close()

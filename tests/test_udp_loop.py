@@ -4,9 +4,9 @@ Each test builds its own network namespace (root only; tests/netns.py) and
 uses only its loopback: the real ``registry`` executables, an echoing UDP
 service and a raw socket that forges the first datagram's source all run
 inside it, so nothing can leave. An nftables counter in the namespace's
-output hook counts every UDP datagram sent there; the test reads it after
-3 s. Before the loop guard, each of these setups exchanged thousands of
-datagrams in those 3 s and never stopped.
+output hook counts every UDP datagram sent there; the test reads it once it
+has been still for 1 s (3 s at most). Before the loop guard, each of these
+setups exchanged thousands of datagrams in those 3 s and never stopped.
 
 Reflectors live on 127.0.0.2 and the real student on 127.0.0.1: a forged
 loop spends the reflector's reply budget, not the student's.
@@ -32,6 +32,7 @@ REFLECTOR_HOST = "127.0.0.2"
 ECHO_PORT = 7007
 SECOND_REGISTRY = f"{REFLECTOR_HOST}:9001"
 WATCH_S = 3.0
+QUIET_S = 1.0
 # A loop the guard stops: the forged datagram, the registry's answer, at most
 # the reflector's answer to that (which the registry drops). A handful.
 HANDFUL = 5
@@ -114,8 +115,14 @@ def _forge_and_count(lab: NetnsLab, src_port: int, payload: str = JUNK) -> int:
         "r", sys.executable, "-c", FORGE, REFLECTOR_HOST, str(src_port), str(port), payload
     )
     assert done.returncode == 0, done.stderr
-    time.sleep(WATCH_S)  # the loop, if any, runs meanwhile: count what it sent
-    return _sent(lab) - before
+    # The loop, if any, runs meanwhile. Each leg is a loopback datagram answered at
+    # once (thousands a second), so a counter still for QUIET_S means it has ended.
+    deadline, count, still_since = time.monotonic() + WATCH_S, _sent(lab), time.monotonic()
+    while time.monotonic() < deadline and time.monotonic() - still_since < QUIET_S:
+        time.sleep(0.1)
+        if (now := _sent(lab)) != count:
+            count, still_since = now, time.monotonic()
+    return count - before
 
 
 def _student_registers(lab: NetnsLab) -> None:

@@ -224,7 +224,9 @@ def test_sigkill_of_a_worker_loses_no_acknowledged_row_and_it_is_restarted(
 @slow
 def test_sighup_reaches_every_worker(tmp_path: Path) -> None:
     picks = {seat: s[0] for seat, s in sources_by_worker().items()}
-    with run_group(tmp_path, config=group_config('[ratelimit]\nper_source = "1/hour"\n')) as reg:
+    # refusals answered at once: the hold of a refusal has its own tests (test_door.py)
+    first = group_config('refusal_delay = "0s"\n[ratelimit]\nper_source = "1/hour"\n')
+    with run_group(tmp_path, config=first) as reg:
         path = tmp_path / "registry.toml"
         with echo_target(picks[0]) as p0, echo_target(picks[1]) as p1:
             ports = {0: p0, 1: p1}
@@ -559,7 +561,8 @@ async def test_a_snapshot_with_the_most_bans_fits_one_datagram(
 @slow
 def test_a_bad_file_on_sighup_keeps_every_workers_config(tmp_path: Path) -> None:
     picks = {seat: s[0] for seat, s in sources_by_worker().items()}
-    with run_group(tmp_path, config=group_config('[ratelimit]\nper_source = "1/hour"\n')) as reg:
+    first = group_config('refusal_delay = "0s"\n[ratelimit]\nper_source = "1/hour"\n')
+    with run_group(tmp_path, config=first) as reg:
         (tmp_path / "registry.toml").write_text('[ratelimit]\nper_source = "often"\n')
         reg.proc.send_signal(signal.SIGHUP)
         reg.wait_event("group_reloaded")

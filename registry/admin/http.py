@@ -35,6 +35,7 @@ from registry.store import StoreError
 log = structlog.get_logger(component="admin")
 
 _API_CSP = "default-src 'none'; frame-ancestors 'none'"
+_STREAM = Response(200, b"", "text/event-stream")  # /api/events, allowed
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,16 +120,10 @@ class AdminServer:
         """Accept and serve until cancelled; the listeners are closed on the way out."""
         try:
             async with trio.open_nursery() as nursery:
+                accepted = partial(self._accepted, nursery)
                 for listener in listeners:
-                    nursery.start_soon(
-                        partial(
-                            accept_loop,
-                            listener,
-                            self.admission,
-                            partial(self._accepted, nursery),
-                            name="admin",
-                        )
-                    )
+                    loop = partial(accept_loop, listener, self.admission, accepted, name="admin")
+                    nursery.start_soon(loop)
                 task_status.started()
         finally:
             for listener in listeners:
@@ -165,7 +160,7 @@ class AdminServer:
         except h11.RemoteProtocolError as e:
             self.slots.busy(token)
             status = e.error_status_hint if 400 <= e.error_status_hint <= 505 else 400
-            await self._send(stream, conn, Response(status, b"bad request\n"), head_only=False)
+            await self._send(stream, conn, Response(status, b"bad request\n"))
             await self._linger(stream)
             return
         if event is None:
@@ -174,19 +169,14 @@ class AdminServer:
         try:
             req = HttpRequest.parse(event)
         except BadRequest as e:
-            await self._send(stream, conn, Response(400, f"{e}\n".encode()), head_only=False)
+            await self._send(stream, conn, Response(400, f"{e}\n".encode()))
             return
-        head_only = req.method == "HEAD"
-        if req.path == "/api/events" and req.method == "GET":
-            refusal = self._check(req)
-            if refusal is None:
-                await self._events(stream, conn)
-                return
-            response = refusal
-        else:
-            response = await self._route(req)
+        response = await self._route(req)
+        if response is _STREAM and req.method == "GET":
+            await self._events(stream, conn)
+            return
         log.debug("admin_request", method=req.method, path=req.path, status=response.status)
-        await self._send(stream, conn, response, head_only=head_only)
+        await self._send(stream, conn, response, head_only=req.method == "HEAD")
         await self._linger(stream)
 
     async def _next_request(
@@ -223,8 +213,8 @@ class AdminServer:
         refusal = self._check(req)
         if refusal is not None:
             return refusal
-        if handler is None:  # HEAD /api/events: the headers of a stream, no stream
-            return Response(200, b"", "text/event-stream")
+        if handler is None:  # /api/events: GET streams, HEAD gets a stream's headers
+            return _STREAM
         try:
             return await handler(req)
         except BadRequest as e:
@@ -269,7 +259,7 @@ class AdminServer:
                 busy = Response(
                     503, b"too many event streams open\n", headers=(("Retry-After", "10"),)
                 )
-                await self._send(stream, conn, busy, head_only=False)
+                await self._send(stream, conn, busy)
                 return
             head = Response(200, content_type="text/event-stream")
             await self._write(stream, conn.send(self._head(head, streaming=True)))
@@ -336,7 +326,7 @@ class AdminServer:
         conn: h11.Connection,
         response: Response,
         *,
-        head_only: bool,
+        head_only: bool = False,
     ) -> None:
         data = conn.send(self._head(response)) or b""
         if response.body and not head_only:

@@ -21,8 +21,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from registry.admin.core.grading import STATUS_RANK, GradeRow, ago, stuck_first
+from registry.admin.core.grading import ago, stuck_first
 from registry.admin.results import cell, iso_utc, when
+from registry.model import STATUS_RANK, GradeRow
 from registry.store import Record
 
 STATUSES: tuple[str, ...] = tuple(STATUS_RANK)  # OK FAILED DENIED BUSY ERROR: best first
@@ -80,53 +81,48 @@ def _e(value: object) -> str:
     return "" if value is None else html.escape(str(value), quote=True)
 
 
+def _td(value: object, cls: str = "") -> str:
+    return f'<td class="{cls}">{_e(value)}</td>' if cls else f"<td>{_e(value)}</td>"
+
+
 def _status(value: str) -> str:
-    cls = f"st st-{value}" if value in STATUS_RANK else "st"
-    return f'<td class="{cls}">{_e(value)}</td>'
+    return _td(value, f"st st-{value}" if value in STATUS_RANK else "st")
 
 
 def _counts(counts: Mapping[str, int]) -> str:
-    items = [*STATUSES, "total"]
     return "".join(
         f'<li><span class="{"st st-" + k if k in STATUS_RANK else ""}">{_e(k)}</span>'
         f'<b id="count-{k}">{int(counts.get(k, 0))}</b></li>'
-        for k in items
+        for k in (*STATUSES, "total")
     )
 
 
 def _registration_row(r: Record) -> str:
-    cells = (
-        f'<td class="t">{_e(when(r.received_at))}</td>',
-        f"<td>{_e(r.student) if r.student is not None else '(no name)'}</td>",
+    return "<tr>" + "".join((
+        _td(when(r.received_at), "t"),
+        _td(r.student if r.student is not None else "(no name)"),
         _status(r.status),
-        f"<td>{_e(r.code)}</td>",
-        f"<td>{_e(r.peer)}</td>",
-        f"<td>{_e(r.target)}</td>",
-        f"<td>{_e(r.diagnosis)}</td>",
-        f'<td class="n">{_e(cell(r.rtt_ms))}</td>',
-        f"<td>{_e(cell(r.verified))}</td>",
-        f'<td class="x">{_e(r.explanation)}</td>',
-        f"<td>{_e(r.id)}</td>",
-    )
-    return "<tr>" + "".join(cells) + "</tr>"
+        *map(_td, (r.code, r.peer, r.target, r.diagnosis)),
+        _td(cell(r.rtt_ms), "n"),
+        _td(cell(r.verified)),
+        _td(r.explanation, "x"),
+        _td(r.id),
+    )) + "</tr>"  # fmt: skip
 
 
 def _summary_row(s: GradeRow) -> str:
     rank = STATUS_RANK.get(s.best_status or "", 98)
-    cells = (
-        f"<td>{_e(s.label)}</td>",
-        _status(s.best_status or ""),
-        f"<td>{_e(s.best_code)}</td>",
-        f'<td class="n">{int(s.attempts)}</td>',
-        f'<td class="n">{int(s.successes)}</td>',
-        f'<td class="t">{_e(when(s.first_success_at))}</td>',
-        f'<td class="t">{_e(when(s.last_attempt_at))}</td>',
-        f"<td>{_e(cell(s.verified_ever))}</td>",
-    )
     nameless = " data-nameless" if s.student is None else ""
-    return (
-        f'<tr data-student="{_e(s.label)}" data-rank="{rank}"{nameless}>' + "".join(cells) + "</tr>"
-    )
+    return f'<tr data-student="{_e(s.label)}" data-rank="{rank}"{nameless}>' + "".join((
+        _td(s.label),
+        _status(s.best_status or ""),
+        _td(s.best_code),
+        _td(int(s.attempts), "n"),
+        _td(int(s.successes), "n"),
+        _td(when(s.first_success_at), "t"),
+        _td(when(s.last_attempt_at), "t"),
+        _td(cell(s.verified_ever)),
+    )) + "</tr>"  # fmt: skip
 
 
 _REG_HEAD = (
@@ -298,14 +294,3 @@ def render_class(page: ClassPage) -> str:
 <script>{CLASS_SCRIPT}</script>
 </body></html>
 """
-
-
-__all__ = [
-    "CSP",
-    "STATUSES",
-    "ClassPage",
-    "Page",
-    "render_class",
-    "render_dashboard",
-    "render_message",
-]

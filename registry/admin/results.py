@@ -1,22 +1,12 @@
-"""``registry results``: every recorded registration, or a per-student summary.
+"""``registry results``: every recorded registration, or the grade sheet (docs/grading.md).
 
-Reads the database read-only (``file:...?mode=ro``), so grading during a class
-never blocks or changes the running daemon.
-
-Output formats:
-
-- ``table``: aligned columns for a terminal, long cells cut with ``…``,
-  control characters in student text shown escaped (a name cannot move the
-  cursor or recolour the terminal), then a count line.
-- ``csv``: header ``id,received_at,protocol,student,peer,target,status,code,
-  diagnosis,rtt_ms,verified,advertised,explanation,duration_ms,corrected``;
-  times in ISO 8601 UTC; ``verified``/``corrected`` as yes/no (empty when
-  unknown). CSV formula injection guard: any text cell starting with
-  ``= + - @`` (or tab/CR) gets a leading ``'`` so a spreadsheet shows a
-  student's ``=HYPERLINK(...)`` as text instead of running it. Only text a
-  student can influence can start that way; numbers are written by us.
-- ``json``: a list of objects with the same keys, raw (unguarded) text,
-  ``verified`` true/false/null.
+The database is opened read-only, so grading during a class never blocks or
+changes the running daemon. ``table`` is for a terminal: long cells cut with
+``…``, control characters escaped (a name cannot move the cursor). ``csv``:
+times ISO 8601 UTC, yes/no, and any text cell starting with ``= + - @`` (or
+tab/CR) gets a leading ``'``, so a spreadsheet shows a student's
+``=HYPERLINK(...)`` as text instead of running it. ``json``: the same keys,
+raw text.
 """
 
 from __future__ import annotations
@@ -37,8 +27,8 @@ from typing import Any
 
 from registry import config as config_mod
 from registry.admin.core import grading
-from registry.admin.core.grading import GradeRow
 from registry.errors import ConfigError
+from registry.model import GradeRow
 from registry.store import Record, Store, StoreError
 
 FORMATS = ("table", "csv", "json")
@@ -328,7 +318,7 @@ def _sources(args: argparse.Namespace) -> tuple[str, grading.Roster | None]:
     """The database (--db, else the config's server.db, as `registry serve` opens it) and
     the roster (--roster, else the config's [class] roster)."""
     cfg = config_mod.load(args.config) if getattr(args, "config", None) else None
-    db = args.db or (cfg.server.db if cfg is not None else "registry.db")
+    db = args.db if args.db is not None else cfg.server.db if cfg is not None else "registry.db"
     if getattr(args, "roster", None):
         return db, grading.read_roster(args.roster)
     return db, grading.load_roster(cfg) if cfg is not None else None

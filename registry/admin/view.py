@@ -15,8 +15,8 @@ from typing import Any, Protocol
 from registry.admin.core.grading import Roster
 from registry.config import Config
 from registry.metrics import Probes
-from registry.model import Endpoint
-from registry.store import Record, StudentSummary
+from registry.model import Endpoint, GradeRow
+from registry.store import Record
 
 
 class StoreReader(Protocol):
@@ -28,7 +28,7 @@ class StoreReader(Protocol):
 
     async def summary(
         self, *, since: float | None = None, student: str | None = None
-    ) -> list[StudentSummary]: ...
+    ) -> list[GradeRow]: ...
 
     async def count_by_status(
         self, *, since: float | None = None, student: str | None = None

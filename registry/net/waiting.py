@@ -88,13 +88,10 @@ class WaitingRoom:
 
     def add(self, w: Waiting) -> None:
         w.reader = RequestReader(self.config(), w.arrived)
-        if self._ready is not None:  # running: read what came with the connection
-            try:  # (TCP_DEFER_ACCEPT hands most over with their request)
-                decision = w.reader.feed(w.conn.recv(4096, socket.MSG_DONTWAIT), w.arrived)
-            except BlockingIOError:
-                decision = None
-            except OSError:  # reset by the peer: it has closed
-                decision = w.reader.feed(b"", w.arrived)
+        # Running: read what came with the connection (TCP_DEFER_ACCEPT hands most
+        # over with their request).
+        if self._ready is not None and (data := _recv(w.conn)) is not None:
+            decision = w.reader.feed(data, trio.current_time())
             if isinstance(decision, ProtocolError):
                 self._failed.append((w, decision))
                 self._wait.cancel()  # run() records it with the next batch
@@ -147,15 +144,8 @@ class WaitingRoom:
         now = trio.current_time()
         for fd, _ in self._epoll.poll(0, BATCH):
             w = self._by_fd.get(fd)
-            if w is None:
-                continue
-            try:
-                data = w.conn.recv(4096, socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                continue
-            except OSError:  # reset by the peer: it has closed
-                data = b""
-            self._act(w, w.reader.feed(data, now), ready, failed)
+            if w is not None and (data := _recv(w.conn)) is not None:
+                self._act(w, w.reader.feed(data, now), ready, failed)
         return failed
 
     def _due(self, ready: Ready, now: float) -> list[tuple[Waiting, ProtocolError]]:
@@ -208,3 +198,13 @@ class WaitingRoom:
         fd = w.conn.fileno()
         del self._by_fd[fd]
         self._epoll.unregister(fd)
+
+
+def _recv(conn: socket.socket) -> bytes | None:
+    """What arrived (``b""``: the peer closed, or reset), or None: nothing yet."""
+    try:
+        return conn.recv(4096, socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return None
+    except OSError:
+        return b""

@@ -38,31 +38,22 @@ def normalise(name: str | bytes, *, spaces: bool = False) -> str:
     ``spaces`` allows single spaces between words (the JSON protocol, where a
     space does not end the value). Bytes must be UTF-8.
     """
+    rule = RULE_SPACES if spaces else RULE
     if isinstance(name, bytes):
         try:
             name = name.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise BadName(
-                f"is not valid UTF-8 (byte 0x{name[exc.start]:02x} at offset {exc.start}); "
-                f"{RULE_SPACES if spaces else RULE}"
+                f"is not valid UTF-8 (byte 0x{name[exc.start]:02x} at offset {exc.start}); {rule}"
             ) from None
-    problem = _first_bad_character(name)  # before NFC: it could compose a mark away
-    if problem is not None:
-        problem = f"{problem}; {RULE_SPACES if spaces else RULE}"
-    else:
+    # Characters before NFC, which could compose a mark away.
+    problem = next((f"contains {p}; {rule}" for p in map(_character_problem, name) if p), None)
+    if problem is None:
         name = unicodedata.normalize("NFC", name)
         problem = _shape_problem(name, spaces)
     if problem is not None:
         raise BadName(problem)
     return name
-
-
-def _first_bad_character(name: str) -> str | None:
-    for ch in name:
-        kind = _character_problem(ch)
-        if kind is not None:
-            return f"contains {kind}"
-    return None
 
 
 def describe(ch: str) -> str:

@@ -20,9 +20,8 @@ from typing import Any
 
 import structlog
 
-from registry.admin.core.grading import STATUS_RANK
 from registry.errors import RegistryError
-from registry.model import Outcome, Protocol
+from registry.model import STATUS_RANK, GradeRow, Outcome, Protocol
 
 log = structlog.get_logger(component="store")
 
@@ -101,26 +100,6 @@ class Record:
 
 
 COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(Record))
-
-
-@dataclass(frozen=True, slots=True)
-class StudentSummary:
-    """One student's standing for grading. ``best_code`` is the code of the most
-    recent attempt that reached ``best_status``."""
-
-    student: str | None  # None: registrations sent without student=NAME
-    attempts: int
-    successes: int
-    best_status: str
-    best_code: str
-    first_success_at: float | None
-    last_attempt_at: float
-    verified_ever: bool
-    # A nameless group is one observed source IP (SPEC "grading"); None for a named one.
-    source: str | None = None
-    last_status: str | None = None  # the most recent attempt, for "stuck on what"
-    last_code: str | None = None
-    last_explanation: str | None = None
 
 
 # --- schema -----------------------------------------------------------------
@@ -247,9 +226,9 @@ WITH f AS (
             AS newest
     FROM f
 )
-SELECT student, COUNT(*), SUM(status = 'OK'), MIN(rank), MAX(CASE WHEN best = 1 THEN code END),
-       MIN(CASE WHEN status = 'OK' THEN received_at END), MAX(received_at),
-       MAX(COALESCE(verified, 0)), source, MAX(CASE WHEN newest = 1 THEN status END),
+SELECT student, source, COUNT(*), SUM(status = 'OK'), MIN(rank),
+       MAX(CASE WHEN best = 1 THEN code END), MIN(CASE WHEN status = 'OK' THEN received_at END),
+       MAX(received_at), MAX(COALESCE(verified, 0)), MAX(CASE WHEN newest = 1 THEN status END),
        MAX(CASE WHEN newest = 1 THEN code END), MAX(CASE WHEN newest = 1 THEN explanation END)
 FROM n
 GROUP BY student, source
@@ -260,10 +239,9 @@ ORDER BY student IS NULL, student COLLATE NOCASE, student, source
 class Store:
     """Synchronous store over one connection. Use from one thread at a time."""
 
-    def __init__(self, db: sqlite3.Connection, path: str, *, readonly: bool) -> None:
+    def __init__(self, db: sqlite3.Connection, path: str) -> None:
         self._db = db
         self.path = path
-        self.readonly = readonly
         # A worker group's writers queue on its flock (woken at once; SQLite's busy handler sleeps)
         self._writer_lock: int | None = None
 
@@ -281,7 +259,7 @@ class Store:
             db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as e:
             raise StoreError(f"{path}: cannot open results database: {e}") from e
-        store = cls(db, path, readonly=False)
+        store = cls(db, path)
         try:
             if writer_lock:
                 store._writer_lock = os.open(
@@ -329,16 +307,12 @@ class Store:
                 f"{path}: not a registry results database at schema version {SCHEMA_VERSION} "
                 f"(found {version}); `registry serve --db {path}` creates or upgrades it"
             )
-        return cls(db, path, readonly=True)
+        return cls(db, path)
 
     def _migrate(self) -> None:
-        version = _user_version(self._db)
-        if version > SCHEMA_VERSION:
-            raise _newer_error(self.path, version)
-        if version == SCHEMA_VERSION:
+        if _user_version(self._db) == SCHEMA_VERSION:
             return
-        # IMMEDIATE: two processes starting together must not both migrate.
-        with self._transaction():
+        with self._transaction():  # IMMEDIATE: two processes starting at once migrate once
             version = _user_version(self._db)
             if version > SCHEMA_VERSION:
                 raise _newer_error(self.path, version)
@@ -430,16 +404,14 @@ class Store:
         rows = self._db.execute(_AFTER, (seq, limit)).fetchall()
         return (rows[-1][0] if rows else seq), [_from_row(row[1:]) for row in rows]
 
-    def summary(
-        self, *, since: float | None = None, student: str | None = None
-    ) -> list[StudentSummary]:
+    def summary(self, *, since: float | None = None, student: str | None = None) -> list[GradeRow]:
         """Per student name, then per source IP for nameless registrations (SPEC
         "grading"): attempts, successes, best outcome, first success, last attempt."""
         where, params = _where(since, student)
         sql = _SUMMARY_SQL.format(rank=_RANK_SQL, source=_SOURCE_SQL, where=where)
         return [
-            StudentSummary(name, n, ok, _RANK_NAME.get(rank, "?"), code, first, last, bool(v), *now)
-            for name, n, ok, rank, code, first, last, v, *now in self._db.execute(sql, params)
+            GradeRow(name, ip, n, ok, _RANK_NAME.get(rank, "?"), code, first, last, bool(v), *now)
+            for name, ip, n, ok, rank, code, first, last, v, *now in self._db.execute(sql, params)
         ]
 
     def purge_older_than(self, cutoff: float) -> int:
@@ -464,14 +436,3 @@ class Store:
         lock, self._writer_lock = self._writer_lock, None
         if lock is not None:
             os.close(lock)
-
-
-__all__ = [
-    "COLUMNS",
-    "MIGRATIONS",
-    "SCHEMA_VERSION",
-    "Record",
-    "Store",
-    "StoreError",
-    "StudentSummary",
-]

@@ -20,7 +20,8 @@ from typing import Any, TypeVar
 import structlog
 import trio
 
-from registry.store import Record, Store, StoreError, StudentSummary
+from registry.model import GradeRow
+from registry.store import Record, Store, StoreError
 
 log = structlog.get_logger(component="store")
 
@@ -279,7 +280,7 @@ class AsyncStore:
 
     async def summary(
         self, *, since: float | None = None, student: str | None = None
-    ) -> list[StudentSummary]:
+    ) -> list[GradeRow]:
         return await self._call("summary", since=since, student=student)
 
     async def purge_older_than(self, cutoff: float) -> int:

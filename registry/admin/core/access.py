@@ -1,24 +1,15 @@
 """Who may use the admin endpoint: pure decisions, no sockets.
 
-When ``server.admin_token`` is set, every path but ``/healthz`` needs
-``Authorization: Bearer <token>`` or the dashboard cookie, compared in
-constant time. A browser opens ``/?token=<token>`` once and is sent (303) to
-the same URL without the token, with the HttpOnly SameSite=Strict cookie
-``registry_admin``:
-
-    ISSUED.HMAC-SHA256(token, "registry-admin-cookie/v2" NUL ISSUED)
-
-``ISSUED`` is the login time (unix seconds). The cookie never holds the
-token; it is keyed by the token, so a new token (SIGHUP) invalidates every
-cookie; and it expires: the browser drops it after ``COOKIE_MAX_AGE``
-(Max-Age), and the server refuses it after that age whatever the browser
-does (browser cookies are not scoped by port: another service on the same
-host name could read it, so a stolen one must not last).
-
-Without a token, requests whose ``Host`` is a DNS name other than
-``localhost`` are refused (403): that defeats DNS rebinding, where a web page
-on the instructor's machine points its own hostname at 127.0.0.1 to read
-students' data. Use an IP address, ``localhost``, or set a token.
+With ``server.admin_token`` set, every path but ``/healthz`` needs
+``Authorization: Bearer <token>`` or the dashboard cookie (constant-time
+compares). ``/?token=<token>`` once sends a browser (303) to the same URL
+without the token, with the HttpOnly SameSite=Strict cookie
+``ISSUED.HMAC-SHA256(token, "registry-admin-cookie/v2" NUL ISSUED)``: it never
+holds the token, dies with it (SIGHUP), and expires after ``COOKIE_MAX_AGE``
+whatever the browser does (cookies are not scoped by port, so a stolen one
+must not last). Without a token, a ``Host`` that is a DNS name other than
+``localhost`` is refused (403): DNS rebinding would let a web page read
+students' data through 127.0.0.1.
 """
 
 from __future__ import annotations

@@ -17,16 +17,14 @@ import csv
 import io
 import ipaddress
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, fields, replace
-from typing import Protocol
+from dataclasses import dataclass, replace
 
 from registry.config import Config, read_text
 from registry.errors import ConfigError
+from registry.model import STATUS_RANK, GradeRow
 from registry.policy.addresses import Address
 from registry.protocol.names import BadName, normalise
 
-# Best first: a student's best attempt (here, and in the store's summary SQL).
-STATUS_RANK: dict[str, int] = {"OK": 0, "FAILED": 1, "DENIED": 2, "BUSY": 3, "ERROR": 4}
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 MAX_ROSTER_ROWS = 5000
 
@@ -52,6 +50,10 @@ def _address(text: str) -> IPAddress:
     if text.startswith("[") and text.endswith("]"):
         text = text[1:-1]
     return Address.of(text).peer  # a roster's ::ffff:a.b.c.d is the IPv4 student a.b.c.d
+
+
+def _cell(row: list[str], at: int | None) -> str:
+    return row[at].strip() if at is not None and at < len(row) else ""
 
 
 def parse_roster(text: str, path: str) -> Roster:
@@ -92,17 +94,14 @@ def parse_roster(text: str, path: str) -> Roster:
             # The same rule as a registration's student= (a roster name must be one
             # a student can send), so the same message names what is wrong.
             try:
-                name = normalise(row[name_at].strip() if name_at < len(row) else "", spaces=True)
+                name = normalise(_cell(row, name_at), spaces=True)
             except BadName as e:
                 problems.append(f"{where}:{line}: student name {e}")
                 continue
             if name in names:
                 problems.append(f"{where}:{line}: student {name!r} already on line {names[name]}")
                 continue
-            address = None
-            cell = (
-                row[address_at].strip() if address_at is not None and address_at < len(row) else ""
-            )
+            address, cell = None, _cell(row, address_at)
             if cell:
                 try:
                     address = _address(cell)
@@ -137,57 +136,6 @@ def load_roster(cfg: Config) -> Roster | None:
 
 
 # --- grade rows ---------------------------------------------------------------------------
-
-
-class Group(Protocol):
-    """One group's aggregates, as ``store.StudentSummary`` carries them."""
-
-    student: str | None
-    source: str | None
-    attempts: int
-    successes: int
-    best_status: str
-    best_code: str
-    first_success_at: float | None
-    last_attempt_at: float
-    verified_ever: bool
-    last_status: str | None
-    last_code: str | None
-    last_explanation: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class GradeRow:
-    """One student's standing (a roster student, a name, or a nameless source IP)."""
-
-    student: str | None
-    source: str | None  # the observed IP of a nameless row, else None
-    attempts: int = 0
-    successes: int = 0
-    best_status: str | None = None
-    best_code: str | None = None
-    first_success_at: float | None = None
-    last_attempt_at: float | None = None
-    verified_ever: bool = False
-    last_status: str | None = None
-    last_code: str | None = None
-    last_explanation: str | None = None  # the last outcome in plain words
-    on_roster: bool = False
-
-    @property
-    def label(self) -> str:
-        return self.student if self.student is not None else f"(no name) {self.source}"
-
-    @property
-    def done(self) -> bool:
-        return self.best_status == "OK"
-
-
-def _row(s: Group) -> GradeRow:
-    row = GradeRow(
-        **{f.name: getattr(s, f.name) for f in fields(GradeRow) if f.name != "on_roster"}
-    )
-    return row if s.student is None else replace(row, source=None)
 
 
 def _rank(status: str | None) -> int:
@@ -225,7 +173,7 @@ def _source_key(source: str | None) -> tuple[int, int, str]:
     return (ip.version, int(ip), "")
 
 
-def grade(groups: Iterable[Group], roster: Roster | None = None) -> list[GradeRow]:
+def grade(groups: Iterable[GradeRow], roster: Roster | None = None) -> list[GradeRow]:
     """One row per student: roster students first in roster order (with their
     machine's nameless attempts), then other names (A-Z), then nameless sources."""
     by_name: dict[str, GradeRow] = {}
@@ -239,8 +187,7 @@ def grade(groups: Iterable[Group], roster: Roster | None = None) -> list[GradeRo
                 by_address[entry.address] = entry.student
     others: dict[str, GradeRow] = {}
     nameless: list[GradeRow] = []
-    for group in groups:
-        row = _row(group)
+    for row in groups:
         if row.student is None:
             owner = _owner(row.source, by_address)
             if owner is None:
@@ -298,17 +245,3 @@ def ago(seconds: float) -> str:
     if seconds < 86400:
         return f"{int(seconds // 3600)} h ago"
     return f"{int(seconds // 86400)} d ago"
-
-
-__all__ = [
-    "GradeRow",
-    "Roster",
-    "RosterEntry",
-    "ago",
-    "class_counts",
-    "grade",
-    "load_roster",
-    "merge",
-    "parse_roster",
-    "stuck_first",
-]

@@ -1,30 +1,14 @@
-"""The edge of the ban list: keep the listeners' kernel filter in step with it.
-
-``registry/defense/bans.py`` decides who is banned; this module puts the bans in the
-kernel, lifts them when they expire, and reports what did not fit. One task;
-changes are coalesced so a burst of bans is applied at most every
-``REFRESH_S``. Two ways, chosen when the listeners exist (``bind``):
-
-- **eBPF** (``registry/net/kernel/ebpf.py``), where the kernel lets us load a program
-  (root or ``CAP_BPF``): one constant program on the listeners, the bans in
-  a kernel map, one ``bpf()`` call per ban or lift, up to ``max_bans``
-  sources. A wave of changes is applied ``EBPF_STEP`` at a time between
-  checkpoints (short steps, docs/architecture.md).
-- **classic** (``SO_ATTACH_FILTER``, no privilege needed): the whole list
-  compiled into one program and re-attached on every change, detached when
-  no ban is left. Budget: every socket ``accept()`` returns inherits the
-  listener's filter and is charged its size against ``net.core.optmem_max``;
-  if the charge fails the kernel drops the new connection. So the program is
-  kept to ``optmem_max / 32`` bytes' worth of instructions (4,096 with
-  the 128 KB default of current kernels, 640 with older ones' 20 KB): about 2,000 IPv4
-  bans. Bans beyond it stay in the list (and in ``/api/bans``) without a
-  kernel rule, and are logged.
+"""The edge of the ban list: keep the listeners' kernel filter in step with it and
+with the silent drop (defense/bans.py, defense/window.py decide), lift bans when
+they expire and report what did not fit. Changes are coalesced (at most every
+``REFRESH_S``), ``STEP`` kernel calls between two checkpoints (docs/architecture.md,
+"Short steps"). The filter is eBPF where the kernel lets us load it, else classic,
+chosen once by ``bind`` (docs/limits.md, "Two kernel filters").
 """
 
 from __future__ import annotations
 
-import errno
-import socket
+import contextlib
 import sys
 from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
@@ -33,48 +17,50 @@ import structlog
 import trio
 
 from registry.defense.bans import Ban, BanList
-from registry.defense.ratelimit import source_network
 from registry.defense.window import SilentGuard
-from registry.net.kernel.classic import attach, drop_program, insn_budget, pack
-from registry.net.kernel.ebpf import EbpfBans
+from registry.net.kernel.bpf import Sock, detach
+from registry.net.kernel.classic import ClassicFilter, insn_budget
+from registry.net.kernel.ebpf import EbpfFilter
 
 log = structlog.get_logger(component="bans")
 
-SO_DETACH_FILTER = getattr(socket, "SO_DETACH_FILTER", 27)  # the Linux value
 REFRESH_S = 0.1  # the filter is rebuilt at most this often
 LOGGED_SOURCES = 10  # sources named in one bans_lifted line
-EBPF_STEP = 64  # map changes between two checkpoints (~15 us each)
-CLASSIC, EBPF = "classic", "ebpf"
+STEP = 64  # kernel calls between two checkpoints (an eBPF map change: ~15 us)
 
 
-class _Sock(Protocol):
-    def setsockopt(self, level: int, optname: int, value: bytes | int, /) -> None: ...
+class ListenerFilter(Protocol):
+    """One way of filtering the listeners (ClassicFilter, EbpfFilter). ``sync`` brings
+    ``socks`` in step with ``bans`` (``changed``: the keys banned or lifted since the
+    last pass) and ``dropping``, one item per kernel call; OSError: the kernel refused."""
+
+    kind: str
+
+    @property
+    def filtered(self) -> int: ...  # the bans the kernel drops now
+
+    def sync(
+        self, socks: Sequence[Sock], bans: BanList, changed: list[int], dropping: bool
+    ) -> Iterator[None]: ...
+
+    def close(self) -> None: ...
 
 
-def detach(sock: _Sock) -> None:
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, SO_DETACH_FILTER, 0)
-    except OSError as e:
-        if e.errno != errno.ENOENT:  # ENOENT: there was none
-            raise
-
-
-def detach_inherited(conn: _Sock) -> None:
+def detach_inherited(conn: Sock) -> None:
     """Take the listener's filter off a socket ``accept()`` returned (it inherits a
     copy). The filter is for handshakes: on a connection, the silent drop would
     drop the client's ACKs of our reply. Never raises."""
-    try:
-        conn.setsockopt(socket.SOL_SOCKET, SO_DETACH_FILTER, 0)
-    except OSError:  # ENOENT: it had none
-        pass
+    with contextlib.suppress(OSError):
+        detach(conn)
 
 
 class BanFilter:
-    """Applies ``bans`` to ``socks`` (the registration listeners) until cancelled."""
+    """Applies ``bans`` and the silent drop to ``socks`` (the registration listeners)
+    until cancelled."""
 
     def __init__(
         self,
-        socks: Sequence[_Sock],
+        socks: Sequence[Sock],
         bans: BanList,
         *,
         budget: int | None = None,
@@ -82,19 +68,24 @@ class BanFilter:
     ):
         self.socks = list(socks)
         self.bans = bans
-        # When it is on, the filter also drops bare handshake ACKs (registry/defense/window.py).
         self.silent = silent or SilentGuard(0, 0.0)
+        self.budget = insn_budget() if budget is None else budget  # the classic one's
+        self.kernel: ListenerFilter = ClassicFilter(self.budget)
+        self.available = sys.platform == "linux"  # False after the kernel refused a change
         self.dropping = False  # what the next apply puts in the kernel
         self._dropped = False  # what the listeners' filter does now
-        self.budget = insn_budget() if budget is None else budget
-        self.available = sys.platform == "linux"  # False after the kernel refused a filter
-        self.filtered = 0  # bans the kernel drops
         self._truncated = False  # some bans did not fit the filter last time
         self._applied = 0  # the BanList version the sockets carry (0: no filter, no bans)
-        self._ebpf: EbpfBans | None = None
-        self._in_map: set[int] = set()  # the eBPF map's keys
-        self._unfitted: dict[int, None] = {}  # banned, but the map was full
         self._wait = trio.CancelScope()
+
+    @property
+    def kind(self) -> str:
+        return self.kernel.kind
+
+    @property
+    def filtered(self) -> int:
+        """The bans the kernel drops."""
+        return self.kernel.filtered if self.available else 0
 
     @property
     def dropping_now(self) -> bool:
@@ -107,11 +98,6 @@ class BanFilter:
         every ban at its last apply (a full one leaves the newest bans to the door,
         which keeps refusing them instead)."""
         return self.available and not self._truncated
-
-    @property
-    def kind(self) -> str:
-        """EBPF once bind() has attached the eBPF program, else CLASSIC."""
-        return EBPF if self._ebpf is not None else CLASSIC
 
     def report(self, now: float) -> dict[str, Any]:
         """The ``/api/bans`` body: the bans, oldest first, and the silent drop."""
@@ -139,27 +125,15 @@ class BanFilter:
             ],
         }
 
-    def bind(self, socks: Sequence[_Sock], *, ebpf: bool = True) -> str:
-        """The listeners, before any ban: the eBPF program goes on them when the
-        kernel lets us (``ebpf``), else the classic filter will. Returns the kind."""
+    def bind(self, socks: Sequence[Sock]) -> str:
+        """The listeners, before any ban: the eBPF filter goes on them when the kernel
+        lets us, else the classic one will. Returns the kind."""
         self.socks = list(socks)
-        if not (ebpf and self.available and self.socks):
-            return self.kind
-        try:
-            program = EbpfBans.create()
-        except OSError as e:
-            log.info("ban_filter", kind=CLASSIC, ebpf_refused=e.strerror or str(e))
-            return self.kind
-        try:
-            for sock in self.socks:
-                program.attach(sock)
-        except OSError as e:
-            for sock in self.socks:
-                detach(sock)
-            program.close()
-            log.info("ban_filter", kind=CLASSIC, ebpf_refused=e.strerror or str(e))
-            return self.kind
-        self._ebpf = program
+        if self.available and self.socks:
+            try:
+                self.kernel = EbpfFilter.on(self.socks)
+            except OSError as e:
+                log.info("ban_filter", kind=self.kind, ebpf_refused=e.strerror or str(e))
         return self.kind
 
     def poke(self) -> None:
@@ -173,10 +147,7 @@ class BanFilter:
                 self.lift(now)
                 self.dropping = self.silent.active(now)
                 if self.bans.version != self._applied or self.dropping != self._dropped:
-                    if self._ebpf is not None:
-                        await self._apply_ebpf()
-                    else:
-                        self.apply()
+                    await self._apply_in_steps()
                     await trio.sleep(REFRESH_S)  # coalesce: a wave of bans is one pass
                     continue
                 wake = self.bans.next_expiry()
@@ -184,9 +155,8 @@ class BanFilter:
                     wake = min(wake, self.silent.until)
                 with trio.CancelScope(deadline=wake) as self._wait:
                     await trio.sleep_forever()
-        finally:
-            if self._ebpf is not None:  # the listeners keep the program until they close
-                self._ebpf.close()
+        finally:  # the listeners keep the program until they close
+            self.kernel.close()
 
     def lift(self, now: float) -> list[Ban]:
         lifted = self.bans.expire(now)
@@ -206,123 +176,54 @@ class BanFilter:
 
     def apply(self) -> None:
         """Put the current bans (and ``dropping``) in the kernel, at once."""
-        if self._ebpf is not None:
-            for _ in self._ebpf_changes():
-                pass
-            return
-        self._applied = self.bans.version
-        self.bans.take_changes()  # unused: the classic program is compiled whole
-        if not self.available:
-            self._dropped = self.dropping  # nothing to change: the wish is all there is
-            return
-        keys = [ban.network for ban in self.bans.active()]
-        program, held = drop_program(keys, self.budget, drop_silent=self.dropping)
-        packed = pack(program)
-        try:
-            for sock in self.socks:
-                if keys or self.dropping:
-                    attach(sock, packed, len(program))
-                else:
-                    detach(sock)
-        except OSError as e:
-            self._failed(e)
-            return
-        self._switched()
-        self._report_fit(len(keys), held)
-        self.filtered = held
+        for _ in self._steps():
+            pass
 
-    async def _apply_ebpf(self) -> None:
-        for n, _ in enumerate(self._ebpf_changes(), 1):
-            if n % EBPF_STEP == 0:
+    async def _apply_in_steps(self) -> None:
+        for n, _ in enumerate(self._steps(), 1):
+            if n % STEP == 0:
                 await trio.lowlevel.checkpoint()
 
-    def _ebpf_changes(self) -> Iterator[None]:
-        """Bring the map in step with the list, one change per item yielded. Only the
-        keys that changed since the last pass are looked at (``BanList.take_changes``):
-        a pass over all 5,000 bans of a wave was a 5-10 ms step every ``REFRESH_S``.
-        Bans made or lifted meanwhile are picked up by the next pass (the version moved)."""
-        assert self._ebpf is not None
+    def _steps(self) -> Iterator[None]:
         self._applied = self.bans.version
         changed = self.bans.take_changes()  # taken even when unused: it must not grow
         if not self.available:
-            self._dropped = self.dropping
+            self._dropped = self.dropping  # nothing to change: the wish is all there is
+            return
+        try:
+            yield from self.kernel.sync(self.socks, self.bans, changed, self.dropping)
+        except OSError as e:
+            self._failed(e)
             return
         if self.dropping != self._dropped:
-            try:  # one program for the other, on every listener
-                for sock in self.socks:
-                    self._ebpf.attach(sock, drop_silent=self.dropping)
-            except OSError as e:
-                self._failed(e)
-                return
-            self._switched()
-        lifted = [key for key in changed if key not in self.bans]
-        for key in lifted:  # first: they make room in a full map
-            self._unfitted.pop(key, None)
-            if key not in self._in_map:
-                continue
-            try:
-                self._ebpf.remove(source_network(key))
-            except OSError as e:
-                self._failed(e)
-                return
-            self._in_map.discard(key)
-            yield None
-        # bans that did not fit before go first (oldest first), if there is room now
-        wanted = [*self._unfitted, *(key for key in changed if key in self.bans)]
-        self._unfitted = {}
-        for key in wanted:
-            if key in self._in_map:
-                continue
-            if self._unfitted:  # the map is full: the rest stay listed only
-                self._unfitted[key] = None
-                continue
-            try:
-                self._ebpf.add(source_network(key))
-            except OSError as e:
-                if e.errno not in (errno.E2BIG, errno.ENOMEM, errno.ENOSPC):
-                    self._failed(e)
-                    return
-                self._unfitted[key] = None
-                continue
-            self._in_map.add(key)
-            yield None
-        self.filtered = len(self._in_map)
-        self._report_fit(len(self.bans), self.filtered)
-
-    def _switched(self) -> None:
-        """The listeners now do what ``dropping`` says: log when that changed."""
-        if self.dropping == self._dropped:
-            return
-        self._dropped = self.dropping
-        if self.dropping:
-            log.warning(
-                "silent_drop_started",  # the kernel now keeps silent connections
-                seconds=round(self.silent.duration, 1),
-                after=self.silent.after,  # silent connections within 10 s that did it
-                kind=self.kind,
-            )
-        else:
-            log.info("silent_drop_ended")
-
-    def _failed(self, e: OSError) -> None:
-        """The kernel refused a change (either filter): stop using it. The bans still
-        stand; only the kernel's help is gone."""
-        self.available = False
-        self.filtered = 0
-        self._dropped = self.dropping  # nothing left to switch: silent ones reach us
-        # A filter we can no longer change must not drop anyone: the classic one may
-        # have been attached to the first listener with bans that will never lift.
-        for sock in self.socks:
-            try:
-                detach(sock)
-            except OSError:
-                pass
-        log.error("ban_filter_failed", error=e.strerror or str(e), bans=len(self.bans))
-
-    def _report_fit(self, bans: int, held: int) -> None:
-        truncated = held < bans
+            self._dropped = self.dropping
+            if self.dropping:
+                log.warning(
+                    "silent_drop_started",  # the kernel now keeps silent connections
+                    seconds=round(self.silent.duration, 1),
+                    after=self.silent.after,  # silent connections within 10 s that did it
+                    kind=self.kind,
+                )
+            else:
+                log.info("silent_drop_ended")
+        truncated = self.kernel.filtered < len(self.bans)
         if truncated and not self._truncated:  # once per spell of a full filter
             log.warning(
-                "bans_not_filtered", bans=bans, filtered=held, budget=self.budget, kind=self.kind
+                "bans_not_filtered",
+                bans=len(self.bans),
+                filtered=self.filtered,
+                budget=self.budget,
+                kind=self.kind,
             )
         self._truncated = truncated
+
+    def _failed(self, e: OSError) -> None:
+        """The kernel refused a change: stop using it. The bans still stand; only the
+        kernel's help is gone. A filter we can no longer change must not drop anyone
+        (the classic one may be on the first listener with bans never lifted)."""
+        self.available = False
+        self._dropped = self.dropping  # nothing left to switch: silent ones reach us
+        for sock in self.socks:
+            with contextlib.suppress(OSError):
+                detach(sock)
+        log.error("ban_filter_failed", error=e.strerror or str(e), bans=len(self.bans))
