@@ -39,23 +39,6 @@ _HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "P
 _WHITESPACE = b" \t\r"
 
 
-class NeedData:
-    """Sentinel: the request is not complete yet; feed more bytes (or call ``quiet``)."""
-
-    _instance: NeedData | None = None
-
-    def __new__(cls) -> NeedData:
-        if cls._instance is None:
-            cls._instance = super().__new__(cls)
-        return cls._instance
-
-    def __repr__(self) -> str:
-        return "NEED_DATA"
-
-
-NEED_DATA = NeedData()
-
-
 def _malformed(explanation: str) -> ProtocolError:
     return ProtocolError(Code.MALFORMED, explanation)
 
@@ -68,18 +51,10 @@ def parse_line(line: str | bytes, *, allow_cookie: bool = False) -> Request:
     ``ProtocolError(MALFORMED)`` explains in printable ASCII, quoting little of the
     input. ``cookie=`` only with ``allow_cookie`` (the UDP transport)."""
     if isinstance(line, bytes):
-        if line.endswith(b"\n"):
-            line = line[:-1].removesuffix(b"\r")
-        return _parse_body(line, allow_cookie)
+        line = decode(line, Code.MALFORMED, f"plain ASCII text like {EXAMPLE}")
     if line.endswith("\n"):
         line = line[:-1].removesuffix("\r")
     return _parse_text(line, allow_cookie)
-
-
-def _parse_body(body: bytes, allow_cookie: bool) -> Request:
-    return _parse_text(
-        decode(body, Code.MALFORMED, f"plain ASCII text like {EXAMPLE}"), allow_cookie
-    )
 
 
 def decode(body: bytes, code: Code, shape: str) -> str:
@@ -384,16 +359,11 @@ def check_value(key: str, value: str, *, spaces: bool = False) -> str:
 
 
 class OneRequestReceiver:
-    """Frame one request per connection from a byte stream (h11-style); the base of
-    ``TextReceiver`` and ``jsonl.JsonReceiver``, which add only their grammar.
-
-    ``receive_data`` adds bytes (``b""``: EOF or half-close); ``next_event``
-    gives the result. The request ends at the first LF (CR LF accepted, later
-    bytes ignored), at EOF, or at ``quiet`` (the caller's quiet period passed)
-    when ``_complete`` says the buffer may hold a request. More than
-    ``max_bytes`` before the LF is ``TOO_LONG`` at once, and no more are ever
-    held. Once complete, the result is fixed: the same ``Request`` (or an equal
-    ``ProtocolError``) on every call.
+    """Frame one request per connection from a byte stream (h11-style); ``TextReceiver``
+    and ``jsonl.JsonReceiver`` add only their grammar (rules: docs/architecture.md,
+    "Request framing"). ``receive_data`` adds bytes (``b""``: EOF or half-close);
+    ``next_event`` and ``quiet`` give the decision: the ``Request``, the
+    ``ProtocolError`` to answer, or ``None`` while the request is incomplete.
     """
 
     _SKIP = b""  # bytes skipped before the request starts (they still count to the cap)
@@ -413,17 +383,11 @@ class OneRequestReceiver:
         """How many request bytes are held (terminator and skipped bytes excluded)."""
         return len(self._buf)
 
-    def next_event(self) -> Request | NeedData:
-        """The parsed request, ``NEED_DATA`` if it is not complete; raises ``ProtocolError``."""
-        result = self._result
-        if result is None:
-            return NEED_DATA
-        if isinstance(result, ProtocolError):
-            raise ProtocolError(result.code, result.explanation)
-        return result
+    def next_event(self) -> Request | ProtocolError | None:
+        """The decision, fixed once made; ``None``: not complete yet."""
+        return self._result
 
     def receive_data(self, data: bytes) -> None:
-        """Add bytes from the peer; ``b""`` means the peer closed or half-closed."""
         if self._result is not None:
             return  # one request per connection: anything after it is ignored
         if not data:
@@ -444,12 +408,12 @@ class OneRequestReceiver:
         if cut >= 0:
             self._finish(lf=True)
 
-    def quiet(self) -> Request | NeedData:
+    def quiet(self) -> Request | ProtocolError | None:
         """The quiet period passed with no new byte: take the buffer if it may be a
-        request; else ``NEED_DATA``, and the caller waits until its total deadline."""
+        request; else ``None``, and the caller waits until its total deadline."""
         if self._result is None and self._complete():
             self._finish(lf=False)
-        return self.next_event()
+        return self._result
 
     def _complete(self) -> bool:
         return bool(self._buf.strip(_WHITESPACE))  # only whitespace is no request yet
@@ -464,14 +428,12 @@ class OneRequestReceiver:
                 raise ProtocolError(*self._EMPTY)
             self._result = self._parse(body)
         except ProtocolError as exc:
-            # Without its traceback: kept, it would tie this receiver and the parser's
-            # frames into a reference cycle that only the garbage collector frees.
+            # The grammar's errors become the decision here, once. Without its
+            # traceback: kept, it would tie the parser's frames into a reference cycle.
             self._result = exc.with_traceback(None)
 
 
 class TextReceiver(OneRequestReceiver):
-    """Frame one text request (see ``OneRequestReceiver``)."""
-
     _EMPTY = (Code.MALFORMED, f"empty request; send one line HOST:PORT, like {EXAMPLE}")
     _SEND = f"send one short line HOST:PORT[ key=value ...], like {EXAMPLE}"
 
@@ -480,4 +442,4 @@ class TextReceiver(OneRequestReceiver):
         self._allow_cookie = allow_cookie
 
     def _parse(self, body: bytes) -> Request:
-        return _parse_body(body, self._allow_cookie)
+        return parse_line(body, allow_cookie=self._allow_cookie)
