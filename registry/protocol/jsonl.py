@@ -1,11 +1,9 @@
 """JSON lines on the registration port: one request object, one reply object, sans-io.
 
-Strict (docs/protocol.md, "JSON lines over TCP"), because a lenient JSON
-reader is where ambiguity creeps in: a repeated key means different things to
-different parsers, NaN is not JSON, and nesting is counted on the raw bytes
-before ``json.loads``, so a nested bomb never reaches the recursive parser.
-``host`` follows the text parser's rules. Every problem with the object is
-``bad_json`` naming the field first (``"port": ...``); too many bytes is ``too_long``.
+Strict (docs/protocol.md, "JSON lines over TCP"): a repeated key means different
+things to different parsers, NaN is not JSON, and nesting is counted on the raw
+bytes, so a nested bomb never reaches the recursive ``json.loads``. ``host`` and
+the names follow text.py's rules; every problem is ``bad_json`` naming the field.
 """
 
 from __future__ import annotations
@@ -18,8 +16,6 @@ from typing import Any
 from registry.errors import ProtocolError
 from registry.model import Code, IPAddress, Outcome, Request
 from registry.protocol.reply import quote_input, safe_text, safe_value
-
-# The text parser's host and field rules, reused so the two protocols cannot drift apart.
 from registry.protocol.text import OneRequestReceiver, check_value, decode, parse_host, parse_ipv6
 
 DEFAULT_MAX_BYTES = 512
@@ -48,21 +44,13 @@ def _field_error(name: str, problem: str) -> ProtocolError:
     return _bad(f"{json.dumps(shown, ensure_ascii=True)}: {problem}")
 
 
-class _Refused(Exception):
-    """Out of ``json.loads``'s hooks: ("twice", a repeated key) or ("constant", NaN...)."""
-
-
 # ------------------------------------------------------------------------ scanning
 
 
 def scan_depth(body: bytes, limit: int = MAX_DEPTH) -> tuple[int, bool]:
-    """``(deepest nesting seen, brackets balanced)`` of raw JSON bytes, without parsing.
-
-    Brackets inside strings (with backslash escapes) do not count. The scan
-    stops as soon as the depth exceeds ``limit``: the caller refuses the
-    request without handing it to the recursive parser. ``balanced`` is True
-    when at least one bracket opened and every one has closed.
-    """
+    """``(deepest nesting, brackets balanced)`` of raw JSON bytes; brackets in strings
+    do not count, and the scan stops once the depth passes ``limit``. Balanced: at
+    least one bracket opened and every one closed."""
     depth = deepest = 0
     in_string = escaped = False
     for byte in body:
@@ -90,11 +78,8 @@ def scan_depth(body: bytes, limit: int = MAX_DEPTH) -> tuple[int, bool]:
 
 
 def parse_json(body: bytes | str, *, max_depth: int = MAX_DEPTH) -> Request:
-    """Parse one JSON request object (no terminator) into a ``Request``.
-
-    Raises ``ProtocolError(Code.BAD_JSON)`` whose explanation names the
-    offending field, or describes why the bytes are not one JSON object.
-    """
+    """One JSON request object (no terminator) as a ``Request``, else
+    ``ProtocolError(BAD_JSON)`` naming the field or saying why it is not one object."""
     if isinstance(body, bytes):
         text, raw = decode(body, Code.BAD_JSON, f"one JSON object like {EXAMPLE}"), body
     else:
@@ -116,33 +101,25 @@ def parse_json(body: bytes | str, *, max_depth: int = MAX_DEPTH) -> Request:
 def _loads(text: str) -> Any:
     try:
         return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
-    except _Refused as refused:
-        kind, name = refused.args
-        if kind == "twice":
-            raise _field_error(name, "given twice; give each field once") from None
-        raise _bad(
-            f"{name} is not a JSON value (JSON has no NaN or Infinity); "
-            f"send one object like {EXAMPLE}"
-        ) from None
     except json.JSONDecodeError as exc:
         raise _bad(
             f"not valid JSON: {exc.msg} at offset {exc.pos}; send one object like {EXAMPLE}"
         ) from None
-    except RecursionError:  # unreachable behind scan_depth, kept as a backstop
-        raise _bad("nesting too deep") from None
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     obj: dict[str, Any] = {}
     for key, value in pairs:
         if key in obj:
-            raise _Refused("twice", key)
+            raise _field_error(key, "given twice; give each field once")
         obj[key] = value
     return obj
 
 
 def _no_constant(name: str) -> Any:
-    raise _Refused("constant", name)
+    raise _bad(
+        f"{name} is not a JSON value (JSON has no NaN or Infinity); send one object like {EXAMPLE}"
+    )
 
 
 _TYPE_NAMES = {
@@ -157,12 +134,11 @@ _TYPE_NAMES = {
 
 
 def _type_name(value: object) -> str:
-    """What a JSON value is, with its article: "an integer", "a string", "null"."""
     return _TYPE_NAMES.get(type(value), "an object")
 
 
 def _request(obj: dict[str, Any]) -> Request:
-    """Check the fields of the parsed object, in a fixed order so errors are stable."""
+    """The object's fields, checked in a fixed order so errors are stable."""
     unknown = [key for key in obj if key not in FIELDS]
     if unknown:
         hint = " (cookies are for the UDP text protocol)" if unknown[0] == "cookie" else ""
@@ -190,24 +166,20 @@ def _host(value: Any) -> IPAddress | str:
         raise _field_error("host", 'empty; write an address like "192.168.1.105"')
     if value != value.strip():
         raise _field_error("host", f"{quote_input(value)} has surrounding spaces; remove them")
+    bracketed = value.startswith("[")
+    if bracketed and not value.endswith("]"):
+        raise _field_error(
+            "host", f"{quote_input(value)} has no closing ']'; brackets are optional here"
+        )
     try:
-        if value.startswith("["):
-            if not value.endswith("]"):
-                raise _field_error(
-                    "host", f"{quote_input(value)} has no closing ']'; brackets are optional here"
-                )
+        if bracketed:
             return parse_ipv6(value[1:-1])
-        if ":" in value:
-            return parse_ipv6(value)
-        return parse_host(value)
-    except ProtocolError as exc:
-        if exc.code is Code.BAD_JSON:
-            raise
+        return parse_ipv6(value) if ":" in value else parse_host(value)
+    except ProtocolError as exc:  # the text grammar's words, put the JSON way
         raise _field_error("host", _json_words(exc.explanation)) from None
 
 
 def _json_words(explanation: str) -> str:
-    """The text parser's advice, with its HOST:PORT examples put the JSON way."""
     return (
         explanation.replace("write HOST:PORT, like 192.168.1.105:15000", 'like "192.168.1.105"')
         .replace("write [IPv6]:PORT, like [2001:db8::1]:15000", 'like "2001:db8::1"')
@@ -247,10 +219,8 @@ def _option(key: str, value: Any) -> object:
 
 
 class JsonReceiver(OneRequestReceiver):
-    """Frame one JSON request (see ``text.OneRequestReceiver``). Whitespace and blank
-    lines before the object are skipped; the quiet period ends the request only when
-    its brackets balance: an object cut in the middle by a slow client keeps waiting
-    (until the caller's total deadline) instead of being parsed half-way."""
+    """Leading whitespace skipped; ``quiet`` takes only balanced brackets (a slow
+    client's half object waits): docs/architecture.md, "Request framing"."""
 
     _SKIP = b" \t\r\n"
     _EMPTY = (Code.BAD_JSON, f"empty request; send one JSON object like {EXAMPLE}")
