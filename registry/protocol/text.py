@@ -1,11 +1,8 @@
 """The lab's own registration format: ``HOST:PORT[ key=value ...]``, sans-io.
 
-``parse_line`` turns one line into a ``Request`` or raises ``ProtocolError``
-with the reply code and an explanation a student can act on;
-``TextReceiver`` frames it from a stream. Address spellings are taken
-literally: only the canonical four-part decimal form is IPv4, every other
-spelling (``127.1``, ``0x7f.0.0.1`` ...) is refused with the reason, never
-reinterpreted (SECURITY.md, "Parse strictly").
+Strict: only the canonical four-part decimal form is IPv4; ``127.1``,
+``0x7f.0.0.1`` ... are refused with the reason, never reinterpreted
+(SECURITY.md, "Parse strictly"). ``TextReceiver`` frames a line from a stream.
 """
 
 from __future__ import annotations
@@ -54,7 +51,21 @@ def parse_line(line: str | bytes, *, allow_cookie: bool = False) -> Request:
         line = decode(line, Code.MALFORMED, f"plain ASCII text like {EXAMPLE}")
     if line.endswith("\n"):
         line = line[:-1].removesuffix("\r")
-    return _parse_text(line, allow_cookie)
+    bad = _CONTROL.search(line)
+    if bad is not None:
+        raise _malformed(
+            f"request contains the control character {quote_input(bad.group())} at offset "
+            f"{bad.start()}{_in_field(line, bad.start())}; send one line of plain text like "
+            f"{EXAMPLE}, ended by LF or CR LF"
+        )
+    stripped = line.strip(" \t")
+    if not stripped:
+        raise _malformed(f"empty request; send one line HOST:PORT, like {EXAMPLE}")
+    tokens = _SEP.split(stripped)
+    _refuse_http(tokens)
+    host, port = _parse_hostport(tokens[0])
+    keys = _parse_keys(tokens[1:], allow_cookie)
+    return Request(host=host, port=port, **keys)  # type: ignore[arg-type]
 
 
 def decode(body: bytes, code: Code, shape: str) -> str:
@@ -67,24 +78,6 @@ def decode(body: bytes, code: Code, shape: str) -> str:
             f"request is not valid UTF-8 (byte 0x{body[exc.start]:02x} at offset {exc.start}); "
             f"send {shape}",
         ) from None
-
-
-def _parse_text(text: str, allow_cookie: bool) -> Request:
-    bad = _CONTROL.search(text)
-    if bad is not None:
-        raise _malformed(
-            f"request contains the control character {quote_input(bad.group())} at offset "
-            f"{bad.start()}{_in_field(text, bad.start())}; send one line of plain text like "
-            f"{EXAMPLE}, ended by LF or CR LF"
-        )
-    stripped = text.strip(" \t")
-    if not stripped:
-        raise _malformed(f"empty request; send one line HOST:PORT, like {EXAMPLE}")
-    tokens = _SEP.split(stripped)
-    _refuse_http(tokens)
-    host, port = _parse_hostport(tokens[0])
-    keys = _parse_keys(tokens[1:], allow_cookie)
-    return Request(host=host, port=port, **keys)  # type: ignore[arg-type]
 
 
 def _in_field(text: str, offset: int) -> str:
