@@ -20,9 +20,7 @@ MIN_SECRET_BYTES = 16
 
 def _mac(secret: bytes, source: Endpoint, window: int) -> str:
     host = Address.of(source.host).peer  # family, packed address, port, window: a fixed layout
-    message = (
-        struct.pack("!B", host.version) + host.packed + struct.pack("!Hq", source.port, window)
-    )
+    message = bytes([host.version]) + host.packed + struct.pack("!Hq", source.port, window)
     digest = hmac.new(secret, message, hashlib.sha256).digest()
     return base64.urlsafe_b64encode(digest[:MAC_BYTES]).decode("ascii").rstrip("=")
 

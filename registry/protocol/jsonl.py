@@ -18,7 +18,6 @@ from registry.model import Code, IPAddress, Outcome, Request
 from registry.protocol.reply import quote_input, safe_text, safe_value
 from registry.protocol.text import OneRequestReceiver, check_value, decode, parse_host, parse_ipv6
 
-DEFAULT_MAX_BYTES = 512
 # A request is a flat object (depth 1). A little room above that lets a nested
 # value be reported as the wrong type of a named field rather than as nesting.
 MAX_DEPTH = 4
@@ -42,9 +41,6 @@ def _field_error(name: str, problem: str) -> ProtocolError:
     """``"port": problem``: the field named first, as JSON writes it (escaped, capped)."""
     shown = name if len(name) <= 30 else name[:27] + "..."
     return _bad(f"{json.dumps(shown, ensure_ascii=True)}: {problem}")
-
-
-# ------------------------------------------------------------------------ scanning
 
 
 def scan_depth(body: bytes, limit: int = MAX_DEPTH) -> tuple[int, bool]:
@@ -74,37 +70,30 @@ def scan_depth(body: bytes, limit: int = MAX_DEPTH) -> tuple[int, bool]:
     return deepest, deepest > 0 and depth == 0 and not in_string
 
 
-# ------------------------------------------------------------------------- parsing
-
-
-def parse_json(body: bytes | str, *, max_depth: int = MAX_DEPTH) -> Request:
+def parse_json(body: bytes | str) -> Request:
     """One JSON request object (no terminator) as a ``Request``, else
     ``ProtocolError(BAD_JSON)`` naming the field or saying why it is not one object."""
     if isinstance(body, bytes):
         text, raw = decode(body, Code.BAD_JSON, f"one JSON object like {EXAMPLE}"), body
     else:
         text, raw = body, body.encode("utf-8", "surrogatepass")
-    deepest, _ = scan_depth(raw, max_depth)
-    if deepest > max_depth:
+    deepest, _ = scan_depth(raw)
+    if deepest > MAX_DEPTH:
         raise _bad(
-            f"nesting too deep (more than {max_depth} levels); a request is one flat object "
+            f"nesting too deep (more than {MAX_DEPTH} levels); a request is one flat object "
             f"like {EXAMPLE}"
         )
-    obj = _loads(text)
+    try:
+        obj = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+    except json.JSONDecodeError as exc:
+        raise _bad(
+            f"not valid JSON: {exc.msg} at offset {exc.pos}; send one object like {EXAMPLE}"
+        ) from None
     if not isinstance(obj, dict):
         raise _bad(
             f"the request is {_type_name(obj)}, not an object; send one object like {EXAMPLE}"
         )
     return _request(obj)
-
-
-def _loads(text: str) -> Any:
-    try:
-        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
-    except json.JSONDecodeError as exc:
-        raise _bad(
-            f"not valid JSON: {exc.msg} at offset {exc.pos}; send one object like {EXAMPLE}"
-        ) from None
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -215,9 +204,6 @@ def _option(key: str, value: Any) -> object:
         raise _field_error(key, str(exc)) from None
 
 
-# ------------------------------------------------------------------------- framing
-
-
 class JsonReceiver(OneRequestReceiver):
     """Leading whitespace skipped; ``quiet`` takes only balanced brackets (a slow
     client's half object waits): docs/architecture.md, "Request framing"."""
@@ -226,19 +212,12 @@ class JsonReceiver(OneRequestReceiver):
     _EMPTY = (Code.BAD_JSON, f"empty request; send one JSON object like {EXAMPLE}")
     _SEND = f"send one short JSON object on one line, like {EXAMPLE}"
 
-    def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES, *, max_depth: int = MAX_DEPTH) -> None:
-        super().__init__(max_bytes)
-        self._max_depth = max_depth
-
     def _complete(self) -> bool:
-        deepest, balanced = scan_depth(bytes(self._buf), self._max_depth)
-        return balanced or deepest > self._max_depth
+        deepest, balanced = scan_depth(bytes(self._buf))
+        return balanced or deepest > MAX_DEPTH
 
     def _parse(self, body: bytes) -> Request:
-        return parse_json(body, max_depth=self._max_depth)
-
-
-# --------------------------------------------------------------------------- reply
+        return parse_json(body)
 
 
 def format_json_reply(outcome: Outcome) -> bytes:

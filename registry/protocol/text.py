@@ -40,9 +40,6 @@ def _malformed(explanation: str) -> ProtocolError:
     return ProtocolError(Code.MALFORMED, explanation)
 
 
-# --------------------------------------------------------------------------- line
-
-
 def parse_line(line: str | bytes, *, allow_cookie: bool = False) -> Request:
     """One registration line (one trailing LF or CR LF stripped) as a ``Request``;
     ``ProtocolError(MALFORMED)`` explains in printable ASCII, quoting little of the
@@ -96,9 +93,6 @@ def _refuse_http(tokens: list[str]) -> None:
             f"this looks like an HTTP request ({quote_input(tokens[0] + ' ' + tokens[1], 30)}); "
             f"the registration port takes one line HOST:PORT, like {EXAMPLE}"
         )
-
-
-# ----------------------------------------------------------------------- host:port
 
 
 def _parse_hostport(token: str) -> tuple[IPAddress | str, int]:
@@ -203,9 +197,6 @@ def _parse_port(text: str) -> int:
     return int(text)
 
 
-# --------------------------------------------------------------------------- hosts
-
-
 def parse_host(text: str) -> IPAddress | str:
     """Canonical dotted-decimal IPv4, or a hostname (lower-cased, one trailing dot dropped)."""
     parts = text.split(".")
@@ -296,9 +287,6 @@ def _inet_aton(parts: list[str]) -> ipaddress.IPv4Address | None:
     return ipaddress.IPv4Address(sum(v << (8 * (3 - i)) for i, v in enumerate(head)) + last)
 
 
-# ---------------------------------------------------------------------------- keys
-
-
 def _parse_keys(tokens: list[str], allow_cookie: bool) -> dict[str, object]:
     """Parse the ``key=value`` tokens after HOST:PORT into Request keyword arguments."""
     known = KEYS + ("cookie",) if allow_cookie else KEYS
@@ -348,9 +336,6 @@ def check_value(key: str, value: str, *, spaces: bool = False) -> str:
     return value
 
 
-# ------------------------------------------------------------------------- framing
-
-
 class OneRequestReceiver:
     """Frame one request per connection from a byte stream (h11-style); ``TextReceiver``
     and ``jsonl.JsonReceiver`` add only their grammar (rules: docs/architecture.md,
@@ -363,7 +348,7 @@ class OneRequestReceiver:
     _EMPTY: tuple[Code, str]  # the error for a request of only whitespace
     _SEND: str  # what to send instead of too long a request
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         if max_bytes < 1:
             raise ValueError("max_bytes must be at least 1")
         self._max = max_bytes
