@@ -244,6 +244,8 @@ def test_parse_reply(line: str | bytes, expected: ParsedReply) -> None:
         ("abcdefghij", 10, "'abcdefghij'"),
         ("abcdefghijk", 10, "'abcdefg...'"),
         ("\u00e9\u00e9\u00e9", 8, "'\\xe9...'"),
+        ("a\\b\t\r\x7f\x85", 60, "'a\\\\b\\t\\r\\x7f\\x85'"),
+        ("\u202e\ud800\U0001f600", 60, "'\\u202e\\ud800\\U0001f600'"),
     ],
 )
 def test_quote_input(text: str, limit: int, quoted: str) -> None:

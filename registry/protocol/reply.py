@@ -14,21 +14,6 @@ VALUE_LIMIT = 200  # a backstop: targets, ids and diagnoses are far shorter
 QUOTE_LIMIT = 60  # how much of a student's input an error message may quote
 
 _ELLIPSIS = "..."
-_NAMED_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\\": "\\\\"}
-
-
-def _escape_char(ch: str) -> str:
-    """``ch`` as printable ASCII: itself if it is, else a repr-style escape."""
-    if ch in _NAMED_ESCAPES:
-        return _NAMED_ESCAPES[ch]
-    code = ord(ch)
-    if 0x20 <= code < 0x7F:
-        return ch
-    if code < 0x100:
-        return f"\\x{code:02x}"
-    if code < 0x10000:
-        return f"\\u{code:04x}"
-    return f"\\U{code:08x}"
 
 
 def _plain(text: str) -> bool:
@@ -42,7 +27,8 @@ def _escape_capped(text: str, limit: int, escape: dict[str, str] | None = None) 
     pieces: list[str] = []
     used = fits = 0  # fits: how many pieces leave room for the ellipsis
     for ch in text:
-        piece = escape[ch] if escape and ch in escape else _escape_char(ch)
+        # unicode_escape: printable ASCII stays itself, the rest reads like repr (\x85, \u202e)
+        piece = escape[ch] if escape and ch in escape else ch.encode("unicode_escape").decode()
         used += len(piece)
         if used > limit:
             return "".join(pieces[:fits]) + _ELLIPSIS
