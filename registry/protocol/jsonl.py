@@ -227,9 +227,9 @@ def format_json_reply(outcome: Outcome) -> bytes:
     reply = {
         "status": outcome.status.value,
         "code": outcome.code.value,
-        "id": _value(outcome.id),
-        "target": _value(outcome.target),
-        "observed": _value(outcome.observed),
+        "id": outcome.id and safe_value(outcome.id),
+        "target": outcome.target and safe_value(outcome.target),
+        "observed": outcome.observed and safe_value(outcome.observed),
         "diagnosis": outcome.diagnosis.value if outcome.diagnosis is not None else None,
         "rtt_ms": round(rtt, 1) if rtt is not None and math.isfinite(rtt) else None,
         "verified": outcome.verified,
@@ -237,7 +237,3 @@ def format_json_reply(outcome: Outcome) -> bytes:
         "explanation": safe_text(outcome.explanation) or None,
     }
     return (json.dumps(reply, ensure_ascii=True, allow_nan=False) + "\n").encode("ascii")
-
-
-def _value(text: str | None) -> str | None:
-    return safe_value(text) if text is not None else None

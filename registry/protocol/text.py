@@ -337,12 +337,10 @@ def check_value(key: str, value: str, *, spaces: bool = False) -> str:
 
 
 class OneRequestReceiver:
-    """Frame one request per connection from a byte stream (h11-style); ``TextReceiver``
-    and ``jsonl.JsonReceiver`` add only their grammar (rules: docs/architecture.md,
-    "Request framing"). ``receive_data`` adds bytes (``b""``: EOF or half-close);
-    ``next_event`` and ``quiet`` give the decision: the ``Request``, the
-    ``ProtocolError`` to answer, or ``None`` while the request is incomplete.
-    """
+    """Frame one request per connection, h11-style: ``receive_data`` (``b""``: EOF), then
+    ``next_event`` or ``quiet`` gives the ``Request``, the ``ProtocolError`` to answer,
+    or ``None`` (not complete). Subclasses add a grammar; the rules: docs/architecture.md,
+    "Request framing"."""
 
     _SKIP = b""  # bytes skipped before the request starts (they still count to the cap)
     _EMPTY: tuple[Code, str]  # the error for a request of only whitespace
