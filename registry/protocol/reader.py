@@ -16,13 +16,11 @@ from __future__ import annotations
 
 from registry.config import ProtocolConfig
 from registry.errors import ProtocolError
-from registry.model import Code, Protocol, Request
+from registry.model import Code, Protocol
 from registry.protocol.jsonl import JsonReceiver
-from registry.protocol.text import TextReceiver
+from registry.protocol.text import Decision, TextReceiver
 
 _WHITESPACE = b" \t\r\n"
-
-Decision = Request | ProtocolError | None
 
 
 def sniff(first: bytes) -> Protocol:

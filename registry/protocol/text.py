@@ -36,6 +36,11 @@ _HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "P
 _WHITESPACE = b" \t\r"
 
 
+# What a receiver (and the reader over it) decides: the request, the error to answer,
+# or None while the request is incomplete.
+Decision = Request | ProtocolError | None
+
+
 def _malformed(explanation: str) -> ProtocolError:
     return ProtocolError(Code.MALFORMED, explanation)
 
@@ -338,9 +343,8 @@ def check_value(key: str, value: str, *, spaces: bool = False) -> str:
 
 class OneRequestReceiver:
     """Frame one request per connection, h11-style: ``receive_data`` (``b""``: EOF), then
-    ``next_event`` or ``quiet`` gives the ``Request``, the ``ProtocolError`` to answer,
-    or ``None`` (not complete). Subclasses add a grammar; the rules: docs/architecture.md,
-    "Request framing"."""
+    ``next_event`` or ``quiet`` gives the ``Decision``. Subclasses add a grammar; the
+    rules: docs/architecture.md, "Request framing"."""
 
     _SKIP = b""  # bytes skipped before the request starts (they still count to the cap)
     _EMPTY: tuple[Code, str]  # the error for a request of only whitespace
@@ -352,14 +356,14 @@ class OneRequestReceiver:
         self._max = max_bytes
         self._buf = bytearray()
         self._seen = 0  # every byte before the terminator, skipped ones included
-        self._result: Request | ProtocolError | None = None
+        self._result: Decision = None
 
     @property
     def buffered(self) -> int:
         """How many request bytes are held (terminator and skipped bytes excluded)."""
         return len(self._buf)
 
-    def next_event(self) -> Request | ProtocolError | None:
+    def next_event(self) -> Decision:
         """The decision, fixed once made; ``None``: not complete yet."""
         return self._result
 
@@ -384,7 +388,7 @@ class OneRequestReceiver:
         if cut >= 0:
             self._finish(lf=True)
 
-    def quiet(self) -> Request | ProtocolError | None:
+    def quiet(self) -> Decision:
         """The quiet period passed with no new byte: take the buffer if it may be a
         request; else ``None``, and the caller waits until its total deadline."""
         if self._result is None and self._complete():
