@@ -151,6 +151,8 @@ def run_registry(
         "json",
         "--admin",
         admin,
+        "--workers",  # one process unless the test asks for a group (args come after)
+        "1",
     ]
     for spec in listen:
         cmd += ["--listen", spec]

@@ -1,6 +1,6 @@
 """The narrow view of a running registry that the admin endpoint is given.
 
-The server builds one ``DaemonView`` (``registry.runtime.daemon_view``) from
+The server builds one ``DaemonView`` (``registry.server.daemon_view``) from
 its runtime; the admin side reads live state only through these callables,
 so it never needs the server's classes and the import runs one way:
 server -> admin.
@@ -10,11 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from registry.admin.core.grading import Roster
 from registry.config import Config
-from registry.defense.bans import BanList
 from registry.metrics import Probes
 from registry.model import Endpoint, GradeRow
 from registry.store import Record
@@ -36,24 +35,6 @@ class StoreReader(Protocol):
     ) -> dict[str, int]: ...
 
 
-class Silence(Protocol):
-    """What ``/api/bans`` reports of ``defense.window.SilentGuard``."""
-
-    after: int
-    until: float  # the silent drop's end (trio time)
-
-
-class KernelFilter(Protocol):
-    """What ``/api/bans`` reports of ``net.kernel.banfilter.BanFilter``."""
-
-    kind: str
-    filtered: int
-    silent: Silence
-
-    @property
-    def dropping_now(self) -> bool: ...
-
-
 @dataclass(frozen=True, slots=True)
 class DaemonView:
     store: StoreReader
@@ -62,5 +43,4 @@ class DaemonView:
     probes: Probes  # live gauges for /metrics (event_clients is the admin's own), draining
     subscribe: Callable[[Callable[[Record], None]], None]  # called per recorded registration
     listening: Callable[[], Sequence[Endpoint]]  # registration endpoints (may be wildcards)
-    bans: BanList
-    ban_filter: Callable[[], KernelFilter | None]
+    bans: Callable[[], dict[str, Any]]  # the /api/bans body (BanFilter.report)
