@@ -162,12 +162,8 @@ def _create_private(path: str) -> None:
 
 # --- rows <-> records -------------------------------------------------------
 
-_SELECT = f"SELECT {', '.join(COLUMNS)} FROM registrations"
-_AFTER = f"SELECT seq, {', '.join(COLUMNS)} FROM registrations WHERE seq > ? ORDER BY seq LIMIT ?"
-_LAST_SEQ = "SELECT coalesce(max(seq), 0) FROM registrations"
-_INSERT = (
-    f"INSERT INTO registrations ({', '.join(COLUMNS)}) VALUES ({', '.join('?' for _ in COLUMNS)})"
-)
+_COLS = ", ".join(COLUMNS)
+_INSERT = f"INSERT INTO registrations ({_COLS}) VALUES ({', '.join('?' for _ in COLUMNS)})"
 
 
 def _to_row(record: Record) -> tuple[Any, ...]:
@@ -376,32 +372,28 @@ class Store:
         student: str | None = None,
         limit: int | None = None,
     ) -> list[Record]:
-        """Records received at or after ``since`` (exact ``student`` match), oldest first.
-
-        With ``limit``, the newest ``limit`` matching records (still oldest first):
-        what a dashboard showing the latest registrations wants.
-        """
+        """Records received at or after ``since`` (exact ``student`` match), oldest first;
+        with ``limit``, only the newest ``limit`` of them (a dashboard's latest rows)."""
         where, params = _where(since, student)
-        if limit is None:
-            sql = f"{_SELECT}{where} ORDER BY received_at, seq"
-        else:
-            cols = ", ".join(COLUMNS)
-            sql = (
-                f"SELECT {cols} FROM (SELECT seq, {cols} FROM registrations{where} "
-                "ORDER BY received_at DESC, seq DESC LIMIT ?) ORDER BY received_at, seq"
-            )
-            params.append(max(0, limit))
+        sql = (
+            f"SELECT {_COLS} FROM (SELECT seq, {_COLS} FROM registrations{where} "
+            "ORDER BY received_at DESC, seq DESC LIMIT ?) ORDER BY received_at, seq"
+        )
+        params.append(-1 if limit is None else max(0, limit))  # SQLite: -1 is no limit
         return [_from_row(row) for row in self._db.execute(sql, params)]
 
     def last_seq(self) -> int:
         """The newest row's seq (0: none): where a reader of new rows starts."""
-        return int(self._db.execute(_LAST_SEQ).fetchone()[0])
+        return int(
+            self._db.execute("SELECT coalesce(max(seq), 0) FROM registrations").fetchone()[0]
+        )
 
     def after(self, seq: int, limit: int = 1000) -> tuple[int, list[Record]]:
         """Rows committed after row ``seq`` (oldest first, at most ``limit``) and the last
         seq seen: a later commit always has a larger seq (AUTOINCREMENT), so a reader
         polling with it never misses a row another process wrote."""
-        rows = self._db.execute(_AFTER, (seq, limit)).fetchall()
+        sql = f"SELECT seq, {_COLS} FROM registrations WHERE seq > ? ORDER BY seq LIMIT ?"
+        rows = self._db.execute(sql, (seq, limit)).fetchall()
         return (rows[-1][0] if rows else seq), [_from_row(row[1:]) for row in rows]
 
     def summary(self, *, since: float | None = None, student: str | None = None) -> list[GradeRow]:
