@@ -72,13 +72,6 @@ async def open_listeners(host: str, port: int, backlog: int = 128) -> list[trio.
         ) from e
 
 
-def _source(addr: object) -> str:
-    try:
-        return str(addr[0])  # type: ignore[index]
-    except (TypeError, IndexError):
-        return "?"
-
-
 class AdminServer:
     """The admin endpoint of one running registry.
 
@@ -132,7 +125,8 @@ class AdminServer:
     def _accepted(self, nursery: trio.Nursery, conn: object, addr: object, token: object) -> None:
         """Count the connection against its source; close the idle ones it displaces."""
         scope = self._scopes[token] = trio.CancelScope()
-        for old in self.slots.arrive(token, _source(addr)):  # may be this one: closed at once
+        source = str(addr[0])  # type: ignore[index]
+        for old in self.slots.arrive(token, source):  # may be this one: closed at once
             self._scopes[old].cancel()
         stream = trio.SocketStream(trio.socket.from_stdlib_socket(conn))  # type: ignore[arg-type]
         nursery.start_soon(self._connection, stream, token, scope)
