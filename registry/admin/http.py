@@ -223,12 +223,12 @@ class AdminServer:
         """None when the request may proceed, else the refusal (401, 403 or the login 303)."""
         token = self.view.config().server.admin_token
         decision = access.check(req.path, req.query, req.headers, token, self.wallclock())
-        if isinstance(decision, access.Allow):
+        if decision is access.Verdict.ALLOW:
             return None
         if isinstance(decision, access.Login):
             headers = (("Location", decision.location), ("Set-Cookie", decision.set_cookie))
             return Response(303, b"logged in\n", headers=headers)
-        if isinstance(decision, access.Forbidden):
+        if decision is access.Verdict.FORBIDDEN:
             return Response(
                 403,
                 b"refused: the Host header is a DNS name and no admin_token is set "
