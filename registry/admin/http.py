@@ -248,6 +248,8 @@ class AdminServer:
     # --- the event stream --------------------------------------------------------
 
     async def _events(self, stream: trio.SocketStream, conn: h11.Connection) -> None:
+        """Forward events (and a heartbeat comment when idle) until the hub drops this
+        client or it leaves (its slot is free at once, not at the next heartbeat)."""
         with self.hub.subscribe() as receive:
             if receive is None:
                 busy = Response(
@@ -260,37 +262,17 @@ class AdminServer:
             # retry: how long EventSource waits before reconnecting.
             await self._write(stream, conn.send(h11.Data(data=b"retry: 3000\n: connected\n\n")))
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._until_client_leaves, stream, nursery.cancel_scope)
-                await self._pump(stream, conn, receive)
+                nursery.start_soon(_drain, stream, nursery.cancel_scope)
+                while True:
+                    data = b": heartbeat\n\n"
+                    with trio.move_on_after(self.settings.heartbeat):
+                        try:
+                            data = await receive.receive()
+                        except trio.EndOfChannel:
+                            break
+                    await self._write(stream, conn.send(h11.Data(data=data)))
                 nursery.cancel_scope.cancel()
             await self._write(stream, conn.send(h11.EndOfMessage()))
-
-    async def _pump(
-        self,
-        stream: trio.SocketStream,
-        conn: h11.Connection,
-        receive: trio.MemoryReceiveChannel[bytes],
-    ) -> None:
-        """Forward events (and a heartbeat comment when idle) until the hub drops us."""
-        while True:
-            data = b": heartbeat\n\n"
-            with trio.move_on_after(self.settings.heartbeat):
-                try:
-                    data = await receive.receive()
-                except trio.EndOfChannel:
-                    return
-            await self._write(stream, conn.send(h11.Data(data=data)))
-
-    async def _until_client_leaves(
-        self, stream: trio.SocketStream, scope: trio.CancelScope
-    ) -> None:
-        """End the stream as soon as the client closes (its slot is free at once, not at
-        the next heartbeat), or sends more than it should."""
-        try:
-            await _drain(stream)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        scope.cancel()
 
     # --- writing -------------------------------------------------------------------------
 
@@ -338,20 +320,25 @@ class AdminServer:
         kernel send RST, and the client could lose the response we just wrote."""
         try:
             await stream.send_eof()
-            with trio.move_on_after(1.0):
-                await _drain(stream)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            pass
-
-
-async def _drain(stream: trio.SocketStream) -> None:
-    """Read and discard until the client closes, 64 KiB at the most."""
-    received = 0
-    while received < 64 * 1024:
-        chunk = await stream.receive_some(8192)
-        if not chunk:
             return
-        received += len(chunk)
+        with trio.move_on_after(1.0):
+            await _drain(stream)
+
+
+async def _drain(stream: trio.SocketStream, then: trio.CancelScope | None = None) -> None:
+    """Read and discard until the client closes (or sends 64 KiB), then cancel ``then``."""
+    received = 0
+    try:
+        while received < 64 * 1024:
+            chunk = await stream.receive_some(8192)
+            if not chunk:
+                break
+            received += len(chunk)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        pass
+    if then is not None:
+        then.cancel()
 
 
 __all__ = ["AdminServer", "AdminSettings", "open_listeners"]
