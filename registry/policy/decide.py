@@ -131,9 +131,8 @@ def _pick(name: str, answers: list[IPAddress], port: int, seen: Address, rules: 
         else:
             why = f"{name} resolved to {addr.display}: {d.explanation}"
             return Deny(d.code, why, d.diagnosis)
-    direct = [a for a in allowed if a.diagnosis is Diagnosis.DIRECT]
-    if direct or allowed:
-        return (direct or allowed)[0]
+    if allowed:  # an answer that is the peer itself first
+        return next((a for a in allowed if a.diagnosis is Diagnosis.DIRECT), allowed[0])
     assert mismatch is not None
     return Deny(
         mismatch.code,
