@@ -337,10 +337,6 @@ class Store:
                 fcntl.flock(self._writer_lock, fcntl.LOCK_UN)
 
     @property
-    def schema_version(self) -> int:
-        return _user_version(self._db)
-
-    @property
     def journal_mode(self) -> str:
         return str(self._db.execute("PRAGMA journal_mode").fetchone()[0])
 
@@ -350,10 +346,6 @@ class Store:
             return
         with self._transaction():
             self._db.executemany(_INSERT, [_to_row(r) for r in records])
-
-    def record(self, record: Record) -> None:
-        """Insert one record, committed before returning."""
-        self.record_many([record])
 
     def checkpoint(self) -> tuple[int, int]:
         """Copy the WAL into the database file; return (WAL frames, frames copied).
