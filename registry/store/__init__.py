@@ -102,9 +102,7 @@ class Record:
 COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(Record))
 
 
-# --- schema -----------------------------------------------------------------
-# Each migration takes the schema from version i to i+1 inside one transaction.
-# Adding migration 2 is writing one function and appending it to MIGRATIONS.
+# --- schema: MIGRATIONS[i] takes it from version i to i+1, in one transaction -----
 
 
 def _m1_registrations(db: sqlite3.Connection) -> None:
@@ -243,13 +241,10 @@ class Store:
 
     @classmethod
     def open(cls, path: str, *, autocheckpoint: bool = True, writer_lock: str = "") -> Store:
-        """Open (creating if needed) and migrate the database at ``path`` for writing.
-
-        ``autocheckpoint=False`` turns off SQLite's automatic WAL checkpoint: it
-        runs inside the commit that crosses 1,000 WAL pages, so that commit waits
-        for two more syncs. The caller then runs ``checkpoint()`` itself.
-        ``writer_lock``: a file every process writing ``path`` locks around its writes.
-        """
+        """Open (creating if needed) and migrate ``path`` for writing. ``autocheckpoint=False``:
+        no automatic WAL checkpoint (it runs inside the commit crossing 1,000 WAL pages,
+        which then waits for two more syncs); the caller runs ``checkpoint()``.
+        ``writer_lock``: a file every process writing ``path`` locks around its writes."""
         _create_private(path)
         try:
             db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -281,11 +276,8 @@ class Store:
     @classmethod
     def open_readonly(cls, path: str) -> Store:
         """Open an existing database read-only (``mode=ro``): never migrates or writes.
-
-        When the daemon is not running (no ``-wal``/``-shm`` beside the file) the
-        file is also opened ``immutable``, so a grader running as another user
-        (root, say) leaves behind no ``-shm`` file the daemon could not write.
-        """
+        Without ``-wal``/``-shm`` beside it (no daemon) also ``immutable``, so a grader
+        running as another user (root) leaves no ``-shm`` the daemon could not write."""
         uri = Path(path).absolute().as_uri() + "?mode=ro"
         if not (os.path.exists(path + "-wal") or os.path.exists(path + "-shm")):
             uri += "&immutable=1"
@@ -349,11 +341,8 @@ class Store:
 
     def checkpoint(self) -> tuple[int, int]:
         """Copy the WAL into the database file; return (WAL frames, frames copied).
-
-        PASSIVE: it never waits for a reader (a grader's ``open_readonly``) and
-        copies what it can. Once every frame is copied, the next commit starts
-        the WAL from its beginning again, so the file stops growing.
-        """
+        PASSIVE: it never waits for a reader (a grader) and copies what it can; once all
+        is copied, the next commit restarts the WAL from its start (it stops growing)."""
         _busy, frames, copied = self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         return int(frames), int(copied)
 
