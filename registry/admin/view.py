@@ -10,57 +10,24 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 from registry.admin.core.grading import Roster
 from registry.config import Config
 from registry.defense.bans import BanList
 from registry.metrics import Probes
-from registry.model import Endpoint, GradeRow
+from registry.model import Endpoint
+from registry.net.kernel.banfilter import BanFilter
 from registry.store import Record
-
-
-class StoreReader(Protocol):
-    """The read side of ``store.AsyncStore`` the admin pages use."""
-
-    async def query(
-        self, *, since: float | None = None, student: str | None = None, limit: int | None = None
-    ) -> list[Record]: ...
-
-    async def summary(
-        self, *, since: float | None = None, student: str | None = None
-    ) -> list[GradeRow]: ...
-
-    async def count_by_status(
-        self, *, since: float | None = None, student: str | None = None
-    ) -> dict[str, int]: ...
-
-
-class Silence(Protocol):
-    """What ``/api/bans`` reports of ``defense.window.SilentGuard``."""
-
-    after: int
-    until: float  # the silent drop's end (trio time)
-
-
-class KernelFilter(Protocol):
-    """What ``/api/bans`` reports of ``net.kernel.banfilter.BanFilter``."""
-
-    kind: str
-    filtered: int
-    silent: Silence
-
-    @property
-    def dropping_now(self) -> bool: ...
+from registry.store.aio import AsyncStore
 
 
 @dataclass(frozen=True, slots=True)
 class DaemonView:
-    store: StoreReader
+    store: AsyncStore  # read only: query, summary, count_by_status
     config: Callable[[], Config]  # the config in force (a SIGHUP replaces it)
     roster: Callable[[], Roster | None]  # the class roster in force, if any
     probes: Probes  # live gauges for /metrics (event_clients is the admin's own), draining
     subscribe: Callable[[Callable[[Record], None]], None]  # called per recorded registration
     listening: Callable[[], Sequence[Endpoint]]  # registration endpoints (may be wildcards)
     bans: BanList
-    ban_filter: Callable[[], KernelFilter | None]
+    ban_filter: Callable[[], BanFilter | None]  # /api/bans reports it
