@@ -18,6 +18,7 @@ from registry import cli
 from registry import config as config_mod
 from registry.config import Config
 from registry.errors import ConfigError
+from registry.model import Rate
 from tests.support import ROOT, exe
 
 CONFIG_DIR = ROOT / "config"
@@ -436,7 +437,7 @@ def _constants(cfg: Config) -> dict[str, object]:
     for key in config_mod.CONSTANTS:
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
-        out[key] = (value.count, value.period) if isinstance(value, config_mod.Rate) else value
+        out[key] = (value.count, value.period) if isinstance(value, Rate) else value
     return out
 
 

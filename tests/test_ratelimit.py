@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from registry.config import Rate, RateLimitConfig
+from registry.config import RateLimitConfig
 from registry.defense.ratelimit import (
     ALLOWED,
     Allowed,
@@ -20,7 +20,7 @@ from registry.defense.ratelimit import (
     source_network,
     source_of,
 )
-from registry.model import Endpoint
+from registry.model import Endpoint, Rate
 
 PER_MIN = 60.0
 HUGE = Rate(1_000_000, 1.0)  # effectively unlimited, to isolate one scope

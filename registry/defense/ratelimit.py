@@ -20,8 +20,8 @@ from collections import OrderedDict
 from collections.abc import Hashable
 from dataclasses import dataclass
 
-from registry.config import Rate, RateLimitConfig
-from registry.model import Endpoint, IPAddress
+from registry.config import RateLimitConfig
+from registry.model import Endpoint, IPAddress, Rate
 from registry.policy.addresses import Address
 
 # Float slack: sums of intervals such as 0.01 drift by ~1e-16 per step; without

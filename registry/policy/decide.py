@@ -14,8 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from registry.config import CIDR, PolicyConfig
-from registry.model import Code, Diagnosis, Endpoint, IPAddress, Request
+from registry.config import PolicyConfig
+from registry.model import CIDR, Code, Diagnosis, Endpoint, IPAddress, Request
 from registry.policy.addresses import AddrClass, Address, ascii_safe, normalise_hostname
 from registry.policy.diagnosis import diagnose, explain
 
