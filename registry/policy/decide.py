@@ -216,20 +216,15 @@ def _check_format(addr: Address, port: Any) -> Deny | None:
             f"Zone ids are not accepted ({ascii_safe(f'{addr}%{addr.zone}')}): "
             "advertise a routable address.",
         )
-    return _check_port_format(port)
+    return _check_port(port)
 
 
-def _check_port_format(port: Any) -> Deny | None:
-    if isinstance(port, int) and not isinstance(port, bool) and 1 <= port <= 65535:
-        return None
-    return Deny(Code.PORT_NOT_ALLOWED, f"Port {ascii_safe(str(port), 16)} is not a port (1-65535).")
-
-
-def _check_port(port: Any, policy: PolicyConfig) -> Deny | None:
-    bad = _check_port_format(port)
-    if bad is not None:
-        return bad
-    if any(port in r for r in policy.ports):
+def _check_port(port: Any, policy: PolicyConfig | None = None) -> Deny | None:
+    """A port number, and with ``policy`` one of the ports it calls."""
+    if not (isinstance(port, int) and not isinstance(port, bool) and 1 <= port <= 65535):
+        why = f"Port {ascii_safe(str(port), 16)} is not a port (1-65535)."
+        return Deny(Code.PORT_NOT_ALLOWED, why)
+    if policy is None or any(port in r for r in policy.ports):
         return None
     ranges = ", ".join(f"{r.low}-{r.high}" for r in policy.ports) or "none"
     return Deny(
