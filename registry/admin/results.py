@@ -78,17 +78,13 @@ def iso_utc(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _number(x: float) -> str:
-    return f"{x:.3f}".rstrip("0").rstrip(".")
-
-
 def cell(value: object) -> str:
     """A JSON value as display text: empty for null, yes/no, numbers without trailing zeros."""
     if value is None:
         return ""
     if isinstance(value, bool):
         return "yes" if value else "no"
-    return _number(value) if isinstance(value, float) else str(value)
+    return f"{value:.3f}".rstrip("0").rstrip(".") if isinstance(value, float) else str(value)
 
 
 def when(ts: float | None) -> str:
