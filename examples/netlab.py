@@ -254,6 +254,8 @@ class NetnsLab:
             str(cfg),
             "--log-format",
             "json",
+            "--workers",  # one process: a lab namespace needs no group
+            "1",
             "--admin",
             "off",
         )

@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--admin", metavar="HOST:PORT|off", help="admin HTTP (default 127.0.0.1:9100)"
     )
     serve.add_argument("--db", metavar="PATH", help="SQLite results file (default registry.db)")
+    serve.add_argument("--workers", metavar="N", type=int, help="processes; 0: one per core")
     serve.add_argument(
         "--log-format", choices=log_mod.FORMATS, help="default: console on a TTY, else json"
     )
@@ -79,18 +80,17 @@ def version_line() -> str:
 
 def load_config(args: argparse.Namespace) -> config_mod.Config:
     """The config file (or defaults) with the command line's options over its keys."""
-    server = {"listen": args.listen, "admin": args.admin, "db": args.db}
+    server = {"listen": args.listen, "admin": args.admin, "db": args.db, "workers": args.workers}
     log = {"format": args.log_format, "level": args.log_level}
     overrides = {
-        "server": {k: v for k, v in server.items() if v},
-        "log": {k: v for k, v in log.items() if v},
+        "server": {k: v for k, v in server.items() if v is not None},
+        "log": {k: v for k, v in log.items() if v is not None},
     }
     return config_mod.load(args.config or None, overrides)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from registry.net import group as workers
-    from registry.net.kernel.reuseport import Inherited
+    from registry import group as workers
     from registry.server import Registry
     from registry.store import StoreError
 
@@ -114,7 +114,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 workers.split_limits(cfg, n),
                 config_path=args.config,
                 loader=lambda: workers.split_limits(load_config(args), n),
-                inherited=Inherited(seat.tcp, seat.udp),
+                seat=seat,
             ).run
         elif n > 1:  # args.argv: the workers' command line
             run = workers.Supervisor(

@@ -90,7 +90,7 @@ class ServerConfig(_Section):
     grace_period: Duration = Duration(10.0)
     backlog: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 4096
     defer_accept: DeferAccept = DeferAccept(30.0)  # profile
-    workers: Annotated[int, msgspec.Meta(ge=0, le=64)] = 1  # 0: one per core
+    workers: Annotated[int, msgspec.Meta(ge=0, le=64)] = 0  # 0: one per core; classroom: 1
 
 
 class LogConfig(_Section):
@@ -190,6 +190,17 @@ class Config(_Section):
 
 DEFAULT = Config()
 
+# server keys bound when the sockets and the store open: a reload keeps them
+BOUND_AT_START = ("listen", "udp", "backlog", "defer_accept", "db", "admin", "workers")
+
+
+def keep_bound(old: Config, new: Config) -> tuple[Config, list[str]]:
+    """``new`` with ``old``'s BOUND_AT_START keys, and the keys that differed."""
+    moved = [k for k in BOUND_AT_START if getattr(new.server, k) != getattr(old.server, k)]
+    server = msgspec.structs.replace(new.server, **{k: getattr(old.server, k) for k in moved})
+    return msgspec.structs.replace(new, server=server), moved
+
+
 # limits.profile's constants, (classroom, internet), each explained in docs/limits.md.
 # "classroom": a class on one LAN, often behind one NAT address that a ban or a fine
 # would lock out (config/lab.toml). "internet": a registry anyone can reach; the
@@ -246,6 +257,9 @@ def _with_profile(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     limits = data.get("limits")
     profile = limits.get("profile") if isinstance(limits, dict) else None
     column = PROFILES.index(profile) if profile in PROFILES else 1
+    server = data.setdefault("server", {})
+    if isinstance(server, dict):  # a key whose default is the profile's (docs/deployment.md)
+        server.setdefault("workers", (1, 0)[column])
     for key, values in CONSTANTS.items():
         section, name = key.split(".")
         table = data.setdefault(section, {})

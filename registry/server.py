@@ -11,55 +11,51 @@ from __future__ import annotations
 import os
 import signal
 import socket
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-import msgspec
 import structlog
 import trio
 
 from registry import config as config_mod
 from registry import log as log_mod
-from registry.admin.core.grading import load_roster
+from registry.admin.core.grading import Roster, load_roster
 from registry.admin.http import AdminServer
 from registry.admin.http import open_listeners as open_admin_listeners
+from registry.admin.view import DaemonView
 from registry.config import Config
 from registry.defense.bans import Ban, BanList
 from registry.defense.conncaps import ConnectionCaps
-from registry.defense.door import (
-    SILENT,
-    TOTAL,
-    Admitted,
-    Door,
-    Refused,
-    told_of_ban,
-)
+from registry.defense.door import SILENT, TOTAL, Admitted, Door, Refused, told_of_ban
+from registry.defense.ratelimit import ReplyBudget
 from registry.defense.window import WINDOW_S, SilentGuard, Window
 from registry.errors import ConfigError, ProtocolError
-from registry.model import Code, Protocol, Request
+from registry.group import WorkerSeat, report_probes
+from registry.metrics import Probes
+from registry.model import Code, Endpoint, Protocol, Request
 from registry.net.accept import accept_loop, held_silent
 from registry.net.connector import TcpConnector
 from registry.net.doorway import Doorway, send_and_close
-from registry.net.group import report_probes
 from registry.net.interfaces import is_local_address
 from registry.net.kernel.banfilter import BanFilter, detach_inherited
 from registry.net.kernel.reuseport import Inherited
 from registry.net.listeners import (
+    as_listeners,
     deferral_for_log,
-    open_admin,
-    open_listeners,
-    open_udp,
+    open_sockets,
+    parse_hostport,
     sockname,
 )
 from registry.net.resolver import TrioResolver
 from registry.net.sdnotify import Notifier
 from registry.net.tcp import RawStream, TcpHandler, endpoint_of, reject_unread
-from registry.net.udp import new_reply_budget, serve_udp, udp_endpoint
+from registry.net.udp import UdpEdge, budget_settings
 from registry.net.waiting import Waiting, WaitingRoom
 from registry.protocol.cookies import CookieJar
-from registry.runtime import Runtime, daemon_view
 from registry.service import Connector, Service
 from registry.store.aio import AsyncStore
 
@@ -69,6 +65,54 @@ log = structlog.get_logger(component="server")
 # bans_made line at the interval's end (one line per ban, a wave of 4,000 bans
 # would cost ~0.3 s of the event loop)
 LOGGED_BANS = 10
+
+
+@dataclass
+class Runtime:
+    """What a running registry exposes to tests and to the admin endpoint."""
+
+    config: Config
+    service: Service
+    caps: ConnectionCaps
+    store: AsyncStore
+    tally: Window = field(default_factory=Window)
+    bans: BanList = field(default_factory=lambda: BanList(0, 60.0, 1))
+    ban_filter: BanFilter | None = None
+    tcp: list[Endpoint] = field(default_factory=list)
+    udp: list[Endpoint] = field(default_factory=list)
+    # UDP datagrams dropped unanswered, by loopguard.DropReason (a metric's counters)
+    udp_dropped: Counter[str] = field(default_factory=Counter)
+    admin: Endpoint | None = None
+    roster: Roster | None = None  # [class] roster, reloaded with the config
+    started_at: float = 0.0
+    draining: bool = False
+    shutdown: Callable[[], None] = lambda: None
+    reload: Callable[[], None] = lambda: None
+
+
+def daemon_view(rt: Runtime) -> DaemonView:
+    """What the admin endpoint may see of a running registry (registry/admin/view.py)."""
+    return DaemonView(
+        store=rt.store,
+        config=lambda: rt.config,
+        roster=lambda: rt.roster,
+        probes=Probes(
+            open_connections=lambda: rt.caps.total,
+            callbacks_in_flight=lambda: rt.service.slots.in_flight,
+            callbacks_waiting=lambda: rt.service.slots.waiting,
+            limiter_entries=lambda: rt.service.limiter.entries,
+            door_refusals=lambda: rt.tally.totals,
+            udp_dropped=lambda: dict(rt.udp_dropped),
+            bans_active=lambda: len(rt.bans),
+            bans_total=lambda: rt.bans.total,
+            silent_drop=lambda: rt.ban_filter is not None and rt.ban_filter.dropping_now,
+            draining=lambda: rt.draining,
+            policy_mode=lambda: rt.config.policy.mode,
+        ),
+        subscribe=rt.service.observers.append,
+        listening=lambda: rt.tcp,
+        bans=lambda: (rt.ban_filter or BanFilter([], rt.bans)).report(trio.current_time()),
+    )
 
 
 class Registry:
@@ -82,11 +126,10 @@ class Registry:
         connector: Connector | None = None,
         handle_signals: bool = True,
         loader: Callable[[], Config] | None = None,
-        inherited: Inherited | None = None,
+        seat: WorkerSeat | None = None,
     ) -> None:
         self.cfg = cfg
-        # A worker of a group (server.workers > 1) serves sockets its supervisor opened.
-        self.inherited = inherited
+        self.seat = seat  # a worker of a group: sockets and admin are its supervisor's
         self.config_path = config_path
         # How SIGHUP re-reads the config: the CLI passes one that re-applies its
         # command-line overrides (--listen, --db...), which the file alone lacks.
@@ -115,24 +158,39 @@ class Registry:
         self.doorway = Doorway(
             cfg.limits.refusal_delay, cfg.limits.max_refusal_delay, cfg.limits.max_refusals_held
         )
+        self.budget = ReplyBudget(*budget_settings(cfg))  # UDP's unproven answers
 
     async def run(
         self, *, task_status: trio.TaskStatus[Runtime] = trio.TASK_STATUS_IGNORED
     ) -> None:
         cfg = self.cfg
-        listeners = await open_listeners(cfg, self.inherited, self.deferral)
+        if self.seat is None:
+            tcp, udp = open_sockets(cfg, 1)
+            mine = Inherited([g[0] for g in tcp], [g[0] for g in udp])
+        else:
+            mine = self.seat.sockets
+        try:
+            admin = parse_hostport(cfg.server.admin) if cfg.server.admin != "off" else None
+            admin_listeners = await open_admin_listeners(*admin) if admin else []
+        except (OSError, ValueError):
+            for sock in [*mine.tcp, *mine.udp]:
+                sock.close()
+            raise
+        listeners = as_listeners(cfg, mine.tcp, self.deferral)
+        udp_socks = [trio.socket.from_stdlib_socket(s) for s in mine.udp]
         own = frozenset(sockname(lst) for lst in listeners)
-        admin_listeners = await open_admin(cfg, listeners, open_admin_listeners)
         admin_own = frozenset(sockname(lst) for lst in admin_listeners)
-        udp_socks = await open_udp(cfg, self.inherited, listeners, admin_listeners)
+        admin_own |= {self.seat.admin} if self.seat and self.seat.admin else set()
         async with (
             AsyncStore(
                 cfg.server.db,
                 # in a group the supervisor purges, once for all workers
-                retention=cfg.store.retention if self.inherited is None else 0,
-                writer_lock=cfg.server.db + "-writer" if self.inherited is not None else "",
+                retention=cfg.store.retention if self.seat is None else 0,
+                writer_lock=cfg.server.db + "-writer" if self.seat is not None else "",
             ) as store,
-            self._signal_receiver() as signals,
+            # From before READY=1 until the drain has ended: a signal sent the moment we
+            # report ready is queued, not fatal; a second one during the drain is ignored.
+            _signal_receiver(self.handle_signals) as signals,
         ):
             # Always wired: the policy refuses names while allow_hostnames is off, so a
             # SIGHUP that turns names on (or off) takes effect without a restart.
@@ -143,17 +201,17 @@ class Registry:
                 resolver=TrioResolver(),
                 # The admin and UDP ports are ours too: never a callback target, on any
                 # address of this host (a bind probe: current, fail-closed).
-                own=own | admin_own | {udp_endpoint(sock) for sock in udp_socks},
+                own=own | admin_own | {endpoint_of(s.getsockname()) for s in udp_socks},
                 is_local=is_local_address,
             )
-            handler = TcpHandler(service)
+            self._handler = TcpHandler(service)
             self.service = service
             runtime = Runtime(
                 cfg, service, self.caps, store, self.tally, self.bans, tcp=sorted(own, key=str)
             )
             runtime.roster = self.roster
             runtime.started_at = trio.current_time()
-            runtime.udp = [udp_endpoint(sock) for sock in udp_socks]
+            runtime.udp = [endpoint_of(s.getsockname()) for s in udp_socks]
             async with trio.open_nursery() as handlers:
                 async with trio.open_nursery() as front:
                     runtime.shutdown = front.cancel_scope.cancel
@@ -163,8 +221,8 @@ class Registry:
                         self.room = WaitingRoom(lambda: self.cfg.protocol)
                         handlers.start_soon(
                             self.room.run,
-                            lambda w, protocol, request: self._start(
-                                handlers, handler, w, (protocol, request)
+                            lambda w, protocol, request: handlers.start_soon(
+                                self._serve, w, (protocol, request)
                             ),
                             partial(self._reject, service),
                             self._drop,
@@ -175,9 +233,7 @@ class Registry:
                                 accept_loop,
                                 listener,
                                 self.admission,
-                                partial(
-                                    self._at_door, handlers, handler, self.deferral.get(listener)
-                                ),
+                                partial(self._at_door, handlers, self.deferral.get(listener)),
                                 name="tcp",
                             )
                         )
@@ -190,16 +246,18 @@ class Registry:
                     cookies = CookieJar(
                         os.urandom(32), cfg.udp.cookie_window, now=trio.current_time()
                     )
-                    udp = partial(
-                        serve_udp,
-                        handlers=handlers,
-                        caps=self.caps,
-                        admission=self.admission,
-                        budget=new_reply_budget(cfg),  # shared: a source reaches either socket
-                        dropped=runtime.udp_dropped,
-                    )
                     for sock in udp_socks:  # self.cfg per datagram: a SIGHUP applies to UDP too
-                        front.start_soon(udp, sock, service, cookies, lambda: self.cfg)
+                        edge = UdpEdge(
+                            sock,
+                            service,
+                            cookies,
+                            lambda: self.cfg,
+                            caps=self.caps,
+                            admission=self.admission,
+                            budget=self.budget,
+                            dropped=runtime.udp_dropped,
+                        )
+                        front.start_soon(edge.serve, handlers)
                     if admin_listeners:
                         # In `front`: the admin endpoint closes when the drain starts
                         # (its event streams would otherwise hold the drain open).
@@ -207,13 +265,13 @@ class Registry:
                         await front.start(AdminServer(daemon_view(runtime)).serve, admin_listeners)
                     if signals is not None:
                         front.start_soon(self._signals, runtime, signals)
-                    if self.inherited is not None:  # a worker: its gauges to the supervisor
-                        probes = daemon_view(runtime).probes
-                        front.start_soon(report_probes, self.notifier, probes)
+                    if self.seat is not None:  # a worker: its state to the supervisor
+                        view = daemon_view(runtime)
+                        front.start_soon(report_probes, self.notifier, view.probes, view.bans)
                     if self.notifier.watchdog_interval:
-                        front.start_soon(self._watchdog, self.notifier.watchdog_interval)
+                        front.start_soon(self.notifier.run_watchdog)
                     log.info(
-                        "listening" if self.inherited is None else "worker_ready",
+                        "listening" if self.seat is None else "worker_ready",
                         tcp=[str(e) for e in runtime.tcp],
                         udp=[str(e) for e in runtime.udp],
                         admin=str(runtime.admin) if runtime.admin else "off",
@@ -241,15 +299,9 @@ class Registry:
                 sock.close()
         log.info("stopped", outcomes={k.value: v for k, v in service.outcomes.items()})
 
-    async def _watchdog(self, interval: float) -> None:
-        while True:
-            self.notifier.watchdog()
-            await trio.sleep(interval)
-
     def _at_door(
         self,
         handlers: trio.Nursery,
-        handler: TcpHandler,
         deferral: int | None,
         conn: socket.socket,
         addr: object,
@@ -288,7 +340,7 @@ class Registry:
         if self.room is not None:
             self.room.add(waiting)  # its task starts once its request is complete
         else:
-            self._start(handlers, handler, waiting, None)
+            handlers.start_soon(self._serve, waiting, None)
 
     def _note_silent(self, now: float, n: int) -> None:
         """``n`` connections sent nothing before their read deadline (registry/defense/window.py)."""
@@ -314,25 +366,10 @@ class Registry:
         )
         return ban
 
-    def _start(
-        self,
-        handlers: trio.Nursery,
-        handler: TcpHandler,
-        w: Waiting,
-        request: tuple[Protocol, Request] | None,
-    ) -> None:
-        handlers.start_soon(self._serve, handler, RawStream(w.conn), w, request)
-
-    async def _serve(
-        self,
-        handler: TcpHandler,
-        stream: RawStream,
-        w: Waiting,
-        request: tuple[Protocol, Request] | None,
-    ) -> None:
+    async def _serve(self, w: Waiting, request: tuple[Protocol, Request] | None) -> None:
         try:
-            await handler(
-                stream,
+            await self._handler(
+                RawStream(w.conn),
                 w.peer,
                 source_paid=True,
                 arrived=w.arrived,
@@ -391,21 +428,6 @@ class Registry:
             )
         self._bans_in_interval = 0
 
-    @asynccontextmanager
-    async def _signal_receiver(self) -> AsyncIterator[AsyncIterator[int] | None]:
-        """Catch SIGINT/SIGTERM/SIGHUP from before READY=1 until the drain has ended.
-
-        Installed before the listeners are announced, so a signal sent the moment
-        we report ready is queued for ``_signals`` instead of taking the default
-        (fatal) action; still installed during the drain, so a second SIGTERM or
-        a SIGHUP then is ignored rather than killing in-flight callbacks.
-        """
-        if not self.handle_signals:
-            yield None
-            return
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
-            yield signals
-
     async def _signals(self, runtime: Runtime, signals: AsyncIterator[int]) -> None:
         async for signum in signals:
             if signum == signal.SIGHUP:
@@ -428,21 +450,10 @@ class Registry:
             log.error("reload_failed", path=self.config_path, problems=e.problems)
             self.notifier.ready("reload failed; old config kept")
             return
-        unchanged = (
-            "listen",
-            "udp",
-            "backlog",
-            "defer_accept",
-            "db",
-            "admin",
-            "workers",
-        )  # bound at start
-        moved = [k for k in unchanged if getattr(new.server, k) != getattr(self.cfg.server, k)]
+        # Keep what is really in force, so runtime.config never claims otherwise.
+        new, moved = config_mod.keep_bound(self.cfg, new)
         if moved:
             log.warning("reload_needs_restart", keys=[f"server.{k}" for k in moved])
-            # Keep what is really in force, so runtime.config never claims otherwise.
-            kept = {k: getattr(self.cfg.server, k) for k in moved}
-            new = msgspec.structs.replace(new, server=msgspec.structs.replace(new.server, **kept))
         if new.log != self.cfg.log:
             log_mod.configure(new.log.format, new.log.level)
         if isinstance(self.connector, TcpConnector):
@@ -460,12 +471,20 @@ class Registry:
         self.silent.reconfigure(
             new.limits.silent_drop_after, new.limits.silent_drop_duration, trio.current_time()
         )
-        lifted = self.bans.reconfigure(**_ban_settings(new))
-        if lifted:
-            self.ban_filter.report_lifted(lifted, reason="reload")
+        self.ban_filter.report_lifted(self.bans.reconfigure(**_ban_settings(new)), reason="reload")
         self.ban_filter.poke()  # the silent drop, or bans, may have changed
+        self.budget.configure(*budget_settings(new))
         log.info("reloaded", path=self.config_path)
         self.notifier.ready("config reloaded")
+
+
+@asynccontextmanager
+async def _signal_receiver(wanted: bool) -> AsyncIterator[AsyncIterator[int] | None]:
+    if not wanted:
+        yield None
+        return
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+        yield signals
 
 
 def _ban_settings(cfg: Config) -> dict[str, Any]:

@@ -3,7 +3,10 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 
+import pytest
+import trio
 from hypothesis import HealthCheck, settings
 
 # Bytecode caches (gitignored __pycache__) even under PYTHONDONTWRITEBYTECODE=1: without
@@ -22,3 +25,17 @@ settings.load_profile("ci" if os.environ.get("CI") == "true" else "dev")
 # the demos' Ctrl-C tests need it delivered, however pytest itself was started.
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+@pytest.fixture(autouse=True)
+def _no_blocking_sleep_in_trio(monkeypatch: pytest.MonkeyPatch) -> None:
+    """time.sleep on trio's own thread stalls every task of an async test: an error.
+    (In a worker thread, trio.to_thread.run_sync, it is fine.)"""
+    real = time.sleep
+
+    def sleep(seconds: float) -> None:
+        if trio.lowlevel.in_trio_run():
+            raise AssertionError("time.sleep inside trio: use await trio.sleep")
+        real(seconds)
+
+    monkeypatch.setattr(time, "sleep", sleep)

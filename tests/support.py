@@ -11,6 +11,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import select
 import shutil
 import signal
 import socket
@@ -86,10 +87,23 @@ class RegistryProcess:
         """Signal, wait for the exit, and for its last log lines to be read (so events() has them)."""
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
-        code = self.proc.wait(timeout=timeout)
+        code = wait_exit(self.proc, timeout)
         if self.reader is not None:
             self.reader.join(timeout)
         return code
+
+
+def wait_exit(proc: subprocess.Popen[str], timeout: float) -> int:
+    """``proc.wait(timeout)`` without its polling ``time.sleep``, so an async test may
+    call it: the process's pidfd becomes readable when it exits."""
+    if proc.poll() is None:
+        fd = os.pidfd_open(proc.pid)
+        try:
+            if not select.select([fd], [], [], timeout)[0]:
+                raise subprocess.TimeoutExpired(proc.args, timeout)
+        finally:
+            os.close(fd)
+    return proc.wait()
 
 
 def _drain(proc: subprocess.Popen[str], reg: RegistryProcess, ready: threading.Event) -> None:
@@ -135,6 +149,8 @@ def run_registry(
         "json",
         "--admin",
         admin,
+        "--workers",  # one process unless the test asks for a group (args come after)
+        "1",
     ]
     for spec in listen:
         cmd += ["--listen", spec]
@@ -163,10 +179,10 @@ def run_registry(
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             try:
-                proc.wait(timeout=20)
+                wait_exit(proc, 20)
             except subprocess.TimeoutExpired:
                 proc.kill()
-                proc.wait(timeout=5)
+                wait_exit(proc, 5)
 
 
 def send_line(

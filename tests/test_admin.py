@@ -514,7 +514,14 @@ def test_admin_port_in_use_is_a_clear_startup_error(tmp_path: Path) -> None:
         holder.listen()
         busy = holder.getsockname()[1]
         cmd = [exe("registry"), "serve", "--db", str(tmp_path / "r.db"), "--log-format", "json"]
-        cmd += ["--listen", f"127.0.0.1:{free_port()}", "--admin", f"127.0.0.1:{busy}"]
+        cmd += [
+            "--listen",
+            f"127.0.0.1:{free_port()}",
+            "--admin",
+            f"127.0.0.1:{busy}",
+            "--workers",
+            "1",
+        ]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=20, cwd=tmp_path)
     assert done.returncode != 0
     assert f"127.0.0.1:{busy} for the admin endpoint" in done.stderr

@@ -74,7 +74,16 @@ def _send(port: int, line: str) -> str:
 def test_tty_shows_a_banner_and_one_line_per_registration(tmp_path: Path) -> None:
     term = Pty()
     proc = subprocess.Popen(
-        [exe("registry"), "serve", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"],
+        [
+            exe("registry"),
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--workers",
+            "1",
+        ],
         stdin=term.slave,
         stdout=term.slave,
         stderr=term.slave,
@@ -161,7 +170,7 @@ def test_banner_on_a_wildcard_names_the_hosts_real_addresses(tmp_path: Path) -> 
         subprocess.run([*ip, "link", "set", "fh0", "up"], check=True, timeout=10)
         proc = subprocess.Popen(
             ["ip", "netns", "exec", ns, exe("registry"), "serve"]
-            + ["--listen", "0.0.0.0:0", "--admin", "off"],
+            + ["--listen", "0.0.0.0:0", "--admin", "off", "--workers", "1"],
             stdin=term.slave,
             stdout=term.slave,
             stderr=term.slave,
@@ -183,7 +192,7 @@ def test_banner_on_a_wildcard_names_the_hosts_real_addresses(tmp_path: Path) -> 
 
 def test_not_a_tty_keeps_json_logs(tmp_path: Path) -> None:
     proc = subprocess.Popen(
-        [exe("registry"), "serve", "--listen", "127.0.0.1:0", "--admin", "off"],
+        [exe("registry"), "serve", "--listen", "127.0.0.1:0", "--admin", "off", "--workers", "1"],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

@@ -61,6 +61,7 @@ def test_two_machines_with_the_nameless_cpp_client_are_two_graded_rows(
         reg = lab.spawn(
             "registry", exe("registry"), "serve", "--listen", "0.0.0.0:9000", "--db", str(db),
             "--config", str(config), "--log-format", "json", "--admin", "127.0.0.1:9100",
+            "--workers", "1",
         )  # fmt: skip
         reg.wait_for('"event": "listening"', timeout=20)
         # The class view, read inside the registry's namespace: where to send, and the count.

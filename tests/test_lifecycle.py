@@ -421,7 +421,7 @@ def test_notifier_abstract_socket_and_missing_socket(tmp_path: Path) -> None:
         receiver.bind("\0" + name)
         receiver.settimeout(5)
         notifier = Notifier({"NOTIFY_SOCKET": "@" + name})
-        assert notifier.enabled
+        assert notifier.address == "\0" + name  # the abstract namespace
         assert notifier.ready("listening on 127.0.0.1:9000")
         assert receiver.recv(4096) == b"READY=1\nSTATUS=listening on 127.0.0.1:9000"
         assert notifier.stopping() and receiver.recv(4096) == b"STOPPING=1"

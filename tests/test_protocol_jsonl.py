@@ -25,68 +25,68 @@ from registry.protocol.jsonl import (
     parse_json,
     scan_depth,
 )
-from registry.protocol.text import NEED_DATA, NeedData
 from student.wire import parse_json_reply
 
 Result = Request | tuple[Code, str]
 
 
-def _result(receiver: JsonReceiver) -> Result | NeedData:
-    try:
-        return receiver.next_event()
-    except ProtocolError as exc:
-        return exc.code, exc.explanation
+def _pair(decision: Request | ProtocolError | None) -> Result | None:
+    """A decision as the tables write it: the Request, or the error's (code, explanation)."""
+    return (
+        (decision.code, decision.explanation) if isinstance(decision, ProtocolError) else decision
+    )
 
 
-def _whole(data: bytes) -> Result | NeedData:
+def _result(receiver: JsonReceiver) -> Result | None:
+    return _pair(receiver.next_event())
+
+
+def _whole(data: bytes) -> Result | None:
     receiver = JsonReceiver()
     receiver.receive_data(data + b"\n")
     return _result(receiver)
 
 
-def _bytewise(data: bytes) -> Result | NeedData:
-    """One byte at a time: NEED_DATA until the LF (or the size cap), then the result."""
+def _bytewise(data: bytes) -> Result | None:
+    """One byte at a time: None until the LF (or the size cap), then the result."""
     receiver = JsonReceiver()
     for i, byte in enumerate(data + b"\n"):
         receiver.receive_data(bytes([byte]))
         got = _result(receiver)
-        if got is not NEED_DATA:
+        if got is not None:
             assert byte == 0x0A or (isinstance(got, tuple) and got[0] is Code.TOO_LONG), (i, got)
             return got
     return _result(receiver)
 
 
-def _trailing(data: bytes) -> Result | NeedData:
+def _trailing(data: bytes) -> Result | None:
     receiver = JsonReceiver()
     receiver.receive_data(data + b"\n" + b'{"host": "10.0.0.1", "port": 1} junk')
     receiver.receive_data(b"more junk\n")
     return _result(receiver)
 
 
-def _eof(data: bytes) -> Result | NeedData:
+def _eof(data: bytes) -> Result | None:
     receiver = JsonReceiver()
     receiver.receive_data(data)
     receiver.receive_data(b"")
     return _result(receiver)
 
 
-def _quiet(data: bytes) -> Result | NeedData:
+def _quiet(data: bytes) -> Result | None:
     receiver = JsonReceiver()
     receiver.receive_data(data)
-    try:
-        return receiver.quiet()
-    except ProtocolError as exc:
-        return exc.code, exc.explanation
+    return _pair(receiver.quiet())
 
 
-def _same(a: Result | NeedData, b: Result | NeedData) -> bool:
+def _same(a: Result | None, b: Result | None) -> bool:
     """Requests equal; errors with the same code (explanations may differ by offset)."""
     if isinstance(a, tuple) and isinstance(b, tuple):
         return a[0] is b[0]
     return a == b
 
 
-def tr(data: bytes) -> Result | NeedData:
+def tr(data: bytes) -> Result | None:
     """The result of ``data``, checked to be the same whichever way it is delivered."""
     whole = _whole(data)
     for other in (_bytewise(data), _trailing(data), _eof(data)):
@@ -94,7 +94,7 @@ def tr(data: bytes) -> Result | NeedData:
     quiet = _quiet(data)
     # The quiet period takes only an object whose brackets balance; anything
     # else keeps waiting for more bytes (the edge's deadline ends it).
-    assert quiet is NEED_DATA or _same(quiet, whole), (quiet, whole)
+    assert quiet is None or _same(quiet, whole), (quiet, whole)
     return whole
 
 
@@ -220,7 +220,7 @@ def test_not_utf8_prefix_is_refused_even_without_lf() -> None:
 def test_incomplete_object_waits_through_the_quiet_period() -> None:
     receiver = JsonReceiver()
     receiver.receive_data(b'{"host": "10.0.0.1", ')
-    assert receiver.quiet() is NEED_DATA  # a slow client: not parsed half-way
+    assert receiver.quiet() is None  # a slow client: not parsed half-way
     receiver.receive_data(b'"port": 15000}')
     assert receiver.quiet() == Request(IPv4Address("10.0.0.1"), 15000)
 
@@ -229,7 +229,7 @@ def test_whitespace_and_blank_lines_before_the_object_are_skipped() -> None:
     receiver = JsonReceiver()
     receiver.receive_data(b"\r\n  \n")
     assert receiver.buffered == 0
-    assert receiver.quiet() is NEED_DATA
+    assert receiver.quiet() is None
     receiver.receive_data(b'{"host": "10.0.0.1", "port": 2}\n')
     assert receiver.next_event() == Request(IPv4Address("10.0.0.1"), 2)
 
@@ -243,11 +243,10 @@ def test_empty_request_at_eof(data: bytes) -> None:
 def test_size_cap_counts_leading_whitespace_and_holds_no_more() -> None:
     receiver = JsonReceiver(64)
     receiver.receive_data(b" " * 60)
-    assert receiver.next_event() is NEED_DATA
+    assert receiver.next_event() is None
     receiver.receive_data(b'{"host": "10.0.0.1"}')
-    with pytest.raises(ProtocolError) as err:
-        receiver.next_event()
-    assert err.value.code is Code.TOO_LONG
+    got = _result(receiver)
+    assert isinstance(got, tuple) and got[0] is Code.TOO_LONG
     assert receiver.buffered <= 64
 
 
@@ -292,19 +291,17 @@ def test_arbitrary_bytes_give_a_request_need_data_or_a_protocol_error(
     receiver = JsonReceiver()
     for i in range(0, len(data), chunk):
         receiver.receive_data(data[i : i + chunk])
-        try:
-            got = receiver.next_event()
-        except ProtocolError as exc:
-            assert exc.code in (Code.BAD_JSON, Code.TOO_LONG)
-            assert exc.explanation.isascii()
+        got = receiver.next_event()
+        if isinstance(got, ProtocolError):
+            assert got.code in (Code.BAD_JSON, Code.TOO_LONG)
+            assert got.explanation.isascii()
             return
-        assert got is NEED_DATA or isinstance(got, Request)
-    try:
-        got = receiver.quiet()
-    except ProtocolError as exc:
-        assert exc.code in (Code.BAD_JSON, Code.TOO_LONG)
+        assert got is None or isinstance(got, Request)
+    got = receiver.quiet()
+    if isinstance(got, ProtocolError):
+        assert got.code in (Code.BAD_JSON, Code.TOO_LONG)
         return
-    assert got is NEED_DATA or isinstance(got, Request)
+    assert got is None or isinstance(got, Request)
 
 
 JSON_VALUES = st.recursive(

@@ -8,21 +8,57 @@ of printable ASCII whose status, code and id read back unchanged.
 from __future__ import annotations
 
 import string
+from dataclasses import dataclass, field
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from registry.model import Code, Diagnosis, Outcome, Status
-from registry.protocol.reply import (
-    STANDARD_KEYS,
-    ParsedReply,
-    format_reply,
-    parse_reply,
-    quote_input,
-    safe_text,
-    safe_value,
-)
+from registry.protocol.reply import STANDARD_KEYS, format_reply, quote_input, safe_text, safe_value
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedReply:
+    """A reply line taken apart: what a client sees."""
+
+    status: str
+    code: str
+    fields: dict[str, str] = field(default_factory=dict)
+    explanation: str = ""
+
+
+def parse_reply(line: str | bytes) -> ParsedReply:
+    """Take a reply line apart (tolerant, never raises).
+
+    ``STATUS`` is the first token, ``CODE`` the second unless it is already a
+    ``key=value`` (as in the UDP ``COOKIE cookie=...`` challenge); then
+    ``key=value`` tokens up to the first token without ``=``; the rest is the
+    explanation. A repeated key keeps its first value.
+    """
+    text = line.decode("utf-8", "replace") if isinstance(line, bytes) else line
+    status, rest = _word(text.removesuffix("\n").removesuffix("\r"))
+    code, after = _word(rest)
+    if "=" not in code:
+        rest = after
+    else:
+        code = ""
+    fields: dict[str, str] = {}
+    while rest:
+        token, after = _word(rest)
+        if "=" not in token:
+            break
+        key, _, value = token.partition("=")
+        fields.setdefault(key, value)
+        rest = after
+    return ParsedReply(status=status, code=code, fields=fields, explanation=rest.strip())
+
+
+def _word(text: str) -> tuple[str, str]:
+    """The first whitespace-separated word of ``text`` and what follows it."""
+    parts = text.split(None, 1)
+    return (parts[0] if parts else ""), (parts[1] if len(parts) > 1 else "")
+
 
 EXACT: list[tuple[Outcome, bytes]] = [
     (
@@ -208,6 +244,8 @@ def test_parse_reply(line: str | bytes, expected: ParsedReply) -> None:
         ("abcdefghij", 10, "'abcdefghij'"),
         ("abcdefghijk", 10, "'abcdefg...'"),
         ("\u00e9\u00e9\u00e9", 8, "'\\xe9...'"),
+        ("a\\b\t\r\x7f\x85", 60, "'a\\\\b\\t\\r\\x7f\\x85'"),
+        ("\u202e\ud800\U0001f600", 60, "'\\u202e\\ud800\\U0001f600'"),
     ],
 )
 def test_quote_input(text: str, limit: int, quoted: str) -> None:

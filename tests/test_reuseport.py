@@ -18,8 +18,8 @@ import pytest
 
 from registry import config as config_mod
 from registry.errors import ConfigError
+from registry.group import split_limits
 from registry.model import Rate
-from registry.net.group import split_limits
 from registry.net.kernel.reuseport import open_group, steering_program, worker_index
 from registry.store import Store
 from tests.netns import netns_lab, require_netns

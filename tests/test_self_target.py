@@ -164,8 +164,12 @@ table inet selftarget {{
 """
 
 
-@pytest.fixture(scope="module")
-def wildcard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[NetnsLab, RegistryInNs]]:
+# One process, and a group (server.workers), whose workers must also refuse
+# to call the supervisor's admin port.
+@pytest.fixture(scope="module", params=["1", "2"], ids=["one-process", "group"])
+def wildcard(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[NetnsLab, RegistryInNs]]:
     require_netns()
     tmp = tmp_path_factory.mktemp("selftarget")
     with netns_lab("selftarget") as lab:
@@ -192,6 +196,8 @@ def wildcard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[NetnsLa
             str(cfg),
             "--log-format",
             "json",
+            "--workers",
+            request.param,
         )
         out.wait_for('"event": "listening"', timeout=20)
         yield lab, RegistryInNs(out, lab.ns("reg"), db)

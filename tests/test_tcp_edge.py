@@ -128,6 +128,21 @@ async def test_whitespace_drip_is_cut_at_the_total_deadline(
     assert trio.current_time() == pytest.approx(5.0)
 
 
+async def test_the_raised_error_is_a_copy_so_the_readers_own_holds_no_frame(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Raised as-is, the reader's decision would hold this frame, which holds the reader:
+    # a reference cycle per malformed request, freed only by the garbage collector.
+    client, server = trio.testing.memory_stream_pair()
+    await client.send_all(b"bogus\n")
+    reader = RequestReader(CFG.protocol, trio.current_time())
+    with pytest.raises(ProtocolError) as err:
+        await read_request(server, reader)
+    kept = reader.receiver.next_event()  # type: ignore[union-attr]
+    assert isinstance(kept, ProtocolError) and kept.code is err.value.code is Code.MALFORMED
+    assert kept.__traceback__ is None
+
+
 async def _exchange(
     request: bytes, **connector: object
 ) -> tuple[bytes, ListRecorder, ScriptedConnector]:

@@ -35,7 +35,7 @@ from registry.model import Code, Endpoint, Request
 from registry.net.connector import TcpConnector
 from registry.net.interfaces import is_local_address
 from registry.net.tcp import TcpHandler
-from registry.net.udp import UdpConnector, challenge_reply, fit_reply, serve_udp
+from registry.net.udp import UdpConnector, UdpEdge, challenge_reply, fit_reply
 from registry.protocol.cookies import CookieJar
 from registry.service import Service
 from tests.fakes import ListRecorder
@@ -577,7 +577,7 @@ async def test_v4_mapped_udp_peer_on_a_dual_stack_socket() -> None:
     await client.bind(("127.0.0.1", 0))
     with sock, target, client, trio.fail_after(10):
         async with trio.open_nursery() as nursery:
-            await nursery.start(serve_udp, sock, service, jar, lambda: service.config)
+            await nursery.start(UdpEdge(sock, service, jar, lambda: service.config).serve)
             request = f"127.0.0.1:{tport}"
             await client.sendto(_pad(request), ("127.0.0.1", port))
             challenge = await client.recv(4096)
@@ -674,3 +674,30 @@ def test_request_with_cookie_parses_as_udp_text() -> None:
 
     got = parse_line(_pad("127.0.0.1:15000 cookie=AAAAAAAAAAAAAAAA", 100), allow_cookie=True)
     assert got == Request(ipaddress.ip_address("127.0.0.1"), 15000, cookie="A" * 16)
+
+
+async def test_a_reload_reconfigures_the_udp_reply_budget(tmp_path: Path) -> None:
+    """The answers to unproven datagrams follow a SIGHUP's budget at once."""
+    from registry.server import Registry
+
+    path = tmp_path / "registry.toml"
+    text = (
+        f'[server]\nlisten = ["127.0.0.1:0"]\nadmin = "off"\ndb = "{tmp_path / "r.db"}"\n'
+        '[tuning]\nunproven_per_source = "1/minute"\n'
+    )
+    path.write_text(text)
+    registry = Registry(config_mod.load(str(path)), config_path=str(path), handle_signals=False)
+    junk = b"this is not a request".ljust(100)
+    async with trio.open_nursery() as nursery:
+        runtime = await nursery.start(registry.run)
+        client = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        await client.bind(("127.0.0.1", 0))
+        addr = ("127.0.0.1", runtime.udp[0].port)
+        with client, trio.fail_after(10):
+            await client.sendto(junk, addr)
+            assert (await client.recv(4096)).startswith(b"ERROR malformed")
+            path.write_text(text.replace("1/minute", "3/minute"))
+            runtime.reload()  # a burst of 3: two more answers for this source
+            await client.sendto(junk, addr)
+            assert (await client.recv(4096)).startswith(b"ERROR malformed")
+        runtime.shutdown()

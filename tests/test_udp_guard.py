@@ -12,7 +12,6 @@ import ipaddress
 import re
 import socket
 import threading
-from functools import partial
 from pathlib import Path
 
 import pytest
@@ -26,7 +25,7 @@ from registry.defense.ratelimit import ReplyBudget
 from registry.metrics import Metrics, Probes
 from registry.model import Code, Outcome
 from registry.net.interfaces import is_local_address
-from registry.net.udp import UdpConnector, serve_udp
+from registry.net.udp import UdpConnector, UdpEdge, budget_settings
 from registry.protocol.callback import callback_line
 from registry.protocol.cookies import CookieJar
 from registry.protocol.jsonl import format_json_reply
@@ -229,9 +228,8 @@ async def test_edge_answers_an_unproven_source_within_its_budget_only() -> None:
     junk = b"this is not a request".ljust(100)
     with sock, client, other, trio.fail_after(10):
         async with trio.open_nursery() as nursery:
-            edge = await nursery.start(
-                serve_udp, sock, service, CookieJar(b"k" * 32, 30.0), lambda: cfg
-            )
+            edge = UdpEdge(sock, service, CookieJar(b"k" * 32, 30.0), lambda: cfg)
+            await nursery.start(edge.serve)
             for _ in range(3):
                 await client.sendto(junk, addr)
                 assert (await client.recv(4096)).startswith(b"ERROR malformed")
@@ -274,9 +272,7 @@ async def test_edge_takes_an_admission_token_without_waiting() -> None:
     with sock, client, target, trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             jar = CookieJar(b"k" * 32, 30.0)
-            await nursery.start(
-                partial(serve_udp, sock, service, jar, lambda: cfg, admission=admission)
-            )
+            await nursery.start(UdpEdge(sock, service, jar, lambda: cfg, admission=admission).serve)
             await client.sendto(request.encode().ljust(512), addr)
             cookie = COOKIE_RE.search(await client.recv(4096)).group(1).decode()  # type: ignore[union-attr]
             proven = f"{request} cookie={cookie}".encode().ljust(512)
@@ -341,7 +337,7 @@ def test_a_udp_registration_does_not_get_a_tcp_client_refused_for_total(tmp_path
 
 
 async def test_edge_budget_follows_a_reload() -> None:
-    """The edge reads the config per datagram: a SIGHUP's new budget applies at once."""
+    """The server reconfigures the edges' shared budget on SIGHUP: it applies at once."""
     configs = [config_mod.loads('[tuning]\nunproven_per_source = "1/minute"\n')]
     cfg = configs[0]
     service = Service(
@@ -361,7 +357,8 @@ async def test_edge_budget_follows_a_reload() -> None:
     with sock, client, other, trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             jar = CookieJar(b"k" * 32, 30.0)
-            edge = await nursery.start(serve_udp, sock, service, jar, lambda: configs[-1])
+            edge = UdpEdge(sock, service, jar, lambda: configs[-1])
+            await nursery.start(edge.serve)
             await client.sendto(junk, addr)
             assert (await client.recv(4096)).startswith(b"ERROR malformed")
             await client.sendto(junk, addr)  # past 1/minute: dropped
@@ -369,6 +366,7 @@ async def test_edge_budget_follows_a_reload() -> None:
             await other.sendto(junk, addr)
             assert (await other.recv(4096)).startswith(b"ERROR malformed")
             configs.append(config_mod.loads('[tuning]\nunproven_per_source = "3/minute"\n'))
+            edge.budget.configure(*budget_settings(configs[-1]))  # as Registry._reload does
             await client.sendto(junk, addr)  # a burst of 3: two more
             assert (await client.recv(4096)).startswith(b"ERROR malformed")
             nursery.cancel_scope.cancel()

@@ -10,27 +10,43 @@ is bounded; processes are stopped by PID.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
+import shutil
 import signal
 import socket
 import sqlite3
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import closing, contextmanager
+from contextlib import AbstractContextManager, closing, contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 
 from registry import config as config_mod
-from registry.net.group import GroupFailed, Supervisor
+from registry.errors import ConfigError
+from registry.group import (
+    BANS_SENT,
+    GroupFailed,
+    Supervisor,
+    merged_bans,
+    report_probes,
+    resolved_workers,
+    restart_delay,
+    summed_probes,
+)
+from registry.metrics import Probes
 from registry.net.kernel.reuseport import worker_index
+from registry.net.sdnotify import Notifier
 from tests.support import RegistryProcess, free_port, http_get, run_registry
 from tests.test_lifecycle import _wait_for, notify_socket
 
-pytestmark = pytest.mark.slow  # a supervisor and its workers per test
+slow = pytest.mark.slow  # a supervisor and its workers
 
 N = 2
 
@@ -120,19 +136,24 @@ def assert_whole_lines(reg: RegistryProcess) -> None:
 
 
 def group_config(extra: str = "") -> str:
-    return f"[server]\nworkers = {N}\n\n[tuning]\n" + extra
+    return "[tuning]\n" + extra
+
+
+def run_group(tmp_path: Path, **kwargs: Any) -> AbstractContextManager[RegistryProcess]:
+    return run_registry(tmp_path, "--workers", str(N), **kwargs)
 
 
 # --- the group, end to end ------------------------------------------------------------
 
 
+@slow
 def test_per_source_limits_are_exact_across_workers(tmp_path: Path) -> None:
     config = group_config(
         # refusals answered at once: their hold is tested in test_door.py and test_attack.py
         'refusal_delay = "0s"\nmax_refusal_delay = "0s"\n[ratelimit]\nper_source = "3/minute"\n'
     )
     picks = sources_by_worker(per_worker=2)
-    with run_registry(tmp_path, config=config) as reg:
+    with run_group(tmp_path, config=config) as reg:
         for sources in picks.values():
             for src in sources:
                 with echo_target(src) as tport:
@@ -150,6 +171,7 @@ def test_per_source_limits_are_exact_across_workers(tmp_path: Path) -> None:
     reg.wait_event("stopped")
 
 
+@slow
 def test_sigkill_of_a_worker_loses_no_acknowledged_row_and_it_is_restarted(
     tmp_path: Path,
 ) -> None:
@@ -159,7 +181,7 @@ def test_sigkill_of_a_worker_loses_no_acknowledged_row_and_it_is_restarted(
     )
     src = sources_by_worker()[0][0]
     replies: list[bytes] = []
-    with echo_target(src) as tport, run_registry(tmp_path, config=config) as reg:
+    with echo_target(src) as tport, run_group(tmp_path, config=config) as reg:
         pid = next(e["pid"] for e in reg.events("worker_started") if e["worker"] == 0)
         end = time.monotonic() + 3.0
         killed = False
@@ -199,11 +221,12 @@ def test_sigkill_of_a_worker_loses_no_acknowledged_row_and_it_is_restarted(
     assert not missing, f"{len(missing)} acknowledged registrations lost"
 
 
+@slow
 def test_sighup_reaches_every_worker(tmp_path: Path) -> None:
     picks = {seat: s[0] for seat, s in sources_by_worker().items()}
     # refusals answered at once: the hold of a refusal has its own tests (test_door.py)
     first = group_config('refusal_delay = "0s"\n[ratelimit]\nper_source = "1/hour"\n')
-    with run_registry(tmp_path, config=first) as reg:
+    with run_group(tmp_path, config=first) as reg:
         path = tmp_path / "registry.toml"
         with echo_target(picks[0]) as p0, echo_target(picks[1]) as p1:
             ports = {0: p0, 1: p1}
@@ -222,9 +245,10 @@ def test_sighup_reaches_every_worker(tmp_path: Path) -> None:
         assert len(reg.events("stopped")) == N + 1  # each worker drained, then the supervisor
 
 
+@slow
 def test_one_admin_endpoint_counts_every_workers_registrations(tmp_path: Path) -> None:
     picks = {seat: s[0] for seat, s in sources_by_worker().items()}
-    with run_registry(tmp_path, config=group_config(), admin="127.0.0.1:0") as reg:
+    with run_group(tmp_path, config=group_config(), admin="127.0.0.1:0") as reg:
         assert reg.admin is not None
         admin_port = int(reg.admin.rsplit(":", 1)[1])
         for src in picks.values():
@@ -248,6 +272,7 @@ def test_one_admin_endpoint_counts_every_workers_registrations(tmp_path: Path) -
         assert reg.stop() == 0
 
 
+@slow
 def test_group_speaks_sd_notify_for_all_workers(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -256,7 +281,7 @@ def test_group_speaks_sd_notify_for_all_workers(
         monkeypatch.setenv("NOTIFY_SOCKET", path)
         monkeypatch.setenv("WATCHDOG_USEC", "200000")
         monkeypatch.delenv("WATCHDOG_PID", raising=False)
-        with run_registry(tmp_path, listen=(f"127.0.0.1:{port}",), config=group_config()) as reg:
+        with run_group(tmp_path, listen=(f"127.0.0.1:{port}",), config=group_config()) as reg:
             ready = _wait_for(messages, "READY=1")
             assert _wait_for(messages, "PROBE=open") == ready + 1, messages
             assert len(reg.wait_event("worker_ready", count=N)) == N
@@ -287,8 +312,9 @@ def _gone(pid: int) -> bool:
     return state in ("Z", "X")
 
 
+@slow
 def test_workers_of_a_killed_supervisor_drain_and_exit(tmp_path: Path) -> None:
-    with run_registry(tmp_path, config=group_config()) as reg:
+    with run_group(tmp_path, config=group_config()) as reg:
         pids = [e["pid"] for e in reg.wait_event("worker_started", count=N)]
         reg.wait_event("worker_ready", count=N)
         reg.proc.send_signal(signal.SIGKILL)
@@ -300,6 +326,7 @@ def test_workers_of_a_killed_supervisor_drain_and_exit(tmp_path: Path) -> None:
         assert len(reg.wait_event("stopped", count=N)) == N  # each drained, not killed
 
 
+@slow
 def test_a_worker_that_cannot_start_stops_the_group_with_its_status(tmp_path: Path) -> None:
     """Workers whose first start fails (here: their --config is missing, exit 78) make
     the supervisor stop the group with that status instead of restarting them forever."""
@@ -324,6 +351,7 @@ def _connects(port: int, src: str, timeout: float = 1.0) -> bool:
         return True
 
 
+@slow
 def test_a_restarted_worker_starts_without_its_predecessors_bans(tmp_path: Path) -> None:
     """The socket outlives the worker, and so would its kernel filter: the restarted
     worker takes it off (its ban list is empty), so no source stays banned for nothing."""
@@ -332,7 +360,7 @@ def test_a_restarted_worker_starts_without_its_predecessors_bans(tmp_path: Path)
         '[ratelimit]\nper_source = "1/hour"\n'
     )
     src = sources_by_worker()[0][0]
-    with echo_target(src) as tport, run_registry(tmp_path, config=config) as reg:
+    with echo_target(src) as tport, run_group(tmp_path, config=config) as reg:
         for _ in range(3):  # served once, then refused twice: banned
             register(reg.port, src, tport)
         (banned,) = reg.wait_event("source_banned")
@@ -347,3 +375,233 @@ def test_a_restarted_worker_starts_without_its_predecessors_bans(tmp_path: Path)
         assert _connects(reg.port, src, timeout=5.0)  # (its token: the next one is BUSY)
         assert register(reg.port, src, tport).startswith(b"BUSY rate_limited")
         assert reg.stop() == 0
+
+
+@slow
+def test_banned_sources_of_every_worker_are_in_the_one_api_bans(tmp_path: Path) -> None:
+    """The workers hold the bans; the supervisor's /api/bans lists each worker's."""
+    config = group_config(
+        'refusal_delay = "50ms"\nmax_refusal_delay = "50ms"\nban_after = 2\n'
+        '[ratelimit]\nper_source = "1/hour"\n'
+    )
+    picks = {seat: s[0] for seat, s in sources_by_worker().items()}
+    with run_group(tmp_path, config=config, admin="127.0.0.1:0") as reg:
+        assert reg.admin is not None
+        admin_port = int(reg.admin.rsplit(":", 1)[1])
+        for src in picks.values():
+            with echo_target(src) as tport:
+                for _ in range(3):  # served once, then refused twice: banned
+                    register(reg.port, src, tport)
+        banned = reg.wait_event("source_banned", count=N)
+        assert {(e["worker"], e["source"]) for e in banned} == set(picks.items())
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            status, body = http_get(admin_port, "/api/bans")
+            report = json.loads(body)
+            if report["banned"] == N:
+                break
+            time.sleep(0.2)  # the workers report every second
+        assert status == 200 and report["banned"] == N and report["total"] == N, report
+        assert {b["source"] for b in report["bans"]} == set(picks.values()), report
+        assert all(0 < b["seconds_left"] <= 450 for b in report["bans"]), report  # 5 min, +50 %
+        assert report["ban_after"] == 2 and report["kernel_filter"] in ("ebpf", "classic")
+        assert report["silent_drop"]["after"] == 50  # the group's, not a worker's half
+        status, metrics = http_get(admin_port, "/metrics")
+        assert re.search(rb"^registry_banned_sources 2(\.0)?$", metrics, re.M), metrics.decode()
+        assert reg.stop() == 0
+
+
+# --- the supervisor's decisions, without processes -------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("previous", "lived", "delay"),
+    [
+        (0.0, 0.5, 1.0),  # the first quick death: 1 s
+        (1.0, 0.5, 2.0),
+        (2.0, 59.9, 4.0),
+        (32.0, 1.0, 60.0),  # up to a minute
+        (60.0, 1.0, 60.0),
+        (60.0, 60.0, 0.0),  # a long life: at once, and the next quick death waits 1 s again
+        (0.0, 3600.0, 0.0),
+    ],
+)
+def test_restart_delay(previous: float, lived: float, delay: float) -> None:
+    assert restart_delay(previous, lived) == delay
+
+
+class _FakeProcess:
+    """A worker process that lives ``life`` virtual seconds, then exits 1."""
+
+    pid = 4242
+    returncode: int | None = None
+
+    def __init__(self, life: float) -> None:
+        self.life = life
+
+    async def wait(self) -> int:
+        await trio.sleep(self.life)
+        self.returncode = 1
+        return 1
+
+    def send_signal(self, sig: int) -> None:
+        raise AssertionError("no signal expected")
+
+
+async def test_a_dying_worker_is_restarted_after_1_2_4_s_and_at_once_after_a_long_life(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    lives = [0.5, 0.5, 0.5, 120.0, 0.5, 0.5]
+    starts: list[float] = []
+    sup = Supervisor(config_mod.DEFAULT, 1, ["serve"])
+
+    async def spawn(cmd: list[str], **kwargs: object) -> _FakeProcess:
+        starts.append(trio.current_time())
+        if len(starts) > len(lives):
+            sup.stopping = True  # the group stops while this one runs
+            return _FakeProcess(0.0)
+        return _FakeProcess(lives[len(starts) - 1])
+
+    sup.spawn = spawn  # type: ignore[assignment]
+    worker = sup.workers[0]
+    worker.ever_ready = True  # it was ready once: a death is restarted, not fatal
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sup._keep, worker, [], [], "/nonexistent", nursery.cancel_scope)
+    waits = [b - (a + life) for a, b, life in zip(starts, starts[1:], lives, strict=False)]
+    assert waits == [1.0, 2.0, 4.0, 0.0, 1.0, 2.0]
+    assert worker.restarts == len(lives)
+
+
+def _report(*bans: tuple[str, float, float], silent: float = 0.0) -> dict:
+    return {
+        "banned": len(bans),
+        "kernel_filtered": 3,
+        "kernel_filter": "ebpf",
+        "total": len(bans) + 1,
+        "skipped_list_full": 0,
+        "ban_after": 10,
+        "silent_drop": {"active": silent > 0, "seconds_left": silent, "after": 25},
+        "bans": [
+            {"source": s, "refusals": 10, "banned_for_s": since, "seconds_left": left}
+            for s, since, left in bans
+        ],
+    }
+
+
+def test_merged_bans_sums_the_workers_and_ages_each_report() -> None:
+    reports = [
+        (0.0, _report(("192.0.2.1", 5.0, 55.0))),
+        (1.5, _report(("192.0.2.2", 20.0, 40.0), ("192.0.2.3", 59.0, 1.0), silent=30.0)),
+    ]
+    out = merged_bans(reports, after=50)
+    assert out["banned"] == 3 and out["total"] == 5 and out["kernel_filtered"] == 6
+    assert out["kernel_filter"] == "ebpf" and out["ban_after"] == 10
+    assert out["silent_drop"] == {"active": True, "seconds_left": 28.5, "after": 50}
+    # aged by its report's age, oldest first; a ban that ran out since is gone
+    assert [(b["source"], b["banned_for_s"], b["seconds_left"]) for b in out["bans"]] == [
+        ("192.0.2.2", 21.5, 38.5),
+        ("192.0.2.1", 5.0, 55.0),
+    ]
+    assert merged_bans([], after=50)["bans"] == []
+
+
+@pytest.mark.parametrize(
+    ("text", "args", "workers"),
+    [
+        ("", [], 0),  # "internet", the default profile: one per core
+        ('[limits]\nprofile = "classroom"\n', [], 1),
+        ('[limits]\nprofile = "classroom"\n[server]\nworkers = 3\n', [], 3),
+        ('[limits]\nprofile = "internet"\n[server]\nworkers = 2\n', ["--workers", "1"], 1),
+        ("", ["--workers", "0"], 0),
+    ],
+)
+def test_workers_default_follows_the_profile_and_the_command_line_wins(
+    tmp_path: Path, text: str, args: list[str], workers: int
+) -> None:
+    from registry.cli import build_parser, load_config
+
+    path = tmp_path / "registry.toml"
+    path.write_text(text)
+    parsed = build_parser().parse_args(["serve", "--config", str(path), *args])
+    assert load_config(parsed).server.workers == workers
+
+
+def test_workers_on_the_command_line_are_checked() -> None:
+    from registry.cli import build_parser, load_config
+
+    with pytest.raises(ConfigError, match="server.workers"):
+        load_config(build_parser().parse_args(["serve", "--workers", "65"]))
+
+
+async def test_a_snapshot_with_the_most_bans_fits_one_datagram(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A worker under a ban wave still reaches its supervisor: its snapshot (bans cut
+    to BANS_SENT, the longest sources) is one sd_notify datagram, read whole."""
+    bans = [(f"2001:db8:{i:x}:ffff::/64", 12345.6, 12345.6) for i in range(3 * BANS_SENT)]
+    report = _report(*bans)
+    workdir = tempfile.mkdtemp(prefix="grp-")  # short: a unix socket path has 108 bytes
+    try:
+        path = os.path.join(workdir, "0")
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        await sock.bind(path)
+        sup = Supervisor(config_mod.DEFAULT, 1, ["serve"])
+        with sock, trio.move_on_after(0.5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(sup._notices, sup.workers[0], sock)
+                notifier = Notifier({"NOTIFY_SOCKET": path})
+                nursery.start_soon(report_probes, notifier, Probes(), lambda: dict(report))
+    finally:
+        shutil.rmtree(workdir)
+    got = sup.snapshots[0]["bans"]
+    assert got["banned"] == 3 * BANS_SENT and len(got["bans"]) == BANS_SENT
+    assert got["bans"][0] == report["bans"][0]
+
+
+@slow
+def test_a_bad_file_on_sighup_keeps_every_workers_config(tmp_path: Path) -> None:
+    picks = {seat: s[0] for seat, s in sources_by_worker().items()}
+    first = group_config('refusal_delay = "0s"\n[ratelimit]\nper_source = "1/hour"\n')
+    with run_group(tmp_path, config=first) as reg:
+        (tmp_path / "registry.toml").write_text('[ratelimit]\nper_source = "often"\n')
+        reg.proc.send_signal(signal.SIGHUP)
+        reg.wait_event("group_reloaded")
+        failed = reg.wait_event("reload_failed", count=N + 1)  # the supervisor and each worker
+        assert sorted(str(e.get("worker", "-")) for e in failed) == ["-", "0", "1"]
+        assert not reg.events("reloaded")
+        for seat, src in picks.items():
+            with echo_target(src) as tport:
+                assert register(reg.port, src, tport).startswith(b"OK connected"), seat
+                assert register(reg.port, src, tport).startswith(b"BUSY rate_limited"), seat
+        assert reg.stop() == 0
+
+
+def test_summed_probes_add_up_every_workers_latest_snapshot() -> None:
+    def snapshot(n: int, refusals: dict[str, int], dropped: dict[str, int], bans: dict) -> dict:
+        gauges = ("open_connections", "callbacks_in_flight", "callbacks_waiting", "limiter_entries")
+        return dict.fromkeys(gauges, n) | {
+            "door_refusals": refusals,
+            "udp_dropped": dropped,
+            "bans": bans,
+        }
+
+    snapshots = {
+        0: snapshot(1, {"rate_limited": 2}, {}, _report(("192.0.2.1", 1.0, 9.0))),
+        1: snapshot(2, {"rate_limited": 1, "total": 4}, {"reply": 3}, _report(silent=5.0)),
+    }
+    probes = summed_probes(snapshots, lambda: False, lambda: "strict")
+    assert probes.open_connections() == probes.limiter_entries() == 3
+    assert probes.door_refusals() == {"rate_limited": 3, "total": 4}
+    assert probes.udp_dropped() == {"reply": 3}
+    assert (probes.bans_active(), probes.bans_total(), probes.silent_drop()) == (1, 3, True)
+    del snapshots[1]  # a worker that died: its successor starts afresh
+    assert probes.open_connections() == 1 and probes.silent_drop() is False
+
+
+@pytest.mark.parametrize(("cores", "workers"), [(1, 1), (2, 2), (48, 48), (128, 64)])
+def test_one_worker_per_core_this_process_may_use_at_most_64(
+    monkeypatch: pytest.MonkeyPatch, cores: int, workers: int
+) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    assert resolved_workers(config_mod.DEFAULT) == workers
+    assert resolved_workers(config_mod.loads("[server]\nworkers = 3\n")) == 3

@@ -251,7 +251,7 @@ def case_loop(d: Demo) -> None:
 
 
 def case_slowloris(d: Demo) -> None:
-    print("20 connections that trickle a request one byte per 0.2 s, never finishing it;")
+    print("20 connections that trickle a request one byte per 0.1 s, never finishing it;")
     print("meanwhile a student registers. Both servers are attacked at once.")
     server = d.lab.spawn(
         "student", exe("student"), "server", "--port", "15000", "--count", "2", "--timeout", "30"

@@ -139,7 +139,10 @@ def send(where: str, lines: list[str]) -> None:
 
 
 def slowloris(where: str, n: int, seconds: float) -> None:
-    """N connections that trickle a registration one byte per 0.2 s, for ``seconds``."""
+    """N connections that trickle a registration one byte per 0.1 s, for ``seconds``.
+
+    Well inside the registry's quiet period (250 ms), or a stall of this process on a
+    busy host lets it frame the part sent so far as a whole request."""
     line = b"10.88.0.66:15000 student=slow-loris-" * 10  # never ends within the time
     held, answers = [], Counter[str]()
     for _ in range(n):
@@ -147,7 +150,7 @@ def slowloris(where: str, n: int, seconds: float) -> None:
             held.append(socket.create_connection(hostport(where), timeout=1.0))
         except OSError:
             answers["(connect failed)"] += 1
-    say(f"slowloris: {len(held)} connections open, trickling one byte each per 0.2 s")
+    say(f"slowloris: {len(held)} connections open, trickling one byte each per 0.1 s")
     sent, end = 0, time.monotonic() + seconds
     while held and time.monotonic() < end:
         for s in list(held):
@@ -170,7 +173,7 @@ def slowloris(where: str, n: int, seconds: float) -> None:
             except OSError:
                 pass
         sent += 1
-        time.sleep(0.2)
+        time.sleep(0.1)
     answers["(still held open)"] += len(held)
     for s in held:
         s.close()

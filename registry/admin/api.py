@@ -14,7 +14,6 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import h11
-import trio
 
 from registry.admin import pages
 from registry.admin.core import grading
@@ -205,36 +204,8 @@ class Views:
         return Response(200, render_grades(rows, "csv").encode(), CSV, (disposition,))
 
     async def bans(self, req: HttpRequest) -> Response:
-        """Sources banned now (registry/defense/bans.py), oldest first, with the time left."""
-        bans, now, kernel = self.view.bans, trio.current_time(), self.view.ban_filter()
-        return json_response(
-            {
-                "banned": len(bans),
-                "kernel_filtered": kernel.filtered if kernel is not None else 0,
-                # "ebpf" (a kernel map, up to max_bans) or "classic" (~2,000 bans)
-                "kernel_filter": kernel.kind if kernel is not None else None,
-                "total": bans.total,
-                "skipped_list_full": bans.skipped,
-                "ban_after": bans.after,
-                # the kernel drops bare handshake ACKs: only a client's bytes connect
-                "silent_drop": {"active": False, "seconds_left": 0.0, "after": 0}
-                if kernel is None
-                else {
-                    "active": kernel.dropping_now,
-                    "seconds_left": round(max(0.0, kernel.silent.until - now), 1),
-                    "after": kernel.silent.after,
-                },
-                "bans": [
-                    {
-                        "source": str(ban.network),
-                        "refusals": ban.refusals,
-                        "banned_for_s": round(now - ban.since, 1),
-                        "seconds_left": round(max(0.0, ban.until - now), 1),
-                    }
-                    for ban in bans.active()
-                ],
-            }
-        )
+        """Sources banned now, oldest first, with the time left; the silent drop."""
+        return json_response(self.view.bans())
 
     async def metrics_text(self, req: HttpRequest) -> Response:
         body, content_type = self.metrics.render(req.headers.get("accept", ""))

@@ -75,7 +75,7 @@ async def open_listeners(host: str, port: int, backlog: int = 128) -> list[trio.
 class AdminServer:
     """The admin endpoint of one running registry.
 
-    Construct it with the daemon's view (``registry.runtime.daemon_view``): it
+    Construct it with the daemon's view (``registry.server.daemon_view``): it
     subscribes its metrics and event hub to recorded registrations. Then run
     ``serve(listeners)`` in a nursery; cancelling that nursery closes every
     admin connection.

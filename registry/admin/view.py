@@ -1,6 +1,6 @@
 """The narrow view of a running registry that the admin endpoint is given.
 
-The server builds one ``DaemonView`` (``registry.runtime.daemon_view``) from
+The server builds one ``DaemonView`` (``registry.server.daemon_view``) from
 its runtime; the admin side reads live state only through these callables,
 so it never needs the server's classes and the import runs one way:
 server -> admin.
@@ -10,13 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from registry.admin.core.grading import Roster
 from registry.config import Config
-from registry.defense.bans import BanList
 from registry.metrics import Probes
 from registry.model import Endpoint
-from registry.net.kernel.banfilter import BanFilter
 from registry.store import Record
 from registry.store.aio import AsyncStore
 
@@ -29,5 +28,4 @@ class DaemonView:
     probes: Probes  # live gauges for /metrics (event_clients is the admin's own), draining
     subscribe: Callable[[Callable[[Record], None]], None]  # called per recorded registration
     listening: Callable[[], Sequence[Endpoint]]  # registration endpoints (may be wildcards)
-    bans: BanList
-    ban_filter: Callable[[], BanFilter | None]  # /api/bans reports it
+    bans: Callable[[], dict[str, Any]]  # the /api/bans body (BanFilter.report)

@@ -64,7 +64,7 @@ class TcpConnector:
                 family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
             )
         except OSError as e:
-            return CallResult(map_os_error(e), _describe(e))
+            return CallResult(map_os_error(e), describe(e))
         stream = RawStream(sock)
         line = callback_line(reg_id, nonce, cfg.greeting)
         sent = 0
@@ -86,7 +86,7 @@ class TcpConnector:
                     err = e.errno or errno.ECONNREFUSED
             if err:
                 e = OSError(err, os.strerror(err))
-                return CallResult(map_os_error(e), _describe(e))
+                return CallResult(map_os_error(e), describe(e))
             rtt_ms = (trio.current_time() - started) * 1000.0
             rest = line[sent or stream.send_now(line) :]
             if not rest and not wait_echo:  # nothing left to wait for: no deadline to set
@@ -148,7 +148,7 @@ class TcpConnector:
         return scanner.verified
 
 
-def _describe(e: OSError) -> str:
+def describe(e: OSError) -> str:
     if not e.errno:
         return str(e)
     return f"{errno.errorcode.get(e.errno, 'error')}: {os.strerror(e.errno)}"

@@ -19,40 +19,31 @@ _IF_INET6 = Path("/proc/net/if_inet6")
 
 
 def interface_addresses() -> list[IPAddress]:
-    """Every address assigned to an interface of this host (IPv4 first).
-
-    Linux's /proc tables; elsewhere (or when they cannot be read) the empty
-    list, and callers fall back to what they were configured with.
-    """
-    found: list[IPAddress] = []
-    try:
-        lines = _FIB_TRIE.read_text().splitlines()
-    except OSError:
-        lines = []
+    """Every address of this host's interfaces, IPv4 first, from Linux's /proc tables;
+    elsewhere (or unreadable) none, and callers use what they were configured with."""
+    found: set[IPAddress] = set()
+    lines = _lines(_FIB_TRIE)
     for previous, line in zip(lines, lines[1:], strict=False):
         # "|-- 192.0.2.2" followed by "/32 host LOCAL" is an address of ours.
         if line.strip() == "/32 host LOCAL" and "|--" in previous:
-            found.append(ipaddress.IPv4Address(previous.split("|--", 1)[1].strip()))
+            found.add(ipaddress.IPv4Address(previous.split("|--", 1)[1].strip()))
+    for row in _lines(_IF_INET6):
+        if row.split():
+            found.add(ipaddress.IPv6Address(int(row.split()[0], 16)))
+    return sorted(found, key=lambda a: (a.version, a.packed))
+
+
+def _lines(path: Path) -> list[str]:
     try:
-        rows = _IF_INET6.read_text().splitlines()
+        return path.read_text().splitlines()
     except OSError:
-        rows = []
-    for row in rows:
-        fields = row.split()
-        if fields:
-            found.append(ipaddress.IPv6Address(int(fields[0], 16)))
-    unique = sorted(set(found), key=lambda a: (a.version, a.packed))
-    return unique
+        return []
 
 
 def reachable(listen: list[tuple[str, int]]) -> list[str]:
-    """The ``host:port`` strings students can send to, for the listeners given.
-
-    A listener on a wildcard (``0.0.0.0`` or ``::``) is reachable at every
-    interface address of its family except loopback and IPv6 link-local (which
-    need a zone no student types); when the host has no other address, loopback
-    is all there is, and that is said. A specific address is reachable there.
-    """
+    """The ``host:port`` strings students can send to, for the listeners given: a
+    wildcard's every address of its family but loopback and IPv6 link-local (which
+    needs a zone no student types), or loopback when there is nothing else."""
     shown: list[str] = []
     addresses = interface_addresses()
     for host, port in listen:
@@ -72,15 +63,10 @@ def reachable(listen: list[tuple[str, int]]) -> list[str]:
 
 
 def is_local_address(host: IPAddress) -> bool:
-    """True when ``host`` is an address of this host (fail-closed: True when unsure).
-
-    A bind probe: the kernel lets a socket bind only to its own addresses
-    (``EADDRNOTAVAIL`` otherwise), and it knows every interface at this moment,
-    so no address list can go stale. Unspecified and loopback addresses are
-    always ours. Any other failure answers True, because the caller uses this to
-    refuse calling the registry's own ports, and a wrong True only refuses
-    those.
-    """
+    """True when ``host`` is an address of this host, by a bind probe: the kernel
+    binds only its own addresses (``EADDRNOTAVAIL`` otherwise) and knows them now,
+    so no list goes stale. Fail-closed: any other failure is True, since the caller
+    refuses to call the registry's own ports, and a wrong True only refuses those."""
     if host.is_unspecified or host.is_loopback:
         return True
     if isinstance(host, ipaddress.IPv6Address) and host.ipv4_mapped is not None:

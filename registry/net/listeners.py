@@ -1,11 +1,13 @@
-"""Opening the daemon's sockets: registration listeners (TCP, UDP) and the admin
-listener, from the config or inherited from a supervisor (``server.workers``)."""
+"""Opening the daemon's registration sockets, one way for one process and for a group:
+per ``server.listen`` address a reuseport group of N TCP listeners
+(net/kernel/reuseport.py; N = 1 without ``server.workers``) and, with
+``server.udp``, N UDP sockets on its actual port."""
 
 from __future__ import annotations
 
 import errno
 import ipaddress
-from collections.abc import Awaitable, Callable
+import socket
 
 import structlog
 import trio
@@ -15,11 +17,12 @@ from registry.config import Config
 from registry.model import Endpoint
 from registry.net.accept import defer_accept
 from registry.net.kernel.banfilter import detach_inherited
-from registry.net.kernel.reuseport import Inherited
-from registry.net.udp import open_udp_sockets
-from registry.policy.addresses import Address
+from registry.net.kernel.reuseport import open_group
+from registry.net.tcp import endpoint_of
 
 log = structlog.get_logger(component="server")
+
+Groups = list[list[socket.socket]]  # per address, its n sockets
 
 
 def parse_hostport(text: str) -> tuple[str, int]:
@@ -33,40 +36,69 @@ def parse_hostport(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
-async def open_listeners(
-    cfg: Config, inherited: Inherited | None, deferral: dict[trio.SocketListener, int | None]
-) -> list[trio.SocketListener]:
-    """The registration listeners (inherited from a supervisor, or opened); each
-    listener's kernel deferral goes into ``deferral``."""
-    listeners: list[trio.SocketListener] = []
-    if inherited is not None:
-        for sock in inherited.tcp:
-            detach_inherited(sock)  # a dead predecessor's bans leave with it
-            lst = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
-            deferral[lst] = defer_accept(lst.socket, cfg.server.defer_accept)
-            listeners.append(lst)
-        return listeners
+def open_sockets(cfg: Config, n: int) -> tuple[Groups, Groups]:
+    """(TCP groups, UDP groups). OSError names the address; nothing stays open then."""
+    tcp: Groups = []
+    udp: Groups = []
     defaults = cfg.server.listen == config_mod.DEFAULT.server.listen
-    for spec in cfg.server.listen:
-        host, port = parse_hostport(spec)
-        try:
-            opened = await trio.open_tcp_listeners(port, host=host, backlog=cfg.server.backlog)
-            listeners += opened
-            for lst in opened:
-                deferral[lst] = defer_accept(lst.socket, cfg.server.defer_accept)
-            refused = any(deferral[lst] is None for lst in opened)
-            if refused and cfg.server.defer_accept > 0:
-                log.warning(  # silent connections are then held by the registry itself
-                    "defer_accept_unavailable", address=spec, asked=cfg.server.defer_accept
+    prefix, asked = cfg.ratelimit.ipv6_prefix, cfg.server.defer_accept
+    try:
+        for spec in cfg.server.listen:
+            host, port = parse_hostport(spec)
+            try:
+                group = open_group(
+                    host,
+                    port,
+                    n,
+                    kind=socket.SOCK_STREAM,
+                    backlog=cfg.server.backlog,
+                    v6_prefix=prefix,
                 )
-        except OSError as e:
-            # The embedded defaults include [::]; a host without IPv6 still serves IPv4.
-            if defaults and e.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL) and host == "::":
-                log.warning("listen_skipped", address=spec, error=e.strerror)
+            except OSError as e:
+                # The embedded defaults include [::]; a host without IPv6 still serves IPv4.
+                if (
+                    defaults
+                    and host == "::"
+                    and e.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL)
+                ):
+                    log.warning("listen_skipped", address=spec, error=e.strerror)
+                    continue
+                raise OSError(e.errno, f"cannot listen on {spec}: {e.strerror}") from e
+            tcp.append(group)
+            if any(defer_accept(s, asked) is None for s in group) and asked > 0:
+                # silent connections are then held by the registry itself
+                log.warning("defer_accept_unavailable", address=spec, asked=asked)
+            if not cfg.server.udp:
                 continue
-            for lst in listeners:
-                await lst.aclose()
-            raise OSError(e.errno, f"cannot listen on {spec}: {e.strerror}") from e
+            where = endpoint_of(group[0].getsockname())
+            try:
+                udp.append(
+                    open_group(host, where.port, n, kind=socket.SOCK_DGRAM, v6_prefix=prefix)
+                )
+            except OSError as e:
+                # Kernel-chosen TCP ports (tests): the same UDP port may be someone else's.
+                if port == 0 and e.errno == errno.EADDRINUSE:
+                    log.warning("udp_skipped", address=str(where), error=e.strerror)
+                    continue
+                raise OSError(e.errno, f"cannot listen on udp {where}: {e.strerror}") from e
+    except OSError:
+        for sock in [s for g in tcp + udp for s in g]:
+            sock.close()
+        raise
+    return tcp, udp
+
+
+def as_listeners(
+    cfg: Config, socks: list[socket.socket], deferral: dict[trio.SocketListener, int | None]
+) -> list[trio.SocketListener]:
+    """Trio listeners on this process's sockets; each one's kernel deferral into ``deferral``
+    (set again: the kernel's own figure, which a worker did not see set)."""
+    listeners = []
+    for sock in socks:
+        detach_inherited(sock)  # a dead predecessor's bans leave with it
+        lst = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+        deferral[lst] = defer_accept(lst.socket, cfg.server.defer_accept)
+        listeners.append(lst)
     return listeners
 
 
@@ -79,45 +111,5 @@ def deferral_for_log(
     return values.pop() if len(values) == 1 else found
 
 
-async def open_admin(
-    cfg: Config,
-    listeners: list[trio.SocketListener],
-    opener: Callable[[str, int], Awaitable[list[trio.SocketListener]]],
-) -> list[trio.SocketListener]:
-    """The admin endpoint's listener(s) (none when server.admin is "off"), opened by the
-    admin package's ``opener`` (handed in: net/ does not import the admin side)."""
-    if cfg.server.admin == "off":
-        return []
-    host, port = parse_hostport(cfg.server.admin)
-    try:
-        return await opener(host, port)
-    except OSError:
-        for lst in listeners:
-            await trio.aclose_forcefully(lst)
-        raise
-
-
-async def open_udp(
-    cfg: Config,
-    inherited: Inherited | None,
-    listeners: list[trio.SocketListener],
-    others: list[trio.SocketListener],
-) -> list[trio.socket.SocketType]:
-    """UDP sockets on each registration listener's address and actual port (server.udp)."""
-    if not cfg.server.udp:
-        return []
-    if inherited is not None:
-        return [trio.socket.from_stdlib_socket(s) for s in inherited.udp]
-    try:
-        # Kernel-chosen ports (tests): the same UDP port may be someone else's.
-        ephemeral = all(parse_hostport(spec)[1] == 0 for spec in cfg.server.listen)
-        return await open_udp_sockets((sockname(lst) for lst in listeners), skip_in_use=ephemeral)
-    except OSError:
-        for lst in [*listeners, *others]:
-            await trio.aclose_forcefully(lst)
-        raise
-
-
 def sockname(listener: trio.SocketListener) -> Endpoint:
-    host, port = listener.socket.getsockname()[:2]
-    return Endpoint(Address.of(host), port)
+    return endpoint_of(listener.socket.getsockname())

@@ -12,6 +12,8 @@ import os
 import socket
 import time
 
+import trio
+
 
 class Notifier:
     """Sends sd_notify datagrams; a no-op when $NOTIFY_SOCKET is unset."""
@@ -26,10 +28,6 @@ class Notifier:
         pid = env.get("WATCHDOG_PID", "")
         wanted = usec.isdigit() and int(usec) > 0 and (not pid or pid == str(os.getpid()))
         self.watchdog_interval = int(usec) / 2_000_000 if wanted else None
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.address)
 
     def notify(self, *lines: str) -> bool:
         """Send one datagram; False (never an exception) when it cannot be delivered."""
@@ -54,3 +52,9 @@ class Notifier:
 
     def watchdog(self) -> bool:
         return self.notify("WATCHDOG=1")
+
+    async def run_watchdog(self) -> None:
+        """WATCHDOG=1 every watchdog_interval, until cancelled (run it when one is set)."""
+        while self.watchdog_interval:
+            self.watchdog()
+            await trio.sleep(self.watchdog_interval)

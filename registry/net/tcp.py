@@ -126,7 +126,8 @@ async def read_request(
             if (decision := reader.feed(data, trio.current_time())) is not None:
                 break
     if isinstance(decision, ProtocolError):
-        raise decision
+        # A copy: raised, the reader's own would carry this frame, which holds the reader.
+        raise ProtocolError(decision.code, decision.explanation)
     return reader.protocol, decision
 
 

@@ -1,49 +1,18 @@
 """UDP registration edge: text datagrams, stateless cookies, no amplification.
 
-One socket per TCP listener address, same port number. For each datagram:
-
-0. a datagram the registry must never answer (``protocol.loopguard``: a
-   reply, a challenge, a callback or its echo, or any datagram from a source
-   port below 1024): dropped silently and counted, so that one forged
-   datagram cannot start an endless exchange with another UDP service;
-1. larger than ``max_datagram_bytes``: ``ERROR too_long``;
-2. not a valid text request (``HOST:PORT[ key=value ...]``, ``cookie=`` allowed):
-   ``ERROR malformed`` with the parser's explanation;
-3. no cookie, or not one this registry issued to this source address and port
-   in the current or previous window: the challenge
-   ``COOKIE cookie=VALUE pad=N ...``, nothing else;
-4. a valid cookie: a registration like any other (policy, rate limits,
-   callback slots, record), run in its own task; its outcome comes back as
-   one reply datagram.
-
-Steps 1-3 touch neither the store nor the registration rate limiter: their
-source address is unproven, and charging a forged address's budget (or
-filling the results with its name) would hand an attacker a weapon. Their
-answers have a budget of their own (``ReplyBudget``: ``unproven_per_source``
-per address or IPv6 network, ``unproven_global`` in total); past it the
-datagram is dropped unanswered and counted, so a loop through a reflector the
-guard cannot recognise dies within a few exchanges.
-Only a request that returned a cookie, and so really comes from its source,
-is recorded and counted; it holds a connection slot while its callback runs,
-taken like a TCP connection's (an admission token, then
-``limits.max_connections_per_source``) but without waiting: when none is free
-the answer is ``BUSY overloaded``. So a UDP burst never gets TCP clients refused
-for ``total``: they wait at accept for a token as they would for TCP peers. A retransmitted
-copy of a request still in progress is ignored.
-
-**No amplification.** No datagram the registry sends in reply is larger
-than the datagram that caused it (``fit_reply``): a long reply keeps its
-status, code and as many whole fields and words as fit, marked `` ...``. So
-that a client can get whole replies, the challenge says ``pad=N``: send the
-request again padded with spaces to N bytes (``max_datagram_bytes``).
-When the challenge itself does not fit, the reply is the bare
-``COOKIE pad=N`` (14 bytes for N=512) asking for a padded retry; a request
-shorter than that gets no reply at all (the shortest possible request,
-``1.2.3.4:1024``, is 12 bytes; ``student client`` pads to 16 at least).
-
-The callback is a UDP datagram ``CALLBACK id=ID nonce=NONCE greeting`` from a
-fresh socket connected to the target; the echo must come back from the
-target's address and port within ``callback.verify_timeout``.
+One socket per TCP listener address, same port (the exchange: docs/protocol.md,
+"UDP"). Per datagram, in order: one the registry must never answer
+(``protocol.loopguard``) is dropped and counted; too long: ``ERROR too_long``;
+not a request: ``ERROR malformed``; no cookie this registry issued to this
+source address and port: the challenge; else a registration in its own task,
+answered with one datagram. The first three touch neither the store nor the
+rate limiter: the source is unproven, and charging a forged address would hand
+an attacker a weapon. Their answers have a budget of their own (``ReplyBudget``;
+past it: dropped and counted), so a loop through a reflector the guard cannot
+recognise dies within a few exchanges. A proven request takes a connection slot
+as a TCP connection does, without waiting (``BUSY overloaded`` when none is
+free), so a UDP burst never makes the door refuse TCP clients for ``total``. No
+reply is larger than its request (``fit_reply``; SECURITY.md, "UDP amplification").
 """
 
 from __future__ import annotations
@@ -53,7 +22,7 @@ import os
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import structlog
 import trio
@@ -63,7 +32,7 @@ from registry.defense.conncaps import ConnectionCaps
 from registry.defense.ratelimit import ReplyBudget, source_of
 from registry.errors import ProtocolError
 from registry.model import Code, Endpoint, Outcome, Protocol, Request
-from registry.net.connector import map_os_error
+from registry.net.connector import describe, map_os_error
 from registry.net.tcp import endpoint_of
 from registry.protocol.callback import callback_line
 from registry.protocol.cookies import CookieJar
@@ -139,60 +108,16 @@ def error_reply(error: ProtocolError, limit: int) -> bytes | None:
     return fit_reply(format_reply(Outcome(code=error.code, explanation=error.explanation)), limit)
 
 
-# ------------------------------------------------------------------------- sockets
-
-
-async def open_udp_sockets(
-    endpoints: Iterable[Endpoint], *, skip_in_use: bool = False
-) -> list[trio.socket.SocketType]:
-    """One bound UDP socket per endpoint (IPv6 ones V6ONLY, as the TCP listeners are).
-
-    Raises OSError naming the address; sockets already opened are closed first.
-    ``skip_in_use``: an address whose UDP port is taken is skipped with a
-    warning instead (for kernel-chosen TCP ports, where the same UDP port may
-    belong to someone else by chance).
-    """
-    socks: list[trio.socket.SocketType] = []
-    try:
-        for ep in endpoints:
-            family = socket.AF_INET6 if ep.host.version == 6 else socket.AF_INET
-            sock = trio.socket.socket(family, socket.SOCK_DGRAM)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            try:
-                await sock.bind((ep.host.compressed, ep.port))
-            except OSError as e:
-                sock.close()
-                if skip_in_use and e.errno == errno.EADDRINUSE:
-                    log.warning("udp_skipped", address=str(ep), error=e.strerror)
-                    continue
-                raise OSError(e.errno, f"cannot listen on udp {ep}: {e.strerror}") from e
-            socks.append(sock)
-    except BaseException:
-        for sock in socks:
-            sock.close()
-        raise
-    return socks
-
-
-def udp_endpoint(sock: trio.socket.SocketType) -> Endpoint:
-    """The address a UDP socket is bound to."""
-    return endpoint_of(sock.getsockname())
-
-
 # ----------------------------------------------------------------------- connector
 
 
 class UdpConnector:
     """The UDP callback: one datagram to the target, then wait for its echo.
 
-    ``config`` is called per callback, so a reload's timeouts apply at once.
-    Results: the echo -> CONNECTED verified; another datagram from the target
-    -> CONNECTED unverified (something answers there); an ICMP refusal ->
-    connection_refused; silence -> timeout (UDP cannot tell a silent server
-    from no server), except with ``wait_echo`` False, where a sent datagram
-    that drew no refusal within ``REFUSAL_GRACE`` counts as CONNECTED
-    unverified.
+    The echo: CONNECTED verified; another datagram from the target: CONNECTED
+    unverified; an ICMP refusal: connection_refused; silence: timeout (UDP cannot
+    tell a silent server from none), but without ``wait_echo`` CONNECTED
+    unverified after ``REFUSAL_GRACE``. ``config`` is read per callback (reloads).
     """
 
     def __init__(self, config: Callable[[], CallbackConfig]) -> None:
@@ -214,7 +139,7 @@ class UdpConnector:
                 wait = cfg.verify_timeout if wait_echo else min(REFUSAL_GRACE, cfg.verify_timeout)
                 answered, verified = await self._await_echo(sock, nonce, wait, cfg)
         except OSError as e:
-            return CallResult(map_os_error(e), _describe(e))
+            return CallResult(map_os_error(e), describe(e))
         rtt_ms = (answered - started) * 1000.0 if answered is not None else None
         if verified:
             return CallResult(Code.CONNECTED, "the echo datagram arrived", rtt_ms, True)
@@ -244,31 +169,21 @@ class UdpConnector:
         return first, False
 
 
-def _describe(e: OSError) -> str:
-    if not e.errno:
-        return str(e)
-    return f"{errno.errorcode.get(e.errno, 'error')}: {os.strerror(e.errno)}"
-
-
 # ---------------------------------------------------------------------------- edge
 
 
-def _budget_settings(cfg: Config) -> tuple:  # type: ignore[type-arg]
-    return (
-        cfg.udp.unproven_per_source,
-        cfg.udp.unproven_global,
-        cfg.ratelimit.ipv6_prefix,
-        cfg.ratelimit.max_entries,
-    )
-
-
-def new_reply_budget(cfg: Config) -> ReplyBudget:
-    """The unproven-reply budget for ``cfg`` (one per registry: all its UDP sockets share it)."""
-    return ReplyBudget(*_budget_settings(cfg))
+def budget_settings(cfg: Config) -> tuple:  # type: ignore[type-arg]
+    """``ReplyBudget``'s settings in ``cfg`` (the server applies them at start and reload)."""
+    u, r = cfg.udp, cfg.ratelimit
+    return (u.unproven_per_source, u.unproven_global, r.ipv6_prefix, r.max_entries)
 
 
 class UdpEdge:
-    """The per-socket datagram handler; ``serve_udp`` runs its loop."""
+    """One UDP socket's registrations: ``await nursery.start(edge.serve, handlers)``.
+
+    Every socket of a registry shares ``cookies``, ``budget`` and ``dropped`` (a
+    source may reach either family), and ``admission``, the TCP accept loops'.
+    """
 
     def __init__(
         self,
@@ -282,7 +197,6 @@ class UdpEdge:
         admission: trio.CapacityLimiter | None = None,
         budget: ReplyBudget | None = None,
         dropped: Counter[str] | None = None,
-        random_bytes: Callable[[int], bytes] = os.urandom,
     ) -> None:
         self.sock = sock
         self.service = service
@@ -291,17 +205,42 @@ class UdpEdge:
         self.connector = connector or UdpConnector(lambda: cfg_getter().callback)
         self.caps = caps
         self.admission = admission
-        self.budget = budget or new_reply_budget(cfg_getter())
+        self.budget = budget or ReplyBudget(*budget_settings(cfg_getter()))
         # Datagrams dropped unanswered, by DropReason (registry_udp_dropped_total).
         self.dropped: Counter[str] = dropped if dropped is not None else Counter()
-        self.random_bytes = random_bytes
-        bound = udp_endpoint(sock)
+        bound = endpoint_of(sock.getsockname())
         # Behind a wildcard the concrete local address is unknown (no IP_PKTINFO):
         # the policy's own-sockets rule then relies on the port alone.
         self.local = None if bound.host.is_unspecified else bound
         self.in_flight: set[tuple[Endpoint, bytes]] = set()
-        self.sent_bytes = 0
-        self.received_bytes = 0
+
+    async def serve(
+        self,
+        handlers: trio.Nursery | None = None,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve until cancelled; never raises for a client. Registrations run in
+        ``handlers`` (the server's, so the drain's grace period covers them) or in
+        a nursery of this task. The socket stays open: in-flight ones reply on it."""
+        async with trio.open_nursery() as own:
+            task_status.started()
+            while True:
+                try:
+                    data, addr = await self.sock.recvfrom(self.cfg().udp.max_datagram_bytes + 1)
+                except trio.ClosedResourceError:
+                    return  # the server closed the socket: nothing more will arrive
+                except OSError as e:
+                    if e.errno in (errno.EBADF, errno.ENOTSOCK):
+                        return
+                    # e.g. a queued ICMP error on some platforms: not fatal
+                    log.debug("udp_recv_error", error=e.strerror)
+                    await trio.lowlevel.checkpoint()
+                    continue
+                try:
+                    await self.datagram(data, addr, handlers or own)
+                except Exception as e:  # last resort: one bad datagram must not stop the loop
+                    log.exception("udp_datagram_crashed", error=repr(e))
 
     def _refresh_cookies(self, now: float) -> None:
         """Rotate the secret once per window (idempotent: sockets share the jar)."""
@@ -309,7 +248,7 @@ class UdpEdge:
         if window != self.cookies.window:
             self.cookies.window = float(window)  # a reload: cookies issued so far expire
         if self.cookies.rotation_due(now):
-            self.cookies.rotate(self.random_bytes(SECRET_BYTES), now)
+            self.cookies.rotate(os.urandom(SECRET_BYTES), now)
 
     async def send(self, reply: bytes | None, request_size: int, addr: tuple) -> None:  # type: ignore[type-arg]
         """Send ``reply`` if it is no larger than its request (it always is: fit_reply)."""
@@ -320,7 +259,6 @@ class UdpEdge:
             return
         try:
             await self.sock.sendto(reply, addr)
-            self.sent_bytes += len(reply)
         except OSError as e:
             log.debug("udp_send_failed", error=e.strerror)
 
@@ -346,7 +284,6 @@ class UdpEdge:
 
     async def datagram(self, data: bytes, addr: tuple, nursery: trio.Nursery) -> None:  # type: ignore[type-arg]
         """Handle one datagram: drop it, answer statelessly, or start a registration task."""
-        self.received_bytes += len(data)
         cfg = self.cfg()
         size = len(data)
         never = classify(data, addr[1])
@@ -355,7 +292,6 @@ class UdpEdge:
             return
         peer = endpoint_of(addr)  # ::ffff:a.b.c.d is the IPv4 peer; replies go to raw addr
         now = trio.current_time()
-        self.budget.configure(*_budget_settings(cfg))
         if size > cfg.udp.max_datagram_bytes:
             error = ProtocolError(
                 Code.TOO_LONG,
@@ -442,57 +378,3 @@ class UdpEdge:
             self.in_flight.discard(key)
             self._release(slot, token)
         await self.send(fit_reply(format_reply(outcome), len(key[1])), len(key[1]), addr)
-
-
-async def serve_udp(
-    sock: trio.socket.SocketType,
-    service: Service,
-    cookies: CookieJar,
-    cfg_getter: Callable[[], Config],
-    *,
-    handlers: trio.Nursery | None = None,
-    caps: ConnectionCaps | None = None,
-    admission: trio.CapacityLimiter | None = None,
-    budget: ReplyBudget | None = None,
-    dropped: Counter[str] | None = None,
-    connector: Connector | None = None,
-    task_status: trio.TaskStatus[UdpEdge] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Serve registrations on a bound UDP socket until cancelled; never raises for a client.
-
-    Registrations run in ``handlers`` (the server's handler nursery, so the
-    drain's grace period covers them) or in a nursery of this task. The
-    socket is not closed here: in-flight registrations still reply on it
-    after the receive loop stops. Give every socket of a registry the same
-    ``budget`` and ``dropped`` (and ``admission``, the TCP accept loops' limiter).
-    """
-    edge = UdpEdge(
-        sock,
-        service,
-        cookies,
-        cfg_getter,
-        connector=connector,
-        caps=caps,
-        admission=admission,
-        budget=budget,
-        dropped=dropped,
-    )
-    async with trio.open_nursery() as own:
-        nursery = handlers if handlers is not None else own
-        task_status.started(edge)
-        while True:
-            try:
-                data, addr = await sock.recvfrom(edge.cfg().udp.max_datagram_bytes + 1)
-            except trio.ClosedResourceError:
-                return  # the server closed the socket: nothing more will arrive
-            except OSError as e:
-                if e.errno in (errno.EBADF, errno.ENOTSOCK):
-                    return
-                # e.g. a queued ICMP error on some platforms: not fatal
-                log.debug("udp_recv_error", error=e.strerror)
-                await trio.lowlevel.checkpoint()
-                continue
-            try:
-                await edge.datagram(data, addr, nursery)
-            except Exception as e:  # last resort: one bad datagram must not stop the loop
-                log.exception("udp_datagram_crashed", error=repr(e))

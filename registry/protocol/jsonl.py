@@ -1,11 +1,9 @@
 """JSON lines on the registration port: one request object, one reply object, sans-io.
 
-Strict (docs/protocol.md, "JSON lines over TCP"), because a lenient JSON
-reader is where ambiguity creeps in: a repeated key means different things to
-different parsers, NaN is not JSON, and nesting is counted on the raw bytes
-before ``json.loads``, so a nested bomb never reaches the recursive parser.
-``host`` follows the text parser's rules. Every problem with the object is
-``bad_json`` naming the field first (``"port": ...``); too many bytes is ``too_long``.
+Strict (docs/protocol.md, "JSON lines over TCP"): a repeated key means different
+things to different parsers, NaN is not JSON, and nesting is counted on the raw
+bytes, so a nested bomb never reaches the recursive ``json.loads``. ``host`` and
+the names follow text.py's rules; every problem is ``bad_json`` naming the field.
 """
 
 from __future__ import annotations
@@ -18,11 +16,8 @@ from typing import Any
 from registry.errors import ProtocolError
 from registry.model import Code, IPAddress, Outcome, Request
 from registry.protocol.reply import quote_input, safe_text, safe_value
-
-# The text parser's host and field rules, reused so the two protocols cannot drift apart.
 from registry.protocol.text import OneRequestReceiver, check_value, decode, parse_host, parse_ipv6
 
-DEFAULT_MAX_BYTES = 512
 # A request is a flat object (depth 1). A little room above that lets a nested
 # value be reported as the wrong type of a named field rather than as nesting.
 MAX_DEPTH = 4
@@ -48,21 +43,10 @@ def _field_error(name: str, problem: str) -> ProtocolError:
     return _bad(f"{json.dumps(shown, ensure_ascii=True)}: {problem}")
 
 
-class _Refused(Exception):
-    """Out of ``json.loads``'s hooks: ("twice", a repeated key) or ("constant", NaN...)."""
-
-
-# ------------------------------------------------------------------------ scanning
-
-
 def scan_depth(body: bytes, limit: int = MAX_DEPTH) -> tuple[int, bool]:
-    """``(deepest nesting seen, brackets balanced)`` of raw JSON bytes, without parsing.
-
-    Brackets inside strings (with backslash escapes) do not count. The scan
-    stops as soon as the depth exceeds ``limit``: the caller refuses the
-    request without handing it to the recursive parser. ``balanced`` is True
-    when at least one bracket opened and every one has closed.
-    """
+    """``(deepest nesting, brackets balanced)`` of raw JSON bytes; brackets in strings
+    do not count, and the scan stops once the depth passes ``limit``. Balanced: at
+    least one bracket opened and every one closed."""
     depth = deepest = 0
     in_string = escaped = False
     for byte in body:
@@ -86,26 +70,25 @@ def scan_depth(body: bytes, limit: int = MAX_DEPTH) -> tuple[int, bool]:
     return deepest, deepest > 0 and depth == 0 and not in_string
 
 
-# ------------------------------------------------------------------------- parsing
-
-
-def parse_json(body: bytes | str, *, max_depth: int = MAX_DEPTH) -> Request:
-    """Parse one JSON request object (no terminator) into a ``Request``.
-
-    Raises ``ProtocolError(Code.BAD_JSON)`` whose explanation names the
-    offending field, or describes why the bytes are not one JSON object.
-    """
+def parse_json(body: bytes | str) -> Request:
+    """One JSON request object (no terminator) as a ``Request``, else
+    ``ProtocolError(BAD_JSON)`` naming the field or saying why it is not one object."""
     if isinstance(body, bytes):
         text, raw = decode(body, Code.BAD_JSON, f"one JSON object like {EXAMPLE}"), body
     else:
         text, raw = body, body.encode("utf-8", "surrogatepass")
-    deepest, _ = scan_depth(raw, max_depth)
-    if deepest > max_depth:
+    deepest, _ = scan_depth(raw)
+    if deepest > MAX_DEPTH:
         raise _bad(
-            f"nesting too deep (more than {max_depth} levels); a request is one flat object "
+            f"nesting too deep (more than {MAX_DEPTH} levels); a request is one flat object "
             f"like {EXAMPLE}"
         )
-    obj = _loads(text)
+    try:
+        obj = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+    except json.JSONDecodeError as exc:
+        raise _bad(
+            f"not valid JSON: {exc.msg} at offset {exc.pos}; send one object like {EXAMPLE}"
+        ) from None
     if not isinstance(obj, dict):
         raise _bad(
             f"the request is {_type_name(obj)}, not an object; send one object like {EXAMPLE}"
@@ -113,36 +96,19 @@ def parse_json(body: bytes | str, *, max_depth: int = MAX_DEPTH) -> Request:
     return _request(obj)
 
 
-def _loads(text: str) -> Any:
-    try:
-        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
-    except _Refused as refused:
-        kind, name = refused.args
-        if kind == "twice":
-            raise _field_error(name, "given twice; give each field once") from None
-        raise _bad(
-            f"{name} is not a JSON value (JSON has no NaN or Infinity); "
-            f"send one object like {EXAMPLE}"
-        ) from None
-    except json.JSONDecodeError as exc:
-        raise _bad(
-            f"not valid JSON: {exc.msg} at offset {exc.pos}; send one object like {EXAMPLE}"
-        ) from None
-    except RecursionError:  # unreachable behind scan_depth, kept as a backstop
-        raise _bad("nesting too deep") from None
-
-
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     obj: dict[str, Any] = {}
     for key, value in pairs:
         if key in obj:
-            raise _Refused("twice", key)
+            raise _field_error(key, "given twice; give each field once")
         obj[key] = value
     return obj
 
 
 def _no_constant(name: str) -> Any:
-    raise _Refused("constant", name)
+    raise _bad(
+        f"{name} is not a JSON value (JSON has no NaN or Infinity); send one object like {EXAMPLE}"
+    )
 
 
 _TYPE_NAMES = {
@@ -157,12 +123,11 @@ _TYPE_NAMES = {
 
 
 def _type_name(value: object) -> str:
-    """What a JSON value is, with its article: "an integer", "a string", "null"."""
     return _TYPE_NAMES.get(type(value), "an object")
 
 
 def _request(obj: dict[str, Any]) -> Request:
-    """Check the fields of the parsed object, in a fixed order so errors are stable."""
+    """The object's fields, checked in a fixed order so errors are stable."""
     unknown = [key for key in obj if key not in FIELDS]
     if unknown:
         hint = " (cookies are for the UDP text protocol)" if unknown[0] == "cookie" else ""
@@ -190,24 +155,20 @@ def _host(value: Any) -> IPAddress | str:
         raise _field_error("host", 'empty; write an address like "192.168.1.105"')
     if value != value.strip():
         raise _field_error("host", f"{quote_input(value)} has surrounding spaces; remove them")
+    bracketed = value.startswith("[")
+    if bracketed and not value.endswith("]"):
+        raise _field_error(
+            "host", f"{quote_input(value)} has no closing ']'; brackets are optional here"
+        )
     try:
-        if value.startswith("["):
-            if not value.endswith("]"):
-                raise _field_error(
-                    "host", f"{quote_input(value)} has no closing ']'; brackets are optional here"
-                )
+        if bracketed:
             return parse_ipv6(value[1:-1])
-        if ":" in value:
-            return parse_ipv6(value)
-        return parse_host(value)
-    except ProtocolError as exc:
-        if exc.code is Code.BAD_JSON:
-            raise
+        return parse_ipv6(value) if ":" in value else parse_host(value)
+    except ProtocolError as exc:  # the text grammar's words, put the JSON way
         raise _field_error("host", _json_words(exc.explanation)) from None
 
 
 def _json_words(explanation: str) -> str:
-    """The text parser's advice, with its HOST:PORT examples put the JSON way."""
     return (
         explanation.replace("write HOST:PORT, like 192.168.1.105:15000", 'like "192.168.1.105"')
         .replace("write [IPv6]:PORT, like [2001:db8::1]:15000", 'like "2001:db8::1"')
@@ -243,32 +204,20 @@ def _option(key: str, value: Any) -> object:
         raise _field_error(key, str(exc)) from None
 
 
-# ------------------------------------------------------------------------- framing
-
-
 class JsonReceiver(OneRequestReceiver):
-    """Frame one JSON request (see ``text.OneRequestReceiver``). Whitespace and blank
-    lines before the object are skipped; the quiet period ends the request only when
-    its brackets balance: an object cut in the middle by a slow client keeps waiting
-    (until the caller's total deadline) instead of being parsed half-way."""
+    """Leading whitespace skipped; ``quiet`` takes only balanced brackets (a slow
+    client's half object waits): docs/architecture.md, "Request framing"."""
 
     _SKIP = b" \t\r\n"
     _EMPTY = (Code.BAD_JSON, f"empty request; send one JSON object like {EXAMPLE}")
     _SEND = f"send one short JSON object on one line, like {EXAMPLE}"
 
-    def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES, *, max_depth: int = MAX_DEPTH) -> None:
-        super().__init__(max_bytes)
-        self._max_depth = max_depth
-
     def _complete(self) -> bool:
-        deepest, balanced = scan_depth(bytes(self._buf), self._max_depth)
-        return balanced or deepest > self._max_depth
+        deepest, balanced = scan_depth(bytes(self._buf))
+        return balanced or deepest > MAX_DEPTH
 
     def _parse(self, body: bytes) -> Request:
-        return parse_json(body, max_depth=self._max_depth)
-
-
-# --------------------------------------------------------------------------- reply
+        return parse_json(body)
 
 
 def format_json_reply(outcome: Outcome) -> bytes:
@@ -278,9 +227,9 @@ def format_json_reply(outcome: Outcome) -> bytes:
     reply = {
         "status": outcome.status.value,
         "code": outcome.code.value,
-        "id": _value(outcome.id),
-        "target": _value(outcome.target),
-        "observed": _value(outcome.observed),
+        "id": outcome.id and safe_value(outcome.id),
+        "target": outcome.target and safe_value(outcome.target),
+        "observed": outcome.observed and safe_value(outcome.observed),
         "diagnosis": outcome.diagnosis.value if outcome.diagnosis is not None else None,
         "rtt_ms": round(rtt, 1) if rtt is not None and math.isfinite(rtt) else None,
         "verified": outcome.verified,
@@ -288,7 +237,3 @@ def format_json_reply(outcome: Outcome) -> bytes:
         "explanation": safe_text(outcome.explanation) or None,
     }
     return (json.dumps(reply, ensure_ascii=True, allow_nan=False) + "\n").encode("ascii")
-
-
-def _value(text: str | None) -> str | None:
-    return safe_value(text) if text is not None else None

@@ -1,13 +1,7 @@
-"""Which UDP datagrams the registry must never answer (the reply-loop guard). Pure.
-
-A service that answers whatever arrives can be tied to another such service
-by one datagram with a forged source ("Loop DoS", CVE-2024-2169): each
-answers the other's answer, forever. ``classify`` names the datagrams the
-registry can never usefully answer (a reply or challenge, a ``CALLBACK``
-line, a nonce's echo, a source port below 1024); the edge drops them and
-counts them by reason. Why each rule, and what the reply budget catches
-that these cannot: docs/architecture.md, "UDP loop guard".
-"""
+"""The UDP datagrams never answered, so one forged datagram cannot tie the registry
+to another service in an endless exchange ("Loop DoS", CVE-2024-2169). Pure; why
+each rule, and what the reply budget catches instead: docs/architecture.md,
+"UDP loop guard"."""
 
 from __future__ import annotations
 
@@ -54,8 +48,8 @@ def classify(data: bytes, source_port: int) -> DropReason | None:
 
 
 def _json_reply(body: bytes) -> bool:
-    """Is ``body`` a JSON object with a ``status`` key (a JSON-lines reply)? The edge
-    capped the datagram (max_datagram_bytes), so the parse is bounded."""
+    """A JSON object with a ``status`` key; the edge capped the datagram, so the parse
+    is bounded."""
     try:
         obj = json.loads(body)
     except (ValueError, RecursionError):

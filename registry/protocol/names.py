@@ -1,11 +1,5 @@
-"""Student names, pure: which names are accepted, in which form, and why not.
-
-Letters and digits of any script plus ``. _ @ -``, in Unicode NFC, so
-``josé`` typed on a Mac and on Linux is one student (docs/protocol.md,
-"Student names"). Control and invisible characters are refused by name
-(``U+202E (RIGHT-TO-LEFT OVERRIDE)``, printable ASCII in every reply format):
-they make one name display as another's, or one student count as two.
-"""
+"""Student names, pure: which are accepted, in which form (NFC), and why not
+(the rule and its reasons: docs/protocol.md, "Student names")."""
 
 from __future__ import annotations
 
@@ -29,15 +23,12 @@ _CONTROL_NAMES = {
 
 
 class BadName(ValueError):
-    """A name that is not accepted; ``str(exc)`` says why (printable ASCII)."""
+    """``str(exc)`` says why, in printable ASCII."""
 
 
 def normalise(name: str | bytes, *, spaces: bool = False) -> str:
-    """The NFC form of an accepted ``name``; raises ``BadName`` with the reason.
-
-    ``spaces`` allows single spaces between words (the JSON protocol, where a
-    space does not end the value). Bytes must be UTF-8.
-    """
+    """The NFC form of an accepted ``name``, else ``BadName``. ``spaces``: single spaces
+    between words are allowed (JSON, where a space does not end the value)."""
     rule = RULE_SPACES if spaces else RULE
     if isinstance(name, bytes):
         try:
@@ -72,7 +63,6 @@ INVISIBLE = frozenset(
 
 
 def _character_problem(ch: str) -> str | None:
-    """What is wrong with one character, or None when a name may hold it."""
     category = unicodedata.category(ch)
     if category == "Cc":
         return f"the control character {describe(ch)}"
@@ -88,7 +78,6 @@ def _character_problem(ch: str) -> str | None:
 
 
 def _shape_problem(name: str, spaces: bool) -> str | None:
-    """Length, allowed characters and space placement of an NFC name."""
     rule = RULE_SPACES if spaces else RULE
     if not name:
         return f"is empty; {rule}"

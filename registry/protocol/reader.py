@@ -16,13 +16,11 @@ from __future__ import annotations
 
 from registry.config import ProtocolConfig
 from registry.errors import ProtocolError
-from registry.model import Code, Protocol, Request
+from registry.model import Code, Protocol
 from registry.protocol.jsonl import JsonReceiver
-from registry.protocol.text import NEED_DATA, TextReceiver
+from registry.protocol.text import Decision, TextReceiver
 
 _WHITESPACE = b" \t\r\n"
-
-Decision = Request | ProtocolError | None
 
 
 def sniff(first: bytes) -> Protocol:
@@ -62,16 +60,11 @@ class RequestReader:
             kind = JsonReceiver if self.protocol is Protocol.JSON else TextReceiver
             receiver = self.receiver = kind(self._cfg.max_request_bytes)
         receiver.receive_data(data)
-        try:
-            event = receiver.next_event()
-        except ProtocolError as e:
-            return e.with_traceback(None)
-        if event is NEED_DATA:
-            if receiver.buffered:  # a new byte restarts the quiet period
-                quiet_end = now + self._cfg.quiet_period
-                self.next_deadline = quiet_end if quiet_end < self.deadline else self.deadline
-            return None
-        return event  # type: ignore[return-value]
+        decision = receiver.next_event()
+        if decision is None and receiver.buffered:  # a new byte restarts the quiet period
+            quiet_end = now + self._cfg.quiet_period
+            self.next_deadline = quiet_end if quiet_end < self.deadline else self.deadline
+        return decision
 
     def tick(self, now: float) -> Decision:
         """The time is ``now`` and no byte came: the deadline, or the quiet period."""
@@ -80,11 +73,7 @@ class RequestReader:
         if now < self.next_deadline:
             return None
         self.next_deadline = self.deadline  # the quiet period ended: its one look
-        try:
-            event = self.receiver.quiet()  # type: ignore[union-attr]
-        except ProtocolError as e:
-            return e.with_traceback(None)
-        return None if event is NEED_DATA else event  # type: ignore[return-value]
+        return self.receiver.quiet()  # type: ignore[union-attr]
 
     def _timeout_text(self) -> str:
         limit = f"{self._cfg.read_deadline:g} s"

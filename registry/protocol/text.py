@@ -1,11 +1,8 @@
 """The lab's own registration format: ``HOST:PORT[ key=value ...]``, sans-io.
 
-``parse_line`` turns one line into a ``Request`` or raises ``ProtocolError``
-with the reply code and an explanation a student can act on;
-``TextReceiver`` frames it from a stream. Address spellings are taken
-literally: only the canonical four-part decimal form is IPv4, every other
-spelling (``127.1``, ``0x7f.0.0.1`` ...) is refused with the reason, never
-reinterpreted (SECURITY.md, "Parse strictly").
+Strict: only the canonical four-part decimal form is IPv4; ``127.1``,
+``0x7f.0.0.1`` ... are refused with the reason, never reinterpreted
+(SECURITY.md, "Parse strictly"). ``TextReceiver`` frames a line from a stream.
 """
 
 from __future__ import annotations
@@ -39,28 +36,13 @@ _HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "P
 _WHITESPACE = b" \t\r"
 
 
-class NeedData:
-    """Sentinel: the request is not complete yet; feed more bytes (or call ``quiet``)."""
-
-    _instance: NeedData | None = None
-
-    def __new__(cls) -> NeedData:
-        if cls._instance is None:
-            cls._instance = super().__new__(cls)
-        return cls._instance
-
-    def __repr__(self) -> str:
-        return "NEED_DATA"
-
-
-NEED_DATA = NeedData()
+# What a receiver (and the reader over it) decides: the request, the error to answer,
+# or None while the request is incomplete.
+Decision = Request | ProtocolError | None
 
 
 def _malformed(explanation: str) -> ProtocolError:
     return ProtocolError(Code.MALFORMED, explanation)
-
-
-# --------------------------------------------------------------------------- line
 
 
 def parse_line(line: str | bytes, *, allow_cookie: bool = False) -> Request:
@@ -68,18 +50,24 @@ def parse_line(line: str | bytes, *, allow_cookie: bool = False) -> Request:
     ``ProtocolError(MALFORMED)`` explains in printable ASCII, quoting little of the
     input. ``cookie=`` only with ``allow_cookie`` (the UDP transport)."""
     if isinstance(line, bytes):
-        if line.endswith(b"\n"):
-            line = line[:-1].removesuffix(b"\r")
-        return _parse_body(line, allow_cookie)
+        line = decode(line, Code.MALFORMED, f"plain ASCII text like {EXAMPLE}")
     if line.endswith("\n"):
         line = line[:-1].removesuffix("\r")
-    return _parse_text(line, allow_cookie)
-
-
-def _parse_body(body: bytes, allow_cookie: bool) -> Request:
-    return _parse_text(
-        decode(body, Code.MALFORMED, f"plain ASCII text like {EXAMPLE}"), allow_cookie
-    )
+    bad = _CONTROL.search(line)
+    if bad is not None:
+        raise _malformed(
+            f"request contains the control character {quote_input(bad.group())} at offset "
+            f"{bad.start()}{_in_field(line, bad.start())}; send one line of plain text like "
+            f"{EXAMPLE}, ended by LF or CR LF"
+        )
+    stripped = line.strip(" \t")
+    if not stripped:
+        raise _malformed(f"empty request; send one line HOST:PORT, like {EXAMPLE}")
+    tokens = _SEP.split(stripped)
+    _refuse_http(tokens)
+    host, port = _parse_hostport(tokens[0])
+    keys = _parse_keys(tokens[1:], allow_cookie)
+    return Request(host=host, port=port, **keys)  # type: ignore[arg-type]
 
 
 def decode(body: bytes, code: Code, shape: str) -> str:
@@ -92,24 +80,6 @@ def decode(body: bytes, code: Code, shape: str) -> str:
             f"request is not valid UTF-8 (byte 0x{body[exc.start]:02x} at offset {exc.start}); "
             f"send {shape}",
         ) from None
-
-
-def _parse_text(text: str, allow_cookie: bool) -> Request:
-    bad = _CONTROL.search(text)
-    if bad is not None:
-        raise _malformed(
-            f"request contains the control character {quote_input(bad.group())} at offset "
-            f"{bad.start()}{_in_field(text, bad.start())}; send one line of plain text like "
-            f"{EXAMPLE}, ended by LF or CR LF"
-        )
-    stripped = text.strip(" \t")
-    if not stripped:
-        raise _malformed(f"empty request; send one line HOST:PORT, like {EXAMPLE}")
-    tokens = _SEP.split(stripped)
-    _refuse_http(tokens)
-    host, port = _parse_hostport(tokens[0])
-    keys = _parse_keys(tokens[1:], allow_cookie)
-    return Request(host=host, port=port, **keys)  # type: ignore[arg-type]
 
 
 def _in_field(text: str, offset: int) -> str:
@@ -128,9 +98,6 @@ def _refuse_http(tokens: list[str]) -> None:
             f"this looks like an HTTP request ({quote_input(tokens[0] + ' ' + tokens[1], 30)}); "
             f"the registration port takes one line HOST:PORT, like {EXAMPLE}"
         )
-
-
-# ----------------------------------------------------------------------- host:port
 
 
 def _parse_hostport(token: str) -> tuple[IPAddress | str, int]:
@@ -235,9 +202,6 @@ def _parse_port(text: str) -> int:
     return int(text)
 
 
-# --------------------------------------------------------------------------- hosts
-
-
 def parse_host(text: str) -> IPAddress | str:
     """Canonical dotted-decimal IPv4, or a hostname (lower-cased, one trailing dot dropped)."""
     parts = text.split(".")
@@ -328,9 +292,6 @@ def _inet_aton(parts: list[str]) -> ipaddress.IPv4Address | None:
     return ipaddress.IPv4Address(sum(v << (8 * (3 - i)) for i, v in enumerate(head)) + last)
 
 
-# ---------------------------------------------------------------------------- keys
-
-
 def _parse_keys(tokens: list[str], allow_cookie: bool) -> dict[str, object]:
     """Parse the ``key=value`` tokens after HOST:PORT into Request keyword arguments."""
     known = KEYS + ("cookie",) if allow_cookie else KEYS
@@ -380,50 +341,33 @@ def check_value(key: str, value: str, *, spaces: bool = False) -> str:
     return value
 
 
-# ------------------------------------------------------------------------- framing
-
-
 class OneRequestReceiver:
-    """Frame one request per connection from a byte stream (h11-style); the base of
-    ``TextReceiver`` and ``jsonl.JsonReceiver``, which add only their grammar.
-
-    ``receive_data`` adds bytes (``b""``: EOF or half-close); ``next_event``
-    gives the result. The request ends at the first LF (CR LF accepted, later
-    bytes ignored), at EOF, or at ``quiet`` (the caller's quiet period passed)
-    when ``_complete`` says the buffer may hold a request. More than
-    ``max_bytes`` before the LF is ``TOO_LONG`` at once, and no more are ever
-    held. Once complete, the result is fixed: the same ``Request`` (or an equal
-    ``ProtocolError``) on every call.
-    """
+    """Frame one request per connection, h11-style: ``receive_data`` (``b""``: EOF), then
+    ``next_event`` or ``quiet`` gives the ``Decision``. Subclasses add a grammar; the
+    rules: docs/architecture.md, "Request framing"."""
 
     _SKIP = b""  # bytes skipped before the request starts (they still count to the cap)
     _EMPTY: tuple[Code, str]  # the error for a request of only whitespace
     _SEND: str  # what to send instead of too long a request
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         if max_bytes < 1:
             raise ValueError("max_bytes must be at least 1")
         self._max = max_bytes
         self._buf = bytearray()
         self._seen = 0  # every byte before the terminator, skipped ones included
-        self._result: Request | ProtocolError | None = None
+        self._result: Decision = None
 
     @property
     def buffered(self) -> int:
         """How many request bytes are held (terminator and skipped bytes excluded)."""
         return len(self._buf)
 
-    def next_event(self) -> Request | NeedData:
-        """The parsed request, ``NEED_DATA`` if it is not complete; raises ``ProtocolError``."""
-        result = self._result
-        if result is None:
-            return NEED_DATA
-        if isinstance(result, ProtocolError):
-            raise ProtocolError(result.code, result.explanation)
-        return result
+    def next_event(self) -> Decision:
+        """The decision, fixed once made; ``None``: not complete yet."""
+        return self._result
 
     def receive_data(self, data: bytes) -> None:
-        """Add bytes from the peer; ``b""`` means the peer closed or half-closed."""
         if self._result is not None:
             return  # one request per connection: anything after it is ignored
         if not data:
@@ -444,12 +388,12 @@ class OneRequestReceiver:
         if cut >= 0:
             self._finish(lf=True)
 
-    def quiet(self) -> Request | NeedData:
+    def quiet(self) -> Decision:
         """The quiet period passed with no new byte: take the buffer if it may be a
-        request; else ``NEED_DATA``, and the caller waits until its total deadline."""
+        request; else ``None``, and the caller waits until its total deadline."""
         if self._result is None and self._complete():
             self._finish(lf=False)
-        return self.next_event()
+        return self._result
 
     def _complete(self) -> bool:
         return bool(self._buf.strip(_WHITESPACE))  # only whitespace is no request yet
@@ -464,14 +408,12 @@ class OneRequestReceiver:
                 raise ProtocolError(*self._EMPTY)
             self._result = self._parse(body)
         except ProtocolError as exc:
-            # Without its traceback: kept, it would tie this receiver and the parser's
-            # frames into a reference cycle that only the garbage collector frees.
+            # The grammar's errors become the decision here, once. Without its
+            # traceback: kept, it would tie the parser's frames into a reference cycle.
             self._result = exc.with_traceback(None)
 
 
 class TextReceiver(OneRequestReceiver):
-    """Frame one text request (see ``OneRequestReceiver``)."""
-
     _EMPTY = (Code.MALFORMED, f"empty request; send one line HOST:PORT, like {EXAMPLE}")
     _SEND = f"send one short line HOST:PORT[ key=value ...], like {EXAMPLE}"
 
@@ -480,4 +422,4 @@ class TextReceiver(OneRequestReceiver):
         self._allow_cookie = allow_cookie
 
     def _parse(self, body: bytes) -> Request:
-        return _parse_body(body, self._allow_cookie)
+        return parse_line(body, allow_cookie=self._allow_cookie)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Iterator, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import structlog
 import trio
@@ -98,6 +98,32 @@ class BanFilter:
         every ban at its last apply (a full one leaves the newest bans to the door,
         which keeps refusing them instead)."""
         return self.available and not self._truncated
+
+    def report(self, now: float) -> dict[str, Any]:
+        """The ``/api/bans`` body: the bans, oldest first, and the silent drop."""
+        return {
+            "banned": len(self.bans),
+            "kernel_filtered": self.filtered,
+            "kernel_filter": self.kind,  # a kernel map, up to max_bans; classic: ~2,000
+            "total": self.bans.total,
+            "skipped_list_full": self.bans.skipped,
+            "ban_after": self.bans.after,
+            # the kernel drops bare handshake ACKs: only a client's bytes connect
+            "silent_drop": {
+                "active": self.dropping_now,
+                "seconds_left": round(max(0.0, self.silent.until - now), 1),
+                "after": self.silent.after,
+            },
+            "bans": [
+                {
+                    "source": str(ban.network),
+                    "refusals": ban.refusals,
+                    "banned_for_s": round(now - ban.since, 1),
+                    "seconds_left": round(max(0.0, ban.until - now), 1),
+                }
+                for ban in self.bans.active()
+            ],
+        }
 
     def bind(self, socks: Sequence[Sock]) -> str:
         """The listeners, before any ban: the eBPF filter goes on them when the kernel

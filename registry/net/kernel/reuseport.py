@@ -22,7 +22,7 @@ GOLDEN = 0x9E3779B1  # Fibonacci hashing: 2^32 / phi, odd
 
 @dataclass(frozen=True)
 class Inherited:
-    """A worker's share of its group's sockets: the ``i``-th of each (``Registry(inherited=)``)."""
+    """A worker's share of its group's sockets: the ``i``-th of each (``WorkerSeat.sockets``)."""
 
     tcp: list[socket.socket]
     udp: list[socket.socket]
@@ -76,7 +76,8 @@ def open_group(
             socks.append(sock)
             if kind == socket.SOCK_STREAM:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.SOL_SOCKET, SO_REUSEPORT, 1)
+            if n > 1:  # one process alone keeps its port to itself
+                sock.setsockopt(socket.SOL_SOCKET, SO_REUSEPORT, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind((host, port))

@@ -1,29 +1,20 @@
 """``server.workers = N``: a supervisor and N registry processes on shared ports.
 
 The supervisor (the ``registry serve`` the operator started) opens every
-registration socket as a reuseport group (``net/kernel/reuseport.py``: a source is
-always steered to the same socket), opens the database first (migrations run
-once) and starts N workers: the same executable, told by ``REGISTRY_WORKER``
-which inherited descriptors are theirs. Each worker is a whole registry on its
-share (``Registry(inherited=...)``), admin off. The supervisor serves the one
-admin endpoint: registrations reach it from the database by row
-(``Store.after``: every worker's rows, once each, after their commit); its
-gauges are the sums of the probes each worker sends every second on its
-sd_notify socket (``X_PROBES=``), a socket of the supervisor's.
-
-It reports READY=1 when every worker has, forwards SIGHUP (RELOADING=1, then
-READY=1 once every worker has reloaded) and SIGTERM (STOPPING=1; the workers
-drain), and runs the watchdog. A worker that dies is logged and restarted on
-the same sockets (connections steered to it wait in its backlog); one that
-dies before it was ever ready stops the group with its exit status. Limits
-counted over all sources are split: each worker enforces 1/N, rounded up
-(``split_limits``).
+registration socket as a reuseport group (net/listeners.py: a source always
+reaches the same socket) and the database (migrations run once), then starts N
+workers: the same executable, told by ``REGISTRY_WORKER`` which inherited
+descriptors are theirs. Each is a whole ``Registry`` on its share, admin off,
+enforcing 1/N of every limit counted over all sources (``split_limits``). The
+supervisor serves the one admin endpoint: rows from the database
+(``Store.after``), gauges and bans from the snapshot each worker sends every
+second on its sd_notify socket (``X_PROBES=``). Signals, sd_notify and restarts:
+docs/architecture.md, "Workers".
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import io
 import json
 import math
@@ -36,40 +27,44 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgspec
 import structlog
 import trio
 
-from registry.config import Config
-from registry.defense.bans import BanList
+from registry.config import Config, keep_bound
 from registry.metrics import Probes
 from registry.model import Endpoint, Rate
-from registry.net.kernel.reuseport import attach_steering, open_group
+from registry.net.kernel.reuseport import Inherited, attach_steering
+from registry.net.listeners import open_sockets, parse_hostport
 from registry.net.sdnotify import Notifier
 from registry.net.tcp import endpoint_of
 from registry.store import Record
 
 log = structlog.get_logger(component="group")
 
-WORKER_ENV = "REGISTRY_WORKER"  # "INDEX/N PARENT_PID TCP_FDS UDP_FDS"
+WORKER_ENV = "REGISTRY_WORKER"  # "INDEX/N PARENT_PID TCP_FDS UDP_FDS ADMIN"
 PROBE_INTERVAL_S = 1.0
 POLL_INTERVAL_S = 0.2  # how often the supervisor reads new rows for metrics and events
-# A worker that dies within a minute of its start is restarted after 1 s, then 2, 4...
-RESTART_DELAYS_S = (1.0, 60.0)  # up to a minute (a config file broken since the start)
+QUICK_S = 60.0  # a worker dead sooner after its start waits before its restart...
+MAX_DELAY_S = 60.0  # ...1, 2, 4... s, up to this (a config file broken since the start)
 READY_TIMEOUT_S = 30.0
+BANS_SENT = 1000  # bans per worker snapshot (its counts are whole): one datagram < 200 KB
 
 
 def resolved_workers(cfg: Config) -> int:
-    """``server.workers``, 0 meaning one per core this process may run on."""
+    """``server.workers``, 0 meaning one per core this process may run on (at most 64,
+    the key's own maximum: each worker holds 1/N of the global limits)."""
     if cfg.server.workers:
         return cfg.server.workers
     try:
-        return len(os.sched_getaffinity(0))
+        return min(len(os.sched_getaffinity(0)), 64)
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        return min(os.cpu_count() or 1, 64)
 
 
 def _share(value: int, n: int) -> int:
@@ -105,6 +100,12 @@ def split_limits(cfg: Config, n: int) -> Config:
     )
 
 
+def restart_delay(previous: float, lived: float) -> float:
+    """The wait before restarting a worker that died ``lived`` s after a start that
+    itself waited ``previous`` s: none after a long life, else 1, 2, 4... s."""
+    return 0.0 if lived >= QUICK_S else min(max(2 * previous, 1.0), MAX_DELAY_S)
+
+
 # --- the worker's side -----------------------------------------------------------------
 
 
@@ -112,8 +113,8 @@ def split_limits(cfg: Config, n: int) -> Config:
 class WorkerSeat:
     index: int
     count: int
-    tcp: list[socket.socket]
-    udp: list[socket.socket]
+    sockets: Inherited
+    admin: Endpoint | None  # the supervisor's: never a callback target either
 
 
 def worker_seat(environ: dict[str, str] | None = None) -> WorkerSeat | None:
@@ -122,17 +123,17 @@ def worker_seat(environ: dict[str, str] | None = None) -> WorkerSeat | None:
     spec = env.get(WORKER_ENV)
     if not spec:
         return None
-    where, parent, tcp, udp = (spec.split(" ") + ["", "", ""])[:4]
+    where, parent, tcp, udp, admin = (spec.split(" ") + ["", "", "", ""])[:5]
     index, count = (int(x) for x in where.split("/"))
 
     def adopt(fds: str) -> list[socket.socket]:
         return [socket.socket(fileno=int(fd)) for fd in fds.split(",") if fd]
 
-    seat = WorkerSeat(index, count, adopt(tcp), adopt(udp))
     if environ is None:
         _watch_parent(int(parent))
         structlog.contextvars.bind_contextvars(worker=index)
-    return seat
+    at = endpoint_of(parse_hostport(admin)) if admin else None
+    return WorkerSeat(index, count, Inherited(adopt(tcp), adopt(udp)), at)
 
 
 def whole_lines() -> None:
@@ -155,44 +156,71 @@ def _watch_parent(parent: int) -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-# fmt: off
-_GAUGES = ("open_connections", "callbacks_in_flight", "callbacks_waiting", "limiter_entries",
-           "bans_active", "bans_total", "silent_drop")
-# fmt: on
+_GAUGES = ("open_connections", "callbacks_in_flight", "callbacks_waiting", "limiter_entries")
 
 
-async def report_probes(notifier: Notifier, probes: Probes) -> None:
-    """A worker's gauges to its supervisor, every PROBE_INTERVAL_S (run in a nursery)."""
+async def report_probes(
+    notifier: Notifier, probes: Probes, bans: Callable[[], dict[str, Any]]
+) -> None:
+    """A worker's gauges and bans to its supervisor, every PROBE_INTERVAL_S."""
     while True:
-        snapshot = {name: int(getattr(probes, name)()) for name in _GAUGES}
+        snapshot: dict[str, Any] = {name: getattr(probes, name)() for name in _GAUGES}
         snapshot["door_refusals"] = probes.door_refusals()
         snapshot["udp_dropped"] = probes.udp_dropped()
+        snapshot["bans"] = report = bans()
+        report["bans"] = report["bans"][:BANS_SENT]
         notifier.notify("X_PROBES=" + json.dumps(snapshot, separators=(",", ":")))
         await trio.sleep(PROBE_INTERVAL_S)
 
 
+# --- the supervisor's side -------------------------------------------------------------
+
+
+def merged_bans(reports: Sequence[tuple[float, dict[str, Any]]], after: int) -> dict[str, Any]:
+    """One ``/api/bans`` body (BanFilter.report) from ``(age in s, report)`` per worker;
+    ``after``: the group's silent-drop threshold."""
+    out: dict[str, Any] = {"banned": 0, "kernel_filtered": 0, "kernel_filter": None, "total": 0}
+    out |= {"skipped_list_full": 0, "ban_after": 0, "bans": []}
+    silent = {"active": False, "seconds_left": 0.0, "after": after}
+    for age, r in reports:
+        for key in ("banned", "kernel_filtered", "total", "skipped_list_full"):
+            out[key] += r[key]
+        out["kernel_filter"] = out["kernel_filter"] or r["kernel_filter"]
+        out["ban_after"] = r["ban_after"]
+        silent["active"] = silent["active"] or r["silent_drop"]["active"]
+        left = round(max(0.0, r["silent_drop"]["seconds_left"] - age), 1)
+        silent["seconds_left"] = max(silent["seconds_left"], left)
+        out["bans"] += [
+            b | {"banned_for_s": round(b["banned_for_s"] + age, 1), "seconds_left": rest}
+            for b in r["bans"]
+            if (rest := round(b["seconds_left"] - age, 1)) > 0
+        ]
+    out["bans"].sort(key=lambda b: -b["banned_for_s"])  # oldest first
+    return out | {"silent_drop": silent}
+
+
 def summed_probes(
-    snapshots: dict[int, dict], draining: Callable[[], bool], mode: Callable[[], str]
+    snapshots: dict[int, dict[str, Any]], draining: Callable[[], bool], mode: Callable[[], str]
 ) -> Probes:
     """Probes over the latest snapshot of every worker."""
 
-    def total(name: str) -> Callable[[], int]:
-        return lambda: sum(int(s.get(name, 0)) for s in list(snapshots.values()))
+    def total(name: str, part: str = "") -> Callable[[], int]:
+        return lambda: sum(int(s[part][name] if part else s[name]) for s in _of(snapshots))
 
     def merged(name: str) -> Callable[[], dict[str, int]]:
         def read() -> dict[str, int]:
-            out: dict[str, int] = {}
-            for s in list(snapshots.values()):
-                for key, value in s.get(name, {}).items():
-                    out[key] = out.get(key, 0) + int(value)
-            return out
+            out: Counter[str] = Counter()
+            for s in _of(snapshots):
+                out.update(s[name])
+            return dict(out)
 
         return read
 
-    silent = total("silent_drop")
     return Probes(
-        **{name: total(name) for name in _GAUGES if name != "silent_drop"},
-        silent_drop=lambda: silent() > 0,
+        **{name: total(name) for name in _GAUGES},
+        bans_active=total("banned", "bans"),
+        bans_total=total("total", "bans"),
+        silent_drop=lambda: any(s["bans"]["silent_drop"]["active"] for s in _of(snapshots)),
         door_refusals=merged("door_refusals"),
         udp_dropped=merged("udp_dropped"),
         draining=draining,
@@ -200,7 +228,8 @@ def summed_probes(
     )
 
 
-# --- the supervisor --------------------------------------------------------------------
+def _of(snapshots: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+    return list(snapshots.values())  # a copy: a worker's new snapshot may replace one
 
 
 @dataclass
@@ -211,7 +240,7 @@ class _Worker:
     ready: trio.Event = field(default_factory=trio.Event)
     ever_ready: bool = False
     restarts: int = 0
-    delay: float = 0.0  # before its next restart
+    delay: float = 0.0  # before its latest start
 
 
 class GroupFailed(Exception):
@@ -241,79 +270,34 @@ class Supervisor:
         self.loader = loader
         self.notifier = Notifier()
         self.workers = [_Worker(i) for i in range(n)]
-        self.snapshots: dict[int, dict] = {}
+        self.snapshots: dict[int, dict[str, Any]] = {}
         self.observers: list[Callable[[Record], None]] = []
         self.stopping = False
-        self.tcp: list[Endpoint] = []
         self.groups: list[list[socket.socket]] = []  # tcp and udp, held for the whole run
         self.failed: GroupFailed | None = None
-
-    def _open_sockets(self) -> tuple[list[list[socket.socket]], list[list[socket.socket]]]:
-        from registry import config as config_mod
-        from registry.net.listeners import parse_hostport
-
-        cfg, prefix = self.cfg, self.cfg.ratelimit.ipv6_prefix
-        tcp: list[list[socket.socket]] = []
-        udp: list[list[socket.socket]] = []
-        defaults = cfg.server.listen == config_mod.DEFAULT.server.listen
-        try:
-            for spec in cfg.server.listen:
-                host, port = parse_hostport(spec)
-                try:
-                    socks = open_group(
-                        host,
-                        port,
-                        self.n,
-                        kind=socket.SOCK_STREAM,
-                        backlog=cfg.server.backlog,
-                        v6_prefix=prefix,
-                    )
-                except OSError as e:
-                    if defaults and e.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
-                        log.warning("listen_skipped", address=spec, error=e.strerror)
-                        continue
-                    raise OSError(e.errno, f"cannot listen on {spec}: {e.strerror}") from e
-                tcp.append(socks)
-                if cfg.server.udp:
-                    bound = socks[0].getsockname()[1]
-                    try:
-                        udp.append(
-                            open_group(
-                                host, bound, self.n, kind=socket.SOCK_DGRAM, v6_prefix=prefix
-                            )
-                        )
-                    except OSError as e:  # kernel-chosen TCP ports: the UDP one may be taken
-                        if not (port == 0 and e.errno == errno.EADDRINUSE):
-                            raise OSError(
-                                e.errno, f"cannot listen on udp {spec}: {e.strerror}"
-                            ) from e
-                        log.warning("udp_skipped", address=f"{host}:{bound}", error=e.strerror)
-        except OSError:
-            for sock in [s for g in tcp + udp for s in g]:
-                sock.close()
-            raise
-        return tcp, udp
+        self.admin: Endpoint | None = None
+        self.spawn = trio.lowlevel.open_process  # a test's fake processes
 
     async def run(self) -> None:
         from registry.admin.core.grading import load_roster
         from registry.admin.http import AdminServer
         from registry.admin.http import open_listeners as open_admin_listeners
         from registry.admin.view import DaemonView
-        from registry.net.listeners import parse_hostport
         from registry.store.aio import AsyncStore
 
         self.roster = load_roster(self.cfg)
-        tcp, udp = self._open_sockets()
+        tcp, udp = open_sockets(self.cfg, self.n)
         self.groups = tcp + udp
-        self.tcp = [endpoint_of(g[0].getsockname()) for g in tcp]
+        listening = [endpoint_of(g[0].getsockname()) for g in tcp]
         workdir = tempfile.mkdtemp(prefix="registry-group-")
         admin_listeners: list[trio.SocketListener] = []
         try:
             if self.cfg.server.admin != "off":
                 admin_listeners = await open_admin_listeners(*parse_hostport(self.cfg.server.admin))
+                self.admin = endpoint_of(admin_listeners[0].socket.getsockname())
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as sigs:
                 async with (
-                    # migrated here, once; read here; written (and purged) by the workers
+                    # migrated here, once; read and purged here; written by the workers
                     AsyncStore(
                         self.cfg.server.db,
                         retention=self.cfg.store.retention,
@@ -321,11 +305,9 @@ class Supervisor:
                     ) as store,
                     trio.open_nursery() as nursery,
                 ):
-                    notices = []
                     for w in self.workers:
                         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
                         await sock.bind(os.path.join(workdir, str(w.index)))
-                        notices.append(sock)
                         nursery.start_soon(self._notices, w, sock)
                     # from now on: the rows of this run
                     nursery.start_soon(self._poll, store, await store.last_seq())
@@ -336,12 +318,8 @@ class Supervisor:
                             await w.ready.wait()
                     if waited.cancelled_caught:
                         log.error("workers_not_ready", seconds=READY_TIMEOUT_S)
-                        self.failed = GroupFailed(1)
-                        self.stopping = True
-                        self._signal_all(signal.SIGTERM)
-                        nursery.cancel_scope.cancel()
+                        self._fail(1, nursery.cancel_scope)
                         return
-                    admin = "off"
                     if admin_listeners:
                         view = DaemonView(
                             store=store,
@@ -351,31 +329,27 @@ class Supervisor:
                                 self.snapshots, lambda: self.stopping, lambda: self.cfg.policy.mode
                             ),
                             subscribe=self.observers.append,
-                            listening=lambda: self.tcp,
-                            bans=BanList(
-                                0, 60.0, 1
-                            ),  # each worker keeps its own (sums in /metrics)
-                            ban_filter=lambda: None,
+                            listening=lambda: listening,
+                            bans=self._bans,
                         )
                         await nursery.start(AdminServer(view).serve, admin_listeners)
-                        admin = str(endpoint_of(admin_listeners[0].socket.getsockname()))
                     if self.notifier.watchdog_interval:
-                        nursery.start_soon(self._watchdog, self.notifier.watchdog_interval)
+                        nursery.start_soon(self.notifier.run_watchdog)
                     log.info(
                         "listening",
-                        tcp=[str(e) for e in self.tcp],
+                        tcp=[str(e) for e in listening],
                         udp=[str(endpoint_of(g[0].getsockname())) for g in udp],
-                        admin=admin,
+                        admin=str(self.admin or "off"),
                         db=self.cfg.server.db,
                         policy=self.cfg.policy.mode,
                         workers=self.n,
                     )
                     self.notifier.ready(
-                        f"listening on {', '.join(map(str, self.tcp))}, {self.n} workers"
+                        f"listening on {', '.join(map(str, listening))}, {self.n} workers"
                     )
                     await self._signals(sigs, nursery.cancel_scope)
         finally:
-            for sock in [s for g in tcp + udp for s in g]:
+            for sock in [s for g in self.groups for s in g]:
                 sock.close()
             shutil.rmtree(workdir, ignore_errors=True)
             with contextlib.suppress(OSError):
@@ -384,8 +358,19 @@ class Supervisor:
             raise self.failed
         log.info("stopped", workers=self.n)
 
-    async def _signals(self, signals: object, scope: trio.CancelScope) -> None:
-        async for signum in signals:  # type: ignore[attr-defined]
+    def _bans(self) -> dict[str, Any]:
+        now = trio.current_time()
+        reports = [(now - s["at"], s["bans"]) for s in _of(self.snapshots)]
+        return merged_bans(reports, self.cfg.limits.silent_drop_after)
+
+    def _fail(self, status: int, scope: trio.CancelScope) -> None:
+        self.failed = GroupFailed(status)
+        self.stopping = True
+        self._signal_all(signal.SIGTERM)
+        scope.cancel()
+
+    async def _signals(self, signals: Any, scope: trio.CancelScope) -> None:
+        async for signum in signals:
             if signum == signal.SIGHUP:
                 await self._reload()
                 continue
@@ -415,15 +400,11 @@ class Supervisor:
             try:
                 new = self.loader()
                 self.roster = load_roster(new)
-                # what is bound at start stays (each worker warns of a change)
-                bound = ("listen", "udp", "backlog", "db", "admin", "workers")
-                kept = {k: getattr(self.cfg.server, k) for k in bound}
-                server = msgspec.structs.replace(new.server, **kept)
                 prefix = new.ratelimit.ipv6_prefix
                 if prefix != self.cfg.ratelimit.ipv6_prefix:  # the workers key sources anew
                     for group in self.groups:
                         attach_steering(group[0], self.n, prefix)
-                self.cfg = msgspec.structs.replace(new, server=server)
+                self.cfg = keep_bound(self.cfg, new)[0]  # each worker warns of a change
             except ConfigError as e:  # each worker logs reload_failed too, and keeps its config
                 log.error("reload_failed", path=self.config_path, problems=e.problems)
         # Only workers that are up: one still starting has no SIGHUP handler yet (the
@@ -453,13 +434,13 @@ class Supervisor:
         env = {k: v for k, v in os.environ.items() if not k.startswith("WATCHDOG_")}
         env[WORKER_ENV] = (
             f"{w.index}/{self.n} {os.getpid()} "
-            f"{','.join(map(str, mine_tcp))} {','.join(map(str, mine_udp))}"
+            f"{','.join(map(str, mine_tcp))} {','.join(map(str, mine_udp))} {self.admin or ''}"
         )
         env["NOTIFY_SOCKET"] = os.path.join(workdir, str(w.index))
         cmd = [sys.executable, "-m", "registry.cli", *self.argv]
         while not self.stopping:
             w.started = trio.current_time()
-            w.process = await trio.lowlevel.open_process(
+            w.process = await self.spawn(
                 cmd, env=env, pass_fds=(*mine_tcp, *mine_udp), stdin=subprocess.DEVNULL
             )
             log.info("worker_started", worker=w.index, pid=w.process.pid, restarts=w.restarts)
@@ -470,42 +451,34 @@ class Supervisor:
                 return
             if not w.ever_ready:
                 log.error("worker_failed", worker=w.index, status=status)
-                self.failed = GroupFailed(status if status > 0 else 1)
-                self.stopping = True
-                self._signal_all(signal.SIGTERM)
-                scope.cancel()
+                self._fail(status if status > 0 else 1, scope)
                 return
             w.restarts += 1
-            log.error("worker_exited", worker=w.index, status=status, restarts=w.restarts)
-            quick = trio.current_time() - w.started < RESTART_DELAYS_S[1]
-            w.delay = min(w.delay * 2, RESTART_DELAYS_S[1]) if quick and w.delay else 1.0
-            await trio.sleep(w.delay if quick else 0.0)
+            w.delay = restart_delay(w.delay, trio.current_time() - w.started)
+            log.error(
+                "worker_exited", worker=w.index, status=status, restarts=w.restarts, delay=w.delay
+            )
+            await trio.sleep(w.delay)
 
     async def _notices(self, w: _Worker, sock: trio.socket.SocketType) -> None:
-        """sd_notify datagrams from worker ``w``: READY, and its probes."""
+        """sd_notify datagrams from worker ``w``: READY, and its snapshots."""
         while True:
-            data = await sock.recv(65536)
+            data = await sock.recv(1 << 18)
             for line in data.decode(errors="replace").splitlines():
                 if line == "READY=1":
                     w.ever_ready = True
                     w.ready.set()
                 elif line.startswith("X_PROBES="):
-                    try:
-                        self.snapshots[w.index] = json.loads(line[len("X_PROBES=") :])
-                    except ValueError:
-                        pass
+                    with contextlib.suppress(ValueError):
+                        snapshot = json.loads(line.removeprefix("X_PROBES="))
+                        self.snapshots[w.index] = snapshot | {"at": trio.current_time()}
 
-    async def _poll(self, store: object, seq: int) -> None:
+    async def _poll(self, store: Any, seq: int) -> None:
         """Every worker's committed rows, in order, to the admin's observers."""
         while True:
-            seq, records = await store.after(seq)  # type: ignore[attr-defined]
+            seq, records = await store.after(seq)
             for record in records:
                 for observe in self.observers:
                     observe(record)
             if len(records) < 1000:
                 await trio.sleep(POLL_INTERVAL_S)
-
-    async def _watchdog(self, interval: float) -> None:
-        while True:
-            self.notifier.watchdog()
-            await trio.sleep(interval)
