@@ -83,11 +83,6 @@ def cookie_valid(value: str, token: str, now: float) -> bool:
     return _same(mac, _mac(token, issued))
 
 
-def set_cookie_header(token: str, now: float) -> str:
-    value = cookie_value(token, int(now))
-    return f"{COOKIE}={value}; Path=/; Max-Age={COOKIE_MAX_AGE}; HttpOnly; SameSite=Strict"
-
-
 def cookies(header: str) -> dict[str, str]:
     jar: dict[str, str] = {}
     for part in header.split(";"):
@@ -122,5 +117,7 @@ def check(
     if path == "/" and "token" in query and _same(query["token"], token):
         rest = {k: v for k, v in query.items() if k != "token"}
         location = "/" + ("?" + urlencode(rest) if rest else "")
-        return Login(location, set_cookie_header(token, now))
+        value = cookie_value(token, int(now))
+        attributes = f"Path=/; Max-Age={COOKIE_MAX_AGE}; HttpOnly; SameSite=Strict"
+        return Login(location, f"{COOKIE}={value}; {attributes}")
     return Verdict.UNAUTHORIZED
