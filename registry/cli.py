@@ -140,10 +140,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return status
 
 
-def _config_problems(e: ConfigError) -> int:
+def _config_problems(e: ConfigError, status: int = EXIT_CONFIG) -> int:
     for problem in e.problems:
         print(f"registry: config: {problem}", file=sys.stderr)
-    return EXIT_CONFIG
+    return status
 
 
 def _calm_the_garbage_collector() -> None:
@@ -233,9 +233,7 @@ def cmd_token(args: argparse.Namespace) -> int:
         cfg = config_mod.load(args.config or None)
         secret = config_mod.auth_secret(cfg)
     except ConfigError as e:
-        for problem in e.problems:
-            print(f"registry: config: {problem}", file=sys.stderr)
-        return 2
+        return _config_problems(e, 2)
     if not secret:
         where = (
             f"{args.config} sets neither auth.secret nor auth.secret_file"

@@ -21,12 +21,7 @@ from typing import Annotated, Any, Literal, get_args, get_origin
 import msgspec
 
 from registry.errors import ConfigError
-
-# the config's value types, imported from here by the modules that read them
-from registry.model import CIDR as CIDR
-from registry.model import Duration as Duration
-from registry.model import PortRange as PortRange
-from registry.model import Rate as Rate
+from registry.model import CIDR, Duration, PortRange, Rate
 
 
 def _bounded(positive: bool, most: float, expect: str) -> type[Duration]:

@@ -19,9 +19,8 @@ from registry.admin.core import access
 from registry.admin.core.access import (
     COOKIE,
     COOKIE_MAX_AGE,
-    Allow,
     Login,
-    Unauthorized,
+    Verdict,
     cookie_valid,
     cookie_value,
     host_allowed,
@@ -237,10 +236,10 @@ def test_login_sets_an_expiring_strict_cookie_without_the_token() -> None:
     assert "Max-Age=43200" in cookie and "HttpOnly" in cookie and "SameSite=Strict" in cookie
     value = cookie.split(";", 1)[0].split("=", 1)[1]
     headers = {"cookie": f"{COOKIE}={value}"}
-    assert isinstance(access.check("/metrics", {}, headers, TOKEN, NOW + 60), Allow)
+    assert access.check("/metrics", {}, headers, TOKEN, NOW + 60) is Verdict.ALLOW
     late = NOW + COOKIE_MAX_AGE + 1
-    assert isinstance(access.check("/metrics", {}, headers, TOKEN, late), Unauthorized)
-    assert isinstance(access.check("/metrics", {}, headers, "new-token", NOW), Unauthorized)
+    assert access.check("/metrics", {}, headers, TOKEN, late) is Verdict.UNAUTHORIZED
+    assert access.check("/metrics", {}, headers, "new-token", NOW) is Verdict.UNAUTHORIZED
 
 
 async def test_a_new_token_invalidates_the_cookies_of_the_old_one(tmp_path: Path) -> None:

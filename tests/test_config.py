@@ -18,6 +18,7 @@ from registry import cli
 from registry import config as config_mod
 from registry.config import Config
 from registry.errors import ConfigError
+from registry.model import Rate
 from tests.support import ROOT, exe
 
 CONFIG_DIR = ROOT / "config"
@@ -161,6 +162,16 @@ BAD = [
     ("toml-syntax", "[server\nlisten = []\n", [r"TOML syntax: .*line 1"]),
     ("toml-duplicate", "[server]\ndb = 'a'\ndb = 'b'\n", [r"TOML syntax: .*"]),
     ("type-int", '[limits]\nmax_connections = "many"\n', [r"limits\.max_connections: .*int"]),
+    # the limits the defence's tables and caps are sized by (they trust these checks)
+    ("prefix-low", "[ratelimit]\nipv6_prefix = -1\n", [r"ratelimit\.ipv6_prefix: .*>= 0"]),
+    ("prefix-high", "[ratelimit]\nipv6_prefix = 129\n", [r"ratelimit\.ipv6_prefix: .*<= 128"]),
+    ("entries-zero", "[ratelimit]\nmax_entries = 0\n", [r"ratelimit\.max_entries: .*>= 1"]),
+    ("caps-zero", "[limits]\nmax_connections = 0\n", [r"limits\.max_connections: .*>= 1"]),
+    (
+        "caps-negative",
+        "[limits]\nmax_connections_per_source = -1\nmax_callback_queue = -1\n",
+        [r"limits\.max_connections_per_source: .*>= 1", r"limits\.max_callback_queue: .*>= 0"],
+    ),
     ("type-bool", '[server]\nudp = "yes"\n', [r"server\.udp: .*bool"]),
     ("type-array", '[server]\nlisten = "0.0.0.0:9000"\n', [r"server\.listen: .*array"]),
     ("type-table", "server = 3\n", [r"server: expected a \[server\] table"]),
@@ -426,7 +437,7 @@ def _constants(cfg: Config) -> dict[str, object]:
     for key in config_mod.CONSTANTS:
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
-        out[key] = (value.count, value.period) if isinstance(value, config_mod.Rate) else value
+        out[key] = (value.count, value.period) if isinstance(value, Rate) else value
     return out
 
 

@@ -128,14 +128,14 @@ def test_store_after_reads_other_writers_rows_in_commit_order_once(tmp_path: Pat
     a, b, reader = Store.open(path), Store.open(path), Store.open(path)
     try:
         assert reader.last_seq() == 0
-        a.record(rec(1, received_at=T0 + 5))
+        a.record_many([rec(1, received_at=T0 + 5)])
         start = reader.last_seq()
-        b.record(rec(2, received_at=T0 + 9))
-        a.record(rec(3, received_at=T0 + 1))  # received earlier, committed later
+        b.record_many([rec(2, received_at=T0 + 9)])
+        a.record_many([rec(3, received_at=T0 + 1)])  # received earlier, committed later
         seq, rows = reader.after(start)
         assert [r.id for r in rows] == ["r2", "r3"]
         assert reader.after(seq) == (seq, [])
-        b.record(rec(4))
+        b.record_many([rec(4)])
         seq2, rows = reader.after(seq, limit=5)
         assert [r.id for r in rows] == ["r4"] and seq2 > seq
         assert [r.id for r in reader.after(0, limit=2)[1]] == ["r1", "r2"]

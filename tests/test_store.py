@@ -65,7 +65,7 @@ def db(tmp_path: Path) -> Path:
 def test_open_creates_schema_wal_and_private_file(db: Path) -> None:
     store = Store.open(str(db))
     try:
-        assert store.schema_version == SCHEMA_VERSION == 1
+        assert store._db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 1
         assert store.journal_mode == "wal"
         # synchronous is per connection, so it can only be read on this one: 2 = FULL.
         assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 2
@@ -80,11 +80,11 @@ def test_open_creates_schema_wal_and_private_file(db: Path) -> None:
 
 def test_reopen_keeps_data_and_does_not_migrate_again(db: Path) -> None:
     store = Store.open(str(db))
-    store.record(rec(1))
+    store.record_many([rec(1)])
     store.close()
     again = Store.open(str(db))
     try:
-        assert again.schema_version == SCHEMA_VERSION
+        assert again._db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         assert again.query() == [rec(1)]
     finally:
         again.close()
@@ -144,7 +144,7 @@ def test_every_field_round_trips(db: Path) -> None:
 def test_record_many_is_atomic(db: Path) -> None:
     store = Store.open(str(db))
     try:
-        store.record(rec(1))
+        store.record_many([rec(1)])
         with pytest.raises(sqlite3.IntegrityError):
             store.record_many([rec(2), rec(3), rec(1)])  # r1 exists: the whole batch fails
         assert committed_ids(db) == {"r1"}
@@ -160,7 +160,7 @@ def test_a_recorded_row_survives_sigkill_right_after_record_returns(db: Path) ->
         "import os, signal, sys\n"
         "from registry.store import Store\n"
         "from tests.test_store import rec\n"
-        "s = Store.open(sys.argv[1]); s.record(rec(7))\n"
+        "s = Store.open(sys.argv[1]); s.record_many([rec(7)])\n"
         "os.kill(os.getpid(), signal.SIGKILL)\n"
     )
     root = Path(__file__).resolve().parent.parent
@@ -317,13 +317,13 @@ def test_purge_deletes_only_older_records(db: Path) -> None:
 def test_readonly_sees_live_data_and_cannot_write(db: Path) -> None:
     writer = Store.open(str(db))
     try:
-        writer.record(rec(1))
+        writer.record_many([rec(1)])
         reader = Store.open_readonly(str(db))
         try:
-            writer.record(rec(2))  # committed after the reader opened: still visible
+            writer.record_many([rec(2)])  # committed after the reader opened: still visible
             assert [r.id for r in reader.query()] == ["r1", "r2"]
             with pytest.raises(sqlite3.OperationalError, match="readonly"):
-                reader.record(rec(3))
+                reader.record_many([rec(3)])
         finally:
             reader.close()
     finally:
@@ -332,7 +332,7 @@ def test_readonly_sees_live_data_and_cannot_write(db: Path) -> None:
 
 def test_readonly_on_a_stopped_daemons_file_changes_nothing(db: Path) -> None:
     writer = Store.open(str(db))
-    writer.record(rec(1))
+    writer.record_many([rec(1)])
     writer.close()  # last connection: WAL checkpointed, -wal and -shm removed
     before = (sorted(os.listdir(db.parent)), db.read_bytes())
     reader = Store.open_readonly(str(db))
@@ -509,9 +509,9 @@ def test_a_held_writers_lock_fails_the_record_instead_of_hanging(
     try:
         fcntl.flock(holder, fcntl.LOCK_EX)
         with pytest.raises(sqlite3.OperationalError, match="writers' lock"):
-            store.record(rec(1))
+            store.record_many([rec(1)])
         fcntl.flock(holder, fcntl.LOCK_UN)
-        store.record(rec(2))  # free again: the next record goes through
+        store.record_many([rec(2)])  # free again: the next record goes through
         assert [r.id for r in store.query()] == ["r2"]
     finally:
         os.close(holder)

@@ -71,7 +71,7 @@ def test_commits_leave_the_main_file_alone_without_autocheckpoint(
     try:
         before = digest(db)
         for n in range(250):  # ~6 WAL pages a commit: past SQLite's 1,000-page threshold
-            store.record(rec(n))
+            store.record_many([rec(n)])
         if autocheckpoint:  # the control: SQLite checkpointed inside some commit
             assert digest(db) != before
             return

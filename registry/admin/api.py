@@ -81,31 +81,6 @@ class Filters:
     since_text: str | None
 
 
-def parse_filters(query: dict[str, str], now: float, default_limit: int, max_limit: int) -> Filters:
-    """``limit``, ``student`` and ``since`` query parameters; empty means absent."""
-    text = query.get("limit", "").strip()
-    limit = default_limit
-    if text:
-        # isdigit() is true for "²" too, which int() refuses: ASCII digits only
-        if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= max_limit:
-            raise BadRequest(f"limit: expected a whole number from 1 to {max_limit}, got {text!r}")
-        limit = int(text)
-    student = query.get("student") or None
-    if student is not None:
-        try:  # the stored form (NFC), as registrations and `registry results --student` have it
-            student = normalise(student, spaces=True)
-        except BadName as e:
-            raise BadRequest(f"student: {e}") from None
-    since_text = query.get("since", "").strip() or None
-    since = None
-    if since_text is not None:
-        try:
-            since = parse_since(since_text, now)
-        except ValueError as e:
-            raise BadRequest(f"since: {e}") from None
-    return Filters(limit, student, since, since_text)
-
-
 def json_response(value: Any, status: int = 200) -> Response:
     return Response(status, json.dumps(value, indent=1).encode() + b"\n", JSON)
 
@@ -113,24 +88,18 @@ def json_response(value: Any, status: int = 200) -> Response:
 Route = Callable[[HttpRequest], Awaitable[Response]]
 
 
+@dataclass
 class Views:
     """The routes of one admin endpoint over one daemon view."""
 
-    def __init__(
-        self,
-        view: DaemonView,
-        metrics: Metrics,
-        version: str,
-        default_limit: int,
-        max_limit: int,
-        wallclock: Callable[[], float],
-    ) -> None:
-        self.view = view
-        self.metrics = metrics
-        self.version = version
-        self.default_limit = default_limit
-        self.max_limit = max_limit
-        self.wallclock = wallclock
+    view: DaemonView
+    metrics: Metrics
+    version: str
+    default_limit: int
+    max_limit: int
+    wallclock: Callable[[], float]
+
+    def __post_init__(self) -> None:
         self.routes: dict[str, Route] = {
             "/": self.dashboard,
             "/registrations": self.registrations_page,
@@ -144,7 +113,31 @@ class Views:
         }
 
     def _filters(self, req: HttpRequest) -> Filters:
-        return parse_filters(req.query, self.wallclock(), self.default_limit, self.max_limit)
+        """``limit``, ``student`` and ``since`` query parameters; empty means absent."""
+        query, max_limit = req.query, self.max_limit
+        text = query.get("limit", "").strip()
+        limit = self.default_limit
+        if text:
+            # isdigit() is true for "²" too, which int() refuses: ASCII digits only
+            if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= max_limit:
+                raise BadRequest(
+                    f"limit: expected a whole number from 1 to {max_limit}, got {text!r}"
+                )
+            limit = int(text)
+        student = query.get("student") or None
+        if student is not None:  # the stored (NFC) form, as `registry results --student`
+            try:
+                student = normalise(student, spaces=True)
+            except BadName as e:
+                raise BadRequest(f"student: {e}") from None
+        since_text = query.get("since", "").strip() or None
+        since = None
+        if since_text is not None:
+            try:
+                since = parse_since(since_text, self.wallclock())
+            except ValueError as e:
+                raise BadRequest(f"since: {e}") from None
+        return Filters(limit, student, since, since_text)
 
     async def _grades(self, f: Filters) -> tuple[list[grading.GradeRow], dict[str, int]]:
         roster = self.view.roster()

@@ -15,11 +15,6 @@ from registry.store import Record
 log = structlog.get_logger(component="admin")
 
 
-def encode_event(record: Record) -> bytes:
-    """One Server-Sent Event for a record: ``data: {json}`` (json.dumps never emits a newline)."""
-    return b"data: " + json.dumps(record_json(record), separators=(",", ":")).encode() + b"\n\n"
-
-
 class EventHub:
     """Fan-out of recorded registrations to the open ``/api/events`` streams.
 
@@ -43,7 +38,8 @@ class EventHub:
         """Queue one record for every client; drop the clients that are full."""
         if not self._clients:
             return
-        data = encode_event(record)
+        # One Server-Sent Event, ``data: {json}`` (json.dumps never emits a newline).
+        data = b"data: " + json.dumps(record_json(record), separators=(",", ":")).encode() + b"\n\n"
         for send in list(self._clients):
             try:
                 send.send_nowait(data)

@@ -72,13 +72,6 @@ async def open_listeners(host: str, port: int, backlog: int = 128) -> list[trio.
         ) from e
 
 
-def _source(addr: object) -> str:
-    try:
-        return str(addr[0])  # type: ignore[index]
-    except (TypeError, IndexError):
-        return "?"
-
-
 class AdminServer:
     """The admin endpoint of one running registry.
 
@@ -132,7 +125,8 @@ class AdminServer:
     def _accepted(self, nursery: trio.Nursery, conn: object, addr: object, token: object) -> None:
         """Count the connection against its source; close the idle ones it displaces."""
         scope = self._scopes[token] = trio.CancelScope()
-        for old in self.slots.arrive(token, _source(addr)):  # may be this one: closed at once
+        source = str(addr[0])  # type: ignore[index]
+        for old in self.slots.arrive(token, source):  # may be this one: closed at once
             self._scopes[old].cancel()
         stream = trio.SocketStream(trio.socket.from_stdlib_socket(conn))  # type: ignore[arg-type]
         nursery.start_soon(self._connection, stream, token, scope)
@@ -229,12 +223,12 @@ class AdminServer:
         """None when the request may proceed, else the refusal (401, 403 or the login 303)."""
         token = self.view.config().server.admin_token
         decision = access.check(req.path, req.query, req.headers, token, self.wallclock())
-        if isinstance(decision, access.Allow):
+        if decision is access.Verdict.ALLOW:
             return None
         if isinstance(decision, access.Login):
             headers = (("Location", decision.location), ("Set-Cookie", decision.set_cookie))
             return Response(303, b"logged in\n", headers=headers)
-        if isinstance(decision, access.Forbidden):
+        if decision is access.Verdict.FORBIDDEN:
             return Response(
                 403,
                 b"refused: the Host header is a DNS name and no admin_token is set "
@@ -254,6 +248,8 @@ class AdminServer:
     # --- the event stream --------------------------------------------------------
 
     async def _events(self, stream: trio.SocketStream, conn: h11.Connection) -> None:
+        """Forward events (and a heartbeat comment when idle) until the hub drops this
+        client or it leaves (its slot is free at once, not at the next heartbeat)."""
         with self.hub.subscribe() as receive:
             if receive is None:
                 busy = Response(
@@ -266,37 +262,17 @@ class AdminServer:
             # retry: how long EventSource waits before reconnecting.
             await self._write(stream, conn.send(h11.Data(data=b"retry: 3000\n: connected\n\n")))
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._until_client_leaves, stream, nursery.cancel_scope)
-                await self._pump(stream, conn, receive)
+                nursery.start_soon(_drain, stream, nursery.cancel_scope)
+                while True:
+                    data = b": heartbeat\n\n"
+                    with trio.move_on_after(self.settings.heartbeat):
+                        try:
+                            data = await receive.receive()
+                        except trio.EndOfChannel:
+                            break
+                    await self._write(stream, conn.send(h11.Data(data=data)))
                 nursery.cancel_scope.cancel()
             await self._write(stream, conn.send(h11.EndOfMessage()))
-
-    async def _pump(
-        self,
-        stream: trio.SocketStream,
-        conn: h11.Connection,
-        receive: trio.MemoryReceiveChannel[bytes],
-    ) -> None:
-        """Forward events (and a heartbeat comment when idle) until the hub drops us."""
-        while True:
-            data = b": heartbeat\n\n"
-            with trio.move_on_after(self.settings.heartbeat):
-                try:
-                    data = await receive.receive()
-                except trio.EndOfChannel:
-                    return
-            await self._write(stream, conn.send(h11.Data(data=data)))
-
-    async def _until_client_leaves(
-        self, stream: trio.SocketStream, scope: trio.CancelScope
-    ) -> None:
-        """End the stream as soon as the client closes (its slot is free at once, not at
-        the next heartbeat), or sends more than it should."""
-        try:
-            await _drain(stream)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        scope.cancel()
 
     # --- writing -------------------------------------------------------------------------
 
@@ -344,20 +320,25 @@ class AdminServer:
         kernel send RST, and the client could lose the response we just wrote."""
         try:
             await stream.send_eof()
-            with trio.move_on_after(1.0):
-                await _drain(stream)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            pass
-
-
-async def _drain(stream: trio.SocketStream) -> None:
-    """Read and discard until the client closes, 64 KiB at the most."""
-    received = 0
-    while received < 64 * 1024:
-        chunk = await stream.receive_some(8192)
-        if not chunk:
             return
-        received += len(chunk)
+        with trio.move_on_after(1.0):
+            await _drain(stream)
+
+
+async def _drain(stream: trio.SocketStream, then: trio.CancelScope | None = None) -> None:
+    """Read and discard until the client closes (or sends 64 KiB), then cancel ``then``."""
+    received = 0
+    try:
+        while received < 64 * 1024:
+            chunk = await stream.receive_some(8192)
+            if not chunk:
+                break
+            received += len(chunk)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        pass
+    if then is not None:
+        then.cancel()
 
 
 __all__ = ["AdminServer", "AdminSettings", "open_listeners"]

@@ -78,17 +78,13 @@ def iso_utc(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _number(x: float) -> str:
-    return f"{x:.3f}".rstrip("0").rstrip(".")
-
-
 def cell(value: object) -> str:
     """A JSON value as display text: empty for null, yes/no, numbers without trailing zeros."""
     if value is None:
         return ""
     if isinstance(value, bool):
         return "yes" if value else "no"
-    return _number(value) if isinstance(value, float) else str(value)
+    return f"{value:.3f}".rstrip("0").rstrip(".") if isinstance(value, float) else str(value)
 
 
 def when(ts: float | None) -> str:
@@ -198,10 +194,9 @@ def _render(
     if fmt == "csv":
         return _csv(cells, columns)
     if fmt == "table":  # 2026-11-25T10:00:00.123Z -> 2026-11-25 10:00:00 (the header says UTC)
-        times = [
-            {k: v[:19].replace("T", " ") for k, v in c.items() if k.endswith("_at")} for c in cells
-        ]
-        return _table([c | t for c, t in zip(cells, times, strict=True)], spec, noun)
+        for c in cells:
+            c.update({k: v[:19].replace("T", " ") for k, v in c.items() if k.endswith("_at")})
+        return _table(cells, spec, noun)
     raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
 
 
@@ -317,9 +312,9 @@ def run(args: argparse.Namespace, *, clock: Callable[[], float] = time.time) -> 
 def _sources(args: argparse.Namespace) -> tuple[str, grading.Roster | None]:
     """The database (--db, else the config's server.db, as `registry serve` opens it) and
     the roster (--roster, else the config's [class] roster)."""
-    cfg = config_mod.load(args.config) if getattr(args, "config", None) else None
+    cfg = config_mod.load(args.config) if args.config else None
     db = args.db if args.db is not None else cfg.server.db if cfg is not None else "registry.db"
-    if getattr(args, "roster", None):
+    if args.roster:
         return db, grading.read_roster(args.roster)
     return db, grading.load_roster(cfg) if cfg is not None else None
 

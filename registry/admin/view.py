@@ -10,34 +10,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from registry.admin.core.grading import Roster
 from registry.config import Config
 from registry.metrics import Probes
-from registry.model import Endpoint, GradeRow
+from registry.model import Endpoint
 from registry.store import Record
-
-
-class StoreReader(Protocol):
-    """The read side of ``store.AsyncStore`` the admin pages use."""
-
-    async def query(
-        self, *, since: float | None = None, student: str | None = None, limit: int | None = None
-    ) -> list[Record]: ...
-
-    async def summary(
-        self, *, since: float | None = None, student: str | None = None
-    ) -> list[GradeRow]: ...
-
-    async def count_by_status(
-        self, *, since: float | None = None, student: str | None = None
-    ) -> dict[str, int]: ...
+from registry.store.aio import AsyncStore
 
 
 @dataclass(frozen=True, slots=True)
 class DaemonView:
-    store: StoreReader
+    store: AsyncStore  # read only: query, summary, count_by_status
     config: Callable[[], Config]  # the config in force (a SIGHUP replaces it)
     roster: Callable[[], Roster | None]  # the class roster in force, if any
     probes: Probes  # live gauges for /metrics (event_clients is the admin's own), draining

@@ -10,18 +10,8 @@ connection: never more than ``max_total`` keys, whatever the spray.
 
 from __future__ import annotations
 
-from registry.errors import ConfigError
-
 TOTAL = "total"
 PER_SOURCE = "per_source"
-
-
-def _check_limits(**limits: int) -> None:
-    problems = [
-        f"limits.{k}: expected a non-negative integer, got {v}" for k, v in limits.items() if v < 0
-    ]
-    if problems:
-        raise ConfigError(problems)
 
 
 class ConnectionCaps:
@@ -67,7 +57,6 @@ class ConnectionCaps:
     def reconfigure(self, max_total: int, max_per_source: int) -> None:
         """SIGHUP: new caps apply to new connections; open ones are never cut (below the
         counts, new ones are refused until enough have closed)."""
-        _check_limits(max_connections=max_total, max_connections_per_source=max_per_source)
         self.max_total, self.max_per_source = max_total, max_per_source
 
 
@@ -109,5 +98,4 @@ class CallbackSlots:
 
     def reconfigure(self, max_in_flight: int, max_queue: int) -> None:
         """SIGHUP: new caps for new admissions; the edge also sets the limiter's total_tokens."""
-        _check_limits(max_callbacks_in_flight=max_in_flight, max_callback_queue=max_queue)
         self.max_in_flight, self.max_queue = max_in_flight, max_queue

@@ -1,14 +1,11 @@
-"""The front door: admit or refuse a TCP connection by its source address alone.
+"""The front door: admit or refuse a TCP connection by its source address alone. Pure.
 
-Pure (``now`` is passed in). The edge asks ``Door.arrive`` the moment
-``accept()`` returns, before a task or a read: a source over its connection
-cap is refused ``BUSY overloaded``; otherwise the connection takes the
-source's rate-limit token here (so junk and silence pay like a registration),
-or is refused ``BUSY rate_limited retry_after=S``. ``Door.silent`` refuses a
-connection the kernel held through its whole ``TCP_DEFER_ACCEPT`` wait without
-a byte: its read deadline has passed already. A refusal costs one accept, one
-write and one close, and is not a registration: ``Window`` counts it
-(docs/limits.md, "The door").
+``Door.arrive`` runs the moment ``accept()`` returns, before a task or a read: a source
+over its connection cap is refused ``BUSY overloaded``; otherwise the connection takes the
+source's rate-limit token here (junk and silence pay like a registration) or is refused
+``BUSY rate_limited``. ``Door.silent`` refuses one the kernel held through its whole
+``TCP_DEFER_ACCEPT`` wait without a byte. A refusal costs one accept, write and close, and
+is not a registration: ``Window`` counts it (docs/limits.md, "The door").
 """
 
 from __future__ import annotations

@@ -20,9 +20,8 @@ from collections import OrderedDict
 from collections.abc import Hashable
 from dataclasses import dataclass
 
-from registry.config import Rate, RateLimitConfig
-from registry.errors import ConfigError
-from registry.model import Endpoint, IPAddress
+from registry.config import RateLimitConfig
+from registry.model import Endpoint, IPAddress, Rate
 from registry.policy.addresses import Address
 
 # Float slack: sums of intervals such as 0.01 drift by ~1e-16 per step; without
@@ -213,22 +212,11 @@ def _take(checks: tuple[_Check, ...], now: float) -> Allowed | Busy:
     return verdict
 
 
-def _validate(cfg: RateLimitConfig) -> None:
-    problems = []
-    if not 0 <= cfg.ipv6_prefix <= 128:
-        problems.append(f"ratelimit.ipv6_prefix: expected 0-128, got {cfg.ipv6_prefix}")
-    if cfg.max_entries < 1:
-        problems.append(f"ratelimit.max_entries: expected at least 1, got {cfg.max_entries}")
-    if problems:
-        raise ConfigError(problems)
-
-
 class RateLimiter:
     """The four limits of SPEC promise 5, checked and consumed atomically, and the
     pressure of protocol errors (``errors_global``)."""
 
     def __init__(self, cfg: RateLimitConfig) -> None:
-        _validate(cfg)
         self._cfg = cfg
         self._source = TokenBucketTable(cfg.per_source, cfg.max_entries)
         self._target = TokenBucketTable(cfg.per_target, cfg.max_entries)
@@ -316,9 +304,7 @@ class RateLimiter:
 
     def reconfigure(self, cfg: RateLimitConfig) -> None:
         """SIGHUP: new rates and caps take effect; tokens already used stay used (a new
-        ``ipv6_prefix`` makes new IPv6 sources: the old ones age out). Raises
-        ConfigError (state untouched) on invalid values."""
-        _validate(cfg)
+        ``ipv6_prefix`` makes new IPv6 sources: the old ones age out)."""
         self._source.reconfigure(cfg.per_source, cfg.max_entries)
         self._target.reconfigure(cfg.per_target, cfg.max_entries)
         self._target_port.reconfigure(cfg.per_target_port, cfg.max_entries)

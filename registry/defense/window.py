@@ -1,18 +1,11 @@
 """The attack window: what the defences count, in one clock; and the silent drop. Pure.
 
-One ``Window`` of ``WINDOW_S`` seconds, rolled by the edge's one timer
-(``flush``, which also writes the window's ``door_refusals`` log line). A count
-is the window's and the one before's, so a burst that straddles a roll still
-adds up (fresh windows let a loop slowed by a busy host restart at one forever:
-docs/limits.md, "Bans"). Counted in it: door refusals per reason and per
-source (the doubling hold, ``BanList``) and silent connections (``SilentGuard``).
-
-A connection that sends nothing before its read deadline is a stall: one now
-and then is a broken client, many in the window an attack that costs an
-``accept()`` and a refusal each while students queue behind it. Past ``after``
-of them ``SilentGuard`` switches on for ``duration`` seconds, and the listeners'
-filter (registry/net/kernel/) drops every bare handshake ACK: only a client's
-first bytes (or FIN) make a connection (docs/limits.md, "Silent drop").
+One ``Window`` of ``WINDOW_S`` seconds, rolled by the edge's one timer (``flush``, which
+also writes the window's ``door_refusals`` log line). A count is the window's and the one
+before's, so a burst that straddles a roll still adds up (docs/limits.md, "Bans"). Counted
+in it: door refusals per reason and per source (the doubling hold, ``BanList``) and silent
+connections (no byte before the read deadline): past ``after`` of them ``SilentGuard`` has
+the listeners' filter drop bare handshake ACKs a while (docs/limits.md, "Silent drop").
 """
 
 from __future__ import annotations

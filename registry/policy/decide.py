@@ -14,8 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from registry.config import CIDR, PolicyConfig
-from registry.model import Code, Diagnosis, Endpoint, IPAddress, Request
+from registry.config import PolicyConfig
+from registry.model import CIDR, Code, Diagnosis, Endpoint, IPAddress, Request
 from registry.policy.addresses import AddrClass, Address, ascii_safe, normalise_hostname
 from registry.policy.diagnosis import diagnose, explain
 
@@ -131,9 +131,8 @@ def _pick(name: str, answers: list[IPAddress], port: int, seen: Address, rules: 
         else:
             why = f"{name} resolved to {addr.display}: {d.explanation}"
             return Deny(d.code, why, d.diagnosis)
-    direct = [a for a in allowed if a.diagnosis is Diagnosis.DIRECT]
-    if direct or allowed:
-        return (direct or allowed)[0]
+    if allowed:  # an answer that is the peer itself first
+        return next((a for a in allowed if a.diagnosis is Diagnosis.DIRECT), allowed[0])
     assert mismatch is not None
     return Deny(
         mismatch.code,
@@ -217,20 +216,15 @@ def _check_format(addr: Address, port: Any) -> Deny | None:
             f"Zone ids are not accepted ({ascii_safe(f'{addr}%{addr.zone}')}): "
             "advertise a routable address.",
         )
-    return _check_port_format(port)
+    return _check_port(port)
 
 
-def _check_port_format(port: Any) -> Deny | None:
-    if isinstance(port, int) and not isinstance(port, bool) and 1 <= port <= 65535:
-        return None
-    return Deny(Code.PORT_NOT_ALLOWED, f"Port {ascii_safe(str(port), 16)} is not a port (1-65535).")
-
-
-def _check_port(port: Any, policy: PolicyConfig) -> Deny | None:
-    bad = _check_port_format(port)
-    if bad is not None:
-        return bad
-    if any(port in r for r in policy.ports):
+def _check_port(port: Any, policy: PolicyConfig | None = None) -> Deny | None:
+    """A port number, and with ``policy`` one of the ports it calls."""
+    if not (isinstance(port, int) and not isinstance(port, bool) and 1 <= port <= 65535):
+        why = f"Port {ascii_safe(str(port), 16)} is not a port (1-65535)."
+        return Deny(Code.PORT_NOT_ALLOWED, why)
+    if policy is None or any(port in r for r in policy.ports):
         return None
     ranges = ", ".join(f"{r.low}-{r.high}" for r in policy.ports) or "none"
     return Deny(

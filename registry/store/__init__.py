@@ -102,9 +102,7 @@ class Record:
 COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(Record))
 
 
-# --- schema -----------------------------------------------------------------
-# Each migration takes the schema from version i to i+1 inside one transaction.
-# Adding migration 2 is writing one function and appending it to MIGRATIONS.
+# --- schema: MIGRATIONS[i] takes it from version i to i+1, in one transaction -----
 
 
 def _m1_registrations(db: sqlite3.Connection) -> None:
@@ -162,12 +160,8 @@ def _create_private(path: str) -> None:
 
 # --- rows <-> records -------------------------------------------------------
 
-_SELECT = f"SELECT {', '.join(COLUMNS)} FROM registrations"
-_AFTER = f"SELECT seq, {', '.join(COLUMNS)} FROM registrations WHERE seq > ? ORDER BY seq LIMIT ?"
-_LAST_SEQ = "SELECT coalesce(max(seq), 0) FROM registrations"
-_INSERT = (
-    f"INSERT INTO registrations ({', '.join(COLUMNS)}) VALUES ({', '.join('?' for _ in COLUMNS)})"
-)
+_COLS = ", ".join(COLUMNS)
+_INSERT = f"INSERT INTO registrations ({_COLS}) VALUES ({', '.join('?' for _ in COLUMNS)})"
 
 
 def _to_row(record: Record) -> tuple[Any, ...]:
@@ -247,13 +241,10 @@ class Store:
 
     @classmethod
     def open(cls, path: str, *, autocheckpoint: bool = True, writer_lock: str = "") -> Store:
-        """Open (creating if needed) and migrate the database at ``path`` for writing.
-
-        ``autocheckpoint=False`` turns off SQLite's automatic WAL checkpoint: it
-        runs inside the commit that crosses 1,000 WAL pages, so that commit waits
-        for two more syncs. The caller then runs ``checkpoint()`` itself.
-        ``writer_lock``: a file every process writing ``path`` locks around its writes.
-        """
+        """Open (creating if needed) and migrate ``path`` for writing. ``autocheckpoint=False``:
+        no automatic WAL checkpoint (it runs inside the commit crossing 1,000 WAL pages,
+        which then waits for two more syncs); the caller runs ``checkpoint()``.
+        ``writer_lock``: a file every process writing ``path`` locks around its writes."""
         _create_private(path)
         try:
             db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -285,11 +276,8 @@ class Store:
     @classmethod
     def open_readonly(cls, path: str) -> Store:
         """Open an existing database read-only (``mode=ro``): never migrates or writes.
-
-        When the daemon is not running (no ``-wal``/``-shm`` beside the file) the
-        file is also opened ``immutable``, so a grader running as another user
-        (root, say) leaves behind no ``-shm`` file the daemon could not write.
-        """
+        Without ``-wal``/``-shm`` beside it (no daemon) also ``immutable``, so a grader
+        running as another user (root) leaves no ``-shm`` the daemon could not write."""
         uri = Path(path).absolute().as_uri() + "?mode=ro"
         if not (os.path.exists(path + "-wal") or os.path.exists(path + "-shm")):
             uri += "&immutable=1"
@@ -341,10 +329,6 @@ class Store:
                 fcntl.flock(self._writer_lock, fcntl.LOCK_UN)
 
     @property
-    def schema_version(self) -> int:
-        return _user_version(self._db)
-
-    @property
     def journal_mode(self) -> str:
         return str(self._db.execute("PRAGMA journal_mode").fetchone()[0])
 
@@ -355,17 +339,10 @@ class Store:
         with self._transaction():
             self._db.executemany(_INSERT, [_to_row(r) for r in records])
 
-    def record(self, record: Record) -> None:
-        """Insert one record, committed before returning."""
-        self.record_many([record])
-
     def checkpoint(self) -> tuple[int, int]:
         """Copy the WAL into the database file; return (WAL frames, frames copied).
-
-        PASSIVE: it never waits for a reader (a grader's ``open_readonly``) and
-        copies what it can. Once every frame is copied, the next commit starts
-        the WAL from its beginning again, so the file stops growing.
-        """
+        PASSIVE: it never waits for a reader (a grader) and copies what it can; once all
+        is copied, the next commit restarts the WAL from its start (it stops growing)."""
         _busy, frames, copied = self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         return int(frames), int(copied)
 
@@ -376,32 +353,28 @@ class Store:
         student: str | None = None,
         limit: int | None = None,
     ) -> list[Record]:
-        """Records received at or after ``since`` (exact ``student`` match), oldest first.
-
-        With ``limit``, the newest ``limit`` matching records (still oldest first):
-        what a dashboard showing the latest registrations wants.
-        """
+        """Records received at or after ``since`` (exact ``student`` match), oldest first;
+        with ``limit``, only the newest ``limit`` of them (a dashboard's latest rows)."""
         where, params = _where(since, student)
-        if limit is None:
-            sql = f"{_SELECT}{where} ORDER BY received_at, seq"
-        else:
-            cols = ", ".join(COLUMNS)
-            sql = (
-                f"SELECT {cols} FROM (SELECT seq, {cols} FROM registrations{where} "
-                "ORDER BY received_at DESC, seq DESC LIMIT ?) ORDER BY received_at, seq"
-            )
-            params.append(max(0, limit))
+        sql = (
+            f"SELECT {_COLS} FROM (SELECT seq, {_COLS} FROM registrations{where} "
+            "ORDER BY received_at DESC, seq DESC LIMIT ?) ORDER BY received_at, seq"
+        )
+        params.append(-1 if limit is None else max(0, limit))  # SQLite: -1 is no limit
         return [_from_row(row) for row in self._db.execute(sql, params)]
 
     def last_seq(self) -> int:
         """The newest row's seq (0: none): where a reader of new rows starts."""
-        return int(self._db.execute(_LAST_SEQ).fetchone()[0])
+        return int(
+            self._db.execute("SELECT coalesce(max(seq), 0) FROM registrations").fetchone()[0]
+        )
 
     def after(self, seq: int, limit: int = 1000) -> tuple[int, list[Record]]:
         """Rows committed after row ``seq`` (oldest first, at most ``limit``) and the last
         seq seen: a later commit always has a larger seq (AUTOINCREMENT), so a reader
         polling with it never misses a row another process wrote."""
-        rows = self._db.execute(_AFTER, (seq, limit)).fetchall()
+        sql = f"SELECT seq, {_COLS} FROM registrations WHERE seq > ? ORDER BY seq LIMIT ?"
+        rows = self._db.execute(sql, (seq, limit)).fetchall()
         return (rows[-1][0] if rows else seq), [_from_row(row[1:]) for row in rows]
 
     def summary(self, *, since: float | None = None, student: str | None = None) -> list[GradeRow]:

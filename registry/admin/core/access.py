@@ -19,6 +19,7 @@ import hmac
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
+from enum import Enum
 from urllib.parse import urlencode
 
 COOKIE = "registry_admin"
@@ -27,9 +28,10 @@ _CLOCK_SKEW = 60  # a cookie issued this far "in the future" is still ours (cloc
 _DOMAIN = b"registry-admin-cookie/v2\x00"
 
 
-@dataclass(frozen=True, slots=True)
-class Allow:
-    pass
+class Verdict(Enum):
+    ALLOW = "allow"
+    UNAUTHORIZED = "unauthorized"
+    FORBIDDEN = "forbidden"  # a DNS name in Host and no token: the DNS rebinding guard
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,17 +42,7 @@ class Login:
     set_cookie: str
 
 
-@dataclass(frozen=True, slots=True)
-class Unauthorized:
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class Forbidden:
-    """A DNS name in Host and no token: the DNS rebinding guard."""
-
-
-Decision = Allow | Login | Unauthorized | Forbidden
+Decision = Verdict | Login
 
 
 def host_allowed(host: str | None) -> bool:
@@ -91,11 +83,6 @@ def cookie_valid(value: str, token: str, now: float) -> bool:
     return _same(mac, _mac(token, issued))
 
 
-def set_cookie_header(token: str, now: float) -> str:
-    value = cookie_value(token, int(now))
-    return f"{COOKIE}={value}; Path=/; Max-Age={COOKIE_MAX_AGE}; HttpOnly; SameSite=Strict"
-
-
 def cookies(header: str) -> dict[str, str]:
     jar: dict[str, str] = {}
     for part in header.split(";"):
@@ -118,17 +105,19 @@ def check(
 ) -> Decision:
     """May this request proceed? ``headers`` lower-cased, ``token`` the one in force."""
     if path == "/healthz":
-        return Allow()
+        return Verdict.ALLOW
     if not token:
-        return Allow() if host_allowed(headers.get("host")) else Forbidden()
+        return Verdict.ALLOW if host_allowed(headers.get("host")) else Verdict.FORBIDDEN
     scheme, _, presented = headers.get("authorization", "").partition(" ")
     if scheme.lower() == "bearer" and _same(presented.strip(), token):
-        return Allow()
+        return Verdict.ALLOW
     cookie = cookies(headers.get("cookie", "")).get(COOKIE, "")
     if cookie and cookie_valid(cookie, token, now):
-        return Allow()
+        return Verdict.ALLOW
     if path == "/" and "token" in query and _same(query["token"], token):
         rest = {k: v for k, v in query.items() if k != "token"}
         location = "/" + ("?" + urlencode(rest) if rest else "")
-        return Login(location, set_cookie_header(token, now))
-    return Unauthorized()
+        value = cookie_value(token, int(now))
+        attributes = f"Path=/; Max-Age={COOKIE_MAX_AGE}; HttpOnly; SameSite=Strict"
+        return Login(location, f"{COOKIE}={value}; {attributes}")
+    return Verdict.UNAUTHORIZED
