@@ -76,10 +76,14 @@ def count(
         run = subprocess.run(
             [*load, "-d", str(window), "-b", "18000"], check=True, capture_output=True, text=True
         )
-        subprocess.run([*control, "-i", "off"], check=True, capture_output=True)
+        subprocess.run([*control, "-d"], check=True, capture_output=True)  # write the counts
     finally:
         proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=120)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # minimal_trio.py may not stop on SIGINT
+            proc.kill()
+            proc.wait(timeout=30)
     result = json.loads(run.stdout)
     total = max(
         int(line.split()[1])
