@@ -53,7 +53,10 @@ POLL_INTERVAL_S = 0.2  # how often the supervisor reads new rows for metrics and
 QUICK_S = 60.0  # a worker dead sooner after its start waits before its restart...
 MAX_DELAY_S = 60.0  # ...1, 2, 4... s, up to this (a config file broken since the start)
 READY_TIMEOUT_S = 30.0
-BANS_SENT = 1000  # bans per worker snapshot (its counts are whole): one datagram < 200 KB
+# Bans per worker snapshot (its counts are whole). Built every second in the worker's
+# loop: 1,000 of 2,500 bans cost ~7 ms a second, a step in every student's p99 under
+# a ban wave (docs/benchmarks.md); 100 cost ~0.3 ms.
+BANS_SENT = 100
 
 
 def resolved_workers(cfg: Config) -> int:
@@ -160,14 +163,14 @@ _GAUGES = ("open_connections", "callbacks_in_flight", "callbacks_waiting", "limi
 
 
 async def report_probes(
-    notifier: Notifier, probes: Probes, bans: Callable[[], dict[str, Any]]
+    notifier: Notifier, probes: Probes, bans: Callable[[int], dict[str, Any]]
 ) -> None:
     """A worker's gauges and bans to its supervisor, every PROBE_INTERVAL_S."""
     while True:
         snapshot: dict[str, Any] = {name: getattr(probes, name)() for name in _GAUGES}
         snapshot["door_refusals"] = probes.door_refusals()
         snapshot["udp_dropped"] = probes.udp_dropped()
-        snapshot["bans"] = report = bans()
+        snapshot["bans"] = report = bans(BANS_SENT)
         report["bans"] = report["bans"][:BANS_SENT]
         notifier.notify("X_PROBES=" + json.dumps(snapshot, separators=(",", ":")))
         await trio.sleep(PROBE_INTERVAL_S)

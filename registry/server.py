@@ -111,7 +111,9 @@ def daemon_view(rt: Runtime) -> DaemonView:
         ),
         subscribe=rt.service.observers.append,
         listening=lambda: rt.tcp,
-        bans=lambda: (rt.ban_filter or BanFilter([], rt.bans)).report(trio.current_time()),
+        bans=lambda limit=None: (rt.ban_filter or BanFilter([], rt.bans)).report(
+            trio.current_time(), limit
+        ),
     )
 
 

@@ -587,6 +587,18 @@ def test_bans_past_the_budget_are_listed_and_reported_once() -> None:
     assert not full and fits_again and not bf.drops_new_bans
 
 
+def test_a_report_with_a_limit_lists_only_the_oldest_bans_and_whole_counts() -> None:
+    # A worker's snapshot (every second) builds only the bans it sends.
+    bans = BanList(after=1, duration=60.0, max_entries=100)
+    for n in range(5):
+        bans.consider(key_of(f"127.2.0.{n + 1}"), 1, float(n))
+    bf = BanFilter([], bans)
+    whole, cut = bf.report(10.0), bf.report(10.0, limit=2)
+    assert [b["source"] for b in whole["bans"]] == [f"127.2.0.{n + 1}" for n in range(5)]
+    assert cut["bans"] == whole["bans"][:2] and cut["banned"] == whole["banned"] == 5
+    assert bans.active(0) == [] and len(bans.active()) == 5
+
+
 # --- the whole path ------------------------------------------------------------------
 
 

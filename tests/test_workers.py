@@ -550,7 +550,7 @@ async def test_a_snapshot_with_the_most_bans_fits_one_datagram(
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(sup._notices, sup.workers[0], sock)
                 notifier = Notifier({"NOTIFY_SOCKET": path})
-                nursery.start_soon(report_probes, notifier, Probes(), lambda: dict(report))
+                nursery.start_soon(report_probes, notifier, Probes(), lambda limit: dict(report))
     finally:
         shutil.rmtree(workdir)
     got = sup.snapshots[0]["bans"]

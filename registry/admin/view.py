@@ -28,4 +28,4 @@ class DaemonView:
     probes: Probes  # live gauges for /metrics (event_clients is the admin's own), draining
     subscribe: Callable[[Callable[[Record], None]], None]  # called per recorded registration
     listening: Callable[[], Sequence[Endpoint]]  # registration endpoints (may be wildcards)
-    bans: Callable[[], dict[str, Any]]  # the /api/bans body (BanFilter.report)
+    bans: Callable[..., dict[str, Any]]  # the /api/bans body (BanFilter.report), limit=N

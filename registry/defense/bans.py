@@ -116,9 +116,9 @@ class BanList:
         changed, self._changed = list(self._changed), {}
         return changed
 
-    def active(self) -> list[Ban]:
-        """The bans in the order they were made (oldest first)."""
-        return list(self._bans.values())
+    def active(self, limit: int | None = None) -> list[Ban]:
+        """The bans in the order they were made (oldest first), the first ``limit``."""
+        return list(itertools.islice(self._bans.values(), limit))
 
     def reconfigure(
         self,

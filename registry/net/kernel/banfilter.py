@@ -99,8 +99,9 @@ class BanFilter:
         which keeps refusing them instead)."""
         return self.available and not self._truncated
 
-    def report(self, now: float) -> dict[str, Any]:
-        """The ``/api/bans`` body: the bans, oldest first, and the silent drop."""
+    def report(self, now: float, limit: int | None = None) -> dict[str, Any]:
+        """The ``/api/bans`` body: the bans, oldest first (the first ``limit``: a worker's
+        snapshot builds only what it sends), and the silent drop."""
         return {
             "banned": len(self.bans),
             "kernel_filtered": self.filtered,
@@ -121,7 +122,7 @@ class BanFilter:
                     "banned_for_s": round(now - ban.since, 1),
                     "seconds_left": round(max(0.0, ban.until - now), 1),
                 }
-                for ban in self.bans.active()
+                for ban in self.bans.active(limit)
             ],
         }
 
