@@ -193,7 +193,9 @@ async def test_a_reload_cannot_change_the_option_and_says_restart(tmp_path: Path
             sock = runtime_listener(registry)
             before = sock.getsockopt(socket.IPPROTO_TCP, TCP_DEFER_ACCEPT)
             path.write_text(
-                text.replace('"3s"', '"7s"').replace("= 3\n", "= 5\n").replace("40", "0")
+                text.replace('"3s"', '"7s"')
+                .replace("ban_after_ignored = 3\n", "ban_after_ignored = 5\n")
+                .replace("silent_drop_after = 40\n", "silent_drop_after = 0\n")
             )
             runtime.reload()
             after = sock.getsockopt(socket.IPPROTO_TCP, TCP_DEFER_ACCEPT)
