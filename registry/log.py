@@ -110,7 +110,16 @@ class ClassConsole:
             return registration_line(event)
         if event.get("event") == "listening":
             return banner(event, self._config)
+        if _group_start(event):
+            raise structlog.DropEvent  # the banner says how many; JSON logs keep each
         return self._other(logger, name, event)
+
+
+def _group_start(event: MutableMapping[str, Any]) -> bool:
+    """A worker of the group starting for the first time, or ready: the banner says
+    how many there are. A restart is still shown."""
+    name = event.get("event")
+    return name == "worker_ready" or (name == "worker_started" and not event.get("restarts"))
 
 
 def registration_line(event: MutableMapping[str, Any]) -> str:
@@ -144,6 +153,9 @@ def banner(event: MutableMapping[str, Any], config: str | None) -> str:
     if all(_is_loopback(a) for a in send_to):
         send_to[0] += "   (this machine only: no network address to offer)"
     bound = ", ".join(str(e) for e in event.get("tcp") or []) or "-"
+    workers = int(event.get("workers") or 1)
+    if workers > 1:
+        bound += f"   ({workers} worker processes)"
     rows = [
         (f"Students send to (TCP{udp})", send_to[0]),
         *(("", more) for more in send_to[1:]),

@@ -303,3 +303,49 @@ def test_every_failure_code_has_words_on_the_console() -> None:
     from registry.model import Code
 
     assert {c.value for c in Code} - {"connected"} <= REASONS.keys()
+
+
+def test_a_group_starting_is_its_banner_and_a_restart_still_shows() -> None:
+    import structlog
+
+    from registry.log import ClassConsole
+
+    console = ClassConsole(colors=False, config=None)
+    for quiet in (
+        {"event": "worker_started", "worker": 1, "restarts": 0},
+        {"event": "worker_ready", "worker": 1, "tcp": ["127.0.0.1:9000"]},
+    ):
+        with pytest.raises(structlog.DropEvent):
+            console(None, "info", dict(quiet))
+    shown = console(None, "info", {"event": "worker_started", "worker": 1, "restarts": 2})
+    assert "worker_started" in shown and "restarts=2" in shown
+    assert "worker_exited" in console(None, "info", {"event": "worker_exited", "worker": 1})
+    group = {"event": "listening", "tcp": ["127.0.0.1:9000"], "db": "r.db", "workers": 2}
+    assert "  127.0.0.1:9000   (2 worker processes)\n" in console(None, "info", group)
+    alone = {"event": "listening", "tcp": ["127.0.0.1:9000"], "db": "r.db", "workers": 1}
+    assert "worker processes" not in console(None, "info", alone)
+
+
+@pytest.mark.slow
+def test_a_group_on_a_tty_shows_one_banner_and_its_registrations(tmp_path: Path) -> None:
+    term = Pty()
+    proc = subprocess.Popen(
+        [exe("registry"), "serve", "--listen", "127.0.0.1:0", "--admin", "off"]
+        + ["--workers", "2"],
+        stdin=term.slave,
+        stdout=term.slave,
+        stderr=term.slave,
+        cwd=tmp_path,
+    )
+    os.close(term.slave)
+    try:
+        found = term.wait_for(r"^  Listening on\s+127\.0\.0\.1:(\d+)   \(2 worker processes\)$")
+        port = int(found.group(1))
+        term.wait_for(r"One line per registration follows")
+        assert _send(port, "nonsense").startswith("ERROR malformed")
+        term.wait_for(r"^\d\d:\d\d:\d\d ERROR malformed  \(no name\) 127\.0\.0\.1  ")
+        assert "worker_ready" not in term.text and "worker_started" not in term.text
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+        term.close()
