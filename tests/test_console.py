@@ -60,6 +60,14 @@ class Pty:
                 assert chunk, f"terminal closed before {pattern!r}:\n{self.text}"
                 self.text += chunk.decode("utf-8", "replace").replace("\r\n", "\n")
 
+    def start(self, argv: list[str], cwd: Path) -> subprocess.Popen[bytes]:
+        """Run ``argv`` with this terminal as its stdin, stdout and stderr."""
+        proc = subprocess.Popen(
+            argv, stdin=self.slave, stdout=self.slave, stderr=self.slave, cwd=cwd
+        )
+        os.close(self.slave)
+        return proc
+
     def close(self) -> None:
         os.close(self.master)
 
@@ -73,23 +81,11 @@ def _send(port: int, line: str) -> str:
 @pytest.mark.slow
 def test_tty_shows_a_banner_and_one_line_per_registration(tmp_path: Path) -> None:
     term = Pty()
-    proc = subprocess.Popen(
-        [
-            exe("registry"),
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-            "--workers",
-            "1",
-        ],
-        stdin=term.slave,
-        stdout=term.slave,
-        stderr=term.slave,
-        cwd=tmp_path,
+    proc = term.start(
+        [exe("registry"), "serve", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"]
+        + ["--workers", "1"],
+        tmp_path,
     )
-    os.close(term.slave)
     try:
         banner = term.wait_for(r"One line per registration follows")
         send = term.wait_for(
@@ -168,15 +164,11 @@ def test_banner_on_a_wildcard_names_the_hosts_real_addresses(tmp_path: Path) -> 
         )
         subprocess.run([*ip, "addr", "add", "198.51.100.7/24", "dev", "fh0"], check=True)
         subprocess.run([*ip, "link", "set", "fh0", "up"], check=True, timeout=10)
-        proc = subprocess.Popen(
+        proc = term.start(
             ["ip", "netns", "exec", ns, exe("registry"), "serve"]
             + ["--listen", "0.0.0.0:0", "--admin", "off", "--workers", "1"],
-            stdin=term.slave,
-            stdout=term.slave,
-            stderr=term.slave,
-            cwd=tmp_path,
+            tmp_path,
         )
-        os.close(term.slave)
         term.wait_for(r"One line per registration follows")
         send = term.wait_for(r"^  Students send to \(TCP and UDP\)\s+198\.51\.100\.7:(\d+)$")
         assert "127.0.0.1" not in term.text  # loopback is no use to a class
@@ -329,15 +321,11 @@ def test_a_group_starting_is_its_banner_and_a_restart_still_shows() -> None:
 @pytest.mark.slow
 def test_a_group_on_a_tty_shows_one_banner_and_its_registrations(tmp_path: Path) -> None:
     term = Pty()
-    proc = subprocess.Popen(
+    proc = term.start(
         [exe("registry"), "serve", "--listen", "127.0.0.1:0", "--admin", "off"]
         + ["--workers", "2"],
-        stdin=term.slave,
-        stdout=term.slave,
-        stderr=term.slave,
-        cwd=tmp_path,
+        tmp_path,
     )
-    os.close(term.slave)
     try:
         found = term.wait_for(r"^  Listening on\s+127\.0\.0\.1:(\d+)   \(2 worker processes\)$")
         port = int(found.group(1))
