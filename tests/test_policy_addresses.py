@@ -12,7 +12,9 @@ from registry.policy.addresses import (
     ALWAYS_DENIED,
     AddrClass,
     Address,
+    Address4,
     Embedding,
+    dotted_quad,
     normalise_hostname,
 )
 
@@ -367,3 +369,12 @@ def test_teredo_value_carries_the_server_among_its_inner_forms() -> None:
 )
 def test_peer_unmaps_only_the_dual_stack_form(text: str, peer: str) -> None:
     assert str(Address.of(text).peer) == peer
+
+
+def test_dotted_quad_is_one_shared_bounded_value_per_text() -> None:
+    """The parser's cache: equal to the stdlib value, shared (analysed once), bounded."""
+    first = dotted_quad("192.0.2.7")
+    assert isinstance(first, Address4) and first == ipaddress.ip_address("192.0.2.7")
+    assert dotted_quad("192.0.2.7") is first and first.cls is AddrClass.DOCUMENTATION
+    assert dotted_quad("192.0.2.8") is not first
+    assert dotted_quad.cache_info().maxsize == 4096

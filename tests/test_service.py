@@ -392,7 +392,7 @@ async def test_one_registration_normalises_each_address_once(
     """From the wire to the recorded outcome, each address is analysed once: the
     advertised host where the parser builds it, the peer where the edge does."""
     from registry.net import tcp
-    from registry.policy.addresses import Address
+    from registry.policy.addresses import Address, dotted_quad
     from registry.protocol.jsonl import parse_json
     from registry.protocol.text import parse_line
 
@@ -407,6 +407,7 @@ async def test_one_registration_normalises_each_address_once(
 
     monkeypatch.setattr(Address, "_analyse", counted)
     tcp._host.cache_clear()  # the edge's parse cache would hide a second parse
+    dotted_quad.cache_clear()  # and so would the parser's, from an earlier test
     request = parse_json(line) if line.startswith("{") else parse_line(line.encode() + b"\n")
     seen = tcp.endpoint_of((peer, 40000))
     local = tcp.endpoint_of(("127.0.0.1", 9000))

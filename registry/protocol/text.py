@@ -12,7 +12,7 @@ import re
 
 from registry.errors import ProtocolError
 from registry.model import Code, IPAddress, Request
-from registry.policy.addresses import Address, Address4, Address6
+from registry.policy.addresses import Address, Address6, dotted_quad
 from registry.protocol.names import BadName, normalise
 from registry.protocol.reply import quote_input
 
@@ -206,7 +206,7 @@ def parse_host(text: str) -> IPAddress | str:
     """Canonical dotted-decimal IPv4, or a hostname (lower-cased, one trailing dot dropped)."""
     parts = text.split(".")
     if len(parts) == 4 and all(_DEC_OCTET.fullmatch(p) and int(p) <= 255 for p in parts):
-        return Address4(text)
+        return dotted_quad(text)
     name = text[:-1] if text.endswith(".") else text
     last = name.rsplit(".", 1)[-1]
     # The WHATWG URL rule: a host whose last label is a number is an IPv4 attempt,
