@@ -12,6 +12,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol as TypingProtocol
+from typing import TypedDict
 
 import structlog
 import trio
@@ -95,6 +96,16 @@ _FAILED_EXPLANATION = {
     "verification was required: your server must write back a line containing nonce=...",
 }
 
+
+class _Who(TypedDict):
+    """The fields every outcome of one registration carries (``register``)."""
+
+    id: str
+    advertised: str
+    observed: str
+    student: str | None
+
+
 # One rejected request: error, peer, protocol, arrival (wall clock), conn_id for its log line.
 Rejected = tuple[ProtocolError, Endpoint, Protocol, float, int]
 
@@ -172,14 +183,18 @@ class Service:
         the source's token was taken at the door (registry/defense/door.py).
         """
         started = self.clock()
-        reg_id = self.new_id()
+        observed = str(peer)
+        # Every outcome carries these: built with them once, not copied (a
+        # dataclasses.replace of the 13 fields: -42,000 instructions per registration).
+        who: _Who = {
+            "id": self.new_id(),
+            "advertised": request.advertised,
+            "observed": observed,
+            "student": request.student,
+        }
         own = self.own if local is None else self.own | {local}
         outcome = await self._decide_and_call(
-            request, peer, reg_id, own, connector or self.connector, source_paid
-        )
-        observed = str(peer)
-        outcome = outcome.with_(
-            id=reg_id, advertised=request.advertised, observed=observed, student=request.student
+            request, peer, who, own, connector or self.connector, source_paid
         )
         duration_ms = (self.clock() - started) * 1000.0
         await self._commit(
@@ -240,7 +255,7 @@ class Service:
         self,
         request: Request,
         peer: Endpoint,
-        reg_id: str,
+        who: _Who,
         own: frozenset[Endpoint],
         connector: Connector,
         source_paid: bool,
@@ -250,24 +265,25 @@ class Service:
             denied if denied is not None else await self._decide(request, peer, own, source_paid)
         )
         if isinstance(decision, Busy):
-            return _busy(decision)
+            return _busy(decision, who)
         # The global bucket bounds callbacks; a refused request makes none, so it
         # pays only its source's token and cannot starve honest students.
         busy = self._charge(
             peer.host, decision.target if isinstance(decision, Allow) else None, source_paid
         )
         if isinstance(busy, Busy):
-            return _busy(busy)
+            return _busy(busy, who)
         if isinstance(decision, Deny):
             return Outcome(
                 code=decision.code,
                 explanation=decision.explanation,
                 diagnosis=decision.diagnosis,
                 target=request.advertised,
+                **who,
             )
         for note in decision.report_only:
             log.warning("policy_report_only", note=note, target=str(decision.target))
-        return await self._callback(request, decision, reg_id, connector)
+        return await self._callback(request, decision, who, connector)
 
     def _charge(self, source: IPAddress, target: Endpoint | None, paid: bool) -> Allowed | Busy:
         """A decided request's tokens: a callback's (``target``), else the source's alone,
@@ -306,7 +322,7 @@ class Service:
         return decide_resolved(request, addresses, peer, policy, own, self.is_local)
 
     async def _callback(
-        self, request: Request, allow: Allow, reg_id: str, connector: Connector
+        self, request: Request, allow: Allow, who: _Who, connector: Connector
     ) -> Outcome:
         target = allow.target
         shown = str(target)
@@ -317,6 +333,7 @@ class Service:
                 explanation="too many callbacks are queued right now; try again in a few seconds",
                 target=shown,
                 diagnosis=allow.diagnosis,
+                **who,
             )
         required = request.verify is True or (
             request.verify is None and self.config.callback.require_verification
@@ -329,7 +346,7 @@ class Service:
                 await self.dialing.acquire()
             try:
                 result = await connector.call(
-                    target, reg_id, nonce, wait_echo=request.verify is not False
+                    target, who["id"], nonce, wait_echo=request.verify is not False
                 )
             finally:
                 self.dialing.release()
@@ -344,6 +361,7 @@ class Service:
                 diagnosis=allow.diagnosis,
                 corrected=allow.corrected,
                 rtt_ms=result.rtt_ms,
+                **who,
                 **more,  # type: ignore[arg-type]
             )
 
@@ -466,12 +484,13 @@ def _record(
     )
 
 
-def _busy(busy: Busy) -> Outcome:
+def _busy(busy: Busy, who: _Who | None = None) -> Outcome:
     return Outcome(
         code=Code.RATE_LIMITED,
         retry_after=busy.retry_after,
         explanation=f"too many registrations ({busy.scope} limit); "
         f"wait {busy.retry_after} s before trying again",
+        **(who or {}),
     )
 
 
