@@ -101,9 +101,14 @@ class _Who(TypedDict):
     """The fields every outcome of one registration carries (``register``)."""
 
     id: str
-    advertised: str
+    advertised: str | None
     observed: str
     student: str | None
+
+
+def _unparsed(reg_id: str, observed: str) -> _Who:
+    """A request that could not be parsed advertised nothing and named nobody."""
+    return {"id": reg_id, "advertised": None, "observed": observed, "student": None}
 
 
 # One rejected request: error, peer, protocol, arrival (wall clock), conn_id for its log line.
@@ -218,19 +223,17 @@ class Service:
         (``RateLimiter.penalize``), and may be fined (``_error_outcome``).
         """
         started = self.clock()
+        who = _unparsed(self.new_id(), str(peer))
         if source_paid:
-            outcome = self._error_outcome(error, peer, started)
+            outcome = self._error_outcome(error, peer, started, who)
         elif isinstance(busy := self.limiter.admit(peer.host, started), Busy):
-            outcome = _busy(busy)
+            outcome = _busy(busy, who)
         else:
             self.limiter.note_error(started)  # recorded as an error: it counts toward pressure
-            outcome = Outcome(code=error.code, explanation=error.explanation)
-        observed = str(peer)
-        outcome = outcome.with_(id=self.new_id(), observed=observed)
+            outcome = Outcome(code=error.code, explanation=error.explanation, **who)
         duration_ms = (self.clock() - started) * 1000.0
-        await self._commit(
-            [(outcome, _record(outcome, observed, protocol, received_at, duration_ms), None)]
-        )
+        record = _record(outcome, who["observed"], protocol, received_at, duration_ms)
+        await self._commit([(outcome, record, None)])
         return outcome
 
     async def reject_many(self, rejected: Sequence[Rejected]) -> list[Outcome]:
@@ -243,11 +246,11 @@ class Service:
         started = self.clock()
         done = []
         for error, peer, protocol, received_at, conn_id in rejected:
-            observed = str(peer)
-            outcome = self._error_outcome(error, peer, started).with_(
-                id=self.new_id(), observed=observed
+            who = _unparsed(self.new_id(), str(peer))
+            outcome = self._error_outcome(error, peer, started, who)
+            done.append(
+                (outcome, _record(outcome, who["observed"], protocol, received_at, 0.0), conn_id)
             )
-            done.append((outcome, _record(outcome, observed, protocol, received_at, 0.0), conn_id))
         await self._commit(done)
         return [outcome for outcome, _, _ in done]
 
@@ -417,22 +420,22 @@ class Service:
             if n % 4 == 0:  # a log line each (~60 us): let other tasks run between a few
                 await trio.lowlevel.checkpoint()
 
-    def _error_outcome(self, error: ProtocolError, peer: Endpoint, now: float) -> Outcome:
+    def _error_outcome(
+        self, error: ProtocolError, peer: Endpoint, now: float, who: _Who
+    ) -> Outcome:
         """The ERROR reply to a bad request whose source paid at the door: it pays a
         second token (``RateLimiter.penalize``). A source fined under pressure is told
         its wait here, so its first refusal at the door is one it was told about
         (``ban_after_ignored`` counts those)."""
         self.limiter.penalize(peer.host, now)
-        outcome = Outcome(code=error.code, explanation=error.explanation)
-        if not self.limiter.fining or not isinstance(
-            busy := self.limiter.owed(peer.host, now), Busy
-        ):
-            return outcome
-        return outcome.with_(
-            retry_after=busy.retry_after,
-            explanation=f"{error.explanation} (the registry is flooded with bad requests: "
-            f"your address may connect again in {busy.retry_after} s)",
-        )
+        explanation, retry_after = error.explanation, None
+        if self.limiter.fining and isinstance(busy := self.limiter.owed(peer.host, now), Busy):
+            retry_after = busy.retry_after
+            explanation = (
+                f"{error.explanation} (the registry is flooded with bad requests: "
+                f"your address may connect again in {retry_after} s)"
+            )
+        return Outcome(code=error.code, explanation=explanation, retry_after=retry_after, **who)
 
     def take_unlogged(self) -> dict[str, int]:
         """Protocol errors recorded but not logged one by one since the last call (by
