@@ -380,6 +380,13 @@ def test_dotted_quad_is_one_shared_bounded_value_per_text() -> None:
     assert dotted_quad.cache_info().maxsize == 4096
 
 
+@pytest.mark.parametrize(
+    "text", ["192.0.2.07", "192.0.2", "192.0.2.256", "0x7f.0.0.1", "example.org", "1.2.3.4."]
+)
+def test_dotted_quad_is_none_for_all_but_the_canonical_form(text: str) -> None:
+    assert dotted_quad(text) is None and dotted_quad(text) is None  # a cached miss too
+
+
 @pytest.mark.parametrize("text", ["192.0.2.1", "2001:db8::1", "::ffff:127.0.0.1", "fe80::1"])
 def test_str_is_the_stdlib_text_kept_without_analysis(
     monkeypatch: pytest.MonkeyPatch, text: str

@@ -286,12 +286,20 @@ class Address6(Address, IPv6):
         self.zone = zone
 
 
+_DEC_OCTET = re.compile(r"(?:0|[1-9][0-9]{0,2})", re.ASCII)
+
+
 @functools.lru_cache(maxsize=4096)
-def dotted_quad(text: str) -> Address4:
-    """``Address4(text)`` for a canonical dotted quad, one shared value per text: a
-    class advertises the same few addresses again and again, and a hit skips the
-    parse and, the value being analysed once, the range lookups (-100,000 instructions per registration)."""
-    return Address4(text)
+def dotted_quad(text: str) -> Address4 | None:
+    """``text`` as an Address4 when it is a canonical dotted quad (four decimal parts,
+    0-255, no leading zero), else None. One shared value per text: a class
+    advertises the same few addresses again and again, and a hit skips the check,
+    the parse and, the value being analysed once, the range lookups (-100,000
+    instructions per registration)."""
+    parts = text.split(".")
+    if len(parts) == 4 and all(_DEC_OCTET.fullmatch(p) and int(p) <= 255 for p in parts):
+        return Address4(text)
+    return None
 
 
 def _settled(ip: IPAddress, row: Range) -> Address:
