@@ -71,13 +71,15 @@ def _fields(o: Outcome) -> list[tuple[str, str]]:
         o.id,
         o.target,
         o.observed,
-        None if o.diagnosis is None else o.diagnosis.value,
+        o.diagnosis,  # a StrEnum member is a str, its value: no .value (an enum property)
         None if o.verified is None else ("yes" if o.verified else "no"),
         None if o.rtt_ms is None else f"{o.rtt_ms:.1f}",
         None if o.retry_after is None else str(int(o.retry_after)),
         "yes" if o.corrected else None,
     )
     pairs = [(key, v) for key, v in zip(STANDARD_KEYS, values, strict=True) if v is not None]
+    if not o.extra:
+        return pairs
     # Not even an unset one: "id=" in a reply is always the registration's id (an
     # extra "ID" would read as "id"); a repeated key would make the reply ambiguous.
     seen = set(STANDARD_KEYS)
@@ -105,7 +107,7 @@ def _explanation(text: str) -> str:
 def format_reply(outcome: Outcome) -> bytes:
     """``outcome`` as ``b"STATUS CODE k=v ... explanation\\n"`` (``STANDARD_KEYS`` in
     order when set, then ``outcome.extra``): printable ASCII, one newline, at the end."""
-    parts = [outcome.status.value, outcome.code.value]
-    parts.extend(f"{key}={safe_value(value)}" for key, value in _fields(outcome))
+    parts = [outcome.code.status, outcome.code]  # StrEnum members: their values
+    parts += [f"{key}={safe_value(value)}" for key, value in _fields(outcome)]
     parts.append(_explanation(outcome.explanation))
     return (" ".join(parts) + "\n").encode("ascii")
