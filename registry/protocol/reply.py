@@ -46,8 +46,9 @@ def quote_input(text: str, limit: int = QUOTE_LIMIT) -> str:
 
 def safe_value(text: str, limit: int = VALUE_LIMIT) -> str:
     """``text`` as one ``key=value`` token: whitespace becomes ``_``, the rest escaped."""
-    if len(text) <= limit and _plain(text) and " " not in text and "\\" not in text:
-        return text  # the common case (ids, addresses, codes): nothing to escape
+    if len(text) <= limit and text.isascii() and text.isprintable() and " " not in text:
+        if "\\" not in text:  # _plain, inline: the common case (ids, addresses, codes)
+            return text  # nothing to escape
     spaced = "".join("_" if ch.isspace() else ch for ch in text)
     return _escape_capped(spaced, limit)
 
@@ -55,6 +56,9 @@ def safe_value(text: str, limit: int = VALUE_LIMIT) -> str:
 def safe_text(text: str, limit: int = EXPLANATION_LIMIT) -> str:
     """Free text for the tail of a reply: whitespace runs (newlines too) become one
     space, other controls and non-ASCII are escaped, the ends stripped, capped."""
+    if text.isascii() and text.isprintable() and len(text) <= limit and "  " not in text:
+        if text[:1] != " " and text[-1:] != " ":  # already one plain line: no split and join
+            return text
     collapsed = " ".join(text.split())
     if len(collapsed) <= limit and _plain(collapsed):
         return collapsed
