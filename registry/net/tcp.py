@@ -42,12 +42,26 @@ class RawStream:
     ``trio.BrokenResourceError``. Every call is MSG_DONTWAIT (an accepted
     socket's descriptor is blocking). No TCP_NODELAY: each side writes once
     (a line, then FIN or close), so Nagle never holds a segment back.
+
+    Every trio wait on the socket goes through ``wait_readable`` /
+    ``wait_writable`` here: ``close`` tells trio (``notify_closing``) only about
+    a socket it waited on. Most connections never wait, and for them the call is
+    pure cost (a dict entry made and dropped, an ``epoll_ctl`` that fails).
     """
 
-    __slots__ = ("socket",)
+    __slots__ = ("socket", "waited")
 
     def __init__(self, sock: socket.socket) -> None:
         self.socket = sock
+        self.waited = False  # has trio ever waited on this socket?
+
+    async def wait_readable(self) -> None:
+        self.waited = True
+        await trio.lowlevel.wait_readable(self.socket)
+
+    async def wait_writable(self) -> None:
+        self.waited = True
+        await trio.lowlevel.wait_writable(self.socket)
 
     def send_now(self, data: bytes) -> int:
         """How much of ``data`` the kernel takes at once: no wait, so no deadline to
@@ -67,7 +81,7 @@ class RawStream:
                 pass
             except OSError as e:
                 raise trio.BrokenResourceError(str(e)) from e
-            await trio.lowlevel.wait_writable(self.socket)
+            await self.wait_writable()
 
     async def send_eof(self) -> None:
         try:
@@ -83,11 +97,12 @@ class RawStream:
                 pass
             except OSError as e:
                 raise trio.BrokenResourceError(str(e)) from e
-            await trio.lowlevel.wait_readable(self.socket)
+            await self.wait_readable()
 
     def close(self) -> None:
         if self.socket.fileno() != -1:
-            trio.lowlevel.notify_closing(self.socket)  # what trio's own close() does first
+            if self.waited:  # what trio's own close() does first
+                trio.lowlevel.notify_closing(self.socket)
             self.socket.close()
 
     async def aclose(self) -> None:
