@@ -7,6 +7,7 @@ closed socket when the client is gone.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import socket
@@ -205,12 +206,14 @@ class TcpHandler:
         arrived: float | None = None,
         received_at: float | None = None,
         request: tuple[Protocol, Request] | None = None,
+        shielded: bool = False,
     ) -> None:
         """Serve one connection whose peer is known (tests pass memory streams here).
 
         ``source_paid``: the door took the source's token; ``arrived`` /
         ``received_at``: when it was accepted (trio / wall clock), if before
-        now; ``request``: already read (the waiting room).
+        now; ``request``: already read (the waiting room); ``shielded``: the
+        caller runs this in a shielded scope already (no second one to pay for).
         """
         cfg = self.service.config.protocol
         received_at = time.time() if received_at is None else received_at
@@ -224,7 +227,7 @@ class TcpHandler:
             structlog.contextvars.bind_contextvars(protocol=protocol.value)
             # Shielded: the callback and its record complete even if the client
             # vanishes or the server starts draining (the grace period bounds it).
-            with trio.CancelScope(shield=True):
+            with contextlib.nullcontext() if shielded else trio.CancelScope(shield=True):
                 outcome = await self.service.register(
                     parsed, peer, protocol, received_at, local, source_paid=source_paid
                 )
