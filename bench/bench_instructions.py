@@ -77,7 +77,10 @@ def count(
         control = ["callgrind_control", str(proc.pid)]
         subprocess.run([*control, "-i", "on"], check=True, capture_output=True)
         run = subprocess.run(
-            [*load, "-d", str(window), "-b", str(base + 500)], check=True, capture_output=True, text=True
+            [*load, "-d", str(window), "-b", str(base + 500)],
+            check=True,
+            capture_output=True,
+            text=True,
         )
         subprocess.run([*control, "-d"], check=True, capture_output=True)  # write the counts
     finally:
