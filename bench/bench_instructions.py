@@ -72,12 +72,12 @@ def count(
             time.sleep(1)
         # The students' listeners: ports of this run's own (two runs at once on one
         # host, e.g. two A/B comparisons, must not take each other's callbacks).
-        base = 10000 + 1000 * (os.getpid() % 40)
+        base = 10000 + 500 * (os.getpid() % 40)  # below the ephemeral ports
         subprocess.run([*load, "-d", "3", "-b", str(base)], check=True, capture_output=True)
         control = ["callgrind_control", str(proc.pid)]
         subprocess.run([*control, "-i", "on"], check=True, capture_output=True)
         run = subprocess.run(
-            [*load, "-d", str(window), "-b", str(base + 500)],
+            [*load, "-d", str(window), "-b", str(base + 250)],
             check=True,
             capture_output=True,
             text=True,
