@@ -1,8 +1,9 @@
-"""Frozen values shared by every layer: requests, targets, decisions, outcomes.
+"""Values shared by every layer: requests, targets, decisions, outcomes.
 
-Pure data: no I/O, no clock. Decisions travel as values (``Outcome``) rather
-than exceptions, so every path through the service ends in one record and one
-reply line built from the same object.
+Pure data: no I/O, no clock, never changed once built (frozen, but for the two
+built on every registration: see ``Request``). Decisions travel as values
+(``Outcome``) rather than exceptions, so every path through the service ends
+in one record and one reply line built from the same object.
 """
 
 from __future__ import annotations
@@ -99,7 +100,11 @@ class Endpoint:
         return f"[{text}]:{self.port}" if self.host.version == 6 else f"{text}:{self.port}"
 
 
-@dataclass(frozen=True, slots=True)
+# Request and Outcome, built on every registration, are values nobody assigns to,
+# but not frozen: a frozen dataclass sets each field through object.__setattr__,
+# ~1,400 instructions a field (-23,000 a registration). Hashed by value (the
+# doorway caches replies by Outcome): never change one (``with_`` copies).
+@dataclass(slots=True, unsafe_hash=True)
 class Request:
     """One parsed registration request, before any policy.
 
@@ -122,7 +127,7 @@ class Request:
         return str(Endpoint(self.host, self.port))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Outcome:
     """The single result of one registration: recorded, logged and replied."""
 

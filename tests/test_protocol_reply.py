@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from registry.model import Code, Diagnosis, Outcome, Status
+from registry.model import Code, Diagnosis, Outcome, Request, Status
 from registry.protocol.reply import (
     EXPLANATION_LIMIT,
     STANDARD_KEYS,
@@ -327,3 +327,13 @@ def test_safe_text_of_printable_ascii_only_collapses_spaces(text: str) -> None:
     collapsed = " ".join(text.split())
     if len(collapsed) <= EXPLANATION_LIMIT:
         assert safe_text(text) == collapsed
+
+
+def test_outcomes_and_requests_are_values_with_copies() -> None:
+    """Hashed and compared by value (the doorway caches replies by Outcome); with_ copies."""
+    first = Outcome(Code.CONNECTED, "ok", id="a1")
+    assert first == Outcome(Code.CONNECTED, "ok", id="a1")
+    assert hash(first) == hash(Outcome(Code.CONNECTED, "ok", id="a1"))
+    changed = first.with_(id="b2")
+    assert changed.id == "b2" and first.id == "a1" and changed is not first
+    assert hash(Request("example.org", 15000)) == hash(Request("example.org", 15000))
