@@ -96,8 +96,12 @@ class Endpoint:
     port: int
 
     def __str__(self) -> str:
-        text = str(self.host)  # not format(): ipaddress parses a format spec there first
-        return f"[{text}]:{self.port}" if self.host.version == 6 else f"{text}:{self.port}"
+        return _host_port(self.host, self.port)
+
+
+def _host_port(host: IPAddress, port: int) -> str:
+    text = str(host)  # not format(): ipaddress parses a format spec there first
+    return f"[{text}]:{port}" if host.version == 6 else f"{text}:{port}"
 
 
 # Request and Outcome, built on every registration, are values nobody assigns to,
@@ -124,7 +128,7 @@ class Request:
     def advertised(self) -> str:
         if isinstance(self.host, str):
             return f"{self.host}:{self.port}"
-        return str(Endpoint(self.host, self.port))
+        return _host_port(self.host, self.port)
 
 
 @dataclass(slots=True, unsafe_hash=True)

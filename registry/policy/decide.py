@@ -31,7 +31,9 @@ def no_host_addresses(_host: IPAddress) -> bool:  # only loopback and explicit h
     return False
 
 
-@dataclass(frozen=True)
+# Allow, Deny and _Rules are built for every request: values never assigned to, but
+# not frozen (object.__setattr__ per field, as for model.Request).
+@dataclass(slots=True, unsafe_hash=True)
 class Allow:
     """Call ``target`` back. ``corrected``: nat-observed replaced the advertised host."""
 
@@ -41,7 +43,7 @@ class Allow:
     report_only: tuple[str, ...] = ()  # "would deny: in 10.0.0.0/8" notes for the log
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Deny:
     """Refuse without attempting anything; ``code`` is a DENIED reply code."""
 
@@ -61,7 +63,7 @@ class NeedsResolution:
 Decision = Allow | Deny
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Rules:
     """What a request is judged against: the policy and the registry's own sockets."""
 
