@@ -1,7 +1,7 @@
 """Values shared by every layer: requests, targets, decisions, outcomes.
 
 Pure data: no I/O, no clock, never changed once built (frozen, but for the two
-built on every registration: see ``Request``). Decisions travel as values
+built on every registration: see ``Endpoint``). Decisions travel as values
 (``Outcome``) rather than exceptions, so every path through the service ends
 in one record and one reply line built from the same object.
 """
@@ -87,7 +87,12 @@ class Protocol(StrEnum):
     UDP = "udp"
 
 
-@dataclass(frozen=True, slots=True)
+# Endpoint, Request and Outcome, built on every registration, are values nobody
+# assigns to, but not frozen: a frozen dataclass sets each field through
+# object.__setattr__, ~1,400 instructions a field (-35,000 a registration). Hashed
+# by value (sets of endpoints; the doorway caches replies by Outcome): never
+# change one (``Outcome.with_`` copies).
+@dataclass(slots=True, unsafe_hash=True)
 class Endpoint:
     """An address and port, always in canonical form (never the raw input text); the
     edge builds ``host`` as a ``policy.addresses.Address`` (parsed once, analysis kept)."""
@@ -104,11 +109,7 @@ def _host_port(host: IPAddress, port: int) -> str:
     return f"[{text}]:{port}" if host.version == 6 else f"{text}:{port}"
 
 
-# Request and Outcome, built on every registration, are values nobody assigns to,
-# but not frozen: a frozen dataclass sets each field through object.__setattr__,
-# ~1,400 instructions a field (-23,000 a registration). Hashed by value (the
-# doorway caches replies by Outcome): never change one (``with_`` copies).
-@dataclass(slots=True, unsafe_hash=True)
+@dataclass(slots=True, unsafe_hash=True)  # not frozen: see Endpoint
 class Request:
     """One parsed registration request, before any policy.
 
@@ -131,7 +132,7 @@ class Request:
         return _host_port(self.host, self.port)
 
 
-@dataclass(slots=True, unsafe_hash=True)
+@dataclass(slots=True, unsafe_hash=True)  # not frozen: see Endpoint
 class Outcome:
     """The single result of one registration: recorded, logged and replied."""
 

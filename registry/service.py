@@ -31,7 +31,7 @@ from registry.store import Record
 log = structlog.get_logger(component="service")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one per callback (see model.Endpoint)
 class CallResult:
     """What the connector saw: ``code`` is CONNECTED or one FAILED code."""
 

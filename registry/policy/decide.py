@@ -32,7 +32,7 @@ def no_host_addresses(_host: IPAddress) -> bool:  # only loopback and explicit h
 
 
 # Allow, Deny and _Rules are built for every request: values never assigned to, but
-# not frozen (object.__setattr__ per field, as for model.Request).
+# not frozen (object.__setattr__ per field, as for model.Endpoint).
 @dataclass(slots=True, unsafe_hash=True)
 class Allow:
     """Call ``target`` back. ``corrected``: nat-observed replaced the advertised host."""
