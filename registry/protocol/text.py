@@ -62,7 +62,9 @@ def parse_line(line: str | bytes, *, allow_cookie: bool = False) -> Request:
     stripped = line.strip(" \t")
     if not stripped:
         raise _malformed(f"empty request; send one line HOST:PORT, like {EXAMPLE}")
-    tokens = _SEP.split(stripped)
+    # One space between words is the usual request: str.split, not the regex (-6,000 instructions)
+    plain = "\t" not in stripped and "  " not in stripped
+    tokens = stripped.split(" ") if plain else _SEP.split(stripped)
     _refuse_http(tokens)
     host, port = _parse_hostport(tokens[0])
     keys = _parse_keys(tokens[1:], allow_cookie)
@@ -183,7 +185,7 @@ def parse_ipv6(inner: str) -> Address:
 
 def _parse_port(text: str) -> int:
     """Decimal 1-65535, no sign, no leading zero, no exponent."""
-    if not _DIGITS.fullmatch(text):
+    if not (text.isascii() and text.isdigit()):  # [0-9]+, without the regex
         what = "has a sign" if text[:1] in "+-" else "is not a decimal number"
         raise _malformed(f"port {quote_input(text, 20)} {what}; write a number from 1 to 65535")
     if len(text) > 1 and text.startswith("0"):
@@ -191,14 +193,15 @@ def _parse_port(text: str) -> int:
             f"port {quote_input(text, 20)} has a leading zero; write it as "
             f"{text.lstrip('0') or '0'} (ports are decimal, 1-65535)"
         )
-    if len(text) > 5 or int(text) > 65535:
+    port = int(text) if len(text) <= 5 else 65536
+    if port > 65535:
         raise _malformed(f"port {quote_input(text, 20)} is out of range; ports go from 1 to 65535")
-    if text == "0":
+    if port == 0:
         raise _malformed(
             "port 0 means 'any port' and cannot be called back; advertise the port your "
             "server listens on (1-65535; the lab uses 15000)"
         )
-    return int(text)
+    return port
 
 
 def parse_host(text: str) -> IPAddress | str:
