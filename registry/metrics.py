@@ -10,14 +10,25 @@ times are in seconds.
 
 from __future__ import annotations
 
+import bisect
 import importlib.metadata
+import itertools
+import math
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Counter, ProcessCollector
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from registry.store import Record
 
@@ -95,6 +106,34 @@ class _StateCollector(Collector):
         )
 
 
+class _Histogram(Collector):
+    """A histogram fed on the request path with a bisect and two additions, where
+    prometheus_client's Histogram takes a lock for its sum and one for a bucket
+    (-15,000 instructions a registration for the two). Scraped the same: buckets,
+    count, sum and created. No lock: it is fed and scraped on the one trio thread."""
+
+    def __init__(self, name: str, documentation: str, buckets: tuple[float, ...]) -> None:
+        self.name, self.documentation = name, documentation
+        self.bounds = (*buckets, math.inf)
+        self.counts = [0] * len(self.bounds)  # per bucket, not cumulative
+        self.sum = 0.0
+        self.created = time.time()
+
+    def observe(self, amount: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, amount)] += 1  # the first bound >= amount
+        self.sum += amount
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self.name, self.documentation)
+        cumulative = itertools.accumulate(self.counts)
+        buckets = [
+            (floatToGoString(b), float(n)) for b, n in zip(self.bounds, cumulative, strict=True)
+        ]
+        family.add_metric([], buckets, self.sum)
+        family.add_sample(f"{self.name}_created", {}, self.created)
+        yield family
+
+
 class Metrics:
     """The registry's metrics in their own CollectorRegistry.
 
@@ -112,18 +151,18 @@ class Metrics:
             ("status", "code", "protocol"),
             registry=self.registry,
         )
-        self.callback_rtt = Histogram(
+        self.callback_rtt = _Histogram(
             "registry_callback_rtt_seconds",
             "Time to connect back to the student's server (successful TCP connects)",
-            buckets=RTT_BUCKETS,
-            registry=self.registry,
+            RTT_BUCKETS,
         )
-        self.duration = Histogram(
+        self.duration = _Histogram(
             "registry_registration_duration_seconds",
             "Time from request parsed to outcome recorded",
-            buckets=DURATION_BUCKETS,
-            registry=self.registry,
+            DURATION_BUCKETS,
         )
+        self.registry.register(self.callback_rtt)
+        self.registry.register(self.duration)
         # labels() takes a lock and checks its arguments each call: each child is
         # looked up once, kept by (status, code, protocol), a few dozen at most
         # (-8,000 instructions per registration).

@@ -372,6 +372,27 @@ def test_metrics_count_each_outcome_under_its_own_labels() -> None:
     assert got[(key, (("code", "overloaded"), ("protocol", "text"), ("status", "BUSY")))] == 1
 
 
+def test_metrics_histograms_bucket_as_prometheus_client_does() -> None:
+    """Our request-path histogram and prometheus_client's agree, bounds included."""
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from registry.metrics import RTT_BUCKETS, _Histogram
+
+    theirs_registry = CollectorRegistry()
+    theirs = Histogram("h", "doc", buckets=RTT_BUCKETS, registry=theirs_registry)
+    ours = _Histogram("h", "doc", RTT_BUCKETS)
+    for amount in (0.0, 0.0005, 0.0006, 0.001, 5.0, 5.01, 1e9, *RTT_BUCKETS):
+        theirs.observe(amount)
+        ours.observe(amount)
+
+    def values(metric: object) -> list[tuple[str, dict[str, str], float]]:
+        return [
+            (s.name, s.labels, s.value) for s in metric.samples if not s.name.endswith("_created")
+        ]  # type: ignore[attr-defined]
+
+    assert values(next(iter(ours.collect()))) == values(next(iter(theirs.collect())))
+
+
 # --- the event stream ----------------------------------------------------------------------
 
 
