@@ -197,9 +197,8 @@ def _decide_ip(host: Any, port: Any, seen: Address, rules: _Rules) -> Decision:
     problem = problem or _check_dial(dialled, dial, rules, diag)
     if problem is not None:
         return problem
-    notes = tuple(
-        f"would deny: in {n}" for n in _matches(dialled, policy.report_only_deny_networks)
-    )
+    hits = _matches(dialled, policy.report_only_deny_networks)
+    notes = tuple(f"would deny: in {n}" for n in hits) if hits else ()
     if addr.norm == seen.norm:
         return Allow(dial, Diagnosis.DIRECT, report_only=notes)
     if mode == "nat-observed":
