@@ -258,6 +258,10 @@ class RateLimiter:
         nobody back (the global bucket guards callbacks: bad requests must not drain it)."""
         return _take((self._source_check(source),), now)
 
+    def admit_key(self, key: int, now: float) -> Allowed | Busy:
+        """``admit`` for a source already keyed by ``source_of`` (the door has the key)."""
+        return _take(((self._source, key, "source"),), now)
+
     def callback(self, source: IPAddress, target: Endpoint, now: float) -> Allowed | Busy:
         """A callback's tokens: source, target, target and port, and global, or none."""
         return _take((self._source_check(source), *self._callback_checks(target)), now)
