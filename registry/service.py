@@ -17,6 +17,7 @@ import structlog
 import trio
 
 from registry import config as config_mod
+from registry import log as log_mod
 from registry.config import Config
 from registry.defense.conncaps import CallbackSlots
 from registry.defense.ratelimit import ALLOWED, Allowed, Busy, RateLimiter
@@ -419,7 +420,7 @@ class Service:
                 self._unlogged[outcome.code.value] = self._unlogged.get(outcome.code.value, 0) + 1
                 return
             self._logged_errors += 1
-        log.info(
+        log_mod.registration_log.current().info(
             "registration",
             id=outcome.id,
             status=outcome.status.value,
