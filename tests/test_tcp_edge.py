@@ -13,7 +13,8 @@ from registry import config as config_mod
 from registry.errors import ProtocolError
 from registry.model import Code, Endpoint, Protocol
 from registry.net.interfaces import is_local_address
-from registry.net.tcp import TcpHandler, read_request
+from registry.net.listeners import own_end
+from registry.net.tcp import TcpHandler, endpoint_of, read_request
 from registry.protocol.reader import RequestReader
 from registry.service import Service
 from tests.fakes import ListRecorder, ScriptedConnector
@@ -202,3 +203,26 @@ async def test_callback_completes_and_is_recorded_when_client_vanishes(
         await client.aclose()  # gone before the callback finishes
     assert [r.code for r in rec.records] == ["connected"]
     assert trio.current_time() == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize(
+    ("host", "own"),
+    [("127.0.0.1", True), ("0.0.0.0", False), ("::1", True), ("::", False)],
+)
+async def test_a_listener_on_one_address_gives_every_connection_its_own_end(
+    host: str, own: bool
+) -> None:
+    # own_end(): the handler's `local` without a getsockname per connection; a
+    # wildcard listener's connections each have their own (the handler asks).
+    try:
+        (listener,) = await trio.open_tcp_listeners(0, host=host)
+    except OSError:
+        pytest.skip(f"no {host} here")
+    async with listener:
+        end = own_end(listener)
+        if not own:
+            assert end is None
+            return
+        client = await trio.open_tcp_stream(host, listener.socket.getsockname()[1])
+        async with client, await listener.accept() as conn:
+            assert end == endpoint_of(conn.socket.getsockname())

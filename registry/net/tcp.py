@@ -173,14 +173,16 @@ class TcpHandler:
         peer: Endpoint | None = None,
         *,
         conn_id: int | None = None,
+        local: Endpoint | None = None,
         **known: object,
     ) -> None:
         """Serve one accepted connection, as its task's first and last call (its log
         context is bound in the task's own). ``peer``: as accept() reported it (saves
-        a getpeername); ``known``: ``handle``'s keywords."""
+        a getpeername); ``local``: our end, if known (saves a getsockname);
+        ``known``: ``handle``'s keywords."""
         try:
             peer = peer or endpoint_of(stream.socket.getpeername())
-            local = endpoint_of(stream.socket.getsockname())
+            local = local or endpoint_of(stream.socket.getsockname())
         except OSError:  # the client is already gone
             _close(stream)
             return

@@ -47,6 +47,7 @@ class Waiting:
     arrived: float  # trio clock
     received_at: float = field(default_factory=time.time)  # wall clock, for the record
     conn_id: int = field(default_factory=next_conn_id)
+    local: Endpoint | None = None  # our end, known when the listener's address is one address
     reader: RequestReader = None  # type: ignore[assignment]  # set by WaitingRoom.add
     due: float = math.inf  # its reader's next deadline, as last put in the room's heap
 
