@@ -228,7 +228,7 @@ class Registry:
                             partial(self._reject, service),
                             self._drop,
                         )
-                    accept = partial(accept_loop, name="tcp")
+                    accept = partial(accept_loop, name="tcp", bare=True)
                     for listener in listeners:
                         door = partial(
                             self._at_door, handlers, self.deferral.get(listener), own_end(listener)
@@ -301,7 +301,7 @@ class Registry:
         handlers: trio.Nursery,
         deferral: int | None,
         local: Endpoint | None,
-        conn: socket.socket,
+        conn: socket.SocketType,
         addr: object,
         token: object,
     ) -> None:

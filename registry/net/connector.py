@@ -60,7 +60,7 @@ class TcpConnector:
         family = socket.AF_INET6 if target.host.version == 6 else socket.AF_INET
         started = trio.current_time()
         try:  # out of descriptors (EMFILE) is an outcome, not a crash
-            sock = socket.socket(
+            sock = socket.SocketType(  # bare, as the accept loop's (accept.py)
                 family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
             )
         except OSError as e:

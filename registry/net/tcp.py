@@ -52,7 +52,7 @@ class RawStream:
 
     __slots__ = ("socket", "waited")
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.SocketType) -> None:
         self.socket = sock
         self.waited = False  # has trio ever waited on this socket?
 

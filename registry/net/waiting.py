@@ -40,7 +40,7 @@ _seq = itertools.count()
 class Waiting:
     """One admitted connection, its door slot (``key``) and its admission ``token``."""
 
-    conn: socket.socket
+    conn: socket.SocketType
     peer: Endpoint
     key: Hashable
     token: object
@@ -240,7 +240,7 @@ class WaitingRoom:
         self._epoll.unregister(fd)
 
 
-def _recv(conn: socket.socket) -> bytes | None:
+def _recv(conn: socket.SocketType) -> bytes | None:
     """What arrived (``b""``: the peer closed, or reset), or None: nothing yet."""
     try:
         return conn.recv(4096, socket.MSG_DONTWAIT)
