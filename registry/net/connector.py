@@ -90,8 +90,7 @@ class TcpConnector:
             rtt_ms = (trio.current_time() - started) * 1000.0
             rest = line[sent or stream.send_now(line) :]
             if not rest and not wait_echo:  # nothing left to wait for: no deadline to set
-                with contextlib.suppress(OSError):  # the half-close, as in _converse
-                    sock.shutdown(socket.SHUT_WR)
+                # and no half-close: the close() below sends the FIN a shutdown() would
                 return CallResult(Code.CONNECTED, "connected", rtt_ms)
             return await self._converse(stream, reg_id, nonce, rtt_ms, wait_echo, rest)
         finally:

@@ -267,12 +267,15 @@ def _close(stream: trio.SocketStream | RawStream) -> None:
 
 
 async def _reply(stream: trio.abc.HalfCloseableStream, data: bytes, timeout: float) -> None:
-    if isinstance(stream, RawStream):  # a reply nearly always fits the send buffer
-        data = data[stream.send_now(data) :]
+    """Send ``data`` and half-close; the caller closes the stream next.
+
+    A reply nearly always fits a RawStream's send buffer: then no deadline, and no
+    half-close either, as the close that follows sends the same FIN (or, with
+    bytes unread, the same RST) that a shutdown() would have.
+    """
+    if isinstance(stream, RawStream) and not (data := data[stream.send_now(data) :]):
+        return
     try:
-        if not data:
-            await stream.send_eof()
-            return
         with trio.move_on_after(timeout):
             await stream.send_all(data)
             await stream.send_eof()
