@@ -168,7 +168,10 @@ class WaitingRoom:
         try:
             await self.run(
                 lambda w, protocol, request: registrations.start_soon(
-                    serve, w, (protocol, request)
+                    serve,
+                    w,
+                    (protocol, request),
+                    name="registration",  # no name to format
                 ),
                 reject,
                 drop,
