@@ -13,6 +13,9 @@ import sqlite3
 import stat
 import subprocess
 import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -367,20 +370,49 @@ async def test_concurrent_records_are_committed_when_record_returns(db: Path) ->
     assert committed_ids(db) == {f"r{n}" for n in range(200)}
 
 
-async def test_group_commit_writes_everything_queued_in_one_transaction(db: Path) -> None:
+@contextmanager
+def store_thread_held(
+    monkeypatch: pytest.MonkeyPatch, holding: Callable[[list[Record]], bool]
+) -> Iterator[threading.Event]:
+    """``Store.record_many`` of a batch for which ``holding(records)`` is true waits
+    (on the store's thread) until the event is set; ``started`` reports it waits."""
+    started, release = threading.Event(), threading.Event()
+    real = Store.record_many
+
+    def held(self: Store, records: list[Record]) -> None:
+        if holding(records):
+            started.set()
+            release.wait(30)
+        real(self, records)
+
+    monkeypatch.setattr(Store, "record_many", held)
+    try:
+        yield started
+    finally:
+        release.set()
+
+
+async def test_group_commit_writes_everything_queued_in_one_transaction(
+    db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     async with AsyncStore(str(db)) as store:
+        await store.record(rec("first"))
         async with trio.open_nursery() as nursery:
-            async with store.limiter:  # the writer cannot reach sqlite: records pile up
+            with store_thread_held(monkeypatch, lambda rs: rs[0].id == "rheld") as started:
+                nursery.start_soon(store.record, rec("held"))
+                await trio.to_thread.run_sync(started.wait, 30)  # the thread is busy
                 for n in range(50):
                     nursery.start_soon(store.record, rec(n))
                 await trio.testing.wait_all_tasks_blocked()
-                assert store.batches == 0 and committed_ids(db) == set()
-        # At most one record was taken before the pile-up; the rest went in one batch.
-        assert store.batches in (1, 2)
-        assert len(committed_ids(db)) == 50
+                assert store.batches == 1 and committed_ids(db) == {"rfirst"}  # [held] runs
+        # Everything queued while the thread was busy went in one transaction.
+        assert store.batches == 3
+        assert len(committed_ids(db)) == 52
 
 
-async def test_a_failed_batch_fails_every_waiter_and_the_store_recovers(db: Path) -> None:
+async def test_a_failed_batch_fails_every_waiter_and_the_store_recovers(
+    db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     results: dict[str, BaseException | None] = {}
 
     async def one(store: AsyncStore, record: Record) -> None:
@@ -393,9 +425,9 @@ async def test_a_failed_batch_fails_every_waiter_and_the_store_recovers(db: Path
     async with AsyncStore(str(db)) as store:
         await store.record(rec("dup"))
         async with trio.open_nursery() as nursery:
-            async with store.limiter:
+            with store_thread_held(monkeypatch, lambda rs: rs[0].id == "rfirst") as started:
                 nursery.start_soon(one, store, rec("first"))
-                await trio.testing.wait_all_tasks_blocked()  # the writer holds [first]
+                await trio.to_thread.run_sync(started.wait, 30)  # the thread holds [first]
                 nursery.start_soon(one, store, rec("dup", received_at=T0 + 99))
                 for n in range(5):
                     nursery.start_soon(one, store, rec(n))
@@ -446,7 +478,8 @@ async def test_retention_purges_at_start_and_then_periodically(
         assert await store.count() == 1 and store.purges == 1  # not yet due
         mock_clock.jump(1)
         await trio.testing.wait_all_tasks_blocked()  # the purge task is now in its thread
-        assert await store.count() == 0  # queued behind it on the CapacityLimiter(1)
+        assert await store.count() == 0  # queued behind it on the store's thread
+        await trio.testing.wait_all_tasks_blocked()  # the purge task counts it
         assert store.purges == 2
 
 
@@ -491,6 +524,58 @@ async def test_record_many_on_a_closed_store_is_a_store_error(db: Path) -> None:
     store = AsyncStore(str(db))
     with pytest.raises(StoreError):
         await store.record_many([rec(1)])
+
+
+def test_a_contended_writers_lock_is_polled_from_50_us_doubling_to_2_ms(tmp_path: Path) -> None:
+    """The other worker holds the lock for one commit (~0.3 ms): the first polls are
+    short, so a waiter takes it soon after it is free, and they grow to 2 ms so a
+    long hold costs little."""
+    import fcntl
+
+    from registry.store import _lock_within
+
+    path = str(tmp_path / "lock")
+    ours, holder = os.open(path, os.O_RDWR | os.O_CREAT), os.open(path, os.O_RDWR)
+    slept: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        if len(slept) == 9:  # the holder's commit ends
+            fcntl.flock(holder, fcntl.LOCK_UN)
+
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        _lock_within(ours, 5.0, sleep=sleep)
+        assert slept == pytest.approx(
+            [50e-6, 100e-6, 200e-6, 400e-6, 800e-6, 1.6e-3, 2e-3, 2e-3, 2e-3]
+        )
+        with pytest.raises(BlockingIOError):  # ours holds it now
+            fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(ours)
+        os.close(holder)
+
+
+def test_the_writers_lock_gives_up_at_its_deadline(tmp_path: Path) -> None:
+    import fcntl
+
+    from registry.store import _lock_within
+
+    path = str(tmp_path / "lock")
+    ours, holder = os.open(path, os.O_RDWR | os.O_CREAT), os.open(path, os.O_RDWR)
+    now = [0.0]
+
+    def sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        with pytest.raises(sqlite3.OperationalError, match="writers' lock"):
+            _lock_within(ours, 0.01, clock=lambda: now[0], sleep=sleep)
+        assert 0.01 <= now[0] < 0.01 + 2e-3
+    finally:
+        os.close(ours)
+        os.close(holder)
 
 
 def test_a_held_writers_lock_fails_the_record_instead_of_hanging(

@@ -224,4 +224,4 @@ async def test_a_cancelled_caller_waits_for_its_sqlite_call(
         # caller's next checkpoint (there is none inside the scope).
         assert log == ["count 1", "left"]
         monkeypatch.setattr(Store, "count", real_count)
-        assert await store.count() == 1  # the limiter was given back
+        assert await store.count() == 1  # the thread answers again
