@@ -223,8 +223,8 @@ class TcpHandler:
         ``source_paid``: the door took the source's token; ``arrived`` /
         ``received_at``: when it was accepted (trio / wall clock), if before
         now; ``request``: already read (the waiting room; the caller binds its
-        protocol to the log context); ``shielded``: the
-        caller runs this in a shielded scope already (no second one to pay for).
+        protocol to the log context); ``shielded``: the caller runs this in a
+        shielded scope already (no second one to pay for).
         """
         cfg = self.service.config.protocol
         received_at = time.time() if received_at is None else received_at
