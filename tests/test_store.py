@@ -549,3 +549,21 @@ def test_a_held_writers_lock_fails_the_record_instead_of_hanging(
     finally:
         os.close(holder)
         store.close()
+
+
+@pytest.mark.parametrize("count", [1, 511, 512, 513, 1200])
+def test_record_many_writes_any_number_of_records_all_or_none(db: Path, count: int) -> None:
+    """A batch is one INSERT statement up to INSERT_ROWS rows, one transaction of
+    several beyond: either way all rows commit, or none when one fails."""
+    store = Store.open(str(db))
+    try:
+        store.record_many([rec(n) for n in range(count)])
+        assert committed_ids(db) == {f"r{n}" for n in range(count)}
+        again = [rec(n) for n in range(count, count + 600)] + [rec(count - 1)]  # a duplicate last
+        with pytest.raises(sqlite3.IntegrityError):
+            store.record_many(again)
+        assert len(committed_ids(db)) == count  # none of the 601
+        assert [r.id for r in store.query(limit=1)] == [f"r{count - 1}"]
+        assert store.query()[0] == rec(0)  # every column round-trips
+    finally:
+        store.close()
