@@ -24,7 +24,7 @@ import trio
 import trio.testing
 
 from registry.model import Code, Diagnosis, GradeRow, Outcome, Protocol
-from registry.store import SCHEMA_VERSION, Record, Store, StoreError
+from registry.store import COLUMNS, SCHEMA_VERSION, Record, Store, StoreError
 from registry.store.aio import AsyncStore
 
 T0 = 1_800_000_000.0  # a fixed epoch second: tests never read the real clock
@@ -193,6 +193,8 @@ def test_from_outcome_maps_every_field() -> None:
         code="source_mismatch", diagnosis="private_behind_nat", rtt_ms=None, verified=None,
         explanation="you advertised another address", duration_ms=2.0, corrected=True,
     )  # fmt: skip
+    # plain values, as read back from SQLite: no enum member in a row
+    assert {type(getattr(r, c)) for c in COLUMNS} <= {str, float, bool, type(None)}
     anonymous = Record.from_outcome(
         outcome.with_(id=None), protocol=Protocol.TEXT, peer="p", received_at=T0, duration_ms=None
     )
