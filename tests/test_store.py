@@ -178,19 +178,21 @@ def test_from_outcome_maps_every_field() -> None:
         explanation="you advertised another address",
         id="abc123",
         target="10.0.0.5:15000",
-        advertised="10.0.0.5:15000",
+        advertised="10.0.0.6:15001",
         observed="127.0.0.1:40000",
         diagnosis=Diagnosis.PRIVATE_BEHIND_NAT,
         student="bob",
         corrected=True,
+        rtt_ms=1.5,
+        verified=False,
     )
     r = Record.from_outcome(
         outcome, protocol=Protocol.JSON, peer="127.0.0.1:40000", received_at=T0, duration_ms=2.0
     )
     assert r == Record(
         id="abc123", received_at=T0, protocol="json", student="bob", peer="127.0.0.1:40000",
-        advertised="10.0.0.5:15000", target="10.0.0.5:15000", status="DENIED",
-        code="source_mismatch", diagnosis="private_behind_nat", rtt_ms=None, verified=None,
+        advertised="10.0.0.6:15001", target="10.0.0.5:15000", status="DENIED",
+        code="source_mismatch", diagnosis="private_behind_nat", rtt_ms=1.5, verified=False,
         explanation="you advertised another address", duration_ms=2.0, corrected=True,
     )  # fmt: skip
     # plain values, as read back from SQLite: no enum member in a row

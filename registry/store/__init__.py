@@ -87,22 +87,23 @@ class Record:
         """The row for one outcome. An outcome without an id gets a fresh one:
         recording must not fail (and cost the client its reply) over a missing id.
         ``_value_``: the member's value as stored on it; ``.value`` is a property."""
-        return cls(
-            id=outcome.id or secrets.token_hex(6),
-            received_at=received_at,
-            protocol=protocol._value_,
-            student=outcome.student,
-            peer=peer,
-            advertised=outcome.advertised,
-            target=outcome.target,
-            status=outcome.status._value_,
-            code=outcome.code._value_,
-            diagnosis=outcome.diagnosis._value_ if outcome.diagnosis is not None else None,
-            rtt_ms=outcome.rtt_ms,
-            verified=outcome.verified,
-            explanation=outcome.explanation,
-            duration_ms=duration_ms,
-            corrected=outcome.corrected,
+        diagnosis = outcome.diagnosis
+        return cls(  # positional, in COLUMNS order
+            outcome.id or secrets.token_hex(6),
+            received_at,
+            protocol._value_,
+            outcome.student,
+            peer,
+            outcome.advertised,
+            outcome.target,
+            outcome.status._value_,
+            outcome.code._value_,
+            diagnosis._value_ if diagnosis is not None else None,
+            outcome.rtt_ms,
+            outcome.verified,
+            outcome.explanation,
+            duration_ms,
+            outcome.corrected,
         )
 
 
