@@ -446,6 +446,40 @@ async def test_a_failed_batch_fails_every_waiter_and_the_store_recovers(
     assert committed_ids(db) == {"rdup", "rfirst", "rafter"}
 
 
+async def test_a_cancelled_caller_still_gets_its_row_and_the_queue_moves_on(
+    db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The caller whose batch just committed leads the next one; when it was
+    cancelled meanwhile there is no one to lead, and the batch goes at once."""
+    returned: list[str] = []
+
+    async def one(store: AsyncStore, n: str) -> None:
+        await store.record(rec(n))
+        returned.append(n)
+
+    async with AsyncStore(str(db)) as store:
+        with trio.fail_after(30):  # a hang guard: the queue must not stall
+            async with trio.open_nursery() as nursery:
+                with store_thread_held(monkeypatch, lambda rs: rs[0].id == "rheld") as started:
+                    held = trio.CancelScope()
+
+                    async def cancelled() -> None:
+                        with held:
+                            await one(store, "held")
+
+                    nursery.start_soon(cancelled)
+                    await trio.to_thread.run_sync(started.wait, 30)
+                    nursery.start_soon(one, store, "next")
+                    await trio.testing.wait_all_tasks_blocked()
+                    held.cancel()  # leaves at once; its row is being written
+                    await trio.testing.wait_all_tasks_blocked()
+                    assert returned == [] and committed_ids(db) == set()
+            assert returned == ["next"]  # written in a batch of its own, then woken
+            assert store.batches == 2
+            await store.record(rec("after"))
+    assert committed_ids(db) == {"rheld", "rnext", "rafter"}
+
+
 async def test_closed_store_refuses_records_and_queries_pass_through(db: Path) -> None:
     async with AsyncStore(str(db)) as store:
         await store.record(rec(1, student="bob"))
