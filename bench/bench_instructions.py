@@ -70,11 +70,17 @@ def count(
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit(f"the registry did not start; see {work}")
             time.sleep(1)
-        subprocess.run([*load, "-d", "3", "-b", "17000"], check=True, capture_output=True)
+        # The students' listeners: ports of this run's own (two runs at once on one
+        # host, e.g. two A/B comparisons, must not take each other's callbacks).
+        base = 10000 + 500 * (os.getpid() % 40)  # below the ephemeral ports
+        subprocess.run([*load, "-d", "3", "-b", str(base)], check=True, capture_output=True)
         control = ["callgrind_control", str(proc.pid)]
         subprocess.run([*control, "-i", "on"], check=True, capture_output=True)
         run = subprocess.run(
-            [*load, "-d", str(window), "-b", "18000"], check=True, capture_output=True, text=True
+            [*load, "-d", str(window), "-b", str(base + 250)],
+            check=True,
+            capture_output=True,
+            text=True,
         )
         subprocess.run([*control, "-d"], check=True, capture_output=True)  # write the counts
     finally:

@@ -5,8 +5,8 @@ Run (about 8 minutes with the defaults; ``--quick`` about 2):
     .venv/bin/python bench/bench_throughput.py [--repeat 3] [--duration 5] [--json out.json]
 
 One cycle is what a student does (bench/loadgen.c, one epoll thread in C,
-N simulated students on 127.0.0.1, ports from 20000, 22000, 24000 or 26000 in
-turn): connect, send
+N simulated students on 127.0.0.1, on one of four port ranges in turn, the
+ranges this process's own): connect, send
 ``127.0.0.1:PORT verify=no`` and a newline, accept the registry's callback
 on its own listener and read it to EOF, read the reply to EOF (it must start
 with ``OK``); the next cycle starts at once (closed loop). The ``echo`` rows
@@ -219,7 +219,9 @@ def run_loadgen(
     # Each run listens on other ports than the last three: a callback still in
     # flight from the previous run must not reach this run's students (it was
     # taken for theirs, and their own then came too late: "not verified").
-    cmd += ["-b", str(20000 + 2000 * (next(_RUNS) % 4))]
+    # Two benchmarks at once on one host must not take each other's callbacks either:
+    # each process has its own four ranges, below the ephemeral ports.
+    cmd += ["-b", str(10000 + 1000 * (os.getpid() % 20) + 200 * (next(_RUNS) % 4))]
     cmd += ["-E"] if kind.echo else []
     cmd += ["-m", str(args.sources)] if args.sources > 1 else []
     out = subprocess.run(

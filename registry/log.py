@@ -12,13 +12,17 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import select
 import sys
-from collections.abc import MutableMapping
-from datetime import datetime
+import threading
+import time
+from collections.abc import Callable, MutableMapping
+from datetime import UTC, datetime
 from typing import Any, TextIO
 
 import msgspec
 import structlog
+import trio
 
 LEVELS = ("debug", "info", "warning", "error", "critical")
 FORMATS = ("auto", "json", "console")
@@ -62,21 +66,146 @@ def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = No
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        Stamper(),
     ]
     if fmt == "json":
         renderer: Any = structlog.processors.JSONRenderer(serializer=_json_dumps)
         shared.append(structlog.processors.format_exc_info)
     else:
         renderer = ClassConsole(colors=out.isatty(), config=_config_shown)
+    lines = Lines(out)
     structlog.configure(
         processors=[*shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),
-        logger_factory=structlog.PrintLoggerFactory(file=out),
+        logger_factory=lambda *_: lines,
         cache_logger_on_first_use=False,
     )
+
+
+class Stamper:
+    """structlog's ``TimeStamper(fmt="iso", utc=True)``, the same text
+    (``2026-12-06T04:46:02.345390Z``, no fraction at .000000), with the date
+    and time to the second formatted once a second: 2.5 -> 0.7 us a line."""
+
+    def __init__(self, clock: Callable[[], int] = time.time_ns) -> None:
+        self._clock = clock
+        self._second: int | None = None
+        self._prefix = ""
+
+    def __call__(self, logger: Any, name: str, event: MutableMapping[str, Any]) -> Any:
+        second, micro = divmod(self._clock() // 1000, 1_000_000)  # floored, as datetime.now()
+        if second != self._second:
+            self._second = second
+            self._prefix = datetime.fromtimestamp(second, UTC).isoformat()[:19]
+        event["timestamp"] = f"{self._prefix}.{micro:06d}Z" if micro else f"{self._prefix}Z"
+        return event
+
+
+class Lines:
+    """structlog's logger: whole lines, those of one trio scheduler wave in one write().
+
+    The store's group commit wakes a batch of registrations (~8 a commit at
+    c=16) whose lines are logged in the same wave; a write() and flush each
+    was ~5 % of the main thread. On the trio thread a line is held and the
+    run's ``_Flusher`` task writes the wave's lines when it runs next (within
+    the next wave, so an operator tailing the log sees no delay). Elsewhere
+    (the store's thread, before and after the run) a line is written at once.
+    A write never splits a line nor exceeds PIPE_BUF, so the lines of a worker
+    group's processes sharing stderr never interleave. Lost at SIGKILL: the
+    lines of the last wave, if it has not been written yet (their rows are
+    committed; the SQLite row is the record).
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._lock = threading.Lock()  # the store's thread logs too
+        self._held: list[str] = []
+        self._size = 0
+
+    def msg(self, line: str) -> None:
+        size = (len(line) if line.isascii() else len(line.encode())) + 1
+        with self._lock:
+            if self._size + size > select.PIPE_BUF:
+                self._write()
+            self._held.append(line)
+            self._size += size
+        if not _Flusher.hold(self):
+            self.flush()
+
+    log = debug = info = warn = warning = msg
+    fatal = failure = err = error = critical = exception = msg
+
+    def flush(self) -> None:
+        with self._lock:
+            self._write()
+
+    def _write(self) -> None:
+        if not self._held:
+            return
+        held, self._held, self._size = self._held, [], 0
+        held.append("")
+        self._stream.write("\n".join(held))
+        self._stream.flush()
+
+
+_UNSET = object()
+
+
+class _Flusher:
+    """A trio run's system task: writes the lines its scheduler wave held."""
+
+    # None: the run is ending (its system tasks are cancelled)
+    _current: trio.lowlevel.RunVar[Any] = trio.lowlevel.RunVar("log_flusher")
+
+    def __init__(self) -> None:
+        self.waiting: set[Lines] = set()
+        self.wake = trio.Event()
+
+    @classmethod
+    def hold(cls, lines: Lines) -> bool:
+        """Leave ``lines``' held lines to this run's flusher; False if there is none
+        (not on a trio thread, or the run is ending): write them now."""
+        try:
+            flusher = cls._current.get(_UNSET)
+        except RuntimeError:  # not on a trio run's thread
+            return False
+        if flusher is _UNSET:
+            flusher = cls._start()
+        if flusher is None:
+            return False
+        flusher.waiting.add(lines)
+        flusher.wake.set()
+        return True
+
+    @classmethod
+    def _start(cls) -> _Flusher | None:
+        flusher: _Flusher | None = cls()
+        try:
+            trio.lowlevel.spawn_system_task(flusher.run, name="log flusher")  # type: ignore[union-attr]
+        except RuntimeError:  # the run is ending
+            flusher = None
+        cls._current.set(flusher)
+        return flusher
+
+    async def run(self) -> None:
+        try:
+            while True:
+                await self.wake.wait()
+                self.wake = trio.Event()
+                self._write()
+        finally:  # the run is ending: what is held now, and every later line, at once
+            self._current.set(None)
+            self._write()
+
+    def _write(self) -> None:
+        while self.waiting:
+            lines = self.waiting.pop()
+            try:
+                lines.flush()
+            except Exception:  # stderr gone or closed: nowhere to say so, and a system
+                pass  # task's error would end the run
 
 
 def _fallback(value: Any) -> Any:

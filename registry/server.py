@@ -61,9 +61,8 @@ from registry.store.aio import AsyncStore
 
 log = structlog.get_logger(component="server")
 
-# source_banned lines per log interval; the bans past them are summed up in one
-# bans_made line at the interval's end (one line per ban, a wave of 4,000 bans
-# would cost ~0.3 s of the event loop)
+# source_banned lines per log interval; the bans past them are summed up in one bans_made
+# line at the interval's end (one line per ban, 4,000 bans would cost ~0.3 s of the loop)
 LOGGED_BANS = 10
 
 
@@ -222,10 +221,9 @@ class Registry:
                     if WaitingRoom.supported():
                         self.room = WaitingRoom(lambda: self.cfg.protocol)
                         handlers.start_soon(
-                            self.room.run,
-                            lambda w, protocol, request: handlers.start_soon(
-                                self._serve, w, (protocol, request)
-                            ),
+                            self.room.serve,
+                            handlers,
+                            self._serve,
                             partial(self._reject, service),
                             self._drop,
                         )
@@ -378,6 +376,7 @@ class Registry:
                 received_at=w.received_at,
                 request=request,
                 conn_id=w.conn_id,
+                shielded=request is not None,  # read by the room: in its shielded nursery
             )
         finally:
             self._leave(w)

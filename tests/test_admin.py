@@ -357,6 +357,21 @@ def test_metrics_use_their_own_registry() -> None:
     assert REGISTRY.get_sample_value("registry_registrations_total") is None
 
 
+def test_metrics_count_each_outcome_under_its_own_labels() -> None:
+    """observe() keeps each labelled child: repeats add up, other labels stay apart."""
+    metrics = Metrics(process=False)
+    for n, (status, code, protocol) in enumerate(
+        [("OK", "connected", "text")] * 3
+        + [("OK", "connected", "json"), ("BUSY", "overloaded", "text")]
+    ):
+        metrics.observe(stored(n, status=status, code=code, protocol=protocol))
+    got = samples(metrics.render()[0].decode())
+    key = "registry_registrations_total"
+    assert got[(key, (("code", "connected"), ("protocol", "text"), ("status", "OK")))] == 3
+    assert got[(key, (("code", "connected"), ("protocol", "json"), ("status", "OK")))] == 1
+    assert got[(key, (("code", "overloaded"), ("protocol", "text"), ("status", "BUSY")))] == 1
+
+
 # --- the event stream ----------------------------------------------------------------------
 
 

@@ -12,7 +12,9 @@ from registry.policy.addresses import (
     ALWAYS_DENIED,
     AddrClass,
     Address,
+    Address4,
     Embedding,
+    dotted_quad,
     normalise_hostname,
 )
 
@@ -367,3 +369,31 @@ def test_teredo_value_carries_the_server_among_its_inner_forms() -> None:
 )
 def test_peer_unmaps_only_the_dual_stack_form(text: str, peer: str) -> None:
     assert str(Address.of(text).peer) == peer
+
+
+def test_dotted_quad_is_one_shared_bounded_value_per_text() -> None:
+    """The parser's cache: equal to the stdlib value, shared (analysed once), bounded."""
+    first = dotted_quad("192.0.2.7")
+    assert isinstance(first, Address4) and first == ipaddress.ip_address("192.0.2.7")
+    assert dotted_quad("192.0.2.7") is first and first.cls is AddrClass.DOCUMENTATION
+    assert dotted_quad("192.0.2.8") is not first
+    assert dotted_quad.cache_info().maxsize == 4096
+
+
+@pytest.mark.parametrize(
+    "text", ["192.0.2.07", "192.0.2", "192.0.2.256", "0x7f.0.0.1", "example.org", "1.2.3.4."]
+)
+def test_dotted_quad_is_none_for_all_but_the_canonical_form(text: str) -> None:
+    assert dotted_quad(text) is None and dotted_quad(text) is None  # a cached miss too
+
+
+@pytest.mark.parametrize("text", ["192.0.2.1", "2001:db8::1", "::ffff:127.0.0.1", "fe80::1"])
+def test_str_is_the_stdlib_text_kept_without_analysis(
+    monkeypatch: pytest.MonkeyPatch, text: str
+) -> None:
+    """str() is kept once rendered, and never analyses (every source of a flood is shown)."""
+    analysed: list[object] = []
+    monkeypatch.setattr(Address, "_analyse", analysed.append)
+    addr = of(text)
+    assert str(addr) == str(ip(text)) and str(addr) == str(ip(text))
+    assert f"{addr}" == str(ip(text)) and analysed == []

@@ -124,3 +124,48 @@ async def test_a_reply_that_fits_is_sent_and_half_closed_without_a_checkpoint() 
     assert peer.recv(10) == b""  # our FIN
     ours.close()
     peer.close()
+
+
+async def test_closing_a_stream_wakes_a_task_waiting_on_it() -> None:
+    # close() skips trio's notify_closing only for a socket trio never waited on:
+    # a task blocked in receive_some must still wake (ClosedResourceError), not hang.
+    ours, peer = socket.socketpair()
+    stream = RawStream(ours)
+    woke: list[type[BaseException]] = []
+
+    async def reader() -> None:
+        try:
+            await stream.receive_some(10)
+        except trio.ClosedResourceError as e:
+            woke.append(type(e))
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            await trio.testing.wait_all_tasks_blocked()
+            stream.close()
+    assert woke == [trio.ClosedResourceError]
+    peer.close()
+
+
+async def test_a_socket_trio_never_waited_on_closes_without_notify_closing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    notified: list[object] = []
+    monkeypatch.setattr(trio.lowlevel, "notify_closing", notified.append)
+    ours, peer = socket.socketpair()
+    stream = RawStream(ours)
+    peer.sendall(b"x")
+    assert await stream.receive_some(10) == b"x"  # there at once: no wait
+    stream.close()
+    assert notified == []
+    ours, peer2 = socket.socketpair()
+    stream = RawStream(ours)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(stream.receive_some, 10)  # nothing sent: this one waits
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+    stream.close()
+    assert notified == [ours]
+    peer.close()
+    peer2.close()

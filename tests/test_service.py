@@ -7,6 +7,7 @@ here only as values.
 from __future__ import annotations
 
 import ipaddress
+import os
 
 import msgspec
 import pytest
@@ -14,11 +15,12 @@ import structlog
 import trio
 
 from registry import config as config_mod
+from registry import service as service_mod
 from registry.defense.ratelimit import Allowed, Busy
 from registry.errors import ProtocolError
 from registry.model import Code, Diagnosis, Endpoint, Protocol, Request, Status
 from registry.net.interfaces import is_local_address
-from registry.service import CallResult, Service, StoreUnavailable
+from registry.service import CallResult, RandomPool, Service, StoreUnavailable
 from tests.fakes import ListRecorder, ScriptedConnector
 
 LOCAL = Endpoint(ipaddress.ip_address("127.0.0.1"), 40000)
@@ -392,7 +394,7 @@ async def test_one_registration_normalises_each_address_once(
     """From the wire to the recorded outcome, each address is analysed once: the
     advertised host where the parser builds it, the peer where the edge does."""
     from registry.net import tcp
-    from registry.policy.addresses import Address
+    from registry.policy.addresses import Address, dotted_quad
     from registry.protocol.jsonl import parse_json
     from registry.protocol.text import parse_line
 
@@ -407,9 +409,42 @@ async def test_one_registration_normalises_each_address_once(
 
     monkeypatch.setattr(Address, "_analyse", counted)
     tcp._host.cache_clear()  # the edge's parse cache would hide a second parse
+    dotted_quad.cache_clear()  # and so would the parser's, from an earlier test
     request = parse_json(line) if line.startswith("{") else parse_line(line.encode() + b"\n")
     seen = tcp.endpoint_of((peer, 40000))
     local = tcp.endpoint_of(("127.0.0.1", 9000))
     outcome = await service.register(request, seen, Protocol.TEXT, 1.0, local)
     assert outcome.code is code, outcome.explanation
     assert len(analysed) == 2, analysed  # the advertised host and the peer, once each
+
+
+def test_random_pool_hands_out_each_random_byte_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ids and nonces come from a pooled os.urandom: consecutive, never repeated slices."""
+    reads: list[bytes] = []
+    real = os.urandom
+
+    def urandom(n: int) -> bytes:
+        reads.append(real(n))
+        return reads[-1]
+
+    monkeypatch.setattr(os, "urandom", urandom)
+    pool = RandomPool(size=16)
+    out = [pool(6), pool(6), pool(6), pool(20), pool(1)]
+    assert [len(r) for r in reads] == [16, 16, 20, 16]  # a refill drops a too-short tail
+    assert out[0] + out[1] == reads[0][:12] and out[2] == reads[1][:6]
+    assert out[3] == reads[2] and out[4] == reads[3][:1]
+
+
+def test_random_pool_of_a_forked_child_starts_empty() -> None:
+    """A child must not hand out the ids its parent will (the pool is filled before fork)."""
+    parent_first = service_mod._RANDOM(6)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report its next id and leave at once
+        os.write(write_end, service_mod._RANDOM(6))
+        os._exit(0)
+    os.close(write_end)
+    child = os.read(read_end, 6)
+    os.close(read_end)
+    os.waitpid(pid, 0)
+    assert len(child) == 6 and child != service_mod._RANDOM(6) and parent_first

@@ -564,6 +564,58 @@ async def test_record_many_on_a_closed_store_is_a_store_error(db: Path) -> None:
         await store.record_many([rec(1)])
 
 
+def test_a_contended_writers_lock_is_polled_from_50_us_doubling_to_2_ms(tmp_path: Path) -> None:
+    """The other worker holds the lock for one commit (~0.3 ms): the first polls are
+    short, so a waiter takes it soon after it is free, and they grow to 2 ms so a
+    long hold costs little."""
+    import fcntl
+
+    from registry.store import _lock_within
+
+    path = str(tmp_path / "lock")
+    ours, holder = os.open(path, os.O_RDWR | os.O_CREAT), os.open(path, os.O_RDWR)
+    slept: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        if len(slept) == 9:  # the holder's commit ends
+            fcntl.flock(holder, fcntl.LOCK_UN)
+
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        _lock_within(ours, 5.0, sleep=sleep)
+        assert slept == pytest.approx(
+            [50e-6, 100e-6, 200e-6, 400e-6, 800e-6, 1.6e-3, 2e-3, 2e-3, 2e-3]
+        )
+        with pytest.raises(BlockingIOError):  # ours holds it now
+            fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(ours)
+        os.close(holder)
+
+
+def test_the_writers_lock_gives_up_at_its_deadline(tmp_path: Path) -> None:
+    import fcntl
+
+    from registry.store import _lock_within
+
+    path = str(tmp_path / "lock")
+    ours, holder = os.open(path, os.O_RDWR | os.O_CREAT), os.open(path, os.O_RDWR)
+    now = [0.0]
+
+    def sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        with pytest.raises(sqlite3.OperationalError, match="writers' lock"):
+            _lock_within(ours, 0.01, clock=lambda: now[0], sleep=sleep)
+        assert 0.01 <= now[0] < 0.01 + 2e-3
+    finally:
+        os.close(ours)
+        os.close(holder)
+
+
 def test_a_held_writers_lock_fails_the_record_instead_of_hanging(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -433,6 +433,34 @@ async def test_drain_waits_for_the_room_to_empty_and_cancel_drops_the_rest(
     assert r.log == [("reject", 8.0, "b", "read_timeout")]
 
 
+async def test_served_registrations_outlast_the_grace_deadline_the_room_does_not(
+    autojump_clock: trio.testing.MockClock, pairs: list
+) -> None:
+    # serve(): a handed-over request's task runs in one shielded nursery (its
+    # registration runs shielded anyway); a cancel at the grace deadline cuts the
+    # connection still sending, and serve() returns once the task has finished.
+    r = Room()
+    served: list[tuple[str, float, bool]] = []
+
+    async def registration(w: Waiting, request: tuple[Protocol, Request]) -> None:
+        await trio.sleep(3.0)  # the callback and the commit
+        served.append((r.names[id(w.conn)], trio.current_time(), request[1].verify))
+        w.conn.close()
+
+    conn, client = pair(pairs)
+    client.send(b"127.0.0.1:15000 verify=no\n")
+    async with trio.open_nursery() as handlers:
+        handlers.start_soon(r.room.serve, handlers, registration, r.reject, r.drop)
+        await trio.testing.wait_all_tasks_blocked()
+        r.add("sent", conn)  # whole: its task starts at once
+        r.add("sending", pair(pairs)[0])
+        r.room.close()  # the drain
+        handlers.cancel_scope.deadline = trio.current_time() + 1.0  # the grace period
+    assert r.log == [("drop", 1.0, "sending", "")]
+    assert served == [("sent", 3.0, False)]
+    assert handlers.cancel_scope.cancelled_caught
+
+
 @st.composite
 def _crowd(draw: st.DrawFn) -> list[tuple[float, float, list[tuple[float, bytes]]]]:
     """Connections as (added at, held by the kernel, chunks at absolute seconds).

@@ -76,7 +76,7 @@ class TcpConnector:
                     sent, err = sock.send(line, socket.MSG_DONTWAIT), 0
                 except BlockingIOError:  # still connecting
                     with trio.move_on_at(started + cfg.connect_timeout):
-                        await trio.lowlevel.wait_writable(sock)
+                        await stream.wait_writable()
                         err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                     if err == errno.EINPROGRESS:
                         return CallResult(

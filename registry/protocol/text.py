@@ -12,7 +12,7 @@ import re
 
 from registry.errors import ProtocolError
 from registry.model import Code, IPAddress, Request
-from registry.policy.addresses import Address, Address4, Address6
+from registry.policy.addresses import Address, Address6, dotted_quad
 from registry.protocol.names import BadName, normalise
 from registry.protocol.reply import quote_input
 
@@ -26,7 +26,6 @@ _SEP = re.compile(r"[ \t]+")
 # C0 controls except TAB (a separator), DEL, and the C1 range: none belongs in a
 # request, and several would drive the terminal of whoever reads the logs.
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
-_DEC_OCTET = re.compile(r"(?:0|[1-9][0-9]{0,2})", re.ASCII)
 _DIGITS = re.compile(r"[0-9]+", re.ASCII)
 _HEX_PART = re.compile(r"0[xX][0-9a-fA-F]*", re.ASCII)
 _OCTAL_BAD = re.compile(r"0[0-7]*[89][0-9]*", re.ASCII)  # a leading zero, then 8 or 9
@@ -204,9 +203,9 @@ def _parse_port(text: str) -> int:
 
 def parse_host(text: str) -> IPAddress | str:
     """Canonical dotted-decimal IPv4, or a hostname (lower-cased, one trailing dot dropped)."""
-    parts = text.split(".")
-    if len(parts) == 4 and all(_DEC_OCTET.fullmatch(p) and int(p) <= 255 for p in parts):
-        return Address4(text)
+    addr = dotted_quad(text)
+    if addr is not None:
+        return addr
     name = text[:-1] if text.endswith(".") else text
     last = name.rsplit(".", 1)[-1]
     # The WHATWG URL rule: a host whose last label is a number is an IPv4 attempt,
