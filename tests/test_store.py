@@ -657,3 +657,30 @@ def test_record_many_writes_any_number_of_records_all_or_none(db: Path, count: i
         assert store.query()[0] == rec(0)  # every column round-trips
     finally:
         store.close()
+
+
+def test_booleans_and_none_are_stored_as_integers_and_null(db: Path) -> None:
+    """The sqlite3 adapters for bool and None (a shortcut) store what sqlite3 would."""
+    store = Store.open(str(db))
+    try:
+        store.record_many([rec(1, verified=True, corrected=False, student=None, rtt_ms=None)])
+        store.record_many([rec(2, verified=None, corrected=True, diagnosis=None)])
+    finally:
+        store.close()
+    with sqlite3.connect(db) as other:
+        rows = other.execute(
+            "SELECT verified, typeof(verified), corrected, typeof(corrected), typeof(student),"
+            " typeof(rtt_ms), typeof(diagnosis) FROM registrations ORDER BY seq"
+        ).fetchall()
+    assert rows == [
+        (1, "integer", 0, "integer", "null", "null", "text"),
+        (None, "null", 1, "integer", "text", "real", "null"),
+    ]
+    reader = Store.open_readonly(str(db))
+    try:
+        assert [(r.verified, r.corrected, r.student) for r in reader.query()] == [
+            (True, False, None),
+            (None, True, "alice"),
+        ]
+    finally:
+        reader.close()
