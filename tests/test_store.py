@@ -24,7 +24,7 @@ import trio
 import trio.testing
 
 from registry.model import Code, Diagnosis, GradeRow, Outcome, Protocol
-from registry.store import SCHEMA_VERSION, Record, Store, StoreError
+from registry.store import COLUMNS, SCHEMA_VERSION, Record, Store, StoreError
 from registry.store.aio import AsyncStore
 
 T0 = 1_800_000_000.0  # a fixed epoch second: tests never read the real clock
@@ -178,21 +178,25 @@ def test_from_outcome_maps_every_field() -> None:
         explanation="you advertised another address",
         id="abc123",
         target="10.0.0.5:15000",
-        advertised="10.0.0.5:15000",
+        advertised="10.0.0.6:15001",
         observed="127.0.0.1:40000",
         diagnosis=Diagnosis.PRIVATE_BEHIND_NAT,
         student="bob",
         corrected=True,
+        rtt_ms=1.5,
+        verified=False,
     )
     r = Record.from_outcome(
         outcome, protocol=Protocol.JSON, peer="127.0.0.1:40000", received_at=T0, duration_ms=2.0
     )
     assert r == Record(
         id="abc123", received_at=T0, protocol="json", student="bob", peer="127.0.0.1:40000",
-        advertised="10.0.0.5:15000", target="10.0.0.5:15000", status="DENIED",
-        code="source_mismatch", diagnosis="private_behind_nat", rtt_ms=None, verified=None,
+        advertised="10.0.0.6:15001", target="10.0.0.5:15000", status="DENIED",
+        code="source_mismatch", diagnosis="private_behind_nat", rtt_ms=1.5, verified=False,
         explanation="you advertised another address", duration_ms=2.0, corrected=True,
     )  # fmt: skip
+    # plain values, as read back from SQLite: no enum member in a row
+    assert {type(getattr(r, c)) for c in COLUMNS} <= {str, float, bool, type(None)}
     anonymous = Record.from_outcome(
         outcome.with_(id=None), protocol=Protocol.TEXT, peer="p", received_at=T0, duration_ms=None
     )
@@ -442,6 +446,40 @@ async def test_a_failed_batch_fails_every_waiter_and_the_store_recovers(
     assert committed_ids(db) == {"rdup", "rfirst", "rafter"}
 
 
+async def test_a_cancelled_caller_still_gets_its_row_and_the_queue_moves_on(
+    db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The caller whose batch just committed leads the next one; when it was
+    cancelled meanwhile there is no one to lead, and the batch goes at once."""
+    returned: list[str] = []
+
+    async def one(store: AsyncStore, n: str) -> None:
+        await store.record(rec(n))
+        returned.append(n)
+
+    async with AsyncStore(str(db)) as store:
+        with trio.fail_after(30):  # a hang guard: the queue must not stall
+            async with trio.open_nursery() as nursery:
+                with store_thread_held(monkeypatch, lambda rs: rs[0].id == "rheld") as started:
+                    held = trio.CancelScope()
+
+                    async def cancelled() -> None:
+                        with held:
+                            await one(store, "held")
+
+                    nursery.start_soon(cancelled)
+                    await trio.to_thread.run_sync(started.wait, 30)
+                    nursery.start_soon(one, store, "next")
+                    await trio.testing.wait_all_tasks_blocked()
+                    held.cancel()  # leaves at once; its row is being written
+                    await trio.testing.wait_all_tasks_blocked()
+                    assert returned == [] and committed_ids(db) == set()
+            assert returned == ["next"]  # written in a batch of its own, then woken
+            assert store.batches == 2
+            await store.record(rec("after"))
+    assert committed_ids(db) == {"rheld", "rnext", "rafter"}
+
+
 async def test_closed_store_refuses_records_and_queries_pass_through(db: Path) -> None:
     async with AsyncStore(str(db)) as store:
         await store.record(rec(1, student="bob"))
@@ -601,3 +639,48 @@ def test_a_held_writers_lock_fails_the_record_instead_of_hanging(
     finally:
         os.close(holder)
         store.close()
+
+
+@pytest.mark.parametrize("count", [1, 511, 512, 513, 1200])
+def test_record_many_writes_any_number_of_records_all_or_none(db: Path, count: int) -> None:
+    """A batch is one INSERT statement up to INSERT_ROWS rows, one transaction of
+    several beyond: either way all rows commit, or none when one fails."""
+    store = Store.open(str(db))
+    try:
+        store.record_many([rec(n) for n in range(count)])
+        assert committed_ids(db) == {f"r{n}" for n in range(count)}
+        again = [rec(n) for n in range(count, count + 600)] + [rec(count - 1)]  # a duplicate last
+        with pytest.raises(sqlite3.IntegrityError):
+            store.record_many(again)
+        assert len(committed_ids(db)) == count  # none of the 601
+        assert [r.id for r in store.query(limit=1)] == [f"r{count - 1}"]
+        assert store.query()[0] == rec(0)  # every column round-trips
+    finally:
+        store.close()
+
+
+def test_booleans_and_none_are_stored_as_integers_and_null(db: Path) -> None:
+    """The sqlite3 adapters for bool and None (a shortcut) store what sqlite3 would."""
+    store = Store.open(str(db))
+    try:
+        store.record_many([rec(1, verified=True, corrected=False, student=None, rtt_ms=None)])
+        store.record_many([rec(2, verified=None, corrected=True, diagnosis=None)])
+    finally:
+        store.close()
+    with sqlite3.connect(db) as other:
+        rows = other.execute(
+            "SELECT verified, typeof(verified), corrected, typeof(corrected), typeof(student),"
+            " typeof(rtt_ms), typeof(diagnosis) FROM registrations ORDER BY seq"
+        ).fetchall()
+    assert rows == [
+        (1, "integer", 0, "integer", "null", "null", "text"),
+        (None, "null", 1, "integer", "text", "real", "null"),
+    ]
+    reader = Store.open_readonly(str(db))
+    try:
+        assert [(r.verified, r.corrected, r.student) for r in reader.query()] == [
+            (True, False, None),
+            (None, True, "alice"),
+        ]
+    finally:
+        reader.close()
