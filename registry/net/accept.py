@@ -80,7 +80,8 @@ async def accept_loop(
                 except trio.WouldBlock:
                     await admission.acquire_on_behalf_of(token)  # at the cap: wait for a slot
                 try:
-                    fd, addr = raw._accept()  # what raw.accept() does, as socket.py does it
+                    fd, addr = raw._accept()  # raw.accept(), as socket.py does it
+                    conn = make(raw.family, raw.type, raw.proto, fd)
                 except BlockingIOError:
                     admission.release_on_behalf_of(token)
                     break  # the backlog is empty: wait for readability again
@@ -96,7 +97,7 @@ async def accept_loop(
                 except BaseException:
                     admission.release_on_behalf_of(token)
                     raise
-                on_accept(make(raw.family, raw.type, raw.proto, fd), addr, token)
+                on_accept(conn, addr, token)
             else:
                 await trio.lowlevel.checkpoint()  # a full batch: let everyone else run first
     finally:
