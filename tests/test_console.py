@@ -289,6 +289,26 @@ def test_registration_lines() -> None:
         assert line[9:] == expected
 
 
+def test_registration_lines_from_the_enums_the_service_logs() -> None:
+    # Service._recorded logs Status, Code and Diagnosis members (StrEnum), not strings.
+    from registry.log import registration_line
+    from registry.model import Code, Diagnosis, Status
+
+    for fields, expected in LINES:
+        event = {
+            "event": "registration",
+            "timestamp": "2026-01-01T12:03:04.5Z",
+            "peer": "192.168.1.105:52114",
+            "target": "192.168.1.105:15000",
+            **fields,
+            "status": Status(fields["status"]),
+            "code": Code(fields["code"]),
+        }
+        if fields.get("diagnosis"):
+            event["diagnosis"] = Diagnosis(fields["diagnosis"])
+        assert registration_line(event)[9:] == expected
+
+
 def test_every_failure_code_has_words_on_the_console() -> None:
     """A new reply code must get its short reason, not show its raw name to the teacher."""
     from registry.log import REASONS
