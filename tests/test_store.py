@@ -456,6 +456,17 @@ def test_record_many_writes_any_number_of_records_all_or_none(db: Path, count: i
         store.close()
 
 
+def test_a_sqlite_that_binds_999_values_gets_its_batches_in_smaller_statements(db: Path) -> None:
+    """SQLite before 3.32 binds at most 999 values a statement (66 rows of 15)."""
+    store = Store.open(str(db))
+    try:
+        store._db.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)
+        store.record_many([rec(n) for n in range(200)])
+        assert committed_ids(db) == {f"r{n}" for n in range(200)}
+    finally:
+        store.close()
+
+
 def test_booleans_and_none_are_stored_as_integers_and_null(db: Path) -> None:
     """The sqlite3 adapters for bool and None (a shortcut) store what sqlite3 would."""
     store = Store.open(str(db))
