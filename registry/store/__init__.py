@@ -198,6 +198,9 @@ sqlite3.register_adapter(type(None), {}.get)
 
 
 INSERT_ROWS = 512  # rows in one INSERT statement at most (15 bound values each)
+# ...and no more than the SQLite library binds in one statement: 32,766 values since
+# 3.32, 999 before (a Python built against an older system SQLite).
+_VARIABLES = sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER
 
 
 def _flat(records: Sequence[Record]) -> list[Any]:
@@ -386,14 +389,15 @@ class Store:
         as BEGIN IMMEDIATE would. One sqlite3 call a batch, not BEGIN, a step per
         row and COMMIT: each call gives up the GIL and takes it back from the busy
         event loop (a futex and two context switches when pinned to one core)."""
-        if len(records) <= INSERT_ROWS:  # AsyncStore's batches (its max_batch)
+        most = min(INSERT_ROWS, self._db.getlimit(_VARIABLES) // len(COLUMNS))
+        if len(records) <= most:  # AsyncStore's batches (its max_batch)
             if records:
                 with self._writing():
                     self._db.execute(_insert(len(records)), _flat(records))
             return
         with self._transaction():
-            for start in range(0, len(records), INSERT_ROWS):
-                chunk = records[start : start + INSERT_ROWS]
+            for start in range(0, len(records), most):
+                chunk = records[start : start + most]
                 self._db.execute(_insert(len(chunk)), _flat(chunk))
 
     def checkpoint(self) -> tuple[int, int]:
