@@ -47,6 +47,7 @@ from registry.net.listeners import (
     as_listeners,
     deferral_for_log,
     open_sockets,
+    own_end,
     parse_hostport,
     sockname,
 )
@@ -227,16 +228,12 @@ class Registry:
                             partial(self._reject, service),
                             self._drop,
                         )
+                    accept = partial(accept_loop, name="tcp", bare=True)
                     for listener in listeners:
-                        front.start_soon(
-                            partial(
-                                accept_loop,
-                                listener,
-                                self.admission,
-                                partial(self._at_door, handlers, self.deferral.get(listener)),
-                                name="tcp",
-                            )
+                        door = partial(
+                            self._at_door, handlers, self.deferral.get(listener), own_end(listener)
                         )
+                        front.start_soon(accept, listener, self.admission, door)
                     front.start_soon(self._report_refusals)
                     front.start_soon(self.doorway.run)
                     self.ban_filter.bind([listener.socket for listener in listeners])
@@ -303,7 +300,8 @@ class Registry:
         self,
         handlers: trio.Nursery,
         deferral: int | None,
-        conn: socket.socket,
+        local: Endpoint | None,
+        conn: socket.SocketType,
         addr: object,
         token: object,
     ) -> None:
@@ -336,7 +334,7 @@ class Registry:
             self.doorway.refuse(conn, outcome, now, delay)
             return
         # The kernel's wait counts in the read deadline: it is the time since connect.
-        waiting = Waiting(conn, peer, decision.key, token, now - held)
+        waiting = Waiting(conn, peer, decision.key, token, now - held, local=local)
         if self.room is not None:
             self.room.add(waiting)  # its task starts once its request is complete
         else:
@@ -376,6 +374,7 @@ class Registry:
                 received_at=w.received_at,
                 request=request,
                 conn_id=w.conn_id,
+                local=w.local,
                 shielded=request is not None,  # read by the room: in its shielded nursery
             )
         finally:

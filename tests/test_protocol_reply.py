@@ -15,7 +15,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from registry.model import Code, Diagnosis, Outcome, Status
-from registry.protocol.reply import STANDARD_KEYS, format_reply, quote_input, safe_text, safe_value
+from registry.protocol.reply import (
+    EXPLANATION_LIMIT,
+    STANDARD_KEYS,
+    format_reply,
+    quote_input,
+    safe_text,
+    safe_value,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,3 +319,11 @@ def test_plain_ids_read_back_exactly(reg_id: str, explanation: str) -> None:
 @given(st.binary(max_size=300) | ANY_TEXT)
 def test_parse_reply_never_raises(line: bytes | str) -> None:
     parse_reply(line)
+
+
+@given(st.text(st.sampled_from(" ab=\\'.:"), max_size=450))
+def test_safe_text_of_printable_ascii_only_collapses_spaces(text: str) -> None:
+    """The fast path (an already plain line) and the general one agree."""
+    collapsed = " ".join(text.split())
+    if len(collapsed) <= EXPLANATION_LIMIT:
+        assert safe_text(text) == collapsed

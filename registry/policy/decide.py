@@ -224,7 +224,7 @@ def _check_port(port: Any, policy: PolicyConfig | None = None) -> Deny | None:
     if not (isinstance(port, int) and not isinstance(port, bool) and 1 <= port <= 65535):
         why = f"Port {ascii_safe(str(port), 16)} is not a port (1-65535)."
         return Deny(Code.PORT_NOT_ALLOWED, why)
-    if policy is None or any(port in r for r in policy.ports):
+    if policy is None or any(r.low <= port <= r.high for r in policy.ports):
         return None
     ranges = ", ".join(f"{r.low}-{r.high}" for r in policy.ports) or "none"
     return Deny(
@@ -290,7 +290,7 @@ def _check_dial(dialled: Address, dial: Endpoint, rules: _Rules, diag: Diagnosis
 
 
 def _is_self(host: Address, dial: Endpoint, rules: _Rules) -> bool:
-    if dial.port not in {e.port for e in rules.own}:
+    if all(e.port != dial.port for e in rules.own):
         return False
     if host.cls in (AddrClass.LOOPBACK, AddrClass.UNSPECIFIED):
         return True
@@ -304,6 +304,8 @@ def _is_self(host: Address, dial: Endpoint, rules: _Rules) -> bool:
 
 def _matches(addr: Address, networks: tuple[CIDR, ...]) -> list[CIDR]:
     """The networks holding ``addr`` as sent or any address embedded in it."""
+    if not networks:  # the usual case: skip building the comprehensions
+        return []
     return [net for net in networks if any(form in net for form in addr.inner)]
 
 

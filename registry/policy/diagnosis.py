@@ -39,19 +39,21 @@ def container_network(addr: IPAddress) -> tuple[Network, str] | None:
     return None
 
 
+_BY_ADVERTISED = {
+    AddrClass.UNSPECIFIED: Diagnosis.UNSPECIFIED_ADVERTISED,
+    AddrClass.LOOPBACK: Diagnosis.LOOPBACK_ADVERTISED,
+    AddrClass.LINK_LOCAL: Diagnosis.LINK_LOCAL_ADVERTISED,
+}
+
+
 def diagnose(advertised: IPAddress, observed: IPAddress) -> Diagnosis:
     """Name the relation between the advertised address and the observed peer."""
     a, o = Address.of(advertised), Address.of(observed)
     if a.norm == o.norm:
         return Diagnosis.DIRECT
     ca, co = a.cls, o.cls
-    by_advertised = {
-        AddrClass.UNSPECIFIED: Diagnosis.UNSPECIFIED_ADVERTISED,
-        AddrClass.LOOPBACK: Diagnosis.LOOPBACK_ADVERTISED,
-        AddrClass.LINK_LOCAL: Diagnosis.LINK_LOCAL_ADVERTISED,
-    }
-    if ca in by_advertised:
-        return by_advertised[ca]
+    if ca in _BY_ADVERTISED:
+        return _BY_ADVERTISED[ca]
     if a.family != o.family:
         return Diagnosis.FAMILY_MISMATCH
     if AddrClass.CGNAT in (ca, co):

@@ -46,8 +46,9 @@ def quote_input(text: str, limit: int = QUOTE_LIMIT) -> str:
 
 def safe_value(text: str, limit: int = VALUE_LIMIT) -> str:
     """``text`` as one ``key=value`` token: whitespace becomes ``_``, the rest escaped."""
-    if len(text) <= limit and _plain(text) and " " not in text and "\\" not in text:
-        return text  # the common case (ids, addresses, codes): nothing to escape
+    if len(text) <= limit and text.isascii() and text.isprintable() and " " not in text:
+        if "\\" not in text:  # _plain, inline: the common case (ids, addresses, codes)
+            return text  # nothing to escape
     spaced = "".join("_" if ch.isspace() else ch for ch in text)
     return _escape_capped(spaced, limit)
 
@@ -55,6 +56,9 @@ def safe_value(text: str, limit: int = VALUE_LIMIT) -> str:
 def safe_text(text: str, limit: int = EXPLANATION_LIMIT) -> str:
     """Free text for the tail of a reply: whitespace runs (newlines too) become one
     space, other controls and non-ASCII are escaped, the ends stripped, capped."""
+    if text.isascii() and text.isprintable() and len(text) <= limit and "  " not in text:
+        if text[:1] != " " and text[-1:] != " ":  # already one plain line: no split and join
+            return text
     collapsed = " ".join(text.split())
     if len(collapsed) <= limit and _plain(collapsed):
         return collapsed
@@ -71,13 +75,15 @@ def _fields(o: Outcome) -> list[tuple[str, str]]:
         o.id,
         o.target,
         o.observed,
-        None if o.diagnosis is None else o.diagnosis.value,
+        o.diagnosis,  # a StrEnum member is a str, its value: no .value (an enum property)
         None if o.verified is None else ("yes" if o.verified else "no"),
         None if o.rtt_ms is None else f"{o.rtt_ms:.1f}",
         None if o.retry_after is None else str(int(o.retry_after)),
         "yes" if o.corrected else None,
     )
     pairs = [(key, v) for key, v in zip(STANDARD_KEYS, values, strict=True) if v is not None]
+    if not o.extra:
+        return pairs
     # Not even an unset one: "id=" in a reply is always the registration's id (an
     # extra "ID" would read as "id"); a repeated key would make the reply ambiguous.
     seen = set(STANDARD_KEYS)
@@ -105,7 +111,7 @@ def _explanation(text: str) -> str:
 def format_reply(outcome: Outcome) -> bytes:
     """``outcome`` as ``b"STATUS CODE k=v ... explanation\\n"`` (``STANDARD_KEYS`` in
     order when set, then ``outcome.extra``): printable ASCII, one newline, at the end."""
-    parts = [outcome.status.value, outcome.code.value]
-    parts.extend(f"{key}={safe_value(value)}" for key, value in _fields(outcome))
+    parts = [outcome.code.status, outcome.code]  # StrEnum members: their values
+    parts += [f"{key}={safe_value(value)}" for key, value in _fields(outcome)]
     parts.append(_explanation(outcome.explanation))
     return (" ".join(parts) + "\n").encode("ascii")
