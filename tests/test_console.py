@@ -273,7 +273,18 @@ LINES = [
 ]
 
 
-def test_registration_lines() -> None:
+def _as_logged(fields: dict[str, str]) -> dict[str, object]:
+    # Service._recorded logs the Status, Code and Diagnosis members (StrEnum), not strings.
+    from registry.model import Code, Diagnosis, Status
+
+    members: dict[str, object] = {"status": Status(fields["status"]), "code": Code(fields["code"])}
+    if fields.get("diagnosis"):
+        members["diagnosis"] = Diagnosis(fields["diagnosis"])
+    return {**fields, **members}
+
+
+@pytest.mark.parametrize("enums", [False, True], ids=["strings", "enums"])
+def test_registration_lines(enums: bool) -> None:
     from registry.log import registration_line
 
     for fields, expected in LINES:
@@ -282,31 +293,11 @@ def test_registration_lines() -> None:
             "timestamp": "2026-01-01T12:03:04.5Z",
             "peer": "192.168.1.105:52114",
             "target": "192.168.1.105:15000",
-            **fields,
+            **(_as_logged(fields) if enums else fields),
         }
         line = registration_line(event)
         assert re.fullmatch(r"\d\d:\d\d:\d\d", line[:8]), line
         assert line[9:] == expected
-
-
-def test_registration_lines_from_the_enums_the_service_logs() -> None:
-    # Service._recorded logs Status, Code and Diagnosis members (StrEnum), not strings.
-    from registry.log import registration_line
-    from registry.model import Code, Diagnosis, Status
-
-    for fields, expected in LINES:
-        event = {
-            "event": "registration",
-            "timestamp": "2026-01-01T12:03:04.5Z",
-            "peer": "192.168.1.105:52114",
-            "target": "192.168.1.105:15000",
-            **fields,
-            "status": Status(fields["status"]),
-            "code": Code(fields["code"]),
-        }
-        if fields.get("diagnosis"):
-            event["diagnosis"] = Diagnosis(fields["diagnosis"])
-        assert registration_line(event)[9:] == expected
 
 
 def test_every_failure_code_has_words_on_the_console() -> None:

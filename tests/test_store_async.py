@@ -169,14 +169,6 @@ async def test_closed_store_refuses_records_and_queries_pass_through(db: Path) -
     assert committed_ids(db) == {"r2"}
 
 
-async def test_newer_database_fails_async_open_cleanly(db: Path) -> None:
-    with sqlite3.connect(db) as other:
-        other.execute("PRAGMA user_version = 999")
-    with pytest.raises(StoreError, match="newer version"):
-        async with AsyncStore(str(db)):
-            pytest.fail("must not open")  # pragma: no cover
-
-
 async def test_retention_purges_at_start_and_then_periodically(
     db: Path, mock_clock: trio.testing.MockClock
 ) -> None:
