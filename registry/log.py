@@ -308,10 +308,7 @@ def registration_line(event: MutableMapping[str, Any]) -> str:
 
 def banner(event: MutableMapping[str, Any], config: str | None) -> str:
     """Where students send, the dashboard, the config and the database: the first screen."""
-    from registry.net.interfaces import reachable
-
-    listeners = [_split(e) for e in event.get("tcp") or []]
-    send_to = reachable([hp for hp in listeners if hp is not None]) or ["(not listening)"]
+    send_to = list(event.get("send_to") or ["(not listening)"])
     udp = " and UDP" if event.get("udp") else ""
     admin = event.get("admin") or "off"
     dashboard = "off" if admin == "off" else f"http://{admin}/"

@@ -40,7 +40,7 @@ from registry.model import Code, Endpoint, Protocol, Request
 from registry.net.accept import accept_loop, held_silent
 from registry.net.connector import TcpConnector
 from registry.net.doorway import Doorway, send_and_close
-from registry.net.interfaces import is_local_address
+from registry.net.interfaces import is_local_address, send_to
 from registry.net.kernel.banfilter import BanFilter, detach_inherited
 from registry.net.kernel.reuseport import Inherited
 from registry.net.listeners import (
@@ -271,6 +271,7 @@ class Registry:
                         "listening" if self.seat is None else "worker_ready",
                         tcp=[str(e) for e in runtime.tcp],
                         udp=[str(e) for e in runtime.udp],
+                        send_to=send_to(runtime.tcp),
                         admin=str(runtime.admin) if runtime.admin else "off",
                         db=cfg.server.db,
                         policy=cfg.policy.mode,

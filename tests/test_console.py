@@ -200,6 +200,7 @@ def test_not_a_tty_keeps_json_logs(tmp_path: Path) -> None:
             events.append(json.loads(line))
         listening = events[-1]
         assert listening["tcp"][0].startswith("127.0.0.1:")
+        assert listening["send_to"] == listening["tcp"]  # where students send: the banner's
         assert "Registry Server ready" not in json.dumps(events)
     finally:
         proc.send_signal(signal.SIGINT)
