@@ -39,6 +39,7 @@ import trio
 from registry.config import Config, keep_bound
 from registry.metrics import Probes
 from registry.model import Endpoint, Rate
+from registry.net.interfaces import send_to
 from registry.net.kernel.reuseport import Inherited, attach_steering
 from registry.net.listeners import open_sockets, parse_hostport
 from registry.net.sdnotify import Notifier
@@ -342,6 +343,7 @@ class Supervisor:
                         "listening",
                         tcp=[str(e) for e in listening],
                         udp=[str(endpoint_of(g[0].getsockname())) for g in udp],
+                        send_to=send_to(listening),
                         admin=str(self.admin or "off"),
                         db=self.cfg.server.db,
                         policy=self.cfg.policy.mode,

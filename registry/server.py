@@ -40,13 +40,14 @@ from registry.model import Code, Endpoint, Protocol, Request
 from registry.net.accept import accept_loop, held_silent
 from registry.net.connector import TcpConnector
 from registry.net.doorway import Doorway, send_and_close
-from registry.net.interfaces import is_local_address
+from registry.net.interfaces import is_local_address, send_to
 from registry.net.kernel.banfilter import BanFilter, detach_inherited
 from registry.net.kernel.reuseport import Inherited
 from registry.net.listeners import (
     as_listeners,
     deferral_for_log,
     open_sockets,
+    own_end,
     parse_hostport,
     sockname,
 )
@@ -227,16 +228,12 @@ class Registry:
                             partial(self._reject, service),
                             self._drop,
                         )
+                    accept = partial(accept_loop, name="tcp", bare=True)
                     for listener in listeners:
-                        front.start_soon(
-                            partial(
-                                accept_loop,
-                                listener,
-                                self.admission,
-                                partial(self._at_door, handlers, self.deferral.get(listener)),
-                                name="tcp",
-                            )
+                        door = partial(
+                            self._at_door, handlers, self.deferral.get(listener), own_end(listener)
                         )
+                        front.start_soon(accept, listener, self.admission, door)
                     front.start_soon(self._report_refusals)
                     front.start_soon(self.doorway.run)
                     self.ban_filter.bind([listener.socket for listener in listeners])
@@ -274,6 +271,7 @@ class Registry:
                         "listening" if self.seat is None else "worker_ready",
                         tcp=[str(e) for e in runtime.tcp],
                         udp=[str(e) for e in runtime.udp],
+                        send_to=send_to(runtime.tcp),
                         admin=str(runtime.admin) if runtime.admin else "off",
                         db=cfg.server.db,
                         policy=cfg.policy.mode,
@@ -303,7 +301,8 @@ class Registry:
         self,
         handlers: trio.Nursery,
         deferral: int | None,
-        conn: socket.socket,
+        local: Endpoint | None,
+        conn: socket.SocketType,
         addr: object,
         token: object,
     ) -> None:
@@ -336,7 +335,7 @@ class Registry:
             self.doorway.refuse(conn, outcome, now, delay)
             return
         # The kernel's wait counts in the read deadline: it is the time since connect.
-        waiting = Waiting(conn, peer, decision.key, token, now - held)
+        waiting = Waiting(conn, peer, decision.key, token, now - held, local=local)
         if self.room is not None:
             self.room.add(waiting)  # its task starts once its request is complete
         else:
@@ -376,6 +375,7 @@ class Registry:
                 received_at=w.received_at,
                 request=request,
                 conn_id=w.conn_id,
+                local=w.local,
                 shielded=request is not None,  # read by the room: in its shielded nursery
             )
         finally:

@@ -200,6 +200,7 @@ def test_not_a_tty_keeps_json_logs(tmp_path: Path) -> None:
             events.append(json.loads(line))
         listening = events[-1]
         assert listening["tcp"][0].startswith("127.0.0.1:")
+        assert listening["send_to"] == listening["tcp"]  # where students send: the banner's
         assert "Registry Server ready" not in json.dumps(events)
     finally:
         proc.send_signal(signal.SIGINT)
@@ -273,7 +274,18 @@ LINES = [
 ]
 
 
-def test_registration_lines() -> None:
+def _as_logged(fields: dict[str, str]) -> dict[str, object]:
+    # Service._recorded logs the Status, Code and Diagnosis members (StrEnum), not strings.
+    from registry.model import Code, Diagnosis, Status
+
+    members: dict[str, object] = {"status": Status(fields["status"]), "code": Code(fields["code"])}
+    if fields.get("diagnosis"):
+        members["diagnosis"] = Diagnosis(fields["diagnosis"])
+    return {**fields, **members}
+
+
+@pytest.mark.parametrize("enums", [False, True], ids=["strings", "enums"])
+def test_registration_lines(enums: bool) -> None:
     from registry.log import registration_line
 
     for fields, expected in LINES:
@@ -282,7 +294,7 @@ def test_registration_lines() -> None:
             "timestamp": "2026-01-01T12:03:04.5Z",
             "peer": "192.168.1.105:52114",
             "target": "192.168.1.105:15000",
-            **fields,
+            **(_as_logged(fields) if enums else fields),
         }
         line = registration_line(event)
         assert re.fullmatch(r"\d\d:\d\d:\d\d", line[:8]), line

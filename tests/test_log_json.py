@@ -13,7 +13,7 @@ import pytest
 import structlog
 
 from registry.log import Stamper, _json_dumps
-from registry.model import Duration
+from registry.model import Code, Duration, Protocol, Status
 
 
 class Level(enum.IntEnum):
@@ -27,6 +27,12 @@ class Level(enum.IntEnum):
         {"event": "x", "level": Level.HIGH, "ok": True, "none": None, "n": 1.5},
         {"event": "nested", "by_code": {"timeout": 2}, "tcp": ["127.0.0.1:9000"]},
         {"event": "text", "student": "jos\u00e9 \u202e", "quote": 'a"b\\c'},
+        {
+            "event": "registration",
+            "status": Status.OK,
+            "code": Code.CONNECTED,
+            "protocol": Protocol.TEXT,
+        },
     ],
 )
 def test_a_line_decodes_to_what_json_dumps_writes(event: dict[str, object]) -> None:

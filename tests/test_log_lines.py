@@ -170,6 +170,39 @@ def test_configure_writes_json_lines_through_lines(configured: object) -> None:
     ]
 
 
+# --- the cached registration logger -------------------------------------------------
+
+
+def test_the_cached_logger_follows_every_reconfiguration(configured: object) -> None:
+    cached = log_mod.CachedLogger(component="service")
+    first, second = Stream(), Stream()
+    log_mod.configure("json", "info", stream=first)
+    cached.current().info("registration", id="a")
+    log_mod.configure("json", "warning", stream=second)  # a reload: level and stream
+    cached.current().info("registration", id="hidden")
+    cached.current().warning("registration", id="b")
+    log_mod.configure("console", "info", stream=second)  # and the format
+    cached.current().info("registration", id="c", status="OK", code="connected")
+    assert [json.loads(line)["id"] for line in first.writes] == ["a"]
+    assert json.loads(second.writes[0])["id"] == "b"
+    assert "OK   connected" in second.writes[1] and len(second.writes) == 2
+    assert all(json.loads(line)["component"] == "service" for line in first.writes)
+
+
+def test_the_cached_logger_is_captured_after_a_reset(configured: object) -> None:
+    # Built under one configuration, then the defaults come back and a test captures.
+    cached = log_mod.CachedLogger(component="service")
+    log_mod.configure("json", "info", stream=Stream())
+    cached.current().info("registration", id="a")
+    structlog.reset_defaults()
+    with structlog.testing.capture_logs() as logs:
+        cached.current().info("registration", id="b")
+    with structlog.testing.capture_logs() as again:  # capture_logs edits the list in place
+        cached.current().info("registration", id="c")
+    assert [(e["id"], e["component"]) for e in logs] == [("b", "service")]
+    assert [e["id"] for e in again] == ["c"]
+
+
 # --- the real executable --------------------------------------------------------------
 
 

@@ -116,12 +116,32 @@ async def test_a_callback_the_kernel_connects_at_once_goes_out_without_a_wait(
             assert conn.recv(10) == b""  # then our FIN
 
 
-async def test_a_reply_that_fits_is_sent_and_half_closed_without_a_checkpoint() -> None:
+async def test_a_reply_that_fits_is_sent_without_a_checkpoint_and_closed_with_fin() -> None:
     ours, peer = socket.socketpair()
+    stream = RawStream(ours)
     with trio.testing.assert_no_checkpoints():  # no deadline to set, no scheduler round
-        await _reply(RawStream(ours), b"OK connected\n", 5.0)
+        await _reply(stream, b"OK connected\n", 5.0)
+    stream.close()  # as TcpHandler does next: the FIN, with no shutdown() before it
     assert peer.recv(100) == b"OK connected\n"
     assert peer.recv(10) == b""  # our FIN
+    peer.close()
+
+
+async def test_a_reply_that_does_not_fit_is_sent_in_full_then_half_closed() -> None:
+    ours, peer = socket.socketpair()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    reply = b"x" * (1 << 20) + b"\n"
+    got = bytearray()
+
+    async def read_all() -> None:
+        while chunk := await trio.to_thread.run_sync(peer.recv, 65536):
+            got.extend(chunk)
+
+    with trio.fail_after(60):  # a hang guard: without our FIN, read_all never ends
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_all)
+            await _reply(RawStream(ours), reply, 30.0)  # the FIN too, before any close
+    assert bytes(got) == reply
     ours.close()
     peer.close()
 

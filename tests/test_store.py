@@ -13,19 +13,13 @@ import sqlite3
 import stat
 import subprocess
 import sys
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import trio
-import trio.testing
 
 from registry.model import Code, Diagnosis, GradeRow, Outcome, Protocol
-from registry.store import SCHEMA_VERSION, Record, Store, StoreError
-from registry.store.aio import AsyncStore
+from registry.store import COLUMNS, SCHEMA_VERSION, Record, Store, StoreError
 
 T0 = 1_800_000_000.0  # a fixed epoch second: tests never read the real clock
 
@@ -178,21 +172,25 @@ def test_from_outcome_maps_every_field() -> None:
         explanation="you advertised another address",
         id="abc123",
         target="10.0.0.5:15000",
-        advertised="10.0.0.5:15000",
+        advertised="10.0.0.6:15001",
         observed="127.0.0.1:40000",
         diagnosis=Diagnosis.PRIVATE_BEHIND_NAT,
         student="bob",
         corrected=True,
+        rtt_ms=1.5,
+        verified=False,
     )
     r = Record.from_outcome(
         outcome, protocol=Protocol.JSON, peer="127.0.0.1:40000", received_at=T0, duration_ms=2.0
     )
     assert r == Record(
         id="abc123", received_at=T0, protocol="json", student="bob", peer="127.0.0.1:40000",
-        advertised="10.0.0.5:15000", target="10.0.0.5:15000", status="DENIED",
-        code="source_mismatch", diagnosis="private_behind_nat", rtt_ms=None, verified=None,
+        advertised="10.0.0.6:15001", target="10.0.0.5:15000", status="DENIED",
+        code="source_mismatch", diagnosis="private_behind_nat", rtt_ms=1.5, verified=False,
         explanation="you advertised another address", duration_ms=2.0, corrected=True,
     )  # fmt: skip
+    # plain values, as read back from SQLite: no enum member in a row
+    assert {type(getattr(r, c)) for c in COLUMNS} <= {str, float, bool, type(None)}
     anonymous = Record.from_outcome(
         outcome.with_(id=None), protocol=Protocol.TEXT, peer="p", received_at=T0, duration_ms=None
     )
@@ -344,153 +342,6 @@ def test_readonly_on_a_stopped_daemons_file_changes_nothing(db: Path) -> None:
     assert (sorted(os.listdir(db.parent)), db.read_bytes()) == before
 
 
-# --- AsyncStore ---------------------------------------------------------------------
-
-
-async def test_concurrent_records_are_committed_when_record_returns(db: Path) -> None:
-    other = sqlite3.connect(db)  # opened first: the store must cope with another reader
-    not_yet_visible: list[str] = []
-
-    async def one(store: AsyncStore, n: int) -> None:
-        await store.record(rec(n))
-        row = other.execute("SELECT 1 FROM registrations WHERE id = ?", (f"r{n}",)).fetchone()
-        if row is None:
-            not_yet_visible.append(f"r{n}")
-
-    try:
-        async with AsyncStore(str(db)) as store:
-            async with trio.open_nursery() as nursery:
-                for n in range(200):
-                    nursery.start_soon(one, store, n)
-            assert not_yet_visible == []
-            assert 1 <= store.batches < 200  # group commit: far fewer transactions than records
-            assert await store.count() == 200
-    finally:
-        other.close()
-    assert committed_ids(db) == {f"r{n}" for n in range(200)}
-
-
-@contextmanager
-def store_thread_held(
-    monkeypatch: pytest.MonkeyPatch, holding: Callable[[list[Record]], bool]
-) -> Iterator[threading.Event]:
-    """``Store.record_many`` of a batch for which ``holding(records)`` is true waits
-    (on the store's thread) until the event is set; ``started`` reports it waits."""
-    started, release = threading.Event(), threading.Event()
-    real = Store.record_many
-
-    def held(self: Store, records: list[Record]) -> None:
-        if holding(records):
-            started.set()
-            release.wait(30)
-        real(self, records)
-
-    monkeypatch.setattr(Store, "record_many", held)
-    try:
-        yield started
-    finally:
-        release.set()
-
-
-async def test_group_commit_writes_everything_queued_in_one_transaction(
-    db: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    async with AsyncStore(str(db)) as store:
-        await store.record(rec("first"))
-        async with trio.open_nursery() as nursery:
-            with store_thread_held(monkeypatch, lambda rs: rs[0].id == "rheld") as started:
-                nursery.start_soon(store.record, rec("held"))
-                await trio.to_thread.run_sync(started.wait, 30)  # the thread is busy
-                for n in range(50):
-                    nursery.start_soon(store.record, rec(n))
-                await trio.testing.wait_all_tasks_blocked()
-                assert store.batches == 1 and committed_ids(db) == {"rfirst"}  # [held] runs
-        # Everything queued while the thread was busy went in one transaction.
-        assert store.batches == 3
-        assert len(committed_ids(db)) == 52
-
-
-async def test_a_failed_batch_fails_every_waiter_and_the_store_recovers(
-    db: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    results: dict[str, BaseException | None] = {}
-
-    async def one(store: AsyncStore, record: Record) -> None:
-        try:
-            await store.record(record)
-            results[record.id] = None
-        except StoreError as e:
-            results[record.id] = e
-
-    async with AsyncStore(str(db)) as store:
-        await store.record(rec("dup"))
-        async with trio.open_nursery() as nursery:
-            with store_thread_held(monkeypatch, lambda rs: rs[0].id == "rfirst") as started:
-                nursery.start_soon(one, store, rec("first"))
-                await trio.to_thread.run_sync(started.wait, 30)  # the thread holds [first]
-                nursery.start_soon(one, store, rec("dup", received_at=T0 + 99))
-                for n in range(5):
-                    nursery.start_soon(one, store, rec(n))
-                await trio.testing.wait_all_tasks_blocked()  # these queue behind it
-        assert results.pop("rfirst") is None
-        assert sorted(results) == ["r0", "r1", "r2", "r3", "r4", "rdup"]
-        for error in results.values():
-            assert isinstance(error, StoreError)
-            assert isinstance(error.__cause__, sqlite3.IntegrityError)
-        assert store.batches == 3  # dup, [first], [dup r0..r4]
-        await store.record(rec("after"))  # the store keeps working
-    assert committed_ids(db) == {"rdup", "rfirst", "rafter"}
-
-
-async def test_closed_store_refuses_records_and_queries_pass_through(db: Path) -> None:
-    async with AsyncStore(str(db)) as store:
-        await store.record(rec(1, student="bob"))
-        await store.record(rec(2))
-        assert [r.id for r in await store.query(student="bob")] == ["r1"]
-        assert [s.student for s in await store.summary()] == ["alice", "bob"]
-        assert await store.purge_older_than(T0 + 2) == 1
-    with pytest.raises(StoreError, match="closed|not open"):
-        await store.record(rec(3))
-    assert committed_ids(db) == {"r2"}
-
-
-async def test_newer_database_fails_async_open_cleanly(db: Path) -> None:
-    with sqlite3.connect(db) as other:
-        other.execute("PRAGMA user_version = 999")
-    with pytest.raises(StoreError, match="newer version"):
-        async with AsyncStore(str(db)):
-            pytest.fail("must not open")  # pragma: no cover
-
-
-async def test_retention_purges_at_start_and_then_periodically(
-    db: Path, mock_clock: trio.testing.MockClock
-) -> None:
-    seed = Store.open(str(db))
-    seed.record_many([rec("old", received_at=T0 - 7200), rec("new", received_at=T0 - 60)])
-    seed.close()
-    now = [T0]
-    store = AsyncStore(str(db), retention=3600, purge_interval=600, wallclock=lambda: now[0])
-    async with store:
-        assert committed_ids(db) == {"rnew"} and store.purges == 1
-        now[0] = T0 + 3600  # rnew is now 3660 s old
-        mock_clock.jump(599)
-        await trio.testing.wait_all_tasks_blocked()
-        assert await store.count() == 1 and store.purges == 1  # not yet due
-        mock_clock.jump(1)
-        await trio.testing.wait_all_tasks_blocked()  # the purge task is now in its thread
-        assert await store.count() == 0  # queued behind it on the store's thread
-        await trio.testing.wait_all_tasks_blocked()  # the purge task counts it
-        assert store.purges == 2
-
-
-async def test_no_retention_means_no_purge(db: Path, mock_clock: trio.testing.MockClock) -> None:
-    async with AsyncStore(str(db), wallclock=lambda: T0 + 10**9) as store:
-        await store.record(rec(1))
-        mock_clock.jump(10**7)
-        await trio.testing.wait_all_tasks_blocked()
-        assert await store.count() == 1 and store.purges == 0
-
-
 def test_count_by_status_matches_the_rows_and_filters(tmp_path: Path) -> None:
     store = Store.open(str(tmp_path / "r.db"))
     try:
@@ -508,22 +359,6 @@ def test_count_by_status_matches_the_rows_and_filters(tmp_path: Path) -> None:
         assert store.count_by_status(student="nobody") == {}
     finally:
         store.close()
-
-
-async def test_record_many_returns_once_all_are_committed_in_few_transactions(db: Path) -> None:
-    async with AsyncStore(str(db)) as store:
-        await store.record_many([rec(n) for n in range(100)])
-        # every row is durable when record_many returns: another connection sees them
-        assert committed_ids(db) == {f"r{n}" for n in range(100)}
-        assert store.batches <= 2  # the writer may take the first one alone
-        await store.record_many([])
-        assert await store.count() == 100
-
-
-async def test_record_many_on_a_closed_store_is_a_store_error(db: Path) -> None:
-    store = AsyncStore(str(db))
-    with pytest.raises(StoreError):
-        await store.record_many([rec(1)])
 
 
 def test_a_contended_writers_lock_is_polled_from_50_us_doubling_to_2_ms(tmp_path: Path) -> None:
@@ -601,3 +436,59 @@ def test_a_held_writers_lock_fails_the_record_instead_of_hanging(
     finally:
         os.close(holder)
         store.close()
+
+
+@pytest.mark.parametrize("count", [1, 511, 512, 513, 1200])
+def test_record_many_writes_any_number_of_records_all_or_none(db: Path, count: int) -> None:
+    """A batch is one INSERT statement up to INSERT_ROWS rows, one transaction of
+    several beyond: either way all rows commit, or none when one fails."""
+    store = Store.open(str(db))
+    try:
+        store.record_many([rec(n) for n in range(count)])
+        assert committed_ids(db) == {f"r{n}" for n in range(count)}
+        again = [rec(n) for n in range(count, count + 600)] + [rec(count - 1)]  # a duplicate last
+        with pytest.raises(sqlite3.IntegrityError):
+            store.record_many(again)
+        assert len(committed_ids(db)) == count  # none of the 601
+        assert [r.id for r in store.query(limit=1)] == [f"r{count - 1}"]
+        assert store.query()[0] == rec(0)  # every column round-trips
+    finally:
+        store.close()
+
+
+def test_a_sqlite_that_binds_999_values_gets_its_batches_in_smaller_statements(db: Path) -> None:
+    """SQLite before 3.32 binds at most 999 values a statement (66 rows of 15)."""
+    store = Store.open(str(db))
+    try:
+        store._db.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)
+        store.record_many([rec(n) for n in range(200)])
+        assert committed_ids(db) == {f"r{n}" for n in range(200)}
+    finally:
+        store.close()
+
+
+def test_booleans_and_none_are_stored_as_integers_and_null(db: Path) -> None:
+    """The sqlite3 adapters for bool and None (a shortcut) store what sqlite3 would."""
+    store = Store.open(str(db))
+    try:
+        store.record_many([rec(1, verified=True, corrected=False, student=None, rtt_ms=None)])
+        store.record_many([rec(2, verified=None, corrected=True, diagnosis=None)])
+    finally:
+        store.close()
+    with sqlite3.connect(db) as other:
+        rows = other.execute(
+            "SELECT verified, typeof(verified), corrected, typeof(corrected), typeof(student),"
+            " typeof(rtt_ms), typeof(diagnosis) FROM registrations ORDER BY seq"
+        ).fetchall()
+    assert rows == [
+        (1, "integer", 0, "integer", "null", "null", "text"),
+        (None, "null", 1, "integer", "text", "real", "null"),
+    ]
+    reader = Store.open_readonly(str(db))
+    try:
+        assert [(r.verified, r.corrected, r.student) for r in reader.query()] == [
+            (True, False, None),
+            (None, True, "alice"),
+        ]
+    finally:
+        reader.close()

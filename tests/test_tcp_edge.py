@@ -4,6 +4,8 @@ quiet period, EOF and LF; the total read deadline; exactly one reply line."""
 from __future__ import annotations
 
 import ipaddress
+import socket
+from functools import partial
 
 import pytest
 import trio
@@ -12,8 +14,10 @@ import trio.testing
 from registry import config as config_mod
 from registry.errors import ProtocolError
 from registry.model import Code, Endpoint, Protocol
+from registry.net.accept import accept_loop
 from registry.net.interfaces import is_local_address
-from registry.net.tcp import TcpHandler, read_request
+from registry.net.listeners import own_end
+from registry.net.tcp import TcpHandler, endpoint_of, read_request
 from registry.protocol.reader import RequestReader
 from registry.service import Service
 from tests.fakes import ListRecorder, ScriptedConnector
@@ -202,3 +206,52 @@ async def test_callback_completes_and_is_recorded_when_client_vanishes(
         await client.aclose()  # gone before the callback finishes
     assert [r.code for r in rec.records] == ["connected"]
     assert trio.current_time() == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize(
+    ("host", "own"),
+    [("127.0.0.1", True), ("0.0.0.0", False), ("::1", True), ("::", False)],
+)
+async def test_a_listener_on_one_address_gives_every_connection_its_own_end(
+    host: str, own: bool
+) -> None:
+    # own_end(): the handler's `local` without a getsockname per connection; a
+    # wildcard listener's connections each have their own (the handler asks).
+    try:
+        (listener,) = await trio.open_tcp_listeners(0, host=host)
+    except OSError:
+        pytest.skip(f"no {host} here")
+    async with listener:
+        end = own_end(listener)
+        if not own:
+            assert end is None
+            return
+        client = await trio.open_tcp_stream(host, listener.socket.getsockname()[1])
+        async with client, await listener.accept() as conn:
+            assert end == endpoint_of(conn.socket.getsockname())
+
+
+@pytest.mark.parametrize("bare", [False, True])
+async def test_the_accept_loop_hands_over_bare_sockets_only_when_asked(bare: bool) -> None:
+    # bare: the C socket without socket.socket's Python layer (the registration
+    # path); trio's own streams (the admin endpoint) take only socket.socket.
+    (listener,) = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    admission = trio.CapacityLimiter(4)
+    got: list[tuple[type, bytes]] = []
+    async with listener, trio.open_nursery() as nursery:
+
+        def on_accept(conn: socket.SocketType, addr: object, token: object) -> None:
+            got.append((type(conn), conn.recv(10)))
+            conn.close()
+            admission.release_on_behalf_of(token)
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(
+            partial(accept_loop, listener, admission, on_accept, name="t", bare=bare)
+        )
+        port = listener.socket.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            client.sendall(b"hi")
+            await trio.sleep_forever()
+    assert got == [(socket.SocketType if bare else socket.socket, b"hi")]
+    assert admission.borrowed_tokens == 0

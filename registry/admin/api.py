@@ -22,7 +22,7 @@ from registry.admin.core import grading
 from registry.admin.results import grade_json, parse_since, record_json, render_grades
 from registry.admin.view import DaemonView
 from registry.metrics import Metrics
-from registry.net.interfaces import reachable
+from registry.net.interfaces import send_to
 from registry.protocol.names import BadName, normalise
 
 JSON = "application/json; charset=utf-8"
@@ -157,7 +157,7 @@ class Views:
             rows=rows,
             klass=klass,
             generated_at=self.wallclock(),
-            send_to=reachable([(str(e.host), e.port) for e in self.view.listening()]),
+            send_to=send_to(self.view.listening()),
             version=self.version,
             draining=self.view.probes.draining(),
             student=f.student,

@@ -60,7 +60,7 @@ class TcpConnector:
         family = socket.AF_INET6 if target.host.version == 6 else socket.AF_INET
         started = trio.current_time()
         try:  # out of descriptors (EMFILE) is an outcome, not a crash
-            sock = socket.socket(
+            sock = socket.SocketType(  # bare, as the accept loop's (accept.py)
                 family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
             )
         except OSError as e:
@@ -90,8 +90,7 @@ class TcpConnector:
             rtt_ms = (trio.current_time() - started) * 1000.0
             rest = line[sent or stream.send_now(line) :]
             if not rest and not wait_echo:  # nothing left to wait for: no deadline to set
-                with contextlib.suppress(OSError):  # the half-close, as in _converse
-                    sock.shutdown(socket.SHUT_WR)
+                # and no half-close: the close() below sends the FIN a shutdown() would
                 return CallResult(Code.CONNECTED, "connected", rtt_ms)
             return await self._converse(stream, reg_id, nonce, rtt_ms, wait_echo, rest)
         finally:

@@ -34,7 +34,7 @@ class Doorway:
 
     def __init__(self, delay: float = 0.5, max_delay: float = 5.0, max_held: int = 8192) -> None:
         self.delay, self.max_delay, self.max_held = delay, max_delay, max_held
-        self._held: list[tuple[float, int, socket.socket, Outcome]] = []  # a heap by deadline
+        self._held: list[tuple[float, int, socket.SocketType, Outcome]] = []  # a heap by deadline
         self._seq = itertools.count()
         self._wait = trio.CancelScope()  # run()'s sleep: refuse() moves its deadline
 
@@ -54,7 +54,7 @@ class Doorway:
         self._trim()
 
     def refuse(
-        self, conn: socket.socket, outcome: Outcome, now: float, delay: float | None = None
+        self, conn: socket.SocketType, outcome: Outcome, now: float, delay: float | None = None
     ) -> None:
         """Take over ``conn``: answered with ``outcome`` at ``now + delay``. Never raises."""
         delay = self.delay if delay is None else delay
@@ -102,7 +102,7 @@ class Doorway:
             self._answer_soonest()
 
 
-def _answer(conn: socket.socket, outcome: Outcome) -> None:
+def _answer(conn: socket.SocketType, outcome: Outcome) -> None:
     """Read what the client sent (it tells JSON from text), answer in kind, close."""
     first = _read(conn)
     try:
@@ -112,7 +112,7 @@ def _answer(conn: socket.socket, outcome: Outcome) -> None:
     conn.close()  # nothing unread: FIN, not RST
 
 
-def send_and_close(conn: socket.socket, line: bytes) -> None:
+def send_and_close(conn: socket.SocketType, line: bytes) -> None:
     """Write one reply line, FIN, read what the client sent, close. Never raises.
 
     For sockets with no task: the line always fits a fresh socket's empty send
@@ -129,7 +129,7 @@ def send_and_close(conn: socket.socket, line: bytes) -> None:
     conn.close()
 
 
-def _read(conn: socket.socket) -> bytes:
+def _read(conn: socket.SocketType) -> bytes:
     """What the client has sent, up to READ_LIMIT, without waiting."""
     got = b""
     try:

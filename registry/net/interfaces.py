@@ -10,7 +10,10 @@ from __future__ import annotations
 import errno
 import ipaddress
 import socket
+from collections.abc import Iterable
 from pathlib import Path
+
+from registry.model import Endpoint
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -60,6 +63,12 @@ def reachable(listen: list[tuple[str, int]]) -> list[str]:
             if text not in shown:
                 shown.append(text)
     return shown
+
+
+def send_to(listening: Iterable[Endpoint]) -> list[str]:
+    """``reachable`` for the registry's own listeners: the addresses its ``listening``
+    log event names, which the console's banner shows."""
+    return reachable([(str(e.host), e.port) for e in listening])
 
 
 def is_local_address(host: IPAddress) -> bool:

@@ -113,3 +113,10 @@ def deferral_for_log(
 
 def sockname(listener: trio.SocketListener) -> Endpoint:
     return endpoint_of(listener.socket.getsockname())
+
+
+def own_end(listener: trio.SocketListener) -> Endpoint | None:
+    """Every connection's own end, when the listener is bound to one address (not
+    0.0.0.0 or ::): the handler needs no getsockname per connection."""
+    where = sockname(listener)
+    return None if where.host.is_unspecified else where

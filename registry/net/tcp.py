@@ -52,7 +52,7 @@ class RawStream:
 
     __slots__ = ("socket", "waited")
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.SocketType) -> None:
         self.socket = sock
         self.waited = False  # has trio ever waited on this socket?
 
@@ -173,14 +173,16 @@ class TcpHandler:
         peer: Endpoint | None = None,
         *,
         conn_id: int | None = None,
+        local: Endpoint | None = None,
         **known: object,
     ) -> None:
         """Serve one accepted connection, as its task's first and last call (its log
         context is bound in the task's own). ``peer``: as accept() reported it (saves
-        a getpeername); ``known``: ``handle``'s keywords."""
+        a getpeername); ``local``: our end, if known (saves a getsockname);
+        ``known``: ``handle``'s keywords."""
         try:
             peer = peer or endpoint_of(stream.socket.getpeername())
-            local = endpoint_of(stream.socket.getsockname())
+            local = local or endpoint_of(stream.socket.getsockname())
         except OSError:  # the client is already gone
             _close(stream)
             return
@@ -221,8 +223,8 @@ class TcpHandler:
         ``source_paid``: the door took the source's token; ``arrived`` /
         ``received_at``: when it was accepted (trio / wall clock), if before
         now; ``request``: already read (the waiting room; the caller binds its
-        protocol to the log context); ``shielded``: the
-        caller runs this in a shielded scope already (no second one to pay for).
+        protocol to the log context); ``shielded``: the caller runs this in a
+        shielded scope already (no second one to pay for).
         """
         cfg = self.service.config.protocol
         received_at = time.time() if received_at is None else received_at
@@ -265,12 +267,15 @@ def _close(stream: trio.SocketStream | RawStream) -> None:
 
 
 async def _reply(stream: trio.abc.HalfCloseableStream, data: bytes, timeout: float) -> None:
-    if isinstance(stream, RawStream):  # a reply nearly always fits the send buffer
-        data = data[stream.send_now(data) :]
+    """Send ``data`` and half-close; the caller closes the stream next.
+
+    A reply nearly always fits a RawStream's send buffer: then no deadline, and no
+    half-close either, as the close that follows sends the same FIN (or, with
+    bytes unread, the same RST) that a shutdown() would have.
+    """
+    if isinstance(stream, RawStream) and not (data := data[stream.send_now(data) :]):
+        return
     try:
-        if not data:
-            await stream.send_eof()
-            return
         with trio.move_on_after(timeout):
             await stream.send_all(data)
             await stream.send_eof()

@@ -40,13 +40,14 @@ _seq = itertools.count()
 class Waiting:
     """One admitted connection, its door slot (``key``) and its admission ``token``."""
 
-    conn: socket.socket
+    conn: socket.SocketType
     peer: Endpoint
     key: Hashable
     token: object
     arrived: float  # trio clock
     received_at: float = field(default_factory=time.time)  # wall clock, for the record
     conn_id: int = field(default_factory=next_conn_id)
+    local: Endpoint | None = None  # our end, known when the listener's address is one address
     reader: RequestReader = None  # type: ignore[assignment]  # set by WaitingRoom.add
     due: float = math.inf  # its reader's next deadline, as last put in the room's heap
 
@@ -167,7 +168,10 @@ class WaitingRoom:
         try:
             await self.run(
                 lambda w, protocol, request: registrations.start_soon(
-                    serve, w, (protocol, request)
+                    serve,
+                    w,
+                    (protocol, request),
+                    name="registration",  # no name to format
                 ),
                 reject,
                 drop,
@@ -239,7 +243,7 @@ class WaitingRoom:
         self._epoll.unregister(fd)
 
 
-def _recv(conn: socket.socket) -> bytes | None:
+def _recv(conn: socket.SocketType) -> bytes | None:
     """What arrived (``b""``: the peer closed, or reset), or None: nothing yet."""
     try:
         return conn.recv(4096, socket.MSG_DONTWAIT)
