@@ -18,7 +18,7 @@ GREETING_LIMIT = 200
 
 
 def make_nonce(random_bytes: bytes) -> str:
-    """Hex of ``random_bytes`` (the caller passes ``os.urandom(8)``: 16 hex chars)."""
+    """Hex of ``random_bytes`` (the service passes 8 from its pooled os.urandom: 16 hex chars)."""
     if not random_bytes:
         raise ValueError("a nonce needs at least one random byte")
     return random_bytes.hex()
