@@ -199,7 +199,7 @@ def _decide_ip(host: Any, port: Any, seen: Address, rules: _Rules) -> Decision:
         return problem
     hits = _matches(dialled, policy.report_only_deny_networks)
     notes = tuple(f"would deny: in {n}" for n in hits) if hits else ()
-    if addr.norm == seen.norm:
+    if diag is Diagnosis.DIRECT:  # diagnose's first rule: addr.norm == seen.norm
         return Allow(dial, Diagnosis.DIRECT, report_only=notes)
     if mode == "nat-observed":
         return Allow(dial, diag, corrected=True, report_only=notes)
