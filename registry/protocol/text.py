@@ -52,7 +52,8 @@ def parse_line(line: str | bytes, *, allow_cookie: bool = False) -> Request:
         line = decode(line, Code.MALFORMED, f"plain ASCII text like {EXAMPLE}")
     if line.endswith("\n"):
         line = line[:-1].removesuffix("\r")
-    bad = _CONTROL.search(line)
+    # A printable line holds no control character: the regex only for the rest
+    bad = None if line.isprintable() else _CONTROL.search(line)
     if bad is not None:
         raise _malformed(
             f"request contains the control character {quote_input(bad.group())} at offset "
