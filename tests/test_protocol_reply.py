@@ -11,7 +11,7 @@ import string
 from dataclasses import dataclass, field
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from registry.model import Code, Diagnosis, Outcome, Request, Status
@@ -337,3 +337,17 @@ def test_outcomes_and_requests_are_values_with_copies() -> None:
     changed = first.with_(id="b2")
     assert changed.id == "b2" and first.id == "a1" and changed is not first
     assert hash(Request("example.org", 15000)) == hash(Request("example.org", 15000))
+
+
+@settings(max_examples=200)
+@given(outcomes())
+@example(Outcome(Code.CONNECTED, "x", id="a b", target="127.0.0.1:1"))
+@example(Outcome(Code.CONNECTED, "x", id="a\\b"))
+@example(Outcome(Code.CONNECTED, "x", observed="x" * 250))
+def test_reply_fields_are_each_value_made_safe(outcome: Outcome) -> None:
+    """The fast path (every value checked at once) gives each value's safe_value."""
+    from registry.protocol.reply import _fields
+
+    expected = [f"{key}={safe_value(value)}" for key, value in _fields(outcome)]
+    tokens = format_reply(outcome).decode("ascii")[:-1].split(" ")
+    assert tokens[2 : 2 + len(expected)] == expected
