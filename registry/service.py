@@ -12,7 +12,6 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol as TypingProtocol
-from typing import TypedDict
 
 import structlog
 import trio
@@ -98,18 +97,14 @@ _FAILED_EXPLANATION = {
 }
 
 
-class _Who(TypedDict):
-    """The fields every outcome of one registration carries (``register``)."""
-
-    id: str
-    advertised: str | None
-    observed: str
-    student: str | None
+_Who = dict[str, str | None]  # what every outcome of one registration carries (_who)
 
 
-def _unparsed(reg_id: str, observed: str) -> _Who:
+def _who(
+    reg_id: str, observed: str, advertised: str | None = None, student: str | None = None
+) -> _Who:
     """A request that could not be parsed advertised nothing and named nobody."""
-    return {"id": reg_id, "advertised": None, "observed": observed, "student": None}
+    return {"id": reg_id, "advertised": advertised, "observed": observed, "student": student}
 
 
 # One rejected request: error, peer, protocol, arrival (wall clock), conn_id for its log line.
@@ -192,12 +187,7 @@ class Service:
         observed = str(peer)
         # Every outcome carries these: built with them once, not copied (a
         # dataclasses.replace of the 13 fields: -42,000 instructions per registration).
-        who: _Who = {
-            "id": self.new_id(),
-            "advertised": request.advertised,
-            "observed": observed,
-            "student": request.student,
-        }
+        who = _who(self.new_id(), observed, request.advertised, request.student)
         own = self.own if local is None else self.own | {local}
         outcome = await self._decide_and_call(
             request, peer, who, own, connector or self.connector, source_paid
@@ -224,7 +214,7 @@ class Service:
         (``RateLimiter.penalize``), and may be fined (``_error_outcome``).
         """
         started = self.clock()
-        who = _unparsed(self.new_id(), str(peer))
+        who = _who(self.new_id(), str(peer))
         if source_paid:
             outcome = self._error_outcome(error, peer, started, who)
         elif isinstance(busy := self.limiter.admit(peer.host, started), Busy):
@@ -247,7 +237,7 @@ class Service:
         started = self.clock()
         done = []
         for error, peer, protocol, received_at, conn_id in rejected:
-            who = _unparsed(self.new_id(), str(peer))
+            who = _who(self.new_id(), str(peer))
             outcome = self._error_outcome(error, peer, started, who)
             done.append(
                 (outcome, _record(outcome, who["observed"], protocol, received_at, 0.0), conn_id)
