@@ -357,42 +357,6 @@ def test_metrics_use_their_own_registry() -> None:
     assert REGISTRY.get_sample_value("registry_registrations_total") is None
 
 
-def test_metrics_count_each_outcome_under_its_own_labels() -> None:
-    """observe() keeps each labelled child: repeats add up, other labels stay apart."""
-    metrics = Metrics(process=False)
-    for n, (status, code, protocol) in enumerate(
-        [("OK", "connected", "text")] * 3
-        + [("OK", "connected", "json"), ("BUSY", "overloaded", "text")]
-    ):
-        metrics.observe(stored(n, status=status, code=code, protocol=protocol))
-    got = samples(metrics.render()[0].decode())
-    key = "registry_registrations_total"
-    assert got[(key, (("code", "connected"), ("protocol", "text"), ("status", "OK")))] == 3
-    assert got[(key, (("code", "connected"), ("protocol", "json"), ("status", "OK")))] == 1
-    assert got[(key, (("code", "overloaded"), ("protocol", "text"), ("status", "BUSY")))] == 1
-
-
-def test_metrics_histograms_bucket_as_prometheus_client_does() -> None:
-    """Our request-path histogram and prometheus_client's agree, bounds included."""
-    from prometheus_client import CollectorRegistry, Histogram
-
-    from registry.metrics import RTT_BUCKETS, _Histogram
-
-    theirs_registry = CollectorRegistry()
-    theirs = Histogram("h", "doc", buckets=RTT_BUCKETS, registry=theirs_registry)
-    ours = _Histogram("h", "doc", RTT_BUCKETS)
-    for amount in (0.0, 0.0005, 0.0006, 0.001, 5.0, 5.01, 1e9, *RTT_BUCKETS):
-        theirs.observe(amount)
-        ours.observe(amount)
-
-    def values(metric: object) -> list[tuple[str, dict[str, str], float]]:
-        return [
-            (s.name, s.labels, s.value) for s in metric.samples if not s.name.endswith("_created")
-        ]  # type: ignore[attr-defined]
-
-    assert values(next(iter(ours.collect()))) == values(next(iter(theirs.collect())))
-
-
 # --- the event stream ----------------------------------------------------------------------
 
 
