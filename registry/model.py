@@ -1,7 +1,8 @@
 """Values shared by every layer: requests, targets, decisions, outcomes.
 
-Pure data: no I/O, no clock, never changed once built (frozen, but for the two
-built on every registration: see ``Endpoint``). Decisions travel as values
+Pure data: no I/O, no clock, never changed once built (frozen, but for
+``Endpoint``, ``Request`` and ``Outcome``, built on every registration: see
+``Endpoint``). Decisions travel as values
 (``Outcome``) rather than exceptions, so every path through the service ends
 in one record and one reply line built from the same object.
 """

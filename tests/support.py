@@ -27,6 +27,8 @@ from pathlib import Path
 import pytest
 import trio
 
+from registry.store import Record
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 IN_CI = os.environ.get("CI") == "true"
@@ -242,3 +244,26 @@ def http_get(port: int, path: str) -> tuple[int, bytes]:
         return resp.status, resp.read()
     finally:
         conn.close()
+
+
+def stored(n: int, **kw: object) -> Record:
+    """A stored registration (a timeout, by default) for tests of what reads records."""
+    values: dict[str, object] = {
+        "id": f"r{n:05d}",
+        "received_at": time.time(),
+        "protocol": "text",
+        "student": "alice",
+        "peer": "127.0.0.1:40000",
+        "advertised": "127.0.0.1:15000",
+        "target": "127.0.0.1:15000",
+        "status": "FAILED",
+        "code": "timeout",
+        "diagnosis": "direct",
+        "rtt_ms": None,
+        "verified": None,
+        "explanation": "x" * 200,
+        "duration_ms": 3.0,
+        "corrected": False,
+    }
+    values.update(kw)
+    return Record(**values)  # type: ignore[arg-type]

@@ -38,10 +38,9 @@ from registry.model import Endpoint, Protocol, Request
 from registry.net.interfaces import is_local_address
 from registry.server import Runtime, daemon_view
 from registry.service import Service
-from registry.store import Record
 from registry.store.aio import AsyncStore
 from tests.fakes import ScriptedConnector
-from tests.support import exe, free_port, run_registry, send_line
+from tests.support import exe, free_port, run_registry, send_line, stored
 
 LOOPBACK = ipaddress.ip_address("127.0.0.1")
 PEER = Endpoint(LOOPBACK, 40000)
@@ -124,28 +123,6 @@ async def open_events(port: int) -> tuple[trio.SocketStream, bytearray]:
     buf = bytearray()
     await read_until(stream, buf, b": connected\n\n")
     return stream, buf
-
-
-def stored(n: int, **kw: object) -> Record:
-    values: dict[str, object] = {
-        "id": f"r{n:05d}",
-        "received_at": time.time(),
-        "protocol": "text",
-        "student": "alice",
-        "peer": "127.0.0.1:40000",
-        "advertised": "127.0.0.1:15000",
-        "target": "127.0.0.1:15000",
-        "status": "FAILED",
-        "code": "timeout",
-        "diagnosis": "direct",
-        "rtt_ms": None,
-        "verified": None,
-        "explanation": "x" * 200,
-        "duration_ms": 3.0,
-        "corrected": False,
-    }
-    values.update(kw)
-    return Record(**values)  # type: ignore[arg-type]
 
 
 # --- probes and pages ------------------------------------------------------------------

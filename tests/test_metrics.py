@@ -2,35 +2,11 @@
 
 from __future__ import annotations
 
-import time
-
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
 from registry.metrics import RTT_BUCKETS, Metrics, _Histogram
-from registry.store import Record
-
-
-def stored(n: int, **kw: object) -> Record:
-    values: dict[str, object] = {
-        "id": f"r{n:05d}",
-        "received_at": time.time(),
-        "protocol": "text",
-        "student": "alice",
-        "peer": "127.0.0.1:40000",
-        "advertised": "127.0.0.1:15000",
-        "target": "127.0.0.1:15000",
-        "status": "OK",
-        "code": "connected",
-        "diagnosis": "direct",
-        "rtt_ms": 0.2,
-        "verified": None,
-        "explanation": "x",
-        "duration_ms": 3.0,
-        "corrected": False,
-    }
-    values.update(kw)
-    return Record(**values)  # type: ignore[arg-type]
+from tests.support import stored
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

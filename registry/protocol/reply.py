@@ -21,6 +21,12 @@ def _plain(text: str) -> bool:
     return text.isascii() and text.isprintable()
 
 
+def _token(text: str, limit: int) -> bool:
+    """``text`` is a ``key=value`` token as it stands: short, plain, no space, no
+    backslash (``safe_value`` returns it unchanged)."""
+    return len(text) <= limit and _plain(text) and " " not in text and "\\" not in text
+
+
 def _escape_capped(text: str, limit: int, escape: dict[str, str] | None = None) -> str:
     """Escape ``text`` char by char, cut with ``...`` past ``limit`` chars. The cap is
     on the output: emoji cannot grow it ten-fold, and work stops there."""
@@ -46,9 +52,8 @@ def quote_input(text: str, limit: int = QUOTE_LIMIT) -> str:
 
 def safe_value(text: str, limit: int = VALUE_LIMIT) -> str:
     """``text`` as one ``key=value`` token: whitespace becomes ``_``, the rest escaped."""
-    if len(text) <= limit and text.isascii() and text.isprintable() and " " not in text:
-        if "\\" not in text:  # _plain, inline: the common case (ids, addresses, codes)
-            return text  # nothing to escape
+    if _token(text, limit):  # the common case (ids, addresses, codes)
+        return text
     spaced = "".join("_" if ch.isspace() else ch for ch in text)
     return _escape_capped(spaced, limit)
 
@@ -116,7 +121,7 @@ def format_reply(outcome: Outcome) -> bytes:
     values = "".join([value for _, value in pairs])
     # The usual reply's values are short plain tokens: checked together, they need no
     # safe_value each (what it would return unchanged; -3,600 instructions a reply).
-    if len(values) <= VALUE_LIMIT and _plain(values) and " " not in values and "\\" not in values:
+    if _token(values, VALUE_LIMIT):
         parts += [f"{key}={value}" for key, value in pairs]
     else:
         parts += [f"{key}={safe_value(value)}" for key, value in pairs]
